@@ -1,0 +1,139 @@
+//! The shape of the data in flight: one Arrow `RecordBatch` per incoming batch.
+//!
+//! Every source, whatever its wire format, yields batches with the same schema, so that the
+//! rest of the pipeline (SQL, transforms, models, Parquet) sees one thing:
+//!
+//! | column  | type                           | meaning                                    |
+//! |---------|--------------------------------|--------------------------------------------|
+//! | `batch` | `UInt64`                       | sequence number of the batch, from 0       |
+//! | `row`   | `UInt32`                       | row within the batch                       |
+//! | `label` | `UInt8`                        | class 0..9                                 |
+//! | `image` | `FixedSizeList<UInt8, 3072>`   | CIFAR order: red plane, green, blue; 32x32 row-major |
+//!
+//! Building a batch from decoded buffers moves the `Vec`s into Arrow buffers without copying.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::dataset::{CLASSES, IMAGE_BYTES};
+use crate::error::{Error, Result};
+
+/// The element field of the `image` list.
+pub fn image_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::UInt8, false))
+}
+
+/// The type of the `image` column.
+pub fn image_type() -> DataType {
+    DataType::FixedSizeList(image_item_field(), IMAGE_BYTES as i32)
+}
+
+/// The schema of every batch a source yields.
+pub fn stream_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("batch", DataType::UInt64, false),
+                Field::new("row", DataType::UInt32, false),
+                Field::new("label", DataType::UInt8, false),
+                Field::new("image", image_type(), false),
+            ]))
+        })
+        .clone()
+}
+
+/// Build one stream batch from owned buffers (no copy of the pixels).
+///
+/// `rows` may be `None` for rows numbered 0..n. `pixels.len()` must be `labels.len() * 3072`.
+pub fn make_batch(
+    batch: u64,
+    rows: Option<Vec<u32>>,
+    labels: Vec<u8>,
+    pixels: Vec<u8>,
+) -> Result<RecordBatch> {
+    let n = labels.len();
+    if pixels.len() != n * IMAGE_BYTES {
+        return Err(Error::Decode {
+            batch,
+            row: None,
+            reason: format!(
+                "{} pixel bytes for {n} labels (expected {})",
+                pixels.len(),
+                n * IMAGE_BYTES
+            ),
+        });
+    }
+    let rows = rows.unwrap_or_else(|| (0..n as u32).collect());
+    let image = image_array(pixels)?;
+    Ok(RecordBatch::try_new(
+        stream_schema(),
+        vec![
+            Arc::new(UInt64Array::from(vec![batch; n])) as ArrayRef,
+            Arc::new(UInt32Array::from(rows)),
+            Arc::new(UInt8Array::from(labels)),
+            Arc::new(image),
+        ],
+    )?)
+}
+
+/// Wrap a pixel buffer (a multiple of 3072 bytes) as the `image` column, without copying.
+pub fn image_array(pixels: Vec<u8>) -> Result<FixedSizeListArray> {
+    let values = UInt8Array::from(pixels);
+    Ok(FixedSizeListArray::try_new(
+        image_item_field(),
+        IMAGE_BYTES as i32,
+        Arc::new(values),
+        None,
+    )?)
+}
+
+/// The first row whose label is outside 0..9, with that label.
+pub fn first_bad_label(labels: &[u8]) -> Option<(usize, u8)> {
+    labels
+        .iter()
+        .position(|&l| l as usize >= CLASSES)
+        .map(|i| (i, labels[i]))
+}
+
+/// Labels and pixels of a stream batch, as slices into its Arrow buffers.
+///
+/// Errors name the column when the batch does not have the stream schema's `label` and
+/// `image` columns (e.g. a Parquet file written by something else).
+pub fn labels_and_pixels(batch: &RecordBatch) -> Result<(&[u8], &[u8])> {
+    let label = batch
+        .column_by_name("label")
+        .ok_or_else(|| Error::usage("batch has no `label` column"))?;
+    let label = label
+        .as_any()
+        .downcast_ref::<UInt8Array>()
+        .ok_or_else(|| Error::usage(format!("`label` is {}, not UInt8", label.data_type())))?;
+    let image = batch
+        .column_by_name("image")
+        .ok_or_else(|| Error::usage("batch has no `image` column"))?;
+    let image = image
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .filter(|a| a.value_length() as usize == IMAGE_BYTES)
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "`image` is {}, not FixedSizeList<UInt8, 3072>",
+                image.data_type()
+            ))
+        })?;
+    let values = image
+        .values()
+        .as_any()
+        .downcast_ref::<UInt8Array>()
+        .ok_or_else(|| Error::usage("`image` elements are not UInt8"))?;
+    let start = image.offset() * IMAGE_BYTES;
+    let end = start + image.len() * IMAGE_BYTES;
+    let pixels = values
+        .values()
+        .get(start..end)
+        .ok_or_else(|| Error::usage("`image` values shorter than its length"))?;
+    Ok((label.values(), pixels))
+}

@@ -1,0 +1,414 @@
+//! The command line: parse arguments, run one command, report.
+//!
+//! Each subcommand is a thin layer over the library: it turns flags into the library's
+//! option structs, runs, and prints a summary on stderr (results on stdout).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::dataset::{DataSpec, Layout, Split};
+use crate::export::{self, ExportOptions};
+use crate::query::{self, OutputFormat};
+use crate::server::{self, ServeOptions};
+use crate::source::{self, SourceOptions, SourceSpec, DEFAULT_MAX_LINE_BYTES};
+use crate::synth::{self, SynthSpec};
+use crate::table;
+use crate::wire::Format;
+
+/// Learn image classifiers from a live CIFAR-10 stream, on Apache Arrow and DataFusion.
+#[derive(Debug, Parser)]
+#[command(name = "cifar-df", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr; no progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole stream core on the built-in synthetic set: serve it over loopback TCP,
+    /// read it back as a client, export it to Parquet and summarise it with SQL.
+    Demo(DemoArgs),
+    /// Write a synthetic CIFAR-format dataset folder.
+    Synth(SynthArgs),
+    /// Serve a dataset over TCP, as the original stream.py did.
+    Stream(StreamArgs),
+    /// Write every batch a source delivers to Parquet.
+    Export(ExportArgs),
+    /// Run SQL over Parquet files and directories named in the query.
+    Query(QueryArgs),
+}
+
+/// `cifar-df demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where to write the Parquet file.
+    #[arg(long, default_value = "runs/demo/stream.parquet")]
+    pub out: PathBuf,
+    /// Dataset to stream (a folder or `synthetic[:TRAIN[:TEST[:SEED]]]`).
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+}
+
+/// `cifar-df synth`.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder (gets cifar-10-batches-bin/ and/or cifar-10-batches-py/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training images (split over data_batch_1..5).
+    #[arg(long, default_value_t = SynthSpec::default().train)]
+    pub train: usize,
+    /// Test images.
+    #[arg(long, default_value_t = SynthSpec::default().test)]
+    pub test: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Layouts to write: bin, py or both.
+    #[arg(long, default_value = "bin")]
+    pub layout: String,
+}
+
+/// `cifar-df stream`.
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Dataset folder, or `synthetic[:TRAIN[:TEST[:SEED]]]`.
+    #[arg(long)]
+    pub data: String,
+    /// Split to stream.
+    #[arg(long, default_value = "train")]
+    pub split: Split,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Repeat the split forever (one pass is an epoch).
+    #[arg(long)]
+    pub endless: bool,
+    /// Seconds to pause after each batch.
+    #[arg(long, default_value_t = 0.0)]
+    pub sleep: f64,
+    /// Address to bind; anything but loopback must be given explicitly.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed on stderr).
+    #[arg(long, default_value_t = 6100)]
+    pub port: u16,
+    /// Wire format: spark-json (the original's), ndjson or arrow.
+    #[arg(long, default_value = "spark-json")]
+    pub format: Format,
+    /// Stop after this many batches (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u64,
+}
+
+/// Flags that choose and tune a source.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// `tcp://HOST:PORT`, `file:PATH` (`file:-` for stdin), a dataset folder or `synthetic`.
+    #[arg(long)]
+    pub source: String,
+    /// Wire format of a tcp/file source (default: detected from the first bytes).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Split, for a dataset source.
+    #[arg(long, default_value = "train")]
+    pub split: Split,
+    /// Images per batch for a dataset source; most lines in one ndjson batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Passes over a dataset source.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    /// Longest accepted line, in bytes; longer lines are rejected unread.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    pub max_line_bytes: usize,
+    /// Seconds a tcp source keeps trying to connect.
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
+}
+
+impl SourceArgs {
+    fn open(&self) -> anyhow::Result<(SourceSpec, SourceOptions)> {
+        let spec = SourceSpec::parse(&self.source)?;
+        if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
+            bail!("--connect-timeout must be a number of seconds ≥ 0");
+        }
+        let opts = SourceOptions {
+            format: self.format,
+            split: self.split,
+            batch_size: self.batch_size,
+            epochs: Some(self.epochs),
+            max_line_bytes: self.max_line_bytes,
+            connect_timeout: Duration::from_secs_f64(self.connect_timeout),
+        };
+        Ok((spec, opts))
+    }
+}
+
+/// `cifar-df export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The source.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output: `NAME.parquet` (one file) or a directory of part files.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rows per part file, in directory mode.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows_per_file: usize,
+}
+
+/// `cifar-df query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The SQL; name Parquet files or directories in quotes: `SELECT count(*) FROM 'x.parquet'`.
+    pub sql: String,
+    /// Output format: table, csv or json.
+    #[arg(long, default_value = "table")]
+    pub format: OutputFormat,
+}
+
+/// Parse the process's arguments and run.
+pub fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIFAR_DF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,cifar_df={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let progress = !cli.quiet;
+    match cli.command {
+        Command::Demo(a) => demo(a, progress).await,
+        Command::Synth(a) => synth_cmd(a),
+        Command::Stream(a) => stream_cmd(a, progress).await,
+        Command::Export(a) => export_cmd(a, progress).await,
+        Command::Query(a) => query_cmd(a).await,
+    }
+}
+
+fn synth_cmd(a: SynthArgs) -> anyhow::Result<ExitCode> {
+    let layouts = match a.layout.as_str() {
+        "both" => vec![Layout::Bin, Layout::Py],
+        other => vec![other.parse::<Layout>()?],
+    };
+    let spec = SynthSpec {
+        train: a.train,
+        test: a.test,
+        seed: a.seed,
+    };
+    let t = Instant::now();
+    synth::write_folder(&a.out, &spec, &layouts)?;
+    eprintln!(
+        "wrote {} train + {} test synthetic images (seed {}) to {} in {:.2} s",
+        spec.train,
+        spec.test,
+        spec.seed,
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    if !(a.sleep >= 0.0 && a.sleep.is_finite()) {
+        bail!("--sleep must be a number of seconds ≥ 0");
+    }
+    let opts = ServeOptions {
+        data: DataSpec::parse(&a.data)?,
+        split: a.split,
+        batch_size: a.batch_size,
+        endless: a.endless,
+        sleep: Duration::from_secs_f64(a.sleep),
+        format: a.format,
+        limit: (a.limit > 0).then_some(a.limit),
+        progress,
+    };
+    let listener = server::bind(&a.host, a.port)?;
+    let addr = server::local_addr(&listener)?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!("serving on {addr}, reachable from other machines");
+    }
+    eprintln!("listening on {addr}");
+    let t = Instant::now();
+    let summary = tokio::task::spawn_blocking(move || server::serve(&listener, &opts)).await??;
+    let secs = t.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "sent {} batches, {} images, {:.1} MB in {:.2} s ({:.0} images/s){}",
+        summary.batches,
+        summary.images,
+        summary.bytes as f64 / 1e6,
+        secs,
+        summary.images as f64 / secs,
+        if summary.client_left {
+            "; the client left early"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export_cmd(a: ExportArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    let (spec, opts) = a.source.open()?;
+    let opts_out = ExportOptions {
+        rows_per_file: a.rows_per_file,
+        ..ExportOptions::default()
+    };
+    export_source(&spec, &opts, &a.out, &opts_out, progress).await
+}
+
+/// Export `spec` to `out`, printing a summary; non-zero exit when the stream ended in error.
+async fn export_source(
+    spec: &SourceSpec,
+    opts: &SourceOptions,
+    out: &std::path::Path,
+    out_opts: &ExportOptions,
+    progress: bool,
+) -> anyhow::Result<ExitCode> {
+    let ctx = query::session();
+    let source = source::open(spec, opts)?;
+    let report = table::register_stream(&ctx, source, spec.is_bounded())?;
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} batches · {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let t = Instant::now();
+    let mut images = 0u64;
+    let summary = export::export(&ctx, out, out_opts, |b| {
+        images += b.num_rows() as u64;
+        bar.inc(1);
+        bar.set_message(format!(
+            "{images} images · {:.0} images/s",
+            images as f64 / t.elapsed().as_secs_f64().max(1e-9)
+        ));
+    })
+    .await?;
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64().max(1e-9);
+    let r = report.snapshot();
+    eprintln!(
+        "exported {} images in {} batches from {} ({}) to {} in {:.2} s ({:.0} images/s, {:.0} MB/s read); {} rejected{}",
+        summary.rows,
+        summary.batches,
+        spec,
+        r.format.map(|f| f.to_string()).unwrap_or_else(|| "in process".into()),
+        out.display(),
+        secs,
+        summary.rows as f64 / secs,
+        r.bytes as f64 / 1e6 / secs,
+        r.rejected,
+        if summary.interrupted { "; interrupted" } else { "" }
+    );
+    if let Some(e) = summary.error {
+        return Err(anyhow::Error::new(e).context(format!(
+            "the stream ended early; the {} images received before it are in {}",
+            summary.rows,
+            out.display()
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
+    let ctx = query::session();
+    let batches = query::run(&ctx, &a.sql).await?;
+    let text = query::format_batches(&batches, a.format)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    let data = DataSpec::parse(&a.data)?;
+    eprintln!("demo: streaming {data} over loopback TCP, reading it back, exporting to Parquet");
+    let listener = server::bind("127.0.0.1", 0)?;
+    let addr = server::local_addr(&listener)?;
+    let serve_opts = ServeOptions {
+        data,
+        split: Split::Train,
+        batch_size: a.batch_size,
+        endless: false,
+        sleep: Duration::ZERO,
+        format: Format::SparkJson,
+        limit: None,
+        progress: false,
+    };
+    let server = tokio::task::spawn_blocking(move || server::serve(&listener, &serve_opts));
+    let spec = SourceSpec::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    let code = export_source(
+        &spec,
+        &SourceOptions::default(),
+        &a.out,
+        &ExportOptions::default(),
+        progress,
+    )
+    .await?;
+    let sent = server.await??;
+    eprintln!(
+        "server sent {} batches, {} images, {:.1} MB of spark-json",
+        sent.batches,
+        sent.images,
+        sent.bytes as f64 / 1e6
+    );
+    let ctx = query::session();
+    let path = a.out.display().to_string().replace('\'', "''");
+    let sql = format!(
+        "SELECT label, count(*) AS images, count(DISTINCT batch) AS batches, \
+         avg(array_element(image, 1)) AS mean_first_red_pixel \
+         FROM '{path}' GROUP BY label ORDER BY label"
+    );
+    eprintln!("{sql}");
+    let batches = query::run(&ctx, &sql).await?;
+    print!("{}", query::format_batches(&batches, OutputFormat::Table)?);
+    Ok(code)
+}

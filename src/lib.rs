@@ -1,0 +1,22 @@
+//! cifar-df: learn image classifiers from a live stream of CIFAR-10, on Apache Arrow and
+//! DataFusion.
+//!
+//! The modules follow the data's path: [`dataset`] (CIFAR-10 files and the [`synth`]etic
+//! set) → [`wire`] (formats on the socket) → [`server`] (the stream server) / [`source`]
+//! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
+//! [`export`] (Parquet) → [`query`] (SQL).
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod cli;
+pub mod dataset;
+pub mod error;
+pub mod export;
+pub mod query;
+pub mod server;
+pub mod source;
+pub mod synth;
+pub mod table;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,100 @@
+//! SQL over everything cifar-df writes, with DataFusion.
+//!
+//! [`session`] makes the one `SessionContext` every command uses: Parquet files and
+//! directories can be named directly in a query (`SELECT count(*) FROM 'out.parquet'`), and
+//! later stages register their tables and functions here too. [`format_batches`] prints
+//! results as a table, CSV or JSON.
+
+use std::fmt;
+use std::str::FromStr;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::config::SessionConfig;
+use datafusion::prelude::SessionContext;
+
+use crate::error::{Error, Result};
+
+/// A new session: URL tables on (files named in queries), one target partition per core.
+pub fn session() -> SessionContext {
+    let config = SessionConfig::new().with_information_schema(true);
+    SessionContext::new_with_config(config).enable_url_table()
+}
+
+/// Run `sql` and collect the result.
+pub async fn run(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    let df = ctx.sql(sql).await?;
+    Ok(df.collect().await?)
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    #[default]
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// A JSON array of objects.
+    Json,
+}
+
+impl FromStr for OutputFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "table" => Ok(OutputFormat::Table),
+            "csv" => Ok(OutputFormat::Csv),
+            "json" => Ok(OutputFormat::Json),
+            _ => Err(Error::usage(format!(
+                "unknown output format {s:?} (expected table, csv or json)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for OutputFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutputFormat::Table => "table",
+            OutputFormat::Csv => "csv",
+            OutputFormat::Json => "json",
+        })
+    }
+}
+
+/// Render `batches` in `format`.
+pub fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
+    match format {
+        OutputFormat::Table => {
+            let mut s = datafusion::arrow::util::pretty::pretty_format_batches(batches)?.to_string();
+            s.push('\n');
+            Ok(s)
+        }
+        OutputFormat::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
+                for b in batches {
+                    w.write(b)?;
+                }
+            }
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        }
+        OutputFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::json::ArrayWriter::new(&mut buf);
+                let refs: Vec<&RecordBatch> = batches.iter().collect();
+                w.write_batches(&refs)?;
+                w.finish()?;
+            }
+            if buf.is_empty() {
+                buf.extend_from_slice(b"[]");
+            }
+            buf.push(b'\n');
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        }
+    }
+}

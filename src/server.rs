@@ -1,0 +1,232 @@
+//! The stream server (`cifar-df stream`), the original `stream.py` re-made.
+//!
+//! It binds, accepts one client and writes the split's images to it in batches, in the
+//! original's order and batching (see [`crate::source::Batcher`]). In `spark-json` the bytes
+//! are exactly what the original Python server wrote.
+//!
+//! Encoding runs on its own thread, ahead of the socket by at most a couple of batches
+//! (a bounded queue): a slow client slows the server down instead of growing its memory.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arrow::ipc::writer::StreamWriter;
+
+use crate::batch::{make_batch, stream_schema};
+use crate::dataset::{self, DataSpec, Images, Split};
+use crate::error::{Error, Result};
+use crate::source::Batcher;
+use crate::wire::{ndjson, spark_json, Format};
+
+/// How the server streams.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The dataset.
+    pub data: DataSpec,
+    /// Which split.
+    pub split: Split,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Repeat the split forever.
+    pub endless: bool,
+    /// Pause after each batch.
+    pub sleep: Duration,
+    /// Wire format.
+    pub format: Format,
+    /// Stop after this many batches.
+    pub limit: Option<u64>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What a server sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServeSummary {
+    /// Batches written.
+    pub batches: u64,
+    /// Images written.
+    pub images: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Whether the client went away before the end.
+    pub client_left: bool,
+}
+
+/// Bind the listening socket. Port 0 picks a free port.
+pub fn bind(host: &str, port: u16) -> Result<TcpListener> {
+    TcpListener::bind((host, port)).map_err(|e| Error::Net {
+        what: format!("bind {host}:{port}"),
+        source: e,
+    })
+}
+
+/// Address a listener is bound to.
+pub fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
+    listener.local_addr().map_err(|e| Error::Net {
+        what: "local address".into(),
+        source: e,
+    })
+}
+
+/// Load the split, accept one client on `listener` and stream to it.
+pub fn serve(listener: &TcpListener, opts: &ServeOptions) -> Result<ServeSummary> {
+    if opts.batch_size == 0 {
+        return Err(Error::usage("--batch-size must be at least 1"));
+    }
+    let files = dataset::load_split(&opts.data, opts.split)?;
+    let (conn, peer) = listener.accept().map_err(|e| Error::Net {
+        what: "accept a client".into(),
+        source: e,
+    })?;
+    tracing::info!("client {peer} connected");
+    let _ = conn.set_nodelay(false);
+    stream_to(conn, &files, opts)
+}
+
+/// One encoded chunk for the writer, and what it holds.
+struct Chunk {
+    bytes: Vec<u8>,
+    images: usize,
+    epoch: u64,
+}
+
+/// Stream `files` (one `Images` per dataset file) to `out` as the options say.
+pub fn stream_to<W: Write>(mut out: W, files: &[Images], opts: &ServeOptions) -> Result<ServeSummary> {
+    let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    let mut summary = ServeSummary::default();
+    let progress = progress_bar(opts.progress);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let encoder = scope.spawn(move || encode_all(files, opts, tx, back_rx));
+        for chunk in rx.iter() {
+            let chunk = chunk?;
+            if let Err(e) = out.write_all(&chunk.bytes).and_then(|_| out.flush()) {
+                if is_disconnect(&e) {
+                    summary.client_left = true;
+                    tracing::info!("client left after {} batches", summary.batches);
+                    break;
+                }
+                return Err(Error::Net {
+                    what: "write to the client".into(),
+                    source: e,
+                });
+            }
+            summary.bytes += chunk.bytes.len() as u64;
+            if chunk.images > 0 {
+                summary.batches += 1;
+                summary.images += chunk.images as u64;
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                progress.set_position(summary.batches);
+                progress.set_message(format!(
+                    "epoch {} · {} images · {:.0} images/s",
+                    chunk.epoch + 1,
+                    summary.images,
+                    summary.images as f64 / secs
+                ));
+                if !opts.sleep.is_zero() {
+                    std::thread::sleep(opts.sleep);
+                }
+            }
+            let _ = back_tx.send(chunk.bytes);
+        }
+        drop(rx);
+        match encoder.join() {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::usage("the encoder thread panicked")),
+        }
+    })?;
+    progress.finish_and_clear();
+    Ok(summary)
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn progress_bar(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} batches · {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Encode every batch in order into `tx`, reusing buffers the writer sends back.
+fn encode_all(
+    files: &[Images],
+    opts: &ServeOptions,
+    tx: mpsc::SyncSender<Result<Chunk>>,
+    back: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut sent: u64 = 0;
+    let mut epoch: u64 = 0;
+    let mut ipc: Option<StreamWriter<Vec<u8>>> = None;
+    let nonempty = files.iter().any(|f| !f.is_empty());
+    'epochs: loop {
+        let mut batcher = Batcher::new(opts.batch_size);
+        while let Some(images) = batcher.next(files) {
+            if opts.limit.is_some_and(|l| sent >= l) {
+                break 'epochs;
+            }
+            let mut buf = back.try_recv().unwrap_or_default();
+            buf.clear();
+            let encoded = match opts.format {
+                Format::SparkJson => {
+                    buf.reserve(spark_json::encoded_len(&images.labels, &images.pixels));
+                    spark_json::encode(&images.labels, &images.pixels, &mut buf);
+                    Ok(buf)
+                }
+                Format::Ndjson => {
+                    ndjson::encode(&images.labels, &images.pixels, &mut buf);
+                    buf.push(b'\n');
+                    Ok(buf)
+                }
+                Format::Arrow => encode_ipc(&mut ipc, sent, images.clone()),
+            };
+            let chunk = encoded.map(|bytes| Chunk {
+                bytes,
+                images: images.len(),
+                epoch,
+            });
+            let failed = chunk.is_err();
+            if tx.send(chunk).is_err() || failed {
+                return;
+            }
+            sent += 1;
+        }
+        epoch += 1;
+        if !opts.endless || !nonempty {
+            break;
+        }
+    }
+    if let Some(mut w) = ipc {
+        let end = w.finish().map(|_| std::mem::take(w.get_mut()));
+        let _ = tx.send(end.map_err(Error::from).map(|bytes| Chunk {
+            bytes,
+            images: 0,
+            epoch,
+        }));
+    }
+}
+
+/// Append one batch to the IPC stream (schema first, the first time) and take its bytes.
+fn encode_ipc(ipc: &mut Option<StreamWriter<Vec<u8>>>, seq: u64, images: Images) -> Result<Vec<u8>> {
+    if ipc.is_none() {
+        *ipc = Some(StreamWriter::try_new(Vec::new(), &stream_schema())?);
+    }
+    let w = ipc.as_mut().ok_or_else(|| Error::usage("no IPC writer"))?;
+    let batch = make_batch(seq, None, images.labels, images.pixels)?;
+    w.write(&batch)?;
+    Ok(std::mem::take(w.get_mut()))
+}

@@ -1,0 +1,1015 @@
+//! Sources: where batches of images come from, as Arrow `RecordBatch`es.
+//!
+//! One notion of a source, named by a string (`--source`):
+//! - `tcp://HOST:PORT`: connect to a stream server as a client (retrying until a timeout,
+//!   since the server may start later); the stream ends when the server closes.
+//! - `file:PATH`: a captured stream, one batch a line (`file:-` reads standard input).
+//! - a data folder or `synthetic[:TRAIN[:TEST[:SEED]]]`: read directly, in process, batched
+//!   exactly as the stream server would batch it.
+//!
+//! A network or file source reads lines with a hard cap on their length, so an oversized
+//! line is rejected without being buffered whole. A malformed line is **rejected, counted and
+//! reported** (batch, row, byte offset, reason) in the source's [`Report`] and the source goes
+//! on with the next line; a connection dropped mid-line loses only that line. Every batch
+//! that is accepted has the schema of [`crate::batch::stream_schema`], with `batch` the
+//! sequence number of the line on the wire, so gaps show where batches were rejected.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Cursor, Read};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, FixedSizeListArray, UInt8Array};
+use arrow::ipc::reader::StreamReader;
+use arrow::record_batch::RecordBatch;
+
+use crate::batch::{first_bad_label, make_batch};
+use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
+use crate::error::{Error, Result};
+use crate::wire::{self, ndjson, spark_json, Detected, Format};
+
+/// Default cap on the length of one line: 64 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Where batches come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceSpec {
+    /// Connect to a stream server.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A captured stream in a file (`-`: standard input).
+    File(PathBuf),
+    /// A dataset read in process.
+    Data(DataSpec),
+}
+
+impl SourceSpec {
+    /// Parse `tcp://HOST:PORT`, `file:PATH`, or a data folder / `synthetic`.
+    pub fn parse(s: &str) -> Result<SourceSpec> {
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+                Error::usage(format!("source {s:?}: expected tcp://HOST:PORT"))
+            })?;
+            let port = port.trim_end_matches('/').parse::<u16>().map_err(|_| {
+                Error::usage(format!("source {s:?}: port {port:?} is not a number 0..65535"))
+            })?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(Error::usage(format!("source {s:?}: empty host")));
+            }
+            return Ok(SourceSpec::Tcp {
+                host: host.to_string(),
+                port,
+            });
+        }
+        if let Some(path) = s.strip_prefix("file:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(Error::usage(format!("source {s:?}: empty path")));
+            }
+            return Ok(SourceSpec::File(PathBuf::from(path)));
+        }
+        if s.is_empty() {
+            return Err(Error::usage("empty source"));
+        }
+        Ok(SourceSpec::Data(DataSpec::parse(s)?))
+    }
+
+    /// Whether the source has an end known in advance (a file or dataset), as opposed to a
+    /// live connection.
+    pub fn is_bounded(&self) -> bool {
+        !matches!(self, SourceSpec::Tcp { .. })
+    }
+}
+
+impl fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceSpec::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp://[{host}]:{port}")
+            }
+            SourceSpec::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            SourceSpec::File(p) => write!(f, "file:{}", p.display()),
+            SourceSpec::Data(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// How a source reads.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// The wire format; `None` detects it from the first bytes.
+    pub format: Option<Format>,
+    /// Which split a dataset source reads.
+    pub split: Split,
+    /// Images per batch for a dataset source; the most lines in one `ndjson` batch.
+    pub batch_size: usize,
+    /// Passes over a dataset source (`None`: endless).
+    pub epochs: Option<u64>,
+    /// Longest accepted line in bytes.
+    pub max_line_bytes: usize,
+    /// How long a `tcp://` source keeps trying to connect.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            format: None,
+            split: Split::Train,
+            batch_size: 100,
+            epochs: Some(1),
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One rejected line (or row of an `ndjson` batch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Sequence number of the batch the line belonged to.
+    pub batch: u64,
+    /// Row within the batch, where the problem is in one row.
+    pub row: Option<u32>,
+    /// Byte offset in the stream where the problem is.
+    pub offset: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rejected batch {}", self.batch)?;
+        if let Some(row) = self.row {
+            write!(f, ", row {row}")?;
+        }
+        write!(f, " (stream byte {}): {}", self.offset, self.reason)
+    }
+}
+
+/// Counts of what a source accepted and rejected, shared with whoever reads the source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportSnapshot {
+    /// Batches accepted.
+    pub batches: u64,
+    /// Images accepted.
+    pub images: u64,
+    /// Bytes read from the wire.
+    pub bytes: u64,
+    /// Lines (or rows) rejected.
+    pub rejected: u64,
+    /// The first rejections (at most [`Report::KEEP`]).
+    pub rejections: Vec<Rejection>,
+    /// The wire format read, once known.
+    pub format: Option<Format>,
+}
+
+/// A source's running report; cheap to clone and read from another thread.
+#[derive(Clone, Debug, Default)]
+pub struct Report(Arc<Mutex<ReportSnapshot>>);
+
+impl Report {
+    /// How many rejections are kept in full.
+    pub const KEEP: usize = 1000;
+
+    fn with<T>(&self, f: impl FnOnce(&mut ReportSnapshot) -> T) -> T {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// A copy of the counts so far.
+    pub fn snapshot(&self) -> ReportSnapshot {
+        self.with(|r| r.clone())
+    }
+
+    fn accept(&self, images: usize) {
+        self.with(|r| {
+            r.batches += 1;
+            r.images += images as u64;
+        });
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.with(|r| r.bytes += n);
+    }
+
+    fn set_format(&self, f: Format) {
+        self.with(|r| r.format = Some(f));
+    }
+
+    fn reject(&self, rejection: Rejection) {
+        tracing::warn!("{rejection}");
+        self.with(|r| {
+            r.rejected += 1;
+            if r.rejections.len() < Self::KEEP {
+                r.rejections.push(rejection);
+            }
+        });
+    }
+}
+
+/// Anything that yields stream batches.
+pub trait BatchSource: Send {
+    /// The next accepted batch; `Ok(None)` at the end of the stream. An `Err` ends the
+    /// stream; batches returned before it stay valid.
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>>;
+    /// What has been accepted and rejected so far.
+    fn report(&self) -> Report;
+}
+
+/// Open a source. Network sources connect lazily, on the first [`BatchSource::next_batch`].
+pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSource>> {
+    if opts.batch_size == 0 {
+        return Err(Error::usage("batch size must be at least 1"));
+    }
+    if opts.max_line_bytes == 0 {
+        return Err(Error::usage("the line cap must be at least 1 byte"));
+    }
+    Ok(match spec {
+        SourceSpec::Data(data) => Box::new(DataSource::new(data, opts)?),
+        _ => Box::new(Lazy {
+            spec: spec.clone(),
+            opts: opts.clone(),
+            inner: None,
+            report: Report::default(),
+        }),
+    })
+}
+
+/// A source that connects (or opens its file) on first use.
+struct Lazy {
+    spec: SourceSpec,
+    opts: SourceOptions,
+    inner: Option<Box<dyn BatchSource>>,
+    report: Report,
+}
+
+impl BatchSource for Lazy {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        if self.inner.is_none() {
+            let reader: Box<dyn Read + Send> = match &self.spec {
+                SourceSpec::Tcp { host, port } => {
+                    Box::new(connect(host, *port, self.opts.connect_timeout)?)
+                }
+                SourceSpec::File(p) if p.as_os_str() == "-" => Box::new(io::stdin()),
+                SourceSpec::File(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
+                SourceSpec::Data(_) => unreachable!("dataset sources are not lazy"),
+            };
+            let name = self.spec.to_string();
+            self.inner = Some(from_reader(reader, &name, &self.opts, self.report.clone())?);
+        }
+        match &mut self.inner {
+            Some(inner) => inner.next_batch(),
+            None => Ok(None),
+        }
+    }
+
+    fn report(&self) -> Report {
+        self.report.clone()
+    }
+}
+
+/// Connect to `host:port`, retrying every 100 ms until `timeout` has passed.
+pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        match TcpStream::connect((host, port)) {
+            Ok(s) => {
+                tracing::info!("connected to {host}:{port}");
+                return Ok(s);
+            }
+            Err(e) if Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!("waiting for a server on {host}:{port} ({e})");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(Error::Net {
+                    what: format!(
+                        "connect to tcp://{host}:{port} (gave up after {:.1} s)",
+                        timeout.as_secs_f64()
+                    ),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// Read a stream in any wire format from `reader` (`name` is used in messages).
+pub fn from_reader(
+    mut reader: Box<dyn Read + Send>,
+    name: &str,
+    opts: &SourceOptions,
+    report: Report,
+) -> Result<Box<dyn BatchSource>> {
+    // Read just enough to tell the format, then hand those bytes back in front of the rest.
+    let mut prefix = Vec::new();
+    let format = match opts.format {
+        Some(f) => f,
+        None => loop {
+            let at_eof = {
+                let mut chunk = [0u8; 64];
+                let n = read_retrying(&mut reader, &mut chunk).map_err(|e| Error::Net {
+                    what: format!("read from {name}"),
+                    source: e,
+                })?;
+                prefix.extend_from_slice(&chunk[..n]);
+                n == 0
+            };
+            match wire::detect(&prefix, at_eof) {
+                Detected::Format(f) => break f,
+                Detected::NeedMore => {}
+                Detected::Unknown if prefix.iter().all(u8::is_ascii_whitespace) => {
+                    // An empty stream: nothing to read.
+                    break Format::SparkJson;
+                }
+                Detected::Unknown => {
+                    let shown = String::from_utf8_lossy(&prefix[..prefix.len().min(32)]);
+                    return Err(Error::Decode {
+                        batch: 0,
+                        row: None,
+                        reason: format!(
+                            "{name}: cannot tell the wire format from the first bytes {shown:?} \
+                             (give --format spark-json, ndjson or arrow)"
+                        ),
+                    });
+                }
+            }
+        },
+    };
+    report.set_format(format);
+    let reader: Box<dyn Read + Send> = Box::new(Cursor::new(prefix).chain(reader));
+    Ok(match format {
+        Format::Arrow => Box::new(ArrowSource::new(reader, name, report)),
+        Format::SparkJson | Format::Ndjson => Box::new(JsonLines {
+            lines: LineReader::new(reader, opts.max_line_bytes),
+            format,
+            next_batch: 0,
+            batch_size: opts.batch_size,
+            report,
+            spark: spark_json::DecodedBatch::default(),
+            ndjson: None,
+        }),
+    })
+}
+
+fn read_retrying(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A peer that vanished ends the stream like a close does.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                return Ok(0)
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One line from a [`LineReader`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A complete line, without its `\n`.
+    Text(&'a [u8]),
+    /// A line longer than the cap, skipped; its length in bytes.
+    TooLong(u64),
+    /// The stream ended inside a line; the bytes of that unfinished line.
+    Truncated(u64),
+}
+
+/// Splits a byte stream into lines, never holding more than the cap (plus one read) of a
+/// single line in memory.
+pub struct LineReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    scanned: usize,
+    max: usize,
+    offset: u64,
+    eof: bool,
+}
+
+const READ_CHUNK: usize = 1 << 20;
+
+impl<R: Read> LineReader<R> {
+    /// Lines of at most `max` bytes from `inner`.
+    pub fn new(inner: R, max: usize) -> Self {
+        LineReader {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            scanned: 0,
+            max,
+            offset: 0,
+            eof: false,
+        }
+    }
+
+    /// The next line and the stream offset of its first byte; `None` at the end.
+    pub fn next_line(&mut self) -> io::Result<Option<(u64, Line<'_>)>> {
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..self.end]) {
+                let stop = self.scanned + pos;
+                let (start, offset) = (self.start, self.offset);
+                self.offset += (stop + 1 - start) as u64;
+                self.start = stop + 1;
+                self.scanned = self.start;
+                return Ok(Some((offset, Line::Text(&self.buf[start..stop]))));
+            }
+            self.scanned = self.end;
+            if self.end - self.start > self.max {
+                return self.skip_long_line().map(Some);
+            }
+            if self.eof {
+                if self.start == self.end {
+                    return Ok(None);
+                }
+                let (len, offset) = ((self.end - self.start) as u64, self.offset);
+                self.offset += len;
+                self.start = self.end;
+                return Ok(Some((offset, Line::Truncated(len))));
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Read more bytes after the current ones, making room first.
+    fn fill(&mut self) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < READ_CHUNK / 2 {
+            let want = (self.buf.len() * 2).max(self.end + READ_CHUNK);
+            self.buf.resize(want.min(self.max + READ_CHUNK + 1), 0);
+        }
+        let n = read_retrying(&mut self.inner, &mut self.buf[self.end..])?;
+        if n == 0 {
+            self.eof = true;
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Drop the current line, reading until its end, and say how long it was.
+    fn skip_long_line(&mut self) -> io::Result<(u64, Line<'_>)> {
+        let offset = self.offset;
+        let mut len = (self.end - self.start) as u64;
+        self.start = 0;
+        self.end = 0;
+        self.scanned = 0;
+        loop {
+            let n = read_retrying(&mut self.inner, &mut self.buf[..])?;
+            if n == 0 {
+                self.eof = true;
+                self.offset += len;
+                return Ok((offset, Line::Truncated(len)));
+            }
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[..n]) {
+                len += pos as u64;
+                self.offset += len + 1;
+                self.start = pos + 1;
+                self.scanned = self.start;
+                self.end = n;
+                return Ok((offset, Line::TooLong(len)));
+            }
+            len += n as u64;
+        }
+    }
+}
+
+/// `spark-json` or `ndjson` lines.
+struct JsonLines {
+    lines: LineReader<Box<dyn Read + Send>>,
+    format: Format,
+    next_batch: u64,
+    batch_size: usize,
+    report: Report,
+    spark: spark_json::DecodedBatch,
+    ndjson: Option<ndjson::LineDecoder>,
+}
+
+/// The next line of `lines`, counting its bytes in `report`.
+fn read_line<'a, R: Read>(
+    lines: &'a mut LineReader<R>,
+    report: &Report,
+) -> Result<Option<(u64, Line<'a>)>> {
+    let line = lines.next_line().map_err(|e| Error::Net {
+        what: "read from the stream".into(),
+        source: e,
+    })?;
+    if let Some((_, l)) = &line {
+        report.add_bytes(match l {
+            Line::Text(t) => t.len() as u64 + 1,
+            Line::TooLong(n) => n + 1,
+            Line::Truncated(n) => *n,
+        });
+    }
+    Ok(line)
+}
+
+impl JsonLines {
+    fn next_spark(&mut self) -> Result<Option<RecordBatch>> {
+        let max = self.lines.max;
+        loop {
+            let report = self.report.clone();
+            let batch = self.next_batch;
+            let mut spark = std::mem::take(&mut self.spark);
+            let (offset, line) = match read_line(&mut self.lines, &report)? {
+                None => return Ok(None),
+                Some(x) => x,
+            };
+            let rejection = |row, at: u64, reason: String| {
+                report.reject(Rejection {
+                    batch,
+                    row,
+                    offset: at,
+                    reason,
+                })
+            };
+            match line {
+                Line::Text(t) if t.iter().all(u8::is_ascii_whitespace) => continue,
+                Line::Text(t) => {
+                    self.next_batch += 1;
+                    match spark_json::decode(t, &mut spark) {
+                        Ok(()) if spark.is_empty() => {}
+                        Ok(()) => {
+                            let spark = std::mem::take(&mut spark);
+                            let n = spark.len();
+                            let out = make_batch(batch, Some(spark.rows), spark.labels, spark.pixels)?;
+                            report.accept(n);
+                            return Ok(Some(out));
+                        }
+                        Err(e) => rejection(e.row, offset + e.offset as u64, e.reason),
+                    }
+                }
+                Line::TooLong(n) => {
+                    self.next_batch += 1;
+                    rejection(
+                        None,
+                        offset,
+                        format!("line of {n} bytes is longer than the cap of {max} bytes"),
+                    );
+                }
+                Line::Truncated(n) => {
+                    self.next_batch += 1;
+                    rejection(
+                        None,
+                        offset,
+                        format!("stream ended inside a line ({n} bytes of it dropped)"),
+                    );
+                }
+            }
+            self.spark = spark;
+        }
+    }
+
+    fn next_ndjson(&mut self) -> Result<Option<RecordBatch>> {
+        let max = self.lines.max;
+        let mut decoder = match self.ndjson.take() {
+            Some(d) => d,
+            None => ndjson::LineDecoder::new()?,
+        };
+        let report = self.report.clone();
+        let batch = self.next_batch;
+        let (mut labels, mut rows, mut pixels) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row: u32 = 0;
+        let mut ended = false;
+        while (row as usize) < self.batch_size {
+            let (offset, line) = match read_line(&mut self.lines, &report)? {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(x) => x,
+            };
+            let reason = match line {
+                Line::Text(t) if t.iter().all(u8::is_ascii_whitespace) => {
+                    if row > 0 {
+                        break;
+                    }
+                    continue;
+                }
+                Line::Text(t) => match decoder.decode_line(t, &mut pixels) {
+                    Ok(label) => {
+                        labels.push(label);
+                        rows.push(row);
+                        row += 1;
+                        continue;
+                    }
+                    Err(reason) => reason,
+                },
+                Line::TooLong(n) => {
+                    format!("line of {n} bytes is longer than the cap of {max} bytes")
+                }
+                Line::Truncated(n) => {
+                    format!("stream ended inside a line ({n} bytes of it dropped)")
+                }
+            };
+            report.reject(Rejection {
+                batch,
+                row: Some(row),
+                offset,
+                reason,
+            });
+            row += 1;
+        }
+        self.ndjson = Some(decoder);
+        if row == 0 && ended {
+            return Ok(None);
+        }
+        self.next_batch += 1;
+        if labels.is_empty() {
+            return if ended { Ok(None) } else { self.next_ndjson() };
+        }
+        let n = labels.len();
+        let out = make_batch(batch, Some(rows), labels, pixels)?;
+        report.accept(n);
+        Ok(Some(out))
+    }
+}
+
+impl BatchSource for JsonLines {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        match self.format {
+            Format::Ndjson => self.next_ndjson(),
+            _ => self.next_spark(),
+        }
+    }
+
+    fn report(&self) -> Report {
+        self.report.clone()
+    }
+}
+
+/// Counts the bytes that pass through a reader.
+struct Counted<R> {
+    inner: R,
+    report: Report,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = read_retrying(&mut self.inner, buf)?;
+        self.report.add_bytes(n as u64);
+        Ok(n)
+    }
+}
+
+/// An Arrow IPC stream. A corrupt message cannot be skipped (IPC has no resynchronisation
+/// point), so it ends the stream with an error; the batches before it are kept.
+struct ArrowSource {
+    reader: Option<Counted<Box<dyn Read + Send>>>,
+    stream: Option<StreamReader<Counted<Box<dyn Read + Send>>>>,
+    name: String,
+    next_batch: u64,
+    report: Report,
+}
+
+impl ArrowSource {
+    fn new(reader: Box<dyn Read + Send>, name: &str, report: Report) -> Self {
+        ArrowSource {
+            reader: Some(Counted {
+                inner: reader,
+                report: report.clone(),
+            }),
+            stream: None,
+            name: name.to_string(),
+            next_batch: 0,
+            report,
+        }
+    }
+
+    fn ipc_error(&self, e: impl fmt::Display) -> Error {
+        Error::Decode {
+            batch: self.next_batch,
+            row: None,
+            reason: format!("{}: Arrow IPC stream: {e}", self.name),
+        }
+    }
+}
+
+impl BatchSource for ArrowSource {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        if let Some(reader) = self.reader.take() {
+            match StreamReader::try_new(reader, None) {
+                Ok(s) => self.stream = Some(s),
+                Err(e) => return Err(self.ipc_error(e)),
+            }
+        }
+        loop {
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => return Ok(None),
+            };
+            let batch = match stream.next() {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    self.stream = None;
+                    return Err(self.ipc_error(e));
+                }
+                Some(Ok(b)) => b,
+            };
+            let seq = self.next_batch;
+            self.next_batch += 1;
+            match restamp(&batch, seq) {
+                Ok(out) => {
+                    self.report.accept(out.num_rows());
+                    return Ok(Some(out));
+                }
+                Err((row, reason)) => self.report.reject(Rejection {
+                    batch: seq,
+                    row,
+                    offset: self.report.snapshot().bytes,
+                    reason,
+                }),
+            }
+        }
+    }
+
+    fn report(&self) -> Report {
+        self.report.clone()
+    }
+}
+
+/// Check an incoming Arrow batch (any schema with `label: UInt8` and
+/// `image: FixedSizeList<UInt8, 3072>`) and give it the stream schema and sequence number.
+fn restamp(batch: &RecordBatch, seq: u64) -> std::result::Result<RecordBatch, (Option<u32>, String)> {
+    let label = batch
+        .column_by_name("label")
+        .ok_or((None, "no `label` column".to_string()))?;
+    let label = label
+        .as_any()
+        .downcast_ref::<UInt8Array>()
+        .ok_or((None, format!("`label` is {}, not UInt8", label.data_type())))?;
+    let image = batch
+        .column_by_name("image")
+        .ok_or((None, "no `image` column".to_string()))?;
+    let image = image
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .filter(|a| a.value_length() as usize == IMAGE_BYTES)
+        .ok_or((
+            None,
+            format!("`image` is {}, not FixedSizeList<UInt8, 3072>", image.data_type()),
+        ))?;
+    if let Some(i) = (0..label.len()).find(|&i| label.is_null(i) || image.is_null(i)) {
+        return Err((Some(i as u32), "null label or image".into()));
+    }
+    let values = image
+        .values()
+        .as_any()
+        .downcast_ref::<UInt8Array>()
+        .ok_or((None, "`image` values are not UInt8".to_string()))?;
+    if values.null_count() > 0 {
+        return Err((None, "`image` has null pixels".into()));
+    }
+    if let Some((row, l)) = first_bad_label(label.values()) {
+        return Err((Some(row as u32), format!("label {l} outside 0..9")));
+    }
+    let pixels = values.values()[..label.len() * IMAGE_BYTES].to_vec();
+    make_batch(seq, None, label.values().to_vec(), pixels).map_err(|e| (None, e.to_string()))
+}
+
+/// Splits a dataset's files into batches the way the original server does: images in file
+/// order, what does not fill a batch at the end of a file carried into the next file, and the
+/// final remainder sent as one last, smaller batch.
+#[derive(Clone, Debug)]
+pub struct Batcher {
+    size: usize,
+    file: usize,
+    pos: usize,
+    carry: Images,
+}
+
+impl Batcher {
+    /// Batches of `size` images (at least 1).
+    pub fn new(size: usize) -> Self {
+        Batcher {
+            size: size.max(1),
+            file: 0,
+            pos: 0,
+            carry: Images::default(),
+        }
+    }
+
+    /// The next batch of `files`; `None` at the end of the split.
+    pub fn next(&mut self, files: &[Images]) -> Option<Images> {
+        loop {
+            let Some(f) = files.get(self.file) else {
+                return (!self.carry.is_empty()).then(|| std::mem::take(&mut self.carry));
+            };
+            let need = self.size - self.carry.len();
+            if f.len() - self.pos >= need {
+                let mut out = std::mem::take(&mut self.carry);
+                out.extend_range(f, self.pos..self.pos + need);
+                self.pos += need;
+                return Some(out);
+            }
+            self.carry.extend_range(f, self.pos..f.len());
+            self.file += 1;
+            self.pos = 0;
+        }
+    }
+}
+
+/// A dataset read in process.
+struct DataSource {
+    files: Vec<Images>,
+    batcher: Batcher,
+    batch_size: usize,
+    epochs: Option<u64>,
+    epoch: u64,
+    next_batch: u64,
+    report: Report,
+}
+
+impl DataSource {
+    fn new(data: &DataSpec, opts: &SourceOptions) -> Result<Self> {
+        let files = dataset::load_split(data, opts.split)?;
+        Ok(DataSource {
+            files,
+            batcher: Batcher::new(opts.batch_size),
+            batch_size: opts.batch_size,
+            epochs: opts.epochs,
+            epoch: 0,
+            next_batch: 0,
+            report: Report::default(),
+        })
+    }
+}
+
+impl BatchSource for DataSource {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            if self.epochs.is_some_and(|e| self.epoch >= e) {
+                return Ok(None);
+            }
+            match self.batcher.next(&self.files) {
+                Some(images) => {
+                    let seq = self.next_batch;
+                    self.next_batch += 1;
+                    let n = images.len();
+                    let out = make_batch(seq, None, images.labels, images.pixels)?;
+                    self.report.accept(n);
+                    return Ok(Some(out));
+                }
+                None => {
+                    self.epoch += 1;
+                    self.batcher = Batcher::new(self.batch_size);
+                    if self.files.iter().all(Images::is_empty) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> Report {
+        self.report.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_source_specs() {
+        assert_eq!(
+            SourceSpec::parse("tcp://127.0.0.1:6100").unwrap(),
+            SourceSpec::Tcp {
+                host: "127.0.0.1".into(),
+                port: 6100
+            }
+        );
+        assert_eq!(
+            SourceSpec::parse("tcp://[::1]:7").unwrap(),
+            SourceSpec::Tcp {
+                host: "::1".into(),
+                port: 7
+            }
+        );
+        assert_eq!(
+            SourceSpec::parse("file:/tmp/x.jsonl").unwrap(),
+            SourceSpec::File("/tmp/x.jsonl".into())
+        );
+        assert!(matches!(
+            SourceSpec::parse("synthetic").unwrap(),
+            SourceSpec::Data(DataSpec::Synthetic(_))
+        ));
+        assert!(matches!(
+            SourceSpec::parse("data/cifar").unwrap(),
+            SourceSpec::Data(DataSpec::Folder(_))
+        ));
+        for bad in ["tcp://host", "tcp://host:99999", "tcp://:80", "file:", ""] {
+            assert!(SourceSpec::parse(bad).is_err(), "{bad} should be rejected");
+        }
+        assert_eq!(
+            SourceSpec::parse("tcp://[::1]:7").unwrap().to_string(),
+            "tcp://[::1]:7"
+        );
+    }
+
+    fn lines_of(data: &[u8], max: usize, chunk: usize) -> Vec<(u64, String)> {
+        struct Chunked<'a>(&'a [u8], usize);
+        impl Read for Chunked<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.len().min(buf.len()).min(self.1);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut r = LineReader::new(Chunked(data, chunk), max);
+        let mut out = Vec::new();
+        while let Some((off, line)) = r.next_line().unwrap() {
+            out.push((
+                off,
+                match line {
+                    Line::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    Line::TooLong(n) => format!("<too long {n}>"),
+                    Line::Truncated(n) => format!("<truncated {n}>"),
+                },
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn line_reader_splits_caps_and_truncates() {
+        for chunk in [1, 3, 1000] {
+            assert_eq!(
+                lines_of(b"ab\n\ncde\nxyz", 100, chunk),
+                vec![
+                    (0, "ab".into()),
+                    (3, "".into()),
+                    (4, "cde".into()),
+                    (8, "<truncated 3>".into())
+                ]
+            );
+        }
+        let mut data = b"ok\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 5000));
+        data.extend(b"\nafter\n");
+        assert_eq!(
+            lines_of(&data, 100, 7),
+            vec![
+                (0, "ok".into()),
+                (3, "<too long 5000>".into()),
+                (5004, "after".into())
+            ]
+        );
+        // A line exactly at the cap is accepted.
+        let exact = format!("{}\n", "y".repeat(100));
+        assert_eq!(lines_of(exact.as_bytes(), 100, 1000)[0].1.len(), 100);
+    }
+
+    #[test]
+    fn batcher_carries_remainders_across_files() {
+        let file = |n: usize, base: u8| {
+            let mut im = Images::default();
+            for i in 0..n {
+                im.push(i as u8 % 10, &[base + i as u8; IMAGE_BYTES]);
+            }
+            im
+        };
+        let files = vec![file(5, 0), file(4, 100), file(3, 200)];
+        let mut b = Batcher::new(4);
+        let mut sizes = Vec::new();
+        let mut firsts = Vec::new();
+        while let Some(batch) = b.next(&files) {
+            sizes.push(batch.len());
+            firsts.push(batch.image(0)[0]);
+        }
+        // 12 images in batches of 4: [0..4 of f0], [f0#4, f1#0..3], [f1#3, f2#0..3]
+        assert_eq!(sizes, vec![4, 4, 4]);
+        assert_eq!(firsts, vec![0, 4, 103]);
+        let mut b = Batcher::new(5);
+        let sizes: Vec<usize> = std::iter::from_fn(|| b.next(&files)).map(|x| x.len()).collect();
+        assert_eq!(sizes, vec![5, 5, 2]);
+    }
+}

@@ -1,0 +1,113 @@
+//! The live stream as a DataFusion table.
+//!
+//! A source is registered as the unbounded streaming table `stream`, so that one
+//! long-running query (`SELECT ... FROM stream`) consumes the data as it arrives, batch by
+//! batch. The source is read on its own thread (decoding JSON is the expensive part) and
+//! handed to the query through a small bounded channel: a slow consumer slows the reader,
+//! and through TCP flow control the server, instead of growing memory.
+//!
+//! A source can be read once: a second query over the same registration gets an error.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::prelude::SessionContext;
+
+use crate::batch::stream_schema;
+use crate::error::Result;
+use crate::source::{BatchSource, Report};
+
+/// Name of the streaming table.
+pub const STREAM_TABLE: &str = "stream";
+
+/// How many decoded batches may wait for the consumer.
+const QUEUE: usize = 2;
+
+/// One source as a DataFusion partition.
+pub struct SourcePartition {
+    schema: SchemaRef,
+    source: Mutex<Option<Box<dyn BatchSource>>>,
+}
+
+impl fmt::Debug for SourcePartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourcePartition").finish_non_exhaustive()
+    }
+}
+
+impl SourcePartition {
+    /// Wrap a source.
+    pub fn new(source: Box<dyn BatchSource>) -> Self {
+        SourcePartition {
+            schema: stream_schema(),
+            source: Mutex::new(Some(source)),
+        }
+    }
+}
+
+impl PartitionStream for SourcePartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let source = self
+            .source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        match source {
+            None => {
+                let _ = tx.try_send(Err(DataFusionError::Execution(
+                    "the stream source has already been read by another query".into(),
+                )));
+            }
+            Some(mut source) => {
+                std::thread::Builder::new()
+                    .name("cifar-df-source".into())
+                    .spawn(move || loop {
+                        let item = match source.next_batch() {
+                            Ok(Some(b)) => Ok(b),
+                            Ok(None) => break,
+                            Err(e) => Err(DataFusionError::from(e)),
+                        };
+                        let stop = item.is_err();
+                        // The receiver is gone when the query ended early (LIMIT, error).
+                        if tx.blocking_send(item).is_err() || stop {
+                            break;
+                        }
+                    })
+                    .expect("spawning a thread");
+            }
+        }
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// Register `source` as the streaming table `stream` in `ctx`; returns its report.
+///
+/// `bounded` says whether the source ends by itself (a file or a dataset) or is a live
+/// connection (unbounded, which DataFusion plans as an infinite stream).
+pub fn register_stream(
+    ctx: &SessionContext,
+    source: Box<dyn BatchSource>,
+    bounded: bool,
+) -> Result<Report> {
+    let report = source.report();
+    let partition: Arc<dyn PartitionStream> = Arc::new(SourcePartition::new(source));
+    let table = StreamingTable::try_new(stream_schema(), vec![partition])?
+        .with_infinite_table(!bounded);
+    ctx.deregister_table(STREAM_TABLE)?;
+    ctx.register_table(STREAM_TABLE, Arc::new(table))?;
+    Ok(report)
+}

@@ -1,0 +1,178 @@
+//! Helpers shared by the integration tests: the mini CIFAR-10 data, running the binary,
+//! reading Parquet back.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// The real CIFAR-10 sample in `../shared/data/cifar10-mini`, or `None` (with a note) when
+/// it is not there. Under CI it must be there.
+pub fn mini() -> Option<PathBuf> {
+    let dir = std::env::var_os("CIFAR10_MINI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-mini"));
+    if dir.join("cifar-10-batches-bin").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI needs the CIFAR-10 sample at {}", dir.display());
+    }
+    eprintln!("skipping: no CIFAR-10 sample at {} (set CIFAR10_MINI)", dir.display());
+    None
+}
+
+/// The reference server script.
+pub fn reference_server() -> PathBuf {
+    std::env::var_os("STREAM_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/stream_reference.py")
+        })
+}
+
+/// The `cifar-df` binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cifar-df"))
+}
+
+/// Raw records of the binary layout, straight from the files (independent of the crate's
+/// dataset reader): (label, pixels) per image, in split order.
+pub fn raw_records(mini: &Path, split: &str) -> Vec<(u8, Vec<u8>)> {
+    let names: Vec<String> = if split == "train" {
+        (1..=5).map(|i| format!("data_batch_{i}.bin")).collect()
+    } else {
+        vec!["test_batch.bin".into()]
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let bytes = std::fs::read(mini.join("cifar-10-batches-bin").join(n)).unwrap();
+        for rec in bytes.chunks_exact(3073) {
+            out.push((rec[0], rec[1..].to_vec()));
+        }
+    }
+    out
+}
+
+/// A spawned server and the port it announced on stderr ("listening on HOST:PORT").
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Spawn `cmd` (stderr piped) and wait for its "listening on" line.
+    pub fn start(mut cmd: Command) -> Server {
+        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn server");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.rsplit(':').next().unwrap().trim().parse().unwrap();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, port }
+    }
+
+    /// Read everything the server sends to one client.
+    pub fn read_all(&mut self) -> Vec<u8> {
+        let mut s = connect(self.port);
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    pub fn wait(mut self) {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "server failed: {status}");
+    }
+}
+
+pub fn connect(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => panic!("connect {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The reference Python server on a free port.
+pub fn start_reference(data: &Path, args: &[&str]) -> Server {
+    let mut cmd = Command::new("python3");
+    cmd.arg(reference_server())
+        .arg(data)
+        .args(["--port", "0"])
+        .args(args);
+    Server::start(cmd)
+}
+
+/// `cifar-df stream` on a free port.
+pub fn start_ours(data: &Path, args: &[&str]) -> Server {
+    let mut cmd = bin();
+    cmd.args(["-q", "stream", "--data"])
+        .arg(data)
+        .args(["--port", "0"])
+        .args(args);
+    Server::start(cmd)
+}
+
+/// All rows of a Parquet file or directory of part files with the stream schema:
+/// (batch, row, label, pixels) in file order.
+pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u8, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for f in files.drain(..) {
+        let file = std::fs::File::open(&f).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let batch = b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
+            let row = b.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
+            let label = b.column(2).as_any().downcast_ref::<UInt8Array>().unwrap();
+            let image = b.column(3).as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+            for i in 0..b.num_rows() {
+                let px = image.value(i);
+                let px = px.as_any().downcast_ref::<UInt8Array>().unwrap();
+                out.push((batch.value(i), row.value(i), label.value(i), px.values().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+/// Run the binary, assert success, and return (stdout, stderr).
+pub fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("run cifar-df");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    (stdout, stderr)
+}
