@@ -54,7 +54,10 @@ fn nd(c: &mut Criterion) {
     let (labels, pixels) = batch();
     let mut text = Vec::new();
     ndjson::encode(&labels, &pixels, &mut text);
-    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&[u8]> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
     let mut group = c.benchmark_group("ndjson");
     group.throughput(Throughput::Bytes(text.len() as u64));
     let mut dec = ndjson::LineDecoder::new().unwrap();

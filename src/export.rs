@@ -62,7 +62,7 @@ pub fn writer_properties(rows_per_group: usize) -> Result<WriterProperties> {
         .set_compression(Compression::ZSTD(level))
         .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_max_row_group_size(rows_per_group.max(1))
+        .set_max_row_group_row_count(Some(rows_per_group.max(1)))
         .build())
 }
 
@@ -75,7 +75,12 @@ struct PendingFile {
 }
 
 impl PendingFile {
-    fn create(path: PathBuf, tmp: PathBuf, schema: &SchemaRef, props: WriterProperties) -> Result<Self> {
+    fn create(
+        path: PathBuf,
+        tmp: PathBuf,
+        schema: &SchemaRef,
+        props: WriterProperties,
+    ) -> Result<Self> {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
         Ok(PendingFile {

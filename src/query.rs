@@ -66,7 +66,8 @@ impl fmt::Display for OutputFormat {
 pub fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
     match format {
         OutputFormat::Table => {
-            let mut s = datafusion::arrow::util::pretty::pretty_format_batches(batches)?.to_string();
+            let mut s =
+                datafusion::arrow::util::pretty::pretty_format_batches(batches)?.to_string();
             s.push('\n');
             Ok(s)
         }

@@ -93,7 +93,11 @@ struct Chunk {
 }
 
 /// Stream `files` (one `Images` per dataset file) to `out` as the options say.
-pub fn stream_to<W: Write>(mut out: W, files: &[Images], opts: &ServeOptions) -> Result<ServeSummary> {
+pub fn stream_to<W: Write>(
+    mut out: W,
+    files: &[Images],
+    opts: &ServeOptions,
+) -> Result<ServeSummary> {
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let mut summary = ServeSummary::default();
@@ -145,7 +149,9 @@ pub fn stream_to<W: Write>(mut out: W, files: &[Images], opts: &ServeOptions) ->
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -221,7 +227,11 @@ fn encode_all(
 }
 
 /// Append one batch to the IPC stream (schema first, the first time) and take its bytes.
-fn encode_ipc(ipc: &mut Option<StreamWriter<Vec<u8>>>, seq: u64, images: Images) -> Result<Vec<u8>> {
+fn encode_ipc(
+    ipc: &mut Option<StreamWriter<Vec<u8>>>,
+    seq: u64,
+    images: Images,
+) -> Result<Vec<u8>> {
     if ipc.is_none() {
         *ipc = Some(StreamWriter::try_new(Vec::new(), &stream_schema())?);
     }

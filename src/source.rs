@@ -54,11 +54,13 @@ impl SourceSpec {
     /// Parse `tcp://HOST:PORT`, `file:PATH`, or a data folder / `synthetic`.
     pub fn parse(s: &str) -> Result<SourceSpec> {
         if let Some(rest) = s.strip_prefix("tcp://") {
-            let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-                Error::usage(format!("source {s:?}: expected tcp://HOST:PORT"))
-            })?;
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| Error::usage(format!("source {s:?}: expected tcp://HOST:PORT")))?;
             let port = port.trim_end_matches('/').parse::<u16>().map_err(|_| {
-                Error::usage(format!("source {s:?}: port {port:?} is not a number 0..65535"))
+                Error::usage(format!(
+                    "source {s:?}: port {port:?} is not a number 0..65535"
+                ))
             })?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             if host.is_empty() {
@@ -392,8 +394,9 @@ pub enum Line<'a> {
     Text(&'a [u8]),
     /// A line longer than the cap, skipped; its length in bytes.
     TooLong(u64),
-    /// The stream ended inside a line; the bytes of that unfinished line.
-    Truncated(u64),
+    /// The last bytes of the stream, not ended by `\n`: a complete final line without its
+    /// newline, or what a dropped connection left of a line.
+    Unterminated(&'a [u8]),
 }
 
 /// Splits a byte stream into lines, never holding more than the cap (plus one read) of a
@@ -445,10 +448,14 @@ impl<R: Read> LineReader<R> {
                 if self.start == self.end {
                     return Ok(None);
                 }
-                let (len, offset) = ((self.end - self.start) as u64, self.offset);
-                self.offset += len;
+                let (start, offset) = (self.start, self.offset);
+                self.offset += (self.end - start) as u64;
                 self.start = self.end;
-                return Ok(Some((offset, Line::Truncated(len))));
+                self.scanned = self.end;
+                return Ok(Some((
+                    offset,
+                    Line::Unterminated(&self.buf[start..self.end]),
+                )));
             }
             self.fill()?;
         }
@@ -486,7 +493,7 @@ impl<R: Read> LineReader<R> {
             if n == 0 {
                 self.eof = true;
                 self.offset += len;
-                return Ok((offset, Line::Truncated(len)));
+                return Ok((offset, Line::TooLong(len)));
             }
             if let Some(pos) = memchr::memchr(b'\n', &self.buf[..n]) {
                 len += pos as u64;
@@ -525,7 +532,7 @@ fn read_line<'a, R: Read>(
         report.add_bytes(match l {
             Line::Text(t) => t.len() as u64 + 1,
             Line::TooLong(n) => n + 1,
-            Line::Truncated(n) => *n,
+            Line::Unterminated(t) => t.len() as u64,
         });
     }
     Ok(line)
@@ -537,53 +544,54 @@ impl JsonLines {
         loop {
             let report = self.report.clone();
             let batch = self.next_batch;
-            let mut spark = std::mem::take(&mut self.spark);
             let (offset, line) = match read_line(&mut self.lines, &report)? {
                 None => return Ok(None),
                 Some(x) => x,
             };
-            let rejection = |row, at: u64, reason: String| {
-                report.reject(Rejection {
-                    batch,
-                    row,
-                    offset: at,
-                    reason,
-                })
-            };
-            match line {
+            let (text, unterminated) = match line {
                 Line::Text(t) if t.iter().all(u8::is_ascii_whitespace) => continue,
-                Line::Text(t) => {
-                    self.next_batch += 1;
-                    match spark_json::decode(t, &mut spark) {
-                        Ok(()) if spark.is_empty() => {}
-                        Ok(()) => {
-                            let spark = std::mem::take(&mut spark);
-                            let n = spark.len();
-                            let out = make_batch(batch, Some(spark.rows), spark.labels, spark.pixels)?;
-                            report.accept(n);
-                            return Ok(Some(out));
-                        }
-                        Err(e) => rejection(e.row, offset + e.offset as u64, e.reason),
-                    }
-                }
+                Line::Text(t) => (t, false),
+                // A complete last line without its newline is accepted; anything else is
+                // what a dropped connection left of a line.
+                Line::Unterminated(t) => (t, true),
                 Line::TooLong(n) => {
                     self.next_batch += 1;
-                    rejection(
-                        None,
+                    report.reject(Rejection {
+                        batch,
+                        row: None,
                         offset,
-                        format!("line of {n} bytes is longer than the cap of {max} bytes"),
-                    );
+                        reason: format!("line of {n} bytes is longer than the cap of {max} bytes"),
+                    });
+                    continue;
                 }
-                Line::Truncated(n) => {
-                    self.next_batch += 1;
-                    rejection(
-                        None,
-                        offset,
-                        format!("stream ended inside a line ({n} bytes of it dropped)"),
-                    );
+            };
+            self.next_batch += 1;
+            match spark_json::decode(text, &mut self.spark) {
+                Ok(()) if self.spark.is_empty() => {}
+                Ok(()) => {
+                    let spark = std::mem::take(&mut self.spark);
+                    let n = spark.len();
+                    let out = make_batch(batch, Some(spark.rows), spark.labels, spark.pixels)?;
+                    report.accept(n);
+                    return Ok(Some(out));
                 }
+                Err(e) if unterminated => report.reject(Rejection {
+                    batch,
+                    row: e.row,
+                    offset,
+                    reason: format!(
+                        "stream ended inside a line ({} bytes of it dropped: {})",
+                        text.len(),
+                        e.reason
+                    ),
+                }),
+                Err(e) => report.reject(Rejection {
+                    batch,
+                    row: e.row,
+                    offset: offset + e.offset as u64,
+                    reason: e.reason,
+                }),
             }
-            self.spark = spark;
         }
     }
 
@@ -625,9 +633,18 @@ impl JsonLines {
                 Line::TooLong(n) => {
                     format!("line of {n} bytes is longer than the cap of {max} bytes")
                 }
-                Line::Truncated(n) => {
-                    format!("stream ended inside a line ({n} bytes of it dropped)")
-                }
+                Line::Unterminated(t) => match decoder.decode_line(t, &mut pixels) {
+                    Ok(label) => {
+                        labels.push(label);
+                        rows.push(row);
+                        row += 1;
+                        continue;
+                    }
+                    Err(reason) => format!(
+                        "stream ended inside a line ({} bytes of it dropped: {reason})",
+                        t.len()
+                    ),
+                },
             };
             report.reject(Rejection {
                 batch,
@@ -757,7 +774,10 @@ impl BatchSource for ArrowSource {
 
 /// Check an incoming Arrow batch (any schema with `label: UInt8` and
 /// `image: FixedSizeList<UInt8, 3072>`) and give it the stream schema and sequence number.
-fn restamp(batch: &RecordBatch, seq: u64) -> std::result::Result<RecordBatch, (Option<u32>, String)> {
+fn restamp(
+    batch: &RecordBatch,
+    seq: u64,
+) -> std::result::Result<RecordBatch, (Option<u32>, String)> {
     let label = batch
         .column_by_name("label")
         .ok_or((None, "no `label` column".to_string()))?;
@@ -774,7 +794,10 @@ fn restamp(batch: &RecordBatch, seq: u64) -> std::result::Result<RecordBatch, (O
         .filter(|a| a.value_length() as usize == IMAGE_BYTES)
         .ok_or((
             None,
-            format!("`image` is {}, not FixedSizeList<UInt8, 3072>", image.data_type()),
+            format!(
+                "`image` is {}, not FixedSizeList<UInt8, 3072>",
+                image.data_type()
+            ),
         ))?;
     if let Some(i) = (0..label.len()).find(|&i| label.is_null(i) || image.is_null(i)) {
         return Err((Some(i as u32), "null label or image".into()));
@@ -952,7 +975,9 @@ mod tests {
                 match line {
                     Line::Text(t) => String::from_utf8_lossy(t).into_owned(),
                     Line::TooLong(n) => format!("<too long {n}>"),
-                    Line::Truncated(n) => format!("<truncated {n}>"),
+                    Line::Unterminated(t) => {
+                        format!("<unterminated {}>", String::from_utf8_lossy(t))
+                    }
                 },
             ));
         }
@@ -968,7 +993,7 @@ mod tests {
                     (0, "ab".into()),
                     (3, "".into()),
                     (4, "cde".into()),
-                    (8, "<truncated 3>".into())
+                    (8, "<unterminated xyz>".into())
                 ]
             );
         }
@@ -1009,7 +1034,9 @@ mod tests {
         assert_eq!(sizes, vec![4, 4, 4]);
         assert_eq!(firsts, vec![0, 4, 103]);
         let mut b = Batcher::new(5);
-        let sizes: Vec<usize> = std::iter::from_fn(|| b.next(&files)).map(|x| x.len()).collect();
+        let sizes: Vec<usize> = std::iter::from_fn(|| b.next(&files))
+            .map(|x| x.len())
+            .collect();
         assert_eq!(sizes, vec![5, 5, 2]);
     }
 }

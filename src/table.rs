@@ -57,11 +57,7 @@ impl PartitionStream for SourcePartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let source = self
-            .source
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let source = self.source.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         match source {
             None => {
@@ -105,8 +101,8 @@ pub fn register_stream(
 ) -> Result<Report> {
     let report = source.report();
     let partition: Arc<dyn PartitionStream> = Arc::new(SourcePartition::new(source));
-    let table = StreamingTable::try_new(stream_schema(), vec![partition])?
-        .with_infinite_table(!bounded);
+    let table =
+        StreamingTable::try_new(stream_schema(), vec![partition])?.with_infinite_table(!bounded);
     ctx.deregister_table(STREAM_TABLE)?;
     ctx.register_table(STREAM_TABLE, Arc::new(table))?;
     Ok(report)

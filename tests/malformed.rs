@@ -65,7 +65,8 @@ fn batch_numbers(batches: &[RecordBatch]) -> Vec<u64> {
 
 fn from_bytes(bytes: Vec<u8>, opts: &SourceOptions) -> (Box<dyn BatchSource>, Report) {
     let report = Report::default();
-    let src = source::from_reader(Box::new(Cursor::new(bytes)), "test", opts, report.clone()).unwrap();
+    let src =
+        source::from_reader(Box::new(Cursor::new(bytes)), "test", opts, report.clone()).unwrap();
     (src, report)
 }
 
@@ -86,13 +87,18 @@ fn spark_json_bad_lines_are_rejected_with_batch_row_and_reason() {
     let f17 = value(&good, 1, "feature17");
     let f5 = value(&good, 2, "feature5");
     let lines = [
-        good.clone(),                                                                  // 0 ok
-        edit_row(&good, 1, &format!("\"feature17\": {f17}, "), ""),                     // 1 missing key
-        edit_row(&good, 2, &format!("\"feature5\": {f5},"), "\"feature5\": 256,"),      // 2 value > 255
-        edit_row(&good, 0, "\"label\": 0", "\"label\": 10"),                            // 3 label > 9
-        "hello, not json".to_string(),                                                  // 4 not JSON
-        format!("{good}{}", " ".repeat(good.len())),                                    // 5 too long
-        good.clone(),                                                                   // 6 ok
+        good.clone(),                                               // 0 ok
+        edit_row(&good, 1, &format!("\"feature17\": {f17}, "), ""), // 1 missing key
+        edit_row(
+            &good,
+            2,
+            &format!("\"feature5\": {f5},"),
+            "\"feature5\": 256,",
+        ), // 2 value > 255
+        edit_row(&good, 0, "\"label\": 0", "\"label\": 10"),        // 3 label > 9
+        "hello, not json".to_string(),                              // 4 not JSON
+        format!("{good}{}", " ".repeat(good.len())),                // 5 too long
+        good.clone(),                                               // 6 ok
     ];
     let mut bytes = lines.join("\n").into_bytes();
     bytes.extend_from_slice(b"\n");
@@ -108,10 +114,24 @@ fn spark_json_bad_lines_are_rejected_with_batch_row_and_reason() {
     let seen: Vec<(u64, Option<u32>)> = r.rejections.iter().map(|x| (x.batch, x.row)).collect();
     assert_eq!(
         seen,
-        vec![(1, Some(1)), (2, Some(2)), (3, Some(0)), (4, None), (5, None), (7, None)]
+        vec![
+            (1, Some(1)),
+            (2, Some(2)),
+            (3, Some(0)),
+            (4, None),
+            (5, None),
+            (7, Some(1))
+        ]
     );
     let reasons: Vec<&str> = r.rejections.iter().map(|x| x.reason.as_str()).collect();
-    let expect = ["feature17", "256", "label 10", "", "longer than the cap", "ended inside a line"];
+    let expect = [
+        "feature17",
+        "256",
+        "label 10",
+        "",
+        "longer than the cap",
+        "ended inside a line",
+    ];
     for (reason, want) in reasons.iter().zip(expect) {
         assert!(reason.contains(want), "{reason:?} should mention {want:?}");
     }
@@ -133,7 +153,11 @@ fn spark_json_bad_lines_are_rejected_with_batch_row_and_reason() {
 #[test]
 fn ndjson_bad_lines_are_rejected_and_the_batch_keeps_the_rest() {
     let mut good = Vec::new();
-    ndjson::encode(&[3, 4, 5], &[image(1), image(2), image(3)].concat(), &mut good);
+    ndjson::encode(
+        &[3, 4, 5],
+        &[image(1), image(2), image(3)].concat(),
+        &mut good,
+    );
     let lines: Vec<String> = String::from_utf8(good)
         .unwrap()
         .lines()
@@ -173,7 +197,11 @@ fn ndjson_bad_lines_are_rejected_and_the_batch_keeps_the_rest() {
     let seen: Vec<(u64, Option<u32>)> = r.rejections.iter().map(|x| (x.batch, x.row)).collect();
     assert_eq!(seen, vec![(0, Some(1)), (1, Some(0)), (2, Some(0))]);
     assert!(r.rejections[0].reason.contains("label 12 outside 0..9"));
-    assert!(r.rejections[1].reason.contains("300"), "{}", r.rejections[1].reason);
+    assert!(
+        r.rejections[1].reason.contains("300"),
+        "{}",
+        r.rejections[1].reason
+    );
 }
 
 #[test]
@@ -189,8 +217,10 @@ fn arrow_batches_with_bad_labels_are_rejected_and_corruption_ends_the_stream() {
         let bad = make_batch(1, None, vec![3, 4], [image(2), image(3)].concat()).unwrap();
         let mut cols = bad.columns().to_vec();
         cols[2] = std::sync::Arc::new(UInt8Array::from(vec![3u8, 11]));
-        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap()).unwrap();
-        w.write(&make_batch(2, None, vec![5], image(4)).unwrap()).unwrap();
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+        w.write(&make_batch(2, None, vec![5], image(4)).unwrap())
+            .unwrap();
         w.finish().unwrap();
     }
     let (src, report) = from_bytes(buf.clone(), &SourceOptions::default());
@@ -208,7 +238,10 @@ fn arrow_batches_with_bad_labels_are_rejected_and_corruption_ends_the_stream() {
     let (batches, err) = drain(src);
     assert_eq!(batch_numbers(&batches), vec![0]);
     let err = err.expect("a cut IPC stream is an error");
-    assert!(err.contains("batch 2") && err.contains("Arrow IPC"), "{err}");
+    assert!(
+        err.contains("batch 2") && err.contains("Arrow IPC"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -232,7 +265,11 @@ fn connection_dropped_mid_line_loses_only_that_line() {
     let r = report.snapshot();
     assert_eq!(r.rejections.len(), 1);
     assert_eq!(r.rejections[0].batch, 2);
-    assert!(r.rejections[0].reason.contains("1000 bytes"), "{}", r.rejections[0]);
+    assert!(
+        r.rejections[0].reason.contains("1000 bytes"),
+        "{}",
+        r.rejections[0]
+    );
 }
 
 #[test]
@@ -265,7 +302,10 @@ fn tcp_source_waits_for_a_late_server_and_gives_up_on_none() {
     let (batches, err) = drain(source::open(&spec, &opts).unwrap());
     assert!(batches.is_empty());
     let err = err.unwrap();
-    assert!(err.contains(&format!("tcp://127.0.0.1:{port}")) && err.contains("gave up"), "{err}");
+    assert!(
+        err.contains(&format!("tcp://127.0.0.1:{port}")) && err.contains("gave up"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -288,7 +328,10 @@ fn cli_export_reports_rejections_and_keeps_good_batches() {
     assert!(stderr.contains("1 rejected"), "{stderr}");
     let rows = read_parquet(&out);
     assert_eq!(rows.len(), 4);
-    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 0, 2, 2]);
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![0, 0, 2, 2]
+    );
 }
 
 #[test]
@@ -311,7 +354,10 @@ fn cli_errors_name_what_and_where() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("test_batch.bin") && err.contains("6146"), "{err}");
+    assert!(
+        err.contains("test_batch.bin") && err.contains("6146"),
+        "{err}"
+    );
 
     // A source that never connects.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -89,14 +89,24 @@ fn captured_file_sources_in_every_format() {
     let want = raw_records(&mini, "test");
     for format in ["spark-json", "ndjson", "arrow"] {
         // Capture what the server sends, then read it back through `file:`.
-        let mut server = start_ours(&mini, &["--split", "test", "--batch-size", "128", "--format", format]);
+        let mut server = start_ours(
+            &mini,
+            &["--split", "test", "--batch-size", "128", "--format", format],
+        );
         let bytes = server.read_all();
         server.wait();
         let capture = tmp.path().join(format!("capture.{format}"));
-        std::fs::File::create(&capture).unwrap().write_all(&bytes).unwrap();
+        std::fs::File::create(&capture)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
         let out = tmp.path().join(format!("{format}.parquet"));
         // ndjson batches end at the server's blank lines; --batch-size caps them.
-        export_from(&format!("file:{}", capture.display()), &out, &["--batch-size", "128"]);
+        export_from(
+            &format!("file:{}", capture.display()),
+            &out,
+            &["--batch-size", "128"],
+        );
         assert_rows(&out, &want, 128);
         // The same capture with the format given explicitly.
         let out2 = tmp.path().join(format!("{format}-explicit.parquet"));
@@ -145,15 +155,26 @@ fn directory_export_writes_complete_parts() {
     names.sort();
     assert_eq!(
         names,
-        ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+        [
+            "part-00000.parquet",
+            "part-00001.parquet",
+            "part-00002.parquet"
+        ]
     );
     assert_rows(&out, &raw_records(&mini, "test"), 100);
     // A second export into the same directory appends new parts.
-    export_from(mini.to_str().unwrap(), &out, &["--split", "test", "--rows-per-file", "1000"]);
+    export_from(
+        mini.to_str().unwrap(),
+        &out,
+        &["--split", "test", "--rows-per-file", "1000"],
+    );
     assert!(out.join("part-00003.parquet").exists());
     let (stdout, _) = run_ok(bin().args([
         "query",
-        &format!("select count(*) as n, count(distinct batch) as b from '{}/'", out.display()),
+        &format!(
+            "select count(*) as n, count(distinct batch) as b from '{}/'",
+            out.display()
+        ),
         "--format",
         "json",
     ]));
@@ -167,7 +188,11 @@ fn synthetic_source_needs_no_files() {
     export_from("synthetic:500:100:7", &out, &["--batch-size", "64"]);
     let rows = read_parquet(&out);
     assert_eq!(rows.len(), 500);
-    assert_eq!(rows.last().unwrap().0, 7, "500 images in batches of 64 → batches 0..7");
+    assert_eq!(
+        rows.last().unwrap().0,
+        7,
+        "500 images in batches of 64 → batches 0..7"
+    );
     // Deterministic for a seed.
     let out2 = tmp.path().join("s2.parquet");
     export_from("synthetic:500:100:7", &out2, &["--batch-size", "64"]);
@@ -202,7 +227,10 @@ for i, (label, image) in enumerate(zip(t.column("label").to_pylist(), t.column("
 print("ok", t.num_rows)
 "#,
         out = out.display().to_string(),
-        bin = mini.join("cifar-10-batches-bin/test_batch.bin").display().to_string()
+        bin = mini
+            .join("cifar-10-batches-bin/test_batch.bin")
+            .display()
+            .to_string()
     );
     let o = std::process::Command::new("python3")
         .args(["-c", &script])

@@ -44,5 +44,13 @@ fn test_split() {
 #[test]
 fn endless_with_limit() {
     // The test split (500 images) in batches of 300: each epoch ends with a 200-image batch.
-    same_bytes(&["--split", "test", "--batch-size", "300", "--endless", "--limit", "5"]);
+    same_bytes(&[
+        "--split",
+        "test",
+        "--batch-size",
+        "300",
+        "--endless",
+        "--limit",
+        "5",
+    ]);
 }

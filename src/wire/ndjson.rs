@@ -156,7 +156,10 @@ mod tests {
         let labels = [4u8, 9];
         let mut text = Vec::new();
         encode(&labels, &pixels, &mut text);
-        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with(b"{\"label\": 4, \"image\": [3, 34, 65"));
         let mut dec = LineDecoder::new().unwrap();

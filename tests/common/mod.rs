@@ -16,14 +16,19 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 pub fn mini() -> Option<PathBuf> {
     let dir = std::env::var_os("CIFAR10_MINI")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-mini"));
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-mini")
+        });
     if dir.join("cifar-10-batches-bin").is_dir() {
         return Some(dir);
     }
     if std::env::var_os("CI").is_some() {
         panic!("CI needs the CIFAR-10 sample at {}", dir.display());
     }
-    eprintln!("skipping: no CIFAR-10 sample at {} (set CIFAR10_MINI)", dir.display());
+    eprintln!(
+        "skipping: no CIFAR-10 sample at {} (set CIFAR10_MINI)",
+        dir.display()
+    );
     None
 }
 
@@ -157,11 +162,20 @@ pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u8, Vec<u8>)> {
             let batch = b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
             let row = b.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
             let label = b.column(2).as_any().downcast_ref::<UInt8Array>().unwrap();
-            let image = b.column(3).as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+            let image = b
+                .column(3)
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .unwrap();
             for i in 0..b.num_rows() {
                 let px = image.value(i);
                 let px = px.as_any().downcast_ref::<UInt8Array>().unwrap();
-                out.push((batch.value(i), row.value(i), label.value(i), px.values().to_vec()));
+                out.push((
+                    batch.value(i),
+                    row.value(i),
+                    label.value(i),
+                    px.values().to_vec(),
+                ));
             }
         }
     }
@@ -173,6 +187,9 @@ pub fn run_ok(cmd: &mut Command) -> (String, String) {
     let out = cmd.output().expect("run cifar-df");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     (stdout, stderr)
 }
