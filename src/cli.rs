@@ -305,7 +305,7 @@ async fn export_source(
     out_opts: &ExportOptions,
     progress: bool,
 ) -> anyhow::Result<ExitCode> {
-    let ctx = query::session();
+    let ctx = query::stream_session();
     let source = source::open(spec, opts)?;
     let report = table::register_stream(&ctx, source, spec.is_bounded())?;
     let bar = if progress {
@@ -403,12 +403,7 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     );
     let ctx = query::session();
     let path = a.out.display().to_string().replace('\'', "''");
-    let sql = format!(
-        "SELECT label, count(*) AS images, count(DISTINCT batch) AS batches, \
-         avg(array_element(image, 1)) AS mean_first_red_pixel \
-         FROM '{path}' GROUP BY label ORDER BY label"
-    );
-    eprintln!("{sql}");
+    let sql = include_str!("../sql/stream_summary.sql").replace("{table}", &format!("'{path}'"));
     let batches = query::run(&ctx, &sql).await?;
     print!("{}", query::format_batches(&batches, OutputFormat::Table)?);
     Ok(code)

@@ -14,9 +14,23 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
 
-/// A new session: URL tables on (files named in queries), one target partition per core.
+/// A new session for queries over stored data: files named in queries are tables, one
+/// target partition per core.
 pub fn session() -> SessionContext {
     let config = SessionConfig::new().with_information_schema(true);
+    SessionContext::new_with_config(config).enable_url_table()
+}
+
+/// A new session for a query over the live `stream` table: one partition, so batches leave
+/// in the order they arrived (no round-robin repartitioning), and no coalescing of small
+/// batches, so each incoming batch is passed on as soon as it is there. (A `WHERE` on the
+/// stream still buffers its output up to the session batch size: DataFusion's filter
+/// coalesces; keep per-batch consumers to projections.)
+pub fn stream_session() -> SessionContext {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(1)
+        .with_coalesce_batches(false);
     SessionContext::new_with_config(config).enable_url_table()
 }
 
