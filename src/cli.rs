@@ -13,11 +13,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
+use crate::metrics::Metrics;
+use crate::model::LogRegParams;
 use crate::query::{self, OutputFormat};
+use crate::runs::{self, Run};
 use crate::server::{self, ServeOptions};
 use crate::source::{self, SourceOptions, SourceSpec, DEFAULT_MAX_LINE_BYTES};
 use crate::synth::{self, SynthSpec};
 use crate::table;
+use crate::trainer::{self, PredictOptions, TrainOptions};
 use crate::wire::Format;
 
 /// Learn image classifiers from a live CIFAR-10 stream, on Apache Arrow and DataFusion.
@@ -47,8 +51,121 @@ pub enum Command {
     Stream(StreamArgs),
     /// Write every batch a source delivers to Parquet.
     Export(ExportArgs),
-    /// Run SQL over Parquet files and directories named in the query.
+    /// Train a model on a stream, batch by batch; metrics and the model go to runs/NAME.
+    Train(TrainArgs),
+    /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
+    Predict(PredictArgs),
+    /// Run SQL over Parquet files and directories named in the query, and over the run
+    /// tables `metrics`, `confusion` and `predictions`.
     Query(QueryArgs),
+}
+
+/// Where `train` and `predict` read from.
+#[derive(Debug, Args)]
+pub struct TrainSourceArgs {
+    /// `tcp://HOST:PORT`, `file:PATH`, a dataset folder or `synthetic`.
+    #[arg(long, conflicts_with = "data")]
+    pub source: Option<String>,
+    /// A dataset folder or `synthetic[:TRAIN[:TEST[:SEED]]]`, read in process.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Wire format of a tcp/file source (default: detected).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Images per batch (dataset sources), also the SGD mini-batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Longest accepted line, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    pub max_line_bytes: usize,
+    /// Seconds a tcp source keeps trying to connect.
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
+    /// Preprocessing SQL file (default: the built-in sql/train.sql or sql/eval.sql).
+    #[arg(long)]
+    pub sql: Option<PathBuf>,
+}
+
+impl TrainSourceArgs {
+    fn resolve(&self, split: Split, epochs: u64) -> anyhow::Result<(SourceSpec, SourceOptions)> {
+        let spec = match (&self.source, &self.data) {
+            (Some(s), _) => SourceSpec::parse(s)?,
+            (None, Some(d)) => SourceSpec::Data(DataSpec::parse(d)?),
+            (None, None) => {
+                eprintln!("no --source or --data given: using the built-in synthetic set");
+                SourceSpec::Data(DataSpec::parse("synthetic")?)
+            }
+        };
+        if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
+            bail!("--connect-timeout must be a number of seconds ≥ 0");
+        }
+        Ok((
+            spec,
+            SourceOptions {
+                format: self.format,
+                split,
+                batch_size: self.batch_size,
+                epochs: Some(epochs),
+                max_line_bytes: self.max_line_bytes,
+                connect_timeout: Duration::from_secs_f64(self.connect_timeout),
+            },
+        ))
+    }
+
+    fn sql(&self, default: &str) -> anyhow::Result<String> {
+        match &self.sql {
+            Some(p) => {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            }
+            None => Ok(default.to_string()),
+        }
+    }
+}
+
+/// `cifar-df train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model: logreg.
+    #[arg(long, default_value = "logreg")]
+    pub model: String,
+    /// The source.
+    #[command(flatten)]
+    pub source: TrainSourceArgs,
+    /// Run name (default: MODEL-YYYYMMDD-HHMMSS).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Directory of runs.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// Passes over a dataset source.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    /// Learning rate.
+    #[arg(long, default_value_t = LogRegParams::default().lr)]
+    pub lr: f32,
+    /// L2 regularisation.
+    #[arg(long, default_value_t = LogRegParams::default().alpha)]
+    pub alpha: f32,
+    /// Seed of augmentation decisions (and models that use randomness).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `cifar-df predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The trained run.
+    #[arg(long)]
+    pub run: String,
+    /// Directory of runs.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// The source.
+    #[command(flatten)]
+    pub source: TrainSourceArgs,
+    /// Split to score.
+    #[arg(long, default_value = "test")]
+    pub split: Split,
 }
 
 /// `cifar-df demo`.
@@ -183,6 +300,9 @@ pub struct QueryArgs {
     /// Output format: table, csv or json.
     #[arg(long, default_value = "table")]
     pub format: OutputFormat,
+    /// Directory of runs whose tables are registered.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
 }
 
 /// Parse the process's arguments and run.
@@ -222,6 +342,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd(a),
         Command::Stream(a) => stream_cmd(a, progress).await,
         Command::Export(a) => export_cmd(a, progress).await,
+        Command::Train(a) => train_cmd(a, progress).await,
+        Command::Predict(a) => predict_cmd(a).await,
         Command::Query(a) => query_cmd(a).await,
     }
 }
@@ -358,6 +480,7 @@ async fn export_source(
 
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let ctx = query::session();
+    runs::register_tables(&ctx, &a.runs)?;
     let batches = query::run(&ctx, &a.sql).await?;
     let text = query::format_batches(&batches, a.format)?;
     let mut out = std::io::stdout().lock();
@@ -407,4 +530,132 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let batches = query::run(&ctx, &sql).await?;
     print!("{}", query::format_batches(&batches, OutputFormat::Table)?);
     Ok(code)
+}
+
+fn progress_spinner(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn print_metrics(title: &str, m: &Metrics) {
+    println!(
+        "{title}: {} images · accuracy {:.4} · loss {:.4} · precision {:.4} · recall {:.4} · F1 {:.4}",
+        m.images, m.acc, m.loss, m.precision, m.recall, m.f1
+    );
+}
+
+async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    let (spec, opts) = a.source.resolve(Split::Train, a.epochs)?;
+    let name = a
+        .run
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", a.model, chrono_like_stamp()));
+    let run = Run::new(&a.runs, &name)?;
+    let params = LogRegParams {
+        lr: a.lr,
+        alpha: a.alpha,
+        batch_size: a.source.batch_size,
+        seed: a.seed,
+    };
+    params.check()?;
+    let bar = progress_spinner(progress);
+    let t = Instant::now();
+    let bar2 = bar.clone();
+    let summary = trainer::train(TrainOptions {
+        run: run.clone(),
+        model: a.model.clone(),
+        params,
+        seed: a.seed,
+        sql: a.source.sql(trainer::TRAIN_SQL)?,
+        source: spec.clone(),
+        source_opts: opts,
+        on_batch: Some(Box::new(move |n, epoch, m: &Metrics| {
+            bar2.set_message(format!(
+                "epoch {} · batch {n} · {:.0} images/s · acc {:.3} · loss {:.3}",
+                epoch + 1,
+                m.images as f64 / t.elapsed().as_secs_f64().max(1e-9),
+                m.acc,
+                m.loss
+            ));
+        })),
+    })
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "run {name}: trained {} on {spec} · {} batches · {:.1} s · {:.0} images/s · {} rejected",
+        a.model, summary.batches, summary.seconds, summary.images_per_second, summary.rejected
+    );
+    print_metrics(
+        "train (scored before learning), last epoch",
+        &summary.last_epoch,
+    );
+    println!("model: {}", run.model_dir().display());
+    println!(
+        "next: cifar-df predict --run {name} --runs {} --data ...; cifar-df query \"select epoch, avg(acc) from metrics where run='{name}' group by epoch order by epoch\"",
+        a.runs.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn predict_cmd(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    let (spec, opts) = a.source.resolve(a.split, 1)?;
+    let run = Run::new(&a.runs, &a.run)?;
+    let summary = trainer::predict(PredictOptions {
+        run,
+        sql: a.source.sql(trainer::EVAL_SQL)?,
+        source: spec.clone(),
+        source_opts: opts,
+        split: a.split.to_string(),
+    })
+    .await?;
+    let m = &summary.overall;
+    println!(
+        "run {}: {} on {spec} · {} batches · {:.0} images/s",
+        a.run, a.split, summary.batches, summary.images_per_second
+    );
+    print_metrics(&a.split.to_string(), m);
+    println!("confusion matrix (rows: actual, columns: predicted):");
+    print!("{:>12}", "");
+    for name in crate::dataset::CLASS_NAMES {
+        print!("{:>6}", &name[..name.len().min(5)]);
+    }
+    println!();
+    for (i, row) in m.confusion.iter().enumerate() {
+        print!("{:>12}", crate::dataset::CLASS_NAMES[i]);
+        for c in row {
+            print!("{c:>6}");
+        }
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, for default run names.
+fn chrono_like_stamp() -> String {
+    let secs = runs::now_ms() / 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

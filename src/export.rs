@@ -188,6 +188,24 @@ impl Sink {
     }
 }
 
+/// Write `batches` (at least one; all with the first one's schema) to the Parquet file
+/// `path`, under a temporary name first and renamed when complete.
+pub fn write_parquet_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+    let first = batches
+        .first()
+        .ok_or_else(|| Error::usage(format!("{}: nothing to write", path.display())))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .build();
+    let mut file =
+        PendingFile::create(path.to_path_buf(), temp_name(path), &first.schema(), props)?;
+    for b in batches {
+        file.write(b)?;
+    }
+    file.finish()?;
+    Ok(())
+}
+
 fn temp_name(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".inprogress");

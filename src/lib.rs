@@ -4,19 +4,26 @@
 //! The modules follow the data's path: [`dataset`] (CIFAR-10 files and the [`synth`]etic
 //! set) → [`wire`] (formats on the socket) → [`server`] (the stream server) / [`source`]
 //! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
-//! [`export`] (Parquet) → [`query`] (SQL).
+//! [`transforms`] (preprocessing UDFs) → [`bridge`] (Arrow → ndarray, zero-copy) →
+//! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL).
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod bridge;
 pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod export;
+pub mod metrics;
+pub mod model;
 pub mod query;
+pub mod runs;
 pub mod server;
 pub mod source;
 pub mod synth;
 pub mod table;
+pub mod trainer;
+pub mod transforms;
 pub mod wire;
 
 pub use error::{Error, Result};

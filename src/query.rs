@@ -2,7 +2,8 @@
 //!
 //! [`session`] makes the one `SessionContext` every command uses: Parquet files and
 //! directories can be named directly in a query (`SELECT count(*) FROM 'out.parquet'`), and
-//! later stages register their tables and functions here too. [`format_batches`] prints
+//! later stages register their tables and functions here too; both sessions come with the
+//! image functions of [`crate::transforms`] (seed 0). [`format_batches`] prints
 //! results as a table, CSV or JSON.
 
 use std::fmt;
@@ -18,7 +19,9 @@ use crate::error::{Error, Result};
 /// target partition per core.
 pub fn session() -> SessionContext {
     let config = SessionConfig::new().with_information_schema(true);
-    SessionContext::new_with_config(config).enable_url_table()
+    let ctx = SessionContext::new_with_config(config).enable_url_table();
+    crate::transforms::register(&ctx, 0);
+    ctx
 }
 
 /// A new session for a query over the live `stream` table: one partition, so batches leave
@@ -31,7 +34,9 @@ pub fn stream_session() -> SessionContext {
         .with_information_schema(true)
         .with_target_partitions(1)
         .with_coalesce_batches(false);
-    SessionContext::new_with_config(config).enable_url_table()
+    let ctx = SessionContext::new_with_config(config).enable_url_table();
+    crate::transforms::register(&ctx, 0);
+    ctx
 }
 
 /// Run `sql` and collect the result.

@@ -225,6 +225,10 @@ pub trait BatchSource: Send {
     fn next_batch(&mut self) -> Result<Option<RecordBatch>>;
     /// What has been accepted and rejected so far.
     fn report(&self) -> Report;
+    /// Batches in one pass over the data, where the source knows it (a dataset source).
+    fn batches_per_epoch(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Open a source. Network sources connect lazily, on the first [`BatchSource::next_batch`].
@@ -886,6 +890,11 @@ impl DataSource {
 }
 
 impl BatchSource for DataSource {
+    fn batches_per_epoch(&self) -> Option<u64> {
+        let images: usize = self.files.iter().map(Images::len).sum();
+        Some(images.div_ceil(self.batch_size) as u64)
+    }
+
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         loop {
             if self.epochs.is_some_and(|e| self.epoch >= e) {

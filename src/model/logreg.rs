@@ -540,7 +540,7 @@ impl Learner for LogReg {
             ("seen".to_string(), self.seen.to_string()),
             ("steps".to_string(), self.steps.to_string()),
         ]);
-        let bytes = safetensors::serialize(tensors, Some(extra)).map_err(cannot)?;
+        let bytes = safetensors::serialize(tensors, &Some(extra)).map_err(cannot)?;
         write_atomic(&path, &bytes)?;
 
         let meta = Meta {
@@ -917,7 +917,7 @@ mod tests {
                 ("seen".to_string(), seen.to_string()),
                 ("steps".to_string(), "1".to_string()),
             ]);
-            fs::write(&st, safetensors::serialize(views, Some(md)).unwrap()).unwrap();
+            fs::write(&st, safetensors::serialize(views, &Some(md)).unwrap()).unwrap();
         };
         let f32s = |n: usize, v: f32| le_bytes(&vec![v; n]);
         let bias = ("bias", Dtype::F32, vec![10], f32s(10, 0.0));

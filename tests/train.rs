@@ -1,0 +1,127 @@
+//! End to end: synthetic data → `train` → `predict` → `query` over the run tables.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn train_predict_query_on_the_synthetic_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let runs_s = runs.to_str().unwrap();
+    let (stdout, _) = run_ok(bin().args([
+        "-q",
+        "train",
+        "--model",
+        "logreg",
+        "--data",
+        "synthetic:1000:300:1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--run",
+        "r1",
+        "--runs",
+        runs_s,
+    ]));
+    assert!(stdout.contains("run r1"), "{stdout}");
+    assert!(runs.join("r1/model/model.safetensors").exists());
+    let (stdout, _) = run_ok(bin().args([
+        "-q",
+        "predict",
+        "--run",
+        "r1",
+        "--runs",
+        runs_s,
+        "--data",
+        "synthetic:1000:300:1",
+    ]));
+    assert!(stdout.contains("confusion matrix"), "{stdout}");
+    let q = |sql: &str| run_ok(bin().args(["query", sql, "--runs", runs_s, "--format", "csv"])).0;
+    // One metrics row per batch: 2 epochs × 10 batches of train, 3 batches of test.
+    assert_eq!(
+        q("select split, count(*) as n, count(distinct batch) as b, sum(images) as i from metrics group by split order by split"),
+        "split,n,b,i\ntest,3,3,300\ntrain,20,20,2000\n"
+    );
+    assert_eq!(
+        q("select max(epoch) as e from metrics where split = 'train'"),
+        "e\n1\n"
+    );
+    // The confusion matrix and predictions agree with each other and with the metrics.
+    assert_eq!(q("select sum(count) as n from confusion"), "n\n300\n");
+    assert_eq!(
+        q("select count(*) as n, sum(case when label = predicted then 1 else 0 end) as ok from predictions"),
+        q("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from metrics where split = 'test'")
+    );
+    assert_eq!(
+        q("select sum(count) as ok from confusion where actual = predicted"),
+        q("select sum(case when label = predicted then 1 else 0 end) as ok from predictions")
+    );
+    // It learned: test accuracy well above chance (0.1).
+    let acc: f64 =
+        q("select sum(acc * images) / sum(images) as a from metrics where split = 'test'")
+            .lines()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(acc > 0.25, "test accuracy {acc}");
+    // avg over the whole table just works.
+    let avg = q("select avg(acc) from metrics");
+    assert!(avg.lines().count() == 2, "{avg}");
+}
+
+#[test]
+fn train_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let out = bin()
+        .args([
+            "-q",
+            "train",
+            "--model",
+            "nope",
+            "--data",
+            "synthetic:100:10",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model \"nope\"") && err.contains("logreg"),
+        "{err}"
+    );
+    let out = bin()
+        .args([
+            "-q",
+            "predict",
+            "--run",
+            "missing",
+            "--data",
+            "synthetic:100:10",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no model"), "{err}");
+    // A query over runs that do not exist yet still answers.
+    let (stdout, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "select count(*) as n from metrics",
+                "--format",
+                "csv",
+                "--runs",
+            ])
+            .arg(&runs),
+    );
+    assert_eq!(stdout, "n\n0\n");
+}
