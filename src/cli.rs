@@ -394,19 +394,21 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let summary = tokio::task::spawn_blocking(move || server::serve(&listener, &opts)).await??;
     let secs = t.elapsed().as_secs_f64().max(1e-9);
-    eprintln!(
-        "sent {} batches, {} images, {:.1} MB in {:.2} s ({:.0} images/s){}",
-        summary.batches,
-        summary.images,
-        summary.bytes as f64 / 1e6,
-        secs,
-        summary.images as f64 / secs,
-        if summary.client_left {
-            "; the client left early"
-        } else {
-            ""
-        }
-    );
+    if progress {
+        eprintln!(
+            "sent {} batches, {} images, {:.1} MB in {:.2} s ({:.0} images/s){}",
+            summary.batches,
+            summary.images,
+            summary.bytes as f64 / 1e6,
+            secs,
+            summary.images as f64 / secs,
+            if summary.client_left {
+                "; the client left early"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -455,7 +457,8 @@ async fn export_source(
     bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64().max(1e-9);
     let r = report.snapshot();
-    eprintln!(
+    if progress {
+        eprintln!(
         "exported {} images in {} batches from {} ({}) to {} in {:.2} s ({:.0} images/s, {:.0} MB/s read); {} rejected{}",
         summary.rows,
         summary.batches,
@@ -468,6 +471,7 @@ async fn export_source(
         r.rejected,
         if summary.interrupted { "; interrupted" } else { "" }
     );
+    }
     if let Some(e) = summary.error {
         return Err(anyhow::Error::new(e).context(format!(
             "the stream ended early; the {} images received before it are in {}",

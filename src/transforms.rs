@@ -103,20 +103,16 @@ pub fn udfs(seed: u64) -> Vec<ScalarUDF> {
 /// Each takes one image as a slice of `3·s·s` values in CIFAR order and writes the result
 /// into `dst`; a slice whose length does not fit `s` is an error (never a panic).
 pub mod kernels {
+    use std::fmt;
+
+    use datafusion::arrow::datatypes::{ArrowNativeType, ArrowPrimitiveType};
+
     use crate::error::{Error, Result};
 
     /// A pixel type the image functions work on: `u8` or `f32`.
-    pub trait Pixel:
-        datafusion::arrow::datatypes::ArrowNativeType
-        + Copy
-        + Default
-        + Send
-        + Sync
-        + fmt::Debug
-        + 'static
-    {
+    pub trait Pixel: ArrowNativeType + Copy + Default + Send + Sync + fmt::Debug + 'static {
         /// The Arrow type of a list of these.
-        type Arrow: datafusion::arrow::datatypes::ArrowPrimitiveType<Native = Self>;
+        type Arrow: ArrowPrimitiveType<Native = Self>;
         /// The value as `f32`.
         fn to_f32(self) -> f32;
         /// A value from `f32`: rounded half away from zero and clamped to 0..=255 for `u8`
@@ -125,8 +121,6 @@ pub mod kernels {
         /// Normalize one image of this type with `norm`.
         fn normalize(norm: &Normalize, src: &[Self], s: usize, dst: &mut [f32]) -> Result<()>;
     }
-
-    use std::fmt;
 
     impl Pixel for u8 {
         type Arrow = datafusion::arrow::datatypes::UInt8Type;
@@ -732,15 +726,11 @@ impl ImageUdf {
                     .ok_or_else(|| exec_datafusion_err!("{name}: image values are not Float32"))?;
                 env.dispatch::<f32>(kind, list, src.values())
             }
-            other => exec_err_value(name, other),
+            other => Err(DataFusionError::Execution(format!(
+                "{name}: argument image must have UInt8 or Float32 elements, got {other}"
+            ))),
         }
     }
-}
-
-fn exec_err_value<T>(name: &str, t: &DataType) -> Result<T> {
-    Err(DataFusionError::Execution(format!(
-        "{name}: argument image must have UInt8 or Float32 elements, got {t}"
-    )))
 }
 
 /// `resize`'s height or width, checked.
@@ -1051,7 +1041,7 @@ impl Env {
             };
             if fresh {
                 let norm = kernels::Normalize::new([v[0], v[1], v[2]], [v[3], v[4], v[5]])
-                    .map_err(|e| DataFusionError::Execution(format!("{e} (row {i}, in {name})")))?;
+                    .map_err(|e| DataFusionError::Execution(format!("{e} (row {i})")))?;
                 current = Some((bits, norm));
             }
             let Some((_, norm)) = &current else {
