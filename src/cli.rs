@@ -603,8 +603,9 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
     );
     println!("model: {}", run.model_dir().display());
     println!(
-        "next: cifar-df predict --run {name} --runs {} --data ...; cifar-df query \"select epoch, avg(acc) from metrics where run='{name}' group by epoch order by epoch\"",
-        a.runs.display()
+        "next: cifar-df predict --run {name} --runs {} --{} {spec}\n      cifar-df query \"select epoch, avg(acc) from metrics where run='{name}' group by epoch order by epoch\"",
+        a.runs.display(),
+        if matches!(spec, SourceSpec::Data(_)) { "data" } else { "source" }
     );
     Ok(ExitCode::SUCCESS)
 }
