@@ -432,17 +432,7 @@ async fn export_source(
     let ctx = query::stream_session();
     let source = source::open(spec, opts)?;
     let report = table::register_stream(&ctx, source, spec.is_bounded())?;
-    let bar = if progress {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} batches · {msg} [{elapsed}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::spinner(progress, crate::progress::BATCHES);
     let t = Instant::now();
     let mut images = 0u64;
     let summary = export::export(&ctx, out, out_opts, |b| {
@@ -536,19 +526,6 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-fn progress_spinner(show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
-}
-
 fn print_metrics(title: &str, m: &Metrics) {
     println!(
         "{title}: {} images · accuracy {:.4} · loss {:.4} · precision {:.4} · recall {:.4} · F1 {:.4}",
@@ -570,7 +547,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         seed: a.seed,
     };
     params.check()?;
-    let bar = progress_spinner(progress);
+    let bar = crate::progress::spinner(progress, "{spinner} {msg} [{elapsed}]");
     let t = Instant::now();
     let bar2 = bar.clone();
     let summary = trainer::train(TrainOptions {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod export;
 pub mod metrics;
 pub mod model;
+pub mod progress;
 pub mod query;
 pub mod runs;
 pub mod server;

@@ -101,7 +101,7 @@ pub fn stream_to<W: Write>(
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let mut summary = ServeSummary::default();
-    let progress = progress_bar(opts.progress);
+    let progress = crate::progress::spinner(opts.progress, crate::progress::BATCHES);
     let started = Instant::now();
     std::thread::scope(|scope| {
         let encoder = scope.spawn(move || encode_all(files, opts, tx, back_rx));
@@ -153,19 +153,6 @@ fn is_disconnect(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
     )
-}
-
-fn progress_bar(show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {pos} batches · {msg} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 /// Encode every batch in order into `tx`, reusing buffers the writer sends back.
