@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{Array, ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
+use arrow::array::{ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
@@ -97,43 +97,4 @@ pub fn first_bad_label(labels: &[u8]) -> Option<(usize, u8)> {
         .iter()
         .position(|&l| l as usize >= CLASSES)
         .map(|i| (i, labels[i]))
-}
-
-/// Labels and pixels of a stream batch, as slices into its Arrow buffers.
-///
-/// Errors name the column when the batch does not have the stream schema's `label` and
-/// `image` columns (e.g. a Parquet file written by something else).
-pub fn labels_and_pixels(batch: &RecordBatch) -> Result<(&[u8], &[u8])> {
-    let label = batch
-        .column_by_name("label")
-        .ok_or_else(|| Error::usage("batch has no `label` column"))?;
-    let label = label
-        .as_any()
-        .downcast_ref::<UInt8Array>()
-        .ok_or_else(|| Error::usage(format!("`label` is {}, not UInt8", label.data_type())))?;
-    let image = batch
-        .column_by_name("image")
-        .ok_or_else(|| Error::usage("batch has no `image` column"))?;
-    let image = image
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .filter(|a| a.value_length() as usize == IMAGE_BYTES)
-        .ok_or_else(|| {
-            Error::usage(format!(
-                "`image` is {}, not FixedSizeList<UInt8, 3072>",
-                image.data_type()
-            ))
-        })?;
-    let values = image
-        .values()
-        .as_any()
-        .downcast_ref::<UInt8Array>()
-        .ok_or_else(|| Error::usage("`image` elements are not UInt8"))?;
-    let start = image.offset() * IMAGE_BYTES;
-    let end = start + image.len() * IMAGE_BYTES;
-    let pixels = values
-        .values()
-        .get(start..end)
-        .ok_or_else(|| Error::usage("`image` values shorter than its length"))?;
-    Ok((label.values(), pixels))
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use datafusion::arrow::array::{Array, UInt32Array, UInt64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::StreamExt;
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::bridge::{features_view, labels_view};
 use crate::error::{Error, Result};
@@ -86,6 +87,28 @@ pub struct Summary {
     pub images_per_second: f64,
 }
 
+/// A scored batch: features and labels (views into the batch's buffers), the model's
+/// probabilities for it, and its metrics under them.
+struct Scored<'a> {
+    x: ArrayView2<'a, f32>,
+    y: ArrayView1<'a, u8>,
+    proba: Array2<f32>,
+    metrics: Metrics,
+}
+
+fn score<'a>(batch: &'a RecordBatch, model: &dyn Learner) -> Result<Scored<'a>> {
+    let x = features_view(batch, FEATURES)?;
+    let y = labels_view(batch, "label")?;
+    let proba = model.predict_proba(x)?;
+    let metrics = batch_metrics(y, proba.view())?;
+    Ok(Scored {
+        x,
+        y,
+        proba,
+        metrics,
+    })
+}
+
 fn first_u64(batch: &RecordBatch, name: &str) -> Option<u64> {
     let col = batch.column_by_name(name)?;
     let a = col.as_any().downcast_ref::<UInt64Array>()?;
@@ -148,11 +171,13 @@ pub async fn train(mut opts: TrainOptions) -> Result<Summary> {
             epoch_acc = Accumulator::new();
             current_epoch = epoch;
         }
-        let x = features_view(&batch, FEATURES)?;
-        let y = labels_view(&batch, "label")?;
         // Test, then train.
-        let proba = model.predict_proba(x)?;
-        let m = batch_metrics(y, proba.view())?;
+        let Scored {
+            x,
+            y,
+            proba,
+            metrics: m,
+        } = score(&batch, model.as_ref())?;
         overall.update(y, proba.view())?;
         epoch_acc.update(y, proba.view())?;
         model.partial_fit(x, y)?;
@@ -224,10 +249,12 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
         let t = Instant::now();
         let number = first_u64(&batch, "batch").unwrap_or(seq);
         seq += 1;
-        let x = features_view(&batch, FEATURES)?;
-        let y = labels_view(&batch, "label")?;
-        let proba = model.predict_proba(x)?;
-        let m = batch_metrics(y, proba.view())?;
+        let Scored {
+            y,
+            proba,
+            metrics: m,
+            ..
+        } = score(&batch, model.as_ref())?;
         all.update(y, proba.view())?;
         let (mut predicted, mut p_max) = (Vec::new(), Vec::new());
         for row in proba.rows() {
@@ -255,14 +282,18 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
             Some(b) => b.values().to_vec(),
             None => vec![number; batch.num_rows()],
         };
-        preds.push(opts.run.predictions_batch(
-            &opts.split,
-            &numbers,
-            &rows_col,
-            y.as_slice().unwrap_or(&y.to_vec()),
-            &predicted,
-            &p_max,
-        )?);
+        preds.push(
+            opts.run.predictions_batch(
+                &opts.split,
+                &numbers,
+                &rows_col,
+                &y.as_slice()
+                    .map(std::borrow::Cow::Borrowed)
+                    .unwrap_or_else(|| std::borrow::Cow::Owned(y.to_vec())),
+                &predicted,
+                &p_max,
+            )?,
+        );
         rows.push(MetricsRow {
             split: opts.split.clone(),
             epoch: 0,
