@@ -14,13 +14,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::collections::HashMap;
+
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
 
+pub mod kernel_svm;
+pub mod kmeans;
 pub mod logreg;
+pub mod mlp;
+pub mod svm;
 
+pub use kernel_svm::{KernelSvm, KernelSvmParams};
+pub use kmeans::{KMeans, KMeansParams};
 pub use logreg::{LogReg, LogRegParams};
+pub use mlp::{Mlp, MlpParams};
+pub use svm::{Svm, SvmParams};
 
 /// Number of classes (CIFAR-10).
 pub const CLASSES: usize = 10;
@@ -68,6 +79,18 @@ pub trait Learner: Send {
         Ok(proba.rows().into_iter().map(argmax).collect())
     }
 
+    /// Called by the trainer at the end of every epoch (and at the end of the stream).
+    /// Models that learn in bulk (`svm-kernel`) fit here; incremental ones do nothing.
+    fn end_epoch(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// For clustering models: the cluster each row of `x` falls in; `None` (the
+    /// default) for classifiers.
+    fn clusters(&self, _x: ArrayView2<f32>) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
     /// Writes the model into `dir` (created if needed): its tensors in [`TENSORS_FILE`],
     /// its kind (field `"model"`), hyper-parameters and counters in [`META_FILE`].
     /// Each file is written atomically (a temporary file renamed over the old one),
@@ -86,13 +109,26 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
     let kind: Kind = parse_json(&path, &bytes)?;
     match kind.model.as_str() {
         logreg::NAME => Ok(Box::new(LogReg::load(dir)?)),
+        svm::NAME => Ok(Box::new(Svm::load(dir)?)),
+        mlp::NAME => Ok(Box::new(Mlp::load(dir)?)),
+        kmeans::NAME => Ok(Box::new(KMeans::load(dir)?)),
+        kernel_svm::NAME => Ok(Box::new(KernelSvm::load(dir)?)),
         other => Err(Error::format(
             &path,
             0,
-            format!("unknown model kind {other:?} (known: {:?})", logreg::NAME),
+            format!("unknown model kind {other:?} (known: {})", MODELS.join(", ")),
         )),
     }
 }
+
+/// Every model `train --model` knows, by name.
+pub const MODELS: [&str; 5] = [
+    logreg::NAME,
+    svm::NAME,
+    mlp::NAME,
+    kmeans::NAME,
+    kernel_svm::NAME,
+];
 
 /// Index of the largest value, the lowest index on ties (and 0 for an empty row).
 fn argmax(row: ArrayView1<f32>) -> u8 {
@@ -232,6 +268,267 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Creates the checkpoint folder `dir` if needed.
 pub(crate) fn create_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The tensors of a checkpoint being written: name, shape and little-endian data.
+#[derive(Default)]
+pub(crate) struct TensorsOut {
+    entries: Vec<(String, Vec<usize>, Dtype, Vec<u8>)>,
+}
+
+impl TensorsOut {
+    /// Adds an F32 tensor; `data` in row-major order, `shape.product()` values.
+    pub(crate) fn f32<'a>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: impl IntoIterator<Item = &'a f32>,
+    ) {
+        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.entries
+            .push((name.to_string(), shape.to_vec(), Dtype::F32, bytes));
+    }
+
+    /// Adds a U64 tensor (counters).
+    pub(crate) fn u64<'a>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: impl IntoIterator<Item = &'a u64>,
+    ) {
+        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.entries
+            .push((name.to_string(), shape.to_vec(), Dtype::U64, bytes));
+    }
+}
+
+/// Writes a checkpoint into `dir`: `tensors` to [`TENSORS_FILE`], then `meta` (a struct
+/// serialising to a JSON object) with `"model": model` and `"stamp": stamp` added to
+/// [`META_FILE`], each atomically. The stamp (the model's counters, say) is also stored
+/// in the tensors file's metadata, so [`Checkpoint::open`] can tell a save torn between
+/// the two renames.
+pub(crate) fn save_checkpoint<M: serde::Serialize>(
+    dir: &Path,
+    model: &str,
+    stamp: &str,
+    meta: &M,
+    tensors: TensorsOut,
+) -> Result<()> {
+    create_dir(dir)?;
+    let path = dir.join(TENSORS_FILE);
+    let cannot = |e: String| Error::io(&path, std::io::Error::other(format!("cannot serialise: {e}")));
+    let mut views = Vec::with_capacity(tensors.entries.len());
+    for (name, shape, dtype, bytes) in &tensors.entries {
+        let view = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| cannot(e.to_string()))?;
+        views.push((name.as_str(), view));
+    }
+    let extra = HashMap::from([
+        ("model".to_string(), model.to_string()),
+        ("stamp".to_string(), stamp.to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, &Some(extra)).map_err(|e| cannot(e.to_string()))?;
+    write_atomic(&path, &bytes)?;
+
+    let meta_path = dir.join(META_FILE);
+    let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(cannot("model metadata is not a JSON object".into()));
+    };
+    obj.insert("model".into(), model.into());
+    obj.insert("stamp".into(), stamp.into());
+    let mut json = serde_json::to_vec_pretty(&value).map_err(|e| cannot(e.to_string()))?;
+    json.push(b'\n');
+    write_atomic(&meta_path, &json)
+}
+
+/// A checkpoint read back by [`Checkpoint::open`]: its metadata and a validated
+/// safetensors buffer to take tensors from. Every error names the file at fault.
+pub(crate) struct Checkpoint {
+    meta_path: PathBuf,
+    meta: serde_json::Value,
+    path: PathBuf,
+    buf: Vec<u8>,
+    md: Metadata,
+    data_start: usize,
+}
+
+impl Checkpoint {
+    /// Reads both files of the checkpoint in `dir`, checking that they hold a `model`
+    /// and come from the same save (same stamp).
+    pub(crate) fn open(dir: &Path, model: &str) -> Result<Self> {
+        let (meta_path, bytes) = read_file(&dir.join(META_FILE))?;
+        let meta: serde_json::Value = parse_json(&meta_path, &bytes)?;
+        let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let kind = field("model");
+        if kind.as_deref() != Some(model) {
+            return Err(Error::format(
+                &meta_path,
+                0,
+                format!("holds a {kind:?} model, not {model:?}"),
+            ));
+        }
+        let stamp = field("stamp").unwrap_or_default();
+        let (path, buf) = read_file(&dir.join(TENSORS_FILE))?;
+        let (header_len, md) = SafeTensors::read_metadata(&buf).map_err(|e| {
+            Error::format(&path, 0, format!("not a valid safetensors file: {e}"))
+        })?;
+        let got = md.metadata().as_ref().and_then(|m| m.get("stamp")).cloned();
+        if got.as_deref() != Some(stamp.as_str()) {
+            return Err(Error::format(
+                &path,
+                8,
+                format!(
+                    "metadata stamp {got:?} does not match {META_FILE} ({stamp:?}): \
+                     the files come from different saves"
+                ),
+            ));
+        }
+        Ok(Checkpoint {
+            meta_path,
+            meta,
+            path,
+            buf,
+            md,
+            data_start: 8 + header_len,
+        })
+    }
+
+    /// The metadata as `M` (without the `model` and `stamp` fields).
+    pub(crate) fn meta<M: serde::de::DeserializeOwned>(&self) -> Result<M> {
+        let mut v = self.meta.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("model");
+            o.remove("stamp");
+        }
+        serde_json::from_value(v).map_err(|e| {
+            Error::format(&self.meta_path, 0, format!("invalid model metadata: {e}"))
+        })
+    }
+
+    /// An error about the metadata file.
+    pub(crate) fn bad_meta(&self, reason: impl Into<String>) -> Error {
+        Error::format(&self.meta_path, 0, reason.into())
+    }
+
+    /// Checks that the tensors file holds exactly the tensors `names` (any order).
+    pub(crate) fn expect_names(&self, names: &[String]) -> Result<()> {
+        let mut have: Vec<String> = self.md.tensors().into_keys().collect();
+        have.sort();
+        let mut want = names.to_vec();
+        want.sort();
+        if have != want {
+            return Err(Error::format(
+                &self.path,
+                8,
+                format!("holds tensors {have:?}, expected {want:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<(usize, &[u8])> {
+        let bad = |o: usize, r: String| Error::format(&self.path, o as u64, r);
+        let info = self
+            .md
+            .info(name)
+            .ok_or_else(|| bad(8, format!("no tensor {name:?}")))?;
+        if info.dtype != dtype {
+            return Err(bad(
+                8,
+                format!("tensor {name:?} has dtype {:?}, expected {dtype:?}", info.dtype),
+            ));
+        }
+        if info.shape != shape {
+            return Err(bad(
+                8,
+                format!("tensor {name:?} has shape {:?}, expected {shape:?}", info.shape),
+            ));
+        }
+        let (from, to) = info.data_offsets;
+        let start = self.data_start + from;
+        let n: usize = shape.iter().product();
+        let data = self
+            .buf
+            .get(start..self.data_start + to)
+            .filter(|d| d.len() == dtype.size() * n)
+            .ok_or_else(|| bad(start, format!("tensor {name:?} has the wrong data length")))?;
+        Ok((start, data))
+    }
+
+    /// The F32 tensor `name`, which must have shape `shape` and finite values.
+    pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (start, data) = self.raw(name, Dtype::F32, shape)?;
+        let values: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(
+                &self.path,
+                (start + 4 * i) as u64,
+                format!("tensor {name:?} element {i} is {}", values[i]),
+            ));
+        }
+        Ok(values)
+    }
+
+    /// The F32 tensor `name` as a 2-d array of shape `(rows, cols)`.
+    pub(crate) fn f32_2d(&self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        let v = self.f32(name, &[rows, cols])?;
+        Array2::from_shape_vec((rows, cols), v)
+            .map_err(|e| Error::format(&self.path, 8, format!("tensor {name:?}: {e}")))
+    }
+
+    /// The U64 tensor `name`, which must have shape `shape`.
+    pub(crate) fn u64(&self, name: &str, shape: &[usize]) -> Result<Vec<u64>> {
+        let (_, data) = self.raw(name, Dtype::U64, shape)?;
+        Ok(data
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
+}
+
+/// SplitMix64: the small, portable random generator the models draw from (initial
+/// weights, shuffles, k-means++ seeding). Its whole state is one `u64`, saved in
+/// checkpoints so a resumed run draws exactly what the uninterrupted one would have.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform integer in `0..n` (`n` ≥ 1; Lemire's multiply-shift, negligible bias).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.uniform();
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// Shuffles `v` in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
 }
 
 #[cfg(test)]
