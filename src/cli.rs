@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
 use crate::metrics::Metrics;
-use crate::model::LogRegParams;
+use crate::config::{self, RunConfig};
 use crate::query::{self, OutputFormat};
 use crate::runs::{self, Run};
 use crate::server::{self, ServeOptions};
@@ -72,9 +72,9 @@ pub struct TrainSourceArgs {
     /// Wire format of a tcp/file source (default: detected).
     #[arg(long)]
     pub format: Option<Format>,
-    /// Images per batch (dataset sources), also the SGD mini-batch.
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
+    /// Images per batch (dataset sources), also the models' mini-batch [default: 128].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Longest accepted line, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
@@ -87,8 +87,14 @@ pub struct TrainSourceArgs {
 }
 
 impl TrainSourceArgs {
-    fn resolve(&self, split: Split, epochs: u64) -> anyhow::Result<(SourceSpec, SourceOptions)> {
-        let spec = match (&self.source, &self.data) {
+    fn resolve(
+        &self,
+        split: Split,
+        epochs: u64,
+        batch_size: usize,
+        config_data: Option<&str>,
+    ) -> anyhow::Result<(SourceSpec, SourceOptions)> {
+        let spec = match (&self.source, self.data.as_deref().or(config_data)) {
             (Some(s), _) => SourceSpec::parse(s)?,
             (None, Some(d)) => SourceSpec::Data(DataSpec::parse(d)?),
             (None, None) => {
@@ -104,7 +110,7 @@ impl TrainSourceArgs {
             SourceOptions {
                 format: self.format,
                 split,
-                batch_size: self.batch_size,
+                batch_size,
                 epochs: Some(epochs),
                 max_line_bytes: self.max_line_bytes,
                 connect_timeout: Duration::from_secs_f64(self.connect_timeout),
@@ -112,8 +118,8 @@ impl TrainSourceArgs {
         ))
     }
 
-    fn sql(&self, default: &str) -> anyhow::Result<String> {
-        match &self.sql {
+    fn sql(&self, default: &str, config_sql: Option<&PathBuf>) -> anyhow::Result<String> {
+        match self.sql.as_ref().or(config_sql) {
             Some(p) => {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
             }
@@ -125,9 +131,13 @@ impl TrainSourceArgs {
 /// `cifar-df train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Model: logreg.
-    #[arg(long, default_value = "logreg")]
-    pub model: String,
+    /// Run config (TOML; see configs/): model, epochs, batch size, seed, data, SQL and
+    /// hyper-parameters. Flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model: logreg, svm, mlp, kmeans or svm-kernel [default: logreg].
+    #[arg(long)]
+    pub model: Option<String>,
     /// The source.
     #[command(flatten)]
     pub source: TrainSourceArgs,
@@ -137,18 +147,100 @@ pub struct TrainArgs {
     /// Directory of runs.
     #[arg(long, default_value = "runs")]
     pub runs: PathBuf,
-    /// Passes over a dataset source.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u64,
-    /// Learning rate.
-    #[arg(long, default_value_t = LogRegParams::default().lr)]
-    pub lr: f32,
-    /// L2 regularisation.
-    #[arg(long, default_value_t = LogRegParams::default().alpha)]
-    pub alpha: f32,
-    /// Seed of augmentation decisions (and models that use randomness).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Passes over a dataset source [default: 1].
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Seed of augmentation decisions and the model's randomness [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Learning rate (logreg, mlp) or eta0 (svm).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// L2 regularisation (logreg, svm, mlp).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Hidden layer sizes of the mlp, e.g. 128,64.
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Option<Vec<usize>>,
+    /// Passes of the mlp over each incoming batch.
+    #[arg(long)]
+    pub passes: Option<usize>,
+    /// Optimiser of the mlp: adam or sgd.
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Loss of the svm: hinge or squared_hinge.
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Learning-rate schedule of the svm: optimal, constant or invscaling.
+    #[arg(long)]
+    pub learning_rate: Option<String>,
+    /// Clusters of kmeans.
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Images svm-kernel buffers and fits on.
+    #[arg(long)]
+    pub buffer: Option<usize>,
+    /// Kernel of svm-kernel: rbf or linear.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Any hyper-parameter of the model, KEY=VALUE (repeatable), e.g. --set average=1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl TrainArgs {
+    /// The run's settings: the config file (if any) with the flags applied on top.
+    pub fn config(&self) -> anyhow::Result<(String, RunConfig)> {
+        let mut cfg = match &self.config {
+            Some(p) => RunConfig::load(p)?,
+            None => RunConfig::default(),
+        };
+        if let Some(m) = &self.model {
+            config::check_model_name(m)?;
+            cfg.model = Some(m.clone());
+        }
+        let model = config::model_or_default(&cfg);
+        cfg.epochs = self.epochs.or(cfg.epochs).or(Some(1));
+        cfg.seed = self.seed.or(cfg.seed).or(Some(0));
+        cfg.batch_size = self.source.batch_size.or(cfg.batch_size).or(Some(128));
+        let lr_key = if model == "svm" { "eta0" } else { "lr" };
+        let flags: [(&str, Option<toml::Value>); 9] = [
+            (lr_key, self.lr.map(toml::Value::Float)),
+            ("alpha", self.alpha.map(toml::Value::Float)),
+            (
+                "hidden",
+                self.hidden.as_ref().map(|h| {
+                    toml::Value::Array(h.iter().map(|&n| toml::Value::Integer(n as i64)).collect())
+                }),
+            ),
+            ("passes", self.passes.map(|n| toml::Value::Integer(n as i64))),
+            ("optimizer", self.optimizer.clone().map(toml::Value::String)),
+            ("loss", self.loss.clone().map(toml::Value::String)),
+            ("learning_rate", self.learning_rate.clone().map(toml::Value::String)),
+            ("k", self.k.map(|n| toml::Value::Integer(n as i64))),
+            ("buffer", self.buffer.map(|n| toml::Value::Integer(n as i64))),
+        ];
+        for (key, value) in flags {
+            if let Some(v) = value {
+                cfg.set_param(&model, key, v);
+            }
+        }
+        if let Some(k) = &self.kernel {
+            cfg.set_param(&model, "kernel", toml::Value::String(k.clone()));
+        }
+        if self.source.batch_size.is_some() {
+            cfg.set_param(
+                &model,
+                "batch_size",
+                toml::Value::Integer(cfg.batch_size.unwrap_or(128) as i64),
+            );
+        }
+        for s in &self.set {
+            let (k, v) = config::parse_override(s)?;
+            cfg.set_param(&model, &k, v);
+        }
+        Ok((model, cfg))
+    }
 }
 
 /// `cifar-df predict`.
@@ -534,28 +626,36 @@ fn print_metrics(title: &str, m: &Metrics) {
 }
 
 async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
-    let (spec, opts) = a.source.resolve(Split::Train, a.epochs)?;
+    let (model, cfg) = a.config()?;
+    let params = cfg.model_table(&model);
+    // Check the model and its hyper-parameters before touching the source.
+    trainer::new_model(&model, &params)?;
+    let (spec, opts) = a.source.resolve(
+        Split::Train,
+        cfg.epochs.unwrap_or(1),
+        cfg.batch_size.unwrap_or(128),
+        cfg.data.as_deref(),
+    )?;
+    let sql = a.source.sql(trainer::TRAIN_SQL, cfg.sql.as_ref())?;
     let name = a
         .run
         .clone()
-        .unwrap_or_else(|| format!("{}-{}", a.model, chrono_like_stamp()));
+        .unwrap_or_else(|| format!("{model}-{}", chrono_like_stamp()));
     let run = Run::new(&a.runs, &name)?;
-    let params = LogRegParams {
-        lr: a.lr,
-        alpha: a.alpha,
-        batch_size: a.source.batch_size,
-        seed: a.seed,
-    };
-    params.check()?;
+    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    let config_path = run.dir.join("config.toml");
+    std::fs::write(&config_path, cfg.to_toml(&model))
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let seed = cfg.seed.unwrap_or(0);
     let bar = crate::progress::spinner(progress, "{spinner} {msg} [{elapsed}]");
     let t = Instant::now();
     let bar2 = bar.clone();
     let summary = trainer::train(TrainOptions {
         run: run.clone(),
-        model: a.model.clone(),
+        model: model.clone(),
         params,
-        seed: a.seed,
-        sql: a.source.sql(trainer::TRAIN_SQL)?,
+        seed,
+        sql,
         source: spec.clone(),
         source_opts: opts,
         on_batch: Some(Box::new(move |n, epoch, m: &Metrics| {
@@ -572,11 +672,16 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     println!(
         "run {name}: trained {} on {spec} · {} batches · {:.1} s · {:.0} images/s · {} rejected",
-        a.model, summary.batches, summary.seconds, summary.images_per_second, summary.rejected
+        model, summary.batches, summary.seconds, summary.images_per_second, summary.rejected
     );
     print_metrics(
         "train (scored before learning), last epoch",
         &summary.last_epoch,
+    );
+    println!(
+        "model fit {:.0} images/s ({:.2} s in partial_fit)",
+        summary.overall.images as f64 / summary.fit_seconds.max(1e-9),
+        summary.fit_seconds
     );
     println!("model: {}", run.model_dir().display());
     println!(
@@ -588,11 +693,13 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn predict_cmd(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let (spec, opts) = a.source.resolve(a.split, 1)?;
+    let (spec, opts) = a
+        .source
+        .resolve(a.split, 1, a.source.batch_size.unwrap_or(128), None)?;
     let run = Run::new(&a.runs, &a.run)?;
     let summary = trainer::predict(PredictOptions {
         run,
-        sql: a.source.sql(trainer::EVAL_SQL)?,
+        sql: a.source.sql(trainer::EVAL_SQL, None)?,
         source: spec.clone(),
         source_opts: opts,
         split: a.split.to_string(),
@@ -616,6 +723,13 @@ async fn predict_cmd(a: PredictArgs) -> anyhow::Result<ExitCode> {
             print!("{c:>6}");
         }
         println!();
+    }
+    if let Some(first) = summary.cluster_grids.first() {
+        println!(
+            "cluster image grids: {} PNGs in {}",
+            summary.cluster_grids.len(),
+            first.parent().unwrap_or(first).display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

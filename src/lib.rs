@@ -11,9 +11,11 @@
 pub mod batch;
 pub mod bridge;
 pub mod cli;
+pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod export;
+pub mod grid;
 pub mod metrics;
 pub mod model;
 pub mod progress;

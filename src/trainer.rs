@@ -17,7 +17,8 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::bridge::{features_view, labels_view};
 use crate::error::{Error, Result};
 use crate::metrics::{batch_metrics, Accumulator, Metrics};
-use crate::model::{self, Learner, LogReg, LogRegParams};
+use crate::config;
+use crate::model::{self, Learner};
 use crate::query;
 use crate::runs::{now_ms, MetricsRow, Run};
 use crate::source::{self, Report, SourceOptions, SourceSpec};
@@ -31,20 +32,15 @@ pub const EVAL_SQL: &str = include_str!("../sql/eval.sql");
 /// The column the preprocessing SQL must produce for the model.
 pub const FEATURES: &str = "features";
 /// Models `train --model` knows.
-pub const MODELS: [&str; 1] = ["logreg"];
+pub use crate::model::MODELS;
 
 /// Metrics rows are written to the run store every this many batches (and at the end).
 const FLUSH_EVERY: usize = 50;
 
-/// A new learner by name.
-pub fn new_model(name: &str, params: &LogRegParams) -> Result<Box<dyn Learner>> {
-    match name {
-        "logreg" => Ok(Box::new(LogReg::new(params.clone())?)),
-        other => Err(Error::usage(format!(
-            "unknown model {other:?} (known: {})",
-            MODELS.join(", ")
-        ))),
-    }
+/// A new learner by name, with the hyper-parameters in `params` (a TOML table; missing
+/// keys take their defaults).
+pub fn new_model(name: &str, params: &toml::Table) -> Result<Box<dyn Learner>> {
+    config::build_model(name, params)
 }
 
 /// Called after every training batch with (batches done, epoch, running epoch metrics).
@@ -56,8 +52,8 @@ pub struct TrainOptions {
     pub run: Run,
     /// Model name.
     pub model: String,
-    /// Hyper-parameters.
-    pub params: LogRegParams,
+    /// Hyper-parameters (the model's table of a run config).
+    pub params: toml::Table,
     /// Seed of the augmentation decisions.
     pub seed: u64,
     /// Preprocessing SQL (a `SELECT ... FROM stream` with `label` and `features`).
@@ -85,6 +81,46 @@ pub struct Summary {
     pub rejected: u64,
     /// Images per second through the whole pipeline.
     pub images_per_second: f64,
+    /// Seconds spent in the model's `partial_fit` (train) or `predict_proba` (predict).
+    pub fit_seconds: f64,
+    /// PNG grids of the images in each cluster (`predict` of a clustering model whose
+    /// SQL keeps the `image` column).
+    pub cluster_grids: Vec<std::path::PathBuf>,
+}
+
+/// Images kept per cluster for its PNG grid.
+const GRID_IMAGES: usize = 100;
+
+/// Adds the raw images of `batch` (its `image` column, if any) to the per-cluster lists,
+/// up to [`GRID_IMAGES`] each.
+fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<Vec<Vec<u8>>>) {
+    use datafusion::arrow::array::{FixedSizeListArray, UInt8Array};
+    let Some(list) = batch
+        .column_by_name("image")
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+    else {
+        return;
+    };
+    let Some(values) = list.values().as_any().downcast_ref::<UInt8Array>() else {
+        return;
+    };
+    let width = list.value_length() as usize;
+    if width != crate::dataset::IMAGE_BYTES {
+        return;
+    }
+    let base = list.offset() * width;
+    for (i, &c) in clusters.iter().enumerate() {
+        let c = c as usize;
+        if into.len() <= c {
+            into.resize(c + 1, Vec::new());
+        }
+        if into[c].len() < GRID_IMAGES && !list.is_null(i) {
+            let start = base + i * width;
+            if let Some(px) = values.values().get(start..start + width) {
+                into[c].push(px.to_vec());
+            }
+        }
+    }
 }
 
 /// A scored batch: features and labels (views into the batch's buffers), the model's
@@ -168,6 +204,7 @@ pub async fn train(mut opts: TrainOptions) -> Result<Summary> {
         seq += 1;
         let epoch = per_epoch.map(|p| (number / p.max(1)) as u32).unwrap_or(0);
         if epoch != current_epoch {
+            model.end_epoch()?;
             epoch_acc = Accumulator::new();
             current_epoch = epoch;
         }
@@ -180,7 +217,9 @@ pub async fn train(mut opts: TrainOptions) -> Result<Summary> {
         } = score(&batch, model.as_ref())?;
         overall.update(y, proba.view())?;
         epoch_acc.update(y, proba.view())?;
+        let f = Instant::now();
         model.partial_fit(x, y)?;
+        summary.fit_seconds += f.elapsed().as_secs_f64();
         rows.push(MetricsRow {
             split: "train".into(),
             epoch,
@@ -198,6 +237,7 @@ pub async fn train(mut opts: TrainOptions) -> Result<Summary> {
             f(summary.batches, epoch, &epoch_acc.get());
         }
     }
+    model.end_epoch()?;
     opts.run.append_metrics(&opts.model, &rows)?;
     model.save(&opts.run.model_dir())?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -240,6 +280,8 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
     let mut all = Accumulator::new();
     let mut rows = Vec::new();
     let mut preds = Vec::new();
+    let mut cluster_images: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut cluster_sizes: Vec<u64> = Vec::new();
     let mut seq = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -250,12 +292,23 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
         let number = first_u64(&batch, "batch").unwrap_or(seq);
         seq += 1;
         let Scored {
+            x,
             y,
             proba,
             metrics: m,
-            ..
         } = score(&batch, model.as_ref())?;
         all.update(y, proba.view())?;
+        if let Some(clusters) = model.clusters(x) {
+            let clusters = clusters?;
+            for &c in &clusters {
+                let c = c as usize;
+                if cluster_sizes.len() <= c {
+                    cluster_sizes.resize(c + 1, 0);
+                }
+                cluster_sizes[c] += 1;
+            }
+            collect_cluster_images(&batch, &clusters, &mut cluster_images);
+        }
         let (mut predicted, mut p_max) = (Vec::new(), Vec::new());
         for row in proba.rows() {
             let (mut best, mut p) = (0usize, f32::NEG_INFINITY);
@@ -311,6 +364,19 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
     if !preds.is_empty() {
         let merged = datafusion::arrow::compute::concat_batches(&preds[0].schema(), &preds)?;
         opts.run.append("predictions", &merged)?;
+    }
+    if cluster_images.iter().any(|c| !c.is_empty()) {
+        let titles: Vec<String> = cluster_sizes
+            .iter()
+            .enumerate()
+            .map(|(c, n)| format!("cluster {c}: {n} images"))
+            .collect();
+        summary.cluster_grids = crate::grid::write_cluster_grids(
+            &opts.run.dir.join("clusters"),
+            &cluster_images,
+            &titles,
+            GRID_IMAGES,
+        )?;
     }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.images_per_second = overall.images as f64 / summary.seconds.max(1e-9);

@@ -22,6 +22,7 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 use crate::error::{Error, Result};
 
 pub mod kernel_svm;
+mod kernels;
 pub mod kmeans;
 pub mod logreg;
 pub mod mlp;
