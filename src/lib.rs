@@ -14,6 +14,7 @@ pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod export;
+pub mod grid;
 pub mod metrics;
 pub mod model;
 pub mod progress;
