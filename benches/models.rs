@@ -58,15 +58,16 @@ fn models(c: &mut Criterion) {
                 let s0 = (i % BATCHES) * BATCH;
                 i += 1;
                 model
-                    .partial_fit(
-                        x.slice(s![s0..s0 + BATCH, ..]),
-                        y.slice(s![s0..s0 + BATCH]),
-                    )
+                    .partial_fit(x.slice(s![s0..s0 + BATCH, ..]), y.slice(s![s0..s0 + BATCH]))
                     .expect("fit")
             })
         });
         group.bench_function(format!("{name}/predict128"), |b| {
-            b.iter(|| model.predict_proba(x.slice(s![0..BATCH, ..])).expect("predict"))
+            b.iter(|| {
+                model
+                    .predict_proba(x.slice(s![0..BATCH, ..]))
+                    .expect("predict")
+            })
         });
     }
     group.finish();

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::{self, RunConfig};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
 use crate::metrics::Metrics;
-use crate::config::{self, RunConfig};
 use crate::query::{self, OutputFormat};
 use crate::runs::{self, Run};
 use crate::server::{self, ServeOptions};
@@ -213,12 +213,21 @@ impl TrainArgs {
                     toml::Value::Array(h.iter().map(|&n| toml::Value::Integer(n as i64)).collect())
                 }),
             ),
-            ("passes", self.passes.map(|n| toml::Value::Integer(n as i64))),
+            (
+                "passes",
+                self.passes.map(|n| toml::Value::Integer(n as i64)),
+            ),
             ("optimizer", self.optimizer.clone().map(toml::Value::String)),
             ("loss", self.loss.clone().map(toml::Value::String)),
-            ("learning_rate", self.learning_rate.clone().map(toml::Value::String)),
+            (
+                "learning_rate",
+                self.learning_rate.clone().map(toml::Value::String),
+            ),
             ("k", self.k.map(|n| toml::Value::Integer(n as i64))),
-            ("buffer", self.buffer.map(|n| toml::Value::Integer(n as i64))),
+            (
+                "buffer",
+                self.buffer.map(|n| toml::Value::Integer(n as i64)),
+            ),
         ];
         for (key, value) in flags {
             if let Some(v) = value {

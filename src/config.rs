@@ -67,8 +67,22 @@ impl RunConfig {
         for (key, value) in table {
             let wrong_type = |want: &str| bad(&key, format!("`{key}` must be {want}, not {value}"));
             match key.as_str() {
-                "model" => cfg.model = Some(value.as_str().ok_or_else(|| wrong_type("a string"))?.to_string()),
-                "data" => cfg.data = Some(value.as_str().ok_or_else(|| wrong_type("a string"))?.to_string()),
+                "model" => {
+                    cfg.model = Some(
+                        value
+                            .as_str()
+                            .ok_or_else(|| wrong_type("a string"))?
+                            .to_string(),
+                    )
+                }
+                "data" => {
+                    cfg.data = Some(
+                        value
+                            .as_str()
+                            .ok_or_else(|| wrong_type("a string"))?
+                            .to_string(),
+                    )
+                }
                 "sql" => {
                     let p = PathBuf::from(value.as_str().ok_or_else(|| wrong_type("a string"))?);
                     let base = path.parent().unwrap_or(Path::new(""));
@@ -89,7 +103,8 @@ impl RunConfig {
                     let t = value
                         .as_table()
                         .ok_or_else(|| wrong_type("a table of hyper-parameters"))?;
-                    cfg.params.insert(name.to_string(), toml::Value::Table(t.clone()));
+                    cfg.params
+                        .insert(name.to_string(), toml::Value::Table(t.clone()));
                 }
                 other => {
                     return Err(bad(
@@ -132,7 +147,8 @@ impl RunConfig {
             t.entry("seed").or_insert(toml::Value::Integer(s as i64));
         }
         if let Some(b) = self.batch_size {
-            t.entry("batch_size").or_insert(toml::Value::Integer(b as i64));
+            t.entry("batch_size")
+                .or_insert(toml::Value::Integer(b as i64));
         }
         t
     }
@@ -177,7 +193,10 @@ fn params<T: serde::de::DeserializeOwned>(model: &str, table: &toml::Table) -> R
     toml::Value::Table(table.clone())
         .try_into()
         .map_err(|e: toml::de::Error| {
-            Error::usage(format!("[{model}] hyper-parameters: {}", e.message().trim()))
+            Error::usage(format!(
+                "[{model}] hyper-parameters: {}",
+                e.message().trim()
+            ))
         })
 }
 
@@ -216,7 +235,9 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
 
 /// The default model of a config (or `logreg`).
 pub fn model_or_default(cfg: &RunConfig) -> String {
-    cfg.model.clone().unwrap_or_else(|| model::MODELS[0].to_string())
+    cfg.model
+        .clone()
+        .unwrap_or_else(|| model::MODELS[0].to_string())
 }
 
 #[cfg(test)]
@@ -232,7 +253,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.model.as_deref(), Some("mlp"));
-        assert_eq!((c.epochs, c.batch_size, c.seed), (Some(5), Some(64), Some(3)));
+        assert_eq!(
+            (c.epochs, c.batch_size, c.seed),
+            (Some(5), Some(64), Some(3))
+        );
         assert_eq!(c.sql, Some(PathBuf::from("configs/../sql/train.sql")));
         let t = c.model_table("mlp");
         assert_eq!(t["batch_size"].as_integer(), Some(64));
@@ -257,11 +281,17 @@ mod tests {
     #[test]
     fn unknown_hyper_parameters_and_bad_values_are_errors() {
         let mut c = RunConfig::parse("[mlp]\nhiden = [3]\n", Path::new("c.toml")).unwrap();
-        let e = build_model("mlp", &c.model_table("mlp")).err().unwrap().to_string();
+        let e = build_model("mlp", &c.model_table("mlp"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("hiden") && e.contains("[mlp]"), "{e}");
         c.params.clear();
         c.set_param("svm", "loss", toml::Value::String("log".into()));
-        let e = build_model("svm", &c.model_table("svm")).err().unwrap().to_string();
+        let e = build_model("svm", &c.model_table("svm"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("hinge"), "{e}");
         c.set_param("svm", "loss", toml::Value::String("squared_hinge".into()));
         build_model("svm", &c.model_table("svm")).unwrap();
@@ -280,8 +310,14 @@ mod tests {
             parse_override("hidden=[8, 4]").unwrap().1,
             toml::Value::Array(vec![8.into(), 4.into()])
         );
-        assert_eq!(parse_override("optimizer=sgd").unwrap().1, toml::Value::String("sgd".into()));
-        assert_eq!(parse_override("shuffle = false").unwrap(), ("shuffle".into(), toml::Value::Boolean(false)));
+        assert_eq!(
+            parse_override("optimizer=sgd").unwrap().1,
+            toml::Value::String("sgd".into())
+        );
+        assert_eq!(
+            parse_override("shuffle = false").unwrap(),
+            ("shuffle".into(), toml::Value::Boolean(false))
+        );
         assert!(parse_override("lr").is_err());
         assert!(parse_override("=1").is_err());
     }
@@ -297,7 +333,8 @@ mod tests {
             }
             let c = RunConfig::load(&path).unwrap();
             let m = model_or_default(&c);
-            build_model(&m, &c.model_table(&m)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            build_model(&m, &c.model_table(&m))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             if let Some(sql) = &c.sql {
                 assert!(sql.exists(), "{}: sql {}", path.display(), sql.display());
             }

@@ -15,9 +15,9 @@ use futures::StreamExt;
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::bridge::{features_view, labels_view};
+use crate::config;
 use crate::error::{Error, Result};
 use crate::metrics::{batch_metrics, Accumulator, Metrics};
-use crate::config;
 use crate::model::{self, Learner};
 use crate::query;
 use crate::runs::{now_ms, MetricsRow, Run};

@@ -32,7 +32,9 @@ fn have_sklearn() -> bool {
 fn data(n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
     let mut rng = SplitMix(42);
     let centres = Array2::from_shape_fn((10, d), |_| rng.normal() as f32);
-    let y: Array1<u8> = (0..n).map(|i| (if i < 10 { i } else { rng.below(10) }) as u8).collect();
+    let y: Array1<u8> = (0..n)
+        .map(|i| (if i < 10 { i } else { rng.below(10) }) as u8)
+        .collect();
     let x = Array2::from_shape_fn((n, d), |(i, j)| {
         // Round to values exactly representable in f32 and in the text file.
         let v = centres[[usize::from(y[i]), j]] + 0.8 * rng.normal() as f32;
@@ -63,9 +65,21 @@ fn svm_matches_scikit_learn_sgd_classifier() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ref/sgd_reference.py");
     for (loss, loss_name, schedule, sched_name, average) in [
         (SvmLoss::Hinge, "hinge", Schedule::Optimal, "optimal", 0u64),
-        (SvmLoss::SquaredHinge, "squared_hinge", Schedule::Optimal, "optimal", 0),
+        (
+            SvmLoss::SquaredHinge,
+            "squared_hinge",
+            Schedule::Optimal,
+            "optimal",
+            0,
+        ),
         (SvmLoss::Hinge, "hinge", Schedule::Constant, "constant", 0),
-        (SvmLoss::Hinge, "hinge", Schedule::Invscaling, "invscaling", 0),
+        (
+            SvmLoss::Hinge,
+            "hinge",
+            Schedule::Invscaling,
+            "invscaling",
+            0,
+        ),
         (SvmLoss::Hinge, "hinge", Schedule::Optimal, "optimal", 1),
         (SvmLoss::Hinge, "hinge", Schedule::Optimal, "optimal", 100),
     ] {
@@ -119,6 +133,8 @@ fn svm_matches_scikit_learn_sgd_classifier() {
             worst <= 1e-3 * scale.max(1.0),
             "{loss_name}/{sched_name}/average {average}: largest difference {worst} (weights up to {scale})"
         );
-        eprintln!("{loss_name}/{sched_name}/average {average}: max |Δ| {worst:.2e} (scale {scale:.2})");
+        eprintln!(
+            "{loss_name}/{sched_name}/average {average}: max |Δ| {worst:.2e} (scale {scale:.2})"
+        );
     }
 }

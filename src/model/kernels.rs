@@ -118,7 +118,9 @@ mod tests {
     #[test]
     fn dots_and_axpy_match_f64_reference() {
         for d in [0usize, 1, 5, 16, 17, 100, 3072] {
-            let x: Vec<f32> = (0..d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let x: Vec<f32> = (0..d)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
             let rows: Vec<f32> = (0..3 * d)
                 .map(|i| ((i * 13 % 97) as f32 - 48.0) / 40.0)
                 .collect();

@@ -113,7 +113,10 @@ impl MlpParams {
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::usage(format!("mlp: {m}")));
         if self.hidden.contains(&0) {
-            return bad(format!("hidden layer sizes must be >= 1, not {:?}", self.hidden));
+            return bad(format!(
+                "hidden layer sizes must be >= 1, not {:?}",
+                self.hidden
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("lr must be finite and > 0, not {}", self.lr));
@@ -316,9 +319,15 @@ impl Mlp {
             }
             self.layers.push(layer);
         }
-        self.m = widths.windows(2).map(|p| Layer::zeros(p[0], p[1])).collect();
+        self.m = widths
+            .windows(2)
+            .map(|p| Layer::zeros(p[0], p[1]))
+            .collect();
         self.v = match self.params.optimizer {
-            Optimizer::Adam => widths.windows(2).map(|p| Layer::zeros(p[0], p[1])).collect(),
+            Optimizer::Adam => widths
+                .windows(2)
+                .map(|p| Layer::zeros(p[0], p[1]))
+                .collect(),
             Optimizer::Sgd => Vec::new(),
         };
     }
@@ -348,7 +357,12 @@ impl Mlp {
 
     /// Forward pass of `x` (m rows, m ≤ scratch rows) leaving probabilities in the last
     /// activation buffer; returns the summed cross-entropy against `y` when given.
-    fn forward(layers: &[Layer], acts: &mut [Array2<f32>], x: ArrayView2<f32>, y: Option<&[u8]>) -> f64 {
+    fn forward(
+        layers: &[Layer],
+        acts: &mut [Array2<f32>],
+        x: ArrayView2<f32>,
+        y: Option<&[u8]>,
+    ) -> f64 {
         let m = x.nrows();
         let last = layers.len() - 1;
         let mut ce = 0.0f64;
@@ -486,8 +500,14 @@ impl Mlp {
                         *u = mu * *u - lr * g;
                         *w += if nesterov { mu * *u - lr * g } else { *u };
                     };
-                    Zip::from(&mut layer.w).and(&g.w).and(&mut u.w).for_each(upd);
-                    Zip::from(&mut layer.b).and(&g.b).and(&mut u.b).for_each(upd);
+                    Zip::from(&mut layer.w)
+                        .and(&g.w)
+                        .and(&mut u.w)
+                        .for_each(upd);
+                    Zip::from(&mut layer.b)
+                        .and(&g.b)
+                        .and(&mut u.b)
+                        .for_each(upd);
                 }
             }
         }
@@ -522,12 +542,7 @@ impl Mlp {
             .map(|&v| f64::from(v) * f64::from(v))
             .sum();
         let loss = ce / n + f64::from(me.params.alpha) / (2.0 * n) * sq;
-        let grads = me
-            .scratch
-            .grads
-            .into_iter()
-            .map(|g| (g.w, g.b))
-            .collect();
+        let grads = me.scratch.grads.into_iter().map(|g| (g.w, g.b)).collect();
         Ok((loss, grads))
     }
 
@@ -541,7 +556,10 @@ impl Mlp {
 
     /// The layers' `(W, b)`, input first.
     pub fn weights(&self) -> Vec<(ArrayView2<'_, f32>, ArrayView1<'_, f32>)> {
-        self.layers.iter().map(|l| (l.w.view(), l.b.view())).collect()
+        self.layers
+            .iter()
+            .map(|l| (l.w.view(), l.b.view()))
+            .collect()
     }
 
     /// Loads a model saved by [`Learner::save`] from `dir`. Errors name the file.
@@ -566,7 +584,10 @@ impl Mlp {
         let adam = model.params.optimizer == Optimizer::Adam;
         let mut names = Vec::new();
         for l in 0..widths.len() - 1 {
-            for prefix in ["", "m_"].iter().chain(if adam { &["v_"][..] } else { &[][..] }) {
+            for prefix in ["", "m_"]
+                .iter()
+                .chain(if adam { &["v_"][..] } else { &[][..] })
+            {
                 names.push(format!("{prefix}W{l}"));
                 names.push(format!("{prefix}b{l}"));
             }
@@ -629,7 +650,13 @@ impl Learner for Mlp {
                 if pass == 0 {
                     first_pass_ce += ce;
                 }
-                Self::backward(&self.layers, self.params.alpha, &mut self.scratch, xb, &self.yb);
+                Self::backward(
+                    &self.layers,
+                    self.params.alpha,
+                    &mut self.scratch,
+                    xb,
+                    &self.yb,
+                );
                 self.step();
                 self.seen += m as u64;
             }
@@ -688,7 +715,11 @@ impl Learner for Mlp {
         let mut t = TensorsOut::default();
         let mut put = |prefix: &str, layers: &[Layer]| {
             for (l, layer) in layers.iter().enumerate() {
-                t.f32(&format!("{prefix}W{l}"), &[layer.w.nrows(), layer.w.ncols()], layer.w.iter());
+                t.f32(
+                    &format!("{prefix}W{l}"),
+                    &[layer.w.nrows(), layer.w.ncols()],
+                    layer.w.iter(),
+                );
                 t.f32(&format!("{prefix}b{l}"), &[layer.b.len()], layer.b.iter());
             }
         };
@@ -702,7 +733,13 @@ impl Learner for Mlp {
             seen: self.seen,
             rng: self.rng.0,
         };
-        save_checkpoint(dir, NAME, &format!("{}-{}", self.seen, self.steps), &meta, t)
+        save_checkpoint(
+            dir,
+            NAME,
+            &format!("{}-{}", self.seen, self.steps),
+            &meta,
+            t,
+        )
     }
 }
 
@@ -729,7 +766,12 @@ mod tests {
     }
 
     /// The documented objective, naively, in f64, for parameters `layers`.
-    fn objective_f64(layers: &[(Array2<f64>, Array1<f64>)], alpha: f64, x: &Array2<f64>, y: &[u8]) -> f64 {
+    fn objective_f64(
+        layers: &[(Array2<f64>, Array1<f64>)],
+        alpha: f64,
+        x: &Array2<f64>,
+        y: &[u8],
+    ) -> f64 {
         let n = x.nrows();
         let mut a = x.clone();
         for (l, (w, b)) in layers.iter().enumerate() {
@@ -746,7 +788,11 @@ mod tests {
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
             ce += lse - row[usize::from(y[i])];
         }
-        let sq: f64 = layers.iter().flat_map(|(w, _)| w.iter()).map(|v| v * v).sum();
+        let sq: f64 = layers
+            .iter()
+            .flat_map(|(w, _)| w.iter())
+            .map(|v| v * v)
+            .sum();
         ce / n as f64 + alpha / (2.0 * n as f64) * sq
     }
 
@@ -773,7 +819,10 @@ mod tests {
             let xf = x.mapv(f64::from);
             let y = y.to_vec();
             let ref_loss = objective_f64(&base, 0.3, &xf, &y);
-            assert!((loss - ref_loss).abs() < 1e-5 * (1.0 + ref_loss), "{loss} vs {ref_loss}");
+            assert!(
+                (loss - ref_loss).abs() < 1e-5 * (1.0 + ref_loss),
+                "{loss} vs {ref_loss}"
+            );
             let h = 1e-5;
             let mut worst = 0.0f64;
             for l in 0..base.len() {
@@ -784,10 +833,15 @@ mod tests {
                         p[l].0[[i, j]] += h;
                         let mut q = base.clone();
                         q[l].0[[i, j]] -= h;
-                        let num = (objective_f64(&p, 0.3, &xf, &y) - objective_f64(&q, 0.3, &xf, &y)) / (2.0 * h);
+                        let num = (objective_f64(&p, 0.3, &xf, &y)
+                            - objective_f64(&q, 0.3, &xf, &y))
+                            / (2.0 * h);
                         let ana = f64::from(grads[l].0[[i, j]]);
                         worst = worst.max((num - ana).abs() / (1e-3 + num.abs()));
-                        assert!((num - ana).abs() < 1e-4 + 1e-3 * num.abs(), "{init:?} W{l}[{i},{j}]: {num} vs {ana}");
+                        assert!(
+                            (num - ana).abs() < 1e-4 + 1e-3 * num.abs(),
+                            "{init:?} W{l}[{i},{j}]: {num} vs {ana}"
+                        );
                     }
                     let _ = i;
                 }
@@ -796,9 +850,13 @@ mod tests {
                     p[l].1[j] += h;
                     let mut q = base.clone();
                     q[l].1[j] -= h;
-                    let num = (objective_f64(&p, 0.3, &xf, &y) - objective_f64(&q, 0.3, &xf, &y)) / (2.0 * h);
+                    let num = (objective_f64(&p, 0.3, &xf, &y) - objective_f64(&q, 0.3, &xf, &y))
+                        / (2.0 * h);
                     let ana = f64::from(grads[l].1[j]);
-                    assert!((num - ana).abs() < 1e-4 + 1e-3 * num.abs(), "{init:?} b{l}[{j}]: {num} vs {ana}");
+                    assert!(
+                        (num - ana).abs() < 1e-4 + 1e-3 * num.abs(),
+                        "{init:?} b{l}[{j}]: {num} vs {ana}"
+                    );
                 }
             }
             assert!(worst < 0.05, "{worst}");
@@ -809,7 +867,11 @@ mod tests {
     fn adam_and_sgd_steps_by_hand() {
         // One mini-batch of one image: compare the first step of each optimiser with
         // the formulas applied to the gradient loss_and_grad reports.
-        for (optimizer, nesterov) in [(Optimizer::Adam, false), (Optimizer::Sgd, false), (Optimizer::Sgd, true)] {
+        for (optimizer, nesterov) in [
+            (Optimizer::Adam, false),
+            (Optimizer::Sgd, false),
+            (Optimizer::Sgd, true),
+        ] {
             let mut rng = SplitMix(9);
             let (x, y) = random_batch(&mut rng, 1, 4);
             let p = MlpParams {
@@ -822,12 +884,22 @@ mod tests {
             };
             let mut m = Mlp::new(p.clone()).unwrap();
             m.initialise(4);
-            let before: Vec<_> = m.weights().iter().map(|(w, b)| (w.to_owned(), b.to_owned())).collect();
+            let before: Vec<_> = m
+                .weights()
+                .iter()
+                .map(|(w, b)| (w.to_owned(), b.to_owned()))
+                .collect();
             let (_, g) = m.loss_and_grad(x.view(), y.view()).unwrap();
             m.partial_fit(x.view(), y.view()).unwrap();
             let after = m.weights();
             for l in 0..2 {
-                for (((&w0, &gw), &w1), _) in before[l].0.iter().zip(&g[l].0).zip(after[l].0.iter()).zip(0..) {
+                for (((&w0, &gw), &w1), _) in before[l]
+                    .0
+                    .iter()
+                    .zip(&g[l].0)
+                    .zip(after[l].0.iter())
+                    .zip(0..)
+                {
                     let want = match optimizer {
                         // Adam, t = 1: m = 0.1g, v = 0.001g², lr_t = lr·sqrt(0.001)/0.1.
                         Optimizer::Adam => {
@@ -840,7 +912,10 @@ mod tests {
                         Optimizer::Sgd if nesterov => w0 + 0.9 * (-0.1 * gw) - 0.1 * gw,
                         Optimizer::Sgd => w0 - 0.1 * gw,
                     };
-                    assert!((w1 - want).abs() < 1e-6, "{optimizer:?} {nesterov}: {w1} vs {want}");
+                    assert!(
+                        (w1 - want).abs() < 1e-6,
+                        "{optimizer:?} {nesterov}: {w1} vs {want}"
+                    );
                 }
             }
         }
@@ -848,24 +923,44 @@ mod tests {
 
     #[test]
     fn initialisation_follows_the_scheme() {
-        let mut m = Mlp::new(MlpParams { hidden: vec![200], ..MlpParams::default() }).unwrap();
+        let mut m = Mlp::new(MlpParams {
+            hidden: vec![200],
+            ..MlpParams::default()
+        })
+        .unwrap();
         m.initialise(300);
         let w = m.weights();
         let bound = (6.0f32 / 500.0).sqrt();
         assert!(w[0].0.iter().all(|v| v.abs() <= bound));
         let mean_abs = w[0].0.iter().map(|v| v.abs()).sum::<f32>() / 60_000.0;
         assert!((mean_abs - bound / 2.0).abs() < 0.02 * bound, "{mean_abs}");
-        let mut h = Mlp::new(MlpParams { hidden: vec![200], init: Init::He, ..MlpParams::default() }).unwrap();
+        let mut h = Mlp::new(MlpParams {
+            hidden: vec![200],
+            init: Init::He,
+            ..MlpParams::default()
+        })
+        .unwrap();
         h.initialise(300);
         let w = h.weights();
         let var = w[0].0.iter().map(|v| v * v).sum::<f32>() / 60_000.0;
         assert!((var - 2.0 / 300.0).abs() < 0.05 * 2.0 / 300.0, "{var}");
         assert!(w[0].1.iter().all(|&b| b == 0.0));
         // The same seed draws the same weights; another seed, others.
-        let mut again = Mlp::new(MlpParams { hidden: vec![200], init: Init::He, ..MlpParams::default() }).unwrap();
+        let mut again = Mlp::new(MlpParams {
+            hidden: vec![200],
+            init: Init::He,
+            ..MlpParams::default()
+        })
+        .unwrap();
         again.initialise(300);
         assert_eq!(again.weights()[0].0, h.weights()[0].0);
-        let mut other = Mlp::new(MlpParams { hidden: vec![200], init: Init::He, seed: 1, ..MlpParams::default() }).unwrap();
+        let mut other = Mlp::new(MlpParams {
+            hidden: vec![200],
+            init: Init::He,
+            seed: 1,
+            ..MlpParams::default()
+        })
+        .unwrap();
         other.initialise(300);
         assert_ne!(other.weights()[0].0, h.weights()[0].0);
     }
@@ -878,7 +973,11 @@ mod tests {
         for optimizer in [Optimizer::Adam, Optimizer::Sgd] {
             let mut m = Mlp::new(MlpParams {
                 optimizer,
-                lr: if optimizer == Optimizer::Adam { 3e-3 } else { 0.01 },
+                lr: if optimizer == Optimizer::Adam {
+                    3e-3
+                } else {
+                    0.01
+                },
                 hidden: vec![32, 16],
                 batch_size: 32,
                 passes: 2,
@@ -890,11 +989,16 @@ mod tests {
             for _ in 0..3 {
                 for c in 0..(2000 / 128 + 1) {
                     let r = c * 128..((c + 1) * 128).min(2000);
-                    last = m.partial_fit(x.slice(s![r.clone(), ..]), y.slice(s![r])).unwrap();
+                    last = m
+                        .partial_fit(x.slice(s![r.clone(), ..]), y.slice(s![r]))
+                        .unwrap();
                     first.get_or_insert(last);
                 }
             }
-            assert!(last < first.unwrap() / 4.0, "{optimizer:?}: loss {first:?} → {last}");
+            assert!(
+                last < first.unwrap() / 4.0,
+                "{optimizer:?}: loss {first:?} → {last}"
+            );
             let pred = m.predict(xt.view()).unwrap();
             let acc = pred.iter().zip(&yt).filter(|(a, b)| a == b).count() as f64 / 500.0;
             assert!(acc > 0.95, "{optimizer:?}: accuracy {acc}");
@@ -915,18 +1019,30 @@ mod tests {
                 ..MlpParams::default()
             })
             .unwrap();
-            a.partial_fit(x.slice(s![..200, ..]), y.slice(s![..200])).unwrap();
+            a.partial_fit(x.slice(s![..200, ..]), y.slice(s![..200]))
+                .unwrap();
             let dir = tempfile::tempdir().unwrap();
             a.save(dir.path()).unwrap();
             let mut b = model::load(dir.path()).unwrap();
             assert_eq!(b.name(), "mlp");
-            assert_eq!(a.predict_proba(x.view()).unwrap(), b.predict_proba(x.view()).unwrap());
-            a.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..])).unwrap();
-            b.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..])).unwrap();
-            assert_eq!(a.predict_proba(x.view()).unwrap(), b.predict_proba(x.view()).unwrap());
+            assert_eq!(
+                a.predict_proba(x.view()).unwrap(),
+                b.predict_proba(x.view()).unwrap()
+            );
+            a.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..]))
+                .unwrap();
+            b.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..]))
+                .unwrap();
+            assert_eq!(
+                a.predict_proba(x.view()).unwrap(),
+                b.predict_proba(x.view()).unwrap()
+            );
         }
         let dir = tempfile::tempdir().unwrap();
-        Mlp::new(MlpParams::default()).unwrap().save(dir.path()).unwrap();
+        Mlp::new(MlpParams::default())
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
         let m = Mlp::load(dir.path()).unwrap();
         assert_eq!(m.n_features(), None);
         let p = m.predict_proba(x.view()).unwrap();
@@ -937,7 +1053,11 @@ mod tests {
     fn bad_batches_and_params() {
         let mut rng = SplitMix(4);
         let (x, y) = random_batch(&mut rng, 10, 3);
-        let mut m = Mlp::new(MlpParams { hidden: vec![4], ..MlpParams::default() }).unwrap();
+        let mut m = Mlp::new(MlpParams {
+            hidden: vec![4],
+            ..MlpParams::default()
+        })
+        .unwrap();
         m.partial_fit(x.view(), y.view()).unwrap();
         let before = m.predict_proba(x.view()).unwrap();
         let mut bad_y = y.clone();
@@ -946,7 +1066,9 @@ mod tests {
         let mut bad_x = x.clone();
         bad_x[[2, 1]] = f32::INFINITY;
         assert!(m.partial_fit(bad_x.view(), y.view()).is_err());
-        assert!(m.partial_fit(Array2::zeros((2, 5)).view(), array![1u8, 2].view()).is_err());
+        assert!(m
+            .partial_fit(Array2::zeros((2, 5)).view(), array![1u8, 2].view())
+            .is_err());
         assert_eq!(m.predict_proba(x.view()).unwrap(), before);
         for bad in [
             "hidden = [0]",

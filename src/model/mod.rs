@@ -117,7 +117,10 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
         other => Err(Error::format(
             &path,
             0,
-            format!("unknown model kind {other:?} (known: {})", MODELS.join(", ")),
+            format!(
+                "unknown model kind {other:?} (known: {})",
+                MODELS.join(", ")
+            ),
         )),
     }
 }
@@ -317,10 +320,16 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
 ) -> Result<()> {
     create_dir(dir)?;
     let path = dir.join(TENSORS_FILE);
-    let cannot = |e: String| Error::io(&path, std::io::Error::other(format!("cannot serialise: {e}")));
+    let cannot = |e: String| {
+        Error::io(
+            &path,
+            std::io::Error::other(format!("cannot serialise: {e}")),
+        )
+    };
     let mut views = Vec::with_capacity(tensors.entries.len());
     for (name, shape, dtype, bytes) in &tensors.entries {
-        let view = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| cannot(e.to_string()))?;
+        let view =
+            TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| cannot(e.to_string()))?;
         views.push((name.as_str(), view));
     }
     let extra = HashMap::from([
@@ -368,11 +377,16 @@ impl Checkpoint {
                 format!("holds a {kind:?} model, not {model:?}"),
             ));
         }
-        let stamp = field("stamp").unwrap_or_default();
+        let Some(stamp) = field("stamp") else {
+            return Err(Error::format(
+                &meta_path,
+                0,
+                format!("no \"stamp\" field: not a checkpoint of a {model:?} model"),
+            ));
+        };
         let (path, buf) = read_file(&dir.join(TENSORS_FILE))?;
-        let (header_len, md) = SafeTensors::read_metadata(&buf).map_err(|e| {
-            Error::format(&path, 0, format!("not a valid safetensors file: {e}"))
-        })?;
+        let (header_len, md) = SafeTensors::read_metadata(&buf)
+            .map_err(|e| Error::format(&path, 0, format!("not a valid safetensors file: {e}")))?;
         let got = md.metadata().as_ref().and_then(|m| m.get("stamp")).cloned();
         if got.as_deref() != Some(stamp.as_str()) {
             return Err(Error::format(
@@ -401,9 +415,8 @@ impl Checkpoint {
             o.remove("model");
             o.remove("stamp");
         }
-        serde_json::from_value(v).map_err(|e| {
-            Error::format(&self.meta_path, 0, format!("invalid model metadata: {e}"))
-        })
+        serde_json::from_value(v)
+            .map_err(|e| Error::format(&self.meta_path, 0, format!("invalid model metadata: {e}")))
     }
 
     /// An error about the metadata file.
@@ -436,13 +449,19 @@ impl Checkpoint {
         if info.dtype != dtype {
             return Err(bad(
                 8,
-                format!("tensor {name:?} has dtype {:?}, expected {dtype:?}", info.dtype),
+                format!(
+                    "tensor {name:?} has dtype {:?}, expected {dtype:?}",
+                    info.dtype
+                ),
             ));
         }
         if info.shape != shape {
             return Err(bad(
                 8,
-                format!("tensor {name:?} has shape {:?}, expected {shape:?}", info.shape),
+                format!(
+                    "tensor {name:?} has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
             ));
         }
         let (from, to) = info.data_offsets;

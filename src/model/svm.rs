@@ -352,7 +352,10 @@ impl Svm {
             None => None,
         };
         let avg = match (&meta.avg_intercept, meta.n_features) {
-            (Some(ai), Some(d)) => Some((ck.f32_2d("avg_coef", CLASSES, d)?, arr(ai, "avg_intercept")?)),
+            (Some(ai), Some(d)) => Some((
+                ck.f32_2d("avg_coef", CLASSES, d)?,
+                arr(ai, "avg_intercept")?,
+            )),
             (Some(_), None) => return Err(ck.bad_meta("averages without weights")),
             _ => None,
         };
@@ -410,7 +413,9 @@ impl Learner for Svm {
                     &row
                 }
             };
-            let vs = v.as_slice_mut().ok_or_else(|| Error::usage("svm: weights not contiguous"))?;
+            let vs = v
+                .as_slice_mut()
+                .ok_or_else(|| Error::usage("svm: weights not contiguous"))?;
             dots(vs, xi, &mut dot);
             let label = usize::from(y[i]);
             let mut scores = [0.0f64; CLASSES];
@@ -605,7 +610,10 @@ mod tests {
                 let numeric = (lp - lm) / (2.0 * f64::from(h));
                 assert!((numeric - db[k]).abs() < 1e-2, "{loss:?} b[{k}]");
             }
-            assert!(checked >= 10, "{loss:?}: only {checked} coordinates checked");
+            assert!(
+                checked >= 10,
+                "{loss:?}: only {checked} coordinates checked"
+            );
         }
     }
 
@@ -617,10 +625,14 @@ mod tests {
             let mut rng = SplitMix(5);
             let (x, y) = random_batch(&mut rng, 8, 4);
             let mut m = Svm::new(params(loss, Schedule::Constant, 0.3)).unwrap();
-            m.partial_fit(x.slice(s![..7, ..]), y.slice(s![..7])).unwrap();
+            m.partial_fit(x.slice(s![..7, ..]), y.slice(s![..7]))
+                .unwrap();
             let (w0, b0) = m.coef().unwrap();
-            let (_, dw, db) = m.loss_and_grad(x.slice(s![7.., ..]), y.slice(s![7..])).unwrap();
-            m.partial_fit(x.slice(s![7.., ..]), y.slice(s![7..])).unwrap();
+            let (_, dw, db) = m
+                .loss_and_grad(x.slice(s![7.., ..]), y.slice(s![7..]))
+                .unwrap();
+            m.partial_fit(x.slice(s![7.., ..]), y.slice(s![7..]))
+                .unwrap();
             let (w1, b1) = m.coef().unwrap();
             for k in 0..CLASSES {
                 for j in 0..4 {
@@ -641,7 +653,8 @@ mod tests {
         let mut m = Svm::new(params(SvmLoss::Hinge, Schedule::Optimal, alpha)).unwrap();
         let x = array![[1.0f32, 2.0], [0.5, -1.0]];
         let y = array![3u8, 3];
-        m.partial_fit(x.slice(s![..1, ..]), y.slice(s![..1])).unwrap();
+        m.partial_fit(x.slice(s![..1, ..]), y.slice(s![..1]))
+            .unwrap();
         let typw = 10f64.sqrt();
         let (w, b) = m.coef().unwrap();
         // All scores are 0 ≤ 1: every class steps; class 3 towards x, the others away.
@@ -654,7 +667,8 @@ mod tests {
         // Second image: t = 2, eta = 1/(alpha·(t0 + 1)). Class 3: score = w·x + b =
         // typw·(0.5 − 2) + typw = −0.5·typw ≤ 1 → step. Class 0: score = +0.5·typw,
         // times y = −1 → −0.5·typw ≤ 1 → step too.
-        m.partial_fit(x.slice(s![1.., ..]), y.slice(s![1..])).unwrap();
+        m.partial_fit(x.slice(s![1.., ..]), y.slice(s![1..]))
+            .unwrap();
         let t0 = 1.0 / (typw * alpha);
         let eta = 1.0 / (alpha * (t0 + 1.0));
         let decay = 1.0 - eta * alpha;
@@ -663,7 +677,11 @@ mod tests {
             let sign = if k == 3 { 1.0 } else { -1.0 };
             let want0 = decay * sign * typw + eta * sign * 0.5;
             let want1 = decay * sign * typw * 2.0 + eta * sign * -1.0;
-            assert!((f64::from(w2[[k, 0]]) - want0).abs() < 1e-4, "{k}: {} {want0}", w2[[k, 0]]);
+            assert!(
+                (f64::from(w2[[k, 0]]) - want0).abs() < 1e-4,
+                "{k}: {} {want0}",
+                w2[[k, 0]]
+            );
             assert!((f64::from(w2[[k, 1]]) - want1).abs() < 1e-4);
             assert!((b2[k] - (sign * typw + eta * sign)).abs() < 1e-9);
         }
@@ -707,11 +725,15 @@ mod tests {
             .unwrap();
             for c in 0..(3000 / 128 + 1) {
                 let r = c * 128..((c + 1) * 128).min(3000);
-                m.partial_fit(x.slice(s![r.clone(), ..]), y.slice(s![r])).unwrap();
+                m.partial_fit(x.slice(s![r.clone(), ..]), y.slice(s![r]))
+                    .unwrap();
             }
             let pred = m.predict(xt.view()).unwrap();
             let acc = pred.iter().zip(&yt).filter(|(a, b)| a == b).count() as f64 / 1000.0;
-            assert!(acc > 0.9, "{loss:?} {sched:?} average {average}: accuracy {acc}");
+            assert!(
+                acc > 0.9,
+                "{loss:?} {sched:?} average {average}: accuracy {acc}"
+            );
             let p = m.predict_proba(xt.view()).unwrap();
             for row in p.rows() {
                 assert!((row.sum() - 1.0).abs() < 1e-5);
@@ -730,7 +752,8 @@ mod tests {
         .unwrap();
         let mut iterates = Vec::new();
         for i in 0..5 {
-            m.partial_fit(x.slice(s![i..i + 1, ..]), y.slice(s![i..i + 1])).unwrap();
+            m.partial_fit(x.slice(s![i..i + 1, ..]), y.slice(s![i..i + 1]))
+                .unwrap();
             iterates.push(m.coef().unwrap());
         }
         // Averaging starts at the 2nd image: the mean of iterates 2..=5.
@@ -756,7 +779,8 @@ mod tests {
                 ..SvmParams::default()
             })
             .unwrap();
-            a.partial_fit(x.slice(s![..300, ..]), y.slice(s![..300])).unwrap();
+            a.partial_fit(x.slice(s![..300, ..]), y.slice(s![..300]))
+                .unwrap();
             let dir = tempfile::tempdir().unwrap();
             a.save(dir.path()).unwrap();
             let mut b = model::load(dir.path()).unwrap();
@@ -765,8 +789,10 @@ mod tests {
                 a.predict_proba(x.view()).unwrap(),
                 b.predict_proba(x.view()).unwrap()
             );
-            a.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..])).unwrap();
-            b.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..])).unwrap();
+            a.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..]))
+                .unwrap();
+            b.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..]))
+                .unwrap();
             assert_eq!(
                 a.predict_proba(x.view()).unwrap(),
                 b.predict_proba(x.view()).unwrap()
@@ -776,7 +802,10 @@ mod tests {
         }
         // Untrained.
         let dir = tempfile::tempdir().unwrap();
-        Svm::new(SvmParams::default()).unwrap().save(dir.path()).unwrap();
+        Svm::new(SvmParams::default())
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
         let m = Svm::load(dir.path()).unwrap();
         assert_eq!(m.n_features(), None);
         let p = m.predict_proba(x.view()).unwrap();
@@ -821,25 +850,44 @@ mod tests {
         assert!(m
             .partial_fit(Array2::zeros((2, 4)).view(), array![1u8, 2].view())
             .is_err());
-        assert_eq!(m.partial_fit(Array2::zeros((0, 3)).view(), Array1::zeros(0).view()).unwrap(), 0.0);
+        assert_eq!(
+            m.partial_fit(Array2::zeros((0, 3)).view(), Array1::zeros(0).view())
+                .unwrap(),
+            0.0
+        );
         assert_eq!(m.predict_proba(x.view()).unwrap(), before);
         assert_eq!(m.seen(), 10);
     }
 
     #[test]
     fn params_are_checked() {
-        assert!(Svm::new(SvmParams { alpha: -1.0, ..SvmParams::default() }).is_err());
-        assert!(Svm::new(SvmParams { alpha: 0.0, ..SvmParams::default() }).is_err());
+        assert!(Svm::new(SvmParams {
+            alpha: -1.0,
+            ..SvmParams::default()
+        })
+        .is_err());
+        assert!(Svm::new(SvmParams {
+            alpha: 0.0,
+            ..SvmParams::default()
+        })
+        .is_err());
         assert!(Svm::new(SvmParams {
             alpha: 0.0,
             learning_rate: Schedule::Constant,
             ..SvmParams::default()
         })
         .is_ok());
-        assert!(Svm::new(SvmParams { eta0: 0.0, ..SvmParams::default() }).is_err());
-        let e = toml::from_str::<SvmParams>("loss = \"log\"").unwrap_err().to_string();
+        assert!(Svm::new(SvmParams {
+            eta0: 0.0,
+            ..SvmParams::default()
+        })
+        .is_err());
+        let e = toml::from_str::<SvmParams>("loss = \"log\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hinge"), "{e}");
-        let p: SvmParams = toml::from_str("loss = \"squared_hinge\"\nlearning_rate = \"invscaling\"").unwrap();
+        let p: SvmParams =
+            toml::from_str("loss = \"squared_hinge\"\nlearning_rate = \"invscaling\"").unwrap();
         assert_eq!(p.loss, SvmLoss::SquaredHinge);
         assert_eq!(p.learning_rate, Schedule::Invscaling);
         assert!(toml::from_str::<SvmParams>("alpah = 1.0").is_err());
