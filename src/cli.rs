@@ -52,7 +52,7 @@ pub enum Command {
     /// Write every batch a source delivers to Parquet.
     Export(ExportArgs),
     /// Train a model on a stream, batch by batch; metrics and the model go to runs/NAME.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
     Predict(PredictArgs),
     /// Run SQL over Parquet files and directories named in the query, and over the run
@@ -443,7 +443,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd(a),
         Command::Stream(a) => stream_cmd(a, progress).await,
         Command::Export(a) => export_cmd(a, progress).await,
-        Command::Train(a) => train_cmd(a, progress).await,
+        Command::Train(a) => train_cmd(*a, progress).await,
         Command::Predict(a) => predict_cmd(a).await,
         Command::Query(a) => query_cmd(a).await,
     }

@@ -207,6 +207,9 @@ struct Meta {
     rng: u64,
 }
 
+/// The gradient of one layer: `(dW, db)`.
+pub type LayerGrad = (Array2<f32>, Array1<f32>);
+
 /// Products at least this large (multiply-adds) are split over two threads.
 const PAR_MACS: usize = 1 << 22;
 
@@ -521,7 +524,7 @@ impl Mlp {
         &self,
         x: ArrayView2<f32>,
         y: ArrayView1<u8>,
-    ) -> Result<(f64, Vec<(Array2<f32>, Array1<f32>)>)> {
+    ) -> Result<(f64, Vec<LayerGrad>)> {
         check_batch(x, y, self.n_features())?;
         if x.nrows() == 0 || self.layers.is_empty() {
             return Err(Error::usage(

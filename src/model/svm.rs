@@ -456,8 +456,8 @@ impl Learner for Svm {
                         *a += (s * w - *a) * mu;
                     }
                 }
-                for k in 0..CLASSES {
-                    ab[k] += (self.b[k] - ab[k]) / count;
+                for (a, &b) in ab.iter_mut().zip(&self.b) {
+                    *a += (b - *a) / count;
                 }
             }
             self.t += 1.0;
@@ -676,7 +676,7 @@ mod tests {
         for k in 0..CLASSES {
             let sign = if k == 3 { 1.0 } else { -1.0 };
             let want0 = decay * sign * typw + eta * sign * 0.5;
-            let want1 = decay * sign * typw * 2.0 + eta * sign * -1.0;
+            let want1 = decay * sign * typw * 2.0 - eta * sign;
             assert!(
                 (f64::from(w2[[k, 0]]) - want0).abs() < 1e-4,
                 "{k}: {} {want0}",
