@@ -9,7 +9,8 @@ scikit-learn learns with partial_fit on every batch; cifar-df with `cifar-df tra
 are then scored on the test split (images neither has seen).
 
   logreg  vs SGDClassifier(loss="log_loss", alpha=1e-4)
-  svm     vs SGDClassifier(loss="hinge", alpha=3e-5)          (configs/svm.toml)
+  svm     vs SGDClassifier(loss="hinge", alpha=3e-5, average=True)  (configs/svm.toml: ASGD)
+  svm-last vs SGDClassifier(loss="hinge", alpha=3e-5)         (configs/svm.toml, --set average=0)
   mlp     vs MLPClassifier((128, 64), adam, lr 3e-4, alpha 5e-4, batch 128)  (configs/mlp.toml)
   kmeans  vs MiniBatchKMeans(10) + majority label per cluster (configs/kmeans.toml)
 
@@ -27,12 +28,13 @@ from sklearn.neural_network import MLPClassifier
 
 data = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cifar10-mini"
 exe = sys.argv[2] if len(sys.argv) > 2 else "target/release/cifar-df"
-only = sys.argv[3:] or ["logreg", "svm", "mlp", "kmeans"]
+only = sys.argv[3:] or ["logreg", "svm", "svm-last", "mlp", "kmeans"]
 EPOCHS, BATCH = 5, 128
 MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
-CONFIGS = {"logreg": "configs/logreg.toml", "svm": "configs/svm.toml",
-           "mlp": "configs/mlp.toml", "kmeans": "configs/kmeans.toml"}
+CONFIGS = {"logreg": ["configs/logreg.toml"], "svm": ["configs/svm.toml"],
+           "svm-last": ["configs/svm.toml", "--set", "average=0"],
+           "mlp": ["configs/mlp.toml"], "kmeans": ["configs/kmeans.toml"]}
 
 
 def load(names):
@@ -64,6 +66,8 @@ def sklearn_model(name):
     if name == "logreg":
         return SGDClassifier(loss="log_loss", alpha=1e-4, random_state=0)
     if name == "svm":
+        return SGDClassifier(loss="hinge", alpha=3e-5, average=True, random_state=0)
+    if name == "svm-last":
         return SGDClassifier(loss="hinge", alpha=3e-5, random_state=0)
     if name == "mlp":
         return MLPClassifier(hidden_layer_sizes=(128, 64), solver="adam", learning_rate_init=3e-4,
@@ -95,7 +99,7 @@ for name in only:
 
     with tempfile.TemporaryDirectory() as runs:
         t = time.perf_counter()
-        out = subprocess.run([exe, "-q", "train", "--config", CONFIGS[name], "--data", data,
+        out = subprocess.run([exe, "-q", "train", "--config", *CONFIGS[name], "--data", data,
                               "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--run", "cmp",
                               "--runs", runs], check=True, capture_output=True, text=True).stdout
         train_s = time.perf_counter() - t

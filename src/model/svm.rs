@@ -121,8 +121,10 @@ pub struct SvmParams {
     pub eta0: f64,
     /// Exponent of `invscaling`. Default 0.5.
     pub power_t: f64,
-    /// 0: no averaging (default); N ≥ 1: average the iterates from the N-th image on
-    /// (scikit-learn's `average=True` is 1).
+    /// 0: no averaging; N ≥ 1: average the iterates from the N-th image on and predict
+    /// with the average (ASGD; scikit-learn's `average=True` is 1). Default 1: on
+    /// CIFAR-10 the averaged model is about 9 points more accurate than the last iterate
+    /// (scikit-learn's default is off).
     pub average: u64,
     /// Visit each batch's images in a seeded random order (default true, as
     /// scikit-learn); false: in stream order.
@@ -141,7 +143,7 @@ impl Default for SvmParams {
             learning_rate: Schedule::Optimal,
             eta0: 0.01,
             power_t: 0.5,
-            average: 0,
+            average: 1,
             shuffle: true,
             batch_size: 128,
             seed: 0,
@@ -204,31 +206,29 @@ struct Meta {
     seen: u64,
 }
 
-/// Logistic function.
-fn sigmoid(z: f64) -> f64 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
+/// ln σ(z) = −softplus(−z), without overflow or underflow to −∞ for large |z|.
+fn ln_sigmoid(z: f64) -> f64 {
+    let t = -z;
+    -(t.max(0.0) + (-t.abs()).exp().ln_1p())
 }
 
-/// scikit-learn's one-vs-rest mapping of scores to probabilities, in place on a row.
-/// Returns the row's probabilities' normaliser.
+/// scikit-learn's one-vs-rest mapping of scores to probabilities, in place on a row:
+/// `p_k = σ(d_k) / Σ_j σ(d_j)`, computed from ln σ so that rows whose scores are all very
+/// negative (where every σ underflows to 0) still get the right, non-uniform answer.
 fn ovr_proba(scores: &mut [f64]) {
+    let mut max = f64::NEG_INFINITY;
+    for s in scores.iter_mut() {
+        *s = ln_sigmoid(*s);
+        max = max.max(*s);
+    }
     let mut sum = 0.0;
     for s in scores.iter_mut() {
-        *s = sigmoid(*s);
+        *s = (*s - max).exp();
         sum += *s;
     }
-    // Every σ is > 0 unless a score is below about −745; then fall back to uniform.
-    if sum > 0.0 && sum.is_finite() {
-        for s in scores.iter_mut() {
-            *s /= sum;
-        }
-    } else {
-        scores.fill(1.0 / CLASSES as f64);
+    // sum >= 1: the largest term is exp(0).
+    for s in scores.iter_mut() {
+        *s /= sum;
     }
 }
 
@@ -738,6 +738,27 @@ mod tests {
             for row in p.rows() {
                 assert!((row.sum() - 1.0).abs() < 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn probabilities_survive_very_negative_scores() {
+        // Every σ(d) underflows to 0 in f64 here; the mapping must still rank the classes.
+        let mut s = [
+            -6000.0, -5990.0, -6010.0, -7000.0, -6000.0, -6000.0, -6000.0, -6000.0, -6000.0,
+            -6000.0,
+        ];
+        ovr_proba(&mut s);
+        assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(s[1] > 0.99, "{s:?}");
+        // Moderate scores: exactly σ(d_k)/Σσ(d_j).
+        let d = [0.5, -1.0, 2.0, 0.0, -3.0, 1.0, -0.5, 0.25, -2.0, 3.0];
+        let mut p = d;
+        ovr_proba(&mut p);
+        let sig: Vec<f64> = d.iter().map(|&z| 1.0 / (1.0 + (-z as f64).exp())).collect();
+        let total: f64 = sig.iter().sum();
+        for k in 0..CLASSES {
+            assert!((p[k] - sig[k] / total).abs() < 1e-12);
         }
     }
 
