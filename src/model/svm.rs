@@ -755,7 +755,7 @@ mod tests {
         let d = [0.5, -1.0, 2.0, 0.0, -3.0, 1.0, -0.5, 0.25, -2.0, 3.0];
         let mut p = d;
         ovr_proba(&mut p);
-        let sig: Vec<f64> = d.iter().map(|&z| 1.0 / (1.0 + (-z as f64).exp())).collect();
+        let sig: Vec<f64> = d.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
         let total: f64 = sig.iter().sum();
         for k in 0..CLASSES {
             assert!((p[k] - sig[k] / total).abs() < 1e-12);
