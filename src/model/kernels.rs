@@ -55,6 +55,13 @@ fn axpy_generic<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[inline(always)]
+fn mean_step_generic<const FMA: bool>(avg: &mut [f32], s: f32, w: &[f32], mu: f32) {
+    for (a, &w) in avg.iter_mut().zip(w) {
+        *a = madd::<FMA>(madd::<FMA>(s, w, -*a), mu, *a);
+    }
+}
+
+#[inline(always)]
 fn dots_generic<const FMA: bool>(rows: &[f32], x: &[f32], out: &mut [f32]) {
     let d = x.len();
     if d == 0 {
@@ -73,6 +80,13 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots(rows: &[f32], x: &[f32], out: &mut [f32]) {
         super::dots_generic::<true>(rows, x, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn mean_step(avg: &mut [f32], s: f32, w: &[f32], mu: f32) {
+        super::mean_step_generic::<true>(avg, s, w, mu)
     }
 
     /// # Safety
@@ -111,6 +125,17 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     axpy_generic::<false>(y, a, x)
 }
 
+/// One step of a running mean: `avg += (s·w − avg)·mu` (over the shorter of the two).
+pub(crate) fn mean_step(avg: &mut [f32], s: f32, w: &[f32], mu: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { x86::mean_step(avg, s, w, mu) };
+        return;
+    }
+    mean_step_generic::<false>(avg, s, w, mu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +168,17 @@ mod tests {
                 assert!((f64::from(y[j]) - want).abs() < 1e-6, "d={d} j={j}");
             }
         }
+    }
+
+    #[test]
+    fn mean_step_is_a_running_mean() {
+        let w1 = [1.0f32, -2.0, 4.0];
+        let w2 = [3.0f32, 0.0, -4.0];
+        let mut avg = [0.0f32; 3];
+        mean_step(&mut avg, 2.0, &w1, 1.0);
+        assert_eq!(avg, [2.0, -4.0, 8.0]);
+        mean_step(&mut avg, 1.0, &w2, 0.5);
+        assert_eq!(avg, [2.5, -2.0, 2.0]);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use serde::{Deserialize, Serialize};
 
-use super::kernels::{axpy, dots};
+use super::kernels::{axpy, dots, mean_step};
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
     CLASSES,
@@ -452,9 +452,7 @@ impl Learner for Svm {
                     .avg
                     .get_or_insert_with(|| (Array2::zeros((CLASSES, d)), [0.0; CLASSES]));
                 if let Some(a) = aw.as_slice_mut() {
-                    for (a, &w) in a.iter_mut().zip(vs.iter()) {
-                        *a += (s * w - *a) * mu;
-                    }
+                    mean_step(a, s, vs, mu);
                 }
                 for (a, &b) in ab.iter_mut().zip(&self.b) {
                     *a += (b - *a) / count;
