@@ -603,7 +603,7 @@ fn smo(k: &[f32], pos: &[bool], c: f64, eps: f64) -> Binary {
 fn kernel_matrix(x: ArrayView2<f32>, kernel: Kernel, gamma: f32) -> Array2<f32> {
     let n = x.nrows();
     let mut k = Array2::zeros((n, n));
-    general_mat_mul(1.0, &x, &x.t(), 0.0, &mut k);
+    super::kernels::par_gemm(1.0, &x, &x.t(), 0.0, &mut k.view_mut());
     if kernel == Kernel::Rbf {
         let sq = row_sq_norms(x);
         rbf_in_place(k.view_mut(), sq.view(), sq.view(), gamma);

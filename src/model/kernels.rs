@@ -1,10 +1,44 @@
-//! Small dense kernels for per-sample SGD: several dot products against one vector and
-//! `y += a·x`, dispatched at run time to an AVX2+FMA build where the CPU has it.
+//! Small dense kernels: for per-sample SGD, several dot products against one vector,
+//! `y += a·x` and a running-mean step, dispatched at run time to an AVX2+FMA build where
+//! the CPU has it; and [`par_gemm`], a matrix product split over two threads.
 //!
 //! The crate is compiled for baseline x86-64 (SSE2) so that one binary runs anywhere;
 //! these loops are the hot path of the per-sample linear models, so they are compiled
 //! twice and the better one is chosen once per call. Both builds are deterministic: the
 //! same inputs on the same machine give the same bits.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+
+/// Products at least this large (multiply-adds) are split over two threads.
+const PAR_MACS: usize = 1 << 21;
+
+/// `c = alpha·a·b + beta·c` through matrixmultiply, with the rows of `c` split between
+/// this thread and one more when the product is large. (matrixmultiply's own threading
+/// leaves some shapes, like the MLP's 128 × 3072 × 128 first layer, on one core and
+/// oversubscribes two cores when nested, so it is not used.) Each half is one
+/// `general_mat_mul`, so the result does not depend on timing.
+pub(crate) fn par_gemm(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    if m < 16 || m * k * n < PAR_MACS {
+        general_mat_mul(alpha, a, b, beta, c);
+        return;
+    }
+    let half = m / 2;
+    let (a1, a2) = a.view().split_at(Axis(0), half);
+    let (mut c1, mut c2) = c.view_mut().split_at(Axis(0), half);
+    std::thread::scope(|s| {
+        s.spawn(|| general_mat_mul(alpha, &a2, b, beta, &mut c2));
+        general_mat_mul(alpha, &a1, b, beta, &mut c1);
+    });
+}
 
 /// Lanes of the accumulators: enough independent sums to fill two FMA pipes.
 const LANES: usize = 16;

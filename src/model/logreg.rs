@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ndarray::linalg::general_mat_mul;
+
+use super::kernels::par_gemm;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -393,7 +395,7 @@ fn grad_into(
     mut gb: ArrayViewMut1<f32>,
 ) -> f64 {
     let m = x.nrows();
-    general_mat_mul(1.0, &x, &w, 0.0, &mut z);
+    par_gemm(1.0, &x, &w, 0.0, &mut z.view_mut());
     let mut ce = 0.0f64;
     gb.fill(0.0);
     for (mut row, &label) in z.rows_mut().into_iter().zip(y) {
@@ -408,7 +410,7 @@ fn grad_into(
     let inv_m = 1.0 / m as f32;
     gb *= inv_m;
     g.assign(&w);
-    general_mat_mul(inv_m, &x.t(), &z, alpha, &mut g);
+    par_gemm(inv_m, &x.t(), &z.view(), alpha, &mut g.view_mut());
     ce
 }
 

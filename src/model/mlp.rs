@@ -14,7 +14,8 @@
 //! `θ ← θ + momentum·u − lr·g`).
 //!
 //! Every matrix product goes through ndarray's `general_mat_mul` (matrixmultiply's
-//! SIMD GEMM, multithreaded); a step allocates nothing.
+//! SIMD GEMM), the first layer's two large ones split over two threads; a step
+//! allocates nothing.
 
 use std::path::Path;
 
@@ -22,6 +23,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
+use super::kernels::par_gemm;
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
     CLASSES,
@@ -210,35 +212,6 @@ struct Meta {
 /// The gradient of one layer: `(dW, db)`.
 pub type LayerGrad = (Array2<f32>, Array1<f32>);
 
-/// Products at least this large (multiply-adds) are split over two threads.
-const PAR_MACS: usize = 1 << 22;
-
-/// `c = alpha·a·b + beta·c` through matrixmultiply, with the rows of `c` split between
-/// this thread and one more when the product is large: matrixmultiply's own threading
-/// leaves some shapes (128 × 3072 × 128, the first layer's forward pass) on one core.
-/// Each half is one `general_mat_mul`, so the result does not depend on timing.
-fn gemm(
-    alpha: f32,
-    a: &ndarray::ArrayView2<f32>,
-    b: &ndarray::ArrayView2<f32>,
-    beta: f32,
-    c: &mut ndarray::ArrayViewMut2<f32>,
-) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    if m < 16 || m * k * n < PAR_MACS {
-        general_mat_mul(alpha, a, b, beta, c);
-        return;
-    }
-    let half = m / 2;
-    let (a1, a2) = a.view().split_at(Axis(0), half);
-    let (mut c1, mut c2) = c.view_mut().split_at(Axis(0), half);
-    std::thread::scope(|s| {
-        s.spawn(|| general_mat_mul(alpha, &a2, b, beta, &mut c2));
-        general_mat_mul(alpha, &a1, b, beta, &mut c1);
-    });
-}
-
 /// Softmax of a row of logits in place; returns ln Σ exp(z − max) and max.
 fn softmax_row(row: &mut [f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -378,7 +351,7 @@ impl Mlp {
                 row.assign(&layer.b);
             }
             if l == 0 {
-                gemm(1.0, &x, &layer.w.view(), 1.0, &mut z);
+                par_gemm(1.0, &x, &layer.w.view(), 1.0, &mut z);
             } else {
                 let input = before[l - 1].slice(s![..m, ..]);
                 general_mat_mul(1.0, &input, &layer.w, 1.0, &mut z);
@@ -427,7 +400,7 @@ impl Mlp {
             let g = &mut sc.grads[l];
             g.w.assign(&layers[l].w);
             if l == 0 {
-                gemm(1.0, &x.t(), &delta, reg, &mut g.w.view_mut());
+                par_gemm(1.0, &x.t(), &delta, reg, &mut g.w.view_mut());
             } else {
                 let input = sc.acts[l - 1].slice(s![..m, ..]);
                 general_mat_mul(1.0, &input.t(), &delta, reg, &mut g.w);
