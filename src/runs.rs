@@ -255,9 +255,137 @@ impl Run {
     }
 }
 
-/// Register `metrics`, `confusion` and `predictions` over every run under `root` in `ctx`.
-/// A table no run has yet is registered empty, so queries over it still work.
+/// What `runs/NAME/run.json` records about a training run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    /// The run's name.
+    pub run: String,
+    /// Model name.
+    pub model: String,
+    /// `running`, `finished` or `failed`.
+    pub status: String,
+    /// The run seed.
+    pub seed: u64,
+    /// Where the training data came from.
+    pub source: String,
+    /// The model's hyper-parameters (TOML).
+    pub config: String,
+    /// Start, milliseconds since the Unix epoch (UTC).
+    pub start_ms: i64,
+    /// End (finished or failed), milliseconds since the Unix epoch.
+    pub end_ms: Option<i64>,
+    /// Batches learnt from.
+    pub batches: u64,
+    /// Images learnt from.
+    pub images: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The name of a run's info file.
+pub const RUN_FILE: &str = "run.json";
+
+impl Run {
+    /// Writes `info` to `runs/NAME/run.json` atomically (creating the folder).
+    pub fn write_info(&self, info: &RunInfo) -> Result<()> {
+        fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.dir.join(RUN_FILE);
+        let mut json = serde_json::to_vec_pretty(info)
+            .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
+        json.push(b'\n');
+        crate::model::write_atomic(&path, &json)
+    }
+}
+
+/// The schema of the `runs` table.
+pub fn runs_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("seed", DataType::UInt64, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new(
+            "start",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new(
+            "end",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new("batches", DataType::UInt64, false),
+        Field::new("images", DataType::UInt64, false),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("config", DataType::Utf8, false),
+    ]))
+}
+
+/// Reads every `run.json` under `root` (sorted by run name). A file that cannot be
+/// read or parsed is an error naming it.
+pub fn read_run_infos(root: &Path) -> Result<Vec<RunInfo>> {
+    let mut paths: Vec<PathBuf> = match fs::read_dir(root) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join(RUN_FILE))
+            .filter(|p| p.is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| {
+            let bytes = fs::read(p).map_err(|e| Error::io(p, e))?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::format(p, e.column() as u64, format!("invalid run info: {e}")))
+        })
+        .collect()
+}
+
+fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
+    let strings = |f: &dyn Fn(&RunInfo) -> String| -> ArrayRef {
+        Arc::new(StringArray::from(infos.iter().map(f).collect::<Vec<_>>()))
+    };
+    let ts = |v: Vec<Option<i64>>| -> ArrayRef {
+        Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|i| i.run.clone()),
+        strings(&|i| i.model.clone()),
+        strings(&|i| i.status.clone()),
+        Arc::new(UInt64Array::from(
+            infos.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        )),
+        strings(&|i| i.source.clone()),
+        ts(infos.iter().map(|i| Some(i.start_ms)).collect()),
+        ts(infos.iter().map(|i| i.end_ms).collect()),
+        Arc::new(UInt64Array::from(
+            infos.iter().map(|i| i.batches).collect::<Vec<_>>(),
+        )),
+        Arc::new(UInt64Array::from(
+            infos.iter().map(|i| i.images).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            infos.iter().map(|i| i.error.clone()).collect::<Vec<_>>(),
+        )),
+        strings(&|i| i.config.clone()),
+    ];
+    Ok(RecordBatch::try_new(runs_schema(), columns)?)
+}
+
+/// Register `metrics`, `confusion` and `predictions` over every run under `root` in `ctx`,
+/// and `runs` (one row per `run.json`). A table no run has yet is registered empty, so
+/// queries over it still work.
 pub fn register_tables(ctx: &SessionContext, root: &Path) -> Result<()> {
+    let infos = read_run_infos(root)?;
+    let batch = runs_batch(&infos)?;
+    ctx.deregister_table("runs")?;
+    ctx.register_table(
+        "runs",
+        Arc::new(MemTable::try_new(runs_schema(), vec![vec![batch]])?),
+    )?;
     for table in TABLES {
         let schema = schema_of(table)?;
         let mut urls = Vec::new();

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{batch_metrics, Accumulator, Metrics};
 use crate::model::{self, Learner};
 use crate::query;
-use crate::runs::{now_ms, MetricsRow, Run};
+use crate::runs::{now_ms, MetricsRow, Run, RunInfo};
 use crate::source::{self, Report, SourceOptions, SourceSpec};
 use crate::table::register_stream;
 use crate::transforms;
@@ -184,7 +184,49 @@ async fn open_stream(
 }
 
 /// Train a model on a source, batch by batch, writing metrics and the model to the run.
-pub async fn train(mut opts: TrainOptions) -> Result<Summary> {
+///
+/// `runs/NAME/run.json` records the run (model, seed, source, hyper-parameters, start)
+/// with status `running`, then `finished` (with the end time and counts) or `failed`
+/// (with the error).
+pub async fn train(opts: TrainOptions) -> Result<Summary> {
+    let mut info = RunInfo {
+        run: opts.run.name.clone(),
+        model: opts.model.clone(),
+        status: "running".into(),
+        seed: opts.seed,
+        source: opts.source.to_string(),
+        config: toml::to_string(&opts.params).unwrap_or_default(),
+        start_ms: now_ms(),
+        end_ms: None,
+        batches: 0,
+        images: 0,
+        error: None,
+    };
+    let run = opts.run.clone();
+    run.write_info(&info)?;
+    let result = train_inner(opts).await;
+    info.end_ms = Some(now_ms());
+    match &result {
+        Ok(s) => {
+            info.status = "finished".into();
+            info.batches = s.batches;
+            info.images = s.overall.images;
+        }
+        Err(e) => {
+            info.status = "failed".into();
+            info.error = Some(e.to_string());
+        }
+    }
+    // The run's own error matters more than one writing its record.
+    if let Err(e) = run.write_info(&info) {
+        if result.is_ok() {
+            return Err(e);
+        }
+    }
+    result
+}
+
+async fn train_inner(mut opts: TrainOptions) -> Result<Summary> {
     let mut model = new_model(&opts.model, &opts.params)?;
     let (mut stream, report, per_epoch) =
         open_stream(&opts.sql, opts.seed, &opts.source, &opts.source_opts).await?;

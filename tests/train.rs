@@ -67,6 +67,11 @@ fn train_predict_query_on_the_synthetic_set() {
             .parse()
             .unwrap();
     assert!(acc > 0.25, "test accuracy {acc}");
+    // The runs table: one row per run.json.
+    assert_eq!(
+        q("select run, model, status, seed, batches, images, error is null as ok, \"end\" >= start as ordered from runs"),
+        "run,model,status,seed,batches,images,ok,ordered\nr1,logreg,finished,0,20,2000,true,true\n"
+    );
     // avg over the whole table just works.
     let avg = q("select avg(acc) from metrics");
     assert!(avg.lines().count() == 2, "{avg}");
@@ -124,4 +129,54 @@ fn train_errors_are_clear() {
             .arg(&runs),
     );
     assert_eq!(stdout, "n\n0\n");
+}
+
+#[test]
+fn a_run_that_fails_is_marked_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    // Nothing listens on port 1: the source never connects.
+    let out = bin()
+        .args([
+            "-q",
+            "train",
+            "--model",
+            "svm",
+            "--source",
+            "tcp://127.0.0.1:1",
+            "--connect-timeout",
+            "0.2",
+            "--run",
+            "f",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:1") && !err.contains("panicked"),
+        "{err}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("f/run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(info["model"], "svm");
+    assert!(
+        info["error"].as_str().unwrap().contains("127.0.0.1:1"),
+        "{info}"
+    );
+    let (csv, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "select run, status from runs",
+                "--format",
+                "csv",
+                "--runs",
+            ])
+            .arg(&runs),
+    );
+    assert_eq!(csv, "run,status\nf,failed\n");
 }
