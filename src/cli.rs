@@ -56,7 +56,7 @@ pub enum Command {
     /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
     Predict(PredictArgs),
     /// Run SQL over Parquet files and directories named in the query, and over the run
-    /// tables `metrics`, `confusion` and `predictions`.
+    /// tables `metrics`, `confusion`, `predictions` and `runs`.
     Query(QueryArgs),
 }
 

@@ -354,11 +354,7 @@ impl Fitted {
             }
         }
         out -= &self.rho;
-        if let Some(r) = out
-            .rows()
-            .into_iter()
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-        {
+        if let Some(r) = super::first_non_finite_row(out.view()) {
             return Err(Error::usage(format!(
                 "{NAME}: batch row {r}: the decision values overflow f32 (features too large)"
             )));

@@ -13,12 +13,12 @@ use ndarray::linalg::general_mat_mul;
 
 use super::kernels::par_gemm;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
-use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_batch, check_features, create_dir, parse_json, read_file, write_atomic, Learner, CLASSES,
-    META_FILE, TENSORS_FILE,
+    check_batch, check_features, create_dir, first_non_finite_row, parse_json, read_f32, read_file,
+    write_atomic, Learner, CLASSES, META_FILE, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 
@@ -312,53 +312,6 @@ impl LogReg {
     }
 }
 
-/// Reads the F32 tensor `name` of shape `shape` from a validated safetensors buffer,
-/// requiring finite values. Errors are (byte offset, reason).
-fn read_f32(
-    buf: &[u8],
-    md: &Metadata,
-    data_start: usize,
-    name: &str,
-    shape: &[usize],
-) -> std::result::Result<Vec<f32>, (usize, String)> {
-    let info = md
-        .info(name)
-        .ok_or_else(|| (8, format!("no tensor {name:?}")))?;
-    if info.dtype != Dtype::F32 {
-        return Err((
-            8,
-            format!("tensor {name:?} has dtype {:?}, expected F32", info.dtype),
-        ));
-    }
-    if info.shape != shape {
-        return Err((
-            8,
-            format!(
-                "tensor {name:?} has shape {:?}, expected {shape:?}",
-                info.shape
-            ),
-        ));
-    }
-    let (from, to) = info.data_offsets;
-    let start = data_start + from;
-    let n: usize = shape.iter().product();
-    let data = buf
-        .get(start..data_start + to)
-        .filter(|d| d.len() == 4 * n)
-        .ok_or_else(|| (start, format!("tensor {name:?} has the wrong data length")))?;
-    let values: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err((
-            start + 4 * i,
-            format!("tensor {name:?} element {i} is {}", values[i]),
-        ));
-    }
-    Ok(values)
-}
-
 /// Little-endian bytes of an f32 array in logical (row-major) order.
 fn le_bytes<'a>(values: impl IntoIterator<Item = &'a f32>) -> Vec<u8> {
     values.into_iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -497,11 +450,7 @@ impl Learner for LogReg {
         let mut z = Array2::zeros((x.nrows(), CLASSES));
         if let Some(w) = &self.weights {
             general_mat_mul(1.0, &x, w, 0.0, &mut z);
-            if let Some(r) = z
-                .rows()
-                .into_iter()
-                .position(|r| r.iter().any(|v| !v.is_finite()))
-            {
+            if let Some(r) = first_non_finite_row(z.view()) {
                 return Err(Error::usage(format!(
                     "logreg: batch row {r}: the logits overflow f32 (features too large)"
                 )));

@@ -672,11 +672,7 @@ impl Learner for Mlp {
             Self::forward(&self.layers, &mut acts, xc, None);
             oc.assign(&acts[acts.len() - 1].slice(s![..m, ..]));
         }
-        if let Some(r) = out
-            .rows()
-            .into_iter()
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-        {
+        if let Some(r) = super::first_non_finite_row(out.view()) {
             return Err(Error::usage(format!(
                 "mlp: batch row {r}: the outputs overflow (features too large)"
             )));
@@ -722,14 +718,8 @@ impl Learner for Mlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model;
+    use crate::model::test_util::{assert_save_load_continues, random_batch};
     use ndarray::array;
-
-    fn random_batch(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
-        let x = Array2::from_shape_fn((n, d), |_| rng.normal() as f32);
-        let y = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
-        (x, y)
-    }
 
     fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u8>) {
         let mut c = SplitMix(77);
@@ -995,24 +985,7 @@ mod tests {
                 ..MlpParams::default()
             })
             .unwrap();
-            a.partial_fit(x.slice(s![..200, ..]), y.slice(s![..200]))
-                .unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            a.save(dir.path()).unwrap();
-            let mut b = model::load(dir.path()).unwrap();
-            assert_eq!(b.name(), "mlp");
-            assert_eq!(
-                a.predict_proba(x.view()).unwrap(),
-                b.predict_proba(x.view()).unwrap()
-            );
-            a.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..]))
-                .unwrap();
-            b.partial_fit(x.slice(s![200.., ..]), y.slice(s![200..]))
-                .unwrap();
-            assert_eq!(
-                a.predict_proba(x.view()).unwrap(),
-                b.predict_proba(x.view()).unwrap()
-            );
+            assert_save_load_continues(&mut a, "mlp", x.view(), y.view(), 200);
         }
         let dir = tempfile::tempdir().unwrap();
         Mlp::new(MlpParams::default())

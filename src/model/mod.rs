@@ -441,55 +441,14 @@ impl Checkpoint {
     }
 
     fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<(usize, &[u8])> {
-        let bad = |o: usize, r: String| Error::format(&self.path, o as u64, r);
-        let info = self
-            .md
-            .info(name)
-            .ok_or_else(|| bad(8, format!("no tensor {name:?}")))?;
-        if info.dtype != dtype {
-            return Err(bad(
-                8,
-                format!(
-                    "tensor {name:?} has dtype {:?}, expected {dtype:?}",
-                    info.dtype
-                ),
-            ));
-        }
-        if info.shape != shape {
-            return Err(bad(
-                8,
-                format!(
-                    "tensor {name:?} has shape {:?}, expected {shape:?}",
-                    info.shape
-                ),
-            ));
-        }
-        let (from, to) = info.data_offsets;
-        let start = self.data_start + from;
-        let n: usize = shape.iter().product();
-        let data = self
-            .buf
-            .get(start..self.data_start + to)
-            .filter(|d| d.len() == dtype.size() * n)
-            .ok_or_else(|| bad(start, format!("tensor {name:?} has the wrong data length")))?;
-        Ok((start, data))
+        tensor_bytes(&self.buf, &self.md, self.data_start, name, dtype, shape)
+            .map_err(|(o, r)| Error::format(&self.path, o as u64, r))
     }
 
     /// The F32 tensor `name`, which must have shape `shape` and finite values.
     pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (start, data) = self.raw(name, Dtype::F32, shape)?;
-        let values: Vec<f32> = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(
-                &self.path,
-                (start + 4 * i) as u64,
-                format!("tensor {name:?} element {i} is {}", values[i]),
-            ));
-        }
-        Ok(values)
+        read_f32(&self.buf, &self.md, self.data_start, name, shape)
+            .map_err(|(o, r)| Error::format(&self.path, o as u64, r))
     }
 
     /// The F32 tensor `name` as a 2-d array of shape `(rows, cols)`.
@@ -507,6 +466,78 @@ impl Checkpoint {
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect())
     }
+}
+
+/// Where the tensor `name` lies in a validated safetensors buffer (`data_start` = 8 +
+/// header length), after checking that it has `dtype` and `shape` and all its bytes.
+/// Errors are (byte offset, reason), for the caller to name the file.
+pub(crate) fn tensor_bytes<'a>(
+    buf: &'a [u8],
+    md: &Metadata,
+    data_start: usize,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> std::result::Result<(usize, &'a [u8]), (usize, String)> {
+    let info = md
+        .info(name)
+        .ok_or_else(|| (8, format!("no tensor {name:?}")))?;
+    if info.dtype != dtype {
+        return Err((
+            8,
+            format!(
+                "tensor {name:?} has dtype {:?}, expected {dtype:?}",
+                info.dtype
+            ),
+        ));
+    }
+    if info.shape != shape {
+        return Err((
+            8,
+            format!(
+                "tensor {name:?} has shape {:?}, expected {shape:?}",
+                info.shape
+            ),
+        ));
+    }
+    let (from, to) = info.data_offsets;
+    let start = data_start + from;
+    let n: usize = shape.iter().product();
+    let data = buf
+        .get(start..data_start + to)
+        .filter(|d| d.len() == dtype.size() * n)
+        .ok_or_else(|| (start, format!("tensor {name:?} has the wrong data length")))?;
+    Ok((start, data))
+}
+
+/// The F32 tensor `name` of shape `shape` from a validated safetensors buffer, requiring
+/// finite values. Errors are (byte offset, reason).
+pub(crate) fn read_f32(
+    buf: &[u8],
+    md: &Metadata,
+    data_start: usize,
+    name: &str,
+    shape: &[usize],
+) -> std::result::Result<Vec<f32>, (usize, String)> {
+    let (start, data) = tensor_bytes(buf, md, data_start, name, Dtype::F32, shape)?;
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err((
+            start + 4 * i,
+            format!("tensor {name:?} element {i} is {}", values[i]),
+        ));
+    }
+    Ok(values)
+}
+
+/// The first row of `a` holding a non-finite value (an overflowed product), if any.
+pub(crate) fn first_non_finite_row(a: ArrayView2<f32>) -> Option<usize> {
+    a.rows()
+        .into_iter()
+        .position(|r| r.iter().any(|v| !v.is_finite()))
 }
 
 /// SplitMix64: the small, portable random generator the models draw from (initial
@@ -548,6 +579,49 @@ impl SplitMix {
             let j = self.below(i + 1);
             v.swap(i, j);
         }
+    }
+}
+
+/// Helpers shared by the models' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    /// `n` rows of `d` standard-normal features with uniform labels.
+    pub(crate) fn random_batch(
+        rng: &mut SplitMix,
+        n: usize,
+        d: usize,
+    ) -> (Array2<f32>, Array1<u8>) {
+        let x = Array2::from_shape_fn((n, d), |_| rng.normal() as f32);
+        let y = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
+        (x, y)
+    }
+
+    /// Trains `a` on the first `split` rows, saves it, loads it back with [`load`] and
+    /// checks that the copy is a `name` model predicting identically, then that both
+    /// learn the remaining rows identically. Returns the checkpoint's folder.
+    pub(crate) fn assert_save_load_continues(
+        a: &mut dyn Learner,
+        name: &str,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u8>,
+        split: usize,
+    ) -> tempfile::TempDir {
+        use ndarray::s;
+        a.partial_fit(x.slice(s![..split, ..]), y.slice(s![..split]))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        a.save(dir.path()).unwrap();
+        let mut b = load(dir.path()).unwrap();
+        assert_eq!(b.name(), name);
+        assert_eq!(a.predict_proba(x).unwrap(), b.predict_proba(x).unwrap());
+        a.partial_fit(x.slice(s![split.., ..]), y.slice(s![split..]))
+            .unwrap();
+        b.partial_fit(x.slice(s![split.., ..]), y.slice(s![split..]))
+            .unwrap();
+        assert_eq!(a.predict_proba(x).unwrap(), b.predict_proba(x).unwrap());
+        dir
     }
 }
 

@@ -537,6 +537,7 @@ impl Learner for Svm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::{assert_save_load_continues, random_batch};
     use crate::model::{self, SplitMix};
     use ndarray::{array, s};
 
@@ -549,12 +550,6 @@ mod tests {
             shuffle: false,
             ..SvmParams::default()
         }
-    }
-
-    fn random_batch(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
-        let x = Array2::from_shape_fn((n, d), |_| rng.normal() as f32);
-        let y = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
-        (x, y)
     }
 
     /// Gaussian blobs around 10 random centres.
@@ -798,24 +793,7 @@ mod tests {
                 ..SvmParams::default()
             })
             .unwrap();
-            a.partial_fit(x.slice(s![..300, ..]), y.slice(s![..300]))
-                .unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            a.save(dir.path()).unwrap();
-            let mut b = model::load(dir.path()).unwrap();
-            assert_eq!(b.name(), "svm");
-            assert_eq!(
-                a.predict_proba(x.view()).unwrap(),
-                b.predict_proba(x.view()).unwrap()
-            );
-            a.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..]))
-                .unwrap();
-            b.partial_fit(x.slice(s![300.., ..]), y.slice(s![300..]))
-                .unwrap();
-            assert_eq!(
-                a.predict_proba(x.view()).unwrap(),
-                b.predict_proba(x.view()).unwrap()
-            );
+            let dir = assert_save_load_continues(&mut a, "svm", x.view(), y.view(), 300);
             let c = Svm::load(dir.path()).unwrap();
             assert_eq!(c.seen(), 300);
         }
