@@ -46,6 +46,13 @@ pub fn stream_schema() -> SchemaRef {
         .clone()
 }
 
+/// The sequence number of a stream batch (its first `batch` value), if it has one.
+pub fn batch_number(batch: &RecordBatch) -> Option<u64> {
+    let col = batch.column_by_name("batch")?;
+    let a = col.as_any().downcast_ref::<UInt64Array>()?;
+    (!a.is_empty()).then(|| a.value(0))
+}
+
 /// Build one stream batch from owned buffers (no copy of the pixels).
 ///
 /// `rows` may be `None` for rows numbered 0..n. `pixels.len()` must be `labels.len() * 3072`.

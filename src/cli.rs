@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::checkpoint;
 use crate::config::{self, RunConfig};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
@@ -21,7 +22,7 @@ use crate::server::{self, ServeOptions};
 use crate::source::{self, SourceOptions, SourceSpec, DEFAULT_MAX_LINE_BYTES};
 use crate::synth::{self, SynthSpec};
 use crate::table;
-use crate::trainer::{self, PredictOptions, TrainOptions};
+use crate::trainer::{self, PredictOptions, Progress, TrainOptions, TrainSource};
 use crate::wire::Format;
 
 /// Learn image classifiers from a live CIFAR-10 stream, on Apache Arrow and DataFusion.
@@ -34,6 +35,10 @@ pub struct Cli {
     /// Only errors on stderr; no progress bars.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Cores to use: worker threads of the runtime and of the models' matrix products
+    /// (default: all). Two trainers side by side on 8 cores: --threads 4 each.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -87,33 +92,56 @@ pub struct TrainSourceArgs {
 }
 
 impl TrainSourceArgs {
+    /// The source: `--source` as given; `--data` (or the config's `data`) served over a
+    /// loopback TCP connection in this process; without either, `fallback` (a resumed
+    /// run's own source) or the built-in synthetic set over loopback.
     fn resolve(
         &self,
         split: Split,
-        epochs: u64,
+        epochs: Option<u64>,
         batch_size: usize,
         config_data: Option<&str>,
-    ) -> anyhow::Result<(SourceSpec, SourceOptions)> {
-        let spec = match (&self.source, self.data.as_deref().or(config_data)) {
-            (Some(s), _) => SourceSpec::parse(s)?,
-            (None, Some(d)) => SourceSpec::Data(DataSpec::parse(d)?),
-            (None, None) => {
-                eprintln!("no --source or --data given: using the built-in synthetic set");
-                SourceSpec::Data(DataSpec::parse("synthetic")?)
+        fallback: Option<TrainSource>,
+        sleep: f64,
+    ) -> anyhow::Result<(TrainSource, SourceOptions)> {
+        if !(sleep >= 0.0 && sleep.is_finite()) {
+            bail!("--sleep must be a number of seconds ≥ 0");
+        }
+        let sleep = Duration::from_secs_f64(sleep);
+        let source = match (&self.source, self.data.as_deref().or(config_data), fallback) {
+            (Some(s), _, _) => TrainSource::Spec(SourceSpec::parse(s)?),
+            (None, Some(d), _) => TrainSource::Loopback {
+                data: DataSpec::parse(d)?,
+                sleep,
+            },
+            (None, None, Some(TrainSource::Loopback { data, .. })) => {
+                TrainSource::Loopback { data, sleep }
+            }
+            (None, None, Some(f)) => f,
+            (None, None, None) => {
+                eprintln!(
+                    "no --source or --data given: streaming the built-in synthetic set over \
+                     loopback TCP"
+                );
+                TrainSource::Loopback {
+                    data: DataSpec::parse("synthetic")?,
+                    sleep,
+                }
             }
         };
         if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
             bail!("--connect-timeout must be a number of seconds ≥ 0");
         }
         Ok((
-            spec,
+            source,
             SourceOptions {
                 format: self.format,
                 split,
                 batch_size,
-                epochs: Some(epochs),
+                epochs,
                 max_line_bytes: self.max_line_bytes,
                 connect_timeout: Duration::from_secs_f64(self.connect_timeout),
+                skip: 0,
             },
         ))
     }
@@ -186,6 +214,37 @@ pub struct TrainArgs {
     /// Any hyper-parameter of the model, KEY=VALUE (repeatable), e.g. --set average=1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Score each batch after learning from it (the original's way); the default scores
+    /// it before (test-then-train, honest training metrics).
+    #[arg(long)]
+    pub eval_after_fit: bool,
+    /// Checkpoint every N stream batches, besides every epoch's end (0: epoch ends only).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Mid-epoch checkpoints to keep, the latest ones (0: all). Epoch ends are all kept.
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Batches in the rolling window of the metrics rows (`*_window` columns).
+    #[arg(long, default_value_t = 20)]
+    pub window: usize,
+    /// Continue run --run from its latest checkpoint, skipping the batches it learnt.
+    #[arg(long, requires = "run")]
+    pub resume: bool,
+    /// Delete an existing run of the same name first.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Stop after learning N batches (checkpointed; continue with --resume).
+    #[arg(long)]
+    pub max_batches: Option<u64>,
+    /// Seconds the built-in server pauses after each batch (a slower stream).
+    #[arg(long, default_value_t = 0.0)]
+    pub sleep: f64,
+    /// Skip scoring the dataset's test split at the end.
+    #[arg(long)]
+    pub no_test: bool,
+    /// Skip drawing the run's plots at the end.
+    #[arg(long)]
+    pub no_plots: bool,
 }
 
 impl TrainArgs {
@@ -267,6 +326,9 @@ pub struct PredictArgs {
     /// Split to score.
     #[arg(long, default_value = "test")]
     pub split: Split,
+    /// Checkpoint to load, e.g. epoch-3 or epoch-2-batch-100 (default: the latest).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
 }
 
 /// `cifar-df demo`.
@@ -374,6 +436,7 @@ impl SourceArgs {
             epochs: Some(self.epochs),
             max_line_bytes: self.max_line_bytes,
             connect_timeout: Duration::from_secs_f64(self.connect_timeout),
+            skip: 0,
         };
         Ok((spec, opts))
     }
@@ -410,7 +473,15 @@ pub struct QueryArgs {
 pub fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        builder.worker_threads(n);
+        crate::model::set_threads(n);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -444,7 +515,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stream(a) => stream_cmd(a, progress).await,
         Command::Export(a) => export_cmd(a, progress).await,
         Command::Train(a) => train_cmd(*a, progress).await,
-        Command::Predict(a) => predict_cmd(a).await,
+        Command::Predict(a) => predict_cmd(a, progress).await,
         Command::Query(a) => query_cmd(a).await,
     }
 }
@@ -634,16 +705,116 @@ fn print_metrics(title: &str, m: &Metrics) {
     );
 }
 
+impl TrainArgs {
+    /// Flags that would change how a resumed run learns: it goes on with its saved config.
+    fn check_resume_flags(&self) -> anyhow::Result<()> {
+        let given = [
+            ("--config", self.config.is_some()),
+            ("--model", self.model.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--batch-size", self.source.batch_size.is_some()),
+            ("--sql", self.source.sql.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--alpha", self.alpha.is_some()),
+            ("--hidden", self.hidden.is_some()),
+            ("--passes", self.passes.is_some()),
+            ("--optimizer", self.optimizer.is_some()),
+            ("--loss", self.loss.is_some()),
+            ("--learning-rate", self.learning_rate.is_some()),
+            ("--k", self.k.is_some()),
+            ("--buffer", self.buffer.is_some()),
+            ("--kernel", self.kernel.is_some()),
+            ("--set", !self.set.is_empty()),
+            ("--eval-after-fit", self.eval_after_fit),
+        ];
+        let bad: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+        if !bad.is_empty() {
+            bail!(
+                "--resume continues the run with its saved config; drop {} (only --epochs, the \
+                 source and the checkpoint options may be given)",
+                bad.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A future that completes on Ctrl-C or SIGTERM, setting `flag`.
+fn stop_signal(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> trainer::StopSignal {
+    Box::pin(async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+}
+
+/// Progress bar text for a pass.
+fn progress_message(p: &Progress) -> String {
+    let epoch = match p.epochs {
+        Some(e) => format!("epoch {}/{e}", p.epoch),
+        None => format!("epoch {}", p.epoch),
+    };
+    let batch = match p.per_epoch {
+        Some(n) => format!("batch {}/{n}", p.batch_in_epoch),
+        None => format!("batch {}", p.batch_in_epoch),
+    };
+    format!(
+        "{epoch} · {batch} · {:.0} images/s · acc {:.3} · loss {:.3}",
+        p.images_per_second, p.acc, p.loss
+    )
+}
+
+fn progress_callback(bar: &indicatif::ProgressBar) -> trainer::OnBatch {
+    let bar = bar.clone();
+    Box::new(move |p: &Progress| bar.set_message(progress_message(p)))
+}
+
 async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
-    let (model, cfg) = a.config()?;
+    let (model, cfg, fallback_source) = if a.resume {
+        let name = a.run.as_deref().unwrap_or_default();
+        let run = Run::new(&a.runs, name)?;
+        let ck = trainer::resume_point(&run)?;
+        a.check_resume_flags()?;
+        let mut cfg = RunConfig::parse(&ck.config()?, &ck.dir.join(checkpoint::CONFIG_FILE))?;
+        if a.epochs.is_some() {
+            cfg.epochs = a.epochs;
+        }
+        let model = config::model_or_default(&cfg);
+        let source = match run.read_info()? {
+            Some(i) => Some(TrainSource::parse(&i.source)?),
+            None => None,
+        };
+        (model, cfg, source)
+    } else {
+        let (m, c) = a.config()?;
+        (m, c, None)
+    };
     let params = cfg.model_table(&model);
     // Check the model and its hyper-parameters before touching the source.
     trainer::new_model(&model, &params)?;
-    let (spec, opts) = a.source.resolve(
+    let epochs = cfg.epochs.unwrap_or(1);
+    let (source, opts) = a.source.resolve(
         Split::Train,
-        cfg.epochs.unwrap_or(1),
+        Some(epochs),
         cfg.batch_size.unwrap_or(128),
         cfg.data.as_deref(),
+        fallback_source,
+        a.sleep,
     )?;
     let sql = a.source.sql(trainer::TRAIN_SQL, cfg.sql.as_ref())?;
     let name = a
@@ -651,75 +822,184 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("{model}-{}", chrono_like_stamp()));
     let run = Run::new(&a.runs, &name)?;
-    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
-    let config_path = run.dir.join("config.toml");
-    std::fs::write(&config_path, cfg.to_toml(&model))
-        .with_context(|| format!("writing {}", config_path.display()))?;
-    let seed = cfg.seed.unwrap_or(0);
-    let bar = crate::progress::spinner(progress, "{spinner} {msg} [{elapsed}]");
-    let t = Instant::now();
-    let bar2 = bar.clone();
+    let bar = crate::progress::spinner(progress, "{spinner} train {msg} [{elapsed}]");
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let summary = trainer::train(TrainOptions {
-        run: run.clone(),
-        model: model.clone(),
         params,
-        seed,
+        config: cfg.to_toml(&model),
+        seed: cfg.seed.unwrap_or(0),
         sql,
-        source: spec.clone(),
-        source_opts: opts,
-        on_batch: Some(Box::new(move |n, epoch, m: &Metrics| {
-            bar2.set_message(format!(
-                "epoch {} · batch {n} · {:.0} images/s · acc {:.3} · loss {:.3}",
-                epoch + 1,
-                m.images as f64 / t.elapsed().as_secs_f64().max(1e-9),
-                m.acc,
-                m.loss
-            ));
-        })),
+        eval_after_fit: a.eval_after_fit,
+        checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.keep_checkpoints,
+        window: a.window,
+        resume: a.resume,
+        overwrite: a.overwrite,
+        max_batches: a.max_batches,
+        stop: Some(stop_signal(signalled.clone())),
+        on_batch: Some(progress_callback(&bar)),
+        ..TrainOptions::new(run.clone(), &model, source.clone(), opts.clone())
     })
     .await?;
     bar.finish_and_clear();
+    let runs_dir = a.runs.display().to_string();
     println!(
-        "run {name}: trained {} on {spec} · {} batches · {:.1} s · {:.0} images/s · {} rejected",
-        model, summary.batches, summary.seconds, summary.images_per_second, summary.rejected
+        "run {name}: {} on {source} · {} batches{} · {:.1} s · {:.0} images/s · {} rejected",
+        model,
+        summary.batches,
+        match &summary.resumed_from {
+            Some(c) => format!(" (resumed from {c}, {} in all)", summary.total_batches),
+            None => String::new(),
+        },
+        summary.seconds,
+        summary.images_per_second,
+        summary.rejected
     );
+    let how = if a.eval_after_fit {
+        "scored after learning"
+    } else {
+        "scored before learning"
+    };
     print_metrics(
-        "train (scored before learning), last epoch",
+        &format!("train ({how}), epoch {}", summary.epoch),
         &summary.last_epoch,
     );
     println!(
-        "model fit {:.0} images/s ({:.2} s in partial_fit)",
+        "model fit {:.0} images/s ({:.2} s in partial_fit over the run)",
         summary.overall.images as f64 / summary.fit_seconds.max(1e-9),
         summary.fit_seconds
     );
-    println!("model: {}", run.model_dir().display());
+    if let Some(c) = &summary.checkpoint {
+        println!("checkpoint: {}", run.checkpoints_dir().join(c).display());
+    }
+    if summary.interrupted {
+        println!(
+            "interrupted: continue with  cifar-df train --runs {runs_dir} --run {name} --resume"
+        );
+        let signalled = signalled.load(std::sync::atomic::Ordering::SeqCst);
+        return Ok(if signalled {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    let mut tested = false;
+    if !a.no_test {
+        if let Some(data) = source.dataset() {
+            let test_source = match &source {
+                TrainSource::Loopback { .. } => TrainSource::Loopback {
+                    data: data.clone(),
+                    sleep: Duration::ZERO,
+                },
+                other => other.clone(),
+            };
+            let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
+            let test = trainer::predict(PredictOptions {
+                run: run.clone(),
+                checkpoint: None,
+                sql: trainer::EVAL_SQL.to_string(),
+                source: test_source,
+                source_opts: SourceOptions {
+                    split: Split::Test,
+                    epochs: Some(1),
+                    skip: 0,
+                    ..opts.clone()
+                },
+                split: "test".into(),
+                window: a.window,
+                on_batch: Some(progress_callback(&bar)),
+            })
+            .await?;
+            bar.finish_and_clear();
+            print_metrics(
+                &format!(
+                    "test ({})",
+                    summary.checkpoint.as_deref().unwrap_or("model")
+                ),
+                &test.overall,
+            );
+            tested = true;
+        }
+    }
+    if !a.no_plots {
+        match crate::plot::plot_all_for_run(&a.runs, &name, &run.plots_dir()).await {
+            Ok(paths) if !paths.is_empty() => println!(
+                "plots: {} PNGs in {} ({})",
+                paths.len(),
+                run.plots_dir().display(),
+                paths
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("plots not drawn: {e}"),
+        }
+    }
     println!(
-        "next: cifar-df predict --run {name} --runs {} --{} {spec}\n      cifar-df query \"select epoch, avg(acc) from metrics where run='{name}' group by epoch order by epoch\"",
-        a.runs.display(),
-        if matches!(spec, SourceSpec::Data(_)) { "data" } else { "source" }
+        "tables: {dir}/metrics, confusion, predictions (Parquet; run record {dir}/run.json)",
+        dir = run.dir.display()
     );
+    println!(
+        "query:  cifar-df query --runs {runs_dir} \"select epoch, avg(acc) as acc, avg(loss) as loss from metrics where run = '{name}' and split = 'train' group by epoch order by epoch\""
+    );
+    if !tested {
+        println!(
+            "test:   cifar-df predict --runs {runs_dir} --run {name} --data DIR (or --source ...)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn predict_cmd(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let (spec, opts) = a
-        .source
-        .resolve(a.split, 1, a.source.batch_size.unwrap_or(128), None)?;
+async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let run = Run::new(&a.runs, &a.run)?;
+    let fallback = match run.read_info()? {
+        Some(i) => match TrainSource::parse(&i.source)? {
+            TrainSource::Loopback { data, .. } => Some(TrainSource::Loopback {
+                data,
+                sleep: Duration::ZERO,
+            }),
+            TrainSource::Spec(SourceSpec::Data(d)) => Some(TrainSource::Spec(SourceSpec::Data(d))),
+            TrainSource::Spec(_) => None,
+        },
+        None => None,
+    };
+    let (source, opts) = a.source.resolve(
+        a.split,
+        Some(1),
+        a.source.batch_size.unwrap_or(128),
+        None,
+        fallback,
+        0.0,
+    )?;
+    let split = match a.split {
+        Split::Test => "test".to_string(),
+        Split::Train => "train-eval".to_string(),
+    };
+    let bar = crate::progress::spinner(progress, "{spinner} predict {msg} [{elapsed}]");
     let summary = trainer::predict(PredictOptions {
         run,
+        checkpoint: a.checkpoint.clone(),
         sql: a.source.sql(trainer::EVAL_SQL, None)?,
-        source: spec.clone(),
+        source: source.clone(),
         source_opts: opts,
-        split: a.split.to_string(),
+        split: split.clone(),
+        window: 20,
+        on_batch: Some(progress_callback(&bar)),
     })
     .await?;
+    bar.finish_and_clear();
     let m = &summary.overall;
     println!(
-        "run {}: {} on {spec} · {} batches · {:.0} images/s",
-        a.run, a.split, summary.batches, summary.images_per_second
+        "run {}: checkpoint {} on {source} ({}) · {} batches · {:.0} images/s",
+        a.run,
+        summary.checkpoint.as_deref().unwrap_or("?"),
+        a.split,
+        summary.batches,
+        summary.images_per_second
     );
-    print_metrics(&a.split.to_string(), m);
+    print_metrics(&split, m);
     println!("confusion matrix (rows: actual, columns: predicted):");
     print!("{:>12}", "");
     for name in crate::dataset::CLASS_NAMES {

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod bridge;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod dataset;
@@ -18,6 +19,7 @@ pub mod export;
 pub mod grid;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod progress;
 pub mod query;
 pub mod runs;

@@ -61,8 +61,9 @@ pub struct Metrics {
 /// Accumulates predictions: [`update`](Accumulator::update) per batch,
 /// [`get`](Accumulator::get) at any time (River-style update/get).
 ///
-/// An update that fails leaves the accumulator as it was.
-#[derive(Clone, Debug, Default)]
+/// An update that fails leaves the accumulator as it was. It serialises (to a training
+/// checkpoint) exactly: counts, and the loss sum with its compensation term.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accumulator {
     /// `confusion[actual][predicted]`.
     confusion: [[u64; CLASSES]; CLASSES],
@@ -188,6 +189,104 @@ impl Accumulator {
     }
 }
 
+/// The five rates of `m` in the order of [`RATES`]: accuracy, loss, precision, recall, F1.
+pub fn rates(m: &Metrics) -> [f64; 5] {
+    [m.acc, m.loss, m.precision, m.recall, m.f1]
+}
+
+/// Names of the rates [`rates`] returns, as the metrics table names its columns.
+pub const RATES: [&str; 5] = ["acc", "loss", "precision", "recall", "f1"];
+
+/// The smoothed curves of a stream of per-batch metrics: the running mean of each rate
+/// over all batches so far (the original's "smooth" curves) and the mean over the last
+/// `window` batches. Plain means over batches (each batch counts once, whatever its size).
+/// Serialisable (floats as their bit patterns: JSON parsers need not read decimal
+/// floats back exactly), so that a resumed run continues the same curves exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "RunningBits", into = "RunningBits")]
+pub struct Running {
+    window: usize,
+    count: u64,
+    sums: [f64; 5],
+    recent: std::collections::VecDeque<[f64; 5]>,
+}
+
+/// [`Running`] with its floats as bit patterns.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunningBits {
+    window: usize,
+    count: u64,
+    sums: [u64; 5],
+    recent: Vec<[u64; 5]>,
+}
+
+impl From<RunningBits> for Running {
+    fn from(b: RunningBits) -> Self {
+        Running {
+            window: b.window.max(1),
+            count: b.count,
+            sums: b.sums.map(f64::from_bits),
+            recent: b
+                .recent
+                .into_iter()
+                .map(|r| r.map(f64::from_bits))
+                .collect(),
+        }
+    }
+}
+
+impl From<Running> for RunningBits {
+    fn from(r: Running) -> Self {
+        RunningBits {
+            window: r.window,
+            count: r.count,
+            sums: r.sums.map(f64::to_bits),
+            recent: r.recent.iter().map(|v| v.map(f64::to_bits)).collect(),
+        }
+    }
+}
+
+impl Running {
+    /// Curves with a rolling window of `window` batches (at least 1).
+    pub fn new(window: usize) -> Self {
+        Running {
+            window: window.max(1),
+            count: 0,
+            sums: [0.0; 5],
+            recent: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The window length, in batches.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Adds a batch's metrics; returns (running means, window means), each in the order of
+    /// [`RATES`].
+    pub fn push(&mut self, m: &Metrics) -> ([f64; 5], [f64; 5]) {
+        let r = rates(m);
+        self.count += 1;
+        for (s, v) in self.sums.iter_mut().zip(r) {
+            *s += v;
+        }
+        self.recent.push_back(r);
+        while self.recent.len() > self.window {
+            self.recent.pop_front();
+        }
+        let n = self.count as f64;
+        let mean = self.sums.map(|s| s / n);
+        let mut window = [0.0; 5];
+        for row in &self.recent {
+            for (w, v) in window.iter_mut().zip(row) {
+                *w += v;
+            }
+        }
+        let k = self.recent.len() as f64;
+        (mean, window.map(|w| w / k))
+    }
+}
+
 /// The metrics of one batch; see [`Accumulator::update`] for the arguments, errors and the
 /// handling of NaN and of an empty batch (0 images, 0.0 rates).
 pub fn batch_metrics(y: ArrayView1<u8>, proba: ArrayView2<f32>) -> Result<Metrics> {
@@ -241,12 +340,29 @@ fn ratio(num: u64, den: u64) -> f64 {
 }
 
 /// A compensated (Neumaier) sum, so that long streams of losses lose no precision.
-#[derive(Clone, Copy, Debug, Default)]
+/// Serialised as the bit patterns of its two parts, so that it reads back exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
 struct Sum {
     /// The running sum.
     sum: f64,
     /// The low-order bits lost from `sum`.
     comp: f64,
+}
+
+impl From<[u64; 2]> for Sum {
+    fn from(b: [u64; 2]) -> Self {
+        Sum {
+            sum: f64::from_bits(b[0]),
+            comp: f64::from_bits(b[1]),
+        }
+    }
+}
+
+impl From<Sum> for [u64; 2] {
+    fn from(s: Sum) -> Self {
+        [s.sum.to_bits(), s.comp.to_bits()]
+    }
 }
 
 impl Sum {
@@ -697,5 +813,49 @@ for _ in range(cases):
         let mut m = whole.clone();
         m.merge(&Accumulator::new());
         assert_eq!(m.get(), whole.get());
+    }
+
+    fn m(acc: f64, loss: f64) -> Metrics {
+        Metrics {
+            images: 10,
+            acc,
+            loss,
+            precision: acc / 2.0,
+            recall: acc / 4.0,
+            f1: acc / 8.0,
+            ..Metrics::default()
+        }
+    }
+
+    #[test]
+    fn running_means_and_window_by_hand() {
+        let mut r = Running::new(2);
+        let (mean, win) = r.push(&m(0.5, 2.0));
+        assert_eq!(mean, [0.5, 2.0, 0.25, 0.125, 0.0625]);
+        assert_eq!(win, mean);
+        r.push(&m(0.1, 1.0));
+        let (mean, win) = r.push(&m(0.3, 0.0));
+        // Running mean of (0.5, 0.1, 0.3); window of the last two (0.1, 0.3).
+        assert!(close(mean[0], 0.3, 1e-15) && close(mean[1], 1.0, 1e-15));
+        assert!(close(win[0], 0.2, 1e-15) && close(win[1], 0.5, 1e-15));
+        assert!(close(win[4], 0.2 / 8.0, 1e-15));
+    }
+
+    #[test]
+    fn running_state_round_trips_exactly_through_json() {
+        let mut a = Running::new(3);
+        let mut acc = Accumulator::new();
+        for i in 0..5 {
+            a.push(&m(0.1 * f64::from(i) + 1.0 / 3.0, 2.0 / 7.0 * f64::from(i)));
+        }
+        acc.update_labels(&[1, 2, 3], &[1, 2, 4], 1.0 / 3.0)
+            .unwrap();
+        let mut b: Running = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        let acc2: Accumulator =
+            serde_json::from_str(&serde_json::to_string(&acc).unwrap()).unwrap();
+        assert_eq!(acc2, acc);
+        assert_eq!(b, a);
+        let next = m(0.77, 0.123);
+        assert_eq!(a.push(&next), b.push(&next));
     }
 }

@@ -1,14 +1,23 @@
 //! The run store: what training and prediction write, as Parquet tables under `runs/NAME/`.
 //!
 //! ```text
-//! runs/NAME/model/            model.safetensors + model.json
-//! runs/NAME/metrics/          part-*.parquet   one row per batch (train and test)
-//! runs/NAME/confusion/        part-*.parquet   the 10x10 matrix of a prediction pass
-//! runs/NAME/predictions/      part-*.parquet   one row per predicted image
+//! runs/NAME/run.json                            the run: model, config, status, counts
+//! runs/NAME/config.toml                         the effective run config
+//! runs/NAME/checkpoints/epoch-E[-batch-B]/      model + optimiser + trainer state
+//! runs/NAME/metrics/      part-*.parquet        one row per batch (train and test)
+//! runs/NAME/confusion/    part-*.parquet        nonzero cells of each batch's 10x10 matrix
+//! runs/NAME/predictions/  part-*.parquet        one row per scored image
+//! runs/NAME/plots/        *.png                 curves and heatmaps (`cifar-df plot`)
 //! ```
 //! Every part file is written under a temporary name and renamed when complete, so the tables
-//! are always readable, by `cifar-df query` (which registers `metrics`, `confusion` and
-//! `predictions` over all runs) or by any Parquet reader.
+//! are always readable, by `cifar-df query` (which registers `metrics`, `confusion`,
+//! `predictions` and `runs` over all runs) or by any Parquet reader.
+//!
+//! The trainer's parts are named by the stream batches they hold,
+//! `part-fit-FIRST-LAST.parquet`, and are committed at least at every checkpoint; a resumed
+//! run deletes the parts past its checkpoint ([`Run::discard_after`]) before redoing those
+//! batches, so every batch is in the tables exactly once. A prediction pass writes
+//! `part-eval-SPLIT-STAMP.parquet` and replaces the previous pass over the same split.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,7 +39,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
 use crate::export::write_parquet_file;
-use crate::metrics::Metrics;
+use crate::metrics::{rates, Metrics};
 
 /// The tables a run has.
 pub const TABLES: [&str; 3] = ["metrics", "confusion", "predictions"];
@@ -49,6 +58,16 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("precision", DataType::Float64, false),
         Field::new("recall", DataType::Float64, false),
         Field::new("f1", DataType::Float64, false),
+        Field::new("acc_mean", DataType::Float64, false),
+        Field::new("loss_mean", DataType::Float64, false),
+        Field::new("precision_mean", DataType::Float64, false),
+        Field::new("recall_mean", DataType::Float64, false),
+        Field::new("f1_mean", DataType::Float64, false),
+        Field::new("acc_window", DataType::Float64, false),
+        Field::new("loss_window", DataType::Float64, false),
+        Field::new("precision_window", DataType::Float64, false),
+        Field::new("recall_window", DataType::Float64, false),
+        Field::new("f1_window", DataType::Float64, false),
         Field::new("seconds", DataType::Float64, false),
         Field::new(
             "ts",
@@ -63,6 +82,8 @@ pub fn confusion_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("run", DataType::Utf8, false),
         Field::new("split", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt32, false),
+        Field::new("batch", DataType::UInt64, false),
         Field::new("actual", DataType::UInt8, false),
         Field::new("predicted", DataType::UInt8, false),
         Field::new("count", DataType::UInt64, false),
@@ -74,6 +95,7 @@ pub fn predictions_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("run", DataType::Utf8, false),
         Field::new("split", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt32, false),
         Field::new("batch", DataType::UInt64, false),
         Field::new("row", DataType::UInt32, false),
         Field::new("label", DataType::UInt8, false),
@@ -94,14 +116,18 @@ fn schema_of(table: &str) -> Result<SchemaRef> {
 /// One row of the metrics table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricsRow {
-    /// `train` or `test`.
+    /// `train` (scored while training) or the split of a prediction pass.
     pub split: String,
-    /// Epoch, from 0.
+    /// Epoch, from 1.
     pub epoch: u32,
     /// Batch sequence number in the stream.
     pub batch: u64,
     /// The batch's metrics.
     pub metrics: Metrics,
+    /// Running means of acc, loss, precision, recall and F1 over the batches so far.
+    pub mean: [f64; 5],
+    /// Means of the same over the last batches (the rolling window).
+    pub window: [f64; 5],
     /// Seconds spent on the batch (predict + fit).
     pub seconds: f64,
     /// When it was done, in milliseconds since the Unix epoch.
@@ -145,94 +171,100 @@ impl Run {
         })
     }
 
-    /// Where the model is saved.
-    pub fn model_dir(&self) -> PathBuf {
-        self.dir.join("model")
+    /// Where the run's checkpoints are.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.dir.join("checkpoints")
     }
 
-    /// Append `batch` to `table` as a new part file (atomically).
-    pub fn append(&self, table: &str, batch: &RecordBatch) -> Result<PathBuf> {
+    /// Where `cifar-df plot` and `train` put the run's PNGs.
+    pub fn plots_dir(&self) -> PathBuf {
+        self.dir.join("plots")
+    }
+
+    /// Writes `batch` to `table` as the part file `file` (atomically: a temporary file
+    /// renamed when complete; an existing part of that name is replaced).
+    pub fn write_part(&self, table: &str, file: &str, batch: &RecordBatch) -> Result<PathBuf> {
         schema_of(table)?;
         let dir = self.dir.join(table);
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        // Names sort in write order: milliseconds, then a counter for the same millisecond.
-        let stamp = now_ms();
-        let mut n = 0;
-        let path = loop {
-            let p = dir.join(format!("part-{stamp:013}-{n:03}.parquet"));
-            if !p.exists() {
-                break p;
-            }
-            n += 1;
-        };
+        let path = dir.join(file);
         write_parquet_file(&path, std::slice::from_ref(batch))?;
         Ok(path)
     }
 
-    /// Append metrics rows for `model`.
-    pub fn append_metrics(&self, model: &str, rows: &[MetricsRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
+    /// The metrics table rows for `model`.
+    pub fn metrics_batch(&self, model: &str, rows: &[MetricsRow]) -> Result<RecordBatch> {
         let n = rows.len();
-        let f = |g: fn(&MetricsRow) -> f64| {
+        let f = |g: &dyn Fn(&MetricsRow) -> f64| {
             Arc::new(Float64Array::from_iter_values(rows.iter().map(g))) as ArrayRef
         };
-        let batch = RecordBatch::try_new(
-            metrics_schema(),
-            vec![
-                Arc::new(StringArray::from(vec![self.name.as_str(); n])),
-                Arc::new(StringArray::from(vec![model; n])),
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| r.split.as_str()),
-                )),
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.epoch))),
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.batch))),
-                Arc::new(UInt64Array::from_iter_values(
-                    rows.iter().map(|r| r.metrics.images),
-                )),
-                f(|r| r.metrics.acc),
-                f(|r| r.metrics.loss),
-                f(|r| r.metrics.precision),
-                f(|r| r.metrics.recall),
-                f(|r| r.metrics.f1),
-                f(|r| r.seconds),
-                Arc::new(
-                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts_ms))
-                        .with_timezone("UTC"),
-                ),
-            ],
-        )?;
-        self.append("metrics", &batch).map(|_| ())
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![self.name.as_str(); n])),
+            Arc::new(StringArray::from(vec![model; n])),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.split.as_str()),
+            )),
+            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.epoch))),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.batch))),
+            Arc::new(UInt64Array::from_iter_values(
+                rows.iter().map(|r| r.metrics.images),
+            )),
+        ];
+        for k in 0..5 {
+            columns.push(f(&|r| rates(&r.metrics)[k]));
+        }
+        for k in 0..5 {
+            columns.push(f(&|r| r.mean[k]));
+        }
+        for k in 0..5 {
+            columns.push(f(&|r| r.window[k]));
+        }
+        columns.push(f(&|r| r.seconds));
+        columns.push(Arc::new(
+            TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts_ms))
+                .with_timezone("UTC"),
+        ));
+        Ok(RecordBatch::try_new(metrics_schema(), columns)?)
     }
 
-    /// Append the confusion matrix of `split`.
-    pub fn append_confusion(&self, split: &str, confusion: &[[u64; 10]; 10]) -> Result<()> {
+    /// The confusion table rows of `rows`: the nonzero cells of each row's matrix.
+    pub fn confusion_batch(&self, rows: &[MetricsRow]) -> Result<RecordBatch> {
+        let (mut split, mut epoch, mut batch) = (Vec::new(), Vec::new(), Vec::new());
         let (mut actual, mut predicted, mut count) = (Vec::new(), Vec::new(), Vec::new());
-        for (a, row) in confusion.iter().enumerate() {
-            for (p, &c) in row.iter().enumerate() {
-                actual.push(a as u8);
-                predicted.push(p as u8);
-                count.push(c);
+        for r in rows {
+            for (a, cells) in r.metrics.confusion.iter().enumerate() {
+                for (p, &c) in cells.iter().enumerate() {
+                    if c > 0 {
+                        split.push(r.split.as_str());
+                        epoch.push(r.epoch);
+                        batch.push(r.batch);
+                        actual.push(a as u8);
+                        predicted.push(p as u8);
+                        count.push(c);
+                    }
+                }
             }
         }
-        let batch = RecordBatch::try_new(
+        Ok(RecordBatch::try_new(
             confusion_schema(),
             vec![
-                Arc::new(StringArray::from(vec![self.name.as_str(); 100])),
-                Arc::new(StringArray::from(vec![split; 100])),
+                Arc::new(StringArray::from(vec![self.name.as_str(); count.len()])),
+                Arc::new(StringArray::from(split)),
+                Arc::new(UInt32Array::from(epoch)),
+                Arc::new(UInt64Array::from(batch)),
                 Arc::new(UInt8Array::from(actual)),
                 Arc::new(UInt8Array::from(predicted)),
                 Arc::new(UInt64Array::from(count)),
             ],
-        )?;
-        self.append("confusion", &batch).map(|_| ())
+        )?)
     }
 
     /// Build a predictions batch (one row per image).
+    #[allow(clippy::too_many_arguments)]
     pub fn predictions_batch(
         &self,
         split: &str,
+        epoch: u32,
         batch: &[u64],
         row: &[u32],
         label: &[u8],
@@ -245,6 +277,7 @@ impl Run {
             vec![
                 Arc::new(StringArray::from(vec![self.name.as_str(); n])),
                 Arc::new(StringArray::from(vec![split; n])),
+                Arc::new(UInt32Array::from(vec![epoch; n])),
                 Arc::new(UInt64Array::from(batch.to_vec())),
                 Arc::new(UInt32Array::from(row.to_vec())),
                 Arc::new(UInt8Array::from(label.to_vec())),
@@ -252,6 +285,121 @@ impl Run {
                 Arc::new(Float32Array::from(p_max.to_vec())),
             ],
         )?)
+    }
+
+    /// Deletes what a crash may have left past a checkpoint: the trainer's part files that
+    /// start at stream batch `next_batch` or later, and unfinished (`.inprogress`) files.
+    /// Returns how many files were removed.
+    pub fn discard_after(&self, next_batch: u64) -> Result<usize> {
+        let mut removed = 0;
+        for table in TABLES {
+            let dir = self.dir.join(table);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stale = name.ends_with(".inprogress")
+                    || fit_part_range(&name).is_some_and(|(first, _)| first >= next_batch);
+                if stale {
+                    let p = e.path();
+                    fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the parts of earlier prediction passes over `split`, keeping `keep`.
+    pub fn remove_eval_parts(&self, split: &str, keep: &str) -> Result<()> {
+        for table in TABLES {
+            let dir = self.dir.join(table);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name != keep && eval_part_split(&name) == Some(split) {
+                    let p = e.path();
+                    fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file name of the trainer's part holding stream batches `first..=last`.
+pub fn fit_part_name(first: u64, last: u64) -> String {
+    format!("part-fit-{first:012}-{last:012}.parquet")
+}
+
+/// The batches a trainer part holds, from its file name.
+pub fn fit_part_range(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("part-fit-")?.strip_suffix(".parquet")?;
+    let (a, b) = rest.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The file name of a prediction pass's part over `split`.
+pub fn eval_part_name(split: &str) -> String {
+    format!("part-eval-{:013}-{split}.parquet", now_ms())
+}
+
+fn eval_part_split(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("part-eval-")?.strip_suffix(".parquet")?;
+    Some(rest.split_once('-')?.1)
+}
+
+/// Rows and predictions not yet written: the trainer collects them batch by batch and
+/// commits them as one part per table.
+#[derive(Default)]
+pub struct Pending {
+    rows: Vec<MetricsRow>,
+    predictions: Vec<RecordBatch>,
+}
+
+impl Pending {
+    /// Adds one batch's metrics row and its predictions.
+    pub fn add(&mut self, row: MetricsRow, predictions: RecordBatch) {
+        self.rows.push(row);
+        self.predictions.push(predictions);
+    }
+
+    /// Batches held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Writes everything held to `run`'s three tables as part file `file` (or, with `None`,
+    /// the trainer's `part-fit-FIRST-LAST` name), then forgets it.
+    pub fn commit(&mut self, run: &Run, model: &str, file: Option<&str>) -> Result<()> {
+        let (Some(first), Some(last)) = (self.rows.first(), self.rows.last()) else {
+            return Ok(());
+        };
+        let name = match file {
+            Some(f) => f.to_string(),
+            None => fit_part_name(first.batch, last.batch),
+        };
+        run.write_part("metrics", &name, &run.metrics_batch(model, &self.rows)?)?;
+        let confusion = run.confusion_batch(&self.rows)?;
+        if confusion.num_rows() > 0 {
+            run.write_part("confusion", &name, &confusion)?;
+        }
+        let preds =
+            datafusion::arrow::compute::concat_batches(&predictions_schema(), &self.predictions)?;
+        if preds.num_rows() > 0 {
+            run.write_part("predictions", &name, &preds)?;
+        }
+        self.rows.clear();
+        self.predictions.clear();
+        Ok(())
     }
 }
 
@@ -262,7 +410,8 @@ pub struct RunInfo {
     pub run: String,
     /// Model name.
     pub model: String,
-    /// `running`, `finished` or `failed`.
+    /// `running`, `finished`, `failed` or `interrupted` (stopped by a signal or
+    /// `--max-batches`, or found `running` with its process gone, as after `kill -9`).
     pub status: String,
     /// The run seed.
     pub seed: u64,
@@ -280,6 +429,45 @@ pub struct RunInfo {
     pub images: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// The latest checkpoint's name.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Times the run was resumed.
+    #[serde(default)]
+    pub resumes: u32,
+    /// The process training it (while `running`).
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+impl RunInfo {
+    /// `status`, except that a `running` run whose process no longer exists (killed
+    /// without a chance to say so) is `interrupted`.
+    pub fn effective_status(&self) -> &str {
+        if self.status == "running" {
+            if let Some(pid) = self.pid {
+                if pid != std::process::id() && !process_alive(pid) {
+                    return "interrupted";
+                }
+            }
+        }
+        &self.status
+    }
+}
+
+/// Whether process `pid` exists (Linux: `/proc/PID`; elsewhere assumed alive).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return true;
+    }
+    // A zombie (killed, not yet reaped by its parent) is gone for our purposes.
+    match fs::read_to_string(proc.join(pid.to_string()).join("stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => false,
+    }
 }
 
 /// The name of a run's info file.
@@ -294,6 +482,18 @@ impl Run {
             .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
         json.push(b'\n');
         crate::model::write_atomic(&path, &json)
+    }
+
+    /// The run's `run.json`, if it has one.
+    pub fn read_info(&self) -> Result<Option<RunInfo>> {
+        let path = self.dir.join(RUN_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::format(&path, e.column() as u64, format!("invalid run info: {e}"))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 }
 
@@ -318,6 +518,8 @@ pub fn runs_schema() -> SchemaRef {
         Field::new("batches", DataType::UInt64, false),
         Field::new("images", DataType::UInt64, false),
         Field::new("error", DataType::Utf8, true),
+        Field::new("checkpoint", DataType::Utf8, true),
+        Field::new("resumes", DataType::UInt32, false),
         Field::new("config", DataType::Utf8, false),
     ]))
 }
@@ -354,7 +556,7 @@ fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
     let columns: Vec<ArrayRef> = vec![
         strings(&|i| i.run.clone()),
         strings(&|i| i.model.clone()),
-        strings(&|i| i.status.clone()),
+        strings(&|i| i.effective_status().to_string()),
         Arc::new(UInt64Array::from(
             infos.iter().map(|i| i.seed).collect::<Vec<_>>(),
         )),
@@ -369,6 +571,15 @@ fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
         )),
         Arc::new(StringArray::from(
             infos.iter().map(|i| i.error.clone()).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            infos
+                .iter()
+                .map(|i| i.checkpoint.clone())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(UInt32Array::from(
+            infos.iter().map(|i| i.resumes).collect::<Vec<_>>(),
         )),
         strings(&|i| i.config.clone()),
     ];

@@ -85,6 +85,35 @@ pub fn serve(listener: &TcpListener, opts: &ServeOptions) -> Result<ServeSummary
     stream_to(conn, &files, opts)
 }
 
+/// A server on a free loopback port, on its own thread, streaming `files` (already loaded)
+/// to the first client that connects: the one-process way to train over a real TCP
+/// connection. Returns the address to connect to and the thread to join.
+pub fn spawn_loopback(
+    files: Vec<Images>,
+    opts: ServeOptions,
+) -> Result<(SocketAddr, std::thread::JoinHandle<Result<ServeSummary>>)> {
+    if opts.batch_size == 0 {
+        return Err(Error::usage("batch size must be at least 1"));
+    }
+    let listener = bind("127.0.0.1", 0)?;
+    let addr = local_addr(&listener)?;
+    let handle = std::thread::Builder::new()
+        .name("cifar-df-server".into())
+        .spawn(move || {
+            let (conn, peer) = listener.accept().map_err(|e| Error::Net {
+                what: "accept a client".into(),
+                source: e,
+            })?;
+            tracing::debug!("loopback client {peer} connected");
+            stream_to(conn, &files, &opts)
+        })
+        .map_err(|e| Error::Net {
+            what: "start the loopback server thread".into(),
+            source: e,
+        })?;
+    Ok((addr, handle))
+}
+
 /// One encoded chunk for the writer, and what it holds.
 struct Chunk {
     bytes: Vec<u8>,

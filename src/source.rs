@@ -119,6 +119,10 @@ pub struct SourceOptions {
     pub max_line_bytes: usize,
     /// How long a `tcp://` source keeps trying to connect.
     pub connect_timeout: Duration,
+    /// Stream batches numbered below this are passed over, not delivered (a resumed run
+    /// skips what it has already learnt). Batches keep their numbers. A dataset source
+    /// and spark-json lines skip without decoding.
+    pub skip: u64,
 }
 
 impl Default for SourceOptions {
@@ -130,6 +134,7 @@ impl Default for SourceOptions {
             epochs: Some(1),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             connect_timeout: Duration::from_secs(30),
+            skip: 0,
         }
     }
 }
@@ -239,7 +244,7 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
     if opts.max_line_bytes == 0 {
         return Err(Error::usage("the line cap must be at least 1 byte"));
     }
-    Ok(match spec {
+    let source: Box<dyn BatchSource> = match spec {
         SourceSpec::Data(data) => Box::new(DataSource::new(data, opts)?),
         _ => Box::new(Lazy {
             spec: spec.clone(),
@@ -247,7 +252,40 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
             inner: None,
             report: Report::default(),
         }),
+    };
+    Ok(if opts.skip > 0 {
+        Box::new(Skip {
+            inner: source,
+            skip: opts.skip,
+        })
+    } else {
+        source
     })
+}
+
+/// Drops the batches numbered below `skip` (for the formats that cannot skip unread).
+struct Skip {
+    inner: Box<dyn BatchSource>,
+    skip: u64,
+}
+
+impl BatchSource for Skip {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            match self.inner.next_batch()? {
+                Some(b) if crate::batch::batch_number(&b).is_some_and(|n| n < self.skip) => {}
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn report(&self) -> Report {
+        self.inner.report()
+    }
+
+    fn batches_per_epoch(&self) -> Option<u64> {
+        self.inner.batches_per_epoch()
+    }
 }
 
 /// A source that connects (or opens its file) on first use.
@@ -290,7 +328,7 @@ pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream> {
     loop {
         match TcpStream::connect((host, port)) {
             Ok(s) => {
-                tracing::info!("connected to {host}:{port}");
+                tracing::debug!("connected to {host}:{port}");
                 return Ok(s);
             }
             Err(e) if Instant::now() < deadline => {
@@ -363,6 +401,7 @@ pub fn from_reader(
             lines: LineReader::new(reader, opts.max_line_bytes),
             format,
             next_batch: 0,
+            skip: opts.skip,
             batch_size: opts.batch_size,
             report,
             spark: spark_json::DecodedBatch::default(),
@@ -517,6 +556,7 @@ struct JsonLines {
     lines: LineReader<Box<dyn Read + Send>>,
     format: Format,
     next_batch: u64,
+    skip: u64,
     batch_size: usize,
     report: Report,
     spark: spark_json::DecodedBatch,
@@ -570,6 +610,10 @@ impl JsonLines {
                 }
             };
             self.next_batch += 1;
+            if batch < self.skip {
+                // Already learnt (a resumed run): not decoded.
+                continue;
+            }
             match spark_json::decode(text, &mut self.spark) {
                 Ok(()) if self.spark.is_empty() => {}
                 Ok(()) => {
@@ -871,6 +915,7 @@ struct DataSource {
     epochs: Option<u64>,
     epoch: u64,
     next_batch: u64,
+    skip: u64,
     report: Report,
 }
 
@@ -884,6 +929,7 @@ impl DataSource {
             epochs: opts.epochs,
             epoch: 0,
             next_batch: 0,
+            skip: opts.skip,
             report: Report::default(),
         })
     }
@@ -904,6 +950,9 @@ impl BatchSource for DataSource {
                 Some(images) => {
                     let seq = self.next_batch;
                     self.next_batch += 1;
+                    if seq < self.skip {
+                        continue;
+                    }
                     let n = images.len();
                     let out = make_batch(seq, None, images.labels, images.pixels)?;
                     self.report.accept(n);

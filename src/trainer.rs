@@ -4,26 +4,38 @@
 //! `train` runs the preprocessing SQL (`sql/train.sql` unless told otherwise) as **one**
 //! DataFusion query for the whole run; each output batch is viewed zero-copy as ndarray
 //! ([`crate::bridge`]), scored *before* the model learns from it (test-then-train, so the
-//! training metrics are honest), then learned from. `predict` loads the saved model, runs
-//! `sql/eval.sql` and writes test metrics, the confusion matrix and per-image predictions.
+//! training metrics are honest; `eval_after_fit` gives the original's score-after-fit),
+//! then learned from. Every `checkpoint_every` batches and at every epoch's end the
+//! metrics, confusion and prediction rows so far are committed as Parquet parts and a
+//! checkpoint is written ([`crate::checkpoint`]); a resumed run starts from the latest one,
+//! skips the batches it learnt and ends bit-identical to an uninterrupted run.
+//! `predict` loads a checkpoint, runs `sql/eval.sql` and writes test metrics, the
+//! confusion matrix and per-image predictions.
 
-use std::time::Instant;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, UInt32Array, UInt64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::StreamExt;
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView1};
 
 use crate::bridge::{features_view, labels_view};
+use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config;
+use crate::dataset::{self, DataSpec, Images, CLASSES};
 use crate::error::{Error, Result};
-use crate::metrics::{batch_metrics, Accumulator, Metrics};
+use crate::metrics::{batch_metrics, Accumulator, Metrics, Running};
 use crate::model::{self, Learner};
 use crate::query;
-use crate::runs::{now_ms, MetricsRow, Run, RunInfo};
+use crate::runs::{self, now_ms, MetricsRow, Pending, Run, RunInfo};
+use crate::server::{self, ServeOptions, ServeSummary};
 use crate::source::{self, Report, SourceOptions, SourceSpec};
 use crate::table::register_stream;
 use crate::transforms;
+use crate::wire::Format;
 
 /// The training preprocessing shipped with cifar-df.
 pub const TRAIN_SQL: &str = include_str!("../sql/train.sql");
@@ -34,7 +46,8 @@ pub const FEATURES: &str = "features";
 /// Models `train --model` knows.
 pub use crate::model::MODELS;
 
-/// Metrics rows are written to the run store every this many batches (and at the end).
+/// Metrics rows are also committed every this many batches between checkpoints, so that
+/// `query` sees a long epoch as it goes (a resumed run replaces those past its checkpoint).
 const FLUSH_EVERY: usize = 50;
 
 /// A new learner by name, with the hyper-parameters in `params` (a TOML table; missing
@@ -43,8 +56,78 @@ pub fn new_model(name: &str, params: &toml::Table) -> Result<Box<dyn Learner>> {
     config::build_model(name, params)
 }
 
-/// Called after every training batch with (batches done, epoch, running epoch metrics).
-pub type OnBatch = Box<dyn FnMut(u64, u32, &Metrics) + Send>;
+/// Where the training data comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainSource {
+    /// A source as `--source` names it: `tcp://`, `file:`, or a dataset read in process.
+    Spec(SourceSpec),
+    /// A dataset served by a stream server inside this process and read back over a real
+    /// loopback TCP connection, as the original's two processes did.
+    Loopback {
+        /// The dataset.
+        data: DataSpec,
+        /// Pause of the server after each batch.
+        sleep: Duration,
+    },
+}
+
+impl TrainSource {
+    /// Parses what [`TrainSource`]'s `Display` writes (`loopback:DATA` or a source).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.strip_prefix("loopback:") {
+            Some(d) => Ok(TrainSource::Loopback {
+                data: DataSpec::parse(d)?,
+                sleep: Duration::ZERO,
+            }),
+            None => Ok(TrainSource::Spec(SourceSpec::parse(s)?)),
+        }
+    }
+
+    /// The dataset behind the source, when there is one (to score its test split).
+    pub fn dataset(&self) -> Option<&DataSpec> {
+        match self {
+            TrainSource::Spec(SourceSpec::Data(d)) => Some(d),
+            TrainSource::Loopback { data, .. } => Some(data),
+            TrainSource::Spec(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TrainSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainSource::Spec(s) => write!(f, "{s}"),
+            TrainSource::Loopback { data, .. } => write!(f, "loopback:{data}"),
+        }
+    }
+}
+
+/// Where a pass is, for progress bars.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Epoch, from 1.
+    pub epoch: u32,
+    /// Epochs in the run, when known.
+    pub epochs: Option<u64>,
+    /// Position of the batch in its epoch, from 1.
+    pub batch_in_epoch: u64,
+    /// Batches per epoch, when known.
+    pub per_epoch: Option<u64>,
+    /// Batches done in this pass.
+    pub batches: u64,
+    /// Images per second in this pass.
+    pub images_per_second: f64,
+    /// Running mean of the batch accuracies.
+    pub acc: f64,
+    /// Running mean of the batch losses.
+    pub loss: f64,
+}
+
+/// Called after every batch.
+pub type OnBatch = Box<dyn FnMut(&Progress) + Send>;
+
+/// A future that, when it completes, asks a pass to stop (checkpointed; resumable).
+pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What `train` needs.
 pub struct TrainOptions {
@@ -54,35 +137,91 @@ pub struct TrainOptions {
     pub model: String,
     /// Hyper-parameters (the model's table of a run config).
     pub params: toml::Table,
+    /// The effective run config (TOML), saved in the run and in every checkpoint.
+    pub config: String,
     /// Seed of the augmentation decisions.
     pub seed: u64,
     /// Preprocessing SQL (a `SELECT ... FROM stream` with `label` and `features`).
     pub sql: String,
     /// Where the training data comes from.
-    pub source: SourceSpec,
-    /// How to read it.
+    pub source: TrainSource,
+    /// How to read it (`epochs` is the run's total; `skip` is set by a resume).
     pub source_opts: SourceOptions,
-    /// Called after every batch with (batches done, epoch, running metrics).
+    /// Score each batch after learning from it (the original's way) instead of before.
+    pub eval_after_fit: bool,
+    /// Checkpoint every this many stream batches (0: only at epoch ends).
+    pub checkpoint_every: u64,
+    /// Mid-epoch checkpoints to keep (0: all); epoch-end checkpoints are all kept.
+    pub keep_checkpoints: usize,
+    /// Batches in the rolling window of the metrics rows.
+    pub window: usize,
+    /// Continue the run from its latest checkpoint.
+    pub resume: bool,
+    /// Delete an existing run of this name first.
+    pub overwrite: bool,
+    /// Stop (checkpointed, status `interrupted`) after learning this many batches.
+    pub max_batches: Option<u64>,
+    /// Stop (checkpointed, status `interrupted`) when this completes (Ctrl-C).
+    pub stop: Option<StopSignal>,
+    /// Called after every batch.
     pub on_batch: Option<OnBatch>,
+}
+
+impl TrainOptions {
+    /// Options with the defaults: test-then-train, a checkpoint every 100 batches and at
+    /// epoch ends, the last 3 mid-epoch checkpoints kept, a rolling window of 20.
+    pub fn new(run: Run, model: &str, source: TrainSource, source_opts: SourceOptions) -> Self {
+        TrainOptions {
+            run,
+            model: model.to_string(),
+            params: toml::Table::new(),
+            config: String::new(),
+            seed: 0,
+            sql: TRAIN_SQL.to_string(),
+            source,
+            source_opts,
+            eval_after_fit: false,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            window: 20,
+            resume: false,
+            overwrite: false,
+            max_batches: None,
+            stop: None,
+            on_batch: None,
+        }
+    }
 }
 
 /// What a training or prediction pass did.
 #[derive(Debug, Default)]
 pub struct Summary {
-    /// Batches processed.
+    /// Batches processed in this pass (a resumed run: since the resume).
     pub batches: u64,
-    /// Metrics over everything processed (train: scored before learning).
+    /// Batches learnt over the whole run (train).
+    pub total_batches: u64,
+    /// Metrics over everything processed (train: the whole run, scored before learning).
     pub overall: Metrics,
     /// Metrics over the last epoch (train) or the whole pass (predict).
     pub last_epoch: Metrics,
-    /// Wall-clock seconds.
+    /// Epoch of the last batch, from 1 (train; predict: the checkpoint's).
+    pub epoch: u32,
+    /// Wall-clock seconds of this pass.
     pub seconds: f64,
-    /// Lines the source rejected.
+    /// Lines the source rejected, plus batches the trainer rejected.
     pub rejected: u64,
-    /// Images per second through the whole pipeline.
+    /// Images per second through the whole pipeline in this pass.
     pub images_per_second: f64,
     /// Seconds spent in the model's `partial_fit` (train) or `predict_proba` (predict).
     pub fit_seconds: f64,
+    /// Whether the pass stopped early (signal or `max_batches`); resumable.
+    pub interrupted: bool,
+    /// The latest checkpoint (train) or the one used (predict).
+    pub checkpoint: Option<String>,
+    /// The checkpoint a resumed run started from.
+    pub resumed_from: Option<String>,
+    /// Part files a resume removed (rows past its checkpoint).
+    pub discarded_parts: usize,
     /// PNG grids of the images in each cluster (`predict` of a clustering model whose
     /// SQL keeps the `image` column).
     pub cluster_grids: Vec<std::path::PathBuf>,
@@ -123,94 +262,243 @@ fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<
     }
 }
 
-/// A scored batch: features and labels (views into the batch's buffers), the model's
-/// probabilities for it, and its metrics under them.
-struct Scored<'a> {
-    x: ArrayView2<'a, f32>,
-    y: ArrayView1<'a, u8>,
-    proba: Array2<f32>,
-    metrics: Metrics,
+/// The stream of a pass, with the server behind it when it runs in this process.
+struct Opened {
+    stream: datafusion::execution::SendableRecordBatchStream,
+    report: Report,
+    per_epoch: Option<u64>,
+    server: Option<Loopback>,
 }
 
-fn score<'a>(batch: &'a RecordBatch, model: &dyn Learner) -> Result<Scored<'a>> {
-    let x = features_view(batch, FEATURES)?;
-    let y = labels_view(batch, "label")?;
-    let proba = model.predict_proba(x)?;
-    let metrics = batch_metrics(y, proba.view())?;
-    Ok(Scored {
-        x,
-        y,
-        proba,
-        metrics,
-    })
+/// An in-process server: its address and thread.
+struct Loopback {
+    addr: SocketAddr,
+    handle: std::thread::JoinHandle<Result<ServeSummary>>,
 }
 
-fn first_u64(batch: &RecordBatch, name: &str) -> Option<u64> {
-    let col = batch.column_by_name(name)?;
-    let a = col.as_any().downcast_ref::<UInt64Array>()?;
-    (!a.is_empty()).then(|| a.value(0))
+impl Loopback {
+    /// Ends the server thread: if no client ever connected (the pass failed first), one
+    /// connects and leaves, so that `accept` returns.
+    fn finish(self) {
+        if !self.handle.is_finished() {
+            let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
+        let _ = self.handle.join();
+    }
 }
 
+/// Opens `source` for a pass running `sql`: a loopback source gets its server started
+/// here (streaming `opts.epochs` passes over the split).
 async fn open_stream(
     sql: &str,
     seed: u64,
-    spec: &SourceSpec,
+    source: &TrainSource,
     opts: &SourceOptions,
-) -> Result<(
-    datafusion::execution::SendableRecordBatchStream,
-    Report,
-    Option<u64>,
-)> {
-    let ctx = query::stream_session();
-    transforms::register(&ctx, seed);
-    let src = source::open(spec, opts)?;
-    let per_epoch = src.batches_per_epoch();
-    let report = register_stream(&ctx, src, spec.is_bounded())?;
-    let df = ctx.sql(sql).await?;
-    let fields = df.schema().fields();
-    for need in ["label", FEATURES] {
-        if !fields.iter().any(|f| f.name() == need) {
-            return Err(Error::usage(format!(
-                "the preprocessing SQL must produce a `{need}` column (it produces: {})",
-                fields
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+) -> Result<Opened> {
+    let (spec, per_epoch, server) = match source {
+        TrainSource::Spec(spec) => (spec.clone(), None, None),
+        TrainSource::Loopback { data, sleep } => {
+            let files = dataset::load_split(data, opts.split)?;
+            let images: usize = files.iter().map(Images::len).sum();
+            let per_epoch = images.div_ceil(opts.batch_size.max(1)) as u64;
+            let serve = ServeOptions {
+                data: data.clone(),
+                split: opts.split,
+                batch_size: opts.batch_size,
+                endless: true,
+                sleep: *sleep,
+                format: Format::SparkJson,
+                limit: Some(opts.epochs.unwrap_or(1).saturating_mul(per_epoch)),
+                progress: false,
+            };
+            let (addr, handle) = server::spawn_loopback(files, serve)?;
+            let spec = SourceSpec::Tcp {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            };
+            (spec, Some(per_epoch), Some(Loopback { addr, handle }))
+        }
+    };
+    let opened = async {
+        let ctx = query::stream_session();
+        transforms::register(&ctx, seed);
+        let src = source::open(&spec, opts)?;
+        let per_epoch = per_epoch.or(src.batches_per_epoch());
+        let report = register_stream(&ctx, src, spec.is_bounded())?;
+        let df = ctx.sql(sql).await?;
+        let fields = df.schema().fields();
+        for need in ["label", FEATURES] {
+            if !fields.iter().any(|f| f.name() == need) {
+                return Err(Error::usage(format!(
+                    "the preprocessing SQL must produce a `{need}` column (it produces: {})",
+                    fields
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok((df.execute_stream().await?, report, per_epoch))
+    }
+    .await;
+    match opened {
+        Ok((stream, report, per_epoch)) => Ok(Opened {
+            stream,
+            report,
+            per_epoch,
+            server,
+        }),
+        Err(e) => {
+            if let Some(s) = server {
+                s.finish();
+            }
+            Err(e)
         }
     }
-    Ok((df.execute_stream().await?, report, per_epoch))
 }
 
-/// Train a model on a source, batch by batch, writing metrics and the model to the run.
+/// The first label of `y` that is not a class, with its row.
+fn bad_label(y: ArrayView1<u8>) -> Option<(usize, u8)> {
+    y.iter()
+        .enumerate()
+        .find(|(_, &l)| usize::from(l) >= CLASSES)
+        .map(|(i, &l)| (i, l))
+}
+
+/// Predicted class and its probability, per row.
+fn argmax_rows(proba: &Array2<f32>) -> (Vec<u8>, Vec<f32>) {
+    let (mut predicted, mut p_max) = (Vec::new(), Vec::new());
+    for row in proba.rows() {
+        let (mut best, mut p) = (0usize, f32::NEG_INFINITY);
+        for (k, &v) in row.iter().enumerate() {
+            if v > p {
+                best = k;
+                p = v;
+            }
+        }
+        predicted.push(best as u8);
+        p_max.push(p);
+    }
+    (predicted, p_max)
+}
+
+/// The `row` and `batch` columns of a batch (row numbers 0..n and `number` without them).
+fn row_and_batch_columns(batch: &RecordBatch, number: u64) -> (Vec<u32>, Vec<u64>) {
+    let rows = match batch
+        .column_by_name("row")
+        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned())
+    {
+        Some(r) => r.values().to_vec(),
+        None => (0..batch.num_rows() as u32).collect(),
+    };
+    let numbers = match batch
+        .column_by_name("batch")
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
+    {
+        Some(b) => b.values().to_vec(),
+        None => vec![number; batch.num_rows()],
+    };
+    (rows, numbers)
+}
+
+/// The checkpoint `--resume` continues `run` from: its latest. An error says so when the
+/// run has none.
+pub fn resume_point(run: &Run) -> Result<Checkpoint> {
+    checkpoint::latest(&run.checkpoints_dir())?.ok_or_else(|| {
+        Error::usage(format!(
+            "run {:?} has no checkpoint to resume from (nothing in {}); train it without --resume",
+            run.name,
+            run.checkpoints_dir().display()
+        ))
+    })
+}
+
+/// A run directory holds a run already (checkpoints or table parts).
+fn has_run_data(run: &Run) -> bool {
+    let nonempty = |p: std::path::PathBuf| {
+        std::fs::read_dir(p)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    };
+    nonempty(run.checkpoints_dir()) || runs::TABLES.iter().any(|t| nonempty(run.dir.join(t)))
+}
+
+/// Train a model on a source, batch by batch, writing metrics, checkpoints and the run
+/// record to the run.
 ///
 /// `runs/NAME/run.json` records the run (model, seed, source, hyper-parameters, start)
-/// with status `running`, then `finished` (with the end time and counts) or `failed`
-/// (with the error).
+/// with status `running`, then `finished` (with the end time and counts), `interrupted`
+/// (stopped early; `resume` continues it) or `failed` (with the error). A new run refuses
+/// a folder that already holds one unless `overwrite`; `resume` needs a checkpoint.
 pub async fn train(opts: TrainOptions) -> Result<Summary> {
-    let mut info = RunInfo {
-        run: opts.run.name.clone(),
-        model: opts.model.clone(),
-        status: "running".into(),
-        seed: opts.seed,
-        source: opts.source.to_string(),
-        config: toml::to_string(&opts.params).unwrap_or_default(),
-        start_ms: now_ms(),
-        end_ms: None,
-        batches: 0,
-        images: 0,
-        error: None,
-    };
     let run = opts.run.clone();
+    let resume = if opts.resume {
+        let ck = resume_point(&run)?;
+        if ck.state.model != opts.model {
+            return Err(Error::usage(format!(
+                "run {:?} was trained with model {}, not {}",
+                run.name, ck.state.model, opts.model
+            )));
+        }
+        Some(ck)
+    } else {
+        if has_run_data(&run) {
+            if !opts.overwrite {
+                return Err(Error::usage(format!(
+                    "run {:?} already exists in {}: continue it with --resume, or start it \
+                     over with --overwrite (or pick another --run)",
+                    run.name,
+                    run.dir.display()
+                )));
+            }
+            std::fs::remove_dir_all(&run.dir).map_err(|e| Error::io(&run.dir, e))?;
+        }
+        None
+    };
+    let mut info = match (&resume, run.read_info().ok().flatten()) {
+        (Some(_), Some(mut i)) => {
+            i.status = "running".into();
+            i.resumes += 1;
+            i.end_ms = None;
+            i.error = None;
+            i
+        }
+        _ => RunInfo {
+            run: run.name.clone(),
+            model: opts.model.clone(),
+            status: "running".into(),
+            seed: opts.seed,
+            source: opts.source.to_string(),
+            config: opts.config.clone(),
+            start_ms: now_ms(),
+            end_ms: None,
+            batches: 0,
+            images: 0,
+            error: None,
+            checkpoint: None,
+            resumes: 0,
+            pid: None,
+        },
+    };
+    info.pid = Some(std::process::id());
     run.write_info(&info)?;
-    let result = train_inner(opts).await;
+    let config_path = run.dir.join("config.toml");
+    model::write_atomic(&config_path, opts.config.as_bytes())?;
+    let result = train_inner(opts, resume, &mut info).await;
     info.end_ms = Some(now_ms());
+    info.pid = None;
     match &result {
         Ok(s) => {
-            info.status = "finished".into();
-            info.batches = s.batches;
+            info.status = if s.interrupted {
+                "interrupted"
+            } else {
+                "finished"
+            }
+            .into();
+            info.batches = s.total_batches;
             info.images = s.overall.images;
+            info.checkpoint = s.checkpoint.clone();
         }
         Err(e) => {
             info.status = "failed".into();
@@ -226,102 +514,347 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
     result
 }
 
-async fn train_inner(mut opts: TrainOptions) -> Result<Summary> {
-    let mut model = new_model(&opts.model, &opts.params)?;
-    let (mut stream, report, per_epoch) =
-        open_stream(&opts.sql, opts.seed, &opts.source, &opts.source_opts).await?;
-    let started = Instant::now();
+/// What the training loop carries between batches besides the model.
+struct Loop {
+    st: TrainState,
+    pending: Pending,
+    /// `next_batch` of the latest checkpoint written or resumed from.
+    saved_at: Option<(u64, bool)>,
+    checkpoint: Option<String>,
+}
+
+impl Loop {
+    /// Commits the pending rows, then writes a checkpoint of `model` (unless one of this
+    /// very state exists) and updates `run.json`.
+    fn checkpoint(
+        &mut self,
+        opts: &TrainOptions,
+        model: &dyn Learner,
+        info: &mut RunInfo,
+    ) -> Result<()> {
+        self.pending.commit(&opts.run, &opts.model, None)?;
+        let here = (self.st.next_batch, self.st.epoch_done);
+        if self.saved_at == Some(here) || self.st.batches == 0 {
+            return Ok(());
+        }
+        self.st.created_ms = now_ms();
+        let dir = checkpoint::save(&opts.run.checkpoints_dir(), &self.st, model, &opts.config)?;
+        checkpoint::prune(&opts.run.checkpoints_dir(), opts.keep_checkpoints)?;
+        self.saved_at = Some(here);
+        let name = self.st.name();
+        tracing::debug!("checkpoint {} ({})", name, dir.display());
+        info.checkpoint = Some(name.clone());
+        info.batches = self.st.batches;
+        info.images = self.st.images;
+        opts.run.write_info(info)?;
+        self.checkpoint = Some(name);
+        Ok(())
+    }
+
+    /// Closes the current epoch: the model's end-of-epoch work, then a checkpoint.
+    fn close_epoch(
+        &mut self,
+        opts: &TrainOptions,
+        model: &mut dyn Learner,
+        info: &mut RunInfo,
+    ) -> Result<()> {
+        model.end_epoch()?;
+        self.st.epoch_done = true;
+        self.checkpoint(opts, model, info)
+    }
+}
+
+async fn train_inner(
+    mut opts: TrainOptions,
+    resume: Option<Checkpoint>,
+    info: &mut RunInfo,
+) -> Result<Summary> {
     let mut summary = Summary::default();
-    let (mut overall, mut epoch_acc) = (Accumulator::new(), Accumulator::new());
-    let mut rows: Vec<MetricsRow> = Vec::new();
-    let mut current_epoch = 0u32;
-    let mut seq = 0u64;
-    while let Some(batch) = stream.next().await {
+    let (mut model, st) = match &resume {
+        Some(ck) => (ck.model()?, ck.state.clone()),
+        None => (
+            new_model(&opts.model, &opts.params)?,
+            TrainState::new(
+                &opts.run.name,
+                &opts.model,
+                opts.seed,
+                opts.eval_after_fit,
+                opts.window,
+            ),
+        ),
+    };
+    if let Some(ck) = &resume {
+        // The run goes on as it started: same preprocessing, same seed.
+        if !ck.state.sql.is_empty() {
+            opts.sql = ck.state.sql.clone();
+        }
+        opts.seed = ck.state.seed;
+        summary.resumed_from = Some(ck.name());
+        summary.discarded_parts = opts.run.discard_after(ck.state.next_batch)?;
+        checkpoint::prune(&opts.run.checkpoints_dir(), 0)?;
+        tracing::info!(
+            "resuming run {} from checkpoint {} (stream batch {})",
+            opts.run.name,
+            ck.name(),
+            ck.state.next_batch
+        );
+    }
+    let mut st = st;
+    st.sql = opts.sql.clone();
+    let mut lp = Loop {
+        saved_at: resume
+            .as_ref()
+            .map(|c| (c.state.next_batch, c.state.epoch_done)),
+        checkpoint: resume.as_ref().map(Checkpoint::name),
+        st,
+        pending: Pending::default(),
+    };
+    opts.source_opts.skip = lp.st.next_batch;
+    let Opened {
+        mut stream,
+        report,
+        per_epoch,
+        server,
+    } = open_stream(&opts.sql, opts.seed, &opts.source, &opts.source_opts).await?;
+    lp.st.per_epoch = per_epoch;
+    let result = train_loop(
+        &mut opts,
+        model.as_mut(),
+        &mut lp,
+        &mut stream,
+        info,
+        &mut summary,
+    )
+    .await;
+    drop(stream);
+    if let Some(s) = server {
+        s.finish();
+    }
+    result?;
+    let st = &lp.st;
+    summary.total_batches = st.batches;
+    summary.epoch = st.epoch;
+    summary.overall = st.overall.get();
+    summary.last_epoch = st.epoch_metrics.get();
+    summary.fit_seconds = st.fit_seconds;
+    summary.rejected += report.snapshot().rejected;
+    summary.checkpoint = lp.checkpoint.clone();
+    Ok(summary)
+}
+
+async fn train_loop(
+    opts: &mut TrainOptions,
+    model: &mut dyn Learner,
+    lp: &mut Loop,
+    stream: &mut datafusion::execution::SendableRecordBatchStream,
+    info: &mut RunInfo,
+    summary: &mut Summary,
+) -> Result<()> {
+    let started = Instant::now();
+    let per_epoch = lp.st.per_epoch;
+    let mut images_here = 0u64;
+    let mut stop = opts.stop.take();
+    let mut seq = lp.st.next_batch;
+    loop {
+        let next = match stop.as_mut() {
+            Some(s) => tokio::select! {
+                b = stream.next() => b,
+                _ = s => {
+                    summary.interrupted = true;
+                    break;
+                }
+            },
+            None => stream.next().await,
+        };
+        let Some(batch) = next else {
+            break;
+        };
         let batch = batch?;
         if batch.num_rows() == 0 {
             continue;
         }
         let t = Instant::now();
-        let number = first_u64(&batch, "batch").unwrap_or(seq);
-        seq += 1;
-        let epoch = per_epoch.map(|p| (number / p.max(1)) as u32).unwrap_or(0);
-        if epoch != current_epoch {
-            model.end_epoch()?;
-            epoch_acc = Accumulator::new();
-            current_epoch = epoch;
+        let number = crate::batch::batch_number(&batch).unwrap_or(seq);
+        seq = number + 1;
+        if number < lp.st.next_batch {
+            continue; // learnt before the checkpoint this run resumed from
         }
-        // Test, then train.
-        let Scored {
-            x,
-            y,
-            proba,
-            metrics: m,
-        } = score(&batch, model.as_ref())?;
-        overall.update(y, proba.view())?;
-        epoch_acc.update(y, proba.view())?;
+        let x = features_view(&batch, FEATURES)?;
+        let y = labels_view(&batch, "label")?;
+        if let Some((row, label)) = bad_label(y) {
+            tracing::warn!(
+                "batch {number} rejected: row {row} has label {label}, outside 0..{}",
+                CLASSES - 1
+            );
+            summary.rejected += 1;
+            continue;
+        }
+        let (epoch, pos) = match per_epoch {
+            Some(p) => ((number / p.max(1) + 1) as u32, number % p.max(1) + 1),
+            None => (1, number + 1),
+        };
+        if epoch != lp.st.epoch {
+            if !lp.st.epoch_done {
+                // The previous epoch's last batch never came (rejected): close it now.
+                lp.close_epoch(opts, model, info)?;
+            }
+            lp.st.epoch = epoch;
+            lp.st.epoch_done = false;
+            lp.st.epoch_metrics = Accumulator::new();
+        }
+        // Test, then train (or the other way round, as the original did).
+        let before = if lp.st.eval_after_fit {
+            None
+        } else {
+            Some(model.predict_proba(x)?)
+        };
         let f = Instant::now();
         model.partial_fit(x, y)?;
-        summary.fit_seconds += f.elapsed().as_secs_f64();
-        rows.push(MetricsRow {
-            split: "train".into(),
-            epoch,
-            batch: number,
-            metrics: m,
-            seconds: t.elapsed().as_secs_f64(),
-            ts_ms: now_ms(),
-        });
+        lp.st.fit_seconds += f.elapsed().as_secs_f64();
+        let proba = match before {
+            Some(p) => p,
+            None => model.predict_proba(x)?,
+        };
+        let m = batch_metrics(y, proba.view())?;
+        lp.st.overall.update(y, proba.view())?;
+        lp.st.epoch_metrics.update(y, proba.view())?;
+        let (mean, window) = lp.st.running.push(&m);
+        let (predicted, p_max) = argmax_rows(&proba);
+        let (rows, numbers) = row_and_batch_columns(&batch, number);
+        let labels = y.to_vec();
+        let preds = opts
+            .run
+            .predictions_batch("train", epoch, &numbers, &rows, &labels, &predicted, &p_max)?;
+        images_here += m.images;
+        lp.st.images += m.images;
+        lp.st.batches += 1;
+        lp.st.next_batch = number + 1;
+        lp.st.batch_in_epoch = pos;
+        lp.pending.add(
+            MetricsRow {
+                split: "train".into(),
+                epoch,
+                batch: number,
+                metrics: m,
+                mean,
+                window,
+                seconds: t.elapsed().as_secs_f64(),
+                ts_ms: now_ms(),
+            },
+            preds,
+        );
         summary.batches += 1;
-        if rows.len() >= FLUSH_EVERY {
-            opts.run.append_metrics(&opts.model, &rows)?;
-            rows.clear();
+        if per_epoch.is_some_and(|p| pos == p) {
+            lp.close_epoch(opts, model, info)?;
+        } else if opts.checkpoint_every > 0 && (number + 1).is_multiple_of(opts.checkpoint_every) {
+            lp.checkpoint(opts, model, info)?;
+        } else if lp.pending.len() >= FLUSH_EVERY {
+            lp.pending.commit(&opts.run, &opts.model, None)?;
         }
         if let Some(f) = opts.on_batch.as_mut() {
-            f(summary.batches, epoch, &epoch_acc.get());
+            f(&Progress {
+                epoch,
+                epochs: opts.source_opts.epochs,
+                batch_in_epoch: pos,
+                per_epoch,
+                batches: summary.batches,
+                images_per_second: images_here as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                acc: mean[0],
+                loss: mean[1],
+            });
+        }
+        if opts.max_batches.is_some_and(|n| summary.batches >= n) {
+            summary.interrupted = true;
+            break;
         }
     }
-    model.end_epoch()?;
-    opts.run.append_metrics(&opts.model, &rows)?;
-    model.save(&opts.run.model_dir())?;
+    if summary.interrupted {
+        lp.checkpoint(opts, model, info)?;
+    } else if !lp.st.epoch_done {
+        lp.close_epoch(opts, model, info)?;
+    } else {
+        lp.checkpoint(opts, model, info)?;
+    }
     summary.seconds = started.elapsed().as_secs_f64();
-    summary.overall = overall.get();
-    summary.last_epoch = epoch_acc.get();
-    summary.rejected = report.snapshot().rejected;
-    summary.images_per_second = summary.overall.images as f64 / summary.seconds.max(1e-9);
-    Ok(summary)
+    summary.images_per_second = images_here as f64 / summary.seconds.max(1e-9);
+    Ok(())
 }
 
 /// What `predict` needs.
 pub struct PredictOptions {
     /// The run whose model to use and where to write.
     pub run: Run,
+    /// The checkpoint to load (default: the latest).
+    pub checkpoint: Option<String>,
     /// Preprocessing SQL.
     pub sql: String,
     /// Where the data comes from.
-    pub source: SourceSpec,
+    pub source: TrainSource,
     /// How to read it (usually the test split).
     pub source_opts: SourceOptions,
-    /// Name of the split in the tables.
+    /// Name of the split in the tables (`test`; a pass over the training split is
+    /// `train-eval`, apart from the rows scored while training).
     pub split: String,
+    /// Batches in the rolling window of the metrics rows.
+    pub window: usize,
+    /// Called after every batch.
+    pub on_batch: Option<OnBatch>,
 }
 
-/// Score a saved model on a source; writes metrics, confusion and predictions.
-pub async fn predict(opts: PredictOptions) -> Result<Summary> {
-    let model_dir = opts.run.model_dir();
-    if !model_dir.join(model::META_FILE).exists() {
-        return Err(Error::usage(format!(
-            "run {:?} has no model at {} (train it first)",
-            opts.run.name,
-            model_dir.display()
-        )));
+/// Score a checkpoint of a run on a source; writes metrics, confusion and predictions of
+/// the split (replacing an earlier pass over the same split).
+pub async fn predict(mut opts: PredictOptions) -> Result<Summary> {
+    let root = opts.run.checkpoints_dir();
+    let ck = match &opts.checkpoint {
+        Some(name) => checkpoint::find(&root, name)?,
+        None => checkpoint::latest(&root)?.ok_or_else(|| {
+            Error::usage(format!(
+                "run {:?} has no checkpoint in {} (train it first)",
+                opts.run.name,
+                root.display()
+            ))
+        })?,
+    };
+    let model = ck.model()?;
+    let epoch = ck.state.epoch;
+    let Opened {
+        mut stream,
+        report,
+        per_epoch,
+        server,
+    } = open_stream(&opts.sql, 0, &opts.source, &opts.source_opts).await?;
+    let result = predict_loop(
+        &mut opts,
+        model.as_ref(),
+        epoch,
+        per_epoch,
+        &mut stream,
+        &report,
+    )
+    .await;
+    drop(stream);
+    if let Some(s) = server {
+        s.finish();
     }
-    let model = model::load(&model_dir)?;
-    let (mut stream, report, _) =
-        open_stream(&opts.sql, 0, &opts.source, &opts.source_opts).await?;
+    let mut summary = result?;
+    summary.checkpoint = Some(ck.name());
+    summary.epoch = epoch;
+    Ok(summary)
+}
+
+async fn predict_loop(
+    opts: &mut PredictOptions,
+    model: &dyn Learner,
+    epoch: u32,
+    per_epoch: Option<u64>,
+    stream: &mut datafusion::execution::SendableRecordBatchStream,
+    report: &Report,
+) -> Result<Summary> {
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut all = Accumulator::new();
-    let mut rows = Vec::new();
-    let mut preds = Vec::new();
+    let mut running = Running::new(opts.window);
+    let mut pending = Pending::default();
     let mut cluster_images: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut cluster_sizes: Vec<u64> = Vec::new();
     let mut seq = 0u64;
@@ -331,14 +864,19 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
             continue;
         }
         let t = Instant::now();
-        let number = first_u64(&batch, "batch").unwrap_or(seq);
-        seq += 1;
-        let Scored {
-            x,
-            y,
-            proba,
-            metrics: m,
-        } = score(&batch, model.as_ref())?;
+        let number = crate::batch::batch_number(&batch).unwrap_or(seq);
+        seq = number + 1;
+        let x = features_view(&batch, FEATURES)?;
+        let y = labels_view(&batch, "label")?;
+        if let Some((row, label)) = bad_label(y) {
+            tracing::warn!("batch {number} rejected: row {row} has label {label}, outside 0..9");
+            summary.rejected += 1;
+            continue;
+        }
+        let f = Instant::now();
+        let proba = model.predict_proba(x)?;
+        summary.fit_seconds += f.elapsed().as_secs_f64();
+        let m = batch_metrics(y, proba.view())?;
         all.update(y, proba.view())?;
         if let Some(clusters) = model.clusters(x) {
             let clusters = clusters?;
@@ -351,62 +889,51 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
             }
             collect_cluster_images(&batch, &clusters, &mut cluster_images);
         }
-        let (mut predicted, mut p_max) = (Vec::new(), Vec::new());
-        for row in proba.rows() {
-            let (mut best, mut p) = (0usize, f32::NEG_INFINITY);
-            for (k, &v) in row.iter().enumerate() {
-                if v > p {
-                    best = k;
-                    p = v;
-                }
-            }
-            predicted.push(best as u8);
-            p_max.push(p);
-        }
-        let rows_col: Vec<u32> = match batch
-            .column_by_name("row")
-            .and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned())
-        {
-            Some(r) => r.values().to_vec(),
-            None => (0..batch.num_rows() as u32).collect(),
-        };
-        let numbers: Vec<u64> = match batch
-            .column_by_name("batch")
-            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
-        {
-            Some(b) => b.values().to_vec(),
-            None => vec![number; batch.num_rows()],
-        };
-        preds.push(
-            opts.run.predictions_batch(
-                &opts.split,
-                &numbers,
-                &rows_col,
-                &y.as_slice()
-                    .map(std::borrow::Cow::Borrowed)
-                    .unwrap_or_else(|| std::borrow::Cow::Owned(y.to_vec())),
-                &predicted,
-                &p_max,
-            )?,
+        let (predicted, p_max) = argmax_rows(&proba);
+        let (rows, numbers) = row_and_batch_columns(&batch, number);
+        let labels = y.to_vec();
+        let preds = opts.run.predictions_batch(
+            &opts.split,
+            epoch,
+            &numbers,
+            &rows,
+            &labels,
+            &predicted,
+            &p_max,
+        )?;
+        let (mean, window) = running.push(&m);
+        pending.add(
+            MetricsRow {
+                split: opts.split.clone(),
+                epoch,
+                batch: number,
+                metrics: m,
+                mean,
+                window,
+                seconds: t.elapsed().as_secs_f64(),
+                ts_ms: now_ms(),
+            },
+            preds,
         );
-        rows.push(MetricsRow {
-            split: opts.split.clone(),
-            epoch: 0,
-            batch: number,
-            metrics: m,
-            seconds: t.elapsed().as_secs_f64(),
-            ts_ms: now_ms(),
-        });
         summary.batches += 1;
+        if let Some(f) = opts.on_batch.as_mut() {
+            f(&Progress {
+                epoch,
+                epochs: None,
+                batch_in_epoch: number + 1,
+                per_epoch,
+                batches: summary.batches,
+                images_per_second: all.get().images as f64
+                    / started.elapsed().as_secs_f64().max(1e-9),
+                acc: mean[0],
+                loss: mean[1],
+            });
+        }
     }
-    let model_name = model.name();
-    opts.run.append_metrics(model_name, &rows)?;
+    let file = runs::eval_part_name(&opts.split);
+    pending.commit(&opts.run, model.name(), Some(&file))?;
+    opts.run.remove_eval_parts(&opts.split, &file)?;
     let overall = all.get();
-    opts.run.append_confusion(&opts.split, &overall.confusion)?;
-    if !preds.is_empty() {
-        let merged = datafusion::arrow::compute::concat_batches(&preds[0].schema(), &preds)?;
-        opts.run.append("predictions", &merged)?;
-    }
     if cluster_images.iter().any(|c| !c.is_empty()) {
         let titles: Vec<String> = cluster_sizes
             .iter()
@@ -424,6 +951,6 @@ pub async fn predict(opts: PredictOptions) -> Result<Summary> {
     summary.images_per_second = overall.images as f64 / summary.seconds.max(1e-9);
     summary.overall = overall.clone();
     summary.last_epoch = overall;
-    summary.rejected = report.snapshot().rejected;
+    summary.rejected += report.snapshot().rejected;
     Ok(summary)
 }

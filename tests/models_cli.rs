@@ -114,7 +114,7 @@ fn flags_override_the_config_and_bad_settings_are_clear_errors() {
         "{saved}"
     );
     assert!(saved.contains("lr = 0.0003"), "config value kept: {saved}");
-    let meta = std::fs::read_to_string(runs.join("o/model/model.json")).unwrap();
+    let meta = std::fs::read_to_string(runs.join("o/checkpoints/epoch-1/model.json")).unwrap();
     assert!(meta.contains("\"optimizer\": \"sgd\""), "{meta}");
 
     let bad_cfg = tmp.path().join("bad.toml");

@@ -26,7 +26,14 @@ fn train_predict_query_on_the_synthetic_set() {
         runs_s,
     ]));
     assert!(stdout.contains("run r1"), "{stdout}");
-    assert!(runs.join("r1/model/model.safetensors").exists());
+    // train scored the dataset's test split at the end, from its last checkpoint.
+    assert!(stdout.contains("test (epoch-2): 300 images"), "{stdout}");
+    assert!(runs
+        .join("r1/checkpoints/epoch-2/model.safetensors")
+        .exists());
+    assert!(runs
+        .join("r1/checkpoints/epoch-1/model.safetensors")
+        .exists());
     let (stdout, _) = run_ok(bin().args([
         "-q",
         "predict",
@@ -38,6 +45,7 @@ fn train_predict_query_on_the_synthetic_set() {
         "synthetic:1000:300:1",
     ]));
     assert!(stdout.contains("confusion matrix"), "{stdout}");
+    // predict replaced the test rows train wrote (a second pass over the same split).
     let q = |sql: &str| run_ok(bin().args(["query", sql, "--runs", runs_s, "--format", "csv"])).0;
     // One metrics row per batch: 2 epochs × 10 batches of train, 3 batches of test.
     assert_eq!(
@@ -45,18 +53,32 @@ fn train_predict_query_on_the_synthetic_set() {
         "split,n,b,i\ntest,3,3,300\ntrain,20,20,2000\n"
     );
     assert_eq!(
-        q("select max(epoch) as e from metrics where split = 'train'"),
-        "e\n1\n"
+        q("select min(epoch) as a, max(epoch) as e from metrics where split = 'train'"),
+        "a,e\n1,2\n"
     );
-    // The confusion matrix and predictions agree with each other and with the metrics.
-    assert_eq!(q("select sum(count) as n from confusion"), "n\n300\n");
+    // The confusion matrix and predictions agree with each other and with the metrics,
+    // for the test pass and for the batches scored while training.
     assert_eq!(
-        q("select count(*) as n, sum(case when label = predicted then 1 else 0 end) as ok from predictions"),
-        q("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from metrics where split = 'test'")
+        q("select split, sum(count) as n from confusion group by split order by split"),
+        "split,n\ntest,300\ntrain,2000\n"
     );
+    for split in ["test", "train"] {
+        assert_eq!(
+            q(&format!("select count(*) as n, sum(case when label = predicted then 1 else 0 end) as ok from predictions where split = '{split}'")),
+            q(&format!("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from metrics where split = '{split}'")),
+            "{split}"
+        );
+        assert_eq!(
+            q(&format!("select sum(count) as ok from confusion where actual = predicted and split = '{split}'")),
+            q(&format!("select sum(case when label = predicted then 1 else 0 end) as ok from predictions where split = '{split}'")),
+            "{split}"
+        );
+    }
+    // Running means: the last train row's acc_mean is the mean of all its acc values,
+    // and acc_window the mean of the last 20 (here: all 20).
     assert_eq!(
-        q("select sum(count) as ok from confusion where actual = predicted"),
-        q("select sum(case when label = predicted then 1 else 0 end) as ok from predictions")
+        q("select round(avg(acc), 12) = round(max(case when batch = 19 then acc_mean end), 12) as m, round(avg(acc), 12) = round(max(case when batch = 19 then acc_window end), 12) as w from metrics where split = 'train'"),
+        "m,w\ntrue,true\n"
     );
     // It learned: test accuracy well above chance (0.1).
     let acc: f64 =
@@ -115,7 +137,7 @@ fn train_errors_are_clear() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("has no model"), "{err}");
+    assert!(err.contains("has no checkpoint"), "{err}");
     // A query over runs that do not exist yet still answers.
     let (stdout, _) = run_ok(
         bin()

@@ -492,7 +492,7 @@ impl Learner for LogReg {
             ("steps".to_string(), self.steps.to_string()),
         ]);
         let bytes = safetensors::serialize(tensors, &Some(extra)).map_err(cannot)?;
-        write_atomic(&path, &bytes)?;
+        write_atomic(&path, &super::canonical_safetensors(bytes))?;
 
         let meta = Meta {
             model: NAME.to_string(),

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 
 pub mod kernel_svm;
 mod kernels;
+pub use kernels::set_threads;
 pub mod kmeans;
 pub mod logreg;
 pub mod mlp;
@@ -337,7 +338,7 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
         ("stamp".to_string(), stamp.to_string()),
     ]);
     let bytes = safetensors::serialize(views, &Some(extra)).map_err(|e| cannot(e.to_string()))?;
-    write_atomic(&path, &bytes)?;
+    write_atomic(&path, &canonical_safetensors(bytes))?;
 
     let meta_path = dir.join(META_FILE);
     let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
@@ -346,9 +347,126 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
     };
     obj.insert("model".into(), model.into());
     obj.insert("stamp".into(), stamp.into());
+    let mut exact = serde_json::Map::new();
+    inexact_floats(&value, &mut String::new(), &mut exact);
+    if !exact.is_empty() {
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert(EXACT_FLOATS.into(), exact.into());
+        }
+    }
     let mut json = serde_json::to_vec_pretty(&value).map_err(|e| cannot(e.to_string()))?;
     json.push(b'\n');
     write_atomic(&meta_path, &json)
+}
+
+/// The field of [`META_FILE`] holding the exact bits of floats whose decimal form the
+/// JSON reader would not read back exactly (JSON pointer → hex bits).
+const EXACT_FLOATS: &str = "exact_floats";
+
+/// Records, under their JSON pointers, the floats of `v` that `serde_json` would not
+/// parse back to the same bits from their decimal text (it rounds some 17-digit
+/// numbers), so that a checkpoint restores them exactly.
+fn inexact_floats(
+    v: &serde_json::Value,
+    path: &mut String,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(x) = n.as_f64().filter(|_| n.is_f64()) {
+                let back = serde_json::to_string(&x)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<f64>(&t).ok());
+                if back.map(f64::to_bits) != Some(x.to_bits()) {
+                    out.insert(path.clone(), format!("{:016x}", x.to_bits()).into());
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("/{i}"));
+                inexact_floats(item, path, out);
+                path.truncate(len);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, item) in map {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                inexact_floats(item, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Puts back the exact floats [`inexact_floats`] recorded.
+fn restore_exact_floats(v: &mut serde_json::Value) -> std::result::Result<(), String> {
+    let Some(exact) = v.as_object_mut().and_then(|o| o.remove(EXACT_FLOATS)) else {
+        return Ok(());
+    };
+    let exact = exact
+        .as_object()
+        .ok_or_else(|| format!("{EXACT_FLOATS} is not an object"))?
+        .clone();
+    for (pointer, bits) in exact {
+        let x = bits
+            .as_str()
+            .and_then(|b| u64::from_str_radix(b, 16).ok())
+            .map(f64::from_bits)
+            .ok_or_else(|| format!("{EXACT_FLOATS}: {pointer}: not hex float bits"))?;
+        let slot = v
+            .pointer_mut(&pointer)
+            .ok_or_else(|| format!("{EXACT_FLOATS}: no field {pointer}"))?;
+        *slot = serde_json::Number::from_f64(x)
+            .ok_or_else(|| format!("{EXACT_FLOATS}: {pointer}: not finite"))?
+            .into();
+    }
+    Ok(())
+}
+
+/// `bytes` (a safetensors file) with its JSON header's keys sorted. safetensors writes
+/// its metadata map in hash order, which differs from process to process; sorted, the
+/// same model saves to the same bytes in every process (so checkpoints compare with
+/// `cmp`). Left as it is if the header does not parse or would not fit.
+pub(crate) fn canonical_safetensors(mut bytes: Vec<u8>) -> Vec<u8> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut entries: Vec<(String, serde_json::Value)> = m.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(
+                    entries.into_iter().map(|(k, v)| (k, sorted(v))).collect(),
+                )
+            }
+            other => other,
+        }
+    }
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8usize.saturating_add(n)) else {
+        return bytes;
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return bytes;
+    };
+    let Ok(mut text) = serde_json::to_vec(&sorted(value)) else {
+        return bytes;
+    };
+    if text.len() > n {
+        return bytes;
+    }
+    text.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&text);
+    bytes
 }
 
 /// A checkpoint read back by [`Checkpoint::open`]: its metadata and a validated
@@ -411,6 +529,7 @@ impl Checkpoint {
     /// The metadata as `M` (without the `model` and `stamp` fields).
     pub(crate) fn meta<M: serde::de::DeserializeOwned>(&self) -> Result<M> {
         let mut v = self.meta.clone();
+        restore_exact_floats(&mut v).map_err(|e| self.bad_meta(e))?;
         if let Some(o) = v.as_object_mut() {
             o.remove("model");
             o.remove("stamp");
@@ -629,6 +748,73 @@ pub(crate) mod test_util {
 mod tests {
     use super::*;
     use ndarray::array;
+
+    #[test]
+    fn checkpoint_floats_come_back_bit_for_bit() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct M {
+            wscale: f64,
+            t: Vec<f64>,
+            plain: f64,
+        }
+        // serde_json reads this value's shortest decimal form back one ulp off.
+        let tricky = 0.672662639814418_f64;
+        let text = serde_json::to_string(&tricky).unwrap();
+        let parsed: f64 = serde_json::from_str(&text).unwrap();
+        let m = M {
+            wscale: tricky,
+            t: vec![1.0 / 3.0, tricky * 7.0, 0.5],
+            plain: 0.25,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = TensorsOut::default();
+        t.f32("w", &[2], &[1.0, 2.0]);
+        save_checkpoint(dir.path(), "x", "1", &m, t).unwrap();
+        let back: M = Checkpoint::open(dir.path(), "x").unwrap().meta().unwrap();
+        assert_eq!(back.wscale.to_bits(), tricky.to_bits());
+        assert_eq!(back, m);
+        // The bits are only recorded where they are needed.
+        let json = std::fs::read_to_string(dir.path().join(META_FILE)).unwrap();
+        assert_eq!(
+            json.contains("/wscale"),
+            parsed.to_bits() != tricky.to_bits(),
+            "{json}"
+        );
+        assert!(!json.contains("/plain"), "{json}");
+    }
+
+    #[test]
+    fn every_model_saves_the_same_bytes_every_time() {
+        let mut rng = SplitMix(5);
+        let (x, y) = test_util::random_batch(&mut rng, 40, 3072);
+        for name in MODELS {
+            let mut table = toml::Table::new();
+            if name == "svm-kernel" {
+                table.insert("buffer".into(), toml::Value::Integer(20));
+            }
+            let mut m = crate::config::build_model(name, &table).unwrap();
+            m.partial_fit(x.view(), y.view()).unwrap();
+            let first = tempfile::tempdir().unwrap();
+            m.save(first.path()).unwrap();
+            for _ in 0..4 {
+                let again = tempfile::tempdir().unwrap();
+                m.save(again.path()).unwrap();
+                for file in [TENSORS_FILE, META_FILE] {
+                    assert_eq!(
+                        fs::read(first.path().join(file)).unwrap(),
+                        fs::read(again.path().join(file)).unwrap(),
+                        "{name}: {file}"
+                    );
+                }
+            }
+            // And the canonical file still loads.
+            let back = load(first.path()).unwrap();
+            assert_eq!(
+                back.predict_proba(x.view()).unwrap(),
+                m.predict_proba(x.view()).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn argmax_takes_lowest_index_on_ties() {

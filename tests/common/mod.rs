@@ -138,6 +138,21 @@ pub fn start_ours(data: &Path, args: &[&str]) -> Server {
 
 /// All rows of a Parquet file or directory of part files with the stream schema:
 /// (batch, row, label, pixels) in file order.
+/// Reads every row group of any Parquet file to the end; returns its row count.
+pub fn parquet_rows(path: &Path) -> usize {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .build()
+        .unwrap();
+    reader
+        .map(|b| {
+            b.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .num_rows()
+        })
+        .sum()
+}
+
 pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u8, Vec<u8>)> {
     let mut files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
