@@ -1097,4 +1097,77 @@ mod tests {
             .collect();
         assert_eq!(sizes, vec![5, 5, 2]);
     }
+
+    fn all_batches(spec: &SourceSpec, opts: &SourceOptions) -> Vec<RecordBatch> {
+        let mut src = open(spec, opts).unwrap();
+        std::iter::from_fn(|| src.next_batch().unwrap()).collect()
+    }
+
+    #[test]
+    fn skip_passes_over_the_first_batches_keeping_their_numbers() {
+        let opts = SourceOptions {
+            batch_size: 30,
+            epochs: Some(2),
+            ..SourceOptions::default()
+        };
+        for format in [Format::SparkJson, Format::Ndjson, Format::Arrow] {
+            // The same stream from a dataset and from a file, each skipping 5 of 8 batches.
+            let spec = SourceSpec::parse("synthetic:120:0:9").unwrap();
+            let all = all_batches(&spec, &opts);
+            assert_eq!(all.len(), 8);
+            let skipped = all_batches(
+                &spec,
+                &SourceOptions {
+                    skip: 5,
+                    ..opts.clone()
+                },
+            );
+            assert_eq!(skipped, all[5..].to_vec());
+            let files = crate::dataset::load_split(
+                &crate::dataset::DataSpec::parse("synthetic:120:0:9").unwrap(),
+                Split::Train,
+            )
+            .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s");
+            let serve = crate::server::ServeOptions {
+                data: crate::dataset::DataSpec::parse("synthetic:120:0:9").unwrap(),
+                split: Split::Train,
+                batch_size: 30,
+                endless: true,
+                sleep: Duration::ZERO,
+                format,
+                limit: Some(8),
+                progress: false,
+            };
+            let mut bytes = Vec::new();
+            crate::server::stream_to(&mut bytes, &files, &serve).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            let file = SourceSpec::File(path);
+            let from_file = all_batches(
+                &file,
+                &SourceOptions {
+                    skip: 5,
+                    ..opts.clone()
+                },
+            );
+            let numbers: Vec<u64> = from_file
+                .iter()
+                .map(|b| crate::batch::batch_number(b).unwrap())
+                .collect();
+            assert_eq!(numbers, [5, 6, 7], "{format:?}");
+            for (a, b) in from_file.iter().zip(&all[5..]) {
+                assert_eq!(
+                    a.column_by_name("label"),
+                    b.column_by_name("label"),
+                    "{format:?}"
+                );
+                assert_eq!(
+                    a.column_by_name("image"),
+                    b.column_by_name("image"),
+                    "{format:?}"
+                );
+            }
+        }
+    }
 }
