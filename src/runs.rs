@@ -49,6 +49,16 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("precision", DataType::Float64, false),
         Field::new("recall", DataType::Float64, false),
         Field::new("f1", DataType::Float64, false),
+        Field::new("acc_mean", DataType::Float64, false),
+        Field::new("loss_mean", DataType::Float64, false),
+        Field::new("precision_mean", DataType::Float64, false),
+        Field::new("recall_mean", DataType::Float64, false),
+        Field::new("f1_mean", DataType::Float64, false),
+        Field::new("acc_window", DataType::Float64, false),
+        Field::new("loss_window", DataType::Float64, false),
+        Field::new("precision_window", DataType::Float64, false),
+        Field::new("recall_window", DataType::Float64, false),
+        Field::new("f1_window", DataType::Float64, false),
         Field::new("seconds", DataType::Float64, false),
         Field::new(
             "ts",
@@ -63,6 +73,8 @@ pub fn confusion_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("run", DataType::Utf8, false),
         Field::new("split", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt32, false),
+        Field::new("batch", DataType::UInt64, false),
         Field::new("actual", DataType::UInt8, false),
         Field::new("predicted", DataType::UInt8, false),
         Field::new("count", DataType::UInt64, false),
@@ -196,6 +208,18 @@ impl Run {
                 f(|r| r.metrics.precision),
                 f(|r| r.metrics.recall),
                 f(|r| r.metrics.f1),
+                // Placeholder until the trainer keeps running means and windows: the
+                // per-batch values.
+                f(|r| r.metrics.acc),
+                f(|r| r.metrics.loss),
+                f(|r| r.metrics.precision),
+                f(|r| r.metrics.recall),
+                f(|r| r.metrics.f1),
+                f(|r| r.metrics.acc),
+                f(|r| r.metrics.loss),
+                f(|r| r.metrics.precision),
+                f(|r| r.metrics.recall),
+                f(|r| r.metrics.f1),
                 f(|r| r.seconds),
                 Arc::new(
                     TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts_ms))
@@ -221,6 +245,9 @@ impl Run {
             vec![
                 Arc::new(StringArray::from(vec![self.name.as_str(); 100])),
                 Arc::new(StringArray::from(vec![split; 100])),
+                // Placeholder until the trainer writes per-batch matrices.
+                Arc::new(UInt32Array::from(vec![0u32; 100])),
+                Arc::new(UInt64Array::from(vec![0u64; 100])),
                 Arc::new(UInt8Array::from(actual)),
                 Arc::new(UInt8Array::from(predicted)),
                 Arc::new(UInt64Array::from(count)),
