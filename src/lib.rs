@@ -5,7 +5,8 @@
 //! set) → [`wire`] (formats on the socket) → [`server`] (the stream server) / [`source`]
 //! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
 //! [`transforms`] (preprocessing UDFs) → [`bridge`] (Arrow → ndarray, zero-copy) →
-//! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL).
+//! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL) → [`plot`]
+//! (PNG).
 #![warn(missing_docs)]
 
 pub mod batch;
@@ -18,6 +19,7 @@ pub mod export;
 pub mod grid;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod progress;
 pub mod query;
 pub mod runs;
