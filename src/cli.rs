@@ -9,13 +9,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::checkpoint;
 use crate::config::{self, RunConfig};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
 use crate::metrics::Metrics;
+use crate::plot;
 use crate::query::{self, OutputFormat};
 use crate::runs::{self, Run};
 use crate::server::{self, ServeOptions};
@@ -63,6 +64,8 @@ pub enum Command {
     /// Run SQL over Parquet files and directories named in the query, and over the run
     /// tables `metrics`, `confusion`, `predictions` and `runs`.
     Query(QueryArgs),
+    /// Draw PNG plots of runs: per-batch curves, test bars across runs, confusion heatmaps.
+    Plot(PlotArgs),
 }
 
 /// Where `train` and `predict` read from.
@@ -469,6 +472,35 @@ pub struct QueryArgs {
     pub runs: PathBuf,
 }
 
+/// `cifar-df plot`.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("what")
+        .args(["run", "compare", "confusion"])
+        .required(true)
+        .multiple(true)
+))]
+pub struct PlotArgs {
+    /// Per-batch training curves of this run: loss, accuracy, precision, recall, F1.
+    #[arg(long, value_name = "NAME")]
+    pub run: Option<String>,
+    /// Bar charts of the test accuracy and loss of these runs (scored with `predict`).
+    #[arg(long, value_name = "RUN", num_args = 1..)]
+    pub compare: Vec<String>,
+    /// Confusion-matrix heatmap of this run.
+    #[arg(long, value_name = "RUN")]
+    pub confusion: Option<String>,
+    /// Split of the --confusion heatmap: test, or train (its last epoch).
+    #[arg(long, default_value = "test", requires = "confusion")]
+    pub split: Split,
+    /// Output folder [default: RUNS/NAME/plots; RUNS/plots for --compare].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Directory of runs.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    pub runs: PathBuf,
+}
+
 /// Parse the process's arguments and run.
 pub fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
@@ -517,6 +549,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(a) => train_cmd(*a, progress).await,
         Command::Predict(a) => predict_cmd(a, progress).await,
         Command::Query(a) => query_cmd(a).await,
+        Command::Plot(a) => plot_cmd(a).await,
     }
 }
 
@@ -652,6 +685,32 @@ async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn plot_cmd(a: PlotArgs) -> anyhow::Result<ExitCode> {
+    let out_for = |run: &str| {
+        a.out
+            .clone()
+            .unwrap_or_else(|| a.runs.join(run).join("plots"))
+    };
+    let mut paths = Vec::new();
+    if let Some(run) = &a.run {
+        paths.extend(plot::plot_run(&a.runs, run, &out_for(run)).await?);
+    }
+    if let Some(run) = &a.confusion {
+        let split = a.split.to_string();
+        paths.push(plot::plot_confusion(&a.runs, run, &split, &out_for(run)).await?);
+    }
+    if !a.compare.is_empty() {
+        let out = a.out.clone().unwrap_or_else(|| a.runs.join("plots"));
+        paths.extend(plot::plot_compare(&a.runs, &a.compare, &out).await?);
+    }
+    let mut stdout = std::io::stdout().lock();
+    for p in &paths {
+        writeln!(stdout, "{}", p.display())?;
+    }
+    stdout.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 

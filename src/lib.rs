@@ -5,7 +5,8 @@
 //! set) → [`wire`] (formats on the socket) → [`server`] (the stream server) / [`source`]
 //! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
 //! [`transforms`] (preprocessing UDFs) → [`bridge`] (Arrow → ndarray, zero-copy) →
-//! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL).
+//! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL) → [`plot`]
+//! (PNG).
 #![warn(missing_docs)]
 
 pub mod batch;

@@ -49,6 +49,27 @@ fn one_command_trains_over_loopback_tcp_and_reports() {
     assert!(names[0].starts_with("logreg-"), "{names:?}");
     let run = runs.join(&names[0]);
     assert!(run.join("checkpoints/epoch-1/model.safetensors").is_file());
+    // The plots the summary points to.
+    assert!(stdout.contains("plots: 6 PNGs"), "{stdout}");
+    for png in [
+        "loss",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "confusion-test",
+    ] {
+        let path = run.join("plots").join(format!("{png}.png"));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let reader = decoder.read_info().unwrap();
+        let info = reader.info();
+        assert!(
+            info.width >= 600 && info.height >= 400,
+            "{}",
+            path.display()
+        );
+    }
     assert_eq!(
         query(
             &runs,
