@@ -62,7 +62,7 @@ pub enum Command {
     /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
     Predict(PredictArgs),
     /// Run SQL over Parquet files and directories named in the query, and over the run
-    /// tables `metrics`, `confusion`, `predictions` and `runs`.
+    /// tables `metrics`, `eval_metrics`, `confusion`, `predictions` and `runs`.
     Query(QueryArgs),
     /// Draw PNG plots of runs: per-batch curves, test bars across runs, confusion heatmaps.
     Plot(PlotArgs),

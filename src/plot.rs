@@ -296,7 +296,7 @@ async fn test_scores(ctx: &SessionContext, quoted: &str) -> Result<Option<TestSc
         .collect();
     let sql = format!(
         "SELECT min(model) AS model, sum(CAST(images AS DOUBLE)) AS images, {} \
-         FROM metrics WHERE run = {quoted} AND split = 'test'",
+         FROM eval_metrics WHERE run = {quoted} AND split = 'test'",
         weighted.join(", ")
     );
     let batches = crate::query::run(ctx, &sql).await?;
@@ -1093,6 +1093,7 @@ pub(crate) mod tests {
     ) {
         let dir = root.join(run);
         fs::create_dir_all(dir.join("metrics")).unwrap();
+        fs::create_dir_all(dir.join("eval_metrics")).unwrap();
         fs::create_dir_all(dir.join("confusion")).unwrap();
         let train = train_rows(epochs, 20);
         write_parquet_file(
@@ -1109,7 +1110,7 @@ pub(crate) mod tests {
         if with_test {
             let test = test_rows();
             write_parquet_file(
-                &dir.join("metrics/part-0000000000002-000.parquet"),
+                &dir.join("eval_metrics/part-0000000000002-000.parquet"),
                 &[metrics_batch(run, model, &test)],
             )
             .unwrap();

@@ -4,14 +4,15 @@
 //! runs/NAME/run.json                            the run: model, config, status, counts
 //! runs/NAME/config.toml                         the effective run config
 //! runs/NAME/checkpoints/epoch-E[-batch-B]/      model + optimiser + trainer state
-//! runs/NAME/metrics/      part-*.parquet        one row per batch (train and test)
+//! runs/NAME/metrics/      part-*.parquet        one row per training batch
+//! runs/NAME/eval_metrics/ part-*.parquet        one row per batch of a prediction pass
 //! runs/NAME/confusion/    part-*.parquet        nonzero cells of each batch's 10x10 matrix
 //! runs/NAME/predictions/  part-*.parquet        one row per scored image
 //! runs/NAME/plots/        *.png                 curves and heatmaps (`cifar-df plot`)
 //! ```
 //! Every part file is written under a temporary name and renamed when complete, so the tables
-//! are always readable, by `cifar-df query` (which registers `metrics`, `confusion`,
-//! `predictions` and `runs` over all runs) or by any Parquet reader.
+//! are always readable, by `cifar-df query` (which registers `metrics`, `eval_metrics`,
+//! `confusion`, `predictions` and `runs` over all runs) or by any Parquet reader.
 //!
 //! The trainer's parts are named by the stream batches they hold,
 //! `part-fit-FIRST-LAST.parquet`, and are committed at least at every checkpoint; a resumed
@@ -42,7 +43,7 @@ use crate::export::write_parquet_file;
 use crate::metrics::{rates, Metrics};
 
 /// The tables a run has.
-pub const TABLES: [&str; 3] = ["metrics", "confusion", "predictions"];
+pub const TABLES: [&str; 4] = ["metrics", "eval_metrics", "confusion", "predictions"];
 
 /// Schema of the `metrics` table.
 pub fn metrics_schema() -> SchemaRef {
@@ -106,7 +107,7 @@ pub fn predictions_schema() -> SchemaRef {
 
 fn schema_of(table: &str) -> Result<SchemaRef> {
     match table {
-        "metrics" => Ok(metrics_schema()),
+        "metrics" | "eval_metrics" => Ok(metrics_schema()),
         "confusion" => Ok(confusion_schema()),
         "predictions" => Ok(predictions_schema()),
         other => Err(Error::usage(format!("unknown run table {other:?}"))),
@@ -377,8 +378,10 @@ impl Pending {
         self.rows.is_empty()
     }
 
-    /// Writes everything held to `run`'s three tables as part file `file` (or, with `None`,
-    /// the trainer's `part-fit-FIRST-LAST` name), then forgets it.
+    /// Writes everything held to `run`'s tables as part file `file`, then forgets it. With
+    /// `None` (the trainer) the rows go to `metrics` as `part-fit-FIRST-LAST`; with a name
+    /// (a prediction pass) to `eval_metrics`, so that `metrics` holds each training batch
+    /// once. Confusion cells and predictions go to `confusion` and `predictions`.
     pub fn commit(&mut self, run: &Run, model: &str, file: Option<&str>) -> Result<()> {
         let (Some(first), Some(last)) = (self.rows.first(), self.rows.last()) else {
             return Ok(());
@@ -387,7 +390,12 @@ impl Pending {
             Some(f) => f.to_string(),
             None => fit_part_name(first.batch, last.batch),
         };
-        run.write_part("metrics", &name, &run.metrics_batch(model, &self.rows)?)?;
+        let table = if file.is_some() {
+            "eval_metrics"
+        } else {
+            "metrics"
+        };
+        run.write_part(table, &name, &run.metrics_batch(model, &self.rows)?)?;
         let confusion = run.confusion_batch(&self.rows)?;
         if confusion.num_rows() > 0 {
             run.write_part("confusion", &name, &confusion)?;
@@ -586,8 +594,8 @@ fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(runs_schema(), columns)?)
 }
 
-/// Register `metrics`, `confusion` and `predictions` over every run under `root` in `ctx`,
-/// and `runs` (one row per `run.json`). A table no run has yet is registered empty, so
+/// Register `metrics`, `eval_metrics`, `confusion` and `predictions` over every run under
+/// `root` in `ctx`, and `runs` (one row per `run.json`). A table no run has yet is registered empty, so
 /// queries over it still work.
 pub fn register_tables(ctx: &SessionContext, root: &Path) -> Result<()> {
     let infos = read_run_infos(root)?;

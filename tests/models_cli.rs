@@ -56,7 +56,7 @@ fn every_model_learns_the_synthetic_set_from_its_config() {
     // The runs' metrics are all in the one table.
     let (csv, _) = run_ok(bin().args([
         "query",
-        "select model, count(distinct run) as runs from metrics where split = 'test' group by model order by model",
+        "select model, count(distinct run) as runs from eval_metrics where split = 'test' group by model order by model",
         "--format",
         "csv",
         "--runs",

@@ -49,7 +49,7 @@ fn train_predict_query_on_the_synthetic_set() {
     let q = |sql: &str| run_ok(bin().args(["query", sql, "--runs", runs_s, "--format", "csv"])).0;
     // One metrics row per batch: 2 epochs × 10 batches of train, 3 batches of test.
     assert_eq!(
-        q("select split, count(*) as n, count(distinct batch) as b, sum(images) as i from metrics group by split order by split"),
+        q("select split, count(*) as n, count(distinct batch) as b, sum(images) as i from metrics group by split union all select split, count(*), count(distinct batch), sum(images) from eval_metrics group by split order by split"),
         "split,n,b,i\ntest,3,3,300\ntrain,20,20,2000\n"
     );
     assert_eq!(
@@ -65,7 +65,7 @@ fn train_predict_query_on_the_synthetic_set() {
     for split in ["test", "train"] {
         assert_eq!(
             q(&format!("select count(*) as n, sum(case when label = predicted then 1 else 0 end) as ok from predictions where split = '{split}'")),
-            q(&format!("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from metrics where split = '{split}'")),
+            q(&format!("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from {} where split = '{split}'", if split == "test" { "eval_metrics" } else { "metrics" })),
             "{split}"
         );
         assert_eq!(
@@ -82,7 +82,7 @@ fn train_predict_query_on_the_synthetic_set() {
     );
     // It learned: test accuracy well above chance (0.1).
     let acc: f64 =
-        q("select sum(acc * images) / sum(images) as a from metrics where split = 'test'")
+        q("select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'")
             .lines()
             .nth(1)
             .unwrap()
