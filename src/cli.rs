@@ -997,7 +997,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "tables: {dir}/metrics, confusion, predictions (Parquet; run record {dir}/run.json)",
+        "tables: {dir}/metrics, eval_metrics, confusion, predictions (Parquet; run record {dir}/run.json)",
         dir = run.dir.display()
     );
     println!(

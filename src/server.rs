@@ -139,7 +139,7 @@ pub fn stream_to<W: Write>(
             if let Err(e) = out.write_all(&chunk.bytes).and_then(|_| out.flush()) {
                 if is_disconnect(&e) {
                     summary.client_left = true;
-                    tracing::info!("client left after {} batches", summary.batches);
+                    tracing::debug!("client left after {} batches", summary.batches);
                     break;
                 }
                 return Err(Error::Net {
