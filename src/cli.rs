@@ -838,9 +838,25 @@ fn progress_message(p: &Progress) -> String {
     )
 }
 
+/// Updates `bar` after every batch: the message, and, once the pass knows its length
+/// (epochs × batches per epoch), a bar with an ETA in place of the spinner.
 fn progress_callback(bar: &indicatif::ProgressBar) -> trainer::OnBatch {
     let bar = bar.clone();
-    Box::new(move |p: &Progress| bar.set_message(progress_message(p)))
+    Box::new(move |p: &Progress| {
+        if let (Some(epochs), Some(per)) = (p.epochs, p.per_epoch) {
+            let total = epochs.saturating_mul(per);
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{bar:24} {pos}/{len} {msg} [{elapsed}<{eta}]",
+                ) {
+                    bar.set_style(style);
+                }
+            }
+            bar.set_position(u64::from(p.epoch.saturating_sub(1)) * per + p.batch_in_epoch);
+        }
+        bar.set_message(progress_message(p));
+    })
 }
 
 async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
