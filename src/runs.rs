@@ -292,17 +292,27 @@ impl Run {
     /// start at stream batch `next_batch` or later, and unfinished (`.inprogress`) files.
     /// Returns how many files were removed.
     pub fn discard_after(&self, next_batch: u64) -> Result<usize> {
+        self.remove_parts(|name| {
+            name.ends_with(".inprogress")
+                || fit_part_range(name).is_some_and(|(first, _)| first >= next_batch)
+        })
+    }
+
+    /// Deletes the parts of earlier prediction passes over `split`, keeping `keep`.
+    pub fn remove_eval_parts(&self, split: &str, keep: &str) -> Result<()> {
+        self.remove_parts(|name| name != keep && eval_part_split(name) == Some(split))
+            .map(|_| ())
+    }
+
+    /// Deletes the files of the run's tables whose names `doomed` picks; returns how many.
+    fn remove_parts(&self, doomed: impl Fn(&str) -> bool) -> Result<usize> {
         let mut removed = 0;
         for table in TABLES {
-            let dir = self.dir.join(table);
-            let Ok(entries) = fs::read_dir(&dir) else {
+            let Ok(entries) = fs::read_dir(self.dir.join(table)) else {
                 continue;
             };
             for e in entries.filter_map(|e| e.ok()) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let stale = name.ends_with(".inprogress")
-                    || fit_part_range(&name).is_some_and(|(first, _)| first >= next_batch);
-                if stale {
+                if doomed(&e.file_name().to_string_lossy()) {
                     let p = e.path();
                     fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
                     removed += 1;
@@ -310,24 +320,6 @@ impl Run {
             }
         }
         Ok(removed)
-    }
-
-    /// Deletes the parts of earlier prediction passes over `split`, keeping `keep`.
-    pub fn remove_eval_parts(&self, split: &str, keep: &str) -> Result<()> {
-        for table in TABLES {
-            let dir = self.dir.join(table);
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.filter_map(|e| e.ok()) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name != keep && eval_part_split(&name) == Some(split) {
-                    let p = e.path();
-                    fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 

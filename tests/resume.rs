@@ -60,18 +60,6 @@ fn resume(runs: &Path, run: &str, extra: &[&str]) -> String {
     run_ok(bin().args(&args)).0
 }
 
-fn query(runs: &Path, sql: &str) -> String {
-    run_ok(bin().args([
-        "query",
-        sql,
-        "--format",
-        "csv",
-        "--runs",
-        runs.to_str().unwrap(),
-    ]))
-    .0
-}
-
 /// The model files of checkpoint `name` of two runs are byte for byte the same.
 fn assert_same_checkpoint(runs: &Path, a: &str, b: &str, name: &str) {
     for file in ["model.safetensors", "model.json"] {
@@ -84,7 +72,7 @@ fn assert_same_checkpoint(runs: &Path, a: &str, b: &str, name: &str) {
 
 /// The training metrics of a run, batch by batch (everything but timings).
 fn train_metrics(runs: &Path, run: &str) -> String {
-    query(
+    query_csv(
         runs,
         &format!(
             "select epoch, batch, images, acc, loss, precision, recall, f1, acc_mean, loss_mean, \
@@ -95,7 +83,7 @@ fn train_metrics(runs: &Path, run: &str) -> String {
 }
 
 fn batches_once(runs: &Path, run: &str) -> String {
-    query(
+    query_csv(
         runs,
         &format!(
             "select count(*) as n, count(distinct batch) as b from metrics where run = '{run}' \
@@ -119,7 +107,7 @@ fn interrupted_and_resumed_runs_end_bit_identical() {
             let run = format!("{model}-k{k}");
             let out = train(&runs, &run, model, &["--max-batches", &k.to_string()]);
             assert!(out.contains("interrupted"), "{out}");
-            let status = query(
+            let status = query_csv(
                 &runs,
                 &format!("select status, batches from runs where run = '{run}'"),
             );
@@ -145,7 +133,7 @@ fn interrupted_and_resumed_runs_end_bit_identical() {
         train_metrics(&runs, "twice"),
         train_metrics(&runs, "mlp-full")
     );
-    let st = query(
+    let st = query_csv(
         &runs,
         "select status, resumes from runs where run = 'twice'",
     );
@@ -239,11 +227,11 @@ fn kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run() {
         serde_json::from_slice(&std::fs::read(runs.join("killed/run.json")).unwrap()).unwrap();
     assert_eq!(info["status"], "running");
     assert_eq!(
-        query(&runs, "select status from runs where run = 'killed'"),
+        query_csv(&runs, "select status from runs where run = 'killed'"),
         "status\ninterrupted\n"
     );
     // No batch twice, none after a gap.
-    let got = query(
+    let got = query_csv(
         &runs,
         "select count(*) = count(distinct batch) as once, coalesce(max(batch) + 1, 0) = count(*) as dense, count(*) < 120 as partial from metrics where run = 'killed'",
     );
@@ -268,7 +256,7 @@ fn kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run() {
         train_metrics(&runs, "whole")
     );
     assert_eq!(
-        query(&runs, "select status from runs where run = 'killed'"),
+        query_csv(&runs, "select status from runs where run = 'killed'"),
         "status\nfinished\n"
     );
 }
@@ -318,14 +306,14 @@ fn two_trainers_at_once_do_not_interfere() {
     assert_same_checkpoint(&runs, "a", "a-solo", "epoch-2");
     assert_same_checkpoint(&runs, "b", "b-solo", "epoch-2");
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select run, status, batches from runs where run in ('a', 'b') order by run"
         ),
         "run,status,batches\na,finished,32\nb,finished,32\n"
     );
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select run, count(*) as n, count(distinct batch) as d from metrics where split = 'train' and run in ('a', 'b') group by run order by run"
         ),

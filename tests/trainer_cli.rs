@@ -8,18 +8,6 @@ use std::path::Path;
 use cifar_df::wire::spark_json;
 use common::*;
 
-fn query(runs: &Path, sql: &str) -> String {
-    run_ok(bin().args([
-        "query",
-        sql,
-        "--format",
-        "csv",
-        "--runs",
-        runs.to_str().unwrap(),
-    ]))
-    .0
-}
-
 #[test]
 fn one_command_trains_over_loopback_tcp_and_reports() {
     // The README's first command, in an empty folder: no flags at all.
@@ -71,25 +59,25 @@ fn one_command_trains_over_loopback_tcp_and_reports() {
         );
     }
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select count(*) as n, count(distinct batch) as b, sum(images) as i from metrics"
         ),
         "n,b,i\n40,40,5000\n"
     );
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select split, count(*) as n, count(distinct batch) as b, sum(images) as i from eval_metrics group by split"
         ),
         "split,n,b,i\ntest,8,8,1000\n"
     );
     assert_eq!(
-        query(&runs, "select status, batches, images from runs"),
+        query_csv(&runs, "select status, batches, images from runs"),
         "status,batches,images\nfinished,40,5000\n"
     );
     // Test accuracy well above chance.
-    let acc: f64 = query(
+    let acc: f64 = query_csv(
         &runs,
         "select sum(acc * images) / sum(images) from eval_metrics where split = 'test'",
     )
@@ -130,7 +118,7 @@ fn test_then_train_and_score_after_fit() {
     // Scored before learning, the first batch meets logreg's all-zero weights: uniform
     // probabilities, loss ln 10. Scored after, the model has seen it.
     let first = |run: &str| -> f64 {
-        query(
+        query_csv(
             &runs,
             &format!("select loss from metrics where run = '{run}' and batch = 0"),
         )
@@ -151,7 +139,7 @@ fn test_then_train_and_score_after_fit() {
         first("after")
     );
     // Scoring after fitting is the optimistic view: higher training accuracy.
-    let acc = query(
+    let acc = query_csv(
         &runs,
         "select run, sum(acc * images) / sum(images) as a from metrics group by run order by run",
     );
@@ -234,7 +222,7 @@ fn predict_loads_a_checkpoint_by_name() {
     assert_ne!(first, latest);
     // The test rows are the last pass's, tagged with its checkpoint's epoch.
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select epoch, count(*) as n from eval_metrics where split = 'test' group by epoch"
         ),
@@ -324,11 +312,11 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
     );
     assert!(stderr.contains("label 12"), "{stderr}");
     assert_eq!(
-        query(&runs, "select count(*) as n, sum(images) as i, min(batch) as lo, max(batch) as hi from metrics where run = 's'"),
+        query_csv(&runs, "select count(*) as n, sum(images) as i, min(batch) as lo, max(batch) as hi from metrics where run = 's'"),
         "n,i,lo,hi\n5,15,0,5\n"
     );
     assert_eq!(
-        query(
+        query_csv(
             &runs,
             "select count(*) as n from metrics where run = 's' and batch = 2"
         ),
@@ -366,7 +354,7 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
         runs_s,
     ]));
     assert_eq!(
-        query(&runs, "select count(*) as n from metrics where run = 's'"),
+        query_csv(&runs, "select count(*) as n from metrics where run = 's'"),
         "n\n5\n"
     );
     // A resumed run keeps its settings.
@@ -401,7 +389,7 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
         "127.0.0.1:1",
     );
     assert_eq!(
-        query(&runs, "select run, status from runs order by run"),
+        query_csv(&runs, "select run, status from runs order by run"),
         "run,status\nf,failed\ns,finished\n"
     );
 }

@@ -138,6 +138,19 @@ pub fn start_ours(data: &Path, args: &[&str]) -> Server {
 
 /// All rows of a Parquet file or directory of part files with the stream schema:
 /// (batch, row, label, pixels) in file order.
+/// `cifar-df query SQL --format csv --runs RUNS`, its stdout.
+pub fn query_csv(runs: &Path, sql: &str) -> String {
+    run_ok(Command::new(env!("CARGO_BIN_EXE_cifar-df")).args([
+        "query",
+        sql,
+        "--format",
+        "csv",
+        "--runs",
+        runs.to_str().unwrap(),
+    ]))
+    .0
+}
+
 /// Reads every row group of any Parquet file to the end; returns its row count.
 pub fn parquet_rows(path: &Path) -> usize {
     let file = std::fs::File::open(path).unwrap();
