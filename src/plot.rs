@@ -945,15 +945,9 @@ pub(crate) mod tests {
     use super::*;
 
     use std::collections::HashSet;
-    use std::sync::Arc;
 
-    use datafusion::arrow::array::{
-        ArrayRef, Float64Array, StringArray, TimestampMillisecondArray, UInt32Array, UInt64Array,
-        UInt8Array,
-    };
-
-    use crate::export::write_parquet_file;
-    use crate::runs::{confusion_schema, metrics_schema};
+    use crate::metrics::{Metrics, Running};
+    use crate::runs::MetricsRow;
 
     /// Batches in the rolling window of the fixtures.
     const W: usize = 5;
@@ -961,74 +955,40 @@ pub(crate) mod tests {
     /// One metrics row: split, epoch, batch, images, (acc, loss, precision, recall, f1).
     type Row = (&'static str, u32, u64, u64, [f64; 5]);
 
-    /// A `metrics` batch of `rows` (one split), with running means and windows of `W`.
-    fn metrics_batch(run: &str, model: &str, rows: &[Row]) -> RecordBatch {
-        let n = rows.len();
-        let mut mean = vec![[0.0; 5]; n];
-        let mut window = vec![[0.0; 5]; n];
-        for i in 0..n {
-            for m in 0..5 {
-                let all: Vec<f64> = rows[..=i].iter().map(|r| r.4[m]).collect();
-                mean[i][m] = all.iter().sum::<f64>() / all.len() as f64;
-                let last = &all[all.len().saturating_sub(W)..];
-                window[i][m] = last.iter().sum::<f64>() / last.len() as f64;
-            }
-        }
-        let f = |v: Vec<f64>| Arc::new(Float64Array::from(v)) as ArrayRef;
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(vec![run; n])),
-            Arc::new(StringArray::from(vec![model; n])),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1))),
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.3))),
-        ];
-        for m in 0..5 {
-            columns.push(f(rows.iter().map(|r| r.4[m]).collect()));
-        }
-        for m in 0..5 {
-            columns.push(f(mean.iter().map(|v| v[m]).collect()));
-        }
-        for m in 0..5 {
-            columns.push(f(window.iter().map(|v| v[m]).collect()));
-        }
-        columns.push(f(vec![0.01; n]));
-        columns.push(Arc::new(
-            TimestampMillisecondArray::from(vec![1_700_000_000_000i64; n]).with_timezone("UTC"),
-        ));
-        RecordBatch::try_new(metrics_schema(), columns).unwrap()
-    }
-
-    /// A `confusion` batch: for each (split, epoch, batch, images), `images` spread over
-    /// the cells, mostly on the diagonal; only nonzero cells.
-    fn confusion_batch(run: &str, sets: &[(&'static str, u32, u64, u64)]) -> RecordBatch {
-        let (mut split, mut epoch, mut batch) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut actual, mut predicted, mut count) = (Vec::new(), Vec::new(), Vec::new());
-        for &(s, e, b, images) in sets {
-            let cells = confusion_cells(images, b);
-            for (a, p, c) in cells {
-                split.push(s);
-                epoch.push(e);
-                batch.push(b);
-                actual.push(a);
-                predicted.push(p);
-                count.push(c);
-            }
-        }
-        let n = split.len();
-        RecordBatch::try_new(
-            confusion_schema(),
-            vec![
-                Arc::new(StringArray::from(vec![run; n])),
-                Arc::new(StringArray::from(split)),
-                Arc::new(UInt32Array::from(epoch)),
-                Arc::new(UInt64Array::from(batch)),
-                Arc::new(UInt8Array::from(actual)),
-                Arc::new(UInt8Array::from(predicted)),
-                Arc::new(UInt64Array::from(count)),
-            ],
-        )
-        .unwrap()
+    /// The run store's rows for `rows` (one split): the given rates, running means and
+    /// windows of `W`, and a confusion matrix of `images` spread over the cells.
+    fn metrics_rows(rows: &[Row]) -> Vec<MetricsRow> {
+        let mut running = Running::new(W);
+        rows.iter()
+            .map(
+                |&(split, epoch, batch, images, [acc, loss, precision, recall, f1])| {
+                    let mut confusion = [[0u64; 10]; 10];
+                    for (a, p, c) in confusion_cells(images, batch) {
+                        confusion[a as usize][p as usize] = c;
+                    }
+                    let metrics = Metrics {
+                        images,
+                        acc,
+                        loss,
+                        precision,
+                        recall,
+                        f1,
+                        confusion,
+                    };
+                    let (mean, window) = running.push(&metrics);
+                    MetricsRow {
+                        split: split.into(),
+                        epoch,
+                        batch,
+                        metrics,
+                        mean,
+                        window,
+                        seconds: 0.01,
+                        ts_ms: 1_700_000_000_000,
+                    }
+                },
+            )
+            .collect()
     }
 
     /// Nonzero cells (actual, predicted, count) of a batch of `images` (a multiple of 10).
@@ -1091,35 +1051,24 @@ pub(crate) mod tests {
         epochs: u32,
         with_test: bool,
     ) {
-        let dir = root.join(run);
-        fs::create_dir_all(dir.join("metrics")).unwrap();
-        fs::create_dir_all(dir.join("eval_metrics")).unwrap();
-        fs::create_dir_all(dir.join("confusion")).unwrap();
-        let train = train_rows(epochs, 20);
-        write_parquet_file(
-            &dir.join("metrics/part-0000000000001-000.parquet"),
-            &[metrics_batch(run, model, &train)],
-        )
-        .unwrap();
-        let sets: Vec<_> = train.iter().map(|r| ("train", r.1, r.2, r.3)).collect();
-        write_parquet_file(
-            &dir.join("confusion/part-0000000000001-000.parquet"),
-            &[confusion_batch(run, &sets)],
-        )
-        .unwrap();
+        let r = Run::new(root, run).unwrap();
+        let train = metrics_rows(&train_rows(epochs, 20));
+        let file = "part-0000000000001-000.parquet";
+        r.write_part("metrics", file, &r.metrics_batch(model, &train).unwrap())
+            .unwrap();
+        r.write_part("confusion", file, &r.confusion_batch(&train).unwrap())
+            .unwrap();
         if with_test {
-            let test = test_rows();
-            write_parquet_file(
-                &dir.join("eval_metrics/part-0000000000002-000.parquet"),
-                &[metrics_batch(run, model, &test)],
+            let test = metrics_rows(&test_rows());
+            let file = "part-0000000000002-000.parquet";
+            r.write_part(
+                "eval_metrics",
+                file,
+                &r.metrics_batch(model, &test).unwrap(),
             )
             .unwrap();
-            let sets: Vec<_> = test.iter().map(|r| ("test", r.1, r.2, r.3)).collect();
-            write_parquet_file(
-                &dir.join("confusion/part-0000000000002-000.parquet"),
-                &[confusion_batch(run, &sets)],
-            )
-            .unwrap();
+            r.write_part("confusion", file, &r.confusion_batch(&test).unwrap())
+                .unwrap();
         }
     }
 

@@ -858,6 +858,7 @@ async fn predict_loop(
     let mut cluster_images: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut cluster_sizes: Vec<u64> = Vec::new();
     let mut seq = 0u64;
+    let mut images = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         if batch.num_rows() == 0 {
@@ -878,6 +879,7 @@ async fn predict_loop(
         summary.fit_seconds += f.elapsed().as_secs_f64();
         let m = batch_metrics(y, proba.view())?;
         all.update(y, proba.view())?;
+        images += m.images;
         if let Some(clusters) = model.clusters(x) {
             let clusters = clusters?;
             for &c in &clusters {
@@ -923,8 +925,7 @@ async fn predict_loop(
                 batch_in_epoch: number + 1,
                 per_epoch,
                 batches: summary.batches,
-                images_per_second: all.get().images as f64
-                    / started.elapsed().as_secs_f64().max(1e-9),
+                images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 acc: mean[0],
                 loss: mean[1],
             });

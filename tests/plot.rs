@@ -2,22 +2,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
-
-/// Width, height and number of distinct colours of a PNG file.
-fn decode(path: &Path) -> (u32, u32, usize) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let colours: std::collections::HashSet<&[u8]> = buf.chunks_exact(3).collect();
-    (info.width, info.height, colours.len())
-}
 
 #[test]
 fn plot_draws_curves_confusion_and_comparison_of_a_trained_run() {
@@ -59,7 +46,7 @@ fn plot_draws_curves_confusion_and_comparison_of_a_trained_run() {
     expected.push(runs.join("plots/test_loss.png"));
     assert_eq!(printed, expected, "{stdout}");
     for p in &expected {
-        let (w, h, colours) = decode(p);
+        let (w, h, colours) = decode_png(p);
         assert!(w >= 700 && h >= 600, "{}: {w}x{h}", p.display());
         assert!(colours > 20, "{} looks blank", p.display());
     }
@@ -85,7 +72,7 @@ fn plot_draws_curves_confusion_and_comparison_of_a_trained_run() {
     assert!(out.status.success(), "{stderr}");
     let train = out_dir.join("confusion-train.png");
     assert_eq!(stdout.trim(), train.to_str().unwrap());
-    assert_eq!(decode(&train).0, 800);
+    assert_eq!(decode_png(&train).0, 800);
     // A split with no rows is an error naming the run and the split.
     let out = bin()
         .args(["plot", "--confusion", "a", "--split", "train", "--runs"])

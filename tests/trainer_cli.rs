@@ -48,15 +48,8 @@ fn one_command_trains_over_loopback_tcp_and_reports() {
         "confusion-test",
     ] {
         let path = run.join("plots").join(format!("{png}.png"));
-        let decoder =
-            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
-        let reader = decoder.read_info().unwrap();
-        let info = reader.info();
-        assert!(
-            info.width >= 600 && info.height >= 400,
-            "{}",
-            path.display()
-        );
+        let (width, height, _) = decode_png(&path);
+        assert!(width >= 600 && height >= 400, "{}", path.display());
     }
     assert_eq!(
         query_csv(

@@ -29,8 +29,12 @@ pub(crate) fn par_gemm(
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let parts = threads().min(m / 8);
-    if parts < 2 || m * k * n < PAR_MACS {
+    let parts = if m * k * n < PAR_MACS {
+        1
+    } else {
+        threads().min(m / 8)
+    };
+    if parts < 2 {
         general_mat_mul(alpha, a, b, beta, c);
         return;
     }
@@ -59,8 +63,10 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Threads the matrix products may use: [`set_threads`], or the machine's cores.
 pub(crate) fn threads() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match THREADS.load(Ordering::Relaxed) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // Asked once: on Linux the answer reads cgroup files.
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     }
 }

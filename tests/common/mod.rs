@@ -151,6 +151,19 @@ pub fn query_csv(runs: &Path, sql: &str) -> String {
     .0
 }
 
+/// Width, height and number of distinct colours of an RGB PNG file.
+pub fn decode_png(path: &Path) -> (u32, u32, usize) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let colours: std::collections::HashSet<&[u8]> = buf.chunks_exact(3).collect();
+    (info.width, info.height, colours.len())
+}
+
 /// Reads every row group of any Parquet file to the end; returns its row count.
 pub fn parquet_rows(path: &Path) -> usize {
     let file = std::fs::File::open(path).unwrap();
