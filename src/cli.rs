@@ -15,6 +15,7 @@ use crate::checkpoint;
 use crate::config::{self, RunConfig};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
+use crate::features::Extractor;
 use crate::metrics::Metrics;
 use crate::plot;
 use crate::query::{self, OutputFormat};
@@ -57,6 +58,9 @@ pub enum Command {
     Stream(StreamArgs),
     /// Write every batch a source delivers to Parquet.
     Export(ExportArgs),
+    /// Compute features of a dataset once and cache them as Parquet (fits a patch extractor
+    /// on the training images unless --extractor names one).
+    Features(FeaturesArgs),
     /// Train a model on a stream, batch by batch; metrics and the model go to runs/NAME.
     Train(Box<TrainArgs>),
     /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
@@ -217,6 +221,10 @@ pub struct TrainArgs {
     /// Any hyper-parameter of the model, KEY=VALUE (repeatable), e.g. --set average=1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// A fitted feature extractor folder (`F/extractor` of a cache, or a run's
+    /// `extractor`): features computed with it in the streaming SQL (`sql/features.sql`).
+    #[arg(long)]
+    pub extractor: Option<PathBuf>,
     /// Score each batch after learning from it (the original's way); the default scores
     /// it before (test-then-train, honest training metrics).
     #[arg(long)]
@@ -459,6 +467,37 @@ pub struct ExportArgs {
     pub rows_per_file: usize,
 }
 
+/// `cifar-df features`.
+#[derive(Debug, Args)]
+pub struct FeaturesArgs {
+    /// The dataset folder or `synthetic[:TRAIN[:TEST[:SEED]]]`.
+    #[arg(long)]
+    pub data: String,
+    /// The cache folder: `extractor/`, `train/`, `test/`, `cache.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use this fitted extractor folder (e.g. another cache's `F/extractor`) instead of
+    /// fitting one.
+    #[arg(long)]
+    pub extractor: Option<PathBuf>,
+    /// A config whose `[features]` table sets the extractor's parameters.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Extractor parameters, `KEY=VALUE` (as in `[features]`; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Add the horizontally flipped copy of every training image (`flipped = true`); a
+    /// flip-invariant extractor needs none.
+    #[arg(long)]
+    pub flip: bool,
+    /// Images per part file.
+    #[arg(long, default_value_t = 1000)]
+    pub rows_per_part: usize,
+    /// The stream batch size the `batch` and `row` columns number images by.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+}
+
 /// `cifar-df query`.
 #[derive(Debug, Args)]
 pub struct QueryArgs {
@@ -470,6 +509,9 @@ pub struct QueryArgs {
     /// Directory of runs whose tables are registered.
     #[arg(long, default_value = "runs")]
     pub runs: PathBuf,
+    /// A fitted extractor folder bound to `extract_features(image)` in the query.
+    #[arg(long)]
+    pub extractor: Option<PathBuf>,
 }
 
 /// `cifar-df plot`.
@@ -546,6 +588,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd(a),
         Command::Stream(a) => stream_cmd(a, progress).await,
         Command::Export(a) => export_cmd(a, progress).await,
+        Command::Features(a) => features_cmd(a, progress),
         Command::Train(a) => train_cmd(*a, progress).await,
         Command::Predict(a) => predict_cmd(a, progress).await,
         Command::Query(a) => query_cmd(a).await,
@@ -680,6 +723,9 @@ async fn export_source(
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let ctx = query::session();
     runs::register_tables(&ctx, &a.runs)?;
+    if let Some(dir) = &a.extractor {
+        crate::features::udf::register(&ctx, std::sync::Arc::new(Extractor::load(dir)?));
+    }
     let batches = query::run(&ctx, &a.sql).await?;
     let text = query::format_batches(&batches, a.format)?;
     let mut out = std::io::stdout().lock();
@@ -783,6 +829,7 @@ impl TrainArgs {
             ("--k", self.k.is_some()),
             ("--buffer", self.buffer.is_some()),
             ("--kernel", self.kernel.is_some()),
+            ("--extractor", self.extractor.is_some()),
             ("--set", !self.set.is_empty()),
             ("--eval-after-fit", self.eval_after_fit),
         ];
@@ -891,7 +938,20 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         fallback_source,
         a.sleep,
     )?;
-    let sql = a.source.sql(trainer::TRAIN_SQL, cfg.sql.as_ref())?;
+    let extractor = if a.resume {
+        None
+    } else {
+        train_extractor(&a, &cfg, &source)?
+    };
+    let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
+    let default_sql = if cached {
+        trainer::CACHED_SQL
+    } else if extractor.is_some() {
+        trainer::FEATURES_SQL
+    } else {
+        trainer::TRAIN_SQL
+    };
+    let sql = a.source.sql(default_sql, cfg.sql.as_ref())?;
     let name = a
         .run
         .clone()
@@ -913,6 +973,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         max_batches: a.max_batches,
         stop: Some(stop_signal(signalled.clone())),
         on_batch: Some(progress_callback(&bar)),
+        extractor: extractor.clone(),
         ..TrainOptions::new(run.clone(), &model, source.clone(), opts.clone())
     })
     .await?;
@@ -960,19 +1021,26 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
     }
     let mut tested = false;
     if !a.no_test {
-        if let Some(data) = source.dataset() {
+        if source.dataset().is_some() || cached {
             let test_source = match &source {
-                TrainSource::Loopback { .. } => TrainSource::Loopback {
+                TrainSource::Loopback { data, .. } => TrainSource::Loopback {
                     data: data.clone(),
                     sleep: Duration::ZERO,
                 },
                 other => other.clone(),
             };
+            let test_sql = if cached {
+                trainer::CACHED_SQL
+            } else if trainer::run_extractor(&run)?.is_some() {
+                trainer::FEATURES_SQL
+            } else {
+                trainer::EVAL_SQL
+            };
             let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
             let test = trainer::predict(PredictOptions {
                 run: run.clone(),
                 checkpoint: None,
-                sql: trainer::EVAL_SQL.to_string(),
+                sql: test_sql.to_string(),
                 source: test_source,
                 source_opts: SourceOptions {
                     split: Split::Test,
@@ -1036,6 +1104,9 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
                 sleep: Duration::ZERO,
             }),
             TrainSource::Spec(SourceSpec::Data(d)) => Some(TrainSource::Spec(SourceSpec::Data(d))),
+            TrainSource::Spec(SourceSpec::Features(d)) => {
+                Some(TrainSource::Spec(SourceSpec::Features(d)))
+            }
             TrainSource::Spec(_) => None,
         },
         None => None,
@@ -1052,11 +1123,18 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
         Split::Test => "test".to_string(),
         Split::Train => "train-eval".to_string(),
     };
+    let default_sql = if matches!(source, TrainSource::Spec(SourceSpec::Features(_))) {
+        trainer::CACHED_SQL
+    } else if trainer::run_extractor(&run)?.is_some() {
+        trainer::FEATURES_SQL
+    } else {
+        trainer::EVAL_SQL
+    };
     let bar = crate::progress::spinner(progress, "{spinner} predict {msg} [{elapsed}]");
     let summary = trainer::predict(PredictOptions {
         run,
         checkpoint: a.checkpoint.clone(),
-        sql: a.source.sql(trainer::EVAL_SQL, None)?,
+        sql: a.source.sql(default_sql, None)?,
         source: source.clone(),
         source_opts: opts,
         split: split.clone(),
@@ -1095,6 +1173,131 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
             first.parent().unwrap_or(first).display()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The extractor a new run computes features with: `--extractor DIR`, or one fitted on the
+/// first images of the source's training split when the config has a `[features]` table.
+fn train_extractor(
+    a: &TrainArgs,
+    cfg: &RunConfig,
+    source: &TrainSource,
+) -> anyhow::Result<Option<std::sync::Arc<Extractor>>> {
+    if let Some(dir) = &a.extractor {
+        let e = Extractor::load(dir)?;
+        eprintln!("extractor {}: {}", dir.display(), e.describe());
+        return Ok(Some(std::sync::Arc::new(e)));
+    }
+    let Some(params) = cfg.patch_params()? else {
+        return Ok(None);
+    };
+    let Some(data) = source.dataset() else {
+        bail!(
+            "the config's [features] table fits an extractor on the first training images, which \
+             needs a dataset source (--data DIR or --source DIR); for {source}, fit one with \
+             `cifar-df features` and pass --extractor F/extractor"
+        );
+    };
+    let e = fit_patches(&params, data)?;
+    Ok(Some(std::sync::Arc::new(e)))
+}
+
+/// Fits a patch extractor on the first `fit_images` training images of `data`.
+fn fit_patches(params: &crate::features::PatchParams, data: &DataSpec) -> anyhow::Result<Extractor> {
+    let t = Instant::now();
+    let files = crate::dataset::load_split(data, Split::Train)?;
+    let mut pixels = Vec::new();
+    for f in &files {
+        let want = params.fit_images * crate::dataset::IMAGE_BYTES;
+        let room = want.saturating_sub(pixels.len());
+        pixels.extend_from_slice(&f.pixels[..room.min(f.pixels.len())]);
+    }
+    let e = Extractor::Patches(crate::features::PatchExtractor::fit(params, &pixels)?);
+    eprintln!(
+        "extractor fitted on {} images in {:.1} s: {}",
+        pixels.len() / crate::dataset::IMAGE_BYTES,
+        t.elapsed().as_secs_f64(),
+        e.describe()
+    );
+    Ok(e)
+}
+
+fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    use crate::features::cache::{self, CacheOptions};
+    let data = DataSpec::parse(&a.data)?;
+    let ex_dir = a.out.join(cache::EXTRACTOR_DIR);
+    let mut cfg = match &a.config {
+        Some(p) => RunConfig::load(p)?,
+        None => RunConfig::default(),
+    };
+    if !a.set.is_empty() {
+        let t = cfg.features.get_or_insert_with(toml::Table::new);
+        for kv in &a.set {
+            let (k, v) = config::parse_override(kv)?;
+            t.insert(k, v);
+        }
+    }
+    let extractor = if ex_dir.exists() {
+        // A job that stopped part-way: carry on with the extractor it fitted.
+        let e = Extractor::load(&ex_dir)?;
+        if let Some(given) = &a.extractor {
+            let other = Extractor::load(given)?;
+            if std::fs::read(given.join(crate::features::META_FILE)).ok()
+                != std::fs::read(ex_dir.join(crate::features::META_FILE)).ok()
+                || other.width() != e.width()
+            {
+                bail!(
+                    "{} already holds features of another extractor ({}); write to a new --out",
+                    a.out.display(),
+                    ex_dir.display()
+                );
+            }
+        }
+        eprintln!("resuming {}: extractor {}", a.out.display(), e.describe());
+        e
+    } else {
+        let e = match &a.extractor {
+            Some(dir) => Extractor::load(dir)?,
+            None => fit_patches(&cfg.patch_params()?.unwrap_or_default(), &data)?,
+        };
+        e.save(&ex_dir)?;
+        e
+    };
+    let bar = crate::progress::spinner(progress, "{spinner} features {msg} [{elapsed}]");
+    let bar2 = bar.clone();
+    let t = Instant::now();
+    let summary = cache::write_cache(
+        &extractor,
+        &mut CacheOptions {
+            data,
+            out: a.out.clone(),
+            flip: a.flip,
+            rows_per_part: a.rows_per_part,
+            batch_size: a.batch_size,
+            on_part: Some(Box::new(move |split, done, n| {
+                bar2.set_message(format!("{split} {done}/{n} images"))
+            })),
+        },
+    )?;
+    bar.finish_and_clear();
+    let gflops = 2.0 * extractor.macs_per_image() as f64 * summary.images_encoded as f64
+        / summary.encode_seconds.max(1e-9)
+        / 1e9;
+    println!(
+        "features: {} · {} parts written, {} kept · {} images encoded in {:.1} s ({:.0} images/s, {:.0} GFLOP/s) · {:.1} s in all",
+        a.out.display(),
+        summary.parts_written,
+        summary.parts_kept,
+        summary.images_encoded,
+        summary.encode_seconds,
+        summary.images_encoded as f64 / summary.encode_seconds.max(1e-9),
+        gflops,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "train on them: cifar-df train --source features:{} --model ridge",
+        a.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::model::{
     self, KMeans, KMeansParams, KernelSvm, KernelSvmParams, Learner, LogReg, LogRegParams, Mlp,
-    MlpParams, Svm, SvmParams, MODELS,
+    MlpParams, Ridge, RidgeParams, Svm, SvmParams, MODELS,
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 6] = ["model", "epochs", "batch_size", "seed", "data", "sql"];
+pub const KEYS: [&str; 7] = ["model", "epochs", "batch_size", "seed", "data", "sql", "features"];
 
 /// A run's settings: what a config file says, with flags applied on top.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -44,6 +44,9 @@ pub struct RunConfig {
     pub sql: Option<PathBuf>,
     /// One table of hyper-parameters per model name.
     pub params: toml::Table,
+    /// The `[features]` table: a patch extractor fitted on the first images of the
+    /// source, its features computed in the streaming SQL (`sql/features.sql`).
+    pub features: Option<toml::Table>,
 }
 
 impl RunConfig {
@@ -98,6 +101,18 @@ impl RunConfig {
                         "batch_size" => cfg.batch_size = Some(n as usize),
                         _ => cfg.seed = Some(n as u64),
                     }
+                }
+                "features" => {
+                    let t = value
+                        .as_table()
+                        .ok_or_else(|| wrong_type("a table of extractor parameters"))?;
+                    let p: crate::features::PatchParams = toml::Value::Table(t.clone())
+                        .try_into()
+                        .map_err(|e: toml::de::Error| {
+                            bad("features", format!("[features]: {}", e.message().trim()))
+                        })?;
+                    p.validate().map_err(|e| bad("features", e.to_string()))?;
+                    cfg.features = Some(t.clone());
                 }
                 name if MODELS.contains(&name) => {
                     let t = value
@@ -173,7 +188,25 @@ impl RunConfig {
             t.insert("sql".into(), s.display().to_string().into());
         }
         t.insert(model.into(), toml::Value::Table(self.model_table(model)));
+        if let Some(f) = &self.features {
+            t.insert("features".into(), toml::Value::Table(f.clone()));
+        }
         toml::to_string_pretty(&t).unwrap_or_default()
+    }
+}
+
+impl RunConfig {
+    /// The patch extractor's parameters of the `[features]` table, if there is one.
+    pub fn patch_params(&self) -> Result<Option<crate::features::PatchParams>> {
+        match &self.features {
+            None => Ok(None),
+            Some(t) => toml::Value::Table(t.clone())
+                .try_into()
+                .map(Some)
+                .map_err(|e: toml::de::Error| {
+                    Error::usage(format!("[features]: {}", e.message().trim()))
+                }),
+        }
     }
 }
 
@@ -210,6 +243,7 @@ pub fn build_model(name: &str, table: &toml::Table) -> Result<Box<dyn Learner>> 
         "mlp" => Box::new(Mlp::new(params::<MlpParams>(name, table)?)?),
         "kmeans" => Box::new(KMeans::new(params::<KMeansParams>(name, table)?)?),
         "svm-kernel" => Box::new(KernelSvm::new(params::<KernelSvmParams>(name, table)?)?),
+        "ridge" => Box::new(Ridge::new(params::<RidgeParams>(name, table)?)?),
         other => return Err(Error::usage(format!("unknown model {other:?}"))),
     })
 }

@@ -19,7 +19,6 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::SessionContext;
 
-use crate::batch::stream_schema;
 use crate::error::Result;
 use crate::source::{BatchSource, Report};
 
@@ -45,7 +44,7 @@ impl SourcePartition {
     /// Wrap a source.
     pub fn new(source: Box<dyn BatchSource>) -> Self {
         SourcePartition {
-            schema: stream_schema(),
+            schema: source.schema(),
             source: Mutex::new(Some(source)),
         }
     }
@@ -100,9 +99,9 @@ pub fn register_stream(
     bounded: bool,
 ) -> Result<Report> {
     let report = source.report();
+    let schema = source.schema();
     let partition: Arc<dyn PartitionStream> = Arc::new(SourcePartition::new(source));
-    let table =
-        StreamingTable::try_new(stream_schema(), vec![partition])?.with_infinite_table(!bounded);
+    let table = StreamingTable::try_new(schema, vec![partition])?.with_infinite_table(!bounded);
     ctx.deregister_table(STREAM_TABLE)?;
     ctx.register_table(STREAM_TABLE, Arc::new(table))?;
     Ok(report)

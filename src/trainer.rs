@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, UInt32Array, UInt64Array};
@@ -27,6 +28,7 @@ use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config;
 use crate::dataset::{self, DataSpec, Images, CLASSES};
 use crate::error::{Error, Result};
+use crate::features::{self, Extractor};
 use crate::metrics::{batch_metrics, Accumulator, Metrics, Running};
 use crate::model::{self, Learner};
 use crate::query;
@@ -41,6 +43,12 @@ use crate::wire::Format;
 pub const TRAIN_SQL: &str = include_str!("../sql/train.sql");
 /// The evaluation preprocessing shipped with cifar-df.
 pub const EVAL_SQL: &str = include_str!("../sql/eval.sql");
+/// The preprocessing of a run with a feature extractor: `extract_features(image)`.
+pub const FEATURES_SQL: &str = include_str!("../sql/features.sql");
+/// The preprocessing of a `features:` source: the cached features as they are.
+pub const CACHED_SQL: &str = include_str!("../sql/cached.sql");
+/// Where a run keeps its feature extractor.
+pub const EXTRACTOR_DIR: &str = "extractor";
 /// The column the preprocessing SQL must produce for the model.
 pub const FEATURES: &str = "features";
 /// Models `train --model` knows.
@@ -165,6 +173,9 @@ pub struct TrainOptions {
     pub stop: Option<StopSignal>,
     /// Called after every batch.
     pub on_batch: Option<OnBatch>,
+    /// The feature extractor bound to `extract_features` in the SQL (saved with the run
+    /// in `runs/NAME/extractor/`; a resumed run loads its own).
+    pub extractor: Option<Arc<Extractor>>,
 }
 
 impl TrainOptions {
@@ -176,6 +187,7 @@ impl TrainOptions {
             model: model.to_string(),
             params: toml::Table::new(),
             config: String::new(),
+            extractor: None,
             seed: 0,
             sql: TRAIN_SQL.to_string(),
             source,
@@ -294,6 +306,7 @@ async fn open_stream(
     seed: u64,
     source: &TrainSource,
     opts: &SourceOptions,
+    extractor: Option<&Arc<Extractor>>,
 ) -> Result<Opened> {
     let (spec, per_epoch, server) = match source {
         TrainSource::Spec(spec) => (spec.clone(), None, None),
@@ -322,6 +335,9 @@ async fn open_stream(
     let opened = async {
         let ctx = query::stream_session();
         transforms::register(&ctx, seed);
+        if let Some(e) = extractor {
+            features::udf::register(&ctx, e.clone());
+        }
         let src = source::open(&spec, opts)?;
         let per_epoch = per_epoch.or(src.batches_per_epoch());
         let report = register_stream(&ctx, src, spec.is_bounded())?;
@@ -483,6 +499,14 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
     };
     info.pid = Some(std::process::id());
     run.write_info(&info)?;
+    let mut opts = opts;
+    if resume.is_some() {
+        if let Some(e) = run_extractor(&run)? {
+            opts.extractor = Some(e);
+        }
+    } else if let Some(e) = &opts.extractor {
+        e.save(&run.dir.join(EXTRACTOR_DIR))?;
+    }
     let config_path = run.dir.join("config.toml");
     model::write_atomic(&config_path, opts.config.as_bytes())?;
     let result = train_inner(opts, resume, &mut info).await;
@@ -512,6 +536,16 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
         }
     }
     result
+}
+
+/// The feature extractor a run was trained with, if it has one (`runs/NAME/extractor/`).
+pub fn run_extractor(run: &Run) -> Result<Option<Arc<Extractor>>> {
+    let dir = run.dir.join(EXTRACTOR_DIR);
+    if dir.exists() {
+        Ok(Some(Arc::new(Extractor::load(&dir)?)))
+    } else {
+        Ok(None)
+    }
 }
 
 /// What the training loop carries between batches besides the model.
@@ -615,7 +649,14 @@ async fn train_inner(
         report,
         per_epoch,
         server,
-    } = open_stream(&opts.sql, opts.seed, &opts.source, &opts.source_opts).await?;
+    } = open_stream(
+        &opts.sql,
+        opts.seed,
+        &opts.source,
+        &opts.source_opts,
+        opts.extractor.as_ref(),
+    )
+    .await?;
     lp.st.per_epoch = per_epoch;
     let result = train_loop(
         &mut opts,
@@ -817,12 +858,13 @@ pub async fn predict(mut opts: PredictOptions) -> Result<Summary> {
     };
     let model = ck.model()?;
     let epoch = ck.state.epoch;
+    let extractor = run_extractor(&opts.run)?;
     let Opened {
         mut stream,
         report,
         per_epoch,
         server,
-    } = open_stream(&opts.sql, 0, &opts.source, &opts.source_opts).await?;
+    } = open_stream(&opts.sql, 0, &opts.source, &opts.source_opts, extractor.as_ref()).await?;
     let result = predict_loop(
         &mut opts,
         model.as_ref(),

@@ -1,80 +1,14 @@
 //! Small dense kernels: for per-sample SGD, several dot products against one vector,
 //! `y += a·x` and a running-mean step, dispatched at run time to an AVX2+FMA build where
-//! the CPU has it; and [`par_gemm`], a matrix product split over threads.
+//! the CPU has it. (Matrix products are in [`crate::linalg`].)
 //!
 //! The crate is compiled for baseline x86-64 (SSE2) so that one binary runs anywhere;
 //! these loops are the hot path of the per-sample linear models, so they are compiled
 //! twice and the better one is chosen once per call. Both builds are deterministic: the
 //! same inputs on the same machine give the same bits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
-
-/// Products at least this large (multiply-adds) are split over threads.
-const PAR_MACS: usize = 1 << 21;
-
-/// `c = alpha·a·b + beta·c` through matrixmultiply, with the rows of `c` split between
-/// threads (up to [`threads`]) when the product is large. (matrixmultiply's own threading
-/// leaves some shapes, like the MLP's 128 × 3072 × 128 first layer, on one core and
-/// oversubscribes two cores when nested, so it is not used.) Each band is one
-/// `general_mat_mul`, so the result does not depend on timing.
-pub(crate) fn par_gemm(
-    alpha: f32,
-    a: &ArrayView2<f32>,
-    b: &ArrayView2<f32>,
-    beta: f32,
-    c: &mut ArrayViewMut2<f32>,
-) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    let parts = if m * k * n < PAR_MACS {
-        1
-    } else {
-        threads().min(m / 8)
-    };
-    if parts < 2 {
-        general_mat_mul(alpha, a, b, beta, c);
-        return;
-    }
-    // Rows of C in `parts` bands, one per thread; every element is computed as it would
-    // be by one call, so the result does not depend on the number of threads.
-    let band = m.div_ceil(parts);
-    std::thread::scope(|s| {
-        let mut rest_a = a.view();
-        let mut rest_c = c.view_mut();
-        let mut bands = Vec::new();
-        while rest_a.nrows() > band {
-            let (a1, a2) = rest_a.split_at(Axis(0), band);
-            let (c1, c2) = rest_c.split_at(Axis(0), band);
-            bands.push((a1, c1));
-            rest_a = a2;
-            rest_c = c2;
-        }
-        for (a1, mut c1) in bands {
-            s.spawn(move || general_mat_mul(alpha, &a1, b, beta, &mut c1));
-        }
-        general_mat_mul(alpha, &rest_a, b, beta, &mut rest_c);
-    });
-}
-
-static THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Threads the matrix products may use: [`set_threads`], or the machine's cores.
-pub(crate) fn threads() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    match THREADS.load(Ordering::Relaxed) {
-        // Asked once: on Linux the answer reads cgroup files.
-        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        n => n,
-    }
-}
-
-/// Caps the threads of the models' large matrix products (`--threads`); 0: all cores.
-pub fn set_threads(n: usize) {
-    THREADS.store(n, Ordering::Relaxed);
-}
+pub(crate) use crate::linalg::par_gemm;
+pub use crate::linalg::set_threads;
 
 /// Lanes of the accumulators: enough independent sums to fill two FMA pipes.
 const LANES: usize = 16;
@@ -209,26 +143,6 @@ pub(crate) fn mean_step(avg: &mut [f32], s: f32, w: &[f32], mu: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn par_gemm_bits_do_not_depend_on_the_thread_count() {
-        let (m, k, n) = (130, 3072, 12);
-        let a = ndarray::Array2::from_shape_fn((m, k), |(i, j)| {
-            ((i * 31 + j * 7) % 101) as f32 / 37.0 - 1.3
-        });
-        let b = ndarray::Array2::from_shape_fn((k, n), |(i, j)| {
-            ((i * 13 + j * 5) % 89) as f32 / 41.0 - 1.0
-        });
-        let mut one = ndarray::Array2::<f32>::zeros((m, n));
-        general_mat_mul(1.0, &a, &b, 0.0, &mut one);
-        for t in [1, 2, 3, 5] {
-            set_threads(t);
-            let mut c = ndarray::Array2::<f32>::from_elem((m, n), 0.5);
-            par_gemm(1.0, &a.view(), &b.view(), 0.0, &mut c.view_mut());
-            assert_eq!(c, one, "{t} threads");
-        }
-        set_threads(0);
-    }
 
     #[test]
     fn dots_and_axpy_match_f64_reference() {

@@ -27,12 +27,14 @@ pub use kernels::set_threads;
 pub mod kmeans;
 pub mod logreg;
 pub mod mlp;
+pub mod ridge;
 pub mod svm;
 
 pub use kernel_svm::{KernelSvm, KernelSvmParams};
 pub use kmeans::{KMeans, KMeansParams};
 pub use logreg::{LogReg, LogRegParams};
 pub use mlp::{Mlp, MlpParams};
+pub use ridge::{Ridge, RidgeParams};
 pub use svm::{Svm, SvmParams};
 
 /// Number of classes (CIFAR-10).
@@ -115,6 +117,7 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
         mlp::NAME => Ok(Box::new(Mlp::load(dir)?)),
         kmeans::NAME => Ok(Box::new(KMeans::load(dir)?)),
         kernel_svm::NAME => Ok(Box::new(KernelSvm::load(dir)?)),
+        ridge::NAME => Ok(Box::new(Ridge::load(dir)?)),
         other => Err(Error::format(
             &path,
             0,
@@ -127,12 +130,13 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
 }
 
 /// Every model `train --model` knows, by name.
-pub const MODELS: [&str; 5] = [
+pub const MODELS: [&str; 6] = [
     logreg::NAME,
     svm::NAME,
     mlp::NAME,
     kmeans::NAME,
     kernel_svm::NAME,
+    ridge::NAME,
 ];
 
 /// Index of the largest value, the lowest index on ties (and 0 for an empty row).
@@ -319,8 +323,21 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
     meta: &M,
     tensors: TensorsOut,
 ) -> Result<()> {
+    save_tensors_and_meta(dir, [TENSORS_FILE, META_FILE], model, stamp, meta, tensors)
+}
+
+/// [`save_checkpoint`] under other file names (`[tensors, meta]`): the feature
+/// extractors' folders use the same layout.
+pub(crate) fn save_tensors_and_meta<M: serde::Serialize>(
+    dir: &Path,
+    files: [&str; 2],
+    model: &str,
+    stamp: &str,
+    meta: &M,
+    tensors: TensorsOut,
+) -> Result<()> {
     create_dir(dir)?;
-    let path = dir.join(TENSORS_FILE);
+    let path = dir.join(files[0]);
     let cannot = |e: String| {
         Error::io(
             &path,
@@ -340,7 +357,7 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
     let bytes = safetensors::serialize(views, &Some(extra)).map_err(|e| cannot(e.to_string()))?;
     write_atomic(&path, &canonical_safetensors(bytes))?;
 
-    let meta_path = dir.join(META_FILE);
+    let meta_path = dir.join(files[1]);
     let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
     let Some(obj) = value.as_object_mut() else {
         return Err(cannot("model metadata is not a JSON object".into()));
@@ -484,7 +501,12 @@ impl Checkpoint {
     /// Reads both files of the checkpoint in `dir`, checking that they hold a `model`
     /// and come from the same save (same stamp).
     pub(crate) fn open(dir: &Path, model: &str) -> Result<Self> {
-        let (meta_path, bytes) = read_file(&dir.join(META_FILE))?;
+        Self::open_files(dir, [TENSORS_FILE, META_FILE], model)
+    }
+
+    /// [`Checkpoint::open`] under other file names (`[tensors, meta]`).
+    pub(crate) fn open_files(dir: &Path, files: [&str; 2], model: &str) -> Result<Self> {
+        let (meta_path, bytes) = read_file(&dir.join(files[1]))?;
         let meta: serde_json::Value = parse_json(&meta_path, &bytes)?;
         let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
         let kind = field("model");
@@ -502,7 +524,7 @@ impl Checkpoint {
                 format!("no \"stamp\" field: not a checkpoint of a {model:?} model"),
             ));
         };
-        let (path, buf) = read_file(&dir.join(TENSORS_FILE))?;
+        let (path, buf) = read_file(&dir.join(files[0]))?;
         let (header_len, md) = SafeTensors::read_metadata(&buf)
             .map_err(|e| Error::format(&path, 0, format!("not a valid safetensors file: {e}")))?;
         let got = md.metadata().as_ref().and_then(|m| m.get("stamp")).cloned();
@@ -511,8 +533,9 @@ impl Checkpoint {
                 &path,
                 8,
                 format!(
-                    "metadata stamp {got:?} does not match {META_FILE} ({stamp:?}): \
-                     the files come from different saves"
+                    "metadata stamp {got:?} does not match {} ({stamp:?}): \
+                     the files come from different saves",
+                    files[1]
                 ),
             ));
         }

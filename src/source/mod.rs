@@ -31,6 +31,8 @@ use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
+pub mod features;
+
 /// Default cap on the length of one line: 64 MiB.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
@@ -48,6 +50,8 @@ pub enum SourceSpec {
     File(PathBuf),
     /// A dataset read in process.
     Data(DataSpec),
+    /// A feature cache written by `cifar-df features` (`features:DIR`).
+    Features(PathBuf),
 }
 
 impl SourceSpec {
@@ -78,6 +82,12 @@ impl SourceSpec {
             }
             return Ok(SourceSpec::File(PathBuf::from(path)));
         }
+        if let Some(path) = s.strip_prefix("features:") {
+            if path.is_empty() {
+                return Err(Error::usage(format!("source {s:?}: empty path")));
+            }
+            return Ok(SourceSpec::Features(PathBuf::from(path)));
+        }
         if s.is_empty() {
             return Err(Error::usage("empty source"));
         }
@@ -100,6 +110,7 @@ impl fmt::Display for SourceSpec {
             SourceSpec::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
             SourceSpec::File(p) => write!(f, "file:{}", p.display()),
             SourceSpec::Data(d) => write!(f, "{d}"),
+            SourceSpec::Features(p) => write!(f, "features:{}", p.display()),
         }
     }
 }
@@ -234,6 +245,10 @@ pub trait BatchSource: Send {
     fn batches_per_epoch(&self) -> Option<u64> {
         None
     }
+    /// The schema of its batches: [`crate::batch::stream_schema`] for image sources.
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        crate::batch::stream_schema()
+    }
 }
 
 /// Open a source. Network sources connect lazily, on the first [`BatchSource::next_batch`].
@@ -246,6 +261,7 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
     }
     let source: Box<dyn BatchSource> = match spec {
         SourceSpec::Data(data) => Box::new(DataSource::new(data, opts)?),
+        SourceSpec::Features(dir) => Box::new(features::FeatureSource::open(dir, opts)?),
         _ => Box::new(Lazy {
             spec: spec.clone(),
             opts: opts.clone(),
@@ -286,6 +302,10 @@ impl BatchSource for Skip {
     fn batches_per_epoch(&self) -> Option<u64> {
         self.inner.batches_per_epoch()
     }
+
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
 }
 
 /// A source that connects (or opens its file) on first use.
@@ -305,7 +325,9 @@ impl BatchSource for Lazy {
                 }
                 SourceSpec::File(p) if p.as_os_str() == "-" => Box::new(io::stdin()),
                 SourceSpec::File(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
-                SourceSpec::Data(_) => unreachable!("dataset sources are not lazy"),
+                SourceSpec::Data(_) | SourceSpec::Features(_) => {
+                    unreachable!("dataset and feature sources are not lazy")
+                }
             };
             let name = self.spec.to_string();
             self.inner = Some(from_reader(reader, &name, &self.opts, self.report.clone())?);
