@@ -17,9 +17,23 @@ use cifar_df::features::{PatchExtractor, PatchParams};
 use cifar_df::synth::{self, SynthSpec};
 
 fn encode(c: &mut Criterion) {
-    let spec = SynthSpec { train: 1000, test: 0, seed: 1 };
-    let px: Vec<u8> = synth::generate(&spec, Split::Train).into_iter().flat_map(|i| i.pixels).collect();
-    let ex = PatchExtractor::fit(&PatchParams { stats_images: 200, ..PatchParams::default() }, &px).unwrap();
+    let spec = SynthSpec {
+        train: 1000,
+        test: 0,
+        seed: 1,
+    };
+    let px: Vec<u8> = synth::generate(&spec, Split::Train)
+        .into_iter()
+        .flat_map(|i| i.pixels)
+        .collect();
+    let ex = PatchExtractor::fit(
+        &PatchParams {
+            stats_images: 200,
+            ..PatchParams::default()
+        },
+        &px,
+    )
+    .unwrap();
     let batch = &px[..128 * IMAGE_BYTES];
     let t = std::time::Instant::now();
     ex.encode(batch).unwrap();

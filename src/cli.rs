@@ -1203,7 +1203,10 @@ fn train_extractor(
 }
 
 /// Fits a patch extractor on the first `fit_images` training images of `data`.
-fn fit_patches(params: &crate::features::PatchParams, data: &DataSpec) -> anyhow::Result<Extractor> {
+fn fit_patches(
+    params: &crate::features::PatchParams,
+    data: &DataSpec,
+) -> anyhow::Result<Extractor> {
     let t = Instant::now();
     let files = crate::dataset::load_split(data, Split::Train)?;
     let mut pixels = Vec::new();

@@ -25,7 +25,15 @@ use crate::model::{
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 7] = ["model", "epochs", "batch_size", "seed", "data", "sql", "features"];
+pub const KEYS: [&str; 7] = [
+    "model",
+    "epochs",
+    "batch_size",
+    "seed",
+    "data",
+    "sql",
+    "features",
+];
 
 /// A run's settings: what a config file says, with flags applied on top.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -200,12 +208,14 @@ impl RunConfig {
     pub fn patch_params(&self) -> Result<Option<crate::features::PatchParams>> {
         match &self.features {
             None => Ok(None),
-            Some(t) => toml::Value::Table(t.clone())
-                .try_into()
-                .map(Some)
-                .map_err(|e: toml::de::Error| {
-                    Error::usage(format!("[features]: {}", e.message().trim()))
-                }),
+            Some(t) => {
+                toml::Value::Table(t.clone())
+                    .try_into()
+                    .map(Some)
+                    .map_err(|e: toml::de::Error| {
+                        Error::usage(format!("[features]: {}", e.message().trim()))
+                    })
+            }
         }
     }
 }

@@ -43,15 +43,26 @@ pub fn set_threads(n: usize) {
 ///
 /// # Panics
 /// If the shapes do not agree (a programming error, never input).
-pub fn gemm<A, B, C>(alpha: f32, a: &ArrayBase<A, Ix2>, b: &ArrayBase<B, Ix2>, beta: f32, c: &mut ArrayBase<C, Ix2>)
-where
+pub fn gemm<A, B, C>(
+    alpha: f32,
+    a: &ArrayBase<A, Ix2>,
+    b: &ArrayBase<B, Ix2>,
+    beta: f32,
+    c: &mut ArrayBase<C, Ix2>,
+) where
     A: Data<Elem = f32>,
     B: Data<Elem = f32>,
     C: DataMut<Elem = f32>,
 {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
-    assert!(k == k2 && c.dim() == (m, n), "gemm: shapes {:?} · {:?} → {:?}", a.dim(), b.dim(), c.dim());
+    assert!(
+        k == k2 && c.dim() == (m, n),
+        "gemm: shapes {:?} · {:?} → {:?}",
+        a.dim(),
+        b.dim(),
+        c.dim()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -93,10 +104,20 @@ where
 /// `c = alpha·a·b + beta·c`, a large product split into [`BANDS`] row bands computed on
 /// up to [`threads`] threads. The bands depend only on the shape, so the result is the
 /// same whatever the thread count.
-pub fn par_gemm(alpha: f32, a: &ArrayView2<f32>, b: &ArrayView2<f32>, beta: f32, c: &mut ArrayViewMut2<f32>) {
+pub fn par_gemm(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let parts = if m * k * n < PAR_MACS { 1 } else { BANDS.min(m / 8) };
+    let parts = if m * k * n < PAR_MACS {
+        1
+    } else {
+        BANDS.min(m / 8)
+    };
     if parts < 2 {
         gemm(alpha, a, b, beta, c);
         return;
@@ -141,7 +162,10 @@ pub fn gram(a: &ArrayView2<f32>, b: &ArrayView2<f32>) -> Array2<f32> {
 /// Solves `a·x = b` for a symmetric positive definite `a` (n × n) by a blocked Cholesky
 /// factorisation in f64, overwriting nothing the caller keeps. `Err` names the pivot that
 /// is not positive (the matrix is not positive definite).
-pub fn cholesky_solve(mut a: Array2<f64>, b: &Array2<f64>) -> std::result::Result<Array2<f64>, String> {
+pub fn cholesky_solve(
+    mut a: Array2<f64>,
+    b: &Array2<f64>,
+) -> std::result::Result<Array2<f64>, String> {
     let n = a.nrows();
     assert!(a.ncols() == n && b.nrows() == n, "cholesky_solve: shapes");
     cholesky_in_place(&mut a)?;
@@ -194,7 +218,9 @@ fn cholesky_in_place(a: &mut Array2<f64>) -> std::result::Result<(), String> {
                 d -= a[[j, p]] * a[[j, p]];
             }
             if !(d > 0.0) || !d.is_finite() {
-                return Err(format!("pivot {j} is {d}: the matrix is not positive definite"));
+                return Err(format!(
+                    "pivot {j} is {d}: the matrix is not positive definite"
+                ));
             }
             let d = d.sqrt();
             a[[j, j]] = d;
@@ -311,7 +337,9 @@ mod tests {
     use super::*;
 
     fn mat(m: usize, n: usize, salt: usize) -> Array2<f32> {
-        Array2::from_shape_fn((m, n), |(i, j)| ((i * 31 + j * 7 + salt) % 101) as f32 / 37.0 - 1.3)
+        Array2::from_shape_fn((m, n), |(i, j)| {
+            ((i * 31 + j * 7 + salt) % 101) as f32 / 37.0 - 1.3
+        })
     }
 
     #[test]
@@ -321,7 +349,11 @@ mod tests {
         let mut want = Array2::<f64>::zeros((37, 29));
         for i in 0..37 {
             for j in 0..29 {
-                want[[i, j]] = (0..53).map(|p| f64::from(a[[i, p]]) * f64::from(b[[p, j]])).sum::<f64>() * 2.0 + 0.5;
+                want[[i, j]] = (0..53)
+                    .map(|p| f64::from(a[[i, p]]) * f64::from(b[[p, j]]))
+                    .sum::<f64>()
+                    * 2.0
+                    + 0.5;
             }
         }
         let mut c = Array2::<f32>::from_elem((37, 29), 1.0);
@@ -333,8 +365,14 @@ mod tests {
         gemm(2.0, &bt.view(), &at.view(), 0.5, &mut c2.view_mut());
         for i in 0..37 {
             for j in 0..29 {
-                assert!((f64::from(c[[i, j]]) - want[[i, j]]).abs() < 1e-3, "({i},{j})");
-                assert!((f64::from(c2[[j, i]]) - want[[i, j]]).abs() < 1e-3, "t({i},{j})");
+                assert!(
+                    (f64::from(c[[i, j]]) - want[[i, j]]).abs() < 1e-3,
+                    "({i},{j})"
+                );
+                assert!(
+                    (f64::from(c2[[j, i]]) - want[[i, j]]).abs() < 1e-3,
+                    "t({i},{j})"
+                );
             }
         }
         // beta = 0 ignores what was in c, NaN included.
@@ -379,7 +417,10 @@ mod tests {
         let (vals, vecs) = eigh(&a);
         let back = vecs.dot(&Array2::from_diag(&vals)).dot(&vecs.t());
         let err = (&back - &a).iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        assert!(err < 1e-9 * a.iter().fold(0.0f64, |m, v| m.max(v.abs())), "{err}");
+        assert!(
+            err < 1e-9 * a.iter().fold(0.0f64, |m, v| m.max(v.abs())),
+            "{err}"
+        );
         assert!(vals.windows(2).into_iter().all(|w| w[0] <= w[1]));
         let orth = vecs.t().dot(&vecs) - Array2::<f64>::eye(20);
         assert!(orth.iter().all(|v| v.abs() < 1e-10));

@@ -864,7 +864,14 @@ pub async fn predict(mut opts: PredictOptions) -> Result<Summary> {
         report,
         per_epoch,
         server,
-    } = open_stream(&opts.sql, 0, &opts.source, &opts.source_opts, extractor.as_ref()).await?;
+    } = open_stream(
+        &opts.sql,
+        0,
+        &opts.source,
+        &opts.source_opts,
+        extractor.as_ref(),
+    )
+    .await?;
     let result = predict_loop(
         &mut opts,
         model.as_ref(),

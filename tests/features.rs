@@ -32,7 +32,11 @@ fn have_numpy() -> bool {
 }
 
 fn synth_pixels(n: usize) -> Vec<u8> {
-    let spec = SynthSpec { train: n, test: 0, seed: 9 };
+    let spec = SynthSpec {
+        train: n,
+        test: 0,
+        seed: 9,
+    };
     synth::generate(&spec, Split::Train)
         .into_iter()
         .flat_map(|i| i.pixels)
@@ -54,7 +58,14 @@ fn small(encoding: Encoding, invariant: bool) -> PatchParams {
 
 /// Small extractor parameters as `--set` flags of `cifar-df features`.
 const SMALL_SETS: [&str; 8] = [
-    "--set", "atoms=32", "--set", "samples=4000", "--set", "stats_images=50", "--set", "fit_images=200",
+    "--set",
+    "atoms=32",
+    "--set",
+    "samples=4000",
+    "--set",
+    "stats_images=50",
+    "--set",
+    "fit_images=200",
 ];
 
 #[test]
@@ -72,7 +83,11 @@ fn the_extractor_matches_a_numpy_reference() {
     .into_iter()
     .enumerate()
     {
-        let params = PatchParams { grid: if i == 1 { 3 } else { 2 }, ..small(enc, inv) };
+        let params = PatchParams {
+            grid: if i == 1 { 3 } else { 2 },
+            components: if i == 2 { 40 } else { 0 },
+            ..small(enc, inv)
+        };
         let ex = Extractor::Patches(PatchExtractor::fit(&params, &px).unwrap());
         let folder = dir.path().join(format!("ex{i}"));
         ex.save(&folder).unwrap();
@@ -86,7 +101,13 @@ fn the_extractor_matches_a_numpy_reference() {
         let bytes: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(&feats, bytes).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref/patches_reference.py");
-        let (out, _) = run_ok(Command::new("python3").arg(script).arg(&folder).arg(&images).arg(&feats));
+        let (out, _) = run_ok(
+            Command::new("python3")
+                .arg(script)
+                .arg(&folder)
+                .arg(&images)
+                .arg(&feats),
+        );
         assert!(out.contains("features: 5 images"), "{out}");
     }
 }
@@ -94,16 +115,42 @@ fn the_extractor_matches_a_numpy_reference() {
 /// Rows of a cache part: (label, flipped, features).
 fn read_part(path: &Path) -> Vec<(u8, bool, Vec<f32>)> {
     let file = std::fs::File::open(path).unwrap();
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
     let mut out = Vec::new();
     for b in reader {
         let b = b.unwrap();
-        let label = b.column_by_name("label").unwrap().as_any().downcast_ref::<UInt8Array>().unwrap().clone();
-        let flipped = b.column_by_name("flipped").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap().clone();
-        let feats = b.column_by_name("features").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap().clone();
+        let label = b
+            .column_by_name("label")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<UInt8Array>()
+            .unwrap()
+            .clone();
+        let flipped = b
+            .column_by_name("flipped")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .unwrap()
+            .clone();
+        let feats = b
+            .column_by_name("features")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeListArray>()
+            .unwrap()
+            .clone();
         for i in 0..b.num_rows() {
             let v = feats.value(i);
-            let v = v.as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
+            let v = v
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .unwrap()
+                .values()
+                .to_vec();
             out.push((label.value(i), flipped.value(i), v));
         }
     }
@@ -111,7 +158,10 @@ fn read_part(path: &Path) -> Vec<(u8, bool, Vec<f32>)> {
 }
 
 fn parts(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     v.sort();
     v
 }
@@ -119,7 +169,16 @@ fn parts(dir: &Path) -> Vec<PathBuf> {
 fn features_cmd(data: &str, out: &Path, extra: &[&str]) -> (String, String) {
     run_ok(
         bin()
-            .args(["-q", "features", "--data", data, "--out", out.to_str().unwrap(), "--rows-per-part", "100"])
+            .args([
+                "-q",
+                "features",
+                "--data",
+                data,
+                "--out",
+                out.to_str().unwrap(),
+                "--rows-per-part",
+                "100",
+            ])
             .args(SMALL_SETS)
             .args(extra),
     )
@@ -129,7 +188,11 @@ fn features_cmd(data: &str, out: &Path, extra: &[&str]) -> (String, String) {
 fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("F");
-    let (out, _) = features_cmd("synthetic:250:60:4", &f, &["--flip", "--set", "invariant=false"]);
+    let (out, _) = features_cmd(
+        "synthetic:250:60:4",
+        &f,
+        &["--flip", "--set", "invariant=false"],
+    );
     assert!(out.contains("4 parts written, 0 kept"), "{out}");
     let train = parts(&f.join("train"));
     assert_eq!(train.len(), 3);
@@ -138,9 +201,19 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
     // The cached features are the extractor's, image by image, and the flipped copies
     // are the features of the mirrored images.
     let ex = Extractor::load(&f.join("extractor")).unwrap();
-    let spec = SynthSpec { train: 250, test: 60, seed: 4 };
-    let images: Vec<u8> = synth::generate(&spec, Split::Train).into_iter().flat_map(|i| i.pixels).collect();
-    let labels: Vec<u8> = synth::generate(&spec, Split::Train).into_iter().flat_map(|i| i.labels).collect();
+    let spec = SynthSpec {
+        train: 250,
+        test: 60,
+        seed: 4,
+    };
+    let images: Vec<u8> = synth::generate(&spec, Split::Train)
+        .into_iter()
+        .flat_map(|i| i.pixels)
+        .collect();
+    let labels: Vec<u8> = synth::generate(&spec, Split::Train)
+        .into_iter()
+        .flat_map(|i| i.labels)
+        .collect();
     let some = &images[..3 * IMAGE_BYTES];
     let mut mirrored = some.to_vec();
     for row in mirrored.chunks_mut(32) {
@@ -156,15 +229,26 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
         let (l2, fl2, v2) = &rows[2 * i + 1];
         assert_eq!((*l2, *fl2), (labels[i], true));
         for (a, b) in v2.iter().zip(flipped.row(i).iter()) {
-            assert!((a - b).abs() <= 1e-3 * scale, "flipped copy of image {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-3 * scale,
+                "flipped copy of image {i}: {a} vs {b}"
+            );
         }
     }
-    assert_eq!(read_part(&parts(&f.join("test"))[0]).len(), 60, "no flipped copies in the test split");
+    assert_eq!(
+        read_part(&parts(&f.join("test"))[0]).len(),
+        60,
+        "no flipped copies in the test split"
+    );
     // An interrupted job: a part missing, an unfinished temporary file left behind.
     let before = std::fs::read(&train[1]).unwrap();
     std::fs::remove_file(&train[1]).unwrap();
     std::fs::write(train[1].with_extension("parquet.inprogress"), b"torn").unwrap();
-    let (out, _) = features_cmd("synthetic:250:60:4", &f, &["--flip", "--set", "invariant=false"]);
+    let (out, _) = features_cmd(
+        "synthetic:250:60:4",
+        &f,
+        &["--flip", "--set", "invariant=false"],
+    );
     assert!(out.contains("1 parts written, 3 kept"), "{out}");
     assert_eq!(read_part(&train[1]), {
         let tmp = dir.path().join("before.parquet");
@@ -172,7 +256,13 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
         read_part(&tmp)
     });
     // The cache is queryable as any Parquet folder.
-    let q = query_csv(dir.path(), &format!("select count(*) as n, sum(cast(flipped as int)) as f from '{}/'", f.join("train").display()));
+    let q = query_csv(
+        dir.path(),
+        &format!(
+            "select count(*) as n, sum(cast(flipped as int)) as f from '{}/'",
+            f.join("train").display()
+        ),
+    );
     assert!(q.contains("500,250"), "{q}");
 }
 
@@ -184,13 +274,33 @@ fn every_model_trains_from_features_and_predicts() {
     let runs = dir.path().join("runs");
     for model in ["ridge", "logreg", "svm", "mlp", "kmeans"] {
         let (out, _) = run_ok(bin().args([
-            "-q", "train", "--source", &format!("features:{}", f.display()), "--model", model,
-            "--run", model, "--runs", runs.to_str().unwrap(), "--no-plots", "--batch-size", "50",
+            "-q",
+            "train",
+            "--source",
+            &format!("features:{}", f.display()),
+            "--model",
+            model,
+            "--run",
+            model,
+            "--runs",
+            runs.to_str().unwrap(),
+            "--no-plots",
+            "--batch-size",
+            "50",
         ]));
-        assert!(out.contains("test ("), "{model}: the test split is scored\n{out}");
+        assert!(
+            out.contains("test ("),
+            "{model}: the test split is scored\n{out}"
+        );
         let (out, _) = run_ok(bin().args([
-            "-q", "predict", "--run", model, "--runs", runs.to_str().unwrap(),
-            "--source", &format!("features:{}", f.display()),
+            "-q",
+            "predict",
+            "--run",
+            model,
+            "--runs",
+            runs.to_str().unwrap(),
+            "--source",
+            &format!("features:{}", f.display()),
         ]));
         assert!(out.contains("accuracy"), "{out}");
     }
@@ -199,7 +309,10 @@ fn every_model_trains_from_features_and_predicts() {
         assert!(q.contains(&format!("{model},100")), "{q}");
     }
     // The ridge model learns the synthetic classes from the features well above chance.
-    let acc = query_csv(&runs, "select sum(acc * images) / sum(images) as a from eval_metrics where run = 'ridge'");
+    let acc = query_csv(
+        &runs,
+        "select sum(acc * images) / sum(images) as a from eval_metrics where run = 'ridge'",
+    );
     let acc: f64 = acc.lines().nth(1).unwrap().parse().unwrap();
     assert!(acc > 0.4, "ridge test accuracy {acc}");
 }
@@ -210,7 +323,16 @@ fn extract_features_is_a_sql_function_over_parquet_images() {
     let f = dir.path().join("F");
     features_cmd("synthetic:200:50:6", &f, &[]);
     let images = dir.path().join("img.parquet");
-    run_ok(bin().args(["-q", "export", "--source", "synthetic:200:50:6", "--split", "test", "--out", images.to_str().unwrap()]));
+    run_ok(bin().args([
+        "-q",
+        "export",
+        "--source",
+        "synthetic:200:50:6",
+        "--split",
+        "test",
+        "--out",
+        images.to_str().unwrap(),
+    ]));
     let (out, _) = run_ok(bin().args([
         "query", "--format", "csv", "--extractor", f.join("extractor").to_str().unwrap(),
         &format!("select label, extract_features(image)[1] as f0 from '{}' order by batch, \"row\" limit 2", images.display()),
@@ -221,8 +343,18 @@ fn extract_features_is_a_sql_function_over_parquet_images() {
     let (label, f0) = line.split_once(',').unwrap();
     assert_eq!(label.parse::<u8>().unwrap(), cached[0].0, "{out}");
     let f0: f32 = f0.parse().unwrap();
-    assert!((f0 - cached[0].2[0]).abs() <= 1e-5 * cached[0].2[0].abs().max(1.0), "{f0} vs {}", cached[0].2[0]);
-    let bad = bin().args(["query", "select extract_features(label) from (select 1 as label)"]).output().unwrap();
+    assert!(
+        (f0 - cached[0].2[0]).abs() <= 1e-5 * cached[0].2[0].abs().max(1.0),
+        "{f0} vs {}",
+        cached[0].2[0]
+    );
+    let bad = bin()
+        .args([
+            "query",
+            "select extract_features(label) from (select 1 as label)",
+        ])
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
 }
 
@@ -243,21 +375,49 @@ fn one_command_fits_the_extractor_streams_features_and_predicts_with_it() {
     let runs = dir.path().join("runs");
     let cfg = small_config(dir.path());
     let (out, err) = run_ok(bin().args([
-        "-q", "train", "--config", cfg.to_str().unwrap(), "--data", "synthetic:600:150:2",
-        "--run", "p", "--runs", runs.to_str().unwrap(), "--no-plots",
+        "-q",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        "synthetic:600:150:2",
+        "--run",
+        "p",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--no-plots",
     ]));
     assert!(out.contains("test ("), "{out}\n{err}");
     assert!(runs.join("p/extractor/extractor.safetensors").is_file());
     // predict on other data applies the run's own extractor.
     let (out, _) = run_ok(bin().args([
-        "-q", "predict", "--run", "p", "--runs", runs.to_str().unwrap(), "--data", "synthetic:100:80:3",
+        "-q",
+        "predict",
+        "--run",
+        "p",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--data",
+        "synthetic:100:80:3",
     ]));
     assert!(out.contains("accuracy"), "{out}");
-    let q = query_csv(&runs, "select sum(images) as n from eval_metrics where run = 'p' and split = 'test'");
+    let q = query_csv(
+        &runs,
+        "select sum(images) as n from eval_metrics where run = 'p' and split = 'test'",
+    );
     assert!(q.contains("80"), "{q}");
     // Resume of the finished run with more epochs reuses the saved extractor.
     let (out, _) = run_ok(bin().args([
-        "-q", "train", "--run", "p", "--runs", runs.to_str().unwrap(), "--resume", "--epochs", "2", "--no-plots",
+        "-q",
+        "train",
+        "--run",
+        "p",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--resume",
+        "--epochs",
+        "2",
+        "--no-plots",
     ]));
     assert!(out.contains("resumed from"), "{out}");
 }
@@ -272,8 +432,19 @@ fn bad_input_is_a_clear_error_naming_the_file() {
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     // A missing extractor folder.
-    let e = fail(&["train", "--extractor", "/nonexistent/ex", "--data", "synthetic:50:10", "--runs", runs.to_str().unwrap()]);
-    assert!(e.contains("/nonexistent/ex") && e.contains("extractor"), "{e}");
+    let e = fail(&[
+        "train",
+        "--extractor",
+        "/nonexistent/ex",
+        "--data",
+        "synthetic:50:10",
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("/nonexistent/ex") && e.contains("extractor"),
+        "{e}"
+    );
     // A torn extractor: the two files from different saves.
     let f = dir.path().join("F");
     features_cmd("synthetic:200:40:7", &f, &[]);
@@ -281,33 +452,108 @@ fn bad_input_is_a_clear_error_naming_the_file() {
     let text = std::fs::read_to_string(&json).unwrap();
     let torn = dir.path().join("torn");
     std::fs::create_dir(&torn).unwrap();
-    std::fs::copy(f.join("extractor/extractor.safetensors"), torn.join("extractor.safetensors")).unwrap();
+    std::fs::copy(
+        f.join("extractor/extractor.safetensors"),
+        torn.join("extractor.safetensors"),
+    )
+    .unwrap();
     let stamp = text.find("\"stamp\"").unwrap();
     let mut t = text.clone();
     t.replace_range(stamp..stamp + 12, "\"stamp\": \"x");
     std::fs::write(torn.join("extractor.json"), t).unwrap();
-    let e = fail(&["train", "--extractor", torn.to_str().unwrap(), "--data", "synthetic:50:10", "--runs", runs.to_str().unwrap()]);
-    assert!(e.contains("extractor.json") || e.contains("extractor.safetensors"), "{e}");
+    let e = fail(&[
+        "train",
+        "--extractor",
+        torn.to_str().unwrap(),
+        "--data",
+        "synthetic:50:10",
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("extractor.json") || e.contains("extractor.safetensors"),
+        "{e}"
+    );
     // A features folder without a test split.
     let g = dir.path().join("G");
     std::fs::create_dir_all(g.join("train")).unwrap();
-    std::fs::write(g.join("cache.json"), std::fs::read_to_string(f.join("cache.json")).unwrap().replace("\"test\"", "\"nope\"")).unwrap();
-    let e = fail(&["predict", "--run", "x", "--runs", runs.to_str().unwrap(), "--source", &format!("features:{}", g.display())]);
-    assert!(e.contains("x") , "{e}");
+    std::fs::write(
+        g.join("cache.json"),
+        std::fs::read_to_string(f.join("cache.json"))
+            .unwrap()
+            .replace("\"test\"", "\"nope\""),
+    )
+    .unwrap();
+    let e = fail(&[
+        "predict",
+        "--run",
+        "x",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--source",
+        &format!("features:{}", g.display()),
+    ]);
+    assert!(e.contains("x"), "{e}");
     run_ok(bin().args([
-        "-q", "train", "--source", &format!("features:{}", f.display()), "--model", "ridge", "--run", "r",
-        "--runs", runs.to_str().unwrap(), "--no-plots",
+        "-q",
+        "train",
+        "--source",
+        &format!("features:{}", f.display()),
+        "--model",
+        "ridge",
+        "--run",
+        "r",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--no-plots",
     ]));
-    for e in [fail(&["predict", "--run", "r", "--runs", runs.to_str().unwrap(), "--source", &format!("features:{}", g.display())])] {
-        assert!(e.contains("no complete test split") && e.contains(g.to_str().unwrap()), "{e}");
+    for e in [fail(&[
+        "predict",
+        "--run",
+        "r",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--source",
+        &format!("features:{}", g.display()),
+    ])] {
+        assert!(
+            e.contains("no complete test split") && e.contains(g.to_str().unwrap()),
+            "{e}"
+        );
     }
     // Features whose width does not match the checkpoint.
     let h = dir.path().join("H");
-    run_ok(bin().args(["-q", "features", "--data", "synthetic:200:40:7", "--out", h.to_str().unwrap()]).args(SMALL_SETS).args(["--set", "atoms=16"]));
-    let e = fail(&["predict", "--run", "r", "--runs", runs.to_str().unwrap(), "--source", &format!("features:{}", h.display())]);
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "features",
+                "--data",
+                "synthetic:200:40:7",
+                "--out",
+                h.to_str().unwrap(),
+            ])
+            .args(SMALL_SETS)
+            .args(["--set", "atoms=16"]),
+    );
+    let e = fail(&[
+        "predict",
+        "--run",
+        "r",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--source",
+        &format!("features:{}", h.display()),
+    ]);
     assert!(e.contains("features per row but the model expects"), "{e}");
     // Not a cache at all.
-    let e = fail(&["train", "--source", &format!("features:{}", dir.path().display()), "--runs", runs.to_str().unwrap()]);
+    let e = fail(&[
+        "train",
+        "--source",
+        &format!("features:{}", dir.path().display()),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
     assert!(e.contains("not a feature cache"), "{e}");
 }
 
@@ -319,10 +565,22 @@ fn patches_reach_seventy_percent_on_real_cifar10() {
     let runs = dir.path().join("runs");
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/patches.toml");
     run_ok(bin().args([
-        "-q", "train", "--config", cfg.to_str().unwrap(), "--data", mini.to_str().unwrap(),
-        "--run", "best", "--runs", runs.to_str().unwrap(), "--no-plots",
+        "-q",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        mini.to_str().unwrap(),
+        "--run",
+        "best",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--no-plots",
     ]));
-    let acc = query_csv(&runs, "select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'");
+    let acc = query_csv(
+        &runs,
+        "select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'",
+    );
     let acc: f64 = acc.lines().nth(1).unwrap().parse().unwrap();
     assert!(acc >= 0.70, "test accuracy {acc}");
 }

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt32Array, UInt64Array, UInt8Array};
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt32Array, UInt64Array, UInt8Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
@@ -47,7 +49,10 @@ pub fn schema(width: usize) -> SchemaRef {
 
 /// `FixedSizeList<Float32, width>`.
 pub fn features_type(width: usize) -> DataType {
-    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), width as i32)
+    DataType::FixedSizeList(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        width as i32,
+    )
 }
 
 /// What `cache.json` records.
@@ -172,7 +177,13 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
                 let x = extractor.encode(&all.pixels[first * IMAGE_BYTES..last * IMAGE_BYTES])?;
                 summary.encode_seconds += t.elapsed().as_secs_f64();
                 summary.images_encoded += last - first;
-                let batch = part_batch(&x, &all.labels[first..last], first, opts.batch_size, flip.then_some(perm.as_deref()).flatten())?;
+                let batch = part_batch(
+                    &x,
+                    &all.labels[first..last],
+                    first,
+                    opts.batch_size,
+                    flip.then_some(perm.as_deref()).flatten(),
+                )?;
                 write_parquet_file(&path, &[batch])?;
                 summary.parts_written += 1;
             }
@@ -257,7 +268,12 @@ pub fn split_parts(dir: &Path, split: Split) -> Result<(Manifest, Vec<PathBuf>)>
             "{}: the feature cache has no complete {} split (it has: {})",
             dir.display(),
             split.name(),
-            manifest.splits.iter().map(|s| s.split.as_str()).collect::<Vec<_>>().join(", ")
+            manifest
+                .splits
+                .iter()
+                .map(|s| s.split.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let sdir = dir.join(split.name());

@@ -101,7 +101,11 @@ impl Extractor {
                 p.params.grid,
                 p.params.grid,
                 p.params.encoding,
-                if p.params.invariant { ", flip-invariant" } else { "" },
+                if p.params.invariant {
+                    ", flip-invariant"
+                } else {
+                    ""
+                },
                 p.width()
             ),
         }
@@ -160,10 +164,17 @@ impl Extractor {
                 meta.width
             )));
         }
-        let names: Vec<String> = ["mean", "cov", "whiten", "atoms", "feature_mean", "feature_std"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let names: Vec<String> = [
+            "mean",
+            "cov",
+            "whiten",
+            "atoms",
+            "feature_mean",
+            "feature_std",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         ck.expect_names(&names)?;
         let ex = PatchExtractor::assemble(
             p.clone(),

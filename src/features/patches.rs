@@ -80,6 +80,9 @@ pub struct PatchParams {
     pub alpha: f32,
     /// Whitening regularisation added to the covariance's eigenvalues.
     pub eps: f64,
+    /// Keep only the top principal components of the patches (0: all `3·patch²`): the
+    /// encoding's product shrinks in proportion.
+    pub components: usize,
     /// Pooling grid side (cells per axis).
     pub grid: usize,
     /// Images the extractor is fitted from (the first of the source).
@@ -103,8 +106,9 @@ impl Default for PatchParams {
             atoms: 2048,
             dictionary: Dictionary::Patches,
             encoding: Encoding::Threshold,
-            alpha: 0.25,
+            alpha: 0.75,
             eps: 0.01,
+            components: 0,
             grid: 3,
             fit_images: 5000,
             samples: 100_000,
@@ -152,6 +156,15 @@ impl PatchParams {
         CHANNELS * self.patch * self.patch
     }
 
+    /// Principal components kept of `d`.
+    fn kept(&self, d: usize) -> usize {
+        if self.components == 0 {
+            d
+        } else {
+            self.components.min(d)
+        }
+    }
+
     fn polarities(&self) -> usize {
         match self.encoding {
             Encoding::Threshold => 2,
@@ -193,12 +206,20 @@ pub struct PatchExtractor {
     pub feature_mean: Array1<f32>,
     /// Standard deviation of each output feature (floored) before standardisation.
     pub feature_std: Array1<f32>,
-    /// `(atoms·W)ᵀ` (`dim` × `atoms`): the product every patch goes through.
+    /// `(atoms·W)ᵀ` (`dim` × `atoms`), or with `components` the factor after the basis
+    /// (`c` × `atoms`): the product every patch goes through.
     filters_t: Array2<f32>,
+    /// The top principal directions (`dim` × `c`) when `components` keeps fewer than all.
+    basis: Option<Array2<f32>>,
     /// `atoms·W·mean` (`atoms`): subtracted from every response.
     bias: Array1<f32>,
     /// `‖d_k‖²` (`atoms`), for the triangle encoding.
     atom_sq: Array1<f32>,
+    /// The pairs an invariant extractor sums ([`PatchExtractor::pairs`]), computed once.
+    pair_list: Vec<(usize, usize)>,
+    /// The pooling cells of each patch position along an axis, and each cell's count.
+    axis: Vec<Vec<usize>>,
+    counts: Vec<f32>,
 }
 
 /// Index of the patch element (channel, dy, dx) in a patch vector.
@@ -264,7 +285,8 @@ struct Scratch {
     patches: Array2<f32>,
     responses: Array2<f32>,
     whitened: Array2<f32>,
-    pooled: Vec<f64>,
+    projected: Array2<f32>,
+    pooled: Vec<f32>,
 }
 
 impl PatchExtractor {
@@ -301,8 +323,20 @@ impl PatchExtractor {
         let centred = &samples - &mean32;
         let mirrored = centred.select(ndarray::Axis(1), &mirror);
         let mut cov32 = Array2::<f32>::zeros((d, d));
-        linalg::gemm(1.0, &centred.t(), &centred.view(), 0.0, &mut cov32.view_mut());
-        linalg::gemm(1.0, &mirrored.t(), &mirrored.view(), 1.0, &mut cov32.view_mut());
+        linalg::gemm(
+            1.0,
+            &centred.t(),
+            &centred.view(),
+            0.0,
+            &mut cov32.view_mut(),
+        );
+        linalg::gemm(
+            1.0,
+            &mirrored.t(),
+            &mirrored.view(),
+            1.0,
+            &mut cov32.view_mut(),
+        );
         let mut cov = cov32.mapv(|v| f64::from(v) / (count - 1.0));
         // Exactly symmetric (the two products round differently).
         for i in 0..d {
@@ -313,8 +347,13 @@ impl PatchExtractor {
             }
         }
         let (vals, vecs) = linalg::eigh(&cov);
+        let first = d - params.kept(d); // eigenvalues ascend: the top ones are last
         let scaled = Array2::from_shape_fn((d, d), |(r, c)| {
-            vecs[[r, c]] / (vals[c].max(0.0) + params.eps).sqrt()
+            if c < first {
+                0.0
+            } else {
+                vecs[[r, c]] / (vals[c].max(0.0) + params.eps).sqrt()
+            }
         });
         let whiten = scaled.dot(&vecs.t()).mapv(|v| v as f32);
         let whitened = {
@@ -384,12 +423,43 @@ impl PatchExtractor {
             )));
         }
         if feature_std.iter().any(|&v| !(v > 0.0)) {
-            return Err(Error::usage("patch extractor: a feature standard deviation is not positive"));
+            return Err(Error::usage(
+                "patch extractor: a feature standard deviation is not positive",
+            ));
         }
         let filters = atoms.dot(&whiten); // atoms × dim
         let bias = filters.dot(&mean);
+        // With fewer components the product factors through them: patches × basis
+        // (dim × c), then × (atoms·basis·diag)ᵀ (c × atoms).
+        let c = params.kept(d);
+        let (basis, filters_t) = if c < d {
+            let (vals, vecs) = linalg::eigh(&cov.mapv(f64::from));
+            let basis = vecs.slice(s![.., d - c..]).mapv(|v| v as f32);
+            let scale = Array1::from_iter(
+                vals.iter()
+                    .skip(d - c)
+                    .map(|&l| (1.0 / (l.max(0.0) + params.eps).sqrt()) as f32),
+            );
+            let f = atoms.dot(&basis) * &scale; // atoms × c
+            (Some(basis), f.t().as_standard_layout().to_owned())
+        } else {
+            (None, filters.t().as_standard_layout().to_owned())
+        };
         let atom_sq = Array1::from_iter(atoms.rows().into_iter().map(|r| r.dot(&r)));
-        Ok(PatchExtractor {
+        let s = SIDE - params.patch + 1;
+        let g = params.grid;
+        let axis: Vec<Vec<usize>> = (0..s).map(|x| cells_of(x, s, g)).collect();
+        let mut counts = vec![0f32; g * g];
+        for cy in &axis {
+            for cx in &axis {
+                for &a in cy {
+                    for &b in cx {
+                        counts[a * g + b] += 1.0;
+                    }
+                }
+            }
+        }
+        let mut ex = PatchExtractor {
             params,
             mean,
             cov,
@@ -397,10 +467,16 @@ impl PatchExtractor {
             atoms,
             feature_mean,
             feature_std,
-            filters_t: filters.t().as_standard_layout().to_owned(),
+            filters_t,
+            basis,
             bias,
             atom_sq,
-        })
+            pair_list: Vec::new(),
+            axis,
+            counts,
+        };
+        ex.pair_list = ex.pairs();
+        Ok(ex)
     }
 
     /// Width of the output features.
@@ -450,7 +526,10 @@ impl PatchExtractor {
             {
                 sc.spawn(move || {
                     let mut scratch = self.scratch();
-                    for (o, img) in chunk_out.chunks_mut(width).zip(chunk_in.chunks(IMAGE_BYTES)) {
+                    for (o, img) in chunk_out
+                        .chunks_mut(width)
+                        .zip(chunk_in.chunks(IMAGE_BYTES))
+                    {
                         self.encode_one(img, &mut scratch, o);
                     }
                 });
@@ -466,6 +545,7 @@ impl PatchExtractor {
             patches: Array2::zeros((rows, self.params.dim())),
             responses: Array2::zeros((rows, self.params.atoms)),
             whitened: Array2::zeros((rows, self.params.dim())),
+            projected: Array2::zeros((rows, self.basis.as_ref().map_or(0, |b| b.ncols()))),
             pooled: vec![0.0; self.params.full_width()],
         }
     }
@@ -478,17 +558,8 @@ impl PatchExtractor {
         let s = SIDE - p + 1;
         let pol = self.params.polarities();
         let alpha = self.params.alpha;
-        let axis: Vec<Vec<usize>> = (0..s).map(|x| cells_of(x, s, g)).collect();
-        let mut counts = vec![0f64; g * g];
-        for cy in &axis {
-            for cx in &axis {
-                for &a in cy {
-                    for &b in cx {
-                        counts[a * g + b] += 1.0;
-                    }
-                }
-            }
-        }
+        let axis = &self.axis;
+        let counts = &self.counts;
         sc.pooled.iter_mut().for_each(|v| *v = 0.0);
         let mut y0 = 0;
         let mut cell_acc = vec![0f32; pol * k];
@@ -501,7 +572,14 @@ impl PatchExtractor {
             }
             let pv = sc.patches.slice(s![..rows, ..]);
             let mut rv = sc.responses.slice_mut(s![..rows, ..]);
-            linalg::gemm(1.0, &pv, &self.filters_t.view(), 0.0, &mut rv);
+            match &self.basis {
+                None => linalg::gemm(1.0, &pv, &self.filters_t.view(), 0.0, &mut rv),
+                Some(b) => {
+                    let mut proj = sc.projected.slice_mut(s![..rows, ..]);
+                    linalg::gemm(1.0, &pv, &b.view(), 0.0, &mut proj);
+                    linalg::gemm(1.0, &proj.view(), &self.filters_t.view(), 0.0, &mut rv);
+                }
+            }
             let norms: Option<Vec<f32>> = match self.params.encoding {
                 Encoding::Threshold => None,
                 Encoding::Triangle => {
@@ -517,7 +595,26 @@ impl PatchExtractor {
                     let r = (y - y0) * s + x;
                     let resp = sc.responses.row(r);
                     let resp = resp.as_slice().expect("contiguous row");
+                    let single = axis[y].len() == 1 && cx.len() == 1;
                     match norms.as_ref() {
+                        None if single => {
+                            // The common case, fused: threshold straight into the one cell.
+                            let cell = axis[y][0] * g + cx[0];
+                            let (pos_part, neg_part) = sc.pooled.split_at_mut(g * g * k);
+                            let pos = &mut pos_part[cell * k..][..k];
+                            let neg = &mut neg_part[cell * k..][..k];
+                            for (((rv, b), pp), nn) in resp
+                                .iter()
+                                .zip(self.bias.iter())
+                                .zip(pos.iter_mut())
+                                .zip(neg.iter_mut())
+                            {
+                                let v = rv - b;
+                                *pp += (v - alpha).max(0.0);
+                                *nn += (-v - alpha).max(0.0);
+                            }
+                            continue;
+                        }
                         None => {
                             let (pos, neg) = cell_acc.split_at_mut(k);
                             for ((rv, b), (pp, nn)) in resp
@@ -551,7 +648,7 @@ impl PatchExtractor {
                             for q in 0..pol {
                                 let dst = &mut sc.pooled[(q * g * g + cell) * k..][..k];
                                 for (d, v) in dst.iter_mut().zip(&cell_acc[q * k..(q + 1) * k]) {
-                                    *d += f64::from(*v);
+                                    *d += *v;
                                 }
                             }
                         }
@@ -570,13 +667,11 @@ impl PatchExtractor {
             }
         }
         if self.params.invariant {
-            for (o, (i, j)) in out.iter_mut().zip(self.pairs()) {
-                *o = (sc.pooled[i] + sc.pooled[j]) as f32;
+            for (o, &(i, j)) in out.iter_mut().zip(&self.pair_list) {
+                *o = sc.pooled[i] + sc.pooled[j];
             }
         } else {
-            for (o, v) in out.iter_mut().zip(&sc.pooled) {
-                *o = *v as f32;
-            }
+            out.copy_from_slice(&sc.pooled[..out.len()]);
         }
     }
 
@@ -738,7 +833,11 @@ mod tests {
     use crate::synth;
 
     fn images(n: usize) -> Vec<u8> {
-        let spec = synth::SynthSpec { train: n, test: 0, seed: 3 };
+        let spec = synth::SynthSpec {
+            train: n,
+            test: 0,
+            seed: 3,
+        };
         synth::generate(&spec, crate::dataset::Split::Train)
             .into_iter()
             .flat_map(|i| i.pixels)
@@ -758,13 +857,19 @@ mod tests {
     fn pooling_cells_are_mirror_symmetric() {
         for (s, g) in [(27, 3), (27, 2), (28, 2), (28, 3), (27, 1), (5, 4)] {
             for x in 0..s {
-                let mut mirrored: Vec<usize> = cells_of(s - 1 - x, s, g).iter().map(|c| g - 1 - c).collect();
+                let mut mirrored: Vec<usize> = cells_of(s - 1 - x, s, g)
+                    .iter()
+                    .map(|c| g - 1 - c)
+                    .collect();
                 mirrored.sort();
                 assert_eq!(cells_of(x, s, g), mirrored, "s {s} g {g} x {x}");
             }
             // Every cell gets positions.
             for c in 0..g {
-                assert!((0..s).any(|x| cells_of(x, s, g).contains(&c)), "s {s} g {g} cell {c}");
+                assert!(
+                    (0..s).any(|x| cells_of(x, s, g).contains(&c)),
+                    "s {s} g {g} cell {c}"
+                );
             }
         }
     }
@@ -773,7 +878,11 @@ mod tests {
     fn flipped_image_features_are_the_permuted_features() {
         let px = images(60);
         for encoding in [Encoding::Threshold, Encoding::Triangle] {
-            let params = PatchParams { invariant: false, encoding, ..small() };
+            let params = PatchParams {
+                invariant: false,
+                encoding,
+                ..small()
+            };
             let ex = PatchExtractor::fit(&params, &px).unwrap();
             let some = &px[..4 * IMAGE_BYTES];
             let mut flipped = some.to_vec();
@@ -788,14 +897,28 @@ mod tests {
             let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
             for i in 0..4 {
                 for (j, &p) in perm.iter().enumerate() {
-                    assert!((ff[[i, j]] - f[[i, p]]).abs() <= 1e-3 * scale, "{encoding:?} image {i} feature {j}");
+                    assert!(
+                        (ff[[i, j]] - f[[i, p]]).abs() <= 1e-3 * scale,
+                        "{encoding:?} image {i} feature {j}"
+                    );
                 }
             }
             // Invariant features do not change under a flip.
-            let inv = PatchExtractor::fit(&PatchParams { invariant: true, encoding, ..small() }, &px).unwrap();
+            let inv = PatchExtractor::fit(
+                &PatchParams {
+                    invariant: true,
+                    encoding,
+                    ..small()
+                },
+                &px,
+            )
+            .unwrap();
             let (a, b) = (inv.encode(some).unwrap(), inv.encode(&flipped).unwrap());
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() <= 1e-3 * scale));
+            assert!(a
+                .iter()
+                .zip(b.iter())
+                .all(|(x, y)| (x - y).abs() <= 1e-3 * scale));
             assert_eq!(inv.width() * 2, ex.width());
         }
     }
@@ -812,22 +935,58 @@ mod tests {
         let w = a.whiten.mapv(f64::from);
         let wcw = w.dot(&c).dot(&w);
         let (vals, _) = linalg::eigh(&wcw);
-        assert!(vals.iter().all(|&v| v > -1e-4 && v < 1.0 + 1e-4), "{vals:?}");
+        assert!(
+            vals.iter().all(|&v| v > -1e-4 && v < 1.0 + 1e-4),
+            "{vals:?}"
+        );
         // Standardised features of the statistics images: mean 0.
         let f = a.encode(&px[..40 * IMAGE_BYTES]).unwrap();
         let m = f.mean_axis(ndarray::Axis(0)).unwrap();
-        assert!(m.iter().all(|v| v.abs() < 1e-2), "{}", m.iter().fold(0f32, |x, v| x.max(v.abs())));
-        let k = PatchExtractor::fit(&PatchParams { dictionary: Dictionary::Kmeans, ..small() }, &px).unwrap();
-        assert!(k.atoms.rows().into_iter().all(|r| (r.dot(&r) - 1.0).abs() < 1e-4));
+        assert!(
+            m.iter().all(|v| v.abs() < 1e-2),
+            "{}",
+            m.iter().fold(0f32, |x, v| x.max(v.abs()))
+        );
+        let k = PatchExtractor::fit(
+            &PatchParams {
+                dictionary: Dictionary::Kmeans,
+                ..small()
+            },
+            &px,
+        )
+        .unwrap();
+        assert!(k
+            .atoms
+            .rows()
+            .into_iter()
+            .all(|r| (r.dot(&r) - 1.0).abs() < 1e-4));
     }
 
     #[test]
     fn bad_params_are_named() {
         for (p, what) in [
-            (PatchParams { atoms: 7, ..small() }, "atoms"),
-            (PatchParams { patch: 40, ..small() }, "patch"),
+            (
+                PatchParams {
+                    atoms: 7,
+                    ..small()
+                },
+                "atoms",
+            ),
+            (
+                PatchParams {
+                    patch: 40,
+                    ..small()
+                },
+                "patch",
+            ),
             (PatchParams { grid: 0, ..small() }, "grid"),
-            (PatchParams { eps: 0.0, ..small() }, "eps"),
+            (
+                PatchParams {
+                    eps: 0.0,
+                    ..small()
+                },
+                "eps",
+            ),
         ] {
             let e = PatchExtractor::fit(&p, &images(5)).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");

@@ -61,7 +61,7 @@ impl Default for RidgeParams {
     fn default() -> Self {
         RidgeParams {
             kernel: "rbf".into(),
-            gamma: 0.5,
+            gamma: 0.25,
             lambda: 0.01,
             buffer: 10_000,
             refit: 1024,
@@ -369,7 +369,14 @@ impl Ridge {
             Some(d) => {
                 names.extend(["x", "y", "gram"].map(String::from));
                 if meta.fitted {
-                    names.push(if meta.params.kernel == "rbf" { "alpha" } else { "w" }.into());
+                    names.push(
+                        if meta.params.kernel == "rbf" {
+                            "alpha"
+                        } else {
+                            "w"
+                        }
+                        .into(),
+                    );
                 }
                 if meta.fitted && (meta.n_fit == 0 || meta.n_fit > n) {
                     return Err(ck.bad_meta(format!("n_fit {} is not in 1..={n}", meta.n_fit)));
@@ -446,7 +453,10 @@ impl Learner for Ridge {
 
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let Some(mut z) = self.decision_function(x)? else {
-            return Ok(Array2::from_elem((x.nrows(), CLASSES), 1.0 / CLASSES as f32));
+            return Ok(Array2::from_elem(
+                (x.nrows(), CLASSES),
+                1.0 / CLASSES as f32,
+            ));
         };
         let t = self.params.temperature;
         for mut row in z.rows_mut() {
@@ -494,7 +504,10 @@ impl Learner for Ridge {
             since_fit: self.since_fit,
             fits: self.fits,
         };
-        let stamp = format!("seen={} since_fit={} fits={}", self.seen, self.since_fit, self.fits);
+        let stamp = format!(
+            "seen={} since_fit={} fits={}",
+            self.seen, self.since_fit, self.fits
+        );
         save_checkpoint(dir, NAME, &stamp, &meta, t)
     }
 }
@@ -502,14 +515,18 @@ impl Learner for Ridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::s;
     use crate::model::{self, SplitMix};
+    use ndarray::s;
 
     fn data(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, ndarray::Array1<u8>) {
         // Class means far apart, so a ridge classifier separates them.
         let y: ndarray::Array1<u8> = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
         let x = Array2::from_shape_fn((n, d), |(i, j)| {
-            (if j % CLASSES == usize::from(y[i]) { 2.0 } else { 0.0 }) + rng.normal() as f32
+            (if j % CLASSES == usize::from(y[i]) {
+                2.0
+            } else {
+                0.0
+            }) + rng.normal() as f32
         });
         (x, y)
     }
@@ -519,18 +536,39 @@ mod tests {
         // Dual solution W = Xᵀ(XXᵀ + λI)⁻¹Y equals the primal (XᵀX + λI)⁻¹XᵀY.
         let mut rng = SplitMix(3);
         let (x, y) = data(&mut rng, 60, 25);
-        let mut m = Ridge::new(RidgeParams { refit: 1_000, lambda: 0.1, kernel: "linear".into(), ..RidgeParams::default() }).unwrap();
-        m.partial_fit(x.slice(s![..30, ..]), y.slice(s![..30])).unwrap();
-        m.partial_fit(x.slice(s![30.., ..]), y.slice(s![30..])).unwrap();
+        let mut m = Ridge::new(RidgeParams {
+            refit: 1_000,
+            lambda: 0.1,
+            kernel: "linear".into(),
+            ..RidgeParams::default()
+        })
+        .unwrap();
+        m.partial_fit(x.slice(s![..30, ..]), y.slice(s![..30]))
+            .unwrap();
+        m.partial_fit(x.slice(s![30.., ..]), y.slice(s![30..]))
+            .unwrap();
         assert!(m.w.is_none(), "not yet refitted");
         m.end_epoch().unwrap();
         let xd = x.mapv(f64::from);
         let gram = xd.dot(&xd.t());
         let lam = 0.1 * (0..60).map(|i| gram[[i, i]]).sum::<f64>() / 60.0;
-        let yt = Array2::from_shape_fn((60, CLASSES), |(i, k)| if usize::from(y[i]) == k { 1.0 } else { -1.0 });
-        let primal = linalg::cholesky_solve(xd.t().dot(&xd) + Array2::<f64>::eye(25) * lam, &xd.t().dot(&yt)).unwrap();
+        let yt = Array2::from_shape_fn((60, CLASSES), |(i, k)| {
+            if usize::from(y[i]) == k {
+                1.0
+            } else {
+                -1.0
+            }
+        });
+        let primal = linalg::cholesky_solve(
+            xd.t().dot(&xd) + Array2::<f64>::eye(25) * lam,
+            &xd.t().dot(&yt),
+        )
+        .unwrap();
         let w = m.w.as_ref().unwrap();
-        let err = primal.iter().zip(w.iter()).fold(0f64, |e, (a, b)| e.max((a - f64::from(*b)).abs()));
+        let err = primal
+            .iter()
+            .zip(w.iter())
+            .fold(0f64, |e, (a, b)| e.max((a - f64::from(*b)).abs()));
         assert!(err < 1e-4, "max |primal - dual| = {err}");
         // And it learns: accuracy on fresh data well above chance.
         let (xt, yt) = data(&mut rng, 200, 25);
@@ -543,9 +581,18 @@ mod tests {
     fn the_buffer_keeps_the_latest_images_and_their_gram_matrix() {
         let mut rng = SplitMix(4);
         let (x, y) = data(&mut rng, 50, 7);
-        let mut m = Ridge::new(RidgeParams { buffer: 20, refit: 15, ..RidgeParams::default() }).unwrap();
+        let mut m = Ridge::new(RidgeParams {
+            buffer: 20,
+            refit: 15,
+            ..RidgeParams::default()
+        })
+        .unwrap();
         for c in 0..5 {
-            m.partial_fit(x.slice(s![c * 10..(c + 1) * 10, ..]), y.slice(s![c * 10..(c + 1) * 10])).unwrap();
+            m.partial_fit(
+                x.slice(s![c * 10..(c + 1) * 10, ..]),
+                y.slice(s![c * 10..(c + 1) * 10]),
+            )
+            .unwrap();
         }
         // Solves after batches 2 and 4 (20 and 40 images); the last batch waits for the next.
         assert_eq!(m.buffered(), 30);
@@ -564,28 +611,43 @@ mod tests {
     fn rbf_scores_match_a_direct_kernel_computation() {
         let mut rng = SplitMix(6);
         let (x, y) = data(&mut rng, 40, 9);
-        let mut m = Ridge::new(RidgeParams { refit: 1_000, ..RidgeParams::default() }).unwrap();
+        let mut m = Ridge::new(RidgeParams {
+            refit: 1_000,
+            ..RidgeParams::default()
+        })
+        .unwrap();
         m.partial_fit(x.view(), y.view()).unwrap();
         m.end_epoch().unwrap();
         let xd = x.mapv(f64::from);
-        let sq = |a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>| (&a - &b).mapv(|v| v * v).sum();
+        let sq = |a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>| {
+            (&a - &b).mapv(|v| v * v).sum()
+        };
         let mut mean = 0.0;
         for i in 0..40 {
             for j in 0..40 {
                 mean += sq(xd.row(i), xd.row(j)) / 1600.0;
             }
         }
-        let g = 0.5 / mean;
+        let g = 0.25 / mean;
         let k = Array2::from_shape_fn((40, 40), |(i, j)| (-g * sq(xd.row(i), xd.row(j))).exp());
         let lam = 0.01;
-        let yt = Array2::from_shape_fn((40, CLASSES), |(i, c)| if usize::from(y[i]) == c { 1.0 } else { -1.0 });
+        let yt = Array2::from_shape_fn((40, CLASSES), |(i, c)| {
+            if usize::from(y[i]) == c {
+                1.0
+            } else {
+                -1.0
+            }
+        });
         let a = linalg::cholesky_solve(&k + &(Array2::<f64>::eye(40) * lam), &yt).unwrap();
         let (xt, _) = data(&mut rng, 5, 9);
         let xtd = xt.mapv(f64::from);
         let kt = Array2::from_shape_fn((5, 40), |(i, j)| (-g * sq(xtd.row(i), xd.row(j))).exp());
         let want = kt.dot(&a);
         let got = m.decision_function(xt.view()).unwrap().unwrap();
-        let err = want.iter().zip(got.iter()).fold(0f64, |e, (a, b)| e.max((a - f64::from(*b)).abs()));
+        let err = want
+            .iter()
+            .zip(got.iter())
+            .fold(0f64, |e, (a, b)| e.max((a - f64::from(*b)).abs()));
         assert!(err < 1e-3, "max error {err}");
     }
 
@@ -593,16 +655,29 @@ mod tests {
     fn save_load_continues_identically() {
         let mut rng = SplitMix(5);
         let (x, y) = data(&mut rng, 80, 12);
-        let mut m = Ridge::new(RidgeParams { refit: 16, ..RidgeParams::default() }).unwrap();
+        let mut m = Ridge::new(RidgeParams {
+            refit: 16,
+            ..RidgeParams::default()
+        })
+        .unwrap();
         model::test_util::assert_save_load_continues(&mut m, NAME, x.view(), y.view(), 40);
     }
 
     #[test]
     fn bad_params_are_errors() {
         for p in [
-            RidgeParams { lambda: 0.0, ..RidgeParams::default() },
-            RidgeParams { buffer: 0, ..RidgeParams::default() },
-            RidgeParams { temperature: f32::NAN, ..RidgeParams::default() },
+            RidgeParams {
+                lambda: 0.0,
+                ..RidgeParams::default()
+            },
+            RidgeParams {
+                buffer: 0,
+                ..RidgeParams::default()
+            },
+            RidgeParams {
+                temperature: f32::NAN,
+                ..RidgeParams::default()
+            },
         ] {
             assert!(Ridge::new(p).is_err());
         }

@@ -78,14 +78,22 @@ impl FeatureSource {
                                 format!(
                                     "not a feature cache part of width {}: schema {:?}",
                                     self.width,
-                                    b.schema().fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>()
+                                    b.schema()
+                                        .fields()
+                                        .iter()
+                                        .map(|f| format!("{} {}", f.name(), f.data_type()))
+                                        .collect::<Vec<_>>()
                                 ),
                             ));
                         }
                         return Ok(Some(b));
                     }
                     Some(Err(e)) => {
-                        return Err(Error::format(path.clone(), 0, format!("reading the part: {e}")))
+                        return Err(Error::format(
+                            path.clone(),
+                            0,
+                            format!("reading the part: {e}"),
+                        ))
                     }
                     None => self.reader = None,
                 }
@@ -109,7 +117,11 @@ impl FeatureSource {
         let out = all.slice(0, n);
         let rest = all.slice(n, all.num_rows() - n);
         self.pending_rows = rest.num_rows();
-        self.pending = if rest.num_rows() > 0 { vec![rest] } else { Vec::new() };
+        self.pending = if rest.num_rows() > 0 {
+            vec![rest]
+        } else {
+            Vec::new()
+        };
         let seq = self.next_batch;
         self.next_batch += 1;
         let mut cols = out.columns().to_vec();

@@ -52,6 +52,8 @@ def main():
     # (1) whitening: W = U diag(1/sqrt(lambda + eps)) U^T of the saved covariance.
     cov = t["cov"].astype(np.float64)
     lam, U = np.linalg.eigh(cov)
+    c = p.get("components", 0) or len(lam)
+    lam, U = lam[len(lam) - c :], U[:, len(lam) - c :]  # the top principal components
     W = (U / np.sqrt(np.maximum(lam, 0) + eps)) @ U.T
     scale = np.abs(W).max()
     werr = np.abs(W - t["whiten"]).max() / scale
