@@ -1020,49 +1020,47 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         });
     }
     let mut tested = false;
-    if !a.no_test {
-        if source.dataset().is_some() || cached {
-            let test_source = match &source {
-                TrainSource::Loopback { data, .. } => TrainSource::Loopback {
-                    data: data.clone(),
-                    sleep: Duration::ZERO,
-                },
-                other => other.clone(),
-            };
-            let test_sql = if cached {
-                trainer::CACHED_SQL
-            } else if trainer::run_extractor(&run)?.is_some() {
-                trainer::FEATURES_SQL
-            } else {
-                trainer::EVAL_SQL
-            };
-            let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
-            let test = trainer::predict(PredictOptions {
-                run: run.clone(),
-                checkpoint: None,
-                sql: test_sql.to_string(),
-                source: test_source,
-                source_opts: SourceOptions {
-                    split: Split::Test,
-                    epochs: Some(1),
-                    skip: 0,
-                    ..opts.clone()
-                },
-                split: "test".into(),
-                window: a.window,
-                on_batch: Some(progress_callback(&bar)),
-            })
-            .await?;
-            bar.finish_and_clear();
-            print_metrics(
-                &format!(
-                    "test ({})",
-                    summary.checkpoint.as_deref().unwrap_or("model")
-                ),
-                &test.overall,
-            );
-            tested = true;
-        }
+    if !a.no_test && (source.dataset().is_some() || cached) {
+        let test_source = match &source {
+            TrainSource::Loopback { data, .. } => TrainSource::Loopback {
+                data: data.clone(),
+                sleep: Duration::ZERO,
+            },
+            other => other.clone(),
+        };
+        let test_sql = if cached {
+            trainer::CACHED_SQL
+        } else if trainer::run_extractor(&run)?.is_some() {
+            trainer::FEATURES_SQL
+        } else {
+            trainer::EVAL_SQL
+        };
+        let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
+        let test = trainer::predict(PredictOptions {
+            run: run.clone(),
+            checkpoint: None,
+            sql: test_sql.to_string(),
+            source: test_source,
+            source_opts: SourceOptions {
+                split: Split::Test,
+                epochs: Some(1),
+                skip: 0,
+                ..opts.clone()
+            },
+            split: "test".into(),
+            window: a.window,
+            on_batch: Some(progress_callback(&bar)),
+        })
+        .await?;
+        bar.finish_and_clear();
+        print_metrics(
+            &format!(
+                "test ({})",
+                summary.checkpoint.as_deref().unwrap_or("model")
+            ),
+            &test.overall,
+        );
+        tested = true;
     }
     if !a.no_plots {
         match crate::plot::plot_all_for_run(&a.runs, &name, &run.plots_dir()).await {

@@ -217,7 +217,7 @@ fn cholesky_in_place(a: &mut Array2<f64>) -> std::result::Result<(), String> {
             for p in k0..j {
                 d -= a[[j, p]] * a[[j, p]];
             }
-            if !(d > 0.0) || !d.is_finite() {
+            if d.is_nan() || d <= 0.0 || !d.is_finite() {
                 return Err(format!(
                     "pivot {j} is {d}: the matrix is not positive definite"
                 ));

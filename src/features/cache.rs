@@ -99,6 +99,9 @@ impl Manifest {
     }
 }
 
+/// Called after each part with (split, images done, images in the split).
+pub type OnPart = Box<dyn FnMut(&str, usize, usize) + Send>;
+
 /// What a feature job does.
 pub struct CacheOptions {
     /// The data.
@@ -112,7 +115,7 @@ pub struct CacheOptions {
     /// The stream batch size the `batch`/`row` columns number images by.
     pub batch_size: usize,
     /// Called after each part with (split, images done, images in the split).
-    pub on_part: Option<Box<dyn FnMut(&str, usize, usize) + Send>>,
+    pub on_part: Option<OnPart>,
 }
 
 /// What a feature job did.

@@ -127,7 +127,7 @@ impl PatchParams {
         if self.patch == 0 || self.patch > SIDE {
             return bad(format!("patch = {} must be 1..={SIDE}", self.patch));
         }
-        if self.atoms < 2 || self.atoms % 2 != 0 || self.atoms > 65_536 {
+        if self.atoms < 2 || !self.atoms.is_multiple_of(2) || self.atoms > 65_536 {
             return bad(format!(
                 "atoms = {} must be even, 2..=65536 (each atom comes with its mirror image)",
                 self.atoms
@@ -422,7 +422,7 @@ impl PatchExtractor {
                 params.patch, params.atoms
             )));
         }
-        if feature_std.iter().any(|&v| !(v > 0.0)) {
+        if feature_std.iter().any(|&v| v.is_nan() || v <= 0.0) {
             return Err(Error::usage(
                 "patch extractor: a feature standard deviation is not positive",
             ));
@@ -659,8 +659,7 @@ impl PatchExtractor {
         }
         // Mean over each cell's positions.
         for q in 0..pol {
-            for cell in 0..g * g {
-                let c = counts[cell];
+            for (cell, &c) in counts.iter().enumerate() {
                 for v in &mut sc.pooled[(q * g * g + cell) * k..][..k] {
                     *v /= c;
                 }

@@ -108,6 +108,9 @@ impl RidgeParams {
     }
 }
 
+/// The last scored batch's features, the buffer length then, and its products with it.
+type CrossCache = (Vec<f32>, usize, Array2<f32>);
+
 /// Ridge regression in the dual on a buffer of the latest images.
 #[derive(Debug)]
 pub struct Ridge {
@@ -130,7 +133,7 @@ pub struct Ridge {
     gamma_abs: f64,
     /// The products of the last scored batch with the buffer, reused when that batch is
     /// learnt next: (its features, the buffer length then, the products).
-    cross: Mutex<Option<(Vec<f32>, usize, Array2<f32>)>>,
+    cross: Mutex<Option<CrossCache>>,
     seen: u64,
     since_fit: u64,
     fits: u64,
