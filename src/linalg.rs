@@ -1,14 +1,17 @@
 //! Dense linear algebra shared by the models and the feature extractors.
 //!
-//! Matrix products are the hot path of the MLP, the ridge model and the patch extractor
-//! (one large product per image), so they go through the `gemm` crate, whose AVX-512
-//! kernels (chosen at run time, `x86-v4`) reach about 200 GFLOP/s on this machine where
-//! matrixmultiply reaches 66–130. [`par_gemm`] splits a large product into row bands
-//! whose boundaries depend only on the shape, so the bits do not depend on the number of
-//! threads. The rest is small and exact: a blocked Cholesky solve (the ridge model's
+//! [`gemm`] is the `gemm` crate (its kernels chosen at run time: AVX-512 with `x86-v4`
+//! where the CPU has it, FMA otherwise): on the patch extractor's product (81 × 108 ×
+//! 2,048) it is 1.2x matrixmultiply on this AVX2 machine, so the extractor and the ridge
+//! model use it. [`par_gemm`] is matrixmultiply (ndarray's `general_mat_mul`), as fast or
+//! faster at the MLP's and the linear models' shapes (`cargo bench --bench features`),
+//! split into row bands whose boundaries depend only on the shape, so the bits do not
+//! depend on the number of threads. The rest is small and exact: a blocked Cholesky solve (the ridge model's
 //! normal equations) and a Jacobi eigensolver (the patch extractor's whitening).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ndarray::linalg::general_mat_mul;
 
 use ndarray::{Array1, Array2, ArrayBase, ArrayView2, ArrayViewMut2, Axis, Data, DataMut, Ix2};
 
@@ -101,8 +104,8 @@ pub fn gemm<A, B, C>(
     }
 }
 
-/// `c = alpha·a·b + beta·c`, a large product split into [`BANDS`] row bands computed on
-/// up to [`threads`] threads. The bands depend only on the shape, so the result is the
+/// `c = alpha·a·b + beta·c` through matrixmultiply, a large product split into [`BANDS`]
+/// row bands computed on up to [`threads`] threads. The bands depend only on the shape, so the result is the
 /// same whatever the thread count.
 pub fn par_gemm(
     alpha: f32,
@@ -119,7 +122,7 @@ pub fn par_gemm(
         BANDS.min(m / 8)
     };
     if parts < 2 {
-        gemm(alpha, a, b, beta, c);
+        general_mat_mul(alpha, a, b, beta, c);
         return;
     }
     let band = m.div_ceil(parts);
@@ -136,7 +139,7 @@ pub fn par_gemm(
     bands.push((rest_a, rest_c));
     if threads() < 2 {
         for (a1, mut c1) in bands {
-            gemm(alpha, &a1, b, beta, &mut c1);
+            general_mat_mul(alpha, &a1, b, beta, &mut c1);
         }
         return;
     }
@@ -144,18 +147,18 @@ pub fn par_gemm(
         let mut bands = bands.into_iter();
         let first = bands.next();
         for (a1, mut c1) in bands {
-            s.spawn(move || gemm(alpha, &a1, b, beta, &mut c1));
+            s.spawn(move || general_mat_mul(alpha, &a1, b, beta, &mut c1));
         }
         if let Some((a1, mut c1)) = first {
-            gemm(alpha, &a1, b, beta, &mut c1);
+            general_mat_mul(alpha, &a1, b, beta, &mut c1);
         }
     });
 }
 
-/// `a·bᵀ` by [`par_gemm`] (Gram matrices).
+/// `a·bᵀ` by [`gemm`] (Gram matrices).
 pub fn gram(a: &ArrayView2<f32>, b: &ArrayView2<f32>) -> Array2<f32> {
     let mut c = Array2::<f32>::zeros((a.nrows(), b.nrows()));
-    par_gemm(1.0, a, &b.t(), 0.0, &mut c.view_mut());
+    gemm(1.0, a, &b.t(), 0.0, &mut c.view_mut());
     c
 }
 

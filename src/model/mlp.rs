@@ -13,13 +13,14 @@
 //! `lr·sqrt(1−β2ᵗ)/(1−β1ᵗ)`); SGD is `u ← momentum·u − lr·g`, `θ ← θ + u` (Nesterov:
 //! `θ ← θ + momentum·u − lr·g`).
 //!
-//! Every matrix product goes through [`crate::linalg`] (the `gemm` crate's AVX-512
-//! kernels where the CPU has them), the first layer's two large ones split into two row
-//! bands on two threads; a step allocates nothing.
+//! Every matrix product goes through ndarray's `general_mat_mul` (matrixmultiply's SIMD
+//! GEMM; measured here at least as fast as the `gemm` crate at the MLP's shapes, see
+//! `benches/features.rs`), the first layer's two large ones split into two row bands on
+//! two threads; a step allocates nothing.
 
 use std::path::Path;
 
-use crate::linalg::gemm;
+use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
@@ -354,7 +355,7 @@ impl Mlp {
                 par_gemm(1.0, &x, &layer.w.view(), 1.0, &mut z);
             } else {
                 let input = before[l - 1].slice(s![..m, ..]);
-                gemm(1.0, &input, &layer.w, 1.0, &mut z);
+                general_mat_mul(1.0, &input, &layer.w, 1.0, &mut z);
             }
             if l < last {
                 z.mapv_inplace(|v| v.max(0.0));
@@ -403,7 +404,7 @@ impl Mlp {
                 par_gemm(1.0, &x.t(), &delta, reg, &mut g.w.view_mut());
             } else {
                 let input = sc.acts[l - 1].slice(s![..m, ..]);
-                gemm(1.0, &input.t(), &delta, reg, &mut g.w);
+                general_mat_mul(1.0, &input.t(), &delta, reg, &mut g.w);
             }
             g.b.assign(&delta.sum_axis(Axis(0)));
             if l > 0 {
@@ -416,7 +417,7 @@ impl Mlp {
                     upper[0].slice(s![..m, ..])
                 };
                 let mut dp = d_prev.slice_mut(s![..m, ..]);
-                gemm(1.0, &delta, &layers[l].w.t(), 0.0, &mut dp);
+                general_mat_mul(1.0, &delta, &layers[l].w.t(), 0.0, &mut dp);
                 Zip::from(&mut dp)
                     .and(sc.acts[l - 1].slice(s![..m, ..]))
                     .for_each(|d, &a| {
