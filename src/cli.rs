@@ -1030,7 +1030,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         };
         let test_sql = if cached {
             trainer::CACHED_SQL
-        } else if trainer::run_extractor(&run)?.is_some() {
+        } else if trainer::has_extractor(&run) {
             trainer::FEATURES_SQL
         } else {
             trainer::EVAL_SQL
@@ -1123,7 +1123,7 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
     };
     let default_sql = if matches!(source, TrainSource::Spec(SourceSpec::Features(_))) {
         trainer::CACHED_SQL
-    } else if trainer::run_extractor(&run)?.is_some() {
+    } else if trainer::has_extractor(&run) {
         trainer::FEATURES_SQL
     } else {
         trainer::EVAL_SQL

@@ -538,6 +538,11 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
     result
 }
 
+/// Whether a run was trained with a feature extractor (`runs/NAME/extractor/`).
+pub fn has_extractor(run: &Run) -> bool {
+    run.dir.join(EXTRACTOR_DIR).exists()
+}
+
 /// The feature extractor a run was trained with, if it has one (`runs/NAME/extractor/`).
 pub fn run_extractor(run: &Run) -> Result<Option<Arc<Extractor>>> {
     let dir = run.dir.join(EXTRACTOR_DIR);

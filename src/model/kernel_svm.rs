@@ -891,23 +891,9 @@ impl KernelSvm {
         let mut window = Window::new(meta.params.buffer);
         if let Some(d) = meta.n_features {
             let x = ck.f32("buffer_x", &[n, d])?;
-            let y = ck.u64("buffer_y", &[n])?;
             window.d = d;
             window.x = x;
-            window.y = y
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| match u8::try_from(l) {
-                    Ok(l) if usize::from(l) < CLASSES => Ok(l),
-                    _ => Err(Error::format(
-                        &tensors,
-                        8,
-                        format!(
-                            "tensor \"buffer_y\" element {i} is {l}, not a label below {CLASSES}"
-                        ),
-                    )),
-                })
-                .collect::<Result<_>>()?;
+            window.y = ck.labels("buffer_y", n)?;
         }
         let fitted = match (meta.n_support, meta.n_features) {
             (Some(u), Some(d)) => {

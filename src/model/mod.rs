@@ -600,6 +600,23 @@ impl Checkpoint {
             .map_err(|e| Error::format(&self.path, 8, format!("tensor {name:?}: {e}")))
     }
 
+    /// The U64 tensor `name` of `n` class labels, each checked to be below [`CLASSES`].
+    pub(crate) fn labels(&self, name: &str, n: usize) -> Result<Vec<u8>> {
+        let (start, _) = self.raw(name, Dtype::U64, &[n])?;
+        self.u64(name, &[n])?
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| match u8::try_from(l) {
+                Ok(l) if usize::from(l) < CLASSES => Ok(l),
+                _ => Err(Error::format(
+                    &self.path,
+                    (start + 8 * i) as u64,
+                    format!("tensor {name:?} element {i} is {l}, not a label below {CLASSES}"),
+                )),
+            })
+            .collect()
+    }
+
     /// The U64 tensor `name`, which must have shape `shape`.
     pub(crate) fn u64(&self, name: &str, shape: &[usize]) -> Result<Vec<u64>> {
         let (_, data) = self.raw(name, Dtype::U64, shape)?;

@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, CLASSES,
-    TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 use crate::linalg;
@@ -387,20 +386,7 @@ impl Ridge {
                 ck.expect_names(&names)?;
                 m.x = ck.f32("x", &[n, d])?;
                 m.gram = ck.f32("gram", &[n, n])?;
-                let tensors = dir.join(TENSORS_FILE);
-                m.y = ck
-                    .u64("y", &[n])?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| match u8::try_from(l) {
-                        Ok(l) if usize::from(l) < CLASSES => Ok(l),
-                        _ => Err(Error::format(
-                            &tensors,
-                            8,
-                            format!("tensor \"y\" element {i} is {l}, not a label below {CLASSES}"),
-                        )),
-                    })
-                    .collect::<Result<_>>()?;
+                m.y = ck.labels("y", n)?;
                 if meta.fitted && meta.params.kernel == "rbf" {
                     m.alpha = Some(ck.f32_2d("alpha", meta.n_fit, CLASSES)?);
                 } else if meta.fitted {
