@@ -221,10 +221,15 @@ pub struct TrainArgs {
     /// Any hyper-parameter of the model, KEY=VALUE (repeatable), e.g. --set average=1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// A fitted feature extractor folder (`F/extractor` of a cache, or a run's
-    /// `extractor`): features computed with it in the streaming SQL (`sql/features.sql`).
+    /// A feature extractor computing features in the streaming SQL (`sql/features.sql`):
+    /// a fitted extractor folder (`F/extractor` of a cache, or a run's `extractor`), or
+    /// `onnx:FILE.onnx`, a pretrained ONNX model.
+    #[arg(long, value_name = "DIR|onnx:FILE")]
+    pub extractor: Option<String>,
+    /// With `--extractor onnx:FILE`: the node (or tensor) whose output are the features
+    /// (default: the model's output).
     #[arg(long)]
-    pub extractor: Option<PathBuf>,
+    pub node: Option<String>,
     /// Score each batch after learning from it (the original's way); the default scores
     /// it before (test-then-train, honest training metrics).
     #[arg(long)]
@@ -253,6 +258,10 @@ pub struct TrainArgs {
     /// Skip scoring the dataset's test split at the end.
     #[arg(long)]
     pub no_test: bool,
+    /// Test-time flip averaging in the test pass: each test image is scored by the mean
+    /// of the model's probabilities for it and its mirror image.
+    #[arg(long)]
+    pub flip_test: bool,
     /// Skip drawing the run's plots at the end.
     #[arg(long)]
     pub no_plots: bool,
@@ -340,6 +349,10 @@ pub struct PredictArgs {
     /// Checkpoint to load, e.g. epoch-3 or epoch-2-batch-100 (default: the latest).
     #[arg(long)]
     pub checkpoint: Option<String>,
+    /// Test-time flip averaging: each image is scored by the mean of the model's
+    /// probabilities for it and its mirror image.
+    #[arg(long)]
+    pub flip_test: bool,
 }
 
 /// `cifar-df demo`.
@@ -476,14 +489,20 @@ pub struct FeaturesArgs {
     /// The cache folder: `extractor/`, `train/`, `test/`, `cache.json`.
     #[arg(long)]
     pub out: PathBuf,
-    /// Use this fitted extractor folder (e.g. another cache's `F/extractor`) instead of
-    /// fitting one.
+    /// Use this extractor instead of fitting one: a fitted extractor folder (e.g. another
+    /// cache's `F/extractor`), or `onnx:FILE.onnx`, a pretrained ONNX model.
+    #[arg(long, value_name = "DIR|onnx:FILE")]
+    pub extractor: Option<String>,
+    /// With `--extractor onnx:FILE`: the node (or tensor) whose output are the features
+    /// (default: the model's output).
     #[arg(long)]
-    pub extractor: Option<PathBuf>,
+    pub node: Option<String>,
     /// A config whose `[features]` table sets the extractor's parameters.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Extractor parameters, `KEY=VALUE` (as in `[features]`; repeatable).
+    /// Extractor parameters, `KEY=VALUE` (repeatable): the patch extractor's (as in
+    /// `[features]`), or with `--extractor onnx:FILE` the ONNX ones (`mean`, `std`,
+    /// `size`, `batch`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Add the horizontally flipped copy of every training image (`flipped = true`); a
@@ -509,9 +528,13 @@ pub struct QueryArgs {
     /// Directory of runs whose tables are registered.
     #[arg(long, default_value = "runs")]
     pub runs: PathBuf,
-    /// A fitted extractor folder bound to `extract_features(image)` in the query.
+    /// An extractor bound to `extract_features(image)` in the query: a fitted extractor
+    /// folder, or `onnx:FILE.onnx`.
+    #[arg(long, value_name = "DIR|onnx:FILE")]
+    pub extractor: Option<String>,
+    /// With `--extractor onnx:FILE`: the node whose output are the features.
     #[arg(long)]
-    pub extractor: Option<PathBuf>,
+    pub node: Option<String>,
 }
 
 /// `cifar-df plot`.
@@ -723,8 +746,11 @@ async fn export_source(
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let ctx = query::session();
     runs::register_tables(&ctx, &a.runs)?;
-    if let Some(dir) = &a.extractor {
-        crate::features::udf::register(&ctx, std::sync::Arc::new(Extractor::load(dir)?));
+    if let Some(spec) = &a.extractor {
+        let e = open_extractor(spec, a.node.as_deref(), &[])?;
+        crate::features::udf::register(&ctx, std::sync::Arc::new(e));
+    } else if a.node.is_some() {
+        bail!("--node goes with --extractor onnx:FILE");
     }
     let batches = query::run(&ctx, &a.sql).await?;
     let text = query::format_batches(&batches, a.format)?;
@@ -830,6 +856,7 @@ impl TrainArgs {
             ("--buffer", self.buffer.is_some()),
             ("--kernel", self.kernel.is_some()),
             ("--extractor", self.extractor.is_some()),
+            ("--node", self.node.is_some()),
             ("--set", !self.set.is_empty()),
             ("--eval-after-fit", self.eval_after_fit),
         ];
@@ -944,6 +971,10 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         train_extractor(&a, &cfg, &source)?
     };
     let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
+    if a.flip_test && !a.no_test {
+        // Refused now rather than after training.
+        eval_sql(cached, extractor.is_some(), true)?;
+    }
     let default_sql = if cached {
         trainer::CACHED_SQL
     } else if extractor.is_some() {
@@ -1028,13 +1059,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
             },
             other => other.clone(),
         };
-        let test_sql = if cached {
-            trainer::CACHED_SQL
-        } else if trainer::has_extractor(&run) {
-            trainer::FEATURES_SQL
-        } else {
-            trainer::EVAL_SQL
-        };
+        let test_sql = eval_sql(cached, trainer::has_extractor(&run), a.flip_test)?;
         let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
         let test = trainer::predict(PredictOptions {
             run: run.clone(),
@@ -1121,13 +1146,8 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
         Split::Test => "test".to_string(),
         Split::Train => "train-eval".to_string(),
     };
-    let default_sql = if matches!(source, TrainSource::Spec(SourceSpec::Features(_))) {
-        trainer::CACHED_SQL
-    } else if trainer::has_extractor(&run) {
-        trainer::FEATURES_SQL
-    } else {
-        trainer::EVAL_SQL
-    };
+    let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
+    let default_sql = eval_sql(cached, trainer::has_extractor(&run), a.flip_test)?;
     let bar = crate::progress::spinner(progress, "{spinner} predict {msg} [{elapsed}]");
     let summary = trainer::predict(PredictOptions {
         run,
@@ -1181,10 +1201,13 @@ fn train_extractor(
     cfg: &RunConfig,
     source: &TrainSource,
 ) -> anyhow::Result<Option<std::sync::Arc<Extractor>>> {
-    if let Some(dir) = &a.extractor {
-        let e = Extractor::load(dir)?;
-        eprintln!("extractor {}: {}", dir.display(), e.describe());
+    if let Some(spec) = &a.extractor {
+        let e = open_extractor(spec, a.node.as_deref(), &[])?;
+        eprintln!("extractor {spec}: {}", e.describe());
         return Ok(Some(std::sync::Arc::new(e)));
+    }
+    if a.node.is_some() {
+        bail!("--node goes with --extractor onnx:FILE");
     }
     let Some(params) = cfg.patch_params()? else {
         return Ok(None);
@@ -1198,6 +1221,46 @@ fn train_extractor(
     };
     let e = fit_patches(&params, data)?;
     Ok(Some(std::sync::Arc::new(e)))
+}
+
+/// The evaluation SQL of a run: for a `features:` source, a run with an extractor, or
+/// pixels; with `flip_test`, the variant that also computes the mirrored images' features.
+fn eval_sql(cached: bool, extractor: bool, flip_test: bool) -> anyhow::Result<&'static str> {
+    Ok(match (cached, extractor, flip_test) {
+        (true, _, false) => trainer::CACHED_SQL,
+        (true, _, true) => bail!(
+            "--flip-test needs images: a features: cache's test split holds no mirrored \
+             features (score the image data with --data instead)"
+        ),
+        (false, true, false) => trainer::FEATURES_SQL,
+        (false, true, true) => trainer::FEATURES_FLIP_SQL,
+        (false, false, false) => trainer::EVAL_SQL,
+        (false, false, true) => trainer::EVAL_FLIP_SQL,
+    })
+}
+
+/// The extractor `--extractor SPEC [--node NAME] [--set K=V…]` names: a fitted extractor
+/// folder, or `onnx:FILE` with its parameters from `node` and `set`.
+fn open_extractor(spec: &str, node: Option<&str>, set: &[String]) -> anyhow::Result<Extractor> {
+    let onnx = spec.starts_with(crate::features::ONNX_PREFIX);
+    if !onnx && node.is_some() {
+        bail!("--node goes with --extractor onnx:FILE, not with the extractor folder {spec}");
+    }
+    let mut params = crate::features::OnnxParams::default();
+    if onnx && !set.is_empty() {
+        let mut t = toml::Table::new();
+        for kv in set {
+            let (k, v) = config::parse_override(kv)?;
+            t.insert(k, v);
+        }
+        params = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("--set for an ONNX extractor: {e}"))?;
+    }
+    if let Some(n) = node {
+        params.node = Some(n.to_string());
+    }
+    Ok(Extractor::open(spec, params)?)
 }
 
 /// Fits a patch extractor on the first `fit_images` training images of `data`.
@@ -1231,22 +1294,31 @@ fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
         Some(p) => RunConfig::load(p)?,
         None => RunConfig::default(),
     };
-    if !a.set.is_empty() {
+    let given = a.extractor.as_deref();
+    let onnx = given.is_some_and(|g| g.starts_with(crate::features::ONNX_PREFIX));
+    if !a.set.is_empty() && given.is_some() && !onnx {
+        bail!(
+            "--set: the extractor {} is already fitted; its parameters cannot change",
+            given.unwrap_or_default()
+        );
+    }
+    if !a.set.is_empty() && !onnx {
         let t = cfg.features.get_or_insert_with(toml::Table::new);
         for kv in &a.set {
             let (k, v) = config::parse_override(kv)?;
             t.insert(k, v);
         }
     }
+    let open_given = |spec: &str| open_extractor(spec, a.node.as_deref(), &a.set);
+    if given.is_none() && a.node.is_some() {
+        bail!("--node goes with --extractor onnx:FILE");
+    }
     let extractor = if ex_dir.exists() {
         // A job that stopped part-way: carry on with the extractor it fitted.
         let e = Extractor::load(&ex_dir)?;
-        if let Some(given) = &a.extractor {
-            let other = Extractor::load(given)?;
-            if std::fs::read(given.join(crate::features::META_FILE)).ok()
-                != std::fs::read(ex_dir.join(crate::features::META_FILE)).ok()
-                || other.width() != e.width()
-            {
+        if let Some(spec) = given {
+            let other = open_given(spec)?;
+            if other.stamp() != e.stamp() || other.width() != e.width() {
                 bail!(
                     "{} already holds features of another extractor ({}); write to a new --out",
                     a.out.display(),
@@ -1257,8 +1329,8 @@ fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
         eprintln!("resuming {}: extractor {}", a.out.display(), e.describe());
         e
     } else {
-        let e = match &a.extractor {
-            Some(dir) => Extractor::load(dir)?,
+        let e = match given {
+            Some(spec) => open_given(spec)?,
             None => fit_patches(&cfg.patch_params()?.unwrap_or_default(), &data)?,
         };
         e.save(&ex_dir)?;
@@ -1281,18 +1353,19 @@ fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
         },
     )?;
     bar.finish_and_clear();
-    let gflops = 2.0 * extractor.macs_per_image() as f64 * summary.images_encoded as f64
-        / summary.encode_seconds.max(1e-9)
-        / 1e9;
+    let secs = summary.encode_seconds.max(1e-9);
+    let gflops = extractor.macs_per_image().map_or_else(String::new, |macs| {
+        let g = 2.0 * macs as f64 * summary.images_encoded as f64 / secs / 1e9;
+        format!(", {g:.0} GFLOP/s")
+    });
     println!(
-        "features: {} · {} parts written, {} kept · {} images encoded in {:.1} s ({:.0} images/s, {:.0} GFLOP/s) · {:.1} s in all",
+        "features: {} · {} parts written, {} kept · {} images encoded in {:.1} s ({:.0} images/s{gflops}) · {:.1} s in all",
         a.out.display(),
         summary.parts_written,
         summary.parts_kept,
         summary.images_encoded,
         summary.encode_seconds,
-        summary.images_encoded as f64 / summary.encode_seconds.max(1e-9),
-        gflops,
+        summary.images_encoded as f64 / secs,
         t.elapsed().as_secs_f64()
     );
     println!(

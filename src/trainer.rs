@@ -45,12 +45,20 @@ pub const TRAIN_SQL: &str = include_str!("../sql/train.sql");
 pub const EVAL_SQL: &str = include_str!("../sql/eval.sql");
 /// The preprocessing of a run with a feature extractor: `extract_features(image)`.
 pub const FEATURES_SQL: &str = include_str!("../sql/features.sql");
+/// [`EVAL_SQL`] with flip averaging: also the mirrored images' features, [`FLIPPED`].
+pub const EVAL_FLIP_SQL: &str = include_str!("../sql/eval_flip.sql");
+/// [`FEATURES_SQL`] with flip averaging: also the mirrored images' features, [`FLIPPED`].
+pub const FEATURES_FLIP_SQL: &str = include_str!("../sql/features_flip.sql");
 /// The preprocessing of a `features:` source: the cached features as they are.
 pub const CACHED_SQL: &str = include_str!("../sql/cached.sql");
 /// Where a run keeps its feature extractor.
 pub const EXTRACTOR_DIR: &str = "extractor";
 /// The column the preprocessing SQL must produce for the model.
 pub const FEATURES: &str = "features";
+/// The optional column of an evaluation query with the mirrored images' features: when a
+/// batch has it, each image's probabilities are the mean of the model's for the two
+/// (test-time flip averaging).
+pub const FLIPPED: &str = "features_flipped";
 /// Models `train --model` knows.
 pub use crate::model::MODELS;
 
@@ -929,7 +937,11 @@ async fn predict_loop(
             continue;
         }
         let f = Instant::now();
-        let proba = model.predict_proba(x)?;
+        let mut proba = model.predict_proba(x)?;
+        if batch.column_by_name(FLIPPED).is_some() {
+            let mirrored = model.predict_proba(features_view(&batch, FLIPPED)?)?;
+            proba.zip_mut_with(&mirrored, |p, &q| *p = 0.5 * (*p + q));
+        }
         summary.fit_seconds += f.elapsed().as_secs_f64();
         let m = batch_metrics(y, proba.view())?;
         all.update(y, proba.view())?;

@@ -422,6 +422,84 @@ fn one_command_fits_the_extractor_streams_features_and_predicts_with_it() {
     assert!(out.contains("resumed from"), "{out}");
 }
 
+/// `predict --run R --runs RUNS --data D [extra]`, then the run's test predictions as
+/// "batch,row,predicted,p_max" lines.
+fn predictions(runs: &Path, run: &str, data: &str, extra: &[&str]) -> String {
+    let (out, _) = run_ok(
+        bin()
+            .args(["-q", "predict", "--run", run, "--runs", runs.to_str().unwrap()])
+            .args(["--data", data])
+            .args(extra),
+    );
+    assert!(out.contains("accuracy"), "{out}");
+    query_csv(
+        runs,
+        &format!(
+            "select batch, \"row\", predicted, p_max from predictions \
+             where run = '{run}' and split = 'test' order by batch, \"row\""
+        ),
+    )
+}
+
+#[test]
+fn flip_test_averages_each_image_with_its_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let r = runs.to_str().unwrap();
+    // Pixels: the mirrored images change the scores.
+    run_ok(bin().args([
+        "-q", "train", "--model", "logreg", "--data", "synthetic:400:100:6", "--run", "px",
+        "--runs", r, "--no-plots", "--flip-test",
+    ]));
+    let data = "synthetic:50:100:6";
+    let plain = predictions(&runs, "px", data, &[]);
+    let flipped = predictions(&runs, "px", data, &["--flip-test"]);
+    assert_eq!(plain.lines().count(), 101, "{plain}");
+    assert_ne!(plain, flipped);
+    // The averaging itself: a "mirror" that is the image gives the plain scores exactly.
+    let sql = dir.path().join("same.sql");
+    std::fs::write(
+        &sql,
+        "SELECT batch, \"row\", label, image, \
+         normalize(image, 0.4914, 0.4822, 0.4465, 0.2470, 0.2435, 0.2616) AS features, \
+         normalize(image, 0.4914, 0.4822, 0.4465, 0.2470, 0.2435, 0.2616) AS features_flipped \
+         FROM stream",
+    )
+    .unwrap();
+    let same = predictions(&runs, "px", data, &["--sql", sql.to_str().unwrap()]);
+    assert_eq!(plain, same);
+
+    // The flip-invariant patch extractor: the mirror's features are the image's, so flip
+    // averaging changes nothing (a wrong flip, e.g. vertical, would).
+    let cfg = small_config(dir.path());
+    run_ok(bin().args([
+        "-q", "train", "--config", cfg.to_str().unwrap(), "--data", "synthetic:400:100:6",
+        "--run", "pa", "--runs", r, "--no-plots",
+    ]));
+    // (Up to rounding: the mirror's products are summed in another order.)
+    let plain = predictions(&runs, "pa", data, &[]);
+    let flipped = predictions(&runs, "pa", data, &["--flip-test"]);
+    assert_eq!(plain.lines().count(), flipped.lines().count());
+    for (a, b) in plain.lines().zip(flipped.lines()).skip(1) {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split(',').collect(), b.split(',').collect());
+        assert_eq!(a[..3], b[..3], "{a:?} {b:?}");
+        let (pa, pb): (f64, f64) = (a[3].parse().unwrap(), b[3].parse().unwrap());
+        assert!((pa - pb).abs() < 1e-4, "{a:?} {b:?}");
+    }
+
+    // A features: cache has no mirrored test features: refused before training.
+    let f = dir.path().join("F");
+    features_cmd("synthetic:100:20:7", &f, &[]);
+    let o = bin()
+        .args(["train", "--source", &format!("features:{}", f.display()), "--flip-test"])
+        .args(["--runs", r, "--run", "c"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--flip-test needs images"), "{e}");
+    assert!(!runs.join("c").exists());
+}
+
 #[test]
 fn bad_input_is_a_clear_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -144,13 +144,6 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
         width: extractor.width(),
         ..CacheSummary::default()
     };
-    let perm = extractor.flip_permutation();
-    if opts.flip && perm.is_none() {
-        return Err(Error::usage(format!(
-            "--flip: the {} extractor cannot make flipped copies",
-            extractor.kind()
-        )));
-    }
     let mut manifest = Manifest {
         extractor: extractor.kind().into(),
         width: extractor.width(),
@@ -177,7 +170,13 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
                 summary.parts_kept += 1;
             } else {
                 let t = Instant::now();
-                let x = extractor.encode(&all.pixels[first * IMAGE_BYTES..last * IMAGE_BYTES])?;
+                let pixels = &all.pixels[first * IMAGE_BYTES..last * IMAGE_BYTES];
+                let x = extractor.encode(pixels)?;
+                let fx = if flip {
+                    Some(extractor.encode_flipped(pixels, &x)?)
+                } else {
+                    None
+                };
                 summary.encode_seconds += t.elapsed().as_secs_f64();
                 summary.images_encoded += last - first;
                 let batch = part_batch(
@@ -185,7 +184,7 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
                     &all.labels[first..last],
                     first,
                     opts.batch_size,
-                    flip.then_some(perm.as_deref()).flatten(),
+                    fx.as_ref(),
                 )?;
                 write_parquet_file(&path, &[batch])?;
                 summary.parts_written += 1;
@@ -205,22 +204,23 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
     Ok(summary)
 }
 
-/// One part: the images' rows, each followed by its flipped copy when `perm` is given.
+/// One part: the images' rows, each followed by its flipped copy when `flipped_x` (the
+/// flipped images' features) is given.
 fn part_batch(
     x: &ndarray::Array2<f32>,
     labels: &[u8],
     first: usize,
     batch_size: usize,
-    perm: Option<&[usize]>,
+    flipped_x: Option<&ndarray::Array2<f32>>,
 ) -> Result<RecordBatch> {
     let width = x.ncols();
-    let copies = if perm.is_some() { 2 } else { 1 };
+    let copies = if flipped_x.is_some() { 2 } else { 1 };
     let rows = x.nrows() * copies;
     let mut batch = Vec::with_capacity(rows);
     let mut row = Vec::with_capacity(rows);
     let mut label = Vec::with_capacity(rows);
     let mut flipped = Vec::with_capacity(rows);
-    let mut values = Vec::with_capacity(rows * width);
+    let mut values: Vec<f32> = Vec::with_capacity(rows * width);
     for (i, feats) in x.rows().into_iter().enumerate() {
         let index = first + i;
         let b = (index / batch_size.max(1)) as u64;
@@ -230,12 +230,12 @@ fn part_batch(
         label.push(labels[i]);
         flipped.push(false);
         values.extend(feats.iter());
-        if let Some(p) = perm {
+        if let Some(f) = flipped_x {
             batch.push(b);
             row.push(r);
             label.push(labels[i]);
             flipped.push(true);
-            values.extend(p.iter().map(|&j| feats[j]));
+            values.extend(f.row(i).iter());
         }
     }
     let list = FixedSizeListArray::try_new(

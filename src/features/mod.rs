@@ -8,6 +8,9 @@
 //! `extractor.safetensors` (its tensors) and `extractor.json` (its kind, parameters and a
 //! stamp tying the two files to one save), each written atomically.
 //!
+//! The other kind, [`onnx`], is a user's pretrained ONNX model (`--extractor onnx:FILE`),
+//! saved as the model file and `extractor.json`.
+//!
 //! [`udf`] binds an extractor to a DataFusion function so the streaming SQL computes
 //! features; [`cache`] writes features of a whole dataset to Parquet (the original's
 //! cached ResNet50 features) for `--source features:DIR`.
@@ -21,21 +24,42 @@ use crate::error::{Error, Result};
 use crate::model::{self, Checkpoint, TensorsOut};
 
 pub mod cache;
+pub mod onnx;
 pub mod patches;
 pub mod udf;
 
+pub use onnx::{OnnxExtractor, OnnxParams};
 pub use patches::{PatchExtractor, PatchParams};
 
 /// The tensors file of an extractor folder.
 pub const TENSORS_FILE: &str = "extractor.safetensors";
 /// The metadata file of an extractor folder.
 pub const META_FILE: &str = "extractor.json";
+/// The model file of an ONNX extractor's folder.
+pub const ONNX_FILE: &str = "model.onnx";
+/// The prefix of an ONNX model in `--extractor onnx:FILE`.
+pub const ONNX_PREFIX: &str = "onnx:";
 
 /// A fitted feature extractor.
 #[derive(Clone, Debug)]
 pub enum Extractor {
     /// Patches learnt from the images ([`patches`]).
     Patches(PatchExtractor),
+    /// A pretrained ONNX model ([`onnx`]).
+    Onnx(OnnxExtractor),
+}
+
+/// What `extractor.json` of an ONNX extractor holds.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnnxMeta {
+    model: String,
+    stamp: String,
+    params: OnnxParams,
+    input: onnx::InputLayout,
+    width: usize,
+    /// The file the model was first read from (for the record).
+    source: String,
 }
 
 /// What `extractor.json` holds besides the kind and stamp.
@@ -51,6 +75,7 @@ impl Extractor {
     pub fn kind(&self) -> &'static str {
         match self {
             Extractor::Patches(_) => "patches",
+            Extractor::Onnx(_) => "onnx",
         }
     }
 
@@ -58,6 +83,7 @@ impl Extractor {
     pub fn width(&self) -> usize {
         match self {
             Extractor::Patches(p) => p.width(),
+            Extractor::Onnx(o) => o.width(),
         }
     }
 
@@ -65,6 +91,7 @@ impl Extractor {
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
         match self {
             Extractor::Patches(p) => p.encode(pixels),
+            Extractor::Onnx(o) => o.encode(pixels),
         }
     }
 
@@ -73,21 +100,65 @@ impl Extractor {
     pub fn flip_permutation(&self) -> Option<Vec<usize>> {
         match self {
             Extractor::Patches(p) => Some(p.flip_permutation()),
+            Extractor::Onnx(_) => None,
         }
+    }
+
+    /// Features of the mirror images of `pixels` (whole images, CIFAR layout): the
+    /// permuted features where the extractor has a permutation, else the features of
+    /// the flipped pixels.
+    pub fn encode_flipped(&self, pixels: &[u8], features: &Array2<f32>) -> Result<Array2<f32>> {
+        if let Some(perm) = self.flip_permutation() {
+            return Ok(features.select(ndarray::Axis(1), &perm));
+        }
+        let side = 32;
+        let mut flipped = vec![0u8; pixels.len()];
+        for (d, s) in flipped
+            .chunks_exact_mut(crate::dataset::IMAGE_BYTES)
+            .zip(pixels.chunks_exact(crate::dataset::IMAGE_BYTES))
+        {
+            crate::transforms::kernels::hflip(s, side, d)?;
+        }
+        self.encode(&flipped)
     }
 
     /// Whether the features do not change when the image is mirrored.
     pub fn flip_invariant(&self) -> bool {
         match self {
             Extractor::Patches(p) => p.params.invariant,
+            Extractor::Onnx(_) => false,
         }
     }
 
-    /// Multiply-adds per image of the main product, for GFLOP/s figures.
-    pub fn macs_per_image(&self) -> u64 {
+    /// Multiply-adds per image of the main product, for GFLOP/s figures, where known.
+    pub fn macs_per_image(&self) -> Option<u64> {
         match self {
-            Extractor::Patches(p) => p.macs_per_image(),
+            Extractor::Patches(p) => Some(p.macs_per_image()),
+            Extractor::Onnx(_) => None,
         }
+    }
+
+    /// What identifies the extractor's features: same stamp, same features.
+    pub fn stamp(&self) -> String {
+        match self {
+            Extractor::Patches(p) => format!("{:016x}", fingerprint(p)),
+            Extractor::Onnx(o) => onnx_stamp(o),
+        }
+    }
+
+    /// The extractor `--extractor SPEC` names: `onnx:FILE` (an ONNX model, with
+    /// `params`) or a fitted extractor folder (`params` must then be the defaults).
+    pub fn open(spec: &str, params: OnnxParams) -> Result<Extractor> {
+        if let Some(file) = spec.strip_prefix(ONNX_PREFIX) {
+            return Ok(Extractor::Onnx(OnnxExtractor::open(Path::new(file), params)?));
+        }
+        if params != OnnxParams::default() {
+            return Err(Error::usage(format!(
+                "--node and ONNX parameters apply to --extractor {ONNX_PREFIX}FILE, not to the \
+                 extractor folder {spec}"
+            )));
+        }
+        Extractor::load(Path::new(spec))
     }
 
     /// A short description for logs: kind and width.
@@ -107,6 +178,17 @@ impl Extractor {
                     ""
                 },
                 p.width()
+            ),
+            Extractor::Onnx(o) => format!(
+                "onnx {} (input {:?} {}, {}x{}{}; output {}): {} features",
+                o.path().display(),
+                o.input.name,
+                if o.input.channels_last { "NHWC" } else { "NCHW" },
+                o.input.height,
+                o.input.width,
+                format_args!(", batch {}", o.input.batch),
+                o.params.node.as_deref().unwrap_or("the model's"),
+                o.width()
             ),
         }
     }
@@ -137,6 +219,25 @@ impl Extractor {
                     t,
                 )
             }
+            Extractor::Onnx(o) => {
+                // The model first, then the metadata that names its hash: a save torn
+                // between the two shows as a hash mismatch.
+                model::create_dir(dir)?;
+                model::write_atomic(&dir.join(ONNX_FILE), o.model_bytes())?;
+                let meta = OnnxMeta {
+                    model: "onnx".into(),
+                    stamp: onnx_stamp(o),
+                    params: o.params.clone(),
+                    input: o.input.clone(),
+                    width: o.width(),
+                    source: o.path().display().to_string(),
+                };
+                let path = dir.join(META_FILE);
+                let mut json = serde_json::to_vec_pretty(&meta)
+                    .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
+                json.push(b'\n');
+                model::write_atomic(&path, &json)
+            }
         }
     }
 
@@ -150,6 +251,9 @@ impl Extractor {
                  written by `cifar-df features`)",
                 dir.display()
             )));
+        }
+        if dir.join(ONNX_FILE).is_file() {
+            return load_onnx(dir);
         }
         let ck = Checkpoint::open_files(dir, [TENSORS_FILE, META_FILE], "patches")?;
         let meta: PatchMeta = ck.meta()?;
@@ -190,20 +294,73 @@ impl Extractor {
     }
 }
 
+/// Reads an ONNX extractor's folder: `extractor.json` and `model.onnx`, whose hash must
+/// be the stamp, and which must still give the recorded width and input.
+fn load_onnx(dir: &Path) -> Result<Extractor> {
+    let (meta_path, bytes) = model::read_file(&dir.join(META_FILE))?;
+    let meta: OnnxMeta = model::parse_json(&meta_path, &bytes)?;
+    let bad = |reason: String| Error::format(&meta_path, 0, reason);
+    if meta.model != "onnx" {
+        return Err(bad(format!(
+            "holds a {:?} extractor next to {ONNX_FILE}, expected \"onnx\"",
+            meta.model
+        )));
+    }
+    let model_path = dir.join(ONNX_FILE);
+    let onnx_bytes = std::fs::read(&model_path).map_err(|e| Error::io(&model_path, e))?;
+    let got = format!("{:016x}", fnv1a(&onnx_bytes));
+    if !meta.stamp.starts_with(&got) {
+        return Err(Error::format(
+            &model_path,
+            0,
+            format!(
+                "hash {got} does not match {META_FILE} ({}): the files come from different saves",
+                meta.stamp
+            ),
+        ));
+    }
+    let o = OnnxExtractor::from_bytes(&model_path, onnx_bytes, meta.params)?;
+    if o.width() != meta.width || o.input != meta.input {
+        return Err(bad(format!(
+            "records width {} and input {:?}, but the model gives {} and {:?}",
+            meta.width,
+            meta.input,
+            o.width(),
+            o.input
+        )));
+    }
+    Ok(Extractor::Onnx(o))
+}
+
+/// An ONNX extractor's stamp: the hash of its model file, then its parameters.
+fn onnx_stamp(o: &OnnxExtractor) -> String {
+    let params = serde_json::to_string(&o.params).unwrap_or_default();
+    format!(
+        "{:016x}-{:016x}",
+        fnv1a(o.model_bytes()),
+        fnv1a(params.as_bytes())
+    )
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// A 64-bit FNV-1a hash of the extractor's tensors: the stamp shared by its two files.
 fn fingerprint(p: &PatchExtractor) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in p
+    let bytes: Vec<u8> = p
         .atoms
         .iter()
         .chain(p.whiten.iter())
         .chain(p.feature_mean.iter())
         .chain(p.feature_std.iter())
-    {
-        for b in v.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    fnv1a(&bytes)
 }

@@ -40,6 +40,12 @@ pub struct LogRegParams {
     /// Random seed. Kept for the checkpoint format's sake: training is currently fully
     /// deterministic (zero initialisation, no shuffling) and does not use it. Default 0.
     pub seed: u64,
+    /// Iterate averaging (ASGD, as `svm`'s `average`): 0 predicts with the last SGD
+    /// iterate; N ≥ 1 keeps the mean of the iterates after every step from the one that
+    /// reaches the N-th image on, and predicts with it. Fixed-rate steps throw the last
+    /// iterate around the optimum; their mean settles. Default 1 (chosen on a validation
+    /// split, see the README).
+    pub average: u64,
 }
 
 impl Default for LogRegParams {
@@ -49,6 +55,7 @@ impl Default for LogRegParams {
             alpha: 1e-4,
             batch_size: 128,
             seed: 0,
+            average: 1,
         }
     }
 }
@@ -82,7 +89,9 @@ impl LogRegParams {
 /// `mean_i CE(softmax(x_i W + b), y_i) + (alpha/2)·‖W‖²` (squared Frobenius norm; the
 /// bias is not penalised), with gradient `G = Xᵀ(P − Y)/m + alpha·W` for `W` and
 /// `mean_i(P − Y)_i` for `b`, where `P` are the probabilities and `Y` the one-hot
-/// labels. Each step is `W -= lr·G`, `b -= lr·mean(P − Y)`.
+/// labels. Each step is `W -= lr·G`, `b -= lr·mean(P − Y)`. With `average = N ≥ 1`
+/// the model also keeps `W̄, b̄`, the running mean of `(W, b)` after each step since the
+/// one that reached the N-th image, and predicts with them once there are any.
 #[derive(Clone, Debug)]
 pub struct LogReg {
     /// Hyper-parameters (checked).
@@ -91,6 +100,10 @@ pub struct LogReg {
     weights: Option<Array2<f32>>,
     /// The [`CLASSES`] biases.
     bias: Array1<f32>,
+    /// The averaged weights and biases, once averaging has begun.
+    avg: Option<(Array2<f32>, Array1<f32>)>,
+    /// Number of iterates in `avg`.
+    averaged: u64,
     /// Number of images learnt from.
     seen: u64,
     /// Number of SGD steps taken.
@@ -141,6 +154,9 @@ struct Meta {
     seen: u64,
     /// SGD steps taken.
     steps: u64,
+    /// Iterates in the averaged weights (0: none; older checkpoints have none).
+    #[serde(default)]
+    averaged: u64,
     /// Width of the weights; `null` before the first batch.
     n_features: Option<usize>,
 }
@@ -153,6 +169,8 @@ impl LogReg {
             params,
             weights: None,
             bias: Array1::zeros(CLASSES),
+            avg: None,
+            averaged: 0,
             seen: 0,
             steps: 0,
             scratch: Scratch::new(),
@@ -172,6 +190,23 @@ impl LogReg {
     /// The [`CLASSES`] biases.
     pub fn bias(&self) -> ArrayView1<'_, f32> {
         self.bias.view()
+    }
+
+    /// The averaged weights and biases and how many iterates they average; `None`
+    /// before averaging begins (or without it).
+    pub fn averaged(&self) -> Option<(ArrayView2<'_, f32>, ArrayView1<'_, f32>, u64)> {
+        self.avg
+            .as_ref()
+            .map(|(w, b)| (w.view(), b.view(), self.averaged))
+    }
+
+    /// The weights and biases used to predict: the averaged ones once there are any.
+    fn predictor(&self) -> Option<(ArrayView2<'_, f32>, ArrayView1<'_, f32>)> {
+        match (&self.avg, &self.weights) {
+            (Some((w, b)), _) => Some((w.view(), b.view())),
+            (None, Some(w)) => Some((w.view(), self.bias.view())),
+            (None, None) => None,
+        }
     }
 
     /// Number of images learnt from so far.
@@ -255,6 +290,12 @@ impl LogReg {
             }
             _ => {}
         }
+        if meta.averaged > meta.steps {
+            return Err(bad_meta(format!(
+                "averages {} iterates but only {} steps were taken",
+                meta.averaged, meta.steps
+            )));
+        }
 
         let (path, buf) = read_file(&dir.join(TENSORS_FILE))?;
         let bad = |offset: usize, reason: String| Error::format(&path, offset as u64, reason);
@@ -262,7 +303,16 @@ impl LogReg {
             .map_err(|e| bad(0, format!("not a valid safetensors file: {e}")))?;
         // Both files carry the counters; a save torn between its two renames shows here.
         let extra = md.metadata().as_ref();
-        for (key, want) in [("seen", meta.seen), ("steps", meta.steps)] {
+        let counters = [
+            ("seen", meta.seen),
+            ("steps", meta.steps),
+            ("averaged", meta.averaged),
+        ];
+        for (key, want) in counters {
+            // Checkpoints from before averaging have no "averaged" entry: 0.
+            if key == "averaged" && want == 0 && extra.is_some_and(|m| !m.contains_key(key)) {
+                continue;
+            }
             let got = extra.and_then(|m| m.get(key));
             if got.map(String::as_str) != Some(want.to_string().as_str()) {
                 return Err(bad(
@@ -274,10 +324,10 @@ impl LogReg {
                 ));
             }
         }
-        let expected: &[&str] = if meta.n_features.is_some() {
-            &["bias", "weights"]
-        } else {
-            &["bias"]
+        let expected: &[&str] = match (meta.n_features, meta.averaged) {
+            (Some(_), 0) => &["bias", "weights"],
+            (Some(_), _) => &["avg_bias", "avg_weights", "bias", "weights"],
+            (None, _) => &["bias"],
         };
         let mut names: Vec<String> = md.tensors().into_keys().collect();
         names.sort();
@@ -292,19 +342,24 @@ impl LogReg {
             read_f32(&buf, &md, data_start, name, shape).map_err(|(o, r)| bad(o, r))
         };
         let bias = Array1::from(tensor("bias", &[CLASSES])?);
-        let weights = match meta.n_features {
-            Some(d) => {
-                let v = tensor("weights", &[d, CLASSES])?;
-                let w = Array2::from_shape_vec((d, CLASSES), v)
-                    .map_err(|e| bad(8, format!("tensor \"weights\": {e}")))?;
-                Some(w)
-            }
-            None => None,
+        let matrix = |name: &str, d: usize| -> Result<Array2<f32>> {
+            Array2::from_shape_vec((d, CLASSES), tensor(name, &[d, CLASSES])?)
+                .map_err(|e| bad(8, format!("tensor {name:?}: {e}")))
+        };
+        let weights = meta.n_features.map(|d| matrix("weights", d)).transpose()?;
+        let avg = match meta.n_features {
+            Some(d) if meta.averaged > 0 => Some((
+                matrix("avg_weights", d)?,
+                Array1::from(tensor("avg_bias", &[CLASSES])?),
+            )),
+            _ => None,
         };
         Ok(LogReg {
             params: meta.params,
             weights,
             bias,
+            avg,
+            averaged: meta.averaged,
             seen: meta.seen,
             steps: meta.steps,
             scratch: Scratch::new(),
@@ -391,6 +446,8 @@ impl Learner for LogReg {
             params,
             weights,
             bias,
+            avg,
+            averaged,
             seen,
             steps,
             scratch,
@@ -437,27 +494,44 @@ impl Learner for LogReg {
             std::mem::swap(bias, &mut scratch.gb);
             *steps += 1;
             *seen += m as u64;
+            if params.average > 0 && *seen >= params.average {
+                *averaged += 1;
+                match avg {
+                    None => *avg = Some((w.clone(), bias.clone())),
+                    Some((aw, ab)) => {
+                        // W̄ += (W − W̄)/k: the mean of the k iterates so far.
+                        let mu = 1.0 / *averaged as f32;
+                        Zip::from(aw).and(&*w).for_each(|a, &v| *a += (v - *a) * mu);
+                        Zip::from(ab)
+                            .and(&*bias)
+                            .for_each(|a, &v| *a += (v - *a) * mu);
+                    }
+                }
+            }
         }
         Ok(ce_sum / n as f64)
     }
 
-    /// See [`Learner::predict_proba`]. Before the first batch every row is uniform
-    /// (1/[`CLASSES`]), which is what the zero-initialised model would answer, so
-    /// test-then-train evaluation can start on the stream's first batch. Features so
-    /// large that a logit overflows f32 are an `Err`.
+    /// See [`Learner::predict_proba`], with the averaged weights once there are any.
+    /// Before the first batch every row is uniform (1/[`CLASSES`]), which is what the
+    /// zero-initialised model would answer, so test-then-train evaluation can start on
+    /// the stream's first batch. Features so large that a logit overflows f32 are an
+    /// `Err`.
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, self.n_features())?;
         let mut z = Array2::zeros((x.nrows(), CLASSES));
-        if let Some(w) = &self.weights {
-            general_mat_mul(1.0, &x, w, 0.0, &mut z);
-            if let Some(r) = first_non_finite_row(z.view()) {
-                return Err(Error::usage(format!(
-                    "logreg: batch row {r}: the logits overflow f32 (features too large)"
-                )));
-            }
+        let Some((w, b)) = self.predictor() else {
+            z.fill(1.0 / CLASSES as f32);
+            return Ok(z);
+        };
+        general_mat_mul(1.0, &x, &w, 0.0, &mut z);
+        if let Some(r) = first_non_finite_row(z.view()) {
+            return Err(Error::usage(format!(
+                "logreg: batch row {r}: the logits overflow f32 (features too large)"
+            )));
         }
         for row in z.rows_mut() {
-            softmax_row(row, self.bias.view());
+            softmax_row(row, b);
         }
         Ok(z)
     }
@@ -486,10 +560,18 @@ impl Learner for LogReg {
             let view = TensorView::new(Dtype::F32, vec![w.nrows(), CLASSES], bytes);
             tensors.push(("weights", view.map_err(cannot)?));
         }
+        let avg = self.avg.as_ref().map(|(w, b)| (le_bytes(w), le_bytes(b)));
+        if let (Some((w, _)), Some((wb, bb))) = (&self.avg, &avg) {
+            let view = TensorView::new(Dtype::F32, vec![w.nrows(), CLASSES], wb);
+            tensors.push(("avg_weights", view.map_err(cannot)?));
+            let view = TensorView::new(Dtype::F32, vec![CLASSES], bb);
+            tensors.push(("avg_bias", view.map_err(cannot)?));
+        }
         let extra = HashMap::from([
             ("model".to_string(), NAME.to_string()),
             ("seen".to_string(), self.seen.to_string()),
             ("steps".to_string(), self.steps.to_string()),
+            ("averaged".to_string(), self.averaged.to_string()),
         ]);
         let bytes = safetensors::serialize(tensors, &Some(extra)).map_err(cannot)?;
         write_atomic(&path, &super::canonical_safetensors(bytes))?;
@@ -499,6 +581,7 @@ impl Learner for LogReg {
             params: self.params.clone(),
             seen: self.seen,
             steps: self.steps,
+            averaged: self.averaged,
             n_features: self.n_features(),
         };
         let meta_path = dir.join(META_FILE);
@@ -549,6 +632,7 @@ mod tests {
             alpha,
             batch_size,
             seed: 0,
+            average: 0,
         }
     }
 
@@ -729,7 +813,11 @@ mod tests {
         let centres = Array2::from_shape_fn((CLASSES, 20), |_| rng.normal() as f32);
         let (x, y) = blobs(&mut rng, &centres, 3000, 1.0);
         let (xt, yt) = blobs(&mut rng, &centres, 1000, 1.0);
-        let mut m = LogReg::new(params(0.1, 1e-4, 32)).unwrap();
+        let p = LogRegParams {
+            average: 1000,
+            ..params(0.1, 1e-4, 32)
+        };
+        let mut m = LogReg::new(p).unwrap();
         let mut losses = vec![];
         for _ in 0..3 {
             let mut total = 0.0;
@@ -794,6 +882,8 @@ mod tests {
         assert_eq!(l1.to_bits(), l2.to_bits());
         assert_eq!(m1.weights(), m2.weights());
         assert_eq!(m1.bias(), m2.bias());
+        assert!(m1.averaged().is_some());
+        assert_eq!(m1.averaged(), m2.averaged());
     }
 
     #[test]
@@ -804,6 +894,7 @@ mod tests {
             alpha: 3e-5,
             batch_size: 7,
             seed: 99,
+            average: 5,
         };
         LogReg::new(p.clone()).unwrap().save(dir.path()).unwrap();
         let m = LogReg::load(dir.path()).unwrap();
@@ -828,7 +919,7 @@ mod tests {
     #[test]
     fn bad_checkpoints_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = LogReg::new(LogRegParams::default()).unwrap();
+        let mut m = LogReg::new(params(0.01, 1e-4, 128)).unwrap();
         let x = Array2::from_shape_fn((4, 3), |(i, j)| (i + j) as f32);
         m.partial_fit(x.view(), array![0u8, 1, 2, 3].view())
             .unwrap();
@@ -1075,6 +1166,136 @@ mod tests {
         let pa = a.predict_proba(x.view()).unwrap();
         let pb = b.predict_proba(xt.t()).unwrap();
         assert!(pa.iter().zip(&pb).all(|(p, q)| (p - q).abs() < 1e-6));
+    }
+
+    /// Mean cross-entropy of a model's probabilities on `(x, y)`, in f64.
+    fn mean_ce(m: &LogReg, x: ArrayView2<f32>, y: ArrayView1<u8>) -> f64 {
+        let p = m.predict_proba(x).unwrap();
+        let total: f64 = p
+            .rows()
+            .into_iter()
+            .zip(y)
+            .map(|(r, &k)| -f64::from(r[usize::from(k)]).ln())
+            .sum();
+        total / y.len() as f64
+    }
+
+    #[test]
+    fn averaging_is_the_mean_of_the_iterates() {
+        // A model without averaging, stepped one mini-batch at a time, gives the
+        // iterates; their mean from the step that reaches image 40 on, in f64, is what
+        // the averaging model must hold. Its own iterates are the same, bit for bit.
+        let mut rng = Rng(5);
+        let centres = Array2::from_shape_fn((CLASSES, 6), |_| rng.normal() as f32);
+        let (x, y) = blobs(&mut rng, &centres, 200, 2.0);
+        let mut last = LogReg::new(params(0.3, 1e-3, 16)).unwrap();
+        let p = LogRegParams {
+            average: 40,
+            ..params(0.3, 1e-3, 16)
+        };
+        let mut avg = LogReg::new(p).unwrap();
+        assert!(avg.averaged().is_none());
+        let (mut sum_w, mut sum_b) = (
+            Array2::<f64>::zeros((6, CLASSES)),
+            Array1::<f64>::zeros(CLASSES),
+        );
+        let mut k = 0u64;
+        // Batches of 50 cut into mini-batches of 16, 16, 16, 2: steps end at uneven images.
+        for (xb, yb) in x
+            .axis_chunks_iter(Axis(0), 50)
+            .zip(y.axis_chunks_iter(Axis(0), 50))
+        {
+            avg.partial_fit(xb, yb).unwrap();
+            for (xm, ym) in xb
+                .axis_chunks_iter(Axis(0), 16)
+                .zip(yb.axis_chunks_iter(Axis(0), 16))
+            {
+                last.partial_fit(xm, ym).unwrap();
+                if last.seen() >= 40 {
+                    k += 1;
+                    sum_w += &last.weights().unwrap().mapv(f64::from);
+                    sum_b += &last.bias().mapv(f64::from);
+                }
+            }
+        }
+        assert_eq!(avg.weights(), last.weights());
+        assert_eq!(avg.bias(), last.bias());
+        let (aw, ab, n) = avg.averaged().unwrap();
+        // Steps end at images 16, 32, 48, 50, 66, …: the first averaged is the 3rd.
+        assert_eq!((n, k, avg.steps()), (14, 14, 16));
+        let close = |a: f32, b: f64| (f64::from(a) - b).abs() <= 1e-5 * (1.0 + b.abs());
+        assert!(aw
+            .iter()
+            .zip(&(sum_w / k as f64))
+            .all(|(&a, &b)| close(a, b)));
+        assert!(ab
+            .iter()
+            .zip(&(sum_b / k as f64))
+            .all(|(&a, &b)| close(a, b)));
+        // And it predicts with the average, not with the last iterate.
+        assert_ne!(
+            avg.predict_proba(x.view()).unwrap(),
+            last.predict_proba(x.view()).unwrap()
+        );
+    }
+
+    #[test]
+    fn averaging_steadies_a_fixed_step() {
+        // Overlapping blobs and too large a fixed step: the last iterate jumps around
+        // the optimum, the average of the iterates sits closer to it.
+        let mut rng = Rng(11);
+        let centres = Array2::from_shape_fn((CLASSES, 30), |_| rng.normal() as f32);
+        let (x, y) = blobs(&mut rng, &centres, 4000, 2.5);
+        let (xt, yt) = blobs(&mut rng, &centres, 2000, 2.5);
+        let fit = |average: u64| {
+            let p = LogRegParams {
+                average,
+                ..params(2.0, 1e-4, 32)
+            };
+            let mut m = LogReg::new(p).unwrap();
+            for _ in 0..2 {
+                m.partial_fit(x.view(), y.view()).unwrap();
+            }
+            m
+        };
+        let (last, avg) = (fit(0), fit(1));
+        let (ce_last, ce_avg) = (
+            mean_ce(&last, xt.view(), yt.view()),
+            mean_ce(&avg, xt.view(), yt.view()),
+        );
+        let (acc_last, acc_avg) = (
+            accuracy(&last, xt.view(), yt.view()),
+            accuracy(&avg, xt.view(), yt.view()),
+        );
+        println!("held-out: last iterate ce {ce_last:.3} acc {acc_last:.3}; averaged ce {ce_avg:.3} acc {acc_avg:.3}");
+        assert!(ce_avg < 0.8 * ce_last, "{ce_avg} vs {ce_last}");
+        assert!(acc_avg > acc_last, "{acc_avg} vs {acc_last}");
+    }
+
+    #[test]
+    fn bad_averages_in_a_checkpoint_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = LogReg::new(LogRegParams::default()).unwrap();
+        let x = Array2::from_shape_fn((4, 3), |(i, j)| (i + j) as f32);
+        m.partial_fit(x.view(), array![0u8, 1, 2, 3].view())
+            .unwrap();
+        m.save(dir.path()).unwrap();
+        assert_eq!(LogReg::load(dir.path()).unwrap().averaged(), m.averaged());
+        let js = dir.path().join(META_FILE);
+        let good = fs::read_to_string(&js).unwrap();
+        assert!(good.contains("\"averaged\": 1"), "{good}");
+        fs::write(&js, good.replace("\"averaged\": 1", "\"averaged\": 2")).unwrap();
+        let e = LogReg::load(dir.path()).err().unwrap();
+        assert!(
+            names(&e, META_FILE) && e.to_string().contains("only 1 steps"),
+            "{e}"
+        );
+        fs::write(&js, good.replace("\"averaged\": 1", "\"averaged\": 0")).unwrap();
+        let e = LogReg::load(dir.path()).err().unwrap();
+        assert!(
+            names(&e, TENSORS_FILE) && e.to_string().contains("different saves"),
+            "{e}"
+        );
     }
 
     #[test]
