@@ -41,7 +41,7 @@ fn encode(c: &mut Criterion) {
     eprintln!(
         "features/encode warm-up: {:.0} images/s, {:.0} GFLOP/s",
         128.0 / s,
-        2.0 * ex.macs_per_image().unwrap_or(0) as f64 * 128.0 / s / 1e9
+        2.0 * ex.macs_per_image() as f64 * 128.0 / s / 1e9
     );
     let mut g = c.benchmark_group("features");
     g.throughput(Throughput::Elements(128));

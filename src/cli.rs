@@ -566,6 +566,24 @@ pub struct PlotArgs {
     pub runs: PathBuf,
 }
 
+/// The message for a failed command: the error and each of its causes, every cause said
+/// once. (An error that already quotes its cause, as `Error::Io`'s "PATH: what the OS
+/// said" does, would otherwise repeat it: "PATH: not found: not found".)
+pub fn error_message(err: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
 /// Parse the process's arguments and run.
 pub fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cifar_df::cli::error_message(&err));
             ExitCode::FAILURE
         }
     }

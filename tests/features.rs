@@ -427,7 +427,14 @@ fn one_command_fits_the_extractor_streams_features_and_predicts_with_it() {
 fn predictions(runs: &Path, run: &str, data: &str, extra: &[&str]) -> String {
     let (out, _) = run_ok(
         bin()
-            .args(["-q", "predict", "--run", run, "--runs", runs.to_str().unwrap()])
+            .args([
+                "-q",
+                "predict",
+                "--run",
+                run,
+                "--runs",
+                runs.to_str().unwrap(),
+            ])
             .args(["--data", data])
             .args(extra),
     );
@@ -448,8 +455,18 @@ fn flip_test_averages_each_image_with_its_mirror() {
     let r = runs.to_str().unwrap();
     // Pixels: the mirrored images change the scores.
     run_ok(bin().args([
-        "-q", "train", "--model", "logreg", "--data", "synthetic:400:100:6", "--run", "px",
-        "--runs", r, "--no-plots", "--flip-test",
+        "-q",
+        "train",
+        "--model",
+        "logreg",
+        "--data",
+        "synthetic:400:100:6",
+        "--run",
+        "px",
+        "--runs",
+        r,
+        "--no-plots",
+        "--flip-test",
     ]));
     let data = "synthetic:50:100:6";
     let plain = predictions(&runs, "px", data, &[]);
@@ -473,8 +490,17 @@ fn flip_test_averages_each_image_with_its_mirror() {
     // averaging changes nothing (a wrong flip, e.g. vertical, would).
     let cfg = small_config(dir.path());
     run_ok(bin().args([
-        "-q", "train", "--config", cfg.to_str().unwrap(), "--data", "synthetic:400:100:6",
-        "--run", "pa", "--runs", r, "--no-plots",
+        "-q",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        "synthetic:400:100:6",
+        "--run",
+        "pa",
+        "--runs",
+        r,
+        "--no-plots",
     ]));
     // (Up to rounding: the mirror's products are summed in another order.)
     let plain = predictions(&runs, "pa", data, &[]);
@@ -491,12 +517,20 @@ fn flip_test_averages_each_image_with_its_mirror() {
     let f = dir.path().join("F");
     features_cmd("synthetic:100:20:7", &f, &[]);
     let o = bin()
-        .args(["train", "--source", &format!("features:{}", f.display()), "--flip-test"])
+        .args([
+            "train",
+            "--source",
+            &format!("features:{}", f.display()),
+            "--flip-test",
+        ])
         .args(["--runs", r, "--run", "c"])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("--flip-test needs images"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("--flip-test needs images"),
+        "{e}"
+    );
     assert!(!runs.join("c").exists());
 }
 

@@ -85,7 +85,10 @@ fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
         .zip(theirs)
         .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0.0f32, f32::max);
-    println!("{what}: {} values, worst relative difference {worst:.2e}", ours.len());
+    println!(
+        "{what}: {} values, worst relative difference {worst:.2e}",
+        ours.len()
+    );
     assert!(worst <= 1e-4, "{what}: worst difference {worst}");
     // The features are not all alike (a real comparison, not of constants).
     let spread = theirs.iter().cloned().fold(f32::MIN, f32::max)
@@ -106,10 +109,10 @@ fn onnx_features_match_onnxruntime() {
     // 23 images: a symbolic batch of 16 runs twice, the second padded.
     let px = images(23);
     let cases: [(Option<&str>, &[&str], usize); 4] = [
-        (None, &[], 10),                                   // the model's output, [N, 10]
-        (Some("block_add"), &["--node", "block_add"], 8),  // a node: [N, 8, 40, 40], pooled
-        (Some("features"), &["--node", "features"], 16),   // a tensor's name: [N, 16, 10, 10]
-        (Some("gap"), &["--node", "gap"], 16),             // [N, 16, 1, 1]
+        (None, &[], 10),                                  // the model's output, [N, 10]
+        (Some("block_add"), &["--node", "block_add"], 8), // a node: [N, 8, 40, 40], pooled
+        (Some("features"), &["--node", "features"], 16),  // a tensor's name: [N, 16, 10, 10]
+        (Some("gap"), &["--node", "gap"], 16),            // [N, 16, 1, 1]
     ];
     for (node, flags, width) in cases {
         let params = OnnxParams {
@@ -153,11 +156,7 @@ fn onnx_features_match_onnxruntime() {
     assert_eq!((o.input.batch, o.input.height, o.input.width), (1, 24, 24));
     let px = images(7);
     let theirs = reference(dir.path(), &nhwc, &px, &[]);
-    assert_close(
-        e.encode(&px).unwrap().as_slice().unwrap(),
-        &theirs,
-        "nhwc",
-    );
+    assert_close(e.encode(&px).unwrap().as_slice().unwrap(), &theirs, "nhwc");
 
     // Saved and loaded back, the extractor gives the same features, bit for bit.
     let saved = dir.path().join("saved");
@@ -195,7 +194,10 @@ fn onnx_extractor_caches_trains_and_predicts() {
     assert!(out.contains("160 images encoded"), "{out}");
     assert!(f.join("extractor/model.onnx").is_file());
     let json = std::fs::read_to_string(f.join("cache.json")).unwrap();
-    assert!(json.contains("\"onnx\"") && json.contains("\"width\": 16"), "{json}");
+    assert!(
+        json.contains("\"onnx\"") && json.contains("\"width\": 16"),
+        "{json}"
+    );
     // The flipped rows hold the features of the mirrored images.
     let q = run_ok(bin().args([
         "-q",
@@ -316,7 +318,10 @@ fn bad_onnx_input_is_a_clear_error_naming_the_file() {
     let junk = dir.path().join("junk.onnx");
     std::fs::write(&junk, b"\x08\x07garbage, not protobuf \xff\xff\xff").unwrap();
     let e = run(features(&format!("onnx:{}", junk.display()), &out, &[]));
-    assert!(e.contains("junk.onnx") && e.contains("not an ONNX model"), "{e}");
+    assert!(
+        e.contains("junk.onnx") && e.contains("not an ONNX model"),
+        "{e}"
+    );
     // A file that is not there.
     let e = run(features("onnx:/nonexistent/m.onnx", &out, &[]));
     assert!(e.contains("/nonexistent/m.onnx"), "{e}");
@@ -367,12 +372,7 @@ fn bad_onnx_input_is_a_clear_error_naming_the_file() {
     // A torn extractor folder: the model file swapped for another.
     let ex = out.join("extractor");
     std::fs::copy(dir.path().join("nhwc.onnx"), ex.join("model.onnx")).unwrap();
-    let e = fail(&[
-        "query",
-        "--extractor",
-        ex.to_str().unwrap(),
-        "select 1",
-    ]);
+    let e = fail(&["query", "--extractor", ex.to_str().unwrap(), "select 1"]);
     assert!(
         e.contains("model.onnx") && e.contains("different saves"),
         "{e}"

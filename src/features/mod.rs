@@ -41,6 +41,8 @@ pub const ONNX_FILE: &str = "model.onnx";
 pub const ONNX_PREFIX: &str = "onnx:";
 
 /// A fitted feature extractor.
+// One per run or command, behind an `Arc`: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Extractor {
     /// Patches learnt from the images ([`patches`]).
@@ -150,7 +152,10 @@ impl Extractor {
     /// `params`) or a fitted extractor folder (`params` must then be the defaults).
     pub fn open(spec: &str, params: OnnxParams) -> Result<Extractor> {
         if let Some(file) = spec.strip_prefix(ONNX_PREFIX) {
-            return Ok(Extractor::Onnx(OnnxExtractor::open(Path::new(file), params)?));
+            return Ok(Extractor::Onnx(OnnxExtractor::open(
+                Path::new(file),
+                params,
+            )?));
         }
         if params != OnnxParams::default() {
             return Err(Error::usage(format!(
@@ -183,7 +188,11 @@ impl Extractor {
                 "onnx {} (input {:?} {}, {}x{}{}; output {}): {} features",
                 o.path().display(),
                 o.input.name,
-                if o.input.channels_last { "NHWC" } else { "NCHW" },
+                if o.input.channels_last {
+                    "NHWC"
+                } else {
+                    "NCHW"
+                },
                 o.input.height,
                 o.input.width,
                 format_args!(", batch {}", o.input.batch),

@@ -260,7 +260,7 @@ impl OnnxExtractor {
 
     /// Features of whole images (`IMAGE_BYTES` each, CIFAR layout): n × width.
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
-        if pixels.len() % IMAGE_BYTES != 0 {
+        if !pixels.len().is_multiple_of(IMAGE_BYTES) {
             return Err(Error::usage(format!(
                 "onnx: {} bytes are not whole images of {IMAGE_BYTES}",
                 pixels.len()
@@ -281,9 +281,9 @@ impl OnnxExtractor {
                 .map_err(|e| {
                     Error::format(&self.path, 0, format!("the model failed to run: {e:#}"))
                 })?;
-            let y = result[0].to_array_view::<f32>().map_err(|e| {
-                Error::format(&self.path, 0, format!("unexpected output: {e:#}"))
-            })?;
+            let y = result[0]
+                .to_array_view::<f32>()
+                .map_err(|e| Error::format(&self.path, 0, format!("unexpected output: {e:#}")))?;
             let m = chunk.len() / IMAGE_BYTES;
             let positions = y.len() / (b * self.width);
             let y = y
@@ -296,7 +296,11 @@ impl OnnxExtractor {
                     *o = (f.iter().map(|&v| f64::from(v)).sum::<f64>() * inv) as f32;
                 }
             }
-            if let Some(r) = dst.rows().into_iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+            if let Some(r) = dst
+                .rows()
+                .into_iter()
+                .position(|r| r.iter().any(|v| !v.is_finite()))
+            {
                 return Err(Error::usage(format!(
                     "onnx: the model gave non-finite features for image {r} of a batch"
                 )));
@@ -394,7 +398,10 @@ fn real_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
 }
 
 /// The model's one input, which must be a float image batch.
-fn input_layout(graph: &pb::GraphProto, params: &OnnxParams) -> std::result::Result<InputLayout, String> {
+fn input_layout(
+    graph: &pb::GraphProto,
+    params: &OnnxParams,
+) -> std::result::Result<InputLayout, String> {
     let inputs = real_inputs(graph);
     let [input] = inputs.as_slice() else {
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
@@ -403,7 +410,8 @@ fn input_layout(graph: &pb::GraphProto, params: &OnnxParams) -> std::result::Res
             names.len()
         ));
     };
-    let Some(pb::type_proto::Value::TensorType(t)) = input.r#type.as_ref().and_then(|t| t.value.as_ref())
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
         return Err(format!("input {:?} is not a tensor", input.name));
     };
@@ -474,7 +482,11 @@ fn resolve_node(graph: &pb::GraphProto, node: &str) -> std::result::Result<Strin
             .cloned()
             .ok_or_else(|| format!("node {node:?} has no output"));
     }
-    if graph.node.iter().any(|n| n.output.iter().any(|o| o == node)) {
+    if graph
+        .node
+        .iter()
+        .any(|n| n.output.iter().any(|o| o == node))
+    {
         return Ok(node.to_string());
     }
     let names: Vec<&str> = graph.node.iter().map(|n| n.name.as_str()).collect();

@@ -1,0 +1,56 @@
+//! Error messages as a user sees them: each cause said once, with the path or the query.
+
+mod common;
+
+use common::bin;
+
+/// Runs `cifar-df ARGS`, which must fail; its stderr.
+fn fails(args: &[&str]) -> String {
+    let o = bin().args(args).output().unwrap();
+    assert!(!o.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn each_cause_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let runs = runs.to_str().unwrap();
+    let cases: [(&[&str], &str, &str); 4] = [
+        (
+            &["train", "--data", "/nonexistent/d", "--runs", runs],
+            "/nonexistent/d",
+            "No such file or directory",
+        ),
+        (
+            &["export", "--source", "/nonexistent/d", "--out", "x.parquet"],
+            "/nonexistent/d",
+            "No such file or directory",
+        ),
+        (
+            &[
+                "query",
+                "select * from '/nonexistent/t.parquet'",
+                "--runs",
+                runs,
+            ],
+            "/nonexistent/t.parquet",
+            "not found",
+        ),
+        (
+            &["query", "select nope from (select 1 as a)", "--runs", runs],
+            "nope",
+            "No field named nope",
+        ),
+    ];
+    for (args, what, cause) in cases {
+        let e = fails(args);
+        let line = e.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+        assert!(line.contains(what), "{args:?}: {e}");
+        assert_eq!(
+            e.matches(cause).count(),
+            1,
+            "{args:?} says {cause:?} more than once: {e}"
+        );
+    }
+}
