@@ -117,6 +117,7 @@ fn onnx_features_match_onnxruntime() {
     for (node, flags, width) in cases {
         let params = OnnxParams {
             node: node.map(str::to_string),
+            batch: 16,
             ..OnnxParams::default()
         };
         let e = Extractor::open(&spec, params).unwrap();
