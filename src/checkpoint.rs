@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::metrics::{Accumulator, Running};
-use crate::model::{write_atomic, Learner};
+use crate::model::Learner;
+use crate::store::{rename_durable, sync_dir, write_atomic};
 
 /// The trainer's state file in a checkpoint.
 pub const STATE_FILE: &str = "state.json";
@@ -158,7 +159,9 @@ pub fn save(root: &Path, state: &TrainState, model: &dyn Learner, config: &str) 
         // Only a checkpoint at this very place (an earlier attempt of the same batches).
         fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    // The folder's own entries first, then the rename into the run's checkpoints.
+    sync_dir(&tmp)?;
+    rename_durable(&tmp, &dir)?;
     Ok(dir)
 }
 

@@ -100,7 +100,7 @@ impl PendingFile {
     fn finish(self) -> Result<PathBuf> {
         let file = self.writer.into_inner()?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        crate::store::rename_durable(&self.tmp, &self.path)?;
         Ok(self.path)
     }
 }

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::{create_dir, write_atomic};
+use crate::model::create_dir;
+use crate::store::write_atomic;
 
 /// Side of a CIFAR image, in pixels.
 const SIDE: usize = 32;

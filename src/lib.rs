@@ -28,6 +28,7 @@ pub mod query;
 pub mod runs;
 pub mod server;
 pub mod source;
+pub mod store;
 pub mod synth;
 pub mod table;
 pub mod trainer;

@@ -481,7 +481,7 @@ impl Run {
         let mut json = serde_json::to_vec_pretty(info)
             .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
         json.push(b'\n');
-        crate::model::write_atomic(&path, &json)
+        crate::store::write_atomic(&path, &json)
     }
 
     /// The run's `run.json`, if it has one.

@@ -30,7 +30,7 @@ use crate::dataset::{self, DataSpec, Images, CLASSES};
 use crate::error::{Error, Result};
 use crate::features::{self, Extractor};
 use crate::metrics::{batch_metrics, Accumulator, Metrics, Running};
-use crate::model::{self, Learner};
+use crate::model::Learner;
 use crate::query;
 use crate::runs::{self, now_ms, MetricsRow, Pending, Run, RunInfo};
 use crate::server::{self, ServeOptions, ServeSummary};
@@ -516,7 +516,7 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
         e.save(&run.dir.join(EXTRACTOR_DIR))?;
     }
     let config_path = run.dir.join("config.toml");
-    model::write_atomic(&config_path, opts.config.as_bytes())?;
+    crate::store::write_atomic(&config_path, opts.config.as_bytes())?;
     let result = train_inner(opts, resume, &mut info).await;
     info.end_ms = Some(now_ms());
     info.pid = None;

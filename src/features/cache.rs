@@ -95,7 +95,7 @@ impl Manifest {
     fn write(&self, dir: &Path) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| Error::usage(e.to_string()))?;
         json.push(b'\n');
-        crate::model::write_atomic(&dir.join(MANIFEST), &json)
+        crate::store::write_atomic(&dir.join(MANIFEST), &json)
     }
 }
 

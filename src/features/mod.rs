@@ -232,7 +232,7 @@ impl Extractor {
                 // The model first, then the metadata that names its hash: a save torn
                 // between the two shows as a hash mismatch.
                 model::create_dir(dir)?;
-                model::write_atomic(&dir.join(ONNX_FILE), o.model_bytes())?;
+                crate::store::write_atomic(&dir.join(ONNX_FILE), o.model_bytes())?;
                 let meta = OnnxMeta {
                     model: "onnx".into(),
                     stamp: onnx_stamp(o),
@@ -245,7 +245,7 @@ impl Extractor {
                 let mut json = serde_json::to_vec_pretty(&meta)
                     .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
                 json.push(b'\n');
-                model::write_atomic(&path, &json)
+                crate::store::write_atomic(&path, &json)
             }
         }
     }

@@ -36,6 +36,7 @@ use tract_onnx::prelude::{
 
 use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
+use crate::transforms::kernels::Resize;
 
 /// Side of the stream's images.
 const SIDE: usize = 32;
@@ -271,7 +272,7 @@ impl OnnxExtractor {
         let n = pixels.len() / IMAGE_BYTES;
         let mut out = Array2::zeros((n, self.width));
         let b = self.input.batch;
-        let resize = Resize::new(self.input.height, self.input.width);
+        let resize = Resize::new(SIDE, self.input.height, self.input.width)?;
         let mut jobs: Vec<(usize, &[u8], ndarray::ArrayViewMut2<f32>)> = pixels
             .chunks(b * IMAGE_BYTES)
             .zip(out.axis_chunks_iter_mut(Axis(0), b))
@@ -320,7 +321,7 @@ impl OnnxExtractor {
         resize: &Resize,
     ) -> Result<()> {
         let b = self.input.batch;
-        let x = self.preprocess(chunk, resize);
+        let x = self.preprocess(chunk, resize)?;
         let result = self
             .plan
             .run(tvec!(Tensor::from(x).into_tvalue()))
@@ -358,7 +359,7 @@ impl OnnxExtractor {
     }
 
     /// One batch of images as the model's input tensor (zero-padded to the batch size).
-    fn preprocess(&self, chunk: &[u8], resize: &Resize) -> Array4<f32> {
+    fn preprocess(&self, chunk: &[u8], resize: &Resize) -> Result<Array4<f32>> {
         let (h, w) = (self.input.height, self.input.width);
         let b = self.input.batch;
         let mut x = if self.input.channels_last {
@@ -366,11 +367,15 @@ impl OnnxExtractor {
         } else {
             Array4::zeros((b, 3, h, w))
         };
-        let mut plane = vec![0f32; h * w];
-        for (i, img) in chunk.chunks_exact(IMAGE_BYTES).enumerate() {
-            for c in 0..3 {
-                let src = &img[c * SIDE * SIDE..(c + 1) * SIDE * SIDE];
-                resize.apply(src, &mut plane);
+        let mut img = vec![0f32; IMAGE_BYTES];
+        let mut planes = vec![0f32; resize.out_len()];
+        let mut scratch = Vec::new();
+        for (i, px) in chunk.chunks_exact(IMAGE_BYTES).enumerate() {
+            for (d, &p) in img.iter_mut().zip(px) {
+                *d = f32::from(p);
+            }
+            resize.apply_with(&img, &mut planes, &mut scratch)?;
+            for (c, plane) in planes.chunks_exact(h * w).enumerate() {
                 let (scale, shift) = (
                     1.0 / (255.0 * self.params.std[c]),
                     self.params.mean[c] / self.params.std[c],
@@ -381,56 +386,13 @@ impl OnnxExtractor {
                     }
                 } else {
                     let dst = x.slice_mut(ndarray::s![i, c, .., ..]);
-                    for (d, &v) in dst.into_iter().zip(&plane) {
+                    for (d, &v) in dst.into_iter().zip(plane) {
                         *d = v * scale - shift;
                     }
                 }
             }
         }
-        x
-    }
-}
-
-/// Bilinear resizing of a 32×32 plane with half-pixel centres, precomputed per axis.
-struct Resize {
-    /// For each output row: (source row, next source row, weight of the next).
-    rows: Vec<(usize, usize, f32)>,
-    /// For each output column: the same.
-    cols: Vec<(usize, usize, f32)>,
-}
-
-impl Resize {
-    fn new(height: usize, width: usize) -> Self {
-        Resize {
-            rows: Self::axis(height),
-            cols: Self::axis(width),
-        }
-    }
-
-    /// Source positions of `out` samples over [`SIDE`] inputs: `(o + ½)·in/out − ½`,
-    /// clamped to the image (ONNX `half_pixel`; onnxruntime clamps the same way).
-    fn axis(out: usize) -> Vec<(usize, usize, f32)> {
-        let scale = out as f32 / SIDE as f32;
-        (0..out)
-            .map(|o| {
-                let x = ((o as f32 + 0.5) / scale - 0.5).clamp(0.0, (SIDE - 1) as f32);
-                let i = x.floor() as usize;
-                (i, (i + 1).min(SIDE - 1), x - i as f32)
-            })
-            .collect()
-    }
-
-    /// `dst` (height × width) ← `src` (32 × 32) resized.
-    fn apply(&self, src: &[u8], dst: &mut [f32]) {
-        let w = self.cols.len();
-        for (drow, &(r0, r1, fy)) in dst.chunks_exact_mut(w).zip(&self.rows) {
-            let (a, b) = (&src[r0 * SIDE..][..SIDE], &src[r1 * SIDE..][..SIDE]);
-            for (d, &(c0, c1, fx)) in drow.iter_mut().zip(&self.cols) {
-                let top = f32::from(a[c0]) * (1.0 - fx) + f32::from(a[c1]) * fx;
-                let bottom = f32::from(b[c0]) * (1.0 - fx) + f32::from(b[c1]) * fx;
-                *d = top * (1.0 - fy) + bottom * fy;
-            }
-        }
+        Ok(x)
     }
 }
 
@@ -545,33 +507,4 @@ fn resolve_node(graph: &pb::GraphProto, node: &str) -> std::result::Result<Strin
         &names[..shown],
         if names.len() > shown { ", …" } else { "" }
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resize_to_the_same_size_is_the_identity() {
-        let src: Vec<u8> = (0..1024).map(|i| (i * 7 % 256) as u8).collect();
-        let mut dst = vec![0f32; 1024];
-        Resize::new(32, 32).apply(&src, &mut dst);
-        assert!(src.iter().zip(&dst).all(|(&s, &d)| f32::from(s) == d));
-    }
-
-    #[test]
-    fn resize_doubles_by_quarter_weights() {
-        // Upsampling by 2 with half-pixel centres: output o samples (o + ½)/2 − ½, i.e.
-        // o = 1 → 0.25, o = 2 → 0.75 (weights ¾·¼), clamped at the borders.
-        let src: Vec<u8> = (0..1024).map(|i| ((i % 32) * 4) as u8).collect();
-        let mut dst = vec![0f32; 64 * 64];
-        Resize::new(64, 64).apply(&src, &mut dst);
-        let row = &dst[..64];
-        assert_eq!(row[0], 0.0);
-        assert_eq!(row[1], 1.0); // 0.75·0 + 0.25·4
-        assert_eq!(row[2], 3.0); // 0.25·0 + 0.75·4
-        assert_eq!(row[63], 124.0);
-        // Every row is the same (the image is constant down the columns).
-        assert!(dst.chunks(64).all(|r| r == row));
-    }
 }

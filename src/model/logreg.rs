@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_batch, check_features, create_dir, first_non_finite_row, parse_json, read_f32, read_file,
-    write_atomic, Learner, CLASSES, META_FILE, TENSORS_FILE,
+    Learner, CLASSES, META_FILE, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
+use crate::store::write_atomic;
 
 /// The model's name: [`Learner::name`] and the `"model"` field of its checkpoint.
 pub(crate) const NAME: &str = "logreg";

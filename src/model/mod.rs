@@ -10,9 +10,7 @@
 //! the input checks, so every model rejects bad batches the same way.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::collections::HashMap;
 
@@ -20,6 +18,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
+use crate::store::write_atomic;
 
 pub mod kernel_svm;
 mod kernels;
@@ -227,51 +226,6 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u
         let offset = (line_start + e.column().saturating_sub(1)).min(bytes.len());
         Error::format(path, offset as u64, format!("invalid model metadata: {e}"))
     })
-}
-
-/// Distinguishes the temporary files of concurrent saves within one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to `path` atomically: into a new temporary file in the same folder,
-/// flushed to disk, then renamed over `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        // The name is unique among live processes; one left by a dead process is reused.
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    // Make the rename itself durable (folders cannot be opened for syncing elsewhere).
-    #[cfg(unix)]
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))?;
-    Ok(())
 }
 
 /// Creates the checkpoint folder `dir` if needed.
@@ -902,17 +856,5 @@ mod tests {
             matches!(&e, Error::Format { path, .. } if *path == meta),
             "{e}"
         );
-    }
-
-    #[test]
-    fn write_atomic_replaces_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f.bin");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-        let missing = dir.path().join("no/such/dir/f.bin");
-        assert!(write_atomic(&missing, b"x").is_err());
     }
 }

@@ -1,0 +1,106 @@
+//! Durable files: every file cifar-df commits (Parquet parts, checkpoints, `run.json`,
+//! extractors, images) is written under a temporary name, flushed to disk (`fsync`),
+//! renamed to its name, and the folder flushed too, so that after a crash or a power loss
+//! a file is either absent or complete, never renamed but empty.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// Distinguishes the temporary files of concurrent saves within one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` atomically: into a new temporary file in the same folder,
+/// flushed to disk, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        // The name is unique among live processes; one left by a dead process is reused.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    if let Err(e) = rename_durable(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Renames `from` (a file or folder whose contents are already on disk) to `to`, then
+/// flushes the folder holding `to`, so the rename itself survives a power loss.
+pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| Error::io(to, e))?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// Flushes a folder's entries to disk (a no-op where folders cannot be opened to sync).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    #[cfg(unix)]
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let missing = dir.path().join("no/such/dir/f.bin");
+        let e = write_atomic(&missing, b"x").unwrap_err().to_string();
+        assert!(e.contains("no/such/dir"), "{e}");
+    }
+
+    #[test]
+    fn rename_durable_moves_files_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        fs::create_dir(&a).unwrap();
+        fs::write(a.join("x"), b"1").unwrap();
+        let b = dir.path().join("b");
+        rename_durable(&a, &b).unwrap();
+        assert_eq!(fs::read(b.join("x")).unwrap(), b"1");
+        assert!(!a.exists());
+        let e = rename_durable(&a, &dir.path().join("c")).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        sync_dir(&b).unwrap();
+        assert!(sync_dir(&dir.path().join("missing")).is_err());
+    }
+}
