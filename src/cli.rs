@@ -478,6 +478,10 @@ pub struct ExportArgs {
     /// Rows per part file, in directory mode.
     #[arg(long, default_value_t = 10_000)]
     pub rows_per_file: usize,
+    /// Replace an existing `NAME.parquet` (without it an existing file is refused; a
+    /// directory output always appends parts).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `cifar-df features`.
@@ -586,6 +590,14 @@ pub fn error_message(err: &anyhow::Error) -> String {
 
 /// Parse the process's arguments and run.
 pub fn main() -> anyhow::Result<ExitCode> {
+    // A panic in the source thread is caught and becomes the command's error message;
+    // the default hook would print it a second time.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some(crate::table::SOURCE_THREAD) {
+            default_hook(info);
+        }
+    }));
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -702,6 +714,14 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn export_cmd(a: ExportArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    let single = a.out.extension().is_some_and(|e| e == "parquet");
+    if single && !a.overwrite && a.out.exists() {
+        bail!(
+            "{} already exists; pass --overwrite to replace it, or give a directory to add \
+             part files to",
+            a.out.display()
+        );
+    }
     let (spec, opts) = a.source.open()?;
     let opts_out = ExportOptions {
         rows_per_file: a.rows_per_file,

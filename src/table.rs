@@ -20,7 +20,7 @@ use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::SessionContext;
 
 use crate::error::Result;
-use crate::source::{BatchSource, Report};
+use crate::source::{catch_panic, BatchSource, Report};
 
 /// Name of the streaming table.
 pub const STREAM_TABLE: &str = "stream";
@@ -50,6 +50,20 @@ impl SourcePartition {
     }
 }
 
+/// The name of the thread that reads a source; a panic there is reported as the stream's
+/// error (the CLI's panic hook keeps quiet about it, so it is said once).
+pub const SOURCE_THREAD: &str = "cifar-df-source";
+
+/// Fault injection for tests: `CIFAR_DF_FAULT=source-panic:N` makes the source thread
+/// panic when asked for its N-th batch (0-based), as a buggy reader would.
+fn injected_source_panic() -> Option<u64> {
+    std::env::var("CIFAR_DF_FAULT")
+        .ok()?
+        .strip_prefix("source-panic:")?
+        .parse()
+        .ok()
+}
+
 impl PartitionStream for SourcePartition {
     fn schema(&self) -> &SchemaRef {
         &self.schema
@@ -65,21 +79,46 @@ impl PartitionStream for SourcePartition {
                 )));
             }
             Some(mut source) => {
-                std::thread::Builder::new()
-                    .name("cifar-df-source".into())
-                    .spawn(move || loop {
-                        let item = match source.next_batch() {
-                            Ok(Some(b)) => Ok(b),
-                            Ok(None) => break,
-                            Err(e) => Err(DataFusionError::from(e)),
-                        };
-                        let stop = item.is_err();
-                        // The receiver is gone when the query ended early (LIMIT, error).
-                        if tx.blocking_send(item).is_err() || stop {
-                            break;
+                let fault = injected_source_panic();
+                let tx2 = tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(SOURCE_THREAD.into())
+                    .spawn(move || {
+                        let mut delivered = 0u64;
+                        loop {
+                            // A panic in a reader becomes the stream's error, never a
+                            // silent end of the stream.
+                            let next = catch_panic(|| {
+                                if fault == Some(delivered) {
+                                    panic!(
+                                        "injected fault (CIFAR_DF_FAULT=source-panic:{delivered})"
+                                    );
+                                }
+                                source.next_batch()
+                            });
+                            let item = match next {
+                                Ok(Ok(Some(b))) => Ok(b),
+                                Ok(Ok(None)) => break,
+                                Ok(Err(e)) => Err(DataFusionError::from(e)),
+                                Err(panic) => Err(DataFusionError::Execution(format!(
+                                    "the source failed after {delivered} batches ({} bytes \
+                                     read): {panic}",
+                                    source.report().snapshot().bytes
+                                ))),
+                            };
+                            let stop = item.is_err();
+                            delivered += 1;
+                            // The receiver is gone when the query ended early (LIMIT, error).
+                            if tx.blocking_send(item).is_err() || stop {
+                                break;
+                            }
                         }
-                    })
-                    .expect("spawning a thread");
+                    });
+                if let Err(e) = spawned {
+                    let _ = tx2.try_send(Err(DataFusionError::Execution(format!(
+                        "cannot start the source thread: {e}"
+                    ))));
+                }
             }
         }
         let stream = futures::stream::unfold(rx, |mut rx| async move {

@@ -723,7 +723,19 @@ async fn train_loop(
         let Some(batch) = next else {
             break;
         };
-        let batch = batch?;
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                // Keep what was learnt: a checkpoint commits the rows so far, and
+                // `--resume` carries on from it. The stream's error is the one reported.
+                if summary.batches > 0 {
+                    if let Err(ck) = lp.checkpoint(opts, model, info) {
+                        tracing::error!("checkpoint after the stream failed: {ck}");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         if batch.num_rows() == 0 {
             continue;
         }

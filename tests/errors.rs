@@ -54,3 +54,39 @@ fn each_cause_is_said_once() {
         );
     }
 }
+
+#[test]
+fn export_onto_an_existing_file_needs_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.parquet");
+    let out_s = out.to_str().unwrap();
+    let export = |extra: &[&str]| {
+        bin()
+            .args([
+                "-q",
+                "export",
+                "--source",
+                "synthetic:200:10",
+                "--out",
+                out_s,
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(export(&[]).status.success());
+    let before = std::fs::read(&out).unwrap();
+    let o = export(&["--batch-size", "50"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains(out_s) && e.contains("already exists") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(e.matches("already exists").count(), 1, "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), before, "the file was touched");
+    assert!(export(&["--overwrite", "--batch-size", "50"])
+        .status
+        .success());
+    assert_ne!(std::fs::read(&out).unwrap(), before);
+}

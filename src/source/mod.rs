@@ -766,6 +766,18 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+/// Runs `f`, turning a panic into `Err(its message)`. A reader of hostile bytes must not
+/// take the process (or, in a worker thread, silently the rest of the stream) with it:
+/// some third-party decoders panic on corrupt input instead of returning an error.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string())
+    })
+}
+
 /// An Arrow IPC stream. A corrupt message cannot be skipped (IPC has no resynchronisation
 /// point), so it ends the stream with an error; the batches before it are kept.
 struct ArrowSource {
@@ -797,14 +809,23 @@ impl ArrowSource {
             reason: format!("{}: Arrow IPC stream: {e}", self.name),
         }
     }
+
+    /// The Arrow decoder panicked (on a corrupt message it does not check).
+    fn decoder_panic(&self, panic: &str) -> Error {
+        self.ipc_error(format!(
+            "corrupt message at or before byte offset {} (the decoder failed: {panic})",
+            self.report.snapshot().bytes
+        ))
+    }
 }
 
 impl BatchSource for ArrowSource {
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         if let Some(reader) = self.reader.take() {
-            match StreamReader::try_new(reader, None) {
-                Ok(s) => self.stream = Some(s),
-                Err(e) => return Err(self.ipc_error(e)),
+            match catch_panic(|| StreamReader::try_new(reader, None)) {
+                Ok(Ok(s)) => self.stream = Some(s),
+                Ok(Err(e)) => return Err(self.ipc_error(e)),
+                Err(panic) => return Err(self.decoder_panic(&panic)),
             }
         }
         loop {
@@ -812,13 +833,18 @@ impl BatchSource for ArrowSource {
                 Some(s) => s,
                 None => return Ok(None),
             };
-            let batch = match stream.next() {
-                None => return Ok(None),
-                Some(Err(e)) => {
+            let batch = match catch_panic(|| stream.next()) {
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => {
                     self.stream = None;
                     return Err(self.ipc_error(e));
                 }
-                Some(Ok(b)) => b,
+                Ok(Some(Ok(b))) => b,
+                Err(panic) => {
+                    // The decoder's state is unknown after a panic: the stream ends here.
+                    self.stream = None;
+                    return Err(self.decoder_panic(&panic));
+                }
             };
             let seq = self.next_batch;
             self.next_batch += 1;
@@ -999,6 +1025,96 @@ impl BatchSource for DataSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A valid Arrow IPC stream of `batches` batches of 3 images each.
+    fn ipc_stream(batches: u64) -> Vec<u8> {
+        let mut w =
+            arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &crate::batch::stream_schema())
+                .unwrap();
+        for b in 0..batches {
+            let labels: Vec<u8> = (0..3).map(|i| ((b + i) % 10) as u8).collect();
+            let pixels: Vec<u8> = (0..3 * IMAGE_BYTES).map(|i| (i % 251) as u8).collect();
+            w.write(&crate::batch::make_batch(b, None, labels, pixels).unwrap())
+                .unwrap();
+        }
+        w.finish().unwrap();
+        w.into_inner().unwrap()
+    }
+
+    /// Reads an IPC stream to its end: (images accepted, the error it ended with).
+    fn read_ipc(bytes: Vec<u8>) -> (usize, Option<Error>) {
+        let mut src = ArrowSource::new(
+            Box::new(io::Cursor::new(bytes)),
+            "mutated",
+            Report::default(),
+        );
+        let mut rows = 0;
+        for _ in 0..1000 {
+            match src.next_batch() {
+                Ok(Some(b)) => rows += b.num_rows(),
+                Ok(None) => return (rows, None),
+                Err(e) => return (rows, Some(e)),
+            }
+        }
+        panic!("the reader did not end");
+    }
+
+    #[test]
+    fn mutated_arrow_ipc_streams_are_errors_never_panics() {
+        // A seeded mutator (bit flips, overwritten bytes, huge lengths, truncation,
+        // deleted and duplicated spans); the decoder panics on some of these, which must
+        // come back as an error naming the batch, with the batches before it accepted.
+        let good = ipc_stream(4);
+        let (rows, err) = read_ipc(good.clone());
+        assert!(rows == 12 && err.is_none(), "{rows} {err:?}");
+        let mut rng = crate::model::SplitMix(42);
+        let (mut errors, mut panics) = (0, 0);
+        for case in 0..400 {
+            let mut b = good.clone();
+            match case % 6 {
+                0 => {
+                    let i = rng.below(b.len());
+                    b[i] ^= 1 << rng.below(8);
+                }
+                1 => {
+                    for _ in 0..4 {
+                        let i = rng.below(b.len());
+                        b[i] = rng.below(256) as u8;
+                    }
+                }
+                2 => {
+                    // A huge little-endian number over 8 bytes (lengths, offsets).
+                    let i = rng.below(b.len() - 8);
+                    b[i..i + 8].copy_from_slice(&(u64::MAX - rng.below(1000) as u64).to_le_bytes());
+                }
+                3 => b.truncate(rng.below(b.len())),
+                4 => {
+                    let i = rng.below(b.len());
+                    let j = (i + 1 + rng.below(64)).min(b.len());
+                    b.drain(i..j);
+                }
+                _ => {
+                    let i = rng.below(b.len());
+                    let j = (i + 1 + rng.below(64)).min(b.len());
+                    let span = b[i..j].to_vec();
+                    b.splice(i..i, span);
+                }
+            }
+            let (rows, err) = read_ipc(b);
+            assert!(rows <= 12 && rows % 3 == 0, "case {case}: {rows} rows");
+            if let Some(e) = err {
+                errors += 1;
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("batch ") && msg.contains("mutated"),
+                    "{msg}"
+                );
+                panics += usize::from(msg.contains("the decoder failed"));
+            }
+        }
+        println!("400 mutated IPC streams: {errors} errors, {panics} of them decoder panics");
+        assert!(errors > 100, "{errors}");
+    }
 
     #[test]
     fn parses_source_specs() {
