@@ -875,35 +875,107 @@ fn print_metrics(title: &str, m: &Metrics) {
 }
 
 impl TrainArgs {
-    /// Flags that would change how a resumed run learns: it goes on with its saved config.
-    fn check_resume_flags(&self) -> anyhow::Result<()> {
-        let given = [
-            ("--config", self.config.is_some()),
-            ("--model", self.model.is_some()),
-            ("--seed", self.seed.is_some()),
-            ("--batch-size", self.source.batch_size.is_some()),
+    /// Flags of a resumed run: it goes on with its saved config, so flags that would change
+    /// it are refused, naming the saved and the given value; flags that equal it (the same
+    /// command re-run with `--resume` appended) are fine.
+    fn check_resume_flags(&self, saved_model: &str, saved: &RunConfig) -> anyhow::Result<()> {
+        let refused = [
             ("--sql", self.source.sql.is_some()),
-            ("--lr", self.lr.is_some()),
-            ("--alpha", self.alpha.is_some()),
-            ("--hidden", self.hidden.is_some()),
-            ("--passes", self.passes.is_some()),
-            ("--optimizer", self.optimizer.is_some()),
-            ("--loss", self.loss.is_some()),
-            ("--learning-rate", self.learning_rate.is_some()),
-            ("--k", self.k.is_some()),
-            ("--buffer", self.buffer.is_some()),
-            ("--kernel", self.kernel.is_some()),
             ("--extractor", self.extractor.is_some()),
             ("--node", self.node.is_some()),
-            ("--set", !self.set.is_empty()),
             ("--eval-after-fit", self.eval_after_fit),
         ];
-        let bad: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+        let bad: Vec<&str> = refused
+            .iter()
+            .filter(|(_, g)| *g)
+            .map(|(f, _)| *f)
+            .collect();
         if !bad.is_empty() {
             bail!(
-                "--resume continues the run with its saved config; drop {} (only --epochs, the \
-                 source and the checkpoint options may be given)",
+                "--resume continues the run with its saved config, SQL and extractor; drop {}",
                 bad.join(", ")
+            );
+        }
+        let compared = self.config.is_some()
+            || self.model.is_some()
+            || self.seed.is_some()
+            || self.source.batch_size.is_some()
+            || self.lr.is_some()
+            || self.alpha.is_some()
+            || self.hidden.is_some()
+            || self.passes.is_some()
+            || self.optimizer.is_some()
+            || self.loss.is_some()
+            || self.learning_rate.is_some()
+            || self.k.is_some()
+            || self.buffer.is_some()
+            || self.kernel.is_some()
+            || !self.set.is_empty();
+        if !compared {
+            return Ok(());
+        }
+        let (model, given) = self.config()?;
+        // What decides how the run learns; --epochs may extend it and the source is given
+        // apart, so those are not compared.
+        let flat = |model: &str, cfg: &RunConfig| -> anyhow::Result<Vec<(String, String)>> {
+            let t: toml::Table = toml::from_str(&cfg.to_toml(model))?;
+            let mut out = Vec::new();
+            for (k, v) in t {
+                match (k.as_str(), v) {
+                    ("epochs" | "data" | "sql", _) => {}
+                    (_, toml::Value::Table(inner)) if k == model => {
+                        // The model's hyper-parameters with their defaults filled in.
+                        let p = config::effective_params(model, &inner)?;
+                        for (ik, iv) in p.as_object().into_iter().flatten() {
+                            // An f32 parameter reads as its shortest f32 form (0.01).
+                            let text = match iv.as_f64() {
+                                Some(f) if iv.is_f64() && f64::from(f as f32) == f => {
+                                    (f as f32).to_string()
+                                }
+                                _ => iv.to_string(),
+                            };
+                            out.push((format!("{k}.{ik}"), text));
+                        }
+                    }
+                    (_, toml::Value::Table(inner)) => {
+                        for (ik, iv) in inner {
+                            out.push((format!("{k}.{ik}"), iv.to_string()));
+                        }
+                    }
+                    (_, v) => out.push((k, v.to_string())),
+                }
+            }
+            out.sort();
+            Ok(out)
+        };
+        let a = flat(saved_model, saved)?;
+        let b = flat(&model, &given)?;
+        let get = |v: &[(String, String)], k: &str| {
+            v.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, val)| val.clone())
+        };
+        let mut keys: Vec<&String> = a.iter().chain(&b).map(|(k, _)| k).collect();
+        keys.sort();
+        keys.dedup();
+        let diffs: Vec<String> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let (x, y) = (get(&a, k), get(&b, k));
+                (x != y).then(|| {
+                    format!(
+                        "{k}: saved {}, given {}",
+                        x.as_deref().unwrap_or("(default)"),
+                        y.as_deref().unwrap_or("(default)")
+                    )
+                })
+            })
+            .collect();
+        if !diffs.is_empty() {
+            bail!(
+                "--resume continues the run with its saved config, and these flags differ \
+                 from it: {} (drop them, or train a new run)",
+                diffs.join("; ")
             );
         }
         Ok(())
@@ -976,12 +1048,12 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         let name = a.run.as_deref().unwrap_or_default();
         let run = Run::new(&a.runs, name)?;
         let ck = trainer::resume_point(&run)?;
-        a.check_resume_flags()?;
         let mut cfg = RunConfig::parse(&ck.config()?, &ck.dir.join(checkpoint::CONFIG_FILE))?;
+        let model = config::model_or_default(&cfg);
+        a.check_resume_flags(&model, &cfg)?;
         if a.epochs.is_some() {
             cfg.epochs = a.epochs;
         }
-        let model = config::model_or_default(&cfg);
         let source = match run.read_info()? {
             Some(i) => Some(TrainSource::parse(&i.source)?),
             None => None,

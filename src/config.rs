@@ -258,6 +258,28 @@ pub fn build_model(name: &str, table: &toml::Table) -> Result<Box<dyn Learner>> 
     })
 }
 
+/// The hyper-parameters of model `name` that `table` gives, every default filled in, as
+/// JSON: two tables that mean the same model compare equal.
+pub fn effective_params(name: &str, table: &toml::Table) -> Result<serde_json::Value> {
+    fn json<T: serde::de::DeserializeOwned + serde::Serialize>(
+        name: &str,
+        table: &toml::Table,
+    ) -> Result<serde_json::Value> {
+        serde_json::to_value(params::<T>(name, table)?)
+            .map_err(|e| Error::usage(format!("[{name}] hyper-parameters: {e}")))
+    }
+    check_model_name(name)?;
+    match name {
+        "logreg" => json::<LogRegParams>(name, table),
+        "svm" => json::<SvmParams>(name, table),
+        "mlp" => json::<MlpParams>(name, table),
+        "kmeans" => json::<KMeansParams>(name, table),
+        "svm-kernel" => json::<KernelSvmParams>(name, table),
+        "ridge" => json::<RidgeParams>(name, table),
+        other => Err(Error::usage(format!("unknown model {other:?}"))),
+    }
+}
+
 /// Parses a `KEY=VALUE` override: the value as TOML (`0.1`, `[128, 64]`, `true`,
 /// `"adam"`), or as a bare string when it is not TOML (`adam`).
 pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {

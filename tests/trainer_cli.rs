@@ -350,11 +350,43 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
         query_csv(&runs, "select count(*) as n from metrics where run = 's'"),
         "n\n5\n"
     );
-    // A resumed run keeps its settings.
+    // A resumed run keeps its settings: a flag that changes them is refused, naming the
+    // saved and the given value; the same command with --resume appended is fine.
     fails(
         &["-q", "train", "--run", "s", "--resume", "--lr", "0.5"],
-        "drop --lr",
+        "logreg.lr: saved 0.01, given 0.5",
     );
+    fails(
+        &[
+            "-q",
+            "train",
+            "--source",
+            &src,
+            "--batch-size",
+            "4",
+            "--run",
+            "s",
+            "--resume",
+        ],
+        "batch_size: saved 3, given 4",
+    );
+    let (out, _) = run_ok(bin().args([
+        "-q",
+        "train",
+        "--source",
+        &src,
+        "--batch-size",
+        "3",
+        "--no-plots",
+        "--run",
+        "s",
+        "--runs",
+        runs_s,
+        "--resume",
+        "--epochs",
+        "2",
+    ]));
+    assert!(out.contains("resumed from"), "{out}");
     // An unknown model, a config key that does not exist.
     fails(
         &["-q", "train", "--model", "forest"],
