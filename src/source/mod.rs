@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, FixedSizeListArray, UInt8Array};
-use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatch;
 
 use crate::batch::{first_bad_label, make_batch};
@@ -418,7 +417,7 @@ pub fn from_reader(
     report.set_format(format);
     let reader: Box<dyn Read + Send> = Box::new(Cursor::new(prefix).chain(reader));
     Ok(match format {
-        Format::Arrow => Box::new(ArrowSource::new(reader, name, report)),
+        Format::Arrow => Box::new(ArrowSource::new(reader, name, report, opts.max_line_bytes)),
         Format::SparkJson | Format::Ndjson => Box::new(JsonLines {
             lines: LineReader::new(reader, opts.max_line_bytes),
             format,
@@ -780,24 +779,32 @@ pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
 
 /// An Arrow IPC stream. A corrupt message cannot be skipped (IPC has no resynchronisation
 /// point), so it ends the stream with an error; the batches before it are kept.
+///
+/// The framing (continuation marker, metadata length, the flatbuffer `Message` with its
+/// body length) is read and checked here, with every length bounded by `max_message`
+/// before anything is allocated: Arrow's own `StreamReader` allocates whatever a corrupt
+/// length says (an abort, not an error). Each checked message then goes to Arrow's
+/// `StreamDecoder`.
 struct ArrowSource {
-    reader: Option<Counted<Box<dyn Read + Send>>>,
-    stream: Option<StreamReader<Counted<Box<dyn Read + Send>>>>,
+    reader: Counted<Box<dyn Read + Send>>,
+    decoder: Option<arrow::ipc::reader::StreamDecoder>,
     name: String,
     next_batch: u64,
+    max_message: usize,
     report: Report,
 }
 
 impl ArrowSource {
-    fn new(reader: Box<dyn Read + Send>, name: &str, report: Report) -> Self {
+    fn new(reader: Box<dyn Read + Send>, name: &str, report: Report, max_message: usize) -> Self {
         ArrowSource {
-            reader: Some(Counted {
+            reader: Counted {
                 inner: reader,
                 report: report.clone(),
-            }),
-            stream: None,
+            },
+            decoder: Some(arrow::ipc::reader::StreamDecoder::new()),
             name: name.to_string(),
             next_batch: 0,
+            max_message,
             report,
         }
     }
@@ -817,32 +824,125 @@ impl ArrowSource {
             self.report.snapshot().bytes
         ))
     }
+
+    /// Fills `buf` from the stream; `Ok(false)` at a clean end before its first byte.
+    fn read_exact_or_end(&mut self, buf: &mut [u8], what: &str) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.reader.read(&mut buf[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => {
+                    return Err(self.ipc_error(format!(
+                        "the stream ends inside {what} (byte offset {})",
+                        self.report.snapshot().bytes
+                    )))
+                }
+                Ok(n) => got += n,
+                Err(e) => return Err(self.ipc_error(format!("reading {what}: {e}"))),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next framed message, checked and bounded; `None` at the end of the stream.
+    fn next_message(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut word = [0u8; 4];
+        if !self.read_exact_or_end(&mut word, "a message header")? {
+            return Ok(None);
+        }
+        let mut framed = Vec::with_capacity(8);
+        framed.extend_from_slice(&word);
+        if word == [0xff; 4] {
+            if !self.read_exact_or_end(&mut word, "a message header")? {
+                return Err(self.ipc_error("the stream ends inside a message header"));
+            }
+            framed.extend_from_slice(&word);
+        }
+        let len = i32::from_le_bytes(word);
+        if len == 0 {
+            return Ok(None); // the end-of-stream marker
+        }
+        let offset = self.report.snapshot().bytes;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= self.max_message)
+            .ok_or_else(|| {
+                self.ipc_error(format!(
+                    "message metadata length {len} at byte offset {offset} is negative or over \
+                     the limit ({} bytes)",
+                    self.max_message
+                ))
+            })?;
+        let start = framed.len();
+        framed.resize(start + len, 0);
+        self.read_exact_or_end(&mut framed[start..], "message metadata")?;
+        let body = match arrow::ipc::root_as_message(&framed[start..]) {
+            Ok(m) => m.bodyLength(),
+            Err(e) => {
+                return Err(self.ipc_error(format!(
+                    "invalid message metadata at byte offset {offset}: {e}"
+                )))
+            }
+        };
+        let body = usize::try_from(body)
+            .ok()
+            .filter(|&b| b <= self.max_message)
+            .ok_or_else(|| {
+                self.ipc_error(format!(
+                    "message body length {body} at byte offset {offset} is negative or over the \
+                     limit ({} bytes)",
+                    self.max_message
+                ))
+            })?;
+        let start = framed.len();
+        framed.resize(start + body, 0);
+        self.read_exact_or_end(&mut framed[start..], "a message body")?;
+        Ok(Some(framed))
+    }
 }
 
 impl BatchSource for ArrowSource {
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
-        if let Some(reader) = self.reader.take() {
-            match catch_panic(|| StreamReader::try_new(reader, None)) {
-                Ok(Ok(s)) => self.stream = Some(s),
-                Ok(Err(e)) => return Err(self.ipc_error(e)),
-                Err(panic) => return Err(self.decoder_panic(&panic)),
-            }
-        }
         loop {
-            let stream = match &mut self.stream {
-                Some(s) => s,
-                None => return Ok(None),
+            if self.decoder.is_none() {
+                return Ok(None);
+            }
+            let framed = match self.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    self.decoder = None;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.decoder = None;
+                    return Err(e);
+                }
             };
-            let batch = match catch_panic(|| stream.next()) {
-                Ok(None) => return Ok(None),
-                Ok(Some(Err(e))) => {
-                    self.stream = None;
+            let mut buf = arrow::buffer::Buffer::from(framed);
+            let Some(decoder) = self.decoder.as_mut() else {
+                return Ok(None);
+            };
+            let batch = match catch_panic(|| {
+                let mut out = None;
+                while !buf.is_empty() {
+                    let before = buf.len();
+                    if let Some(b) = decoder.decode(&mut buf)? {
+                        out = Some(b);
+                    } else if buf.len() == before {
+                        break; // nothing consumed: never spin
+                    }
+                }
+                Ok::<_, arrow::error::ArrowError>(out)
+            }) {
+                Ok(Ok(Some(b))) => b,
+                Ok(Ok(None)) => continue, // the schema, or a dictionary
+                Ok(Err(e)) => {
+                    self.decoder = None;
                     return Err(self.ipc_error(e));
                 }
-                Ok(Some(Ok(b))) => b,
                 Err(panic) => {
                     // The decoder's state is unknown after a panic: the stream ends here.
-                    self.stream = None;
+                    self.decoder = None;
                     return Err(self.decoder_panic(&panic));
                 }
             };
@@ -1047,6 +1147,7 @@ mod tests {
             Box::new(io::Cursor::new(bytes)),
             "mutated",
             Report::default(),
+            DEFAULT_MAX_LINE_BYTES,
         );
         let mut rows = 0;
         for _ in 0..1000 {
@@ -1057,6 +1158,27 @@ mod tests {
             }
         }
         panic!("the reader did not end");
+    }
+
+    #[test]
+    fn huge_arrow_ipc_lengths_are_errors_before_any_allocation() {
+        // A message claiming 2 GiB of metadata, after a valid one.
+        let mut b = ipc_stream(1);
+        b.truncate(b.len() - 8); // drop the end-of-stream marker
+        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let (rows, err) = read_ipc(b);
+        let e = err.unwrap().to_string();
+        assert_eq!(rows, 3);
+        assert!(
+            e.contains("metadata length 2147483647") && e.contains("limit"),
+            "{e}"
+        );
+        // A negative one.
+        let mut b = ipc_stream(0);
+        b.truncate(b.len() - 8);
+        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x80]);
+        let e = read_ipc(b).1.unwrap().to_string();
+        assert!(e.contains("negative"), "{e}");
     }
 
     #[test]
