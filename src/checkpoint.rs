@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::metrics::{Accumulator, Running};
 use crate::model::Learner;
-use crate::store::{rename_durable, sync_dir, write_atomic};
+use crate::store::{rename_durable, write_atomic};
 
 /// The trainer's state file in a checkpoint.
 pub const STATE_FILE: &str = "state.json";
@@ -159,8 +159,7 @@ pub fn save(root: &Path, state: &TrainState, model: &dyn Learner, config: &str) 
         // Only a checkpoint at this very place (an earlier attempt of the same batches).
         fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    // The folder's own entries first, then the rename into the run's checkpoints.
-    sync_dir(&tmp)?;
+    // Its files were each committed with `write_atomic` (folder flushed); now the rename.
     rename_durable(&tmp, &dir)?;
     Ok(dir)
 }

@@ -13,23 +13,8 @@ use cifar_df::dataset::{Split, IMAGE_BYTES};
 use cifar_df::features::patches::{Encoding, PatchExtractor, PatchParams};
 use cifar_df::features::Extractor;
 use cifar_df::synth::{self, SynthSpec};
-use common::{bin, query_csv, run_ok};
+use common::{bin, have_python, query_csv, run_ok};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-fn have_numpy() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI needs python3 with numpy for the extractor reference");
-        }
-        eprintln!("skipping the numpy comparison: `python3 -c 'import numpy'` failed");
-    }
-    ok
-}
 
 fn synth_pixels(n: usize) -> Vec<u8> {
     let spec = SynthSpec {
@@ -70,7 +55,7 @@ const SMALL_SETS: [&str; 8] = [
 
 #[test]
 fn the_extractor_matches_a_numpy_reference() {
-    if !have_numpy() {
+    if !have_python("numpy", "the extractor reference") {
         return;
     }
     let px = synth_pixels(60);

@@ -11,6 +11,10 @@
 //! The reference is `tests/ref/sgd_reference.py`. Without python3 + scikit-learn the test
 //! is skipped, except under CI (`CI` set), where it fails.
 
+mod common;
+
+use common::have_python;
+
 use std::process::Command;
 
 use cifar_df::model::{
@@ -18,21 +22,6 @@ use cifar_df::model::{
     Learner, SplitMix, Svm, SvmParams,
 };
 use ndarray::{s, Array1, Array2};
-
-fn have_sklearn() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import sklearn, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI needs python3 with scikit-learn for the SGD reference");
-        }
-        eprintln!("skipping the scikit-learn comparison: `python3 -c 'import sklearn'` failed");
-    }
-    ok
-}
 
 /// Ten Gaussian blobs in `d` dimensions; every class appears in the first batch.
 fn data(n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
@@ -51,7 +40,7 @@ fn data(n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
 
 #[test]
 fn svm_matches_scikit_learn_sgd_classifier() {
-    if !have_sklearn() {
+    if !have_python("sklearn, numpy", "the scikit-learn SGD reference") {
         return;
     }
     let (n, d, batch) = (300, 8, 50);

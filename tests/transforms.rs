@@ -4,6 +4,10 @@
 //! The reference is computed by a python3 script spawned from the test. Without numpy the
 //! numpy comparison is skipped with a note, except under CI (env `CI` set), where it fails.
 
+mod common;
+
+use common::have_python;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -73,22 +77,6 @@ crops = np.stack([padded[:, :, oy:oy + 32, ox:ox + 32]
                   for oy in range(2 * p + 1) for ox in range(2 * p + 1)], axis=1)
 put("crops.u8", crops, np.uint8)
 "#;
-
-/// Whether python3 with numpy is there; panics under CI when it is not.
-fn have_numpy() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI needs python3 with numpy for the transforms reference");
-        }
-        eprintln!("skipping the numpy comparison: `python3 -c 'import numpy'` failed");
-    }
-    ok
-}
 
 fn images() -> (Vec<u8>, Vec<u8>) {
     let mut labels = Vec::with_capacity(N);
@@ -187,7 +175,7 @@ ORDER BY "row"
 
 #[tokio::test]
 async fn functions_match_numpy() {
-    if !have_numpy() {
+    if !have_python("numpy", "the transforms reference") {
         return;
     }
     let (labels, pixels) = images();

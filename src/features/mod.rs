@@ -317,7 +317,7 @@ fn load_onnx(dir: &Path) -> Result<Extractor> {
     }
     let model_path = dir.join(ONNX_FILE);
     let onnx_bytes = std::fs::read(&model_path).map_err(|e| Error::io(&model_path, e))?;
-    let got = format!("{:016x}", fnv1a(&onnx_bytes));
+    let got = format!("{:016x}", fnv1a(onnx_bytes.iter().copied()));
     if !meta.stamp.starts_with(&got) {
         return Err(Error::format(
             &model_path,
@@ -346,30 +346,26 @@ fn onnx_stamp(o: &OnnxExtractor) -> String {
     let params = serde_json::to_string(&o.params).unwrap_or_default();
     format!(
         "{:016x}-{:016x}",
-        fnv1a(o.model_bytes()),
-        fnv1a(params.as_bytes())
+        fnv1a(o.model_bytes().iter().copied()),
+        fnv1a(params.bytes())
     )
 }
 
 /// 64-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A 64-bit FNV-1a hash of the extractor's tensors: the stamp shared by its two files.
 fn fingerprint(p: &PatchExtractor) -> u64 {
-    let bytes: Vec<u8> = p
-        .atoms
-        .iter()
-        .chain(p.whiten.iter())
-        .chain(p.feature_mean.iter())
-        .chain(p.feature_std.iter())
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    fnv1a(&bytes)
+    fnv1a(
+        p.atoms
+            .iter()
+            .chain(p.whiten.iter())
+            .chain(p.feature_mean.iter())
+            .chain(p.feature_std.iter())
+            .flat_map(|v| v.to_le_bytes()),
+    )
 }

@@ -149,6 +149,9 @@ impl fmt::Debug for OnnxExtractor {
     }
 }
 
+/// One batch for a worker: the index of its first image, its pixels, where its features go.
+type Job<'a> = (usize, &'a [u8], ndarray::ArrayViewMut2<'a, f32>);
+
 /// ONNX's element type code of float32.
 const FLOAT: i32 = 1;
 
@@ -273,18 +276,16 @@ impl OnnxExtractor {
         let mut out = Array2::zeros((n, self.width));
         let b = self.input.batch;
         let resize = Resize::new(SIDE, self.input.height, self.input.width)?;
-        let mut jobs: Vec<(usize, &[u8], ndarray::ArrayViewMut2<f32>)> = pixels
+        // tract runs a plan on one thread; batches go to `threads()` workers, each taking
+        // every k-th batch (the plan is shared: each run has its own state).
+        let workers = crate::linalg::threads().clamp(1, n.div_ceil(b).max(1));
+        let mut shares: Vec<Vec<Job>> = (0..workers).map(|_| Vec::new()).collect();
+        for (i, (chunk, dst)) in pixels
             .chunks(b * IMAGE_BYTES)
             .zip(out.axis_chunks_iter_mut(Axis(0), b))
             .enumerate()
-            .map(|(i, (c, d))| (i * b, c, d))
-            .collect();
-        // tract runs a plan on one thread; batches go to `threads()` workers, each taking
-        // every k-th batch (the plan is shared: each run has its own state).
-        let workers = crate::linalg::threads().clamp(1, jobs.len().max(1));
-        let mut shares: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
-        for (i, job) in jobs.drain(..).enumerate() {
-            shares[i % workers].push(job);
+        {
+            shares[i % workers].push((i * b, chunk, dst));
         }
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             let handles: Vec<_> = shares

@@ -32,6 +32,23 @@ pub fn mini() -> Option<PathBuf> {
     None
 }
 
+/// Whether `python3 -c "import MODULES"` works, for a test comparing with a Python
+/// reference (`what`). Under CI it must (a panic); elsewhere the test is skipped, with a note.
+pub fn have_python(modules: &str, what: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI needs python3 with {modules} for {what}");
+        }
+        eprintln!("skipping {what}: `python3 -c 'import {modules}'` failed");
+    }
+    ok
+}
+
 /// The reference server script.
 pub fn reference_server() -> PathBuf {
     std::env::var_os("STREAM_REFERENCE")
