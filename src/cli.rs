@@ -41,6 +41,11 @@ pub struct Cli {
     /// (default: all). Two trainers side by side on 8 cores: --threads 4 each.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Most memory a model, extractor or batch may ask for, e.g. 8G (default: this
+    /// machine's memory, or CIFAR_DF_MEMORY_LIMIT); larger sizes are refused before
+    /// anything is allocated.
+    #[arg(long, global = true, value_parser = parse_memory_limit)]
+    pub memory_limit: Option<u64>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -419,6 +424,10 @@ pub struct StreamArgs {
     /// Stop after this many batches (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub limit: u64,
+    /// Give up (exit 1) on a client that reads nothing for this many seconds; until then a
+    /// slow client slows the server down, holding at most a few batches (0: wait forever).
+    #[arg(long, default_value_t = 600.0)]
+    pub write_timeout: f64,
 }
 
 /// Flags that choose and tune a source.
@@ -577,13 +586,15 @@ pub fn error_message(err: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if text.is_empty() || msg.contains(&text) {
+        // DataFusion wraps our errors from inside a query as "External error: …".
+        let text = text.strip_prefix("External error: ").unwrap_or(&text);
+        if text.is_empty() || msg.contains(text) {
             continue;
         }
         if !msg.is_empty() {
             msg.push_str(": ");
         }
-        msg.push_str(&text);
+        msg.push_str(text);
     }
     msg
 }
@@ -600,6 +611,9 @@ pub fn main() -> anyhow::Result<ExitCode> {
     }));
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    if let Some(bytes) = cli.memory_limit {
+        crate::limits::set_memory_limit(bytes);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
         if n == 0 {
@@ -613,6 +627,10 @@ pub fn main() -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(cli))
+}
+
+fn parse_memory_limit(s: &str) -> std::result::Result<u64, String> {
+    crate::limits::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -676,6 +694,9 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
     if !(a.sleep >= 0.0 && a.sleep.is_finite()) {
         bail!("--sleep must be a number of seconds ≥ 0");
     }
+    if !(a.write_timeout >= 0.0 && a.write_timeout < 1e9) {
+        bail!("--write-timeout must be a number of seconds ≥ 0 (0: wait forever)");
+    }
     let opts = ServeOptions {
         data: DataSpec::parse(&a.data)?,
         split: a.split,
@@ -685,6 +706,7 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         format: a.format,
         limit: (a.limit > 0).then_some(a.limit),
         progress,
+        write_timeout: (a.write_timeout > 0.0).then(|| Duration::from_secs_f64(a.write_timeout)),
     };
     let listener = server::bind(&a.host, a.port)?;
     let addr = server::local_addr(&listener)?;
@@ -758,7 +780,7 @@ async fn export_source(
     let r = report.snapshot();
     if progress {
         eprintln!(
-        "exported {} images in {} batches from {} ({}) to {} in {:.2} s ({:.0} images/s, {:.0} MB/s read); {} rejected{}",
+        "exported {} images in {} batches from {} ({}) to {} in {:.2} s ({:.0} images/s, {:.0} MB/s read); {} rejected{}{}",
         summary.rows,
         summary.batches,
         spec,
@@ -768,6 +790,7 @@ async fn export_source(
         summary.rows as f64 / secs,
         r.bytes as f64 / 1e6 / secs,
         r.rejected,
+        if r.empty > 0 { format!("; {} empty batches passed over", r.empty) } else { String::new() },
         if summary.interrupted { "; interrupted" } else { "" }
     );
     }
@@ -838,6 +861,7 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         format: Format::SparkJson,
         limit: None,
         progress: false,
+        write_timeout: None,
     };
     let server = tokio::task::spawn_blocking(move || server::serve(&listener, &serve_opts));
     let spec = SourceSpec::Tcp {

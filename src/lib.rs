@@ -19,6 +19,7 @@ pub mod error;
 pub mod export;
 pub mod features;
 pub mod grid;
+pub mod limits;
 pub mod linalg;
 pub mod metrics;
 pub mod model;

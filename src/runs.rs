@@ -292,10 +292,133 @@ impl Run {
     /// start at stream batch `next_batch` or later, and unfinished (`.inprogress`) files.
     /// Returns how many files were removed.
     pub fn discard_after(&self, next_batch: u64) -> Result<usize> {
-        self.remove_parts(|name| {
+        // A merged part reaching past the checkpoint keeps only its batches before it.
+        let mut trimmed = 0;
+        for table in TABLES {
+            let dir = self.dir.join(table);
+            for (first, last, name) in fit_parts(&dir) {
+                if first < next_batch && next_batch <= last {
+                    self.trim_part(table, &dir.join(&name), first, next_batch)?;
+                    trimmed += 1;
+                }
+            }
+        }
+        self.repair_parts()?;
+        let removed = self.remove_parts(|name| {
             name.ends_with(".inprogress")
                 || fit_part_range(name).is_some_and(|(first, _)| first >= next_batch)
-        })
+        })?;
+        Ok(removed + trimmed)
+    }
+
+    /// Rewrites fit part `path` of `table` (from batch `first`) without its batches from
+    /// `next_batch` on.
+    fn trim_part(&self, table: &str, path: &Path, first: u64, next_batch: u64) -> Result<()> {
+        use datafusion::arrow::array::UInt64Array;
+        let schema = schema_of(table)?;
+        let all =
+            datafusion::arrow::compute::concat_batches(&schema, &read_parquet_batches(path)?)?;
+        let batch_col = all
+            .column_by_name("batch")
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .ok_or_else(|| Error::format(path, 0, "no UInt64 `batch` column"))?;
+        let keep = datafusion::arrow::array::BooleanArray::from_iter(
+            batch_col
+                .iter()
+                .map(|b| Some(b.is_some_and(|b| b < next_batch))),
+        );
+        let kept = datafusion::arrow::compute::filter_record_batch(&all, &keep)?;
+        let last = datafusion::arrow::compute::max(
+            kept.column_by_name("batch")
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+                .ok_or_else(|| Error::format(path, 0, "no UInt64 `batch` column"))?,
+        );
+        if let Some(last) = last.filter(|_| kept.num_rows() > 0) {
+            self.write_part(table, &fit_part_name(first, last), &kept)?;
+        }
+        fs::remove_file(path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Merges the trainer's small parts, so that a long run of tiny batches does not leave
+    /// one file per flush: once [`COMPACT_AT`] fit parts of fewer than
+    /// [`SMALL_PART_BATCHES`] metrics rows are there, each run of adjacent small parts
+    /// becomes one part (`part-fit-FIRST-LAST` of the first and last batches), in every
+    /// table. The merged file is committed before the parts it replaces are deleted, and
+    /// readers and [`Run::repair_parts`] pass over a part whose batches another part
+    /// covers, so a crash in between leaves no batch twice. Returns the parts removed.
+    pub fn compact_fit_parts(&self) -> Result<usize> {
+        self.repair_parts()?;
+        let dir = self.dir.join("metrics");
+        let mut parts: Vec<(u64, u64, String, bool)> = Vec::new();
+        for (first, last, name) in fit_parts(&dir) {
+            let small = parquet_rows(&dir.join(&name))? < SMALL_PART_BATCHES;
+            parts.push((first, last, name, small));
+        }
+        if parts.iter().filter(|p| p.3).count() < COMPACT_AT {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        let mut group: Vec<&(u64, u64, String, bool)> = Vec::new();
+        for part in parts
+            .iter()
+            .chain(std::iter::once(&(0, 0, String::new(), false)))
+        {
+            if part.3 {
+                group.push(part);
+                continue;
+            }
+            if group.len() >= 2 {
+                let (first, last) = (group[0].0, group[group.len() - 1].1);
+                let names: Vec<&str> = group.iter().map(|p| p.2.as_str()).collect();
+                removed += self.merge_parts(&names, &fit_part_name(first, last))?;
+            }
+            group.clear();
+        }
+        Ok(removed)
+    }
+
+    /// Writes the concatenation of parts `names` as `merged` in each table that has
+    /// them, then deletes them.
+    fn merge_parts(&self, names: &[&str], merged: &str) -> Result<usize> {
+        let mut removed = 0;
+        for table in TABLES {
+            let dir = self.dir.join(table);
+            let paths: Vec<PathBuf> = names
+                .iter()
+                .map(|n| dir.join(n))
+                .filter(|p| p.exists())
+                .collect();
+            if paths.is_empty() {
+                continue;
+            }
+            let mut batches = Vec::new();
+            for p in &paths {
+                batches.extend(read_parquet_batches(p)?);
+            }
+            let schema = schema_of(table)?;
+            let all = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
+            self.write_part(table, merged, &all)?;
+            for p in &paths {
+                fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes fit parts whose batches another part covers (what a crash during
+    /// [`Run::compact_fit_parts`] leaves). Returns how many were removed.
+    pub fn repair_parts(&self) -> Result<usize> {
+        let mut removed = 0;
+        for table in TABLES {
+            let dir = self.dir.join(table);
+            for name in covered_parts(&fit_parts(&dir)) {
+                let p = dir.join(name);
+                fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes the parts of earlier prediction passes over `split`, keeping `keep`.
@@ -321,6 +444,57 @@ impl Run {
         }
         Ok(removed)
     }
+}
+
+/// Fit parts with fewer metrics rows than this are merged by [`Run::compact_fit_parts`].
+pub const SMALL_PART_BATCHES: usize = 5000;
+/// How many small fit parts there must be before they are merged.
+pub const COMPACT_AT: usize = 16;
+
+/// The fit parts in `dir`, sorted: (first batch, last batch, file name).
+fn fit_parts(dir: &Path) -> Vec<(u64, u64, String)> {
+    let mut out: Vec<(u64, u64, String)> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    fit_part_range(&name).map(|(a, b)| (a, b, name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The names among sorted `parts` whose range lies inside another part's (a merged part
+/// and the parts it replaced, after a crash between the two).
+fn covered_parts(parts: &[(u64, u64, String)]) -> Vec<&str> {
+    parts
+        .iter()
+        .filter(|(a, b, name)| {
+            parts
+                .iter()
+                .any(|(c, d, other)| other != name && c <= a && b <= d && (c, d) != (a, b))
+        })
+        .map(|(_, _, n)| n.as_str())
+        .collect()
+}
+
+fn parquet_rows(path: &Path) -> Result<usize> {
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = datafusion::parquet::file::reader::SerializedFileReader::new(file)?;
+    use datafusion::parquet::file::reader::FileReader;
+    Ok(meta.metadata().file_metadata().num_rows().max(0) as usize)
+}
+
+fn read_parquet_batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+            .build()?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// The file name of the trainer's part holding stream batches `first..=last`.
@@ -609,7 +783,33 @@ pub fn register_tables(ctx: &SessionContext, root: &Path) -> Result<()> {
             dirs.sort();
             for d in dirs {
                 let d = fs::canonicalize(&d).map_err(|e| Error::io(&d, e))?;
-                urls.push(ListingTableUrl::parse(format!("{}/", d.display()))?);
+                let covered = covered_parts(&fit_parts(&d))
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>();
+                if covered.is_empty() {
+                    urls.push(ListingTableUrl::parse(format!("{}/", d.display()))?);
+                    continue;
+                }
+                // A crash during compaction left parts that a merged part covers: list the
+                // files one by one without them.
+                let mut files: Vec<PathBuf> = fs::read_dir(&d)
+                    .map_err(|e| Error::io(&d, e))?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                        n.is_some_and(|n| {
+                            n.starts_with("part-")
+                                && n.ends_with(".parquet")
+                                && !covered.contains(&n)
+                        })
+                    })
+                    .collect();
+                files.sort();
+                for f in files {
+                    urls.push(ListingTableUrl::parse(f.display().to_string())?);
+                }
             }
         }
         ctx.deregister_table(table)?;
@@ -638,4 +838,155 @@ fn has_parts(dir: &Path) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::batch_metrics;
+
+    /// Commits fit parts of `per` batches each, batches `0..n`, with one-image batches.
+    fn commit_parts(run: &Run, n: u64, per: u64) {
+        let mut pending = Pending::default();
+        for b in 0..n {
+            let y = ndarray::Array1::from(vec![(b % 10) as u8]);
+            let mut p = ndarray::Array2::<f32>::from_elem((1, 10), 0.05);
+            p[[0, (b % 7) as usize]] = 0.55;
+            let m = batch_metrics(y.view(), p.view()).unwrap();
+            let preds = run
+                .predictions_batch(
+                    "train",
+                    1,
+                    &[b],
+                    &[0],
+                    &[(b % 10) as u8],
+                    &[(b % 7) as u8],
+                    &[0.55],
+                )
+                .unwrap();
+            pending.add(
+                MetricsRow {
+                    split: "train".into(),
+                    epoch: 1,
+                    batch: b,
+                    metrics: m,
+                    mean: [0.0; 5],
+                    window: [0.0; 5],
+                    seconds: 0.0,
+                    ts_ms: 0,
+                },
+                preds,
+            );
+            if (b + 1) % per == 0 {
+                pending.commit(run, "logreg", None).unwrap();
+            }
+        }
+        pending.commit(run, "logreg", None).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        fit_parts(dir).into_iter().map(|p| p.2).collect()
+    }
+
+    fn count(root: &Path, sql: &str) -> i64 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ctx = crate::query::session();
+            register_tables(&ctx, root).unwrap();
+            let b = crate::query::run(&ctx, sql).await.unwrap();
+            b[0].column(0)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        })
+    }
+
+    #[test]
+    fn small_parts_are_merged_and_every_batch_stays_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run::new(dir.path(), "r").unwrap();
+        commit_parts(&run, 150, 10); // 15 parts: under COMPACT_AT
+        assert_eq!(run.compact_fit_parts().unwrap(), 0);
+        assert_eq!(names(&run.dir.join("metrics")).len(), 15);
+        assert_eq!(count(dir.path(), "select count(*) from predictions"), 150);
+        // 25 parts, all small: one merged part per table.
+        let more = Run::new(dir.path(), "s").unwrap();
+        commit_parts(&more, 250, 10);
+        let removed = more.compact_fit_parts().unwrap();
+        assert_eq!(removed, 3 * 25, "metrics, confusion and predictions");
+        for table in ["metrics", "confusion", "predictions"] {
+            assert_eq!(
+                names(&more.dir.join(table)),
+                vec![fit_part_name(0, 249)],
+                "{table}"
+            );
+        }
+        assert_eq!(
+            count(
+                dir.path(),
+                "select count(distinct batch) from metrics where run = 's'"
+            ),
+            250
+        );
+        assert_eq!(
+            count(
+                dir.path(),
+                "select count(*) from predictions where run = 's'"
+            ),
+            250
+        );
+    }
+
+    #[test]
+    fn a_crash_between_merge_and_delete_leaves_no_batch_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run::new(dir.path(), "r").unwrap();
+        commit_parts(&run, 40, 10);
+        // What a crash leaves: the merged part written, the parts it replaces not deleted.
+        let m = run.dir.join("metrics");
+        let batches = read_parquet_batches(&m.join(fit_part_name(0, 9))).unwrap();
+        let mut all = batches;
+        for first in [10u64, 20, 30] {
+            all.extend(read_parquet_batches(&m.join(fit_part_name(first, first + 9))).unwrap());
+        }
+        let merged = datafusion::arrow::compute::concat_batches(&metrics_schema(), &all).unwrap();
+        run.write_part("metrics", &fit_part_name(0, 39), &merged)
+            .unwrap();
+        assert_eq!(names(&m).len(), 5);
+        // Readers pass over the covered parts...
+        assert_eq!(count(dir.path(), "select count(*) from metrics"), 40);
+        // ... and the trainer deletes them.
+        assert_eq!(run.repair_parts().unwrap(), 4);
+        assert_eq!(names(&m), vec![fit_part_name(0, 39)]);
+        assert_eq!(count(dir.path(), "select count(*) from metrics"), 40);
+    }
+
+    #[test]
+    fn resuming_inside_a_merged_part_keeps_only_the_batches_before_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run::new(dir.path(), "r").unwrap();
+        commit_parts(&run, 200, 10);
+        run.compact_fit_parts().unwrap();
+        assert_eq!(names(&run.dir.join("metrics")), vec![fit_part_name(0, 199)]);
+        run.discard_after(123).unwrap();
+        for table in ["metrics", "predictions"] {
+            assert_eq!(
+                names(&run.dir.join(table)),
+                vec![fit_part_name(0, 122)],
+                "{table}"
+            );
+        }
+        assert_eq!(count(dir.path(), "select count(*) from metrics"), 123);
+        assert_eq!(
+            count(
+                dir.path(),
+                "select count(*) from metrics where batch >= 123"
+            ),
+            0
+        );
+        assert_eq!(count(dir.path(), "select count(*) from predictions"), 123);
+    }
 }

@@ -39,6 +39,9 @@ pub struct ServeOptions {
     pub limit: Option<u64>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Give up on a client that reads nothing for this long (`None`: wait for it forever;
+    /// either way the server holds at most a few encoded batches while it waits).
+    pub write_timeout: Option<Duration>,
 }
 
 /// What a server sent.
@@ -82,6 +85,11 @@ pub fn serve(listener: &TcpListener, opts: &ServeOptions) -> Result<ServeSummary
     })?;
     tracing::info!("client {peer} connected");
     let _ = conn.set_nodelay(false);
+    conn.set_write_timeout(opts.write_timeout.filter(|t| !t.is_zero()))
+        .map_err(|e| Error::Net {
+            what: "set the write timeout".into(),
+            source: e,
+        })?;
     stream_to(conn, &files, opts)
 }
 
@@ -142,6 +150,17 @@ pub fn stream_to<W: Write>(
                     tracing::debug!("client left after {} batches", summary.batches);
                     break;
                 }
+                if is_timeout(&e) {
+                    let secs = opts.write_timeout.map_or(0.0, |t| t.as_secs_f64());
+                    return Err(Error::Net {
+                        what: format!(
+                            "the client read nothing for {secs} s (--write-timeout) after {} \
+                             batches ({} bytes) were sent; giving up on it",
+                            summary.batches, summary.bytes
+                        ),
+                        source: e,
+                    });
+                }
                 return Err(Error::Net {
                     what: "write to the client".into(),
                     source: e,
@@ -173,6 +192,13 @@ pub fn stream_to<W: Write>(
     })?;
     progress.finish_and_clear();
     Ok(summary)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn is_disconnect(e: &io::Error) -> bool {

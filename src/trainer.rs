@@ -331,6 +331,7 @@ async fn open_stream(
                 format: Format::SparkJson,
                 limit: Some(opts.epochs.unwrap_or(1).saturating_mul(per_epoch)),
                 progress: false,
+                write_timeout: None,
             };
             let (addr, handle) = server::spawn_loopback(files, serve)?;
             let spec = SourceSpec::Tcp {
@@ -587,6 +588,7 @@ impl Loop {
         self.st.created_ms = now_ms();
         let dir = checkpoint::save(&opts.run.checkpoints_dir(), &self.st, model, &opts.config)?;
         checkpoint::prune(&opts.run.checkpoints_dir(), opts.keep_checkpoints)?;
+        opts.run.compact_fit_parts()?;
         self.saved_at = Some(here);
         let name = self.st.name();
         tracing::debug!("checkpoint {} ({})", name, dir.display());

@@ -91,6 +91,11 @@ impl Extractor {
 
     /// Features of whole images (`IMAGE_BYTES` each, CIFAR layout): n × [`width`](Self::width).
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
+        let n = pixels.len() / crate::dataset::IMAGE_BYTES;
+        crate::limits::check(
+            &format!("features of a batch of {n} images, {} each", self.width()),
+            4 * crate::limits::product(&[n, self.width()]),
+        )?;
         match self {
             Extractor::Patches(p) => p.encode(pixels),
             Extractor::Onnx(o) => o.encode(pixels),

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::linalg;
 use crate::model::SplitMix;
 
@@ -301,6 +302,19 @@ impl PatchExtractor {
         let p = params.patch;
         let d = params.dim();
         let s = SIDE - p + 1;
+        // The samples with their centred and mirrored copies, the dictionary with a chunk
+        // of its k-means responses, and the encoded statistics images.
+        limits::check(
+            &format!(
+                "the patch extractor (samples = {}, atoms = {}, patch = {p}, grid = {}, \
+                 stats_images = {}): its fitting arrays",
+                params.samples, params.atoms, params.grid, params.stats_images
+            ),
+            4 * (3 * limits::product(&[params.samples, d])
+                + limits::product(&[4096, params.atoms])
+                + 3 * limits::product(&[params.atoms, d])
+                + limits::product(&[params.stats_images.min(n_images), params.full_width()])),
+        )?;
         let mirror = patch_mirror(p);
         let mut rng = SplitMix(params.seed ^ 0x5eed_f00d_0000_0001);
         let mut samples = Array2::<f32>::zeros((params.samples, d));

@@ -962,6 +962,18 @@ impl Learner for KernelSvm {
         if n == 0 {
             return Ok(0.0);
         }
+        if self.n_features.is_none() {
+            let m = self.params.buffer.saturating_add(n);
+            crate::limits::check(
+                &format!(
+                    "{NAME} (buffer = {}, {} features): the support buffer and its kernel \
+                     matrices",
+                    self.params.buffer,
+                    x.ncols()
+                ),
+                4 * (2 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, x.ncols()])),
+            )?;
+        }
         let limit = f64::from(f32::MAX) / 4.0;
         if let Some(r) = x
             .rows()

@@ -515,6 +515,17 @@ impl Learner for KMeans {
             return Ok(0.0);
         }
         let d = x.ncols();
+        if self.centres.is_none() {
+            crate::limits::check(
+                &format!(
+                    "kmeans (k = {}, {d} features, {n} images a batch): the centres and the \
+                     distances",
+                    self.params.k
+                ),
+                4 * (2 * crate::limits::product(&[self.params.k, d])
+                    + crate::limits::product(&[n, self.params.k])),
+            )?;
+        }
         let KMeans {
             params,
             centres,

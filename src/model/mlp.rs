@@ -309,6 +309,22 @@ impl Mlp {
         };
     }
 
+    /// Bytes the model needs for input width `d` and mini-batches of `rows`: weights,
+    /// gradients and the optimiser's moments, plus activations and deltas per row.
+    fn memory_need(&self, d: usize, rows: usize) -> u128 {
+        let widths = self.widths(d);
+        let params: u128 = widths
+            .windows(2)
+            .map(|p| crate::limits::product(&[p[0], p[1]]) + p[1] as u128)
+            .sum();
+        let copies = match self.params.optimizer {
+            Optimizer::Adam => 4, // weights, gradients, m, v
+            Optimizer::Sgd => 3,
+        };
+        let per_row: u128 = widths.iter().map(|&w| w as u128).sum::<u128>() * 2;
+        4 * (params.saturating_mul(copies) + per_row.saturating_mul(rows as u128))
+    }
+
     /// Makes the scratch buffers fit `rows` images.
     fn reserve(&mut self, rows: usize) {
         let sc = &mut self.scratch;
@@ -604,10 +620,18 @@ impl Learner for Mlp {
         if n == 0 {
             return Ok(0.0);
         }
+        let bs = self.params.batch_size.min(n);
         if self.layers.is_empty() {
+            crate::limits::check(
+                &format!(
+                    "mlp (hidden = {:?}, {d} inputs, mini-batch {bs}): the weights, their \
+                     gradients, the optimiser's state and the activations",
+                    self.params.hidden
+                ),
+                self.memory_need(d, bs),
+            )?;
             self.init(d);
         }
-        let bs = self.params.batch_size.min(n);
         self.reserve(bs);
         let mut first_pass_ce = 0.0f64;
         let mut order: Vec<usize> = (0..n).collect();

@@ -430,6 +430,25 @@ impl Learner for Ridge {
             .map(|(p, &l)| -f64::from(p[usize::from(l)].max(1e-15)).ln())
             .sum::<f64>()
             / n as f64;
+        if self.n_features.is_none() {
+            // The buffer grows to `buffer` + `refit` images before a solve trims it; the
+            // Gram matrix is copied as it grows and factorised in place of a copy.
+            let m = self
+                .params
+                .buffer
+                .saturating_add(self.params.refit)
+                .saturating_add(n);
+            crate::limits::check(
+                &format!(
+                    "ridge (buffer = {}, refit = {}, {} features): the image buffer and its \
+                     Gram matrices",
+                    self.params.buffer,
+                    self.params.refit,
+                    x.ncols()
+                ),
+                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, x.ncols()])),
+            )?;
+        }
         self.n_features = Some(x.ncols());
         self.append(x, y);
         self.seen += n as u64;

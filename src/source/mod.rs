@@ -183,6 +183,8 @@ pub struct ReportSnapshot {
     pub bytes: u64,
     /// Lines (or rows) rejected.
     pub rejected: u64,
+    /// Empty batches (`{}` lines) passed over, as the original skipped empty RDDs.
+    pub empty: u64,
     /// The first rejections (at most [`Report::KEEP`]).
     pub rejections: Vec<Rejection>,
     /// The wire format read, once known.
@@ -196,6 +198,8 @@ pub struct Report(Arc<Mutex<ReportSnapshot>>);
 impl Report {
     /// How many rejections are kept in full.
     pub const KEEP: usize = 1000;
+    /// How many rejections are printed one by one (then a tally at each power of ten).
+    pub const WARN: u64 = 20;
 
     fn with<T>(&self, f: impl FnOnce(&mut ReportSnapshot) -> T) -> T {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,6 +218,10 @@ impl Report {
         });
     }
 
+    fn empty(&self) {
+        self.with(|r| r.empty += 1);
+    }
+
     fn add_bytes(&self, n: u64) {
         self.with(|r| r.bytes += n);
     }
@@ -223,7 +231,19 @@ impl Report {
     }
 
     fn reject(&self, rejection: Rejection) {
-        tracing::warn!("{rejection}");
+        let n = self.with(|r| r.rejected + 1);
+        if n <= Self::WARN {
+            tracing::warn!("{rejection}");
+            if n == Self::WARN {
+                tracing::warn!(
+                    "further rejections are counted, not each printed (a tally at every \
+                     power of ten; the first {} are kept in the report)",
+                    Self::KEEP
+                );
+            }
+        } else if is_power_of_ten(n) {
+            tracing::warn!("{n} lines rejected so far; the latest: {rejection}");
+        }
         self.with(|r| {
             r.rejected += 1;
             if r.rejections.len() < Self::KEEP {
@@ -231,6 +251,13 @@ impl Report {
             }
         });
     }
+}
+
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
 }
 
 /// Anything that yields stream batches.
@@ -545,10 +572,13 @@ impl<R: Read> LineReader<R> {
         Ok(())
     }
 
-    /// Drop the current line, reading until its end, and say how long it was.
+    /// Drop the current line, reading until its end, and say how long it was. Memory
+    /// stays at the buffer's size however long the line is; a line still going at
+    /// [`LONG_LINE_WARNING`] times the cap is reported then, not only when (if) it ends.
     fn skip_long_line(&mut self) -> io::Result<(u64, Line<'_>)> {
         let offset = self.offset;
         let mut len = (self.end - self.start) as u64;
+        let mut warned = false;
         self.start = 0;
         self.end = 0;
         self.scanned = 0;
@@ -568,9 +598,21 @@ impl<R: Read> LineReader<R> {
                 return Ok((offset, Line::TooLong(len)));
             }
             len += n as u64;
+            if !warned && len > (self.max as u64).saturating_mul(LONG_LINE_WARNING) {
+                warned = true;
+                tracing::warn!(
+                    "the line at stream byte {offset} is over {len} bytes and has not ended \
+                     (the cap is {} bytes); reading on to its end, without keeping it",
+                    self.max
+                );
+            }
         }
     }
 }
+
+/// How many times the line cap a line may run on before it is reported while still
+/// being read (see [`LineReader::skip_long_line`]).
+pub const LONG_LINE_WARNING: u64 = 16;
 
 /// `spark-json` or `ndjson` lines.
 struct JsonLines {
@@ -636,7 +678,7 @@ impl JsonLines {
                 continue;
             }
             match spark_json::decode(text, &mut self.spark) {
-                Ok(()) if self.spark.is_empty() => {}
+                Ok(()) if self.spark.is_empty() => report.empty(),
                 Ok(()) => {
                     let spark = std::mem::take(&mut self.spark);
                     let n = spark.len();
@@ -1399,6 +1441,7 @@ mod tests {
                 format,
                 limit: Some(8),
                 progress: false,
+                write_timeout: None,
             };
             let mut bytes = Vec::new();
             crate::server::stream_to(&mut bytes, &files, &serve).unwrap();
