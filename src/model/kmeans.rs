@@ -194,6 +194,10 @@ impl KMeans {
     pub fn new(params: KMeansParams) -> Result<Self> {
         params.check()?;
         let k = params.k;
+        crate::limits::check(
+            &format!("kmeans (k = {k}): the per-cluster counts"),
+            crate::limits::product(&[k, 8 * (1 + CLASSES)]),
+        )?;
         Ok(KMeans {
             rng: SplitMix(params.seed),
             params,
