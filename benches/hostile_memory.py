@@ -92,7 +92,7 @@ def last_line(text):
 
 
 def run(binary, args, stop_after=None):
-    proc = subprocess.Popen([binary, "--quiet", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     err = []
     t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
