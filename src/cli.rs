@@ -813,11 +813,8 @@ async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     } else if a.node.is_some() {
         bail!("--node goes with --extractor onnx:FILE");
     }
-    let batches = query::run(&ctx, &a.sql).await?;
-    let text = query::format_batches(&batches, a.format)?;
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+    query::write_result(&ctx, &a.sql, a.format, &mut out).await?;
     Ok(ExitCode::SUCCESS)
 }
 

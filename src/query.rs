@@ -81,6 +81,49 @@ impl fmt::Display for OutputFormat {
     }
 }
 
+/// Run `sql` and write its result to `out` in `format`. CSV and JSON are written batch by
+/// batch as the query yields them, so a large result (`SELECT * FROM 'images/'`) is not
+/// held in memory; a table needs every row for its column widths and is collected first.
+pub async fn write_result(
+    ctx: &SessionContext,
+    sql: &str,
+    format: OutputFormat,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    use futures::StreamExt;
+    let df = ctx.sql(sql).await?;
+    let io = |e: std::io::Error| Error::io("standard output", e);
+    match format {
+        OutputFormat::Table => {
+            let batches = df.collect().await?;
+            out.write_all(format_batches(&batches, format)?.as_bytes())
+                .map_err(io)?;
+        }
+        OutputFormat::Csv => {
+            let mut stream = df.execute_stream().await?;
+            let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut *out);
+            while let Some(batch) = stream.next().await {
+                w.write(&batch?)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut stream = df.execute_stream().await?;
+            {
+                // Writes `[`, the rows, `]` (and `[]` for no rows) as it goes.
+                let mut w = datafusion::arrow::json::ArrayWriter::new(&mut *out);
+                while let Some(batch) = stream.next().await {
+                    w.write(&batch?)?;
+                }
+                w.finish()?;
+            }
+            out.write_all(b"\n").map_err(io)?;
+        }
+    }
+    out.flush().map_err(io)
+}
+
 /// Render `batches` in `format`.
 pub fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
     match format {
