@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod dataset;
+pub mod drift;
 pub mod error;
 pub mod export;
 pub mod features;
