@@ -67,6 +67,9 @@ pub struct TrainState {
     pub fit_seconds: f64,
     /// When the checkpoint was written, milliseconds since the Unix epoch.
     pub created_ms: i64,
+    /// The drift detector on the per-batch training loss (fresh in older checkpoints).
+    #[serde(default)]
+    pub drift: crate::drift::Adwin,
 }
 
 impl TrainState {
@@ -90,6 +93,7 @@ impl TrainState {
             epoch_metrics: Accumulator::new(),
             fit_seconds: 0.0,
             created_ms: 0,
+            drift: crate::drift::Adwin::default(),
         }
     }
 

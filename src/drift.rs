@@ -121,6 +121,13 @@ pub struct Adwin {
     detections: u64,
 }
 
+impl Default for Adwin {
+    /// An empty detector with River's defaults.
+    fn default() -> Self {
+        Adwin::new(AdwinParams::default()).expect("the defaults are valid")
+    }
+}
+
 impl Adwin {
     /// An empty detector.
     pub fn new(params: AdwinParams) -> Result<Self> {

@@ -985,6 +985,7 @@ pub(crate) mod tests {
                         window,
                         seconds: 0.01,
                         ts_ms: 1_700_000_000_000,
+                        drift: false,
                     }
                 },
             )

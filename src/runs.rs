@@ -75,6 +75,8 @@ pub fn metrics_schema() -> SchemaRef {
             DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
             false,
         ),
+        // Nullable: parts written before the drift detector have no such column.
+        Field::new("drift", DataType::Boolean, true),
     ]))
 }
 
@@ -133,6 +135,9 @@ pub struct MetricsRow {
     pub seconds: f64,
     /// When it was done, in milliseconds since the Unix epoch.
     pub ts_ms: i64,
+    /// Whether the drift detector (ADWIN on the per-batch loss) reported a change at this
+    /// batch; always false in a prediction pass.
+    pub drift: bool,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -225,6 +230,9 @@ impl Run {
             TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts_ms))
                 .with_timezone("UTC"),
         ));
+        columns.push(Arc::new(datafusion::arrow::array::BooleanArray::from_iter(
+            rows.iter().map(|r| Some(r.drift)),
+        )));
         Ok(RecordBatch::try_new(metrics_schema(), columns)?)
     }
 
@@ -316,8 +324,11 @@ impl Run {
     fn trim_part(&self, table: &str, path: &Path, first: u64, next_batch: u64) -> Result<()> {
         use datafusion::arrow::array::UInt64Array;
         let schema = schema_of(table)?;
-        let all =
-            datafusion::arrow::compute::concat_batches(&schema, &read_parquet_batches(path)?)?;
+        let batches = read_parquet_batches(path)?
+            .into_iter()
+            .map(|b| conform(b, &schema, path))
+            .collect::<Result<Vec<_>>>()?;
+        let all = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
         let batch_col = all
             .column_by_name("batch")
             .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
@@ -391,11 +402,13 @@ impl Run {
             if paths.is_empty() {
                 continue;
             }
+            let schema = schema_of(table)?;
             let mut batches = Vec::new();
             for p in &paths {
-                batches.extend(read_parquet_batches(p)?);
+                for b in read_parquet_batches(p)? {
+                    batches.push(conform(b, &schema, p)?);
+                }
             }
-            let schema = schema_of(table)?;
             let all = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
             self.write_part(table, merged, &all)?;
             for p in &paths {
@@ -487,6 +500,31 @@ fn parquet_rows(path: &Path) -> Result<usize> {
     let meta = datafusion::parquet::file::reader::SerializedFileReader::new(file)?;
     use datafusion::parquet::file::reader::FileReader;
     Ok(meta.metadata().file_metadata().num_rows().max(0) as usize)
+}
+
+/// `batch` (read from `path`) in the table's current `schema`: a nullable column that the
+/// file predates (`drift` in `metrics`) is filled with nulls.
+fn conform(batch: RecordBatch, schema: &SchemaRef, path: &Path) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            None if f.is_nullable() => Ok(datafusion::arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
+            _ => Err(Error::format(
+                path,
+                0,
+                format!("column {} is missing or of another type", f.name()),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 fn read_parquet_batches(path: &Path) -> Result<Vec<RecordBatch>> {
@@ -874,6 +912,7 @@ mod tests {
                     window: [0.0; 5],
                     seconds: 0.0,
                     ts_ms: 0,
+                    drift: b == 7,
                 },
                 preds,
             );

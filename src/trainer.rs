@@ -787,6 +787,16 @@ async fn train_loop(
         lp.st.overall.update(y, proba.view())?;
         lp.st.epoch_metrics.update(y, proba.view())?;
         let (mean, window) = lp.st.running.push(&m);
+        let drift = lp.st.drift.update(m.loss);
+        if drift {
+            tracing::warn!(
+                "drift at batch {number}: the loss changed (ADWIN; {} detections so far, the \
+                 window now {} batches with mean loss {:.4})",
+                lp.st.drift.detections(),
+                lp.st.drift.width(),
+                lp.st.drift.mean()
+            );
+        }
         let (predicted, p_max) = argmax_rows(&proba);
         let (rows, numbers) = row_and_batch_columns(&batch, number);
         let labels = y.to_vec();
@@ -808,6 +818,7 @@ async fn train_loop(
                 window,
                 seconds: t.elapsed().as_secs_f64(),
                 ts_ms: now_ms(),
+                drift,
             },
             preds,
         );
@@ -994,6 +1005,7 @@ async fn predict_loop(
                 window,
                 seconds: t.elapsed().as_secs_f64(),
                 ts_ms: now_ms(),
+                drift: false,
             },
             preds,
         );
