@@ -57,6 +57,8 @@ const MEAN_COLOUR: RGBColor = RGBColor(8, 62, 140);
 const WINDOW_COLOUR: RGBColor = RGBColor(236, 112, 20);
 /// The test score: dashed red.
 const TEST_COLOUR: RGBColor = RGBColor(200, 24, 40);
+/// Drift detections (purple, apart from the test line's red).
+const DRIFT_COLOUR: RGBColor = RGBColor(128, 40, 170);
 /// Shading of every other epoch.
 const EPOCH_SHADE: RGBColor = RGBColor(237, 239, 244);
 /// Bars, one colour per run in turn.
@@ -215,6 +217,8 @@ struct Training {
     batch: Vec<f64>,
     /// Per metric of [`CURVES`]: (per batch, running mean, rolling window).
     values: Vec<[Vec<f64>; 3]>,
+    /// Batches the drift detector flagged.
+    drifts: Vec<f64>,
 }
 
 async fn curves(
@@ -230,6 +234,7 @@ async fn curves(
             columns.push(format!("\"{}{suffix}\"", c.column));
         }
     }
+    columns.push("CASE WHEN drift THEN 1.0 ELSE 0.0 END AS drift_flag".into());
     let sql = format!(
         "SELECT {} FROM metrics WHERE run = {q} AND split = 'train' ORDER BY batch",
         columns.join(", ")
@@ -250,11 +255,18 @@ async fn curves(
             f64_column(&batches, &format!("{}_window", c.column))?,
         ]);
     }
+    let drifts = batch
+        .iter()
+        .zip(f64_column(&batches, "drift_flag")?)
+        .filter(|(_, f)| *f > 0.0)
+        .map(|(&b, _)| b)
+        .collect();
     let training = Training {
         model: string_column(&batches, "model")?.swap_remove(0),
         epoch: f64_column(&batches, "epoch")?,
         batch,
         values,
+        drifts,
     };
     let test = test_scores(ctx, &q).await?;
 
@@ -545,6 +557,25 @@ fn draw_curve(
         .draw_series(LineSeries::new(points(mean), MEAN_COLOUR.stroke_width(3)))?
         .label("running mean")
         .legend(legend_line(MEAN_COLOUR, 3));
+    // Drift detections: a dashed vertical line at each flagged batch.
+    for (i, &b) in t.drifts.iter().enumerate() {
+        let series = chart.draw_series(DashedLineSeries::new(
+            vec![(b, 0.0), (b, top)],
+            6,
+            4,
+            DRIFT_COLOUR.stroke_width(2),
+        ))?;
+        if i == 0 {
+            series.label("drift (ADWIN)").legend(|(x, y)| {
+                DashedPathElement::new(
+                    vec![(x, y), (x + 24, y)],
+                    6,
+                    4,
+                    DRIFT_COLOUR.stroke_width(2),
+                )
+            });
+        }
+    }
     if let Some(v) = test.filter(|v| v.is_finite()) {
         let y = v.clamp(0.0, top);
         chart

@@ -147,4 +147,29 @@ fn the_trainers_drift_flags_are_rivers_on_its_losses() {
         !ours.is_empty(),
         "the loss curve of a fresh model should drift"
     );
+
+    // The loss plot marks each flagged batch with a dashed purple line (128, 40, 170).
+    let plots = dir.path().join("plots");
+    common::run_ok(
+        common::bin()
+            .args(["-q", "plot", "--runs", r, "--run", "d", "--out"])
+            .arg(&plots),
+    );
+    let bytes = std::fs::read(plots.join("loss.png")).unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let purple = buf
+        .chunks_exact(3)
+        .filter(|p| p == &[128u8, 40, 170])
+        .count();
+    // Each marker is a 2-pixel dashed line over most of the plot's height (~500 px).
+    assert!(
+        purple > 150 * ours.len(),
+        "{purple} marker pixels for {} drifts",
+        ours.len()
+    );
 }
