@@ -32,13 +32,17 @@ pub fn memory_limit() -> (u64, &'static str) {
     if set > 0 {
         return (set, "--memory-limit");
     }
-    if let Some(n) = std::env::var(ENV).ok().and_then(|v| parse_size(&v).ok()) {
-        return (n.max(1), ENV);
-    }
-    match physical_memory() {
-        Some(n) => (n, "this machine's memory"),
-        None => (u64::MAX, "no limit known"),
-    }
+    // Worked out once: the check runs on every batch an extractor encodes.
+    static DEFAULT: std::sync::OnceLock<(u64, &'static str)> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        if let Some(n) = std::env::var(ENV).ok().and_then(|v| parse_size(&v).ok()) {
+            return (n.max(1), ENV);
+        }
+        match physical_memory() {
+            Some(n) => (n, "this machine's memory"),
+            None => (u64::MAX, "no limit known"),
+        }
+    })
 }
 
 /// `MemTotal` from `/proc/meminfo`, in bytes.

@@ -155,13 +155,7 @@ fn the_trainers_drift_flags_are_rivers_on_its_losses() {
             .args(["-q", "plot", "--runs", r, "--run", "d", "--out"])
             .arg(&plots),
     );
-    let bytes = std::fs::read(plots.join("loss.png")).unwrap();
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
+    let (_, _, buf) = common::png_pixels(&plots.join("loss.png"));
     let purple = buf
         .chunks_exact(3)
         .filter(|p| p == &[128u8, 40, 170])

@@ -39,6 +39,16 @@ fn watched(mut cmd: Command, limit: Duration) -> Watched {
         let _ = err.read_to_string(&mut s);
         s
     });
+    let (code, peak_mib) = wait_watching(&mut child, limit);
+    Watched {
+        code,
+        stderr: reader.join().unwrap(),
+        peak_mib,
+    }
+}
+
+/// Waits for `child` (killed after `limit`: exit code `None`), polling its peak memory.
+fn wait_watching(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, f64) {
     let start = Instant::now();
     let mut peak = 0f64;
     let status = loop {
@@ -54,11 +64,7 @@ fn watched(mut cmd: Command, limit: Duration) -> Watched {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Watched {
-        code: status.code(),
-        stderr: reader.join().unwrap(),
-        peak_mib: peak,
-    }
+    (status.code(), peak)
 }
 
 /// A one-client server on a free loopback port writing `chunks`, then closing.
@@ -115,25 +121,15 @@ fn the_server_gives_up_on_a_client_that_never_reads() {
     let line = String::from_utf8_lossy(&head).into_owned();
     let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
     let client = common::connect(port); // never read from
-    let start = Instant::now();
-    let mut peak = 0f64;
-    let status = loop {
-        if let Some(p) = peak_mib(child.id()) {
-            peak = peak.max(p);
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the server is still waiting on a client that reads nothing"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (code, peak) = wait_watching(&mut child, Duration::from_secs(60));
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     drop(client);
-    assert_eq!(status.code(), Some(1), "{rest}");
+    assert!(
+        code.is_some(),
+        "the server was still waiting on a client that reads nothing"
+    );
+    assert_eq!(code, Some(1), "{rest}");
     assert!(
         rest.contains("the client read nothing for 1 s (--write-timeout)")
             && rest.contains("giving up on it"),

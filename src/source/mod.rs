@@ -231,7 +231,13 @@ impl Report {
     }
 
     fn reject(&self, rejection: Rejection) {
-        let n = self.with(|r| r.rejected + 1);
+        let n = self.with(|r| {
+            r.rejected += 1;
+            if r.rejections.len() < Self::KEEP {
+                r.rejections.push(rejection.clone());
+            }
+            r.rejected
+        });
         if n <= Self::WARN {
             tracing::warn!("{rejection}");
             if n == Self::WARN {
@@ -244,12 +250,6 @@ impl Report {
         } else if is_power_of_ten(n) {
             tracing::warn!("{n} lines rejected so far; the latest: {rejection}");
         }
-        self.with(|r| {
-            r.rejected += 1;
-            if r.rejections.len() < Self::KEEP {
-                r.rejections.push(rejection);
-            }
-        });
     }
 }
 

@@ -170,6 +170,14 @@ pub fn query_csv(runs: &Path, sql: &str) -> String {
 
 /// Width, height and number of distinct colours of an RGB PNG file.
 pub fn decode_png(path: &Path) -> (u32, u32, usize) {
+    let (width, height, buf) = png_pixels(path);
+    let colours: std::collections::HashSet<&[u8]> = buf.chunks_exact(3).collect();
+    (width, height, colours.len())
+}
+
+/// A PNG's width, height and RGB bytes.
+#[allow(dead_code)]
+pub fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
@@ -177,8 +185,7 @@ pub fn decode_png(path: &Path) -> (u32, u32, usize) {
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
     buf.truncate(info.buffer_size());
-    let colours: std::collections::HashSet<&[u8]> = buf.chunks_exact(3).collect();
-    (info.width, info.height, colours.len())
+    (info.width, info.height, buf)
 }
 
 /// Reads every row group of any Parquet file to the end; returns its row count.
