@@ -20,7 +20,11 @@
 //!
 //! with `σ²` the window's variance, `n` its length and `L` = `min_window_length`. On such a
 //! split the oldest bucket is dropped and the test repeats; the update reports a drift.
-//! `tests/drift.rs` checks the detection indices against River's `drift.ADWIN`.
+//! [`Adwin::update`] also says which way the mean moved ([`Change`]): the mean of the
+//! window after the shrink against the mean of the window before it. A learning model's
+//! loss falls, and ADWIN reports that too; the trainer flags only a rise (a change the model
+//! suffers from) as drift. `tests/drift.rs` checks the detection indices and directions
+//! against River's `drift.ADWIN`.
 
 use std::collections::VecDeque;
 
@@ -72,6 +76,15 @@ impl AdwinParams {
         }
         Ok(())
     }
+}
+
+/// A change ADWIN found: which way the window's mean moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The recent values are higher than the older ones (for a loss: the model got worse).
+    Rise,
+    /// The recent values are lower (for a loss: the model learnt).
+    Fall,
 }
 
 /// One bucket: `2^level` values summarised.
@@ -144,8 +157,10 @@ impl Adwin {
         })
     }
 
-    /// Adds `x`; `true` when the window changed significantly (a drift).
-    pub fn update(&mut self, x: f64) -> bool {
+    /// Adds `x`; `Some` when the window changed significantly (a drift), with the
+    /// direction: the mean of the window left after the shrink against the mean of the
+    /// window (with `x`) before it.
+    pub fn update(&mut self, x: f64) -> Option<Change> {
         if self.drifted {
             let detections = self.detections;
             *self = Adwin {
@@ -154,11 +169,17 @@ impl Adwin {
             };
         }
         self.insert(x);
+        let before = self.mean();
         self.drifted = self.detect();
-        if self.drifted {
-            self.detections += 1;
+        if !self.drifted {
+            return None;
         }
-        self.drifted
+        self.detections += 1;
+        Some(if self.mean() > before {
+            Change::Rise
+        } else {
+            Change::Fall
+        })
     }
 
     /// Values in the current window.
@@ -296,7 +317,7 @@ mod tests {
         let mut a = Adwin::new(AdwinParams::default()).unwrap();
         let xs: Vec<f64> = (0..1000).map(|i| ((i * 37) % 11) as f64 / 10.0).collect();
         for &x in &xs {
-            assert!(!a.update(x));
+            assert_eq!(a.update(x), None);
         }
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;
@@ -321,7 +342,8 @@ mod tests {
         let mut at = None;
         for i in 0..2000 {
             let x = if i < 1000 { 0.2 } else { 0.8 } + ((i * 13) % 7) as f64 * 0.01;
-            if a.update(x) {
+            if let Some(c) = a.update(x) {
+                assert_eq!(c, Change::Rise, "the mean went up at {i}");
                 at.get_or_insert(i);
             }
         }
@@ -334,6 +356,22 @@ mod tests {
         if a.detections() == before {
             assert!(a.width() <= 2000);
         }
+    }
+
+    #[test]
+    fn a_fall_is_reported_as_a_fall() {
+        let mut a = Adwin::new(AdwinParams::default()).unwrap();
+        let changes: Vec<(usize, Change)> = (0..2000)
+            .filter_map(|i| {
+                let x = if i < 1000 { 0.8 } else { 0.2 } + ((i * 13) % 7) as f64 * 0.01;
+                a.update(x).map(|c| (i, c))
+            })
+            .collect();
+        assert!(!changes.is_empty());
+        assert!(
+            changes.iter().all(|&(i, c)| i >= 1000 && c == Change::Fall),
+            "{changes:?}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::bridge::{features_view, labels_view};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config;
 use crate::dataset::{self, DataSpec, Images, CLASSES};
+use crate::drift::Change;
 use crate::error::{Error, Result};
 use crate::features::{self, Extractor};
 use crate::metrics::{batch_metrics, Accumulator, Metrics, Running};
@@ -787,12 +788,20 @@ async fn train_loop(
         lp.st.overall.update(y, proba.view())?;
         lp.st.epoch_metrics.update(y, proba.view())?;
         let (mean, window) = lp.st.running.push(&m);
-        let drift = lp.st.drift.update(m.loss);
+        // A significant rise of the loss is drift; a significant fall is the model learning.
+        let change = lp.st.drift.update(m.loss);
+        let drift = change == Some(Change::Rise);
         if drift {
             tracing::warn!(
-                "drift at batch {number}: the loss changed (ADWIN; {} detections so far, the \
-                 window now {} batches with mean loss {:.4})",
-                lp.st.drift.detections(),
+                "drift at batch {number}: the loss rose (ADWIN; the window now {} batches with \
+                 mean loss {:.4})",
+                lp.st.drift.width(),
+                lp.st.drift.mean()
+            );
+        } else if change.is_some() {
+            tracing::debug!(
+                "batch {number}: the loss fell significantly (ADWIN; the model learnt, not \
+                 drift); the window now {} batches with mean loss {:.4}",
                 lp.st.drift.width(),
                 lp.st.drift.mean()
             );

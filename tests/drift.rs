@@ -1,11 +1,12 @@
 //! The ADWIN drift detector against River's `drift.ADWIN` (defaults) on fixed sequences:
-//! the same detection indices, exactly.
+//! the same detection indices and directions, exactly; the trainer flags the rises of its
+//! loss; a stream whose classes change halfway is flagged after the change and not before.
 
 mod common;
 
 use std::process::Command;
 
-use cifar_df::drift::{Adwin, AdwinParams};
+use cifar_df::drift::{Adwin, AdwinParams, Change};
 
 #[test]
 fn adwin_detects_where_river_does() {
@@ -42,13 +43,20 @@ fn adwin_detects_where_river_does() {
             .iter()
             .map(|v| v.as_u64().unwrap() as usize)
             .collect();
+        let want_rises: Vec<bool> = case["rises"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
         let mut adwin = Adwin::new(AdwinParams::default()).unwrap();
-        let got: Vec<usize> = values
+        let (got, rises): (Vec<usize>, Vec<bool>) = values
             .iter()
             .enumerate()
-            .filter_map(|(i, &v)| adwin.update(v).then_some(i))
-            .collect();
+            .filter_map(|(i, &v)| adwin.update(v).map(|c| (i, c == Change::Rise)))
+            .unzip();
         assert_eq!(got, want, "{name}: detection indices differ from River's");
+        assert_eq!(rises, want_rises, "{name}: directions differ from River's");
         eprintln!(
             "{name}: {} values, detections at {got:?} (River: the same)",
             values.len()
@@ -60,66 +68,43 @@ fn adwin_detects_where_river_does() {
     assert!(total > 5, "the sequences must have drifts to find");
 }
 
-/// The trainer's `drift` column: River's ADWIN run on the same per-batch losses (read
-/// back from `metrics`) flags the same batches, and the flags survive a resume.
-#[test]
-fn the_trainers_drift_flags_are_rivers_on_its_losses() {
-    if !common::have_python("river", "the ADWIN reference") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let runs = dir.path().join("runs");
-    let r = runs.to_str().unwrap();
-    let train = |extra: &[&str]| {
-        common::run_ok(
-            common::bin()
-                .args([
-                    "-q",
-                    "train",
-                    "--runs",
-                    r,
-                    "--run",
-                    "d",
-                    "--no-test",
-                    "--no-plots",
-                ])
-                .args(extra),
-        )
-    };
-    // Interrupted after 150 batches and resumed: the detector's state is checkpointed.
-    train(&[
-        "--data",
-        "synthetic:4000:100",
-        "--batch-size",
-        "10",
-        "--model",
-        "logreg",
-        "--max-batches",
-        "150",
-    ]);
-    train(&["--resume"]);
-    let csv = common::query_csv(
-        &runs,
-        "select batch, loss, drift from metrics order by batch",
+/// A synthetic training set (8,000 images in five CIFAR binary files) whose classes change
+/// halfway: from image 4,000 on, every label is the next class (a permutation of the
+/// classes, so what a model learnt becomes wrong at once).
+fn class_change_folder(root: &std::path::Path) -> std::path::PathBuf {
+    let dir = root.join("change");
+    common::run_ok(
+        common::bin()
+            .args([
+                "-q", "synth", "--train", "8000", "--test", "10", "--seed", "3",
+            ])
+            .args(["--layout", "bin", "--out"])
+            .arg(&dir),
     );
-    let mut losses = String::new();
-    let mut ours = Vec::new();
-    for (i, line) in csv.lines().skip(1).enumerate() {
-        let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f[0], i.to_string());
-        losses.push_str(f[1]);
-        losses.push('\n');
-        if f[2] == "true" {
-            ours.push(i);
+    let mut image = 0usize;
+    for k in 1..=5 {
+        let path = dir.join(format!("cifar-10-batches-bin/data_batch_{k}.bin"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() % 3073, 0);
+        for record in bytes.chunks_exact_mut(3073) {
+            if image >= 4000 {
+                record[0] = (record[0] + 1) % 10;
+            }
+            image += 1;
         }
+        std::fs::write(&path, bytes).unwrap();
     }
-    assert_eq!(
-        ours.len(),
-        csv.lines().skip(1).filter(|l| l.ends_with("true")).count()
-    );
+    assert_eq!(image, 8000);
+    dir
+}
+
+/// River's ADWIN on `losses` (one per line): the indices where it detected a rise of the
+/// mean, and those where it detected a fall.
+fn river_changes(losses: &str) -> (Vec<usize>, Vec<usize>) {
     let script = "import sys\nfrom river import drift\na = drift.ADWIN()\nfor i, l in \
-                  enumerate(sys.stdin):\n    a.update(float(l))\n    if a.drift_detected: \
-                  print(i)\n";
+                  enumerate(sys.stdin):\n    v = float(l)\n    before = (a.estimation * \
+                  a.width + v) / (a.width + 1)\n    a.update(v)\n    if a.drift_detected: \
+                  print(i, 'rise' if a.estimation > before else 'fall')\n";
     let mut child = Command::new("python3")
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
@@ -134,27 +119,91 @@ fn the_trainers_drift_flags_are_rivers_on_its_losses() {
         .write_all(losses.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let river: Vec<usize> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(
-        ours, river,
-        "drift flags in metrics vs River on the same losses"
-    );
-    assert!(
-        !ours.is_empty(),
-        "the loss curve of a fresh model should drift"
-    );
+    assert!(out.status.success());
+    let (mut rises, mut falls) = (Vec::new(), Vec::new());
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let (i, way) = line.split_once(' ').unwrap();
+        let i: usize = i.parse().unwrap();
+        if way == "rise" {
+            rises.push(i)
+        } else {
+            falls.push(i)
+        }
+    }
+    (rises, falls)
+}
+
+/// The trainer's `drift` column on a stream whose classes change at batch 200 (of 400):
+/// flagged after the change and never before, for logreg and the MLP; the flags are
+/// River's ADWIN rises on the same per-batch losses (read back from `metrics`), also for
+/// a run interrupted after 150 batches and resumed (the detector's state is checkpointed);
+/// the loss plot marks each flagged batch.
+#[test]
+fn a_class_change_is_flagged_after_it_and_not_before() {
+    if !common::have_python("river", "the ADWIN reference") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = class_change_folder(dir.path());
+    let runs = dir.path().join("runs");
+    let r = runs.to_str().unwrap();
+    let train = |run: &str, extra: &[&str]| {
+        common::run_ok(
+            common::bin()
+                .args(["-q", "train", "--runs", r, "--run", run, "--no-test"])
+                .args(["--no-plots", "--batch-size", "20", "--data"])
+                .arg(&data)
+                .args(extra),
+        )
+    };
+    train("logreg", &["--model", "logreg", "--max-batches", "150"]);
+    train("logreg", &["--resume"]);
+    train("mlp", &["--model", "mlp"]);
+    for run in ["logreg", "mlp"] {
+        let csv = common::query_csv(
+            &runs,
+            &format!("select batch, loss, drift from metrics where run = '{run}' order by batch"),
+        );
+        let mut losses = String::new();
+        let mut ours = Vec::new();
+        for (i, line) in csv.lines().skip(1).enumerate() {
+            let f: Vec<&str> = line.split(',').collect();
+            assert_eq!(f[0], i.to_string(), "{run}: each batch once, in order");
+            losses.push_str(f[1]);
+            losses.push('\n');
+            if f[2] == "true" {
+                ours.push(i);
+            }
+        }
+        assert_eq!(csv.lines().count(), 401, "{run}: 400 batches");
+        let (rises, falls) = river_changes(&losses);
+        eprintln!("{run}: flagged {ours:?}; River: rises {rises:?}, falls {falls:?}");
+        assert_eq!(
+            ours, rises,
+            "{run}: drift flags vs River's rises on the same losses"
+        );
+        assert!(
+            ours.iter().all(|&b| b >= 200),
+            "{run}: a drift flagged before the change at batch 200: {ours:?}"
+        );
+        assert!(
+            ours.first().is_some_and(|&b| b < 264),
+            "{run}: the change at batch 200 was not flagged within 64 batches: {ours:?}"
+        );
+    }
 
     // The loss plot marks each flagged batch with a dashed purple line (128, 40, 170).
     let plots = dir.path().join("plots");
     common::run_ok(
         common::bin()
-            .args(["-q", "plot", "--runs", r, "--run", "d", "--out"])
+            .args(["-q", "plot", "--runs", r, "--run", "logreg", "--out"])
             .arg(&plots),
     );
+    let flagged = common::query_csv(
+        &runs,
+        "select count(*) from metrics where run = 'logreg' and drift",
+    );
+    let flagged: usize = flagged.lines().nth(1).unwrap().parse().unwrap();
     let (_, _, buf) = common::png_pixels(&plots.join("loss.png"));
     let purple = buf
         .chunks_exact(3)
@@ -162,8 +211,7 @@ fn the_trainers_drift_flags_are_rivers_on_its_losses() {
         .count();
     // Each marker is a 2-pixel dashed line over most of the plot's height (~500 px).
     assert!(
-        purple > 150 * ours.len(),
-        "{purple} marker pixels for {} drifts",
-        ours.len()
+        purple > 150 * flagged,
+        "{purple} marker pixels for {flagged} drifts"
     );
 }

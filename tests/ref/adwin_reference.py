@@ -3,10 +3,12 @@
 
     python3 tests/ref/adwin_reference.py
 
-Prints one JSON object per line: {"name", "values", "detections"}, where "detections" are
-the indices at which river.drift.ADWIN() (its defaults: delta 0.002, clock 32,
-max_buckets 5, min_window_length 5, grace_period 10) set drift_detected. Values are
-multiples of 1/1024, so that they cross JSON exactly.
+Prints one JSON object per line: {"name", "values", "detections", "rises"}, where
+"detections" are the indices at which river.drift.ADWIN() (its defaults: delta 0.002,
+clock 32, max_buckets 5, min_window_length 5, grace_period 10) set drift_detected, and
+"rises" says for each whether the window's mean (River's `estimation`) after the update is
+above the mean of the window before it together with the new value. Values are multiples
+of 1/1024, so that they cross JSON exactly.
 """
 import json
 import random
@@ -39,9 +41,11 @@ for k, name in enumerate(["loss-steps", "bernoulli", "stationary", "ramp"]):
     rng = random.Random(100 + k)
     values = [round(v * 1024) / 1024 for v in sequence(name, rng)]
     adwin = drift.ADWIN()
-    detections = []
+    detections, rises = [], []
     for i, v in enumerate(values):
+        before = (adwin.estimation * adwin.width + v) / (adwin.width + 1)
         adwin.update(v)
         if adwin.drift_detected:
             detections.append(i)
-    print(json.dumps({"name": name, "values": values, "detections": detections}))
+            rises.append(adwin.estimation > before)
+    print(json.dumps({"name": name, "values": values, "detections": detections, "rises": rises}))
