@@ -70,6 +70,10 @@ pub struct TrainState {
     /// The drift detector on the per-batch training loss (fresh in older checkpoints).
     #[serde(default)]
     pub drift: crate::drift::Adwin,
+    /// A Kafka source's position after the last batch learnt: (partition, next offset).
+    /// A resumed run seeks there; `None` for other sources.
+    #[serde(default)]
+    pub source_offsets: Option<Vec<(i32, i64)>>,
 }
 
 impl TrainState {
@@ -94,6 +98,7 @@ impl TrainState {
             fit_seconds: 0.0,
             created_ms: 0,
             drift: crate::drift::Adwin::default(),
+            source_offsets: None,
         }
     }
 

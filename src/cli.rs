@@ -80,7 +80,8 @@ pub enum Command {
 /// Where `train` and `predict` read from.
 #[derive(Debug, Args)]
 pub struct TrainSourceArgs {
-    /// `tcp://HOST:PORT`, `file:PATH`, a dataset folder or `synthetic`.
+    /// `tcp://HOST:PORT`, `file:PATH`, `kafka://HOST:PORT/TOPIC[?partitions=0,1&start=
+    /// earliest|latest|OFFSET]`, a dataset folder or `synthetic`.
     #[arg(long, conflicts_with = "data")]
     pub source: Option<String>,
     /// A dataset folder or `synthetic[:TRAIN[:TEST[:SEED]]]`, read in process.
@@ -95,9 +96,14 @@ pub struct TrainSourceArgs {
     /// Longest accepted line, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
-    /// Seconds a tcp source keeps trying to connect.
+    /// Seconds a tcp or kafka source keeps trying to connect (and a kafka source waits
+    /// for a broker that went away).
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout: f64,
+    /// Keep reading a kafka topic as it grows (endless; Ctrl-C checkpoints and stops),
+    /// instead of stopping at the end offsets seen at the start.
+    #[arg(long)]
+    pub follow: bool,
     /// Preprocessing SQL file (default: the built-in sql/train.sql or sql/eval.sql).
     #[arg(long)]
     pub sql: Option<PathBuf>,
@@ -144,6 +150,11 @@ impl TrainSourceArgs {
         if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
             bail!("--connect-timeout must be a number of seconds ≥ 0");
         }
+        // A dataset over loopback is paced by its server; any other source by the reader.
+        let pace = match &source {
+            TrainSource::Spec(_) => sleep,
+            TrainSource::Loopback { .. } => Duration::ZERO,
+        };
         Ok((
             source,
             SourceOptions {
@@ -154,6 +165,9 @@ impl TrainSourceArgs {
                 max_line_bytes: self.max_line_bytes,
                 connect_timeout: Duration::from_secs_f64(self.connect_timeout),
                 skip: 0,
+                follow: self.follow,
+                kafka_offsets: None,
+                pace,
             },
         ))
     }
@@ -257,7 +271,8 @@ pub struct TrainArgs {
     /// Stop after learning N batches (checkpointed; continue with --resume).
     #[arg(long)]
     pub max_batches: Option<u64>,
-    /// Seconds the built-in server pauses after each batch (a slower stream).
+    /// Seconds to pause after each batch (a slower stream): the built-in server's pause
+    /// with --data, the reader's with --source.
     #[arg(long, default_value_t = 0.0)]
     pub sleep: f64,
     /// Skip scoring the dataset's test split at the end.
@@ -428,12 +443,20 @@ pub struct StreamArgs {
     /// slow client slows the server down, holding at most a few batches (0: wait forever).
     #[arg(long, default_value_t = 600.0)]
     pub write_timeout: f64,
+    /// Publish to Kafka instead of serving TCP: `kafka://HOST:PORT/TOPIC[?partitions=0,1]`,
+    /// one record per batch, key = the batch number (a missing topic is created).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Seconds to keep trying to reach the broker (with --to).
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
 }
 
 /// Flags that choose and tune a source.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// `tcp://HOST:PORT`, `file:PATH` (`file:-` for stdin), a dataset folder or `synthetic`.
+    /// `tcp://HOST:PORT`, `file:PATH` (`file:-` for stdin), `kafka://HOST:PORT/TOPIC[?..]`,
+    /// a dataset folder or `synthetic`.
     #[arg(long)]
     pub source: String,
     /// Wire format of a tcp/file source (default: detected from the first bytes).
@@ -451,9 +474,14 @@ pub struct SourceArgs {
     /// Longest accepted line, in bytes; longer lines are rejected unread.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
-    /// Seconds a tcp source keeps trying to connect.
+    /// Seconds a tcp or kafka source keeps trying to connect (and a kafka source waits
+    /// for a broker that went away).
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout: f64,
+    /// Keep reading a kafka topic as it grows, instead of stopping at the end offsets seen
+    /// at the start.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 impl SourceArgs {
@@ -470,6 +498,9 @@ impl SourceArgs {
             max_line_bytes: self.max_line_bytes,
             connect_timeout: Duration::from_secs_f64(self.connect_timeout),
             skip: 0,
+            follow: self.follow,
+            kafka_offsets: None,
+            pace: Duration::ZERO,
         };
         Ok((spec, opts))
     }
@@ -482,8 +513,15 @@ pub struct ExportArgs {
     #[command(flatten)]
     pub source: SourceArgs,
     /// Output: `NAME.parquet` (one file) or a directory of part files.
+    #[arg(long, required_unless_present = "to", conflicts_with = "to")]
+    pub out: Option<PathBuf>,
+    /// Publish to Kafka instead: `kafka://HOST:PORT/TOPIC[?partitions=0,1]`, one record
+    /// per batch (a missing topic is created).
     #[arg(long)]
-    pub out: PathBuf,
+    pub to: Option<String>,
+    /// Wire format of the records published with --to: spark-json, ndjson or arrow.
+    #[arg(long, default_value = "spark-json")]
+    pub to_format: Format,
     /// Rows per part file, in directory mode.
     #[arg(long, default_value_t = 10_000)]
     pub rows_per_file: usize,
@@ -708,6 +746,30 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         progress,
         write_timeout: (a.write_timeout > 0.0).then(|| Duration::from_secs_f64(a.write_timeout)),
     };
+    if let Some(to) = &a.to {
+        if !(a.connect_timeout >= 0.0 && a.connect_timeout.is_finite()) {
+            bail!("--connect-timeout must be a number of seconds ≥ 0");
+        }
+        let url = crate::kafka::KafkaUrl::parse(to)?;
+        let timeout = Duration::from_secs_f64(a.connect_timeout);
+        let t = Instant::now();
+        let summary = tokio::task::spawn_blocking(move || {
+            crate::kafka::publish_dataset(&url, &opts, timeout)
+        })
+        .await??;
+        let secs = t.elapsed().as_secs_f64().max(1e-9);
+        if progress {
+            eprintln!(
+                "published {} batches, {} images, {:.1} MB to {to} in {:.2} s ({:.0} images/s)",
+                summary.batches,
+                summary.images,
+                summary.bytes as f64 / 1e6,
+                secs,
+                summary.images as f64 / secs,
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let listener = server::bind(&a.host, a.port)?;
     let addr = server::local_addr(&listener)?;
     if !addr.ip().is_loopback() {
@@ -736,20 +798,88 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn export_cmd(a: ExportArgs, progress: bool) -> anyhow::Result<ExitCode> {
-    let single = a.out.extension().is_some_and(|e| e == "parquet");
-    if single && !a.overwrite && a.out.exists() {
+    let (spec, opts) = a.source.open()?;
+    let out = match (&a.out, &a.to) {
+        (Some(out), _) => out.clone(),
+        (None, Some(to)) => return publish_source(&spec, &opts, to, a.to_format, progress).await,
+        (None, None) => bail!("give --out PATH or --to kafka://HOST:PORT/TOPIC"),
+    };
+    let single = out.extension().is_some_and(|e| e == "parquet");
+    if single && !a.overwrite && out.exists() {
         bail!(
             "{} already exists; pass --overwrite to replace it, or give a directory to add \
              part files to",
-            a.out.display()
+            out.display()
         );
     }
-    let (spec, opts) = a.source.open()?;
     let opts_out = ExportOptions {
         rows_per_file: a.rows_per_file,
         ..ExportOptions::default()
     };
-    export_source(&spec, &opts, &a.out, &opts_out, progress).await
+    export_source(&spec, &opts, &out, &opts_out, progress).await
+}
+
+/// `export --to kafka://...`: every batch of the source, published.
+async fn publish_source(
+    spec: &SourceSpec,
+    opts: &SourceOptions,
+    to: &str,
+    format: Format,
+    progress: bool,
+) -> anyhow::Result<ExitCode> {
+    let url = crate::kafka::KafkaUrl::parse(to)?;
+    let timeout = opts.connect_timeout;
+    let url2 = url.clone();
+    let mut publisher = tokio::task::spawn_blocking(move || {
+        crate::kafka::Publisher::connect(&url2, format, timeout)
+    })
+    .await??;
+    let ctx = query::stream_session();
+    let source = source::open(spec, opts)?;
+    let report = table::register_stream(&ctx, source, spec.is_bounded())?;
+    let bar = crate::progress::spinner(progress, crate::progress::BATCHES);
+    let t = Instant::now();
+    let mut images = 0u64;
+    let summary = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(export::publish(&ctx, &mut publisher, |b| {
+            images += b.num_rows() as u64;
+            bar.inc(1);
+            bar.set_message(format!(
+                "{images} images · {:.0} images/s",
+                images as f64 / t.elapsed().as_secs_f64().max(1e-9)
+            ));
+        }))
+    });
+    bar.finish_and_clear();
+    // What was queued is delivered (or the failure said) even when the stream failed.
+    let delivered = tokio::task::spawn_blocking(move || publisher.finish()).await?;
+    let summary = summary?;
+    let sent = delivered?;
+    let secs = t.elapsed().as_secs_f64().max(1e-9);
+    let r = report.snapshot();
+    if progress {
+        eprintln!(
+            "published {} images in {} batches ({:.1} MB of {format}) from {spec} to {url} in \
+             {secs:.2} s ({:.0} images/s); {} rejected{}",
+            sent.images,
+            sent.batches,
+            sent.bytes as f64 / 1e6,
+            sent.images as f64 / secs,
+            r.rejected,
+            if summary.interrupted {
+                "; interrupted"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(e) = summary.error {
+        return Err(anyhow::Error::new(e).context(format!(
+            "the stream ended early; the {} images received before it were published to {url}",
+            summary.rows
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Export `spec` to `out`, printing a summary; non-zero exit when the stream ended in error.

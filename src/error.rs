@@ -50,6 +50,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A Kafka broker or client: what was being done (with the address, topic, partition
+    /// and offset), and what the broker or librdkafka said.
+    #[error("{what}: {reason}")]
+    Kafka {
+        /// What was being done, and where.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A bad argument, option or configuration value.
     #[error("{0}")]
     Usage(String),

@@ -1,8 +1,9 @@
 //! `cifar-df export`: everything a source delivers, written to Parquet.
 //!
-//! The batches come through the streaming table (`SELECT batch, row, label, image FROM
-//! stream`), the same path every later consumer uses. Output is zstd-compressed Parquet with
-//! the stream schema. A path ending in `.parquet` is one file; anything else is a directory
+//! The batches come through the streaming table (`SELECT * FROM stream`), the same path
+//! every later consumer uses. Output is zstd-compressed Parquet with the source's schema
+//! (the stream schema; from Kafka also `partition` and `offset`). [`publish`] sends the
+//! batches to a Kafka topic instead. A path ending in `.parquet` is one file; anything else is a directory
 //! of part files. Every file is written under a temporary name and renamed when complete,
 //! so a reader never sees a half-written file; on an error or Ctrl-C the batches already
 //! received are still finished and kept.
@@ -18,7 +19,6 @@ use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties}
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::batch::stream_schema;
 use crate::error::{Error, Result};
 
 /// How to write.
@@ -117,14 +117,14 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(out: &Path, opts: &ExportOptions) -> Result<Self> {
+    fn new(out: &Path, opts: &ExportOptions, schema: SchemaRef) -> Result<Self> {
         let single = out.extension().is_some_and(|e| e == "parquet");
         let mut sink = Sink {
             dir: None,
             file: None,
             next_part: 0,
             current: None,
-            schema: stream_schema(),
+            schema,
             opts: opts.clone(),
             done: Vec::new(),
         };
@@ -231,18 +231,77 @@ fn next_part_number(dir: &Path) -> Result<usize> {
 }
 
 /// Run `SELECT * FROM stream` in `ctx` (where a source is registered) and write every batch
-/// to `out`. `on_batch` is called after each batch is written (for progress).
+/// to `out`, with the source's columns (the stream schema; a Kafka source adds `partition`
+/// and `offset`). `on_batch` is called after each batch is written (for progress).
 pub async fn export(
     ctx: &SessionContext,
     out: &Path,
     opts: &ExportOptions,
-    mut on_batch: impl FnMut(&RecordBatch),
+    on_batch: impl FnMut(&RecordBatch),
 ) -> Result<ExportSummary> {
-    let mut sink = Sink::new(out, opts)?;
-    let mut summary = ExportSummary::default();
+    let df = ctx.sql("SELECT * FROM stream").await?;
+    let schema: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut sink = Sink::new(out, opts, schema)?;
+    let mut summary = drive(df, &mut |b| sink.write(b), on_batch).await?;
+    summary.files = sink.finish()?;
+    Ok(summary)
+}
+
+/// Publish every batch of the `stream` table in `ctx` to Kafka, one record per batch with
+/// the batch's own number as its key; returns when the broker has acknowledged them all.
+pub async fn publish(
+    ctx: &SessionContext,
+    publisher: &mut crate::kafka::Publisher,
+    on_batch: impl FnMut(&RecordBatch),
+) -> Result<ExportSummary> {
     let df = ctx
         .sql("SELECT batch, \"row\", label, image FROM stream")
         .await?;
+    drive(
+        df,
+        &mut |b| {
+            let (seq, labels, pixels) = images_of(b)?;
+            publisher.send(seq, labels, pixels)
+        },
+        on_batch,
+    )
+    .await
+}
+
+/// The batch number, labels and pixels of a stream batch.
+fn images_of(batch: &RecordBatch) -> Result<(u64, &[u8], &[u8])> {
+    use datafusion::arrow::array::{Array, FixedSizeListArray, UInt8Array};
+    let seq = crate::batch::batch_number(batch).unwrap_or(0);
+    let labels = batch
+        .column_by_name("label")
+        .and_then(|c| c.as_any().downcast_ref::<UInt8Array>())
+        .ok_or_else(|| Error::usage("the stream has no UInt8 `label` column"))?;
+    let images = batch
+        .column_by_name("image")
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+        .ok_or_else(|| Error::usage("the stream has no `image` column"))?;
+    let pixels = images
+        .values()
+        .as_any()
+        .downcast_ref::<UInt8Array>()
+        .ok_or_else(|| Error::usage("the stream's images are not UInt8"))?;
+    let start = images.offset() * crate::dataset::IMAGE_BYTES;
+    let n = labels.len() * crate::dataset::IMAGE_BYTES;
+    let pixels = pixels
+        .values()
+        .get(start..start + n)
+        .ok_or_else(|| Error::usage("the stream's image column is shorter than its labels"))?;
+    Ok((seq, labels.values(), pixels))
+}
+
+/// Runs `df` to its end (or Ctrl-C, or a stream error, kept in the summary), handing each
+/// non-empty batch to `write`.
+async fn drive(
+    df: datafusion::dataframe::DataFrame,
+    write: &mut dyn FnMut(&RecordBatch) -> Result<()>,
+    mut on_batch: impl FnMut(&RecordBatch),
+) -> Result<ExportSummary> {
+    let mut summary = ExportSummary::default();
     let mut stream = df.execute_stream().await?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -260,7 +319,7 @@ pub async fn export(
                 if batch.num_rows() == 0 {
                     continue;
                 }
-                sink.write(&batch)?;
+                write(&batch)?;
                 summary.batches += 1;
                 summary.rows += batch.num_rows() as u64;
                 on_batch(&batch);
@@ -271,6 +330,5 @@ pub async fn export(
             }
         }
     }
-    summary.files = sink.finish()?;
     Ok(summary)
 }

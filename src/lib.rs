@@ -20,6 +20,7 @@ pub mod error;
 pub mod export;
 pub mod features;
 pub mod grid;
+pub mod kafka;
 pub mod limits;
 pub mod linalg;
 pub mod metrics;

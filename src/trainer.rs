@@ -535,7 +535,10 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
             info.checkpoint = s.checkpoint.clone();
         }
         Err(e) => {
-            info.status = "failed".into();
+            // "interrupted" when the stream failed after what was learnt was checkpointed.
+            if info.status != "interrupted" {
+                info.status = "failed".into();
+            }
             info.error = Some(e.to_string());
         }
     }
@@ -570,6 +573,8 @@ struct Loop {
     /// `next_batch` of the latest checkpoint written or resumed from.
     saved_at: Option<(u64, bool)>,
     checkpoint: Option<String>,
+    /// The source's report: where it stood after each batch (Kafka offsets).
+    report: Option<Report>,
 }
 
 impl Loop {
@@ -587,6 +592,10 @@ impl Loop {
             return Ok(());
         }
         self.st.created_ms = now_ms();
+        let last = self.st.next_batch.checked_sub(1);
+        if let Some(pos) = last.and_then(|b| self.report.as_ref()?.position_after(b)) {
+            self.st.source_offsets = Some(pos);
+        }
         let dir = checkpoint::save(&opts.run.checkpoints_dir(), &self.st, model, &opts.config)?;
         checkpoint::prune(&opts.run.checkpoints_dir(), opts.keep_checkpoints)?;
         opts.run.compact_fit_parts()?;
@@ -658,8 +667,10 @@ async fn train_inner(
         checkpoint: resume.as_ref().map(Checkpoint::name),
         st,
         pending: Pending::default(),
+        report: None,
     };
     opts.source_opts.skip = lp.st.next_batch;
+    opts.source_opts.kafka_offsets = lp.st.source_offsets.clone();
     let Opened {
         mut stream,
         report,
@@ -674,6 +685,7 @@ async fn train_inner(
     )
     .await?;
     lp.st.per_epoch = per_epoch;
+    lp.report = Some(report.clone());
     let result = train_loop(
         &mut opts,
         model.as_mut(),
@@ -731,9 +743,27 @@ async fn train_loop(
             Err(e) => {
                 // Keep what was learnt: a checkpoint commits the rows so far, and
                 // `--resume` carries on from it. The stream's error is the one reported.
+                // The run is then interrupted, not failed: it can go on from there.
                 if summary.batches > 0 {
-                    if let Err(ck) = lp.checkpoint(opts, model, info) {
-                        tracing::error!("checkpoint after the stream failed: {ck}");
+                    match lp.checkpoint(opts, model, info) {
+                        Err(ck) => tracing::error!("checkpoint after the stream failed: {ck}"),
+                        Ok(()) => {
+                            info.status = "interrupted".into();
+                            tracing::warn!(
+                                "run {} interrupted by the stream's error: what it learnt up to \
+                                 batch {} is checkpointed ({}); continue with `cifar-df train \
+                                 --runs {} --run {} --resume`",
+                                opts.run.name,
+                                lp.st.next_batch.saturating_sub(1),
+                                lp.checkpoint.as_deref().unwrap_or("-"),
+                                opts.run
+                                    .dir
+                                    .parent()
+                                    .unwrap_or(std::path::Path::new("."))
+                                    .display(),
+                                opts.run.name
+                            );
+                        }
                     }
                 }
                 return Err(e.into());

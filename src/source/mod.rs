@@ -6,6 +6,8 @@
 //! - `file:PATH`: a captured stream, one batch a line (`file:-` reads standard input).
 //! - a data folder or `synthetic[:TRAIN[:TEST[:SEED]]]`: read directly, in process, batched
 //!   exactly as the stream server would batch it.
+//! - `kafka://HOST:PORT/TOPIC[?partitions=..&start=..]`: a Kafka topic, one batch a record
+//!   ([`kafka`]).
 //!
 //! A network or file source reads lines with a hard cap on their length, so an oversized
 //! line is rejected without being buffered whole. A malformed line is **rejected, counted and
@@ -31,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
 pub mod features;
+pub mod kafka;
 
 /// Default cap on the length of one line: 64 MiB.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
@@ -51,6 +54,8 @@ pub enum SourceSpec {
     Data(DataSpec),
     /// A feature cache written by `cifar-df features` (`features:DIR`).
     Features(PathBuf),
+    /// A Kafka topic.
+    Kafka(crate::kafka::KafkaUrl),
 }
 
 impl SourceSpec {
@@ -81,6 +86,9 @@ impl SourceSpec {
             }
             return Ok(SourceSpec::File(PathBuf::from(path)));
         }
+        if s.starts_with("kafka://") {
+            return Ok(SourceSpec::Kafka(crate::kafka::KafkaUrl::parse(s)?));
+        }
         if let Some(path) = s.strip_prefix("features:") {
             if path.is_empty() {
                 return Err(Error::usage(format!("source {s:?}: empty path")));
@@ -96,7 +104,7 @@ impl SourceSpec {
     /// Whether the source has an end known in advance (a file or dataset), as opposed to a
     /// live connection.
     pub fn is_bounded(&self) -> bool {
-        !matches!(self, SourceSpec::Tcp { .. })
+        !matches!(self, SourceSpec::Tcp { .. } | SourceSpec::Kafka(_))
     }
 }
 
@@ -110,6 +118,7 @@ impl fmt::Display for SourceSpec {
             SourceSpec::File(p) => write!(f, "file:{}", p.display()),
             SourceSpec::Data(d) => write!(f, "{d}"),
             SourceSpec::Features(p) => write!(f, "features:{}", p.display()),
+            SourceSpec::Kafka(u) => write!(f, "{u}"),
         }
     }
 }
@@ -133,6 +142,15 @@ pub struct SourceOptions {
     /// skips what it has already learnt). Batches keep their numbers. A dataset source
     /// and spark-json lines skip without decoding.
     pub skip: u64,
+    /// A Kafka source keeps reading as records arrive, instead of stopping at the end
+    /// offsets it saw when it started.
+    pub follow: bool,
+    /// A resumed run's Kafka offsets (partition, next offset) from its checkpoint: the
+    /// source seeks there and numbers its batches on from `skip`.
+    pub kafka_offsets: Option<Vec<(i32, i64)>>,
+    /// Pause this long after each delivered batch (a slow stream, for demonstrations and
+    /// tests; a dataset served over loopback is paced by its server instead).
+    pub pace: Duration,
 }
 
 impl Default for SourceOptions {
@@ -145,6 +163,9 @@ impl Default for SourceOptions {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             connect_timeout: Duration::from_secs(30),
             skip: 0,
+            follow: false,
+            kafka_offsets: None,
+            pace: Duration::ZERO,
         }
     }
 }
@@ -156,8 +177,10 @@ pub struct Rejection {
     pub batch: u64,
     /// Row within the batch, where the problem is in one row.
     pub row: Option<u32>,
-    /// Byte offset in the stream where the problem is.
+    /// Byte offset in the stream where the problem is; for a Kafka record, its offset.
     pub offset: u64,
+    /// The Kafka partition the record came from.
+    pub partition: Option<i32>,
     /// Why.
     pub reason: String,
 }
@@ -168,7 +191,14 @@ impl fmt::Display for Rejection {
         if let Some(row) = self.row {
             write!(f, ", row {row}")?;
         }
-        write!(f, " (stream byte {}): {}", self.offset, self.reason)
+        match self.partition {
+            Some(p) => write!(
+                f,
+                " (partition {p}, offset {}): {}",
+                self.offset, self.reason
+            ),
+            None => write!(f, " (stream byte {}): {}", self.offset, self.reason),
+        }
     }
 }
 
@@ -193,17 +223,42 @@ pub struct ReportSnapshot {
 
 /// A source's running report; cheap to clone and read from another thread.
 #[derive(Clone, Debug, Default)]
-pub struct Report(Arc<Mutex<ReportSnapshot>>);
+pub struct Report {
+    counts: Arc<Mutex<ReportSnapshot>>,
+    /// For the latest delivered batches: the source's position after each (a Kafka
+    /// source: the next offset of every partition).
+    positions: Arc<Mutex<std::collections::VecDeque<(u64, Vec<(i32, i64)>)>>>,
+}
 
 impl Report {
     /// How many rejections are kept in full.
     pub const KEEP: usize = 1000;
     /// How many rejections are printed one by one (then a tally at each power of ten).
     pub const WARN: u64 = 20;
+    /// How many delivered batches' positions are kept (far more than can be read ahead).
+    const POSITIONS: usize = 256;
 
     fn with<T>(&self, f: impl FnOnce(&mut ReportSnapshot) -> T) -> T {
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
+    }
+
+    fn record_position(&self, batch: u64, position: Vec<(i32, i64)>) {
+        let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() == Self::POSITIONS {
+            p.pop_front();
+        }
+        p.push_back((batch, position));
+    }
+
+    /// Where the source stood right after it delivered `batch` (a Kafka source: the next
+    /// offset of each partition), if it keeps positions and still knows that batch.
+    pub fn position_after(&self, batch: u64) -> Option<Vec<(i32, i64)>> {
+        let p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter()
+            .rev()
+            .find(|(b, _)| *b == batch)
+            .map(|(_, pos)| pos.clone())
     }
 
     /// A copy of the counts so far.
@@ -288,6 +343,7 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
     let source: Box<dyn BatchSource> = match spec {
         SourceSpec::Data(data) => Box::new(DataSource::new(data, opts)?),
         SourceSpec::Features(dir) => Box::new(features::FeatureSource::open(dir, opts)?),
+        SourceSpec::Kafka(url) => Box::new(kafka::KafkaSource::new(url.clone(), opts)),
         _ => Box::new(Lazy {
             spec: spec.clone(),
             opts: opts.clone(),
@@ -295,14 +351,51 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
             report: Report::default(),
         }),
     };
-    Ok(if opts.skip > 0 {
+    let source: Box<dyn BatchSource> = if opts.skip > 0 {
         Box::new(Skip {
             inner: source,
             skip: opts.skip,
         })
     } else {
         source
+    };
+    Ok(if opts.pace.is_zero() {
+        source
+    } else {
+        Box::new(Paced {
+            inner: source,
+            pace: opts.pace,
+            started: false,
+        })
     })
+}
+
+/// Pauses between batches.
+struct Paced {
+    inner: Box<dyn BatchSource>,
+    pace: Duration,
+    started: bool,
+}
+
+impl BatchSource for Paced {
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        if std::mem::replace(&mut self.started, true) {
+            std::thread::sleep(self.pace);
+        }
+        self.inner.next_batch()
+    }
+
+    fn report(&self) -> Report {
+        self.inner.report()
+    }
+
+    fn batches_per_epoch(&self) -> Option<u64> {
+        self.inner.batches_per_epoch()
+    }
+
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
 }
 
 /// Drops the batches numbered below `skip` (for the formats that cannot skip unread).
@@ -351,8 +444,8 @@ impl BatchSource for Lazy {
                 }
                 SourceSpec::File(p) if p.as_os_str() == "-" => Box::new(io::stdin()),
                 SourceSpec::File(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
-                SourceSpec::Data(_) | SourceSpec::Features(_) => {
-                    unreachable!("dataset and feature sources are not lazy")
+                SourceSpec::Data(_) | SourceSpec::Features(_) | SourceSpec::Kafka(_) => {
+                    unreachable!("dataset, feature and Kafka sources open themselves")
                 }
             };
             let name = self.spec.to_string();
@@ -664,6 +757,7 @@ impl JsonLines {
                 Line::TooLong(n) => {
                     self.next_batch += 1;
                     report.reject(Rejection {
+                        partition: None,
                         batch,
                         row: None,
                         offset,
@@ -687,6 +781,7 @@ impl JsonLines {
                     return Ok(Some(out));
                 }
                 Err(e) if unterminated => report.reject(Rejection {
+                    partition: None,
                     batch,
                     row: e.row,
                     offset,
@@ -697,6 +792,7 @@ impl JsonLines {
                     ),
                 }),
                 Err(e) => report.reject(Rejection {
+                    partition: None,
                     batch,
                     row: e.row,
                     offset: offset + e.offset as u64,
@@ -758,6 +854,7 @@ impl JsonLines {
                 },
             };
             report.reject(Rejection {
+                partition: None,
                 batch,
                 row: Some(row),
                 offset,
@@ -996,6 +1093,7 @@ impl BatchSource for ArrowSource {
                     return Ok(Some(out));
                 }
                 Err((row, reason)) => self.report.reject(Rejection {
+                    partition: None,
                     batch: seq,
                     row,
                     offset: self.report.snapshot().bytes,

@@ -258,3 +258,4 @@ pub fn run_ok(cmd: &mut Command) -> (String, String) {
     );
     (stdout, stderr)
 }
+pub mod broker;

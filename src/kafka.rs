@@ -1,0 +1,670 @@
+//! Kafka plumbing shared by the Kafka source ([`crate::source::kafka`]) and the Kafka sink
+//! ([`Publisher`]): the `kafka://` address, the librdkafka client settings, the topic's
+//! metadata with retries until `--connect-timeout`, and the sink itself.
+//!
+//! One record per batch: the key is the batch number (decimal), the value the batch in a
+//! wire format ([`Format`]: spark-json, the default, the original's line without its
+//! newline; ndjson, one image per line; arrow, a self-contained Arrow IPC stream: schema,
+//! one record batch, end marker). Records go to the topic's partitions in turn
+//! (batch `n` to the `n mod P`-th), so a topic of one partition holds the stream in order.
+//!
+//! The clients are librdkafka's (through `rdkafka`, built from its bundled source). Partitions
+//! are **assigned**, never subscribed (no broker-managed consumer group): the reader keeps
+//! its own offsets, in the trainer's checkpoint, as Spark and Flink do.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::batch::{make_batch, stream_schema};
+use crate::error::{Error, Result};
+use crate::wire::{ndjson, spark_json, Format};
+
+/// Where a Kafka source reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The oldest record the broker keeps (the default).
+    Earliest,
+    /// The end of each partition at the start: only records published later.
+    Latest,
+    /// This offset in every selected partition.
+    Offset(i64),
+}
+
+/// `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?partitions=0,1&start=earliest|latest|OFFSET]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaUrl {
+    /// Bootstrap brokers, `HOST:PORT` separated by commas.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// The partitions to read or write (`None`: all of the topic's).
+    pub partitions: Option<Vec<i32>>,
+    /// Where a reader starts.
+    pub start: Start,
+}
+
+impl KafkaUrl {
+    /// Parses a `kafka://` address.
+    pub fn parse(s: &str) -> Result<KafkaUrl> {
+        let bad = |why: &str| {
+            Error::usage(format!(
+                "{s:?}: {why} (expected kafka://HOST:PORT/TOPIC[?partitions=0,1&start=\
+                 earliest|latest|OFFSET])"
+            ))
+        };
+        let rest = s
+            .strip_prefix("kafka://")
+            .ok_or_else(|| bad("not a kafka:// address"))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let (brokers, topic) = path.split_once('/').ok_or_else(|| bad("no topic"))?;
+        if brokers.is_empty() {
+            return Err(bad("no broker"));
+        }
+        for b in brokers.split(',') {
+            let port = b.rsplit_once(':').map(|(_, p)| p);
+            if !port.is_some_and(|p| p.parse::<u16>().is_ok()) {
+                return Err(bad(&format!("broker {b:?} is not HOST:PORT")));
+            }
+        }
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if topic.is_empty() || topic.len() > 249 || !topic.chars().all(valid) {
+            return Err(bad(&format!(
+                "topic {topic:?} must be 1..249 characters of a-z, A-Z, 0-9, '.', '_', '-'"
+            )));
+        }
+        let mut url = KafkaUrl {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            partitions: None,
+            start: Start::Earliest,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("{pair:?} is not KEY=VALUE")))?;
+            match k {
+                "partitions" => {
+                    let mut ps = Vec::new();
+                    for p in v.split(',') {
+                        let p =
+                            p.parse::<i32>().ok().filter(|&p| p >= 0).ok_or_else(|| {
+                                bad(&format!("partition {p:?} is not a number ≥ 0"))
+                            })?;
+                        if ps.contains(&p) {
+                            return Err(bad(&format!("partition {p} is named twice")));
+                        }
+                        ps.push(p);
+                    }
+                    url.partitions = Some(ps);
+                }
+                "start" => {
+                    url.start = match v {
+                        "earliest" => Start::Earliest,
+                        "latest" => Start::Latest,
+                        o => Start::Offset(o.parse::<i64>().ok().filter(|&o| o >= 0).ok_or_else(
+                            || bad(&format!("start {o:?} is not earliest, latest or an offset")),
+                        )?),
+                    }
+                }
+                other => return Err(bad(&format!("unknown parameter {other:?}"))),
+            }
+        }
+        Ok(url)
+    }
+
+    /// `kafka://BROKERS/TOPIC`, without the parameters: for messages.
+    pub fn base(&self) -> String {
+        format!("kafka://{}/{}", self.brokers, self.topic)
+    }
+}
+
+impl fmt::Display for KafkaUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.base())?;
+        let mut sep = '?';
+        if let Some(ps) = &self.partitions {
+            let ps: Vec<String> = ps.iter().map(i32::to_string).collect();
+            write!(f, "{sep}partitions={}", ps.join(","))?;
+            sep = '&';
+        }
+        match self.start {
+            Start::Earliest => Ok(()),
+            Start::Latest => write!(f, "{sep}start=latest"),
+            Start::Offset(o) => write!(f, "{sep}start={o}"),
+        }
+    }
+}
+
+/// The client context: librdkafka's log lines go to `debug` (it retries by itself and says
+/// so at every attempt; cifar-df says what matters once), and its last error is kept for
+/// the message when a deadline passes. A producer also counts failed deliveries.
+#[derive(Default)]
+pub struct Context {
+    last_error: Mutex<Option<String>>,
+    failed: Mutex<Option<(String, String)>>,
+}
+
+impl Context {
+    /// The last error librdkafka reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn failure(&self) -> Option<(String, String)> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for Context {
+    fn log(&self, _level: RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", "{fac}: {message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "librdkafka", "error: {error}: {reason}");
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+    }
+}
+
+impl ConsumerContext for Context {}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            let key = m
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
+            let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            if failed.is_none() {
+                *failed = Some((key, e.to_string()));
+            }
+        }
+    }
+}
+
+/// Settings every client gets: the brokers, quick reconnects, and messages up to
+/// `max_message` bytes.
+pub fn client_config(url: &KafkaUrl, max_message: usize) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &url.brokers)
+        .set("client.id", "cifar-df")
+        // A topic is created only on purpose (the sink, with its partitions), never as a
+        // side effect of asking for its metadata.
+        .set("allow.auto.create.topics", "false")
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        .set("log_level", "7")
+        .set(
+            "message.max.bytes",
+            max_message.clamp(1 << 20, 1_000_000_000).to_string(),
+        );
+    c
+}
+
+/// An rdkafka error as a cifar-df error about `what`.
+pub fn error(what: impl Into<String>, e: impl fmt::Display) -> Error {
+    Error::Kafka {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// The topic's partitions, or `None` when the broker says there is no such topic. Retries
+/// while the broker cannot be reached, until `timeout` has passed.
+pub fn topic_partitions<C: ClientContext>(
+    client: &Client<C>,
+    context: &Context,
+    url: &KafkaUrl,
+    timeout: Duration,
+) -> Result<Option<Vec<i32>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.fetch_metadata(
+            Some(&url.topic),
+            left.clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        ) {
+            Ok(md) => {
+                let Some(t) = md.topics().iter().find(|t| t.name() == url.topic) else {
+                    return Ok(None);
+                };
+                match t.error() {
+                    None => {
+                        let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                        ps.sort_unstable();
+                        return Ok(Some(ps));
+                    }
+                    Some(e)
+                        if RDKafkaErrorCode::from(e)
+                            == RDKafkaErrorCode::UnknownTopicOrPartition =>
+                    {
+                        return Ok(None)
+                    }
+                    Some(e) => {
+                        let e = RDKafkaErrorCode::from(e);
+                        if Instant::now() >= deadline {
+                            return Err(error(
+                                format!("topic {:?} on {}", url.topic, url.brokers),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    return Err(unreachable(url, timeout, context, e));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The error for a broker that did not answer within `timeout`.
+pub fn unreachable(
+    url: &KafkaUrl,
+    timeout: Duration,
+    context: &Context,
+    e: impl fmt::Display,
+) -> Error {
+    Error::Kafka {
+        what: format!(
+            "cannot reach the Kafka broker {} within {} s (--connect-timeout)",
+            url.brokers,
+            timeout.as_secs_f64()
+        ),
+        reason: context.last_error().unwrap_or_else(|| e.to_string()),
+    }
+}
+
+/// The wire-format bytes of one batch, as a Kafka record's value.
+pub fn encode_record(
+    format: Format,
+    seq: u64,
+    labels: &[u8],
+    pixels: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.clear();
+    match format {
+        Format::SparkJson => {
+            out.reserve(spark_json::encoded_len(labels, pixels));
+            spark_json::encode(labels, pixels, out);
+            while out.last() == Some(&b'\n') {
+                out.pop();
+            }
+        }
+        Format::Ndjson => ndjson::encode(labels, pixels, out),
+        Format::Arrow => {
+            let batch = make_batch(seq, None, labels.to_vec(), pixels.to_vec())?;
+            let mut w =
+                arrow::ipc::writer::StreamWriter::try_new(std::mem::take(out), &stream_schema())?;
+            w.write(&batch)?;
+            w.finish()?;
+            *out = w.into_inner()?;
+        }
+    }
+    Ok(())
+}
+
+/// What a [`Publisher`] sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishSummary {
+    /// Records (batches) delivered.
+    pub batches: u64,
+    /// Images in them.
+    pub images: u64,
+    /// Bytes of record values.
+    pub bytes: u64,
+}
+
+/// The Kafka sink: one record per batch, acknowledged by the broker (`acks=all`) before
+/// [`Publisher::finish`] returns. Delivery is at-least-once: librdkafka retries a send
+/// whose acknowledgement was lost, so a record can be stored twice (the reader sees the
+/// same key twice); the idempotent producer that prevents this is not used, because not
+/// every Kafka-protocol broker supports it.
+pub struct Publisher {
+    producer: BaseProducer<Context>,
+    url: KafkaUrl,
+    partitions: Vec<i32>,
+    format: Format,
+    timeout: Duration,
+    buf: Vec<u8>,
+    summary: PublishSummary,
+}
+
+impl Publisher {
+    /// Connects (retrying until `timeout`) and finds the topic's partitions; a topic that
+    /// does not exist is created with one partition per entry of `?partitions=` (or one).
+    pub fn connect(url: &KafkaUrl, format: Format, timeout: Duration) -> Result<Publisher> {
+        let mut config = client_config(url, 1_000_000_000);
+        // One record per produce request, one request in flight: Tansu 0.6 gives a request
+        // of several records a single offset (the rest are lost to readers), and without the
+        // idempotent producer (Tansu's loses records too) only one request in flight keeps
+        // the topic in publishing order when librdkafka retries. Records are whole batches
+        // (60 KB to megabytes), so this costs little.
+        config
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "1")
+            .set("max.in.flight.requests.per.connection", "1")
+            .set("queue.buffering.max.kbytes", "262144")
+            .set(
+                "message.timeout.ms",
+                (timeout.as_millis().max(1000))
+                    .min(i32::MAX as u128)
+                    .to_string(),
+            );
+        let producer: BaseProducer<Context> = config
+            .create_with_context(Context::default())
+            .map_err(|e| error(format!("create a Kafka producer for {}", url.base()), e))?;
+        let have = topic_partitions(producer.client(), producer.context(), url, timeout)?;
+        let have = match have {
+            Some(ps) => ps,
+            None => {
+                let n = url
+                    .partitions
+                    .as_ref()
+                    .map_or(1, |ps| ps.iter().max().map_or(1, |m| m + 1));
+                create_topic(url, n, timeout)?;
+                tracing::info!("created topic {} with {n} partition(s)", url.base());
+                (0..n).collect()
+            }
+        };
+        let partitions = match &url.partitions {
+            None => have,
+            Some(want) => {
+                if let Some(p) = want.iter().find(|p| !have.contains(p)) {
+                    return Err(Error::Kafka {
+                        what: url.base(),
+                        reason: format!(
+                            "partition {p} does not exist (the topic has {})",
+                            describe(&have)
+                        ),
+                    });
+                }
+                want.clone()
+            }
+        };
+        Ok(Publisher {
+            producer,
+            url: url.clone(),
+            partitions,
+            format,
+            timeout,
+            buf: Vec::new(),
+            summary: PublishSummary::default(),
+        })
+    }
+
+    /// The partitions records go to, in turn.
+    pub fn partitions(&self) -> &[i32] {
+        &self.partitions
+    }
+
+    /// Queues batch `seq` (waiting while librdkafka's queue is full).
+    pub fn send(&mut self, seq: u64, labels: &[u8], pixels: &[u8]) -> Result<()> {
+        self.check()?;
+        encode_record(self.format, seq, labels, pixels, &mut self.buf)?;
+        let key = seq.to_string();
+        let partition = self.partitions[(seq % self.partitions.len() as u64) as usize];
+        let deadline = Instant::now() + self.timeout.max(Duration::from_secs(1));
+        let mut record = BaseRecord::to(&self.url.topic)
+            .key(&key)
+            .payload(&self.buf)
+            .partition(partition);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(50));
+                    self.check()?;
+                    if Instant::now() >= deadline {
+                        return Err(self.stalled(seq));
+                    }
+                }
+                Err((e, _)) => {
+                    return Err(error(
+                        format!("{}: publish batch {seq}", self.url.base()),
+                        e,
+                    ))
+                }
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+        self.summary.batches += 1;
+        self.summary.images += labels.len() as u64;
+        self.summary.bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    fn stalled(&self, seq: u64) -> Error {
+        Error::Kafka {
+            what: format!(
+                "{}: batch {seq} could not be queued for {} s (--connect-timeout): the broker \
+                 takes nothing",
+                self.url.base(),
+                self.timeout.as_secs_f64()
+            ),
+            reason: self
+                .producer
+                .context()
+                .last_error()
+                .unwrap_or_else(|| "no answer".into()),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.producer.context().failure() {
+            None => Ok(()),
+            Some((key, reason)) => Err(Error::Kafka {
+                what: format!("{}: batch {key} was not delivered", self.url.base()),
+                reason,
+            }),
+        }
+    }
+
+    /// Waits until every queued record is acknowledged (at most the timeout, plus a minute
+    /// for what is in flight), then says what was sent.
+    pub fn finish(self) -> Result<PublishSummary> {
+        let wait = self.timeout.max(Duration::from_secs(1)) + Duration::from_secs(60);
+        self.producer.flush(wait).map_err(|e| Error::Kafka {
+            what: format!(
+                "{}: {} records not acknowledged within {} s",
+                self.url.base(),
+                self.producer.in_flight_count(),
+                wait.as_secs()
+            ),
+            reason: self
+                .producer
+                .context()
+                .last_error()
+                .unwrap_or_else(|| e.to_string()),
+        })?;
+        self.check()?;
+        Ok(self.summary)
+    }
+}
+
+/// `cifar-df stream --to kafka://...`: the split's images, batched as the stream server
+/// batches them (`--batch-size`, `--endless`, `--sleep`, `--limit`), published one record
+/// per batch.
+pub fn publish_dataset(
+    url: &KafkaUrl,
+    opts: &crate::server::ServeOptions,
+    timeout: Duration,
+) -> Result<PublishSummary> {
+    if opts.batch_size == 0 {
+        return Err(Error::usage("--batch-size must be at least 1"));
+    }
+    let files = crate::dataset::load_split(&opts.data, opts.split)?;
+    let mut publisher = Publisher::connect(url, opts.format, timeout)?;
+    tracing::info!(
+        "publishing to {} ({}), {}",
+        url.base(),
+        describe(publisher.partitions()),
+        opts.format
+    );
+    let progress = crate::progress::spinner(opts.progress, crate::progress::BATCHES);
+    let started = Instant::now();
+    let nonempty = files.iter().any(|f| !f.is_empty());
+    let mut seq = 0u64;
+    'epochs: for epoch in 0u64.. {
+        let mut batcher = crate::source::Batcher::new(opts.batch_size);
+        while let Some(images) = batcher.next(&files) {
+            if opts.limit.is_some_and(|l| seq >= l) {
+                break 'epochs;
+            }
+            publisher.send(seq, &images.labels, &images.pixels)?;
+            seq += 1;
+            let s = &publisher.summary;
+            progress.set_position(s.batches);
+            progress.set_message(format!(
+                "epoch {} · {} images · {:.0} images/s",
+                epoch + 1,
+                s.images,
+                s.images as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            ));
+            if !opts.sleep.is_zero() {
+                std::thread::sleep(opts.sleep);
+            }
+        }
+        if !opts.endless || !nonempty {
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    publisher.finish()
+}
+
+/// Creates `url`'s topic with `partitions` partitions (replication 1). A topic that
+/// another client created meanwhile is fine.
+pub fn create_topic(url: &KafkaUrl, partitions: i32, timeout: Duration) -> Result<()> {
+    let admin: AdminClient<Context> = client_config(url, 1 << 20)
+        .create_with_context(Context::default())
+        .map_err(|e| {
+            error(
+                format!("create a Kafka admin client for {}", url.brokers),
+                e,
+            )
+        })?;
+    let topic = NewTopic::new(&url.topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(timeout.max(Duration::from_secs(1))));
+    let results = futures::executor::block_on(admin.create_topics([&topic], &opts))
+        .map_err(|e| error(format!("create topic {}", url.base()), e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, e)) => {
+                return Err(error(
+                    format!("create topic {name:?} on {}", url.brokers),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `0..3` or `0, 2, 5`: a partition list for messages.
+pub fn describe(ps: &[i32]) -> String {
+    let contiguous = ps.iter().enumerate().all(|(i, &p)| p == i as i32);
+    match ps {
+        [] => "no partitions".into(),
+        _ if contiguous => format!("partitions 0..{}", ps.len() - 1),
+        _ => format!(
+            "partitions {}",
+            ps.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_print() {
+        let u = KafkaUrl::parse("kafka://127.0.0.1:9092/images").unwrap();
+        assert_eq!(u.brokers, "127.0.0.1:9092");
+        assert_eq!(u.topic, "images");
+        assert_eq!(u.partitions, None);
+        assert_eq!(u.start, Start::Earliest);
+        assert_eq!(u.to_string(), "kafka://127.0.0.1:9092/images");
+        let u = KafkaUrl::parse("kafka://a:1,b:2/t.x?partitions=2,0&start=17").unwrap();
+        assert_eq!(u.brokers, "a:1,b:2");
+        assert_eq!(u.partitions, Some(vec![2, 0]));
+        assert_eq!(u.start, Start::Offset(17));
+        assert_eq!(KafkaUrl::parse(&u.to_string()).unwrap(), u);
+        let u = KafkaUrl::parse("kafka://h:1/t?start=latest").unwrap();
+        assert_eq!(u.start, Start::Latest);
+        for bad in [
+            "kafka://h:1",
+            "kafka://h/t",
+            "kafka:///t",
+            "kafka://h:1/",
+            "kafka://h:1/a b",
+            "kafka://h:1/t?partitions=x",
+            "kafka://h:1/t?partitions=1,1",
+            "kafka://h:1/t?start=-3",
+            "kafka://h:1/t?colour=red",
+        ] {
+            let e = KafkaUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("expected kafka://"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn partition_lists_read_well() {
+        assert_eq!(describe(&[0, 1, 2]), "partitions 0..2");
+        assert_eq!(describe(&[0, 2]), "partitions 0, 2");
+        assert_eq!(describe(&[]), "no partitions");
+    }
+
+    #[test]
+    fn records_are_self_contained_in_each_format() {
+        let labels = vec![3u8, 7];
+        let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        encode_record(Format::SparkJson, 5, &labels, &pixels, &mut out).unwrap();
+        assert!(out.starts_with(b"{\"0\": {\"feature0\": 0,") && !out.ends_with(b"\n"));
+        let mut decoded = spark_json::DecodedBatch::default();
+        spark_json::decode(&out, &mut decoded).unwrap();
+        assert_eq!(
+            (decoded.labels.clone(), decoded.pixels.clone()),
+            (labels.clone(), pixels.clone())
+        );
+        encode_record(Format::Arrow, 5, &labels, &pixels, &mut out).unwrap();
+        let reader =
+            arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(out.clone()), None)
+                .unwrap();
+        let batches: Vec<_> = reader.collect::<std::result::Result<_, _>>().unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].num_rows(), 2);
+    }
+}
