@@ -75,7 +75,7 @@ impl KafkaUrl {
         }
         for b in brokers.split(',') {
             let port = b.rsplit_once(':').map(|(_, p)| p);
-            if !port.is_some_and(|p| p.parse::<u16>().is_ok()) {
+            if port.is_none_or(|p| p.parse::<u16>().is_err()) {
                 return Err(bad(&format!("broker {b:?} is not HOST:PORT")));
             }
         }

@@ -59,6 +59,9 @@ pub fn schema() -> SchemaRef {
         .clone()
 }
 
+/// A record read: its partition, its offset and its value (`None`: a record without one).
+type Record = (i32, i64, Option<Vec<u8>>);
+
 /// One partition being read.
 struct Part {
     id: i32,
@@ -277,7 +280,7 @@ impl KafkaSource {
     }
 
     /// The next record's value, with its partition and offset; `None` at the end.
-    fn next_record(&mut self) -> Result<Option<(i32, i64, Option<Vec<u8>>)>> {
+    fn next_record(&mut self) -> Result<Option<Record>> {
         let timeout = self.opts.connect_timeout;
         let follow = self.opts.follow;
         let url = self.url.clone();

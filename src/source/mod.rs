@@ -221,13 +221,16 @@ pub struct ReportSnapshot {
     pub format: Option<Format>,
 }
 
+/// Where a source stands: for a Kafka source, (partition, next offset) of each partition.
+pub type Position = Vec<(i32, i64)>;
+
 /// A source's running report; cheap to clone and read from another thread.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     counts: Arc<Mutex<ReportSnapshot>>,
     /// For the latest delivered batches: the source's position after each (a Kafka
     /// source: the next offset of every partition).
-    positions: Arc<Mutex<std::collections::VecDeque<(u64, Vec<(i32, i64)>)>>>,
+    positions: Arc<Mutex<std::collections::VecDeque<(u64, Position)>>>,
 }
 
 impl Report {
@@ -243,7 +246,7 @@ impl Report {
         f(&mut guard)
     }
 
-    fn record_position(&self, batch: u64, position: Vec<(i32, i64)>) {
+    fn record_position(&self, batch: u64, position: Position) {
         let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         if p.len() == Self::POSITIONS {
             p.pop_front();
@@ -253,7 +256,7 @@ impl Report {
 
     /// Where the source stood right after it delivered `batch` (a Kafka source: the next
     /// offset of each partition), if it keeps positions and still knows that batch.
-    pub fn position_after(&self, batch: u64) -> Option<Vec<(i32, i64)>> {
+    pub fn position_after(&self, batch: u64) -> Option<Position> {
         let p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         p.iter()
             .rev()
