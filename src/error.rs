@@ -70,7 +70,7 @@ pub enum Error {
     Parquet(#[from] parquet::errors::ParquetError),
     /// An error from DataFusion.
     #[error(transparent)]
-    DataFusion(#[from] datafusion::error::DataFusionError),
+    DataFusion(datafusion::error::DataFusionError),
 }
 
 impl Error {
@@ -94,6 +94,24 @@ impl Error {
     /// A usage error.
     pub fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for Error {
+    /// One of ours that crossed a query (a source's error, wrapped by DataFusion as
+    /// "External error: …") comes back as itself.
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        match e {
+            datafusion::error::DataFusionError::External(inner) => {
+                match inner.downcast::<Error>() {
+                    Ok(ours) => *ours,
+                    Err(other) => {
+                        Error::DataFusion(datafusion::error::DataFusionError::External(other))
+                    }
+                }
+            }
+            other => Error::DataFusion(other),
+        }
     }
 }
 

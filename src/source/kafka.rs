@@ -376,6 +376,29 @@ impl KafkaSource {
                         }
                     }
                     Err(e) => {
+                        tracing::debug!("kafka: probe of partition {}: {e}", part.id);
+                        // Up, but without the topic (a broker restarted without its data)?
+                        let md = open
+                            .consumer
+                            .fetch_metadata(Some(&url.topic), Duration::from_millis(800));
+                        if let Ok(md) = md {
+                            let has = md.topics().iter().any(|t| {
+                                t.name() == url.topic
+                                    && t.error().is_none()
+                                    && t.partitions().iter().any(|p| p.id() == part.id)
+                            });
+                            if !has {
+                                return Err(Error::Kafka {
+                                    what: format!("{} partition {}", url.base(), part.id),
+                                    reason: format!(
+                                        "the broker no longer has this partition (was it \
+                                         restarted without its data?); the next offset to read \
+                                         was {}",
+                                        part.next
+                                    ),
+                                });
+                            }
+                        }
                         let since = *down_since.get_or_insert_with(|| {
                             tracing::warn!(
                                 "the Kafka broker {} does not answer; retrying for {} s \
