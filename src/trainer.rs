@@ -743,10 +743,14 @@ async fn train_loop(
             Err(e) => {
                 // Keep what was learnt: a checkpoint commits the rows so far, and
                 // `--resume` carries on from it. The stream's error is the one reported.
-                // The run is then interrupted, not failed: it can go on from there.
+                // A network or broker failure interrupts the run (it goes on when the peer
+                // is back); anything else (a source that panicked) fails it.
+                let e = Error::from(e);
+                let outside = matches!(e, Error::Kafka { .. } | Error::Net { .. });
                 if summary.batches > 0 {
                     match lp.checkpoint(opts, model, info) {
                         Err(ck) => tracing::error!("checkpoint after the stream failed: {ck}"),
+                        Ok(()) if !outside => {}
                         Ok(()) => {
                             info.status = "interrupted".into();
                             tracing::warn!(
@@ -766,7 +770,7 @@ async fn train_loop(
                         }
                     }
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         if batch.num_rows() == 0 {

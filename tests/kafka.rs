@@ -297,6 +297,25 @@ fn a_run_killed_mid_topic_resumes_from_its_checkpointed_offsets_bit_identical() 
         checkpoint_bytes(&runs, "whole", "epoch-1"),
         "the resumed model ends bit-identical"
     );
+    // `predict` reads a topic too: every batch scored once.
+    run_ok(bin().args([
+        "-q",
+        "predict",
+        "--run",
+        "whole",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--source",
+        &url,
+    ]));
+    assert_eq!(
+        query_csv(
+            &runs,
+            "select count(*) as n, count(distinct batch) as b, sum(images) as i from \
+             eval_metrics where run = 'whole'"
+        ),
+        "n,b,i\n120,120,6000\n"
+    );
 }
 
 #[test]
