@@ -615,7 +615,9 @@ fn a_broker_that_loses_the_topic_interrupts_the_run_and_a_stale_checkpoint_is_re
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let topic = "lost";
-    publish(&b, topic, "synthetic:3000:10:11", &["--batch-size", "50"]);
+    // 120 batches (350 MB of spark-json): more than librdkafka prefetches (128 MiB), so the
+    // run still needs the broker when it restarts.
+    publish(&b, topic, "synthetic:6000:10:11", &["--batch-size", "50"]);
     let url = b.url(topic);
     let mut args = train_args(&runs, "r", &url);
     let at = args.iter().position(|a| a == "--connect-timeout").unwrap();
