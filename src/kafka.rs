@@ -125,6 +125,24 @@ impl KafkaUrl {
         Ok(url)
     }
 
+    /// The partitions of `have` (the topic's) that this address names: all of them, or
+    /// those of `?partitions=`, each of which must exist.
+    pub fn choose(&self, have: &[i32]) -> Result<Vec<i32>> {
+        let Some(want) = &self.partitions else {
+            return Ok(have.to_vec());
+        };
+        match want.iter().find(|p| !have.contains(p)) {
+            Some(p) => Err(Error::Kafka {
+                what: self.base(),
+                reason: format!(
+                    "partition {p} does not exist (the topic has {})",
+                    describe(have)
+                ),
+            }),
+            None => Ok(want.clone()),
+        }
+    }
+
     /// `kafka://BROKERS/TOPIC`, without the parameters: for messages.
     pub fn base(&self) -> String {
         format!("kafka://{}/{}", self.brokers, self.topic)
@@ -395,21 +413,7 @@ impl Publisher {
                 (0..n).collect()
             }
         };
-        let partitions = match &url.partitions {
-            None => have,
-            Some(want) => {
-                if let Some(p) = want.iter().find(|p| !have.contains(p)) {
-                    return Err(Error::Kafka {
-                        what: url.base(),
-                        reason: format!(
-                            "partition {p} does not exist (the topic has {})",
-                            describe(&have)
-                        ),
-                    });
-                }
-                want.clone()
-            }
-        };
+        let partitions = url.choose(&have)?;
         Ok(Publisher {
             producer,
             url: url.clone(),

@@ -137,21 +137,7 @@ impl KafkaSource {
                 what: url.base(),
                 reason: format!("the broker has no topic {:?}", url.topic),
             })?;
-        let chosen = match &url.partitions {
-            None => have.clone(),
-            Some(want) => {
-                if let Some(p) = want.iter().find(|p| !have.contains(p)) {
-                    return Err(Error::Kafka {
-                        what: url.base(),
-                        reason: format!(
-                            "partition {p} does not exist (the topic has {})",
-                            kafka::describe(&have)
-                        ),
-                    });
-                }
-                want.clone()
-            }
-        };
+        let chosen = url.choose(&have)?;
         let mut starts = Vec::new();
         for &p in &chosen {
             let (low, high) = self.watermarks(&consumer, p)?;
@@ -283,7 +269,7 @@ impl KafkaSource {
     fn next_record(&mut self) -> Result<Option<Record>> {
         let timeout = self.opts.connect_timeout;
         let follow = self.opts.follow;
-        let url = self.url.clone();
+        let url = &self.url;
         let Some(open) = self.open.as_mut() else {
             return Ok(None);
         };
@@ -323,7 +309,7 @@ impl KafkaSource {
                         open.turn = (i + 1) % n;
                         return Ok(Some((p, o, m.payload().map(<[u8]>::to_vec))));
                     }
-                    Some(Err(e)) => return Err(consume_error(&url, part, e)),
+                    Some(Err(e)) => return Err(consume_error(url, part, e)),
                 }
             }
             if follow {

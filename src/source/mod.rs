@@ -354,61 +354,32 @@ pub fn open(spec: &SourceSpec, opts: &SourceOptions) -> Result<Box<dyn BatchSour
             report: Report::default(),
         }),
     };
-    let source: Box<dyn BatchSource> = if opts.skip > 0 {
-        Box::new(Skip {
-            inner: source,
-            skip: opts.skip,
-        })
-    } else {
-        source
-    };
-    Ok(if opts.pace.is_zero() {
-        source
-    } else {
+    Ok(if opts.skip > 0 || !opts.pace.is_zero() {
         Box::new(Paced {
             inner: source,
+            skip: opts.skip,
             pace: opts.pace,
             started: false,
         })
+    } else {
+        source
     })
 }
 
-/// Pauses between batches.
+/// Drops the batches numbered below `skip` (for the formats that cannot skip unread) and
+/// pauses `pace` between the batches it delivers.
 struct Paced {
     inner: Box<dyn BatchSource>,
+    skip: u64,
     pace: Duration,
     started: bool,
 }
 
 impl BatchSource for Paced {
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
-        if std::mem::replace(&mut self.started, true) {
+        if !self.pace.is_zero() && std::mem::replace(&mut self.started, true) {
             std::thread::sleep(self.pace);
         }
-        self.inner.next_batch()
-    }
-
-    fn report(&self) -> Report {
-        self.inner.report()
-    }
-
-    fn batches_per_epoch(&self) -> Option<u64> {
-        self.inner.batches_per_epoch()
-    }
-
-    fn schema(&self) -> arrow::datatypes::SchemaRef {
-        self.inner.schema()
-    }
-}
-
-/// Drops the batches numbered below `skip` (for the formats that cannot skip unread).
-struct Skip {
-    inner: Box<dyn BatchSource>,
-    skip: u64,
-}
-
-impl BatchSource for Skip {
-    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         loop {
             match self.inner.next_batch()? {
                 Some(b) if crate::batch::batch_number(&b).is_some_and(|n| n < self.skip) => {}
