@@ -579,7 +579,7 @@ fn a_broker_that_goes_away_is_waited_for_and_read_on_from_the_last_offset() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let topic = broker::topic("away");
-    publish(&b, &topic, "synthetic:3000:10:10", &["--batch-size", "50"]);
+    publish(&b, &topic, "synthetic:6000:10:10", &["--batch-size", "50"]);
     let url = b.url(&topic);
     run_ok(bin().args(train_args(&runs, "whole", &url)));
     let mut args = train_args(&runs, "cut", &url);
@@ -615,8 +615,8 @@ fn a_broker_that_loses_the_topic_interrupts_the_run_and_a_stale_checkpoint_is_re
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let topic = "lost";
-    // 120 batches (350 MB of spark-json): more than librdkafka prefetches (128 MiB), so the
-    // run still needs the broker when it restarts.
+    // 120 batches (350 MB of spark-json): more than the reader prefetches (about one
+    // 64 MiB fetch), so the run still needs the broker when it restarts.
     publish(&b, topic, "synthetic:6000:10:11", &["--batch-size", "50"]);
     let url = b.url(topic);
     let mut args = train_args(&runs, "r", &url);

@@ -78,6 +78,8 @@ struct Open {
     parts: Vec<Part>,
     /// Whose turn it is.
     turn: usize,
+    /// Since when the broker has not answered, while it does not.
+    down_since: Option<Instant>,
 }
 
 /// A Kafka topic as a source of batches; connects on the first [`BatchSource::next_batch`].
@@ -123,10 +125,17 @@ impl KafkaSource {
             .set("enable.partition.eof", "false")
             .set("max.partition.fetch.bytes", fetch.to_string())
             .set("fetch.max.bytes", fetch.to_string())
-            .set("receive.message.max.bytes", (fetch + (1 << 20)).to_string())
+            // A response may run past the fetch size by whole records (Tansu's do), so the
+            // transport limit is librdkafka's default or twice the fetch size, whichever
+            // is larger; the cap on one record is checked on each record.
+            .set(
+                "receive.message.max.bytes",
+                (2 * fetch + (1 << 20)).max(100_000_000).to_string(),
+            )
+            // Prefetch at most about one fetch: the memory a reader holds ahead.
             .set(
                 "queued.max.messages.kbytes",
-                (fetch / 1024 * 2).clamp(1024, 2 << 20).to_string(),
+                (fetch / 1024).clamp(1024, 1 << 20).to_string(),
             );
         let consumer: BaseConsumer<Context> = config
             .create_with_context(Context::default())
@@ -243,6 +252,7 @@ impl KafkaSource {
             consumer,
             parts,
             turn: 0,
+            down_since: None,
         })
     }
 
@@ -275,7 +285,6 @@ impl KafkaSource {
         };
         let mut waiting_since = Instant::now();
         let mut probed = Instant::now();
-        let mut down_since: Option<Instant> = None;
         loop {
             // Serve the main queue (errors, statistics); records come on the partition queues.
             if let Some(Err(e)) = open.consumer.poll(Duration::ZERO) {
@@ -305,6 +314,13 @@ impl KafkaSource {
                         if o < part.next {
                             continue; // a record seen before (a re-fetch after a reconnect)
                         }
+                        if open.down_since.take().is_some() {
+                            tracing::warn!(
+                                "the Kafka broker {} answers again; reading on from partition \
+                                 {p} offset {o}",
+                                url.brokers
+                            );
+                        }
                         part.next = o + 1;
                         open.turn = (i + 1) % n;
                         return Ok(Some((p, o, m.payload().map(<[u8]>::to_vec))));
@@ -325,7 +341,7 @@ impl KafkaSource {
                     Duration::from_millis(800),
                 ) {
                     Ok((low, high)) => {
-                        if down_since.take().is_some() {
+                        if open.down_since.take().is_some() {
                             tracing::warn!(
                                 "the Kafka broker {} answers again; reading on from partition \
                                  {} offset {}",
@@ -385,7 +401,7 @@ impl KafkaSource {
                                 });
                             }
                         }
-                        let since = *down_since.get_or_insert_with(|| {
+                        let since = *open.down_since.get_or_insert_with(|| {
                             tracing::warn!(
                                 "the Kafka broker {} does not answer; retrying for {} s \
                                  (--connect-timeout)",
