@@ -6,7 +6,6 @@
 fn main() {
     let src = "native/rdkafka_leader_discovery.c";
     println!("cargo:rerun-if-changed={src}");
-    println!("cargo:rerun-if-changed=build.rs");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }

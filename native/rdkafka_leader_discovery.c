@@ -18,9 +18,6 @@ struct rd_kafka_s;
 struct rd_kafka_metadata_internal_s;
 
 int __wrap_rd_kafka_metadata_update_op(struct rd_kafka_s *rk,
-                                       struct rd_kafka_metadata_internal_s *mdi);
-
-int __wrap_rd_kafka_metadata_update_op(struct rd_kafka_s *rk,
                                        struct rd_kafka_metadata_internal_s *mdi) {
         (void)rk;
         (void)mdi;
