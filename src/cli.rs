@@ -75,6 +75,9 @@ pub enum Command {
     Query(QueryArgs),
     /// Draw PNG plots of runs: per-batch curves, test bars across runs, confusion heatmaps.
     Plot(PlotArgs),
+    /// Serve as a worker for `query --workers` and `features --workers`: runs parts of
+    /// their SQL, with cifar-df's functions.
+    Worker(WorkerArgs),
 }
 
 /// Where `train` and `predict` read from.
@@ -566,6 +569,30 @@ pub struct FeaturesArgs {
     /// The stream batch size the `batch` and `row` columns number images by.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
+    /// Compute the features on these workers (`cifar-df worker`), comma-separated
+    /// `HOST:PORT`; `--out` must be at the same path on every worker (a shared folder).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub workers: Option<String>,
+    /// Seconds to wait for each worker's answer before leaving it out.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+}
+
+/// `cifar-df worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Address to listen on, IP:PORT. Anything but loopback (127.0.0.1) lets other
+    /// machines send it queries, with no authentication: ask for it only on a trusted
+    /// network.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// An extractor bound to `extract_features(image)` in the queries this worker runs (as
+    /// `query --extractor`; coordinators must name the same one).
+    #[arg(long, value_name = "DIR|onnx:FILE")]
+    pub extractor: Option<String>,
+    /// With `--extractor onnx:FILE`: the node whose output are the features.
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 /// `cifar-df query`.
@@ -586,6 +613,13 @@ pub struct QueryArgs {
     /// With `--extractor onnx:FILE`: the node whose output are the features.
     #[arg(long)]
     pub node: Option<String>,
+    /// Run the query on these workers (`cifar-df worker`), comma-separated `HOST:PORT`;
+    /// files named in the query must be at the same path on every worker.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub workers: Option<String>,
+    /// Seconds to wait for each worker's answer before leaving it out.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
 }
 
 /// `cifar-df plot`.
@@ -697,11 +731,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd(a),
         Command::Stream(a) => stream_cmd(a, progress).await,
         Command::Export(a) => export_cmd(a, progress).await,
-        Command::Features(a) => features_cmd(a, progress),
+        Command::Features(a) => features_cmd(a, progress).await,
         Command::Train(a) => train_cmd(*a, progress).await,
         Command::Predict(a) => predict_cmd(a, progress).await,
         Command::Query(a) => query_cmd(a).await,
         Command::Plot(a) => plot_cmd(a).await,
+        Command::Worker(a) => worker_cmd(a).await,
     }
 }
 
@@ -934,14 +969,40 @@ async fn export_source(
     Ok(ExitCode::SUCCESS)
 }
 
+fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
+    if !(s > 0.0 && s.is_finite()) {
+        bail!("{what} must be a number of seconds > 0");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
+    let extractor = match &a.extractor {
+        Some(spec) => Some(std::sync::Arc::new(open_extractor(
+            spec,
+            a.node.as_deref(),
+            &[],
+        )?)),
+        None if a.node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
+        None => None,
+    };
+    if let Some(list) = &a.workers {
+        let workers = crate::distributed::parse_workers(list)?;
+        let timeout = seconds("--connect-timeout", a.connect_timeout)?;
+        let runs_dir = a.runs.clone();
+        let prepare =
+            move |ctx: &datafusion::prelude::SessionContext| runs::register_tables(ctx, &runs_dir);
+        let batches =
+            crate::distributed::collect(&workers, extractor, timeout, &prepare, &a.sql).await?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(query::format_batches(&batches, a.format)?.as_bytes())?;
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = query::session();
     runs::register_tables(&ctx, &a.runs)?;
-    if let Some(spec) = &a.extractor {
-        let e = open_extractor(spec, a.node.as_deref(), &[])?;
-        crate::features::udf::register(&ctx, std::sync::Arc::new(e));
-    } else if a.node.is_some() {
-        bail!("--node goes with --extractor onnx:FILE");
+    if let Some(e) = extractor {
+        crate::features::udf::register(&ctx, e);
     }
     let mut out = std::io::stdout().lock();
     query::write_result(&ctx, &a.sql, a.format, &mut out).await?;
@@ -1547,9 +1608,42 @@ fn fit_patches(
     Ok(e)
 }
 
-fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
+async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let extractor = match &a.extractor {
+        Some(spec) => Some(std::sync::Arc::new(open_extractor(
+            spec,
+            a.node.as_deref(),
+            &[],
+        )?)),
+        None if a.node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
+        None => None,
+    };
+    let listener = crate::distributed::bind(&a.listen).await?;
+    let addr = listener
+        .local_addr()
+        .with_context(|| format!("worker: listening on {}", a.listen))?;
+    eprintln!(
+        "worker listening on http://{addr} ({})",
+        crate::distributed::version(extractor.as_deref())
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    crate::distributed::serve(listener, extractor, shutdown).await?;
+    eprintln!("worker on {addr} stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
     use crate::features::cache::{self, CacheOptions};
     let data = DataSpec::parse(&a.data)?;
+    let workers = match &a.workers {
+        Some(list) => Some((
+            crate::distributed::parse_workers(list)?,
+            seconds("--connect-timeout", a.connect_timeout)?,
+        )),
+        None => None,
+    };
     let ex_dir = a.out.join(cache::EXTRACTOR_DIR);
     let mut cfg = match &a.config {
         Some(p) => RunConfig::load(p)?,
@@ -1600,19 +1694,23 @@ fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let bar = crate::progress::spinner(progress, "{spinner} features {msg} [{elapsed}]");
     let bar2 = bar.clone();
     let t = Instant::now();
-    let summary = cache::write_cache(
-        &extractor,
-        &mut CacheOptions {
-            data,
-            out: a.out.clone(),
-            flip: a.flip,
-            rows_per_part: a.rows_per_part,
-            batch_size: a.batch_size,
-            on_part: Some(Box::new(move |split, done, n| {
-                bar2.set_message(format!("{split} {done}/{n} images"))
-            })),
-        },
-    )?;
+    let mut opts = CacheOptions {
+        data,
+        out: a.out.clone(),
+        flip: a.flip,
+        rows_per_part: a.rows_per_part,
+        batch_size: a.batch_size,
+        on_part: Some(Box::new(move |split, done, n| {
+            bar2.set_message(format!("{split} {done}/{n} images"))
+        })),
+    };
+    let summary = match &workers {
+        Some((urls, timeout)) => {
+            crate::features::remote::write_cache_on_workers(&extractor, &mut opts, urls, *timeout)
+                .await?
+        }
+        None => cache::write_cache(&extractor, &mut opts)?,
+    };
     bar.finish_and_clear();
     let secs = summary.encode_seconds.max(1e-9);
     let gflops = extractor.macs_per_image().map_or_else(String::new, |macs| {

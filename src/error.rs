@@ -59,6 +59,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A distributed worker, or the workers of a query: which (its address) and what went
+    /// wrong.
+    #[error("{what}: {reason}")]
+    Worker {
+        /// The worker's address, or which workers.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A bad argument, option or configuration value.
     #[error("{0}")]
     Usage(String),

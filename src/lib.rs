@@ -6,7 +6,7 @@
 //! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
 //! [`transforms`] (preprocessing UDFs) → [`bridge`] (Arrow → ndarray, zero-copy) →
 //! [`model`] (learners) → [`metrics`] → [`export`] (Parquet) → [`query`] (SQL) → [`plot`]
-//! (PNG).
+//! (PNG); [`distributed`] runs the SQL and the feature job over workers.
 #![warn(missing_docs)]
 
 pub mod batch;
@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod dataset;
+pub mod distributed;
 pub mod drift;
 pub mod error;
 pub mod export;

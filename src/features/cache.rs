@@ -92,7 +92,7 @@ impl Manifest {
         }
     }
 
-    fn write(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| Error::usage(e.to_string()))?;
         json.push(b'\n');
         crate::store::write_atomic(&dir.join(MANIFEST), &json)
@@ -133,7 +133,7 @@ pub struct CacheSummary {
     pub width: usize,
 }
 
-fn part_name(first: usize, last: usize) -> String {
+pub(crate) fn part_name(first: usize, last: usize) -> String {
     format!("part-{first:06}-{last:06}.parquet")
 }
 
@@ -206,7 +206,7 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
 
 /// One part: the images' rows, each followed by its flipped copy when `flipped_x` (the
 /// flipped images' features) is given.
-fn part_batch(
+pub(crate) fn part_batch(
     x: &ndarray::Array2<f32>,
     labels: &[u8],
     first: usize,

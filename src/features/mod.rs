@@ -26,6 +26,7 @@ use crate::model::{self, Checkpoint, TensorsOut};
 pub mod cache;
 pub mod onnx;
 pub mod patches;
+pub mod remote;
 pub mod udf;
 
 pub use onnx::{OnnxExtractor, OnnxParams};

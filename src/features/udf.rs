@@ -63,7 +63,12 @@ impl ExtractUdf {
 
 /// Registers `extract_features` bound to `extractor` in `ctx` (replacing an earlier one).
 pub fn register(ctx: &SessionContext, extractor: Arc<Extractor>) {
-    ctx.register_udf(ScalarUDF::from(ExtractUdf::new(extractor)));
+    ctx.register_udf(udf(extractor));
+}
+
+/// `extract_features` bound to `extractor`, as a DataFusion function.
+pub fn udf(extractor: Arc<Extractor>) -> ScalarUDF {
+    ScalarUDF::from(ExtractUdf::new(extractor))
 }
 
 impl ScalarUDFImpl for ExtractUdf {
@@ -111,5 +116,154 @@ impl ScalarUDFImpl for ExtractUdf {
             list.nulls().cloned(),
         )?;
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+    }
+}
+
+/// The name in SQL of the function that finds its extractor by path.
+pub const FROM_NAME: &str = "extract_features_from";
+
+/// `extract_features_from(dir, stamp, width, image)`: the features of `image` with the
+/// extractor saved in the folder `dir` (as [`Extractor::save`] writes it, e.g. a cache's
+/// `F/extractor`). The folder is read once per process and kept; its stamp must be `stamp`
+/// and its width `width` (the result's type is known from the literals, before the
+/// folder is read): a folder that differs, on any machine that runs the query, is an error
+/// naming it, never other features.
+///
+/// This is how a distributed feature job reaches its workers: the plan carries the path
+/// and the stamp, each worker reads the folder from the same path.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct ExtractFromUdf {
+    signature: Signature,
+}
+
+impl Default for ExtractFromUdf {
+    fn default() -> Self {
+        ExtractFromUdf {
+            signature: Signature::any(4, Volatility::Immutable),
+        }
+    }
+}
+
+/// `extract_features_from` as a DataFusion function.
+pub fn from_udf() -> ScalarUDF {
+    ScalarUDF::from(ExtractFromUdf::default())
+}
+
+/// The extractors this process has read for `extract_features_from`, by folder and stamp.
+type Loaded = std::sync::Mutex<std::collections::HashMap<(String, String), Arc<Extractor>>>;
+
+fn loaded() -> &'static Loaded {
+    static LOADED: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
+    LOADED.get_or_init(Default::default)
+}
+
+/// The extractor in `dir`, read once per process; its stamp must be `stamp`.
+fn extractor_at(dir: &str, stamp: &str) -> Result<Arc<Extractor>> {
+    let key = (dir.to_string(), stamp.to_string());
+    if let Some(e) = loaded().lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(e);
+    }
+    let e = Extractor::load(std::path::Path::new(dir))
+        .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+    let got = e.stamp();
+    if got != stamp {
+        return exec_err!(
+            "{FROM_NAME}: the extractor in {dir} has stamp {got}, the query expects {stamp} \
+             (the folder differs on this machine: is it the same file system?)"
+        );
+    }
+    let e = Arc::new(e);
+    if let Ok(mut m) = loaded().lock() {
+        m.insert(key, Arc::clone(&e));
+    }
+    Ok(e)
+}
+
+fn literal_str<'a>(v: Option<&'a datafusion::common::ScalarValue>, what: &str) -> Result<&'a str> {
+    match v.and_then(|v| v.try_as_str()).flatten() {
+        Some(s) => Ok(s),
+        None => plan_err!("{FROM_NAME}: argument {what} must be a string literal"),
+    }
+}
+
+impl ScalarUDFImpl for ExtractFromUdf {
+    fn name(&self) -> &str {
+        FROM_NAME
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        plan_err!("{FROM_NAME}: the width must be a literal (its third argument)")
+    }
+
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        use datafusion::common::ScalarValue;
+        literal_str(args.scalar_arguments[0], "dir")?;
+        literal_str(args.scalar_arguments[1], "stamp")?;
+        let width = match args.scalar_arguments[2] {
+            Some(ScalarValue::Int64(Some(w))) if *w > 0 => *w,
+            Some(ScalarValue::Int32(Some(w))) if *w > 0 => i64::from(*w),
+            Some(ScalarValue::UInt64(Some(w))) if *w > 0 => *w as i64,
+            Some(ScalarValue::UInt32(Some(w))) if *w > 0 => i64::from(*w),
+            _ => {
+                return plan_err!("{FROM_NAME}: argument width must be a positive integer literal")
+            }
+        };
+        let Ok(width) = i32::try_from(width) else {
+            return plan_err!("{FROM_NAME}: width {width} is too large");
+        };
+        match args.arg_fields[3].data_type() {
+            DataType::FixedSizeList(f, n)
+                if f.data_type() == &DataType::UInt8 && *n as usize == IMAGE_BYTES => {}
+            other => {
+                return plan_err!(
+                    "{FROM_NAME}: the image must be FixedSizeList<UInt8, {IMAGE_BYTES}> (a CIFAR image), got {other}"
+                )
+            }
+        }
+        Ok(Arc::new(Field::new(
+            FROM_NAME,
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                width,
+            ),
+            args.arg_fields[3].is_nullable(),
+        )))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let text = |i: usize, what: &str| -> Result<String> {
+            match &args.args[i] {
+                ColumnarValue::Scalar(v) => Ok(literal_str(Some(v), what)?.to_string()),
+                ColumnarValue::Array(_) => {
+                    plan_err!("{FROM_NAME}: argument {what} must be a string literal")
+                }
+            }
+        };
+        let dir = text(0, "dir")?;
+        let stamp = text(1, "stamp")?;
+        let extractor = extractor_at(&dir, &stamp)?;
+        let DataType::FixedSizeList(_, width) = args.return_field.data_type() else {
+            return exec_err!("{FROM_NAME}: unexpected return type");
+        };
+        if *width as usize != extractor.width() {
+            return exec_err!(
+                "{FROM_NAME}: the extractor in {dir} gives {} features, the query expects {width}",
+                extractor.width()
+            );
+        }
+        ExtractUdf::new(extractor).invoke_with_args(ScalarFunctionArgs {
+            args: vec![args.args[3].clone()],
+            arg_fields: vec![Arc::clone(&args.arg_fields[3])],
+            number_rows: args.number_rows,
+            return_field: args.return_field,
+            config_options: args.config_options,
+        })
     }
 }

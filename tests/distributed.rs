@@ -1,0 +1,566 @@
+//! Scale-out: `cifar-df worker` child processes on 127.0.0.1 (stopped by pid), the
+//! feature job and SQL over them equal to the local ones, and the faults: a worker down at
+//! the start, a worker killed mid-job (the others finish it; with none left, a clear error
+//! and no partial file; the rerun finishes it), a worker with other functions refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use common::{bin, have_python, run_ok};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// A `cifar-df worker` child process; killed (by pid) when dropped.
+struct Worker {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Worker {
+    fn start(extra: &[&str]) -> Worker {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    fn start_on(listen: &str, extra: &[&str]) -> Worker {
+        let mut child = bin()
+            .args(["worker", "--listen", listen])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a worker");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line
+                    .split("worker listening on http://")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the worker did not start: {}", log.lock().unwrap()));
+        Worker { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn tasks(&self) -> usize {
+        self.log().matches("running a task of a query").count()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn list(workers: &[&Worker]) -> String {
+    workers
+        .iter()
+        .map(|w| w.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An address where nothing listens.
+fn dead_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a.to_string()
+}
+
+fn run_fail(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail: {stderr}");
+    stderr
+}
+
+/// Exported images in a folder of several part files.
+fn images(dir: &Path, data: &str, rows_per_file: usize) -> PathBuf {
+    let out = dir.join("images");
+    run_ok(bin().args([
+        "-q",
+        "export",
+        "--source",
+        data,
+        "--out",
+        out.to_str().unwrap(),
+        "--rows-per-file",
+        &rows_per_file.to_string(),
+    ]));
+    out
+}
+
+fn query(runs: &Path, sql: &str, workers: Option<&str>, extra: &[&str]) -> (String, String) {
+    let mut cmd = bin();
+    cmd.args(["query", "--format", "csv", "--runs", runs.to_str().unwrap()])
+        .args(extra)
+        .arg(sql);
+    if let Some(w) = workers {
+        cmd.args(["--workers", w]);
+    }
+    run_ok(&mut cmd)
+}
+
+#[test]
+fn queries_on_two_workers_equal_the_local_ones_and_both_workers_run_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = images(dir.path(), "synthetic:1200:0:3", 200);
+    let runs = dir.path().join("runs");
+    for run in ["a", "b"] {
+        run_ok(
+            bin()
+                .args([
+                    "-q",
+                    "train",
+                    "--runs",
+                    runs.to_str().unwrap(),
+                    "--run",
+                    run,
+                ])
+                .args(["--no-test", "--no-plots", "--model", "logreg"])
+                .args(["--data", "synthetic:300:0:4", "--batch-size", "50"]),
+        );
+    }
+    let a = Worker::start(&[]);
+    let b = Worker::start(&[]);
+    let workers = list(&[&a, &b]);
+    let img = img.display();
+    let queries = [
+        format!("select label, count(*) as n from '{img}/' group by label order by label"),
+        format!("select batch, \"row\", label from '{img}/' where label = 3 order by batch, \"row\""),
+        format!(
+            "select batch, \"row\", array_element(normalize(image, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25), 7) as n7, \
+             array_element(hflip(image, 1.0), 1) as f1 from '{img}/' order by batch, \"row\" limit 300"
+        ),
+        "select run, count(*) as batches, round(avg(acc), 6) as acc from metrics group by run order by run"
+            .to_string(),
+        "select count(*) as runs from runs".to_string(),
+    ];
+    for sql in &queries {
+        let (local, _) = query(&runs, sql, None, &[]);
+        let (remote, _) = query(&runs, sql, Some(&workers), &[]);
+        assert!(local.lines().count() > 1, "{sql}: {local}");
+        assert_eq!(remote, local, "{sql}");
+    }
+    // The group-by over six files ran on both workers.
+    assert!(a.tasks() > 0 && b.tasks() > 0, "{}\n{}", a.log(), b.log());
+}
+
+#[test]
+fn a_worker_down_at_the_start_is_left_out_and_none_up_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = images(dir.path(), "synthetic:400:0:3", 100);
+    let runs = dir.path().join("runs");
+    let sql = format!(
+        "select label, count(*) as n from '{}/' group by label order by label",
+        img.display()
+    );
+    let a = Worker::start(&[]);
+    let dead = dead_address();
+    let (local, _) = query(&runs, &sql, None, &[]);
+    let (remote, stderr) = query(&runs, &sql, Some(&format!("{dead},{}", a.addr)), &[]);
+    assert_eq!(remote, local);
+    // One worker is still a worker: the query ran there, not in the coordinator.
+    assert!(a.tasks() > 0, "{}", a.log());
+    assert!(
+        stderr.contains(&format!("worker {dead} does not answer")) && stderr.contains("left out"),
+        "{stderr}"
+    );
+    let e = run_fail(bin().args(["query", &sql, "--workers", &dead, "--connect-timeout", "3"]));
+    assert!(e.contains("no worker answers") && e.contains(&dead), "{e}");
+    let e = run_fail(bin().args(["query", &sql, "--workers", "node-without-port"]));
+    assert!(
+        e.contains("--workers") && e.contains("node-without-port"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_query_is_left_out_and_the_query_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = images(dir.path(), "synthetic:3000:0:3", 250);
+    let runs = dir.path().join("runs");
+    // Heavy enough to outlast the kill: every image resized to 256x256.
+    let sql = format!(
+        "select label, count(*) as n, sum(array_element(resize(image, 256, 256), 100000)) as s \
+         from '{}/' group by label order by label",
+        img.display()
+    );
+    let (local, _) = query(&runs, &sql, None, &[]);
+    let a = Worker::start(&[]);
+    let mut b = Worker::start(&[]);
+    let child = bin()
+        .args([
+            "query",
+            "--format",
+            "csv",
+            "--runs",
+            runs.to_str().unwrap(),
+            &sql,
+        ])
+        .args(["--workers", &list(&[&a, &b])])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while b.tasks() == 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    b.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), local);
+    assert!(
+        stderr.contains(&format!("lost worker {}", b.addr))
+            && stderr.contains("running it again on"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_worker_with_other_functions_is_refused_and_listening_beyond_loopback_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("F");
+    features(&f, "synthetic:200:20:6", &[]);
+    let ex = f.join("extractor");
+    let a = Worker::start(&["--extractor", ex.to_str().unwrap()]);
+    let e = run_fail(bin().args(["query", "select 1", "--workers", &a.addr]));
+    assert!(
+        e.contains(&format!("worker {}", a.addr)) && e.contains("extract_features: none"),
+        "{e}"
+    );
+    // With the same extractor named, `extract_features` runs on the worker.
+    let img = images(dir.path(), "synthetic:200:0:6", 50);
+    let sql = format!(
+        "select batch, \"row\", extract_features(image)[1] as f from '{}/' order by batch, \"row\"",
+        img.display()
+    );
+    let runs = dir.path().join("runs");
+    let with = ["--extractor", ex.to_str().unwrap()];
+    let (local, _) = query(&runs, &sql, None, &with);
+    let (remote, _) = query(&runs, &sql, Some(&a.addr), &with);
+    assert_eq!(remote, local);
+    let help = run_ok(bin().args(["worker", "--help"])).0;
+    assert!(help.contains("[default: 127.0.0.1:50051]"), "{help}");
+    let open = Worker::start_on("0.0.0.0:0", &[]);
+    assert!(open.addr.starts_with("0.0.0.0:"), "{}", open.addr);
+    assert!(
+        open.log().contains("reachable from other machines")
+            && open.log().contains("no authentication"),
+        "{}",
+        open.log()
+    );
+}
+
+/// Small extractor settings (as tests/features.rs).
+const SMALL: [&str; 8] = [
+    "--set",
+    "atoms=32",
+    "--set",
+    "samples=4000",
+    "--set",
+    "stats_images=50",
+    "--set",
+    "fit_images=200",
+];
+
+fn features(out: &Path, data: &str, extra: &[&str]) -> (String, String) {
+    run_ok(&mut features_cmd(out, data, extra))
+}
+
+fn features_cmd(out: &Path, data: &str, extra: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args(["features", "--data", data, "--out"])
+        .arg(out)
+        .args(["--rows-per-part", "100"])
+        .args(extra);
+    if !extra.contains(&"--extractor") {
+        cmd.args(SMALL);
+    }
+    cmd
+}
+
+/// Every file of a cache (names relative to it) with its decoded batches; `cache.json`
+/// and the extractor's files as bytes.
+fn cache_contents(dir: &Path) -> Vec<(String, Vec<RecordBatch>, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            if name.ends_with(".parquet") {
+                let r = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&p).unwrap())
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                out.push((name, r.map(|b| b.unwrap()).collect(), Vec::new()));
+            } else {
+                out.push((name, Vec::new(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Bit-for-bit equality of two caches (Arrow equality would take NaN != NaN; the
+/// features' bits are compared through their Parquet-decoded buffers).
+fn assert_same_cache(a: &Path, b: &Path) {
+    let (ca, cb) = (cache_contents(a), cache_contents(b));
+    let names = |c: &[(String, Vec<RecordBatch>, Vec<u8>)]| {
+        c.iter().map(|x| x.0.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&ca), names(&cb));
+    assert!(
+        ca.iter().any(|x| x.0.starts_with("train/part-")),
+        "{:?}",
+        names(&ca)
+    );
+    for ((name, ba, ra), (_, bb, rb)) in ca.iter().zip(&cb) {
+        assert_eq!(ra, rb, "{name}");
+        assert_eq!(ba.len(), bb.len(), "{name}");
+        for (x, y) in ba.iter().zip(bb) {
+            assert_eq!(x.schema(), y.schema(), "{name}");
+            for (cx, cy) in x.columns().iter().zip(y.columns()) {
+                let (dx, dy) = (cx.to_data(), cy.to_data());
+                let bits = |d: &arrow::array::ArrayData| -> Vec<u8> {
+                    let mut v: Vec<u8> = d
+                        .buffers()
+                        .iter()
+                        .flat_map(|b| b.as_slice().to_vec())
+                        .collect();
+                    for c in d.child_data() {
+                        v.extend(c.buffers().iter().flat_map(|b| b.as_slice().to_vec()));
+                    }
+                    v
+                };
+                assert_eq!(dx.len(), dy.len(), "{name}");
+                assert!(
+                    bits(&dx) == bits(&dy),
+                    "{name}: column {:?} differs",
+                    cx.data_type()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_feature_job_on_two_workers_writes_the_local_cache_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = "synthetic:700:250:8";
+    let local = dir.path().join("local");
+    features(&local, data, &["--flip"]);
+    let a = Worker::start(&[]);
+    let b = Worker::start(&[]);
+    let remote = dir.path().join("remote");
+    let ex = local.join("extractor");
+    let (out, _) = features(
+        &remote,
+        data,
+        &[
+            "--flip",
+            "--extractor",
+            ex.to_str().unwrap(),
+            "--workers",
+            &list(&[&a, &b]),
+        ],
+    );
+    assert!(out.contains("10 parts written"), "{out}");
+    assert!(a.tasks() > 0 && b.tasks() > 0, "{}\n{}", a.log(), b.log());
+    assert!(!remote.join(".staging").exists());
+    assert_same_cache(&local, &remote);
+    // Trains from it like the local one.
+    let runs = dir.path().join("runs");
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "train",
+                "--runs",
+                runs.to_str().unwrap(),
+                "--run",
+                "r",
+            ])
+            .args([
+                "--no-plots",
+                "--model",
+                "ridge",
+                "--source",
+                &format!("features:{}", remote.display()),
+            ]),
+    );
+}
+
+#[test]
+fn an_onnx_feature_job_with_mirror_images_on_workers_equals_the_local_one() {
+    if !have_python("numpy, onnx", "the test ONNX models") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref/onnx_reference.py");
+    run_ok(
+        Command::new("python3")
+            .arg(script)
+            .arg("build")
+            .arg(dir.path()),
+    );
+    let spec = format!("onnx:{}", dir.path().join("cnn.onnx").display());
+    let data = "synthetic:300:100:5";
+    let args = ["--extractor", spec.as_str(), "--node", "features", "--flip"];
+    let local = dir.path().join("local");
+    features(&local, data, &args);
+    let a = Worker::start(&[]);
+    let b = Worker::start(&[]);
+    let remote = dir.path().join("remote");
+    let w = list(&[&a, &b]);
+    let mut with = args.to_vec();
+    with.extend(["--workers", w.as_str()]);
+    features(&remote, data, &with);
+    // The mirror images' features (an ONNX model has no permutation) were computed on
+    // the workers, from hflip(image, 1.0).
+    assert_same_cache(&local, &remote);
+}
+
+#[test]
+fn a_feature_job_survives_a_lost_worker_and_with_none_left_stops_cleanly_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Default-size extractor (0.3 GFLOP per image): long enough to kill a worker mid-job.
+    let data = "synthetic:6000:300:9";
+    let local = dir.path().join("local");
+    run_ok(
+        bin()
+            .args(["-q", "features", "--data", data, "--out"])
+            .arg(&local)
+            .args([
+                "--rows-per-part",
+                "100",
+                "--set",
+                "fit_images=300",
+                "--set",
+                "samples=4000",
+            ]),
+    );
+    let ex = local.join("extractor");
+    let ex = ex.to_str().unwrap();
+    let first_part = |dir: &Path| {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(120) {
+            let n = std::fs::read_dir(dir.join("train"))
+                .map(|r| {
+                    r.filter(|e| {
+                        e.as_ref()
+                            .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                    })
+                    .count()
+                })
+                .unwrap_or(0);
+            if n > 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no part written in 120 s");
+    };
+
+    // Two workers, one killed once parts come back: the other finishes the job.
+    let a = Worker::start(&[]);
+    let mut b = Worker::start(&[]);
+    let remote = dir.path().join("remote");
+    let job = features_cmd(
+        &remote,
+        data,
+        &["--extractor", ex, "--workers", &list(&[&a, &b])],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    first_part(&remote);
+    b.kill();
+    let out = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("lost worker {}", b.addr)) && stderr.contains(&a.addr),
+        "{stderr}"
+    );
+    assert_same_cache(&local, &remote);
+
+    // One worker, killed: a clear error naming it, only complete parts, no cache record.
+    let mut c = Worker::start(&[]);
+    let again = dir.path().join("again");
+    let job = features_cmd(&again, data, &["--extractor", ex, "--workers", &c.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    first_part(&again);
+    c.kill();
+    let out = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("lost worker {}", c.addr)) && stderr.contains("no worker is left"),
+        "{stderr}"
+    );
+    assert!(!again.join("cache.json").exists());
+    let parts: Vec<_> = std::fs::read_dir(again.join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!parts.is_empty() && parts.len() < 60, "{parts:?}");
+    for p in &parts {
+        assert!(p.ends_with(".parquet"), "a partial file was left: {p}");
+        assert_eq!(
+            common::parquet_rows(&again.join("train").join(p)),
+            100,
+            "{p}"
+        );
+    }
+    // The rerun, on a new worker, finishes it: same cache as the local job.
+    let d = Worker::start(&[]);
+    let (out, _) = features(&again, data, &["--extractor", ex, "--workers", &d.addr]);
+    assert!(out.contains(&format!("{} kept", parts.len())), "{out}");
+    assert_same_cache(&local, &again);
+}
