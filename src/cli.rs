@@ -569,13 +569,38 @@ pub struct FeaturesArgs {
     /// The stream batch size the `batch` and `row` columns number images by.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    /// Compute the features on these workers (`cifar-df worker`), comma-separated
-    /// `HOST:PORT`; `--out` must be at the same path on every worker (a shared folder).
+    /// Compute the features on workers.
+    #[command(flatten)]
+    pub on: WorkersArgs,
+}
+
+/// `--workers` and `--connect-timeout`, for the commands that can run on workers.
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    /// Run on these workers (`cifar-df worker`), comma-separated `HOST:PORT`; the files
+    /// read and written (the query's, `features --out`) must be at the same path on every
+    /// worker (a shared folder).
     #[arg(long, value_name = "HOST:PORT,...")]
     pub workers: Option<String>,
     /// Seconds to wait for each worker's answer before leaving it out.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+}
+
+impl WorkersArgs {
+    /// The workers and the time to wait for each, when `--workers` is given.
+    fn resolve(&self) -> anyhow::Result<Option<(Vec<url::Url>, Duration)>> {
+        let Some(list) = &self.workers else {
+            return Ok(None);
+        };
+        if !(self.connect_timeout > 0.0 && self.connect_timeout.is_finite()) {
+            bail!("--connect-timeout must be a number of seconds > 0");
+        }
+        Ok(Some((
+            crate::distributed::parse_workers(list)?,
+            Duration::from_secs_f64(self.connect_timeout),
+        )))
+    }
 }
 
 /// `cifar-df worker`.
@@ -613,13 +638,9 @@ pub struct QueryArgs {
     /// With `--extractor onnx:FILE`: the node whose output are the features.
     #[arg(long)]
     pub node: Option<String>,
-    /// Run the query on these workers (`cifar-df worker`), comma-separated `HOST:PORT`;
-    /// files named in the query must be at the same path on every worker.
-    #[arg(long, value_name = "HOST:PORT,...")]
-    pub workers: Option<String>,
-    /// Seconds to wait for each worker's answer before leaving it out.
-    #[arg(long, default_value_t = 10.0)]
-    pub connect_timeout: f64,
+    /// Run the query on workers.
+    #[command(flatten)]
+    pub on: WorkersArgs,
 }
 
 /// `cifar-df plot`.
@@ -969,26 +990,21 @@ async fn export_source(
     Ok(ExitCode::SUCCESS)
 }
 
-fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
-    if !(s > 0.0 && s.is_finite()) {
-        bail!("{what} must be a number of seconds > 0");
+/// The extractor `--extractor SPEC [--node NAME]` binds to `extract_features`, if any.
+fn bound_extractor(
+    spec: Option<&str>,
+    node: Option<&str>,
+) -> anyhow::Result<Option<std::sync::Arc<Extractor>>> {
+    match spec {
+        Some(spec) => Ok(Some(std::sync::Arc::new(open_extractor(spec, node, &[])?))),
+        None if node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
+        None => Ok(None),
     }
-    Ok(Duration::from_secs_f64(s))
 }
 
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
-    let extractor = match &a.extractor {
-        Some(spec) => Some(std::sync::Arc::new(open_extractor(
-            spec,
-            a.node.as_deref(),
-            &[],
-        )?)),
-        None if a.node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
-        None => None,
-    };
-    if let Some(list) = &a.workers {
-        let workers = crate::distributed::parse_workers(list)?;
-        let timeout = seconds("--connect-timeout", a.connect_timeout)?;
+    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref())?;
+    if let Some((workers, timeout)) = a.on.resolve()? {
         let runs_dir = a.runs.clone();
         let prepare =
             move |ctx: &datafusion::prelude::SessionContext| runs::register_tables(ctx, &runs_dir);
@@ -1609,15 +1625,7 @@ fn fit_patches(
 }
 
 async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let extractor = match &a.extractor {
-        Some(spec) => Some(std::sync::Arc::new(open_extractor(
-            spec,
-            a.node.as_deref(),
-            &[],
-        )?)),
-        None if a.node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
-        None => None,
-    };
+    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref())?;
     let listener = crate::distributed::bind(&a.listen).await?;
     let addr = listener
         .local_addr()
@@ -1637,13 +1645,7 @@ async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
 async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCode> {
     use crate::features::cache::{self, CacheOptions};
     let data = DataSpec::parse(&a.data)?;
-    let workers = match &a.workers {
-        Some(list) => Some((
-            crate::distributed::parse_workers(list)?,
-            seconds("--connect-timeout", a.connect_timeout)?,
-        )),
-        None => None,
-    };
+    let workers = a.on.resolve()?;
     let ex_dir = a.out.join(cache::EXTRACTOR_DIR);
     let mut cfg = match &a.config {
         Some(p) => RunConfig::load(p)?,

@@ -16,7 +16,6 @@
 //! does not retry a task whose worker is lost, so [`collect`] does: it asks again which
 //! workers answer and runs the query again on those.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -318,7 +317,6 @@ where
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let before: HashSet<Url> = workers.iter().cloned().collect();
         let answer = futures::future::join_all(workers.iter().map(|u| ask(u, timeout))).await;
         let still: Vec<Url> = workers
             .iter()
@@ -326,7 +324,7 @@ where
             .filter(|(_, a)| a.as_deref().is_ok_and(|v| expected.accepts(v)))
             .map(|(u, _)| u.clone())
             .collect();
-        if still.len() == before.len() {
+        if still.len() == workers.len() {
             // Every worker is there: the query itself failed.
             return Err(err);
         }

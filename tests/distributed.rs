@@ -287,18 +287,6 @@ fn a_worker_with_other_functions_is_refused_and_listening_beyond_loopback_is_sai
     );
 }
 
-/// Small extractor settings (as tests/features.rs).
-const SMALL: [&str; 8] = [
-    "--set",
-    "atoms=32",
-    "--set",
-    "samples=4000",
-    "--set",
-    "stats_images=50",
-    "--set",
-    "fit_images=200",
-];
-
 fn features(out: &Path, data: &str, extra: &[&str]) -> (String, String) {
     run_ok(&mut features_cmd(out, data, extra))
 }
@@ -310,7 +298,7 @@ fn features_cmd(out: &Path, data: &str, extra: &[&str]) -> Command {
         .args(["--rows-per-part", "100"])
         .args(extra);
     if !extra.contains(&"--extractor") {
-        cmd.args(SMALL);
+        cmd.args(common::SMALL_EXTRACTOR);
     }
     cmd
 }

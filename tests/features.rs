@@ -41,18 +41,6 @@ fn small(encoding: Encoding, invariant: bool) -> PatchParams {
     }
 }
 
-/// Small extractor parameters as `--set` flags of `cifar-df features`.
-const SMALL_SETS: [&str; 8] = [
-    "--set",
-    "atoms=32",
-    "--set",
-    "samples=4000",
-    "--set",
-    "stats_images=50",
-    "--set",
-    "fit_images=200",
-];
-
 #[test]
 fn the_extractor_matches_a_numpy_reference() {
     if !have_python("numpy", "the extractor reference") {
@@ -164,7 +152,7 @@ fn features_cmd(data: &str, out: &Path, extra: &[&str]) -> (String, String) {
                 "--rows-per-part",
                 "100",
             ])
-            .args(SMALL_SETS)
+            .args(common::SMALL_EXTRACTOR)
             .args(extra),
     )
 }
@@ -619,7 +607,7 @@ fn bad_input_is_a_clear_error_naming_the_file() {
                 "--out",
                 h.to_str().unwrap(),
             ])
-            .args(SMALL_SETS)
+            .args(common::SMALL_EXTRACTOR)
             .args(["--set", "atoms=16"]),
     );
     let e = fail(&[

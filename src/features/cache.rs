@@ -151,11 +151,7 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
         splits: Vec::new(),
     };
     for split in Split::ALL {
-        let files = dataset::load_split(&opts.data, split)?;
-        let mut all = Images::with_capacity(files.iter().map(Images::len).sum());
-        for f in &files {
-            all.extend_range(f, 0..f.len());
-        }
+        let all = split_images(&opts.data, split)?;
         let n = all.len();
         let dir = opts.out.join(split.name());
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -202,6 +198,16 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
     }
     manifest.write(&opts.out)?;
     Ok(summary)
+}
+
+/// All the images of `split`, in order, as one set.
+pub(crate) fn split_images(data: &DataSpec, split: Split) -> Result<Images> {
+    let files = dataset::load_split(data, split)?;
+    let mut all = Images::with_capacity(files.iter().map(Images::len).sum());
+    for f in &files {
+        all.extend_range(f, 0..f.len());
+    }
+    Ok(all)
 }
 
 /// One part: the images' rows, each followed by its flipped copy when `flipped_x` (the

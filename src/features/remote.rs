@@ -23,7 +23,8 @@
 //! `--flip`) are the permuted features where the extractor has a permutation, else the
 //! features of `hflip(image, 1.0)`, computed by the workers too.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use url::Url;
 
 use super::cache::{self, CacheOptions, CacheSummary, Manifest, SplitEntry};
 use super::Extractor;
-use crate::dataset::{self, Images, Split, IMAGE_BYTES};
+use crate::dataset::{Images, Split, IMAGE_BYTES};
 use crate::distributed;
 use crate::error::{Error, Result};
 use crate::export::write_parquet_file;
@@ -89,12 +90,7 @@ pub async fn write_cache_on_workers(
     let accept = distributed::Expect::same_cifar_df();
     let step = opts.rows_per_part.max(1);
     for split in Split::ALL {
-        let files = dataset::load_split(&opts.data, split)?;
-        let mut all = Images::with_capacity(files.iter().map(Images::len).sum());
-        for f in &files {
-            all.extend_range(f, 0..f.len());
-        }
-        drop(files);
+        let all = cache::split_images(&opts.data, split)?;
         let n = all.len();
         let dir = out.join(split.name());
         let staging = out.join(STAGING_DIR).join(split.name());
@@ -107,7 +103,8 @@ pub async fn write_cache_on_workers(
             None
         };
         let remote_mirror = flip && perm.is_none();
-        let mut pending: Vec<Pending> = Vec::new();
+        // The parts still to compute, by their first image.
+        let mut pending: BTreeMap<usize, Pending> = BTreeMap::new();
         let mut first = 0;
         while first < n {
             let last = (first + step).min(n);
@@ -121,71 +118,72 @@ pub async fn write_cache_on_workers(
                 if !staged.is_file() {
                     stage_part(&all, first, last, &staged)?;
                 }
-                pending.push(Pending {
+                let part = Pending {
                     first,
                     last,
                     staged,
                     out: path,
-                });
+                };
+                pending.insert(first, part);
             }
             first = last;
         }
+        let left = |pending: &BTreeMap<usize, Pending>| -> usize {
+            pending.values().map(|p| p.last - p.first).sum()
+        };
         if let Some(f) = opts.on_part.as_mut() {
-            f(
-                split.name(),
-                n - pending.iter().map(|p| p.last - p.first).sum::<usize>(),
-                n,
-            );
+            f(split.name(), n - left(&pending), n);
         }
         if !pending.is_empty() {
             remove_leftovers(&staging)?;
+            let call = |image: &str| -> Result<String> {
+                Ok(format!(
+                    "{}('{}', '{stamp}', {width}, {image})",
+                    super::udf::FROM_NAME,
+                    sql_text(&ex_dir)?
+                ))
+            };
             let sql = format!(
-                "SELECT idx, {f}('{ex}', '{stamp}', {width}, image) AS f{m} FROM '{dir}/'",
-                f = super::udf::FROM_NAME,
-                ex = sql_text(&ex_dir)?,
-                m = if remote_mirror {
-                    format!(
-                        ", {}('{}', '{stamp}', {width}, hflip(image, 1.0)) AS m",
-                        super::udf::FROM_NAME,
-                        sql_text(&ex_dir)?
-                    )
+                "SELECT idx, {} AS f{} FROM '{}/'",
+                call("image")?,
+                if remote_mirror {
+                    format!(", {} AS m", call("hflip(image, 1.0)")?)
                 } else {
                     String::new()
                 },
-                dir = sql_text(&staging)?,
+                sql_text(&staging)?,
             );
             let t = Instant::now();
-            let state = std::cell::RefCell::new((pending, 0usize));
-            let labels = &all.labels;
-            let on_part = &mut opts.on_part;
-            let batch_size = opts.batch_size;
-            let on_part = std::cell::RefCell::new(on_part);
-            let parts_written = std::cell::Cell::new(0usize);
+            let images_before = left(&pending);
+            let (labels, batch_size) = (&all.labels, opts.batch_size);
+            let job = RefCell::new((pending, &mut opts.on_part, 0usize));
             distributed::with_retries(workers, &accept, timeout, |up| {
-                let state = &state;
-                let on_part = &on_part;
-                let parts_written = &parts_written;
-                let sql = sql.clone();
-                let perm = perm.clone();
+                let (job, sql, perm) = (&job, &sql, &perm);
                 async move {
                     let ctx = distributed::session(&up, None)?;
-                    let mut stream = ctx.sql(&sql).await?.execute_stream().await?;
+                    let mut stream = ctx.sql(sql).await?.execute_stream().await?;
                     // Rows of a failed attempt come again: start each attempt afresh.
                     let mut gathered: HashMap<usize, Gathered> = HashMap::new();
                     while let Some(batch) = stream.next().await {
                         let batch = batch?;
-                        let mut st = state.borrow_mut();
-                        let (pending, done) = &mut *st;
-                        for i in take_rows(&batch, pending, &mut gathered, width, remote_mirror)? {
-                            let p = pending.remove(i);
-                            let g = gathered.remove(&p.first).ok_or_else(|| {
-                                Error::usage("internal: a complete part was not gathered")
-                            })?;
-                            let x = to_array(g.features, p.last - p.first, width)?;
-                            let fx = match (&perm, remote_mirror) {
-                                (Some(perm), _) => Some(x.select(ndarray::Axis(1), perm)),
-                                (None, true) => Some(to_array(g.mirror, p.last - p.first, width)?),
-                                (None, false) => None,
+                        let mut job = job.borrow_mut();
+                        let (pending, on_part, written) = &mut *job;
+                        for first in
+                            take_rows(&batch, pending, &mut gathered, width, remote_mirror)?
+                        {
+                            let (Some(p), Some(g)) =
+                                (pending.remove(&first), gathered.remove(&first))
+                            else {
+                                return Err(Error::usage(
+                                    "internal: a complete part was not gathered",
+                                ));
+                            };
+                            let rows = p.last - p.first;
+                            let x = to_array(g.features, rows, width)?;
+                            let fx = match perm {
+                                Some(perm) => Some(x.select(ndarray::Axis(1), perm)),
+                                None if remote_mirror => Some(to_array(g.mirror, rows, width)?),
+                                None => None,
                             };
                             let part = cache::part_batch(
                                 &x,
@@ -196,16 +194,13 @@ pub async fn write_cache_on_workers(
                             )?;
                             write_parquet_file(&p.out, &[part])?;
                             let _ = fs::remove_file(&p.staged);
-                            parts_written.set(parts_written.get() + 1);
-                            *done += p.last - p.first;
-                            let left: usize = pending.iter().map(|p| p.last - p.first).sum();
-                            if let Some(f) = on_part.borrow_mut().as_mut() {
-                                f(split.name(), n - left, n);
+                            *written += 1;
+                            if let Some(f) = on_part.as_mut() {
+                                f(split.name(), n - left(pending), n);
                             }
                         }
                     }
-                    let st = state.borrow();
-                    if let Some(p) = st.0.first() {
+                    if let Some(p) = job.borrow().0.values().next() {
                         return Err(Error::Worker {
                             what: "the feature query".into(),
                             reason: format!(
@@ -220,9 +215,10 @@ pub async fn write_cache_on_workers(
                 }
             })
             .await?;
+            let (pending, _, written) = job.into_inner();
             summary.encode_seconds += t.elapsed().as_secs_f64();
-            summary.images_encoded += state.borrow().1;
-            summary.parts_written += parts_written.get();
+            summary.images_encoded += images_before - left(&pending);
+            summary.parts_written += written;
         }
         let _ = fs::remove_dir(&staging);
         manifest.splits.push(SplitEntry {
@@ -256,11 +252,10 @@ fn stage_part(all: &Images, first: usize, last: usize, path: &Path) -> Result<()
     write_parquet_file(path, &[batch])
 }
 
-/// Files the rows of `batch` under their parts; the positions in `pending` of the parts
-/// now complete, last first (so that removing them in turn keeps the others' places).
+/// Files the rows of `batch` under their parts; the parts now complete, by first image.
 fn take_rows(
     batch: &RecordBatch,
-    pending: &[Pending],
+    pending: &BTreeMap<usize, Pending>,
     gathered: &mut HashMap<usize, Gathered>,
     width: usize,
     mirror: bool,
@@ -296,12 +291,16 @@ fn take_rows(
     let mut complete = Vec::new();
     for r in 0..batch.num_rows() {
         let i = idx.value(r) as usize;
-        let Some(pos) = pending.iter().position(|p| p.first <= i && i < p.last) else {
+        let Some(p) = pending
+            .range(..=i)
+            .next_back()
+            .map(|(_, p)| p)
+            .filter(|p| i < p.last)
+        else {
             return Err(bad(format!(
                 "image {i} belongs to no part still to compute"
             )));
         };
-        let p = &pending[pos];
         let len = p.last - p.first;
         let g = gathered.entry(p.first).or_insert_with(|| Gathered {
             features: vec![0.0; len * width],
@@ -326,10 +325,9 @@ fn take_rows(
                 .copy_from_slice(&m.values()[r * width..(r + 1) * width]);
         }
         if g.count == len {
-            complete.push(pos);
+            complete.push(p.first);
         }
     }
-    complete.sort_unstable_by(|a, b| b.cmp(a));
     Ok(complete)
 }
 

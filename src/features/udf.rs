@@ -94,29 +94,39 @@ impl ScalarUDFImpl for ExtractUdf {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let images = args.args[0].to_array(args.number_rows)?;
-        let Some(list) = images.as_any().downcast_ref::<FixedSizeListArray>() else {
-            return exec_err!("{NAME}: the image is not a fixed-size list");
-        };
-        let Some(values) = list.values().as_any().downcast_ref::<UInt8Array>() else {
-            return exec_err!("{NAME}: the image values are not UInt8");
-        };
-        let n = list.len();
-        let start = list.offset() * IMAGE_BYTES;
-        let Some(pixels) = values.values().get(start..start + n * IMAGE_BYTES) else {
-            return exec_err!("{NAME}: the image list holds fewer values than its length says");
-        };
-        let features = self.extractor.encode(pixels)?;
-        let width = self.extractor.width();
-        let (flat, _) = features.into_raw_vec_and_offset();
-        let out = FixedSizeListArray::try_new(
-            Arc::new(Field::new("item", DataType::Float32, false)),
-            width as i32,
-            Arc::new(Float32Array::from(flat)),
-            list.nulls().cloned(),
-        )?;
-        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+        features_of(NAME, &self.extractor, &args.args[0], args.number_rows)
     }
+}
+
+/// The features of a column of images with `extractor`, for the function `name`: the
+/// batch's images encoded together, a null image giving a null row.
+fn features_of(
+    name: &str,
+    extractor: &Extractor,
+    images: &ColumnarValue,
+    number_rows: usize,
+) -> Result<ColumnarValue> {
+    let images = images.to_array(number_rows)?;
+    let Some(list) = images.as_any().downcast_ref::<FixedSizeListArray>() else {
+        return exec_err!("{name}: the image is not a fixed-size list");
+    };
+    let Some(values) = list.values().as_any().downcast_ref::<UInt8Array>() else {
+        return exec_err!("{name}: the image values are not UInt8");
+    };
+    let n = list.len();
+    let start = list.offset() * IMAGE_BYTES;
+    let Some(pixels) = values.values().get(start..start + n * IMAGE_BYTES) else {
+        return exec_err!("{name}: the image list holds fewer values than its length says");
+    };
+    let features = extractor.encode(pixels)?;
+    let (flat, _) = features.into_raw_vec_and_offset();
+    let out = FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        extractor.width() as i32,
+        Arc::new(Float32Array::from(flat)),
+        list.nulls().cloned(),
+    )?;
+    Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
 }
 
 /// The name in SQL of the function that finds its extractor by path.
@@ -258,12 +268,6 @@ impl ScalarUDFImpl for ExtractFromUdf {
                 extractor.width()
             );
         }
-        ExtractUdf::new(extractor).invoke_with_args(ScalarFunctionArgs {
-            args: vec![args.args[3].clone()],
-            arg_fields: vec![Arc::clone(&args.arg_fields[3])],
-            number_rows: args.number_rows,
-            return_field: args.return_field,
-            config_options: args.config_options,
-        })
+        features_of(FROM_NAME, &extractor, &args.args[3], args.number_rows)
     }
 }

@@ -49,6 +49,18 @@ pub fn have_python(modules: &str, what: &str) -> bool {
     ok
 }
 
+/// `--set` flags for a small, quickly fitted patch extractor (32 atoms), for `features`.
+pub const SMALL_EXTRACTOR: [&str; 8] = [
+    "--set",
+    "atoms=32",
+    "--set",
+    "samples=4000",
+    "--set",
+    "stats_images=50",
+    "--set",
+    "fit_images=200",
+];
+
 /// The reference server script.
 pub fn reference_server() -> PathBuf {
     std::env::var_os("STREAM_REFERENCE")
