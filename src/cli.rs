@@ -1309,7 +1309,8 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         train_extractor(&a, &cfg, &source)?
     };
     let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
-    if a.flip_test && !a.no_test {
+    let flip_test = a.flip_test || cfg.flip_test.unwrap_or(false);
+    if flip_test && !a.no_test {
         // Refused now rather than after training.
         eval_sql(cached, extractor.is_some(), true)?;
     }
@@ -1397,7 +1398,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
             },
             other => other.clone(),
         };
-        let test_sql = eval_sql(cached, trainer::has_extractor(&run), a.flip_test)?;
+        let test_sql = eval_sql(cached, trainer::has_extractor(&run), flip_test)?;
         let bar = crate::progress::spinner(progress, "{spinner} test {msg} [{elapsed}]");
         let test = trainer::predict(PredictOptions {
             run: run.clone(),

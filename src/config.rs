@@ -20,12 +20,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    self, KMeans, KMeansParams, KernelSvm, KernelSvmParams, Learner, LogReg, LogRegParams, Mlp,
-    MlpParams, Ridge, RidgeParams, Svm, SvmParams, MODELS,
+    self, Cnn, CnnParams, KMeans, KMeansParams, KernelSvm, KernelSvmParams, Learner, LogReg,
+    LogRegParams, Mlp, MlpParams, Ridge, RidgeParams, Svm, SvmParams, MODELS,
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 7] = [
+pub const KEYS: [&str; 8] = [
     "model",
     "epochs",
     "batch_size",
@@ -33,6 +33,7 @@ pub const KEYS: [&str; 7] = [
     "data",
     "sql",
     "features",
+    "flip_test",
 ];
 
 /// A run's settings: what a config file says, with flags applied on top.
@@ -50,6 +51,8 @@ pub struct RunConfig {
     pub data: Option<String>,
     /// Preprocessing SQL file, relative to the config file's folder.
     pub sql: Option<PathBuf>,
+    /// Test-time flip averaging in the test pass (as `--flip-test`).
+    pub flip_test: Option<bool>,
     /// One table of hyper-parameters per model name.
     pub params: toml::Table,
     /// The `[features]` table: a patch extractor fitted on the first images of the
@@ -98,6 +101,10 @@ impl RunConfig {
                     let p = PathBuf::from(value.as_str().ok_or_else(|| wrong_type("a string"))?);
                     let base = path.parent().unwrap_or(Path::new(""));
                     cfg.sql = Some(if p.is_relative() { base.join(p) } else { p });
+                }
+                "flip_test" => {
+                    cfg.flip_test =
+                        Some(value.as_bool().ok_or_else(|| wrong_type("true or false"))?)
                 }
                 "epochs" | "batch_size" | "seed" => {
                     let n = value
@@ -192,6 +199,9 @@ impl RunConfig {
         if let Some(d) = &self.data {
             t.insert("data".into(), d.clone().into());
         }
+        if let Some(f) = self.flip_test {
+            t.insert("flip_test".into(), f.into());
+        }
         if let Some(s) = &self.sql {
             t.insert("sql".into(), s.display().to_string().into());
         }
@@ -254,6 +264,7 @@ pub fn build_model(name: &str, table: &toml::Table) -> Result<Box<dyn Learner>> 
         "kmeans" => Box::new(KMeans::new(params::<KMeansParams>(name, table)?)?),
         "svm-kernel" => Box::new(KernelSvm::new(params::<KernelSvmParams>(name, table)?)?),
         "ridge" => Box::new(Ridge::new(params::<RidgeParams>(name, table)?)?),
+        "cnn" => Box::new(Cnn::new(params::<CnnParams>(name, table)?)?),
         other => return Err(Error::usage(format!("unknown model {other:?}"))),
     })
 }
@@ -276,6 +287,7 @@ pub fn effective_params(name: &str, table: &toml::Table) -> Result<serde_json::V
         "kmeans" => json::<KMeansParams>(name, table),
         "svm-kernel" => json::<KernelSvmParams>(name, table),
         "ridge" => json::<RidgeParams>(name, table),
+        "cnn" => json::<CnnParams>(name, table),
         other => Err(Error::usage(format!("unknown model {other:?}"))),
     }
 }

@@ -686,6 +686,13 @@ async fn train_inner(
     .await?;
     lp.st.per_epoch = per_epoch;
     lp.report = Some(report.clone());
+    // The stream's planned length, for a model with a schedule: epochs of a dataset whose
+    // size is known; unknown for a followed or endless stream.
+    let planned = per_epoch.filter(|_| !opts.source_opts.follow).map(|p| {
+        p.saturating_mul(opts.source_opts.epochs.unwrap_or(1))
+            .saturating_mul(opts.source_opts.batch_size as u64)
+    });
+    model.plan(planned);
     let result = train_loop(
         &mut opts,
         model.as_mut(),
@@ -806,17 +813,20 @@ async fn train_loop(
             lp.st.epoch_metrics = Accumulator::new();
         }
         // Test, then train (or the other way round, as the original did).
-        let before = if lp.st.eval_after_fit {
+        // A model that scores each image on its way to learning it (the CNN's forward
+        // pass before its step) gives the test-then-train scores itself.
+        let scored = !lp.st.eval_after_fit && model.scores_while_learning();
+        let before = if lp.st.eval_after_fit || scored {
             None
         } else {
             Some(model.predict_proba(x)?)
         };
         let f = Instant::now();
-        model.partial_fit(x, y)?;
+        let (_, during) = model.partial_fit_scored(x, y)?;
         lp.st.fit_seconds += f.elapsed().as_secs_f64();
-        let proba = match before {
-            Some(p) => p,
-            None => model.predict_proba(x)?,
+        let proba = match (before, during.filter(|_| scored)) {
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) => model.predict_proba(x)?,
         };
         let m = batch_metrics(y, proba.view())?;
         lp.st.overall.update(y, proba.view())?;

@@ -12,6 +12,7 @@
 //! | `vflip(image, p [, batch, row])` | the image mirrored across its height (rows reversed) with probability `p` |
 //! | `color_shift(image, r, g, b, p [, batch, row])` | with probability `p`: the red plane rolled by `r` rows, the green plane by `g` columns, the blue plane by `b` rows (`numpy.roll`: wrap-around, positive shifts towards higher indices) |
 //! | `random_crop(image, padding [, batch, row])` | each plane zero-padded by `padding` on all sides, then an `s`×`s` window cropped at offsets drawn uniformly from `0..=2·padding` on each axis (`padding = 0` is the identity) |
+//! | `translate(image, pixels [, batch, row])` | the image shifted by offsets drawn uniformly from `-pixels..=pixels` on each axis, the pixels it uncovers filled by reflection at the border (PyTorch's `reflect` padding, then a crop: airbench's augmentation); `pixels` below the side |
 //! | `resize(image, height, width)` | bilinear resampling with half-pixel centres (OpenCV `INTER_LINEAR`, torch `align_corners=False`, no antialiasing) to `3·height·width` values |
 //!
 //! The image functions other than `normalize` keep the element type: UInt8 in, UInt8 out
@@ -30,7 +31,8 @@
 //! the FNV-1a hash of the function's name) gives `u = (h >> 11) · 2⁻⁵³`, uniform in
 //! `[0, 1)`, and the transform is applied iff `u < p` — so `p = 0` never applies it and
 //! `p = 1` always does, exactly. `random_crop` draws its offsets as `⌊h·(2·padding+1) / 2⁶⁴⌋`
-//! (rows) and the same of `mix(h, 1)` (columns). `p` must be in `[0, 1]`.
+//! (rows) and the same of `mix(h, 1)` (columns); `translate` draws them the same way with
+//! `pixels` for `padding`. `p` must be in `[0, 1]`.
 //!
 //! The random functions take the position as two optional trailing arguments, `batch` and
 //! `row` (integers of any type; the stream table's `batch` and `"row"` columns are meant):
@@ -73,12 +75,13 @@ pub const MAX_RESIZE_SIDE: usize = 4096;
 pub const MAX_PADDING: usize = 1 << 16;
 
 /// Names of the functions [`register`] adds.
-pub const FUNCTIONS: [&str; 6] = [
+pub const FUNCTIONS: [&str; 7] = [
     "normalize",
     "hflip",
     "vflip",
     "color_shift",
     "random_crop",
+    "translate",
     "resize",
 ];
 
@@ -287,6 +290,46 @@ pub mod kernels {
         Ok(())
     }
 
+    /// The image shifted so that output pixel (y, x) is input pixel (y + dy, x + dx),
+    /// coordinates outside the image reflected at the border (`-1 → 1`, `s → s − 2`:
+    /// PyTorch's `reflect` padding). `|dy|, |dx|` must be below `s`.
+    pub fn translate_reflect<T: Copy>(
+        src: &[T],
+        s: usize,
+        dy: i64,
+        dx: i64,
+        dst: &mut [T],
+    ) -> Result<()> {
+        check("translate", s, src.len(), dst.len(), src.len())?;
+        let si = s as i64;
+        if dy.abs() >= si.max(1) || dx.abs() >= si.max(1) {
+            return Err(Error::usage(format!(
+                "translate: a shift of ({dy}, {dx}) on a side of {s}"
+            )));
+        }
+        let reflect = |i: i64| -> usize {
+            let r = if i < 0 {
+                -i
+            } else if i >= si {
+                2 * (si - 1) - i
+            } else {
+                i
+            };
+            r.clamp(0, si - 1) as usize
+        };
+        let cols: Vec<usize> = (0..si).map(|x| reflect(x + dx)).collect();
+        let plane = s * s;
+        for (dp, sp) in dst.chunks_exact_mut(plane).zip(src.chunks_exact(plane)) {
+            for (y, drow) in dp.chunks_exact_mut(s).enumerate() {
+                let srow = &sp[reflect(y as i64 + dy) * s..][..s];
+                for (d, &c) in drow.iter_mut().zip(&cols) {
+                    *d = srow[c];
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bilinear resampling with half-pixel centres from side `s` to `height`×`width`,
     /// precomputed once for many images.
     #[derive(Clone, Debug, PartialEq)]
@@ -483,16 +526,18 @@ enum Kind {
     VFlip,
     ColorShift,
     RandomCrop,
+    Translate,
     Resize,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Normalize,
         Kind::HFlip,
         Kind::VFlip,
         Kind::ColorShift,
         Kind::RandomCrop,
+        Kind::Translate,
         Kind::Resize,
     ];
 
@@ -503,6 +548,7 @@ impl Kind {
             Kind::VFlip => "vflip",
             Kind::ColorShift => "color_shift",
             Kind::RandomCrop => "random_crop",
+            Kind::Translate => "translate",
             Kind::Resize => "resize",
         }
     }
@@ -514,6 +560,7 @@ impl Kind {
             Kind::HFlip | Kind::VFlip => &["p"],
             Kind::ColorShift => &["r", "g", "b", "p"],
             Kind::RandomCrop => &["padding"],
+            Kind::Translate => &["pixels"],
             Kind::Resize => &["height", "width"],
         }
     }
@@ -522,7 +569,7 @@ impl Kind {
     fn random(self) -> bool {
         matches!(
             self,
-            Kind::HFlip | Kind::VFlip | Kind::ColorShift | Kind::RandomCrop
+            Kind::HFlip | Kind::VFlip | Kind::ColorShift | Kind::RandomCrop | Kind::Translate
         )
     }
 
@@ -990,6 +1037,26 @@ impl Env {
                 let oy = below(h, n) as usize;
                 let ox = below(mix(h, 1), n) as usize;
                 kernels::crop(from, s, padding as usize, oy, ox, to)?;
+                Ok(true)
+            }),
+            Kind::Translate => self.map_rows::<T, T>(list, src, |i, from, to| {
+                let Some(pixels) = self.params[0].get(i) else {
+                    return Ok(false);
+                };
+                let pixels = integer(name, "pixels", pixels, i)?;
+                if !(0..s as i64).contains(&pixels) {
+                    return Err(DataFusionError::Execution(format!(
+                        "{name}: argument pixels must be in 0..{s} (below the side), got \
+                         {pixels} (row {i})"
+                    )));
+                }
+                let Some(h) = self.hash(i) else {
+                    return Ok(false);
+                };
+                let n = 2 * pixels as u64 + 1;
+                let dy = below(h, n) as i64 - pixels;
+                let dx = below(mix(h, 1), n) as i64 - pixels;
+                kernels::translate_reflect(from, s, dy, dx, to)?;
                 Ok(true)
             }),
             Kind::Resize => {
@@ -1690,6 +1757,7 @@ mod tests {
             ("vflip", vec![lit(1.0)]),
             ("color_shift", vec![lit(1), lit(1), lit(1), lit(1.0)]),
             ("random_crop", vec![lit(1)]),
+            ("translate", vec![lit(1)]),
             ("resize", vec![lit(3), lit(4)]),
         ];
         for (name, rest) in cases {

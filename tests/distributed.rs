@@ -450,6 +450,104 @@ fn an_onnx_feature_job_with_mirror_images_on_workers_equals_the_local_one() {
     assert_same_cache(&local, &remote);
 }
 
+/// The interleaving behind a flaky failure ("Object at location .staging/... not found"):
+/// the planner cuts each staged file into byte ranges, and the scan of a range that holds
+/// no row group may open the file after all its rows are back and the part is written.
+/// Here that late reader is the progress callback, which runs right after each part is
+/// written and opens every staged file the query named: it must find each of them there
+/// until the query has ended, every time.
+#[test]
+fn a_staged_part_outlives_its_rows_until_the_query_ends() {
+    use cifar_df::dataset::DataSpec;
+    use cifar_df::features::cache::CacheOptions;
+    use cifar_df::features::Extractor;
+    let dir = tempfile::tempdir().unwrap();
+    let data = "synthetic:400:100:4";
+    let local = dir.path().join("local");
+    features(&local, data, &[]);
+    let extractor = Extractor::load(&local.join("extractor")).unwrap();
+    let a = Worker::start(&[]);
+    let b = Worker::start(&[]);
+    let remote = dir.path().join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    // The workers read the extractor from the cache folder, where the command saves it.
+    extractor.save(&remote.join("extractor")).unwrap();
+    let staging = remote.join(".staging").join("train");
+    let named: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
+    let missing: Arc<Mutex<Vec<String>>> = Arc::default();
+    let calls = Arc::new(Mutex::new(0usize));
+    let (named2, missing2, calls2, staging2) = (
+        Arc::clone(&named),
+        Arc::clone(&missing),
+        Arc::clone(&calls),
+        staging.clone(),
+    );
+    let mut opts = CacheOptions {
+        data: DataSpec::parse(data).unwrap(),
+        out: remote.clone(),
+        flip: false,
+        rows_per_part: 100,
+        batch_size: 100,
+        on_part: Some(Box::new(move |split, done, n| {
+            if split != "train" {
+                return;
+            }
+            *calls2.lock().unwrap() += 1;
+            let mut named = named2.lock().unwrap();
+            if done == 0 {
+                // Before the query: the files it will scan.
+                *named = std::fs::read_dir(&staging2)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                return;
+            }
+            if done == n {
+                return;
+            }
+            for f in named.iter() {
+                let read = std::fs::File::open(f)
+                    .map_err(|e| e.to_string())
+                    .and_then(|file| {
+                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())
+                    });
+                if let Err(e) = read {
+                    missing2
+                        .lock()
+                        .unwrap()
+                        .push(format!("after {done}/{n}: {}: {e}", f.display()));
+                }
+            }
+        })),
+    };
+    let urls = cifar_df::distributed::parse_workers(&list(&[&a, &b])).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(cifar_df::features::remote::write_cache_on_workers(
+        &extractor,
+        &mut opts,
+        &urls,
+        Duration::from_secs(10),
+    ))
+    .unwrap();
+    assert_eq!(named.lock().unwrap().len(), 4, "the staged parts");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        5,
+        "one call before the query and one per part"
+    );
+    let missing = missing.lock().unwrap();
+    assert!(
+        missing.is_empty(),
+        "staged files gone while the query ran: {missing:#?}"
+    );
+    assert!(
+        !remote.join(".staging").exists(),
+        "staging is removed at the end"
+    );
+    let m = std::fs::read(remote.join("cache.json")).unwrap();
+    assert_eq!(m, std::fs::read(local.join("cache.json")).unwrap());
+}
+
 #[test]
 fn a_feature_job_survives_a_lost_worker_and_with_none_left_stops_cleanly_and_resumes() {
     let dir = tempfile::tempdir().unwrap();

@@ -76,6 +76,11 @@ padded = np.pad(img, ((0, 0), (0, 0), (p, p), (p, p)))
 crops = np.stack([padded[:, :, oy:oy + 32, ox:ox + 32]
                   for oy in range(2 * p + 1) for ox in range(2 * p + 1)], axis=1)
 put("crops.u8", crops, np.uint8)
+t = 2
+reflected = np.pad(img, ((0, 0), (0, 0), (t, t), (t, t)), mode="reflect")
+shifts = np.stack([reflected[:, :, oy:oy + 32, ox:ox + 32]
+                   for oy in range(2 * t + 1) for ox in range(2 * t + 1)], axis=1)
+put("translations.u8", shifts, np.uint8)
 "#;
 
 fn images() -> (Vec<u8>, Vec<u8>) {
@@ -168,7 +173,9 @@ SELECT "row",
        resize(normalize(image, 0, 0, 0, 1, 1, 1), 64, 48) AS r_64x48_unit,
        resize(image, 7.0, 13) AS r_7x13,
        resize(normalize(image, 0, 0, 0, 1, 1, 1), 7, 13) AS r_7x13_unit,
-       random_crop(image, 4, batch, "row") AS crop
+       random_crop(image, 4, batch, "row") AS crop,
+       translate(image, 2, batch, "row") AS shifted,
+       translate(normalize(image, 0, 0, 0, 1, 1, 1), 2, batch, "row") AS shifted_unit
 FROM t
 ORDER BY "row"
 "#;
@@ -259,9 +266,26 @@ async fn functions_match_numpy() {
     offsets.sort();
     offsets.dedup();
     assert!(offsets.len() > 3, "offsets hardly vary: {offsets:?}");
+    // translate is numpy's crop of the reflect-padded image (mode="reflect") at some
+    // offset in range; a Float32 image moves the same way.
+    let shifted = u8_values(&b, "shifted");
+    let candidates = read_u8(d, "translations.u8");
+    let mut offsets = Vec::new();
+    for (i, got) in shifted.chunks_exact(3072).enumerate() {
+        let found = candidates[i * 25 * 3072..(i + 1) * 25 * 3072]
+            .chunks_exact(3072)
+            .position(|c| c == got);
+        offsets.push(found.unwrap_or_else(|| panic!("row {i}: translation matches no offset")));
+    }
+    offsets.sort();
+    offsets.dedup();
+    assert!(offsets.len() > 3, "translations hardly vary: {offsets:?}");
+    let unit: Vec<f64> = shifted.iter().map(|&v| f64::from(v) / 255.0).collect();
+    assert!(max_diff(&f32_values(&b, "shifted_unit"), &unit) < 1e-7);
     // The same seed and positions give the same crops (and flips) in a new session.
     let again = run_on_images(&pixels, &labels, QUERY).await;
     assert_eq!(u8_values(&again, "crop"), crop);
+    assert_eq!(u8_values(&again, "shifted"), shifted);
 }
 
 /// Run one of the `sql/` files over `synthetic:300:0:1` (100-image batches).

@@ -17,7 +17,9 @@
 //! every machine (a shared file system).
 //!
 //! The coordinator gathers the rows, and writes a part (atomically, as the local job) as
-//! soon as all of its rows are back, then drops its staged file. A worker lost mid-job is
+//! soon as all of its rows are back; the staged files of the parts written are removed
+//! once the query has ended (a scan of a byte range of a file that holds no row group may
+//! open the file after its rows are back). A worker lost mid-job is
 //! left out and the query runs again, on the others, over the parts not yet written; a
 //! job stopped any other way is resumed by running it again. Mirror-image features (with
 //! `--flip`) are the permuted features where the extractor has a permutation, else the
@@ -160,46 +162,52 @@ pub async fn write_cache_on_workers(
             distributed::with_retries(workers, &accept, timeout, |up| {
                 let (job, sql, perm) = (&job, &sql, &perm);
                 async move {
-                    let ctx = distributed::session(&up, None)?;
-                    let mut stream = ctx.sql(sql).await?.execute_stream().await?;
-                    // Rows of a failed attempt come again: start each attempt afresh.
-                    let mut gathered: HashMap<usize, Gathered> = HashMap::new();
-                    while let Some(batch) = stream.next().await {
-                        let batch = batch?;
-                        let mut job = job.borrow_mut();
-                        let (pending, on_part, written) = &mut *job;
-                        for first in
-                            take_rows(&batch, pending, &mut gathered, width, remote_mirror)?
-                        {
-                            let (Some(p), Some(g)) =
-                                (pending.remove(&first), gathered.remove(&first))
-                            else {
-                                return Err(Error::usage(
-                                    "internal: a complete part was not gathered",
-                                ));
-                            };
-                            let rows = p.last - p.first;
-                            let x = to_array(g.features, rows, width)?;
-                            let fx = match perm {
-                                Some(perm) => Some(x.select(ndarray::Axis(1), perm)),
-                                None if remote_mirror => Some(to_array(g.mirror, rows, width)?),
-                                None => None,
-                            };
-                            let part = cache::part_batch(
-                                &x,
-                                &labels[p.first..p.last],
-                                p.first,
-                                batch_size,
-                                fx.as_ref(),
-                            )?;
-                            write_parquet_file(&p.out, &[part])?;
-                            let _ = fs::remove_file(&p.staged);
-                            *written += 1;
-                            if let Some(f) = on_part.as_mut() {
-                                f(split.name(), n - left(pending), n);
+                    // A staged file is read by several scan partitions (the planner cuts
+                    // each file into byte ranges; the range that holds the row group reads
+                    // the rows, the others open the file only to find no row group), and
+                    // those may open it after all its rows are back. So the staged files of
+                    // the parts written are removed only once the query has ended.
+                    let mut done: Vec<PathBuf> = Vec::new();
+                    let result =
+                        run_attempt(up, sql, job, &mut done, |job, gathered, batch, done| {
+                            let (pending, on_part, written) = job;
+                            for first in take_rows(batch, pending, gathered, width, remote_mirror)?
+                            {
+                                let (Some(p), Some(g)) =
+                                    (pending.remove(&first), gathered.remove(&first))
+                                else {
+                                    return Err(Error::usage(
+                                        "internal: a complete part was not gathered",
+                                    ));
+                                };
+                                let rows = p.last - p.first;
+                                let x = to_array(g.features, rows, width)?;
+                                let fx = match perm {
+                                    Some(perm) => Some(x.select(ndarray::Axis(1), perm)),
+                                    None if remote_mirror => Some(to_array(g.mirror, rows, width)?),
+                                    None => None,
+                                };
+                                let part = cache::part_batch(
+                                    &x,
+                                    &labels[p.first..p.last],
+                                    p.first,
+                                    batch_size,
+                                    fx.as_ref(),
+                                )?;
+                                write_parquet_file(&p.out, &[part])?;
+                                done.push(p.staged);
+                                *written += 1;
+                                if let Some(f) = on_part.as_mut() {
+                                    f(split.name(), n - left(pending), n);
+                                }
                             }
-                        }
+                            Ok(())
+                        })
+                        .await;
+                    for staged in done {
+                        let _ = fs::remove_file(staged);
                     }
+                    result?;
                     if let Some(p) = job.borrow().0.values().next() {
                         return Err(Error::Worker {
                             what: "the feature query".into(),
@@ -230,6 +238,42 @@ pub async fn write_cache_on_workers(
     let _ = fs::remove_dir(out.join(STAGING_DIR));
     manifest.write(&out)?;
     Ok(summary)
+}
+
+/// The job's state shared by the attempts: the parts still to compute, the progress
+/// callback, and the number of parts written.
+type JobState<'a> = (
+    BTreeMap<usize, Pending>,
+    &'a mut Option<cache::OnPart>,
+    usize,
+);
+
+/// Runs one attempt of the feature query on `workers`, handing each batch of rows to
+/// `take`, which adds the staged files of the parts it wrote to `done` (also when it then
+/// fails). The query's stream is dropped (every scan of it ended, or abandoned) before
+/// this returns.
+async fn run_attempt<'a>(
+    workers: Vec<Url>,
+    sql: &str,
+    job: &RefCell<JobState<'a>>,
+    done: &mut Vec<PathBuf>,
+    mut take: impl FnMut(
+        &mut JobState<'a>,
+        &mut HashMap<usize, Gathered>,
+        &RecordBatch,
+        &mut Vec<PathBuf>,
+    ) -> Result<()>,
+) -> Result<()> {
+    let ctx = distributed::session(&workers, None)?;
+    let mut stream = ctx.sql(sql).await?.execute_stream().await?;
+    // Rows of a failed attempt come again: start each attempt afresh.
+    let mut gathered: HashMap<usize, Gathered> = HashMap::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let mut job = job.borrow_mut();
+        take(&mut job, &mut gathered, &batch, done)?;
+    }
+    Ok(())
 }
 
 /// Writes images `first..last` as one Parquet file (one row group): `idx`, `image`.

@@ -20,6 +20,7 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 use crate::error::{Error, Result};
 use crate::store::write_atomic;
 
+pub mod cnn;
 pub mod kernel_svm;
 mod kernels;
 pub use kernels::set_threads;
@@ -29,6 +30,7 @@ pub mod mlp;
 pub mod ridge;
 pub mod svm;
 
+pub use cnn::{Cnn, CnnParams};
 pub use kernel_svm::{KernelSvm, KernelSvmParams};
 pub use kmeans::{KMeans, KMeansParams};
 pub use logreg::{LogReg, LogRegParams};
@@ -88,6 +90,30 @@ pub trait Learner: Send {
         Ok(())
     }
 
+    /// Tells the model how many images the stream will bring in all (`--epochs` times a
+    /// dataset's images), or `None` for a stream of unknown length. Models with a
+    /// learning-rate schedule (the CNN) plan it over them; the others ignore it.
+    fn plan(&mut self, _images: Option<u64>) {}
+
+    /// Whether [`partial_fit_scored`](Learner::partial_fit_scored) gives each image's
+    /// probabilities as the model saw it just before learning it, computed on the way
+    /// (the CNN's forward pass). Then the trainer's test-then-train scores come from
+    /// there, not from a separate [`predict_proba`](Learner::predict_proba).
+    fn scores_while_learning(&self) -> bool {
+        false
+    }
+
+    /// [`partial_fit`](Learner::partial_fit), and, where
+    /// [`scores_while_learning`](Learner::scores_while_learning), the n × [`CLASSES`]
+    /// probabilities of each image before the step that learnt it.
+    fn partial_fit_scored(
+        &mut self,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u8>,
+    ) -> Result<(f64, Option<Array2<f32>>)> {
+        Ok((self.partial_fit(x, y)?, None))
+    }
+
     /// For clustering models: the cluster each row of `x` falls in; `None` (the
     /// default) for classifiers.
     fn clusters(&self, _x: ArrayView2<f32>) -> Option<Result<Vec<u32>>> {
@@ -117,6 +143,7 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
         kmeans::NAME => Ok(Box::new(KMeans::load(dir)?)),
         kernel_svm::NAME => Ok(Box::new(KernelSvm::load(dir)?)),
         ridge::NAME => Ok(Box::new(Ridge::load(dir)?)),
+        cnn::NAME => Ok(Box::new(cnn::Cnn::load(dir)?)),
         other => Err(Error::format(
             &path,
             0,
@@ -129,13 +156,14 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
 }
 
 /// Every model `train --model` knows, by name.
-pub const MODELS: [&str; 6] = [
+pub const MODELS: [&str; 7] = [
     logreg::NAME,
     svm::NAME,
     mlp::NAME,
     kmeans::NAME,
     kernel_svm::NAME,
     ridge::NAME,
+    cnn::NAME,
 ];
 
 /// Index of the largest value, the lowest index on ties (and 0 for an empty row).

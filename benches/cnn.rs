@@ -1,0 +1,51 @@
+//! The CNN's training speed: one SGD step (forward, backward, update) on a mini-batch of
+//! random images, for the default network (widths 32/64/128) and airbench94's
+//! (64/256/256), in images/s; `benches/cnn_torch.py` runs the same network in PyTorch.
+//!
+//!     cargo bench --bench cnn
+//!     python3 benches/cnn_torch.py
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ndarray::{Array1, Array2};
+
+use cifar_df::model::cnn::{Cnn, CnnParams};
+use cifar_df::model::{Learner, SplitMix};
+
+fn batch(n: usize, seed: u64) -> (Array2<f32>, Array1<u8>) {
+    let mut rng = SplitMix(seed);
+    let x = Array2::from_shape_fn((n, 3072), |_| rng.normal() as f32);
+    let y = (0..n).map(|_| rng.below(10) as u8).collect();
+    (x, y)
+}
+
+fn train_step(c: &mut Criterion) {
+    let n = 256;
+    let (x, y) = batch(n, 1);
+    let mut group = c.benchmark_group("cnn_train");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(n as u64));
+    for widths in [vec![32, 64, 128], vec![64, 256, 256]] {
+        let mut model = Cnn::new(CnnParams {
+            widths: widths.clone(),
+            batch_size: n,
+            ..CnnParams::default()
+        })
+        .unwrap();
+        model.partial_fit(x.view(), y.view()).unwrap();
+        let name = format!(
+            "{}_batch{n}",
+            widths
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+                .join("_")
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| model.partial_fit(x.view(), y.view()).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, train_step);
+criterion_main!(benches);

@@ -1,0 +1,747 @@
+//! `--model cnn`: a convolutional network learnt from the stream, one SGD step per
+//! mini-batch of each arriving batch.
+//!
+//! The network is airbench94's ([`net`]): a 2×2 whitening convolution fitted without
+//! labels from the first batch of the stream, three blocks of two 3×3 convolutions with
+//! max pooling, BatchNorm and GELU, a linear head. It learns with Nesterov SGD, label
+//! smoothing and weight decay in airbench94's decoupled form (the learning rate and the
+//! weight decay are per 1,024 images and do not change with the momentum), a warm-up then
+//! a linear decay over the planned number of images when it is known, a constant rate
+//! after the warm-up when it is not, and Lookahead averaging of the weights when the plan
+//! is known. Scoring uses the BatchNorm running statistics and, by default, averages the
+//! logits of each image and its mirror image.
+//!
+//! Inputs are rows of 3,072 floats in the CIFAR order (the 1,024 red values, then green,
+//! then blue), normalised by the SQL (`normalize(image)`); the network works on NHWC
+//! tensors ([`ops`]).
+
+pub mod net;
+pub mod ops;
+
+use std::path::Path;
+
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
+use self::net::{Arch, Grads, Net, Tape, CHANNELS, SIDE};
+use super::{
+    check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
+    CLASSES,
+};
+use crate::error::{Error, Result};
+
+/// The model's name.
+pub const NAME: &str = "cnn";
+
+/// Floats of an input row.
+pub const INPUT: usize = SIDE * SIDE * CHANNELS;
+
+/// Hyper-parameters of `--model cnn`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CnnParams {
+    /// Channels of the three blocks.
+    pub widths: Vec<usize>,
+    /// Images per SGD step.
+    pub batch_size: usize,
+    /// Learning rate per 1,024 images, decoupled from the momentum (airbench94: 11.5).
+    pub lr: f64,
+    /// Nesterov momentum.
+    pub momentum: f64,
+    /// Weight decay per 1,024 images, decoupled from the learning rate.
+    pub weight_decay: f64,
+    /// The BatchNorm shifts' learning rate is this many times the others'.
+    pub bias_scaler: f64,
+    /// Label smoothing of the cross-entropy.
+    pub label_smoothing: f32,
+    /// The whitening layer's bias learns for this many images, then is frozen
+    /// (airbench94: 3 epochs).
+    pub whiten_bias_images: u64,
+    /// Added to the patch covariance's eigenvalues before the whitening's inverse square
+    /// root.
+    pub whiten_eps: f64,
+    /// BatchNorm's running-statistics momentum (PyTorch's convention).
+    pub bn_momentum: f32,
+    /// Multiplies the logits.
+    pub scale: f32,
+    /// Warm-up: the first fraction of the planned images; the rate rises from
+    /// `lr_start` to 1 (times `lr`), then falls linearly to `lr_end` at the end of the
+    /// plan. Without a plan, the warm-up lasts `warmup_images`, then the rate stays 1.
+    pub warmup: f64,
+    /// The rate's factor at the start of the warm-up.
+    pub lr_start: f64,
+    /// The rate's factor at the end of the plan.
+    pub lr_end: f64,
+    /// The warm-up's length when the stream's length is not known.
+    pub warmup_images: u64,
+    /// Lookahead: every this many steps the weights are averaged with a slow copy
+    /// (airbench94: 5; 0 turns it off). Only with a known plan.
+    pub lookahead_every: u64,
+    /// The seed of the initial weights.
+    pub seed: u64,
+}
+
+impl Default for CnnParams {
+    fn default() -> Self {
+        CnnParams {
+            widths: vec![32, 64, 128],
+            batch_size: 256,
+            lr: 11.5,
+            momentum: 0.85,
+            weight_decay: 0.0153,
+            bias_scaler: 64.0,
+            label_smoothing: 0.2,
+            whiten_bias_images: 150_000,
+            whiten_eps: 5e-4,
+            bn_momentum: 0.4,
+            scale: 1.0 / 9.0,
+            warmup: 0.23,
+            lr_start: 0.2,
+            lr_end: 0.07,
+            warmup_images: 50_000,
+            lookahead_every: 5,
+            seed: 0,
+        }
+    }
+}
+
+impl CnnParams {
+    /// Checks the hyper-parameters and the network's shape.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.arch().check()?;
+        if self.batch_size == 0 {
+            return Err("batch_size must be at least 1".into());
+        }
+        let finite_pos = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v} must be finite and ≥ 0"))
+            }
+        };
+        finite_pos("lr", self.lr)?;
+        finite_pos("weight_decay", self.weight_decay)?;
+        finite_pos("bias_scaler", self.bias_scaler)?;
+        finite_pos("whiten_eps", self.whiten_eps)?;
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!("momentum = {} must be in [0, 1)", self.momentum));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(format!(
+                "label_smoothing = {} must be in [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.bn_momentum) {
+            return Err(format!(
+                "bn_momentum = {} must be in [0, 1]",
+                self.bn_momentum
+            ));
+        }
+        if !(0.0..1.0).contains(&self.warmup) {
+            return Err(format!("warmup = {} must be in [0, 1)", self.warmup));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(format!("scale = {} must be > 0", self.scale));
+        }
+        Ok(())
+    }
+
+    /// The network's shape.
+    pub fn arch(&self) -> Arch {
+        Arch {
+            widths: self.widths.clone(),
+            classes: CLASSES,
+            scale: self.scale,
+            bn_eps: 1e-12,
+            bn_momentum: self.bn_momentum,
+        }
+    }
+}
+
+/// The model: the network, the optimiser's state and the schedule's position.
+pub struct Cnn {
+    params: CnnParams,
+    net: Option<Net>,
+    /// Momentum buffers, in the layout of the network's parameters.
+    momentum: Grads,
+    /// Lookahead's slow weights (the parameters and the running statistics).
+    slow: Option<Net>,
+    /// Images the plan will show (`--epochs` × the dataset), if known.
+    planned: Option<u64>,
+    steps: u64,
+    seen: u64,
+    tape: Tape,
+    grads: Grads,
+}
+
+impl Cnn {
+    /// A new, untrained model.
+    pub fn new(params: CnnParams) -> Result<Self> {
+        params
+            .check()
+            .map_err(|e| Error::usage(format!("cnn: {e}")))?;
+        Ok(Cnn {
+            params,
+            net: None,
+            momentum: Vec::new(),
+            slow: None,
+            planned: None,
+            steps: 0,
+            seen: 0,
+            tape: Tape::default(),
+            grads: Vec::new(),
+        })
+    }
+
+    /// The network, once the first batch has been seen.
+    pub fn net(&self) -> Option<&Net> {
+        self.net.as_ref()
+    }
+
+    /// The hyper-parameters.
+    pub fn params(&self) -> &CnnParams {
+        &self.params
+    }
+
+    /// The learning rate's factor for the step that starts at image `seen`.
+    pub fn lr_factor(&self, seen: u64) -> f64 {
+        let p = &self.params;
+        match self.planned.filter(|&t| t > 0) {
+            Some(total) => {
+                let warm = (p.warmup * total as f64).max(1.0);
+                let s = seen as f64;
+                if s < warm {
+                    let f = s / warm;
+                    p.lr_start * (1.0 - f) + f
+                } else {
+                    let f = ((s - warm) / (total as f64 - warm).max(1.0)).min(1.0);
+                    (1.0 - f) + p.lr_end * f
+                }
+            }
+            None => {
+                let warm = p.warmup_images.max(1) as f64;
+                let f = (seen as f64 / warm).min(1.0);
+                p.lr_start * (1.0 - f) + f
+            }
+        }
+    }
+
+    /// Converts rows of CIFAR-ordered floats (`[n, 3072]`, planes R, G, B) into NHWC.
+    fn to_nhwc(x: ArrayView2<f32>, flip: bool) -> Vec<f32> {
+        let n = x.nrows();
+        let plane = SIDE * SIDE;
+        let mut out = vec![0.0f32; n * INPUT];
+        for (i, row) in x.rows().into_iter().enumerate() {
+            let dst = &mut out[i * INPUT..(i + 1) * INPUT];
+            for y in 0..SIDE {
+                for xx in 0..SIDE {
+                    let sx = if flip { SIDE - 1 - xx } else { xx };
+                    for c in 0..CHANNELS {
+                        dst[(y * SIDE + xx) * CHANNELS + c] = row[c * plane + y * SIDE + sx];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Fits the whitening layer to `x` (rows as [`Learner::partial_fit`] takes them) and
+    /// starts the network, without learning from them: what the first batch does before
+    /// its first step.
+    pub fn init_from(&mut self, x: ArrayView2<f32>) -> Result<()> {
+        check_features(x, Some(INPUT))?;
+        let xs = Self::to_nhwc(x, false);
+        self.init(&xs, x.nrows());
+        Ok(())
+    }
+
+    /// Images learnt so far.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    fn init(&mut self, x: &[f32], n: usize) {
+        let whiten = net::whitening_weights(x, n, self.params.whiten_eps);
+        let mut rng = SplitMix(self.params.seed);
+        let net = Net::new(self.params.arch(), whiten, &mut rng);
+        self.momentum = net.params.iter().map(|p| vec![0.0; p.len()]).collect();
+        self.grads = self.momentum.clone();
+        self.slow = None;
+        self.net = Some(net);
+    }
+
+    /// One SGD step on `n` NHWC images; returns the mean plain cross-entropy before it
+    /// and the logits it computed.
+    fn step(&mut self, x: &[f32], y: &[u8]) -> Result<(f64, Vec<f32>)> {
+        let n = y.len();
+        let p = self.params.clone();
+        let factor = self.lr_factor(self.seen);
+        let Some(net) = self.net.as_mut() else {
+            return Err(Error::usage("cnn: internal: step before init"));
+        };
+        let logits = net.forward_train(x, n, &mut self.tape);
+        let (dlogits, _, plain) = net::smoothed_ce(&logits, y, CLASSES, p.label_smoothing);
+        if !plain.is_finite() {
+            return Err(Error::usage(format!(
+                "cnn: the loss is {plain} at step {}: the learning rate ({}) is too high for \
+                 this network",
+                self.steps + 1,
+                p.lr
+            )));
+        }
+        let whiten_bias = self.seen < p.whiten_bias_images;
+        net.backward(&dlogits, &mut self.tape, whiten_bias, &mut self.grads);
+        // airbench94's decoupled form: the step is lr/(1024·(1 + 1/(1 − m))) per image
+        // of the summed loss, and the decay wd·batch/(1024·(1 + 1/(1 − m))) per step.
+        let m = p.momentum;
+        let kilo = 1024.0 * (1.0 + 1.0 / (1.0 - m));
+        let lr = p.lr / kilo * factor;
+        let wd = p.weight_decay * n as f64 / kilo * factor;
+        let norms: std::ops::Range<usize> =
+            net.norm_index(0)..net.norm_index(0) + 2 * p.widths.len();
+        for (t, ((w, g), buf)) in net
+            .params
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(&mut self.momentum)
+            .enumerate()
+        {
+            let lr_t = if norms.contains(&t) {
+                lr * p.bias_scaler
+            } else {
+                lr
+            };
+            if t == 0 && !whiten_bias {
+                continue;
+            }
+            // PyTorch's SGD: d = g + (wd/lr_t)·w; buf = m·buf + d; w −= lr_t·(d + m·buf).
+            let decay = if lr_t > 0.0 { (wd / lr_t) as f32 } else { 0.0 };
+            let (lr_t, m) = (lr_t as f32, m as f32);
+            for ((wv, &gv), bv) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+                let d = gv + decay * *wv;
+                *bv = m * *bv + d;
+                *wv -= lr_t * (d + m * *bv);
+            }
+        }
+        self.steps += 1;
+        self.seen += n as u64;
+        if let (Some(total), true) = (self.planned, p.lookahead_every > 0) {
+            if self.steps.is_multiple_of(p.lookahead_every) {
+                let frac = (self.seen as f64 / total.max(1) as f64).min(1.0);
+                let decay = 0.95f64.powi(5) * frac.powi(3);
+                let net = self.net.as_mut().expect("net");
+                let slow = self.slow.get_or_insert_with(|| net.clone());
+                lerp_into(slow, net, (1.0 - decay) as f32);
+                if frac >= 1.0 {
+                    // The end of the plan: the slow weights are the model.
+                }
+            }
+        }
+        Ok((plain, logits))
+    }
+
+    /// Learns a batch, one step per mini-batch; the mean loss, and the probabilities
+    /// before each step when `scored`.
+    fn learn(
+        &mut self,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u8>,
+        scored: bool,
+    ) -> Result<(f64, Option<Array2<f32>>)> {
+        check_batch(x, y, Some(INPUT))?;
+        let n = x.nrows();
+        if n == 0 {
+            return Ok((0.0, scored.then(|| Array2::zeros((0, CLASSES)))));
+        }
+        let xs = Self::to_nhwc(x, false);
+        if self.net.is_none() {
+            let arch = self.params.arch();
+            let bs = self.params.batch_size.min(n);
+            crate::limits::check(
+                &format!(
+                    "cnn (widths {:?}, mini-batch {bs}): the activations kept for the backward pass",
+                    self.params.widths
+                ),
+                (arch.tape_floats_per_image() * bs * 4) as u128,
+            )?;
+            self.init(&xs, n);
+        }
+        let ys: Vec<u8> = y.iter().copied().collect();
+        let bs = self.params.batch_size;
+        let mut total = 0.0f64;
+        let mut proba = scored.then(|| Array2::<f32>::zeros((n, CLASSES)));
+        for start in (0..n).step_by(bs) {
+            let end = (start + bs).min(n);
+            let (loss, logits) = self.step(&xs[start * INPUT..end * INPUT], &ys[start..end])?;
+            total += loss * (end - start) as f64;
+            if let Some(p) = proba.as_mut() {
+                let l = ArrayView2::from_shape((end - start, CLASSES), &logits)
+                    .map_err(|e| Error::usage(format!("cnn: internal: {e}")))?;
+                let mut rows = p.slice_mut(ndarray::s![start..end, ..]);
+                rows.assign(&l);
+                softmax_rows(&mut rows);
+            }
+        }
+        Ok((total / n as f64, proba))
+    }
+
+    fn logits(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+        let Some(net) = self.net.as_ref() else {
+            return Ok(Array2::zeros((x.nrows(), CLASSES)));
+        };
+        let n = x.nrows();
+        let mut out = Array2::<f32>::zeros((n, CLASSES));
+        const CHUNK: usize = 256;
+        for start in (0..n).step_by(CHUNK) {
+            let end = (start + CHUNK).min(n);
+            let rows = x.slice(ndarray::s![start..end, ..]);
+            let xs = Self::to_nhwc(rows, false);
+            let l = net.forward_score(&xs, end - start, None);
+            out.slice_mut(ndarray::s![start..end, ..]).assign(
+                &ArrayView2::from_shape((end - start, CLASSES), &l)
+                    .map_err(|e| Error::usage(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Each row of logits into probabilities, in place.
+fn softmax_rows(l: &mut ndarray::ArrayViewMut2<f32>) {
+    for mut row in l.rows_mut() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.mapv_inplace(|v| v / sum);
+    }
+}
+
+/// `slow += t·(fast − slow)` and then `fast = slow`, for the parameters and the running
+/// statistics (airbench94's Lookahead).
+fn lerp_into(slow: &mut Net, fast: &mut Net, t: f32) {
+    let pairs = slow
+        .params
+        .iter_mut()
+        .zip(fast.params.iter_mut())
+        .chain(
+            slow.running_mean
+                .iter_mut()
+                .zip(fast.running_mean.iter_mut()),
+        )
+        .chain(slow.running_var.iter_mut().zip(fast.running_var.iter_mut()));
+    for (s, f) in pairs {
+        for (sv, fv) in s.iter_mut().zip(f.iter_mut()) {
+            *sv += t * (*fv - *sv);
+            *fv = *sv;
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    params: CnnParams,
+    planned: Option<u64>,
+    steps: u64,
+    seen: u64,
+    trained: bool,
+    slow: bool,
+}
+
+impl Learner for Cnn {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn n_features(&self) -> Option<usize> {
+        Some(INPUT)
+    }
+
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+        Ok(self.learn(x, y, false)?.0)
+    }
+
+    fn plan(&mut self, images: Option<u64>) {
+        self.planned = images;
+    }
+
+    fn scores_while_learning(&self) -> bool {
+        true
+    }
+
+    fn partial_fit_scored(
+        &mut self,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u8>,
+    ) -> Result<(f64, Option<Array2<f32>>)> {
+        let (loss, p) = self.learn(x, y, true)?;
+        Ok((loss, p))
+    }
+
+    fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+        check_features(x, Some(INPUT))?;
+        let mut l = self.logits(x)?;
+        softmax_rows(&mut l.view_mut());
+        Ok(l)
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let mut t = TensorsOut::default();
+        if let Some(net) = &self.net {
+            let shapes = net.arch.param_shapes();
+            t.f32("whiten.weight", &[net.whiten.len()], net.whiten.iter());
+            for ((name, len), (w, m)) in shapes.iter().zip(net.params.iter().zip(&self.momentum)) {
+                t.f32(name, &[*len], w.iter());
+                t.f32(&format!("momentum.{name}"), &[*len], m.iter());
+            }
+            for (i, (m, v)) in net.running_mean.iter().zip(&net.running_var).enumerate() {
+                t.f32(&format!("norm{i}.running_mean"), &[m.len()], m.iter());
+                t.f32(&format!("norm{i}.running_var"), &[v.len()], v.iter());
+            }
+            if let Some(slow) = &self.slow {
+                for ((name, len), w) in shapes.iter().zip(&slow.params) {
+                    t.f32(&format!("slow.{name}"), &[*len], w.iter());
+                }
+                for (i, (m, v)) in slow.running_mean.iter().zip(&slow.running_var).enumerate() {
+                    t.f32(&format!("slow.norm{i}.running_mean"), &[m.len()], m.iter());
+                    t.f32(&format!("slow.norm{i}.running_var"), &[v.len()], v.iter());
+                }
+            }
+        }
+        let meta = Meta {
+            params: self.params.clone(),
+            planned: self.planned,
+            steps: self.steps,
+            seen: self.seen,
+            trained: self.net.is_some(),
+            slow: self.slow.is_some(),
+        };
+        save_checkpoint(
+            dir,
+            NAME,
+            &format!("{}-{}", self.seen, self.steps),
+            &meta,
+            t,
+        )
+    }
+}
+
+impl Cnn {
+    /// Loads a model saved by [`Learner::save`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let ck = Checkpoint::open(dir, NAME)?;
+        let meta: Meta = ck.meta()?;
+        meta.params
+            .check()
+            .map_err(|e| ck.bad_meta(format!("bad params: {e}")))?;
+        let mut model = Cnn::new(meta.params)?;
+        model.planned = meta.planned;
+        model.steps = meta.steps;
+        model.seen = meta.seen;
+        if !meta.trained {
+            ck.expect_names(&[])?;
+            return Ok(model);
+        }
+        let arch = model.params.arch();
+        let shapes = arch.param_shapes();
+        let nconv = 2 * arch.widths.len();
+        let mut names = vec!["whiten.weight".to_string()];
+        for (name, _) in &shapes {
+            names.push(name.clone());
+            names.push(format!("momentum.{name}"));
+            if meta.slow {
+                names.push(format!("slow.{name}"));
+            }
+        }
+        for i in 0..nconv {
+            for prefix in if meta.slow {
+                &["", "slow."][..]
+            } else {
+                &[""][..]
+            } {
+                names.push(format!("{prefix}norm{i}.running_mean"));
+                names.push(format!("{prefix}norm{i}.running_var"));
+            }
+        }
+        ck.expect_names(&names)?;
+        let whiten = ck.f32(
+            "whiten.weight",
+            &[net::WHITEN_K * net::WHITEN_K * CHANNELS * net::WHITEN_WIDTH],
+        )?;
+        let widths: Vec<usize> = arch.conv_shapes(1).iter().map(|s| s.co).collect();
+        let read_net = |prefix: &str| -> Result<Net> {
+            let mut params = Vec::new();
+            for (name, len) in &shapes {
+                params.push(ck.f32(&format!("{prefix}{name}"), &[*len])?);
+            }
+            let mut running_mean = Vec::new();
+            let mut running_var = Vec::new();
+            for (i, &w) in widths.iter().enumerate() {
+                running_mean.push(ck.f32(&format!("{prefix}norm{i}.running_mean"), &[w])?);
+                running_var.push(ck.f32(&format!("{prefix}norm{i}.running_var"), &[w])?);
+            }
+            Ok(Net {
+                arch: arch.clone(),
+                whiten: whiten.clone(),
+                params,
+                running_mean,
+                running_var,
+            })
+        };
+        let net = read_net("")?;
+        model.momentum = shapes
+            .iter()
+            .map(|(name, len)| ck.f32(&format!("momentum.{name}"), &[*len]))
+            .collect::<Result<_>>()?;
+        model.slow = if meta.slow {
+            Some(read_net("slow.")?)
+        } else {
+            None
+        };
+        model.grads = model.momentum.iter().map(|m| vec![0.0; m.len()]).collect();
+        model.net = Some(net);
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_util::{assert_save_load_continues, random_batch};
+
+    fn small() -> CnnParams {
+        CnnParams {
+            widths: vec![4, 6, 8],
+            batch_size: 16,
+            ..CnnParams::default()
+        }
+    }
+
+    #[test]
+    fn save_load_is_exact_and_training_continues_identically() {
+        let mut rng = SplitMix(3);
+        let (x, y) = random_batch(&mut rng, 80, INPUT);
+        for planned in [None, Some(80)] {
+            let mut a = Cnn::new(small()).unwrap();
+            a.plan(planned);
+            assert_save_load_continues(&mut a, NAME, x.view(), y.view(), 48);
+        }
+        // An untrained model saves and loads too, and predicts uniformly.
+        let dir = tempfile::tempdir().unwrap();
+        Cnn::new(small()).unwrap().save(dir.path()).unwrap();
+        let m = Cnn::load(dir.path()).unwrap();
+        let p = m.predict_proba(x.view()).unwrap();
+        assert!(p.iter().all(|&v| (v - 0.1).abs() < 1e-6));
+    }
+
+    #[test]
+    fn the_same_seed_and_stream_give_the_same_bits_whatever_the_threads() {
+        let mut rng = SplitMix(4);
+        let (x, y) = random_batch(&mut rng, 40, INPUT);
+        let run = |threads: usize| {
+            crate::linalg::set_threads(threads);
+            let mut m = Cnn::new(CnnParams {
+                batch_size: 20,
+                ..small()
+            })
+            .unwrap();
+            m.partial_fit(x.view(), y.view()).unwrap();
+            m.partial_fit(x.view(), y.view()).unwrap();
+            let p = m.predict_proba(x.view()).unwrap();
+            crate::linalg::set_threads(0);
+            (m.net().unwrap().params.clone(), p)
+        };
+        let one = run(1);
+        assert_eq!(run(2), one);
+        assert_eq!(run(1), one);
+    }
+
+    #[test]
+    fn bad_params_and_a_diverging_rate_are_clear_errors() {
+        for (p, want) in [
+            (
+                CnnParams {
+                    widths: vec![8; 6],
+                    ..CnnParams::default()
+                },
+                "do not fit 32×32",
+            ),
+            (
+                CnnParams {
+                    widths: vec![],
+                    ..CnnParams::default()
+                },
+                "at least one block",
+            ),
+            (
+                CnnParams {
+                    batch_size: 0,
+                    ..CnnParams::default()
+                },
+                "batch_size",
+            ),
+            (
+                CnnParams {
+                    momentum: 1.0,
+                    ..CnnParams::default()
+                },
+                "momentum",
+            ),
+        ] {
+            let e = Cnn::new(p).err().expect("refused").to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // Five blocks still fit (31 → 15 → 7 → 3 → 1 → 0 does not; 4 blocks end at 1×1).
+        assert!(Cnn::new(CnnParams {
+            widths: vec![4; 4],
+            ..CnnParams::default()
+        })
+        .is_ok());
+        // A learning rate that blows the loss up stops with the step named, and the model
+        // keeps the weights of before that step.
+        let mut rng = SplitMix(5);
+        let (x, y) = random_batch(&mut rng, 64, INPUT);
+        let mut m = Cnn::new(CnnParams {
+            lr: 1e38,
+            lr_start: 1.0,
+            ..small()
+        })
+        .unwrap();
+        let mut err = None;
+        for _ in 0..20 {
+            if let Err(e) = m.partial_fit(x.view(), y.view()) {
+                err = Some(e.to_string());
+                break;
+            }
+        }
+        let e = err.expect("the loss diverges");
+        assert!(e.contains("loss") && e.contains("step"), "{e}");
+        let p = m.predict_proba(x.view());
+        assert!(p.is_ok());
+    }
+
+    #[test]
+    fn a_batch_of_the_wrong_width_changes_nothing() {
+        let mut rng = SplitMix(6);
+        let (x, y) = random_batch(&mut rng, 10, 100);
+        let mut m = Cnn::new(small()).unwrap();
+        let e = m.partial_fit(x.view(), y.view()).unwrap_err().to_string();
+        assert!(e.contains("3072"), "{e}");
+        assert!(m.net().is_none());
+    }
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_over_the_plan() {
+        let mut m = Cnn::new(small()).unwrap();
+        m.plan(Some(1000));
+        assert!((m.lr_factor(0) - 0.2).abs() < 1e-12);
+        assert!((m.lr_factor(230) - 1.0).abs() < 1e-12);
+        assert!((m.lr_factor(1000) - 0.07).abs() < 1e-12);
+        assert!(m.lr_factor(600) < 1.0 && m.lr_factor(600) > 0.07);
+        m.plan(None);
+        assert!((m.lr_factor(0) - 0.2).abs() < 1e-12);
+        assert!((m.lr_factor(10_000_000) - 1.0).abs() < 1e-12);
+    }
+}

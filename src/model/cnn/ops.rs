@@ -1,0 +1,879 @@
+//! The layers of the convolutional network, forward and backward, on the CPU.
+//!
+//! Activations are NHWC (`[batch, height, width, channels]`, channels fastest) in plain
+//! `f32` slices. A convolution is an im2col product on the `gemm` crate: the patches of a
+//! band of output pixels are copied into a small matrix (one row per pixel, `K·K·C_in`
+//! columns, zero where the kernel overhangs the border) and multiplied by the weights
+//! (`[K·K·C_in, C_out]`, rows ordered kernel row, kernel column, input channel). The band
+//! keeps the copied patches in the cache, and the weight gradient and the input gradient
+//! are the same kind of product ([`conv_backward`]): the input gradient is the "full"
+//! convolution of the output gradient with the kernel turned by 180 degrees, so no
+//! scatter (col2im) is needed.
+//!
+//! The element-wise layers are fused: max pooling keeps the index of each window's
+//! maximum; batch normalisation (statistics of the batch, a learnt shift, no scale) and
+//! GELU run as one pass forward and one backward ([`bn_gelu_forward`],
+//! [`bn_gelu_backward`]). GELU is the exact one (`x·Φ(x)`, as PyTorch's default), with
+//! `erf` from Abramowitz & Stegun 7.1.26 (error below 1.5e-7) and a polynomial `exp`, so
+//! that the loops vectorise; the hot loops are compiled for AVX-512 and AVX2 too and
+//! chosen once per call. Every reduction runs in a fixed order: the same inputs give the
+//! same bits, whatever the thread count.
+
+use crate::linalg;
+
+/// Output pixels per im2col band (about 0.5–1 MB of patches for the default widths).
+const BAND_ROWS: usize = 1024;
+
+/// The shape of a convolution: `k`×`k` kernel, `pad` zeros on each side, stride 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Images.
+    pub n: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Input channels.
+    pub ci: usize,
+    /// Output channels.
+    pub co: usize,
+    /// Kernel size.
+    pub k: usize,
+    /// Zero padding on each side.
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// Output height.
+    pub fn oh(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.k
+    }
+
+    /// Output width.
+    pub fn ow(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.k
+    }
+
+    /// Columns of the patch matrix (rows of the weights).
+    pub fn kdim(&self) -> usize {
+        self.k * self.k * self.ci
+    }
+
+    /// Multiply-adds of the forward product.
+    pub fn macs(&self) -> usize {
+        self.n * self.oh() * self.ow() * self.kdim() * self.co
+    }
+
+    /// The shape of the input gradient's product: a convolution of the output gradient
+    /// (`co` channels) with the turned kernel, `k - 1 - pad` zeros around it.
+    fn transposed(&self) -> ConvShape {
+        ConvShape {
+            n: self.n,
+            h: self.oh(),
+            w: self.ow(),
+            ci: self.co,
+            co: self.ci,
+            k: self.k,
+            pad: self.k - 1 - self.pad,
+        }
+    }
+}
+
+/// Copies the patches of output pixels `first..first + rows` (numbered over the whole
+/// batch, row-major in each image) into `col` (`rows × k·k·ci`).
+fn im2col(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [f32]) {
+    let (oh, ow, ci, k) = (s.oh(), s.ow(), s.ci, s.k);
+    let kdim = s.kdim();
+    let per_image = oh * ow;
+    for r in 0..rows {
+        let p = first + r;
+        let (img, rest) = (p / per_image, p % per_image);
+        let (oy, ox) = (rest / ow, rest % ow);
+        let dst = &mut col[r * kdim..(r + 1) * kdim];
+        let base = img * s.h * s.w * ci;
+        for ky in 0..k {
+            let iy = (oy + ky) as isize - s.pad as isize;
+            let row = &mut dst[ky * k * ci..(ky + 1) * k * ci];
+            if iy < 0 || iy >= s.h as isize {
+                row.fill(0.0);
+                continue;
+            }
+            let iy = iy as usize;
+            // The kernel row's pixels that fall inside the image are contiguous.
+            let x0 = ox as isize - s.pad as isize;
+            let lo = (-x0).max(0) as usize;
+            let hi = ((s.w as isize - x0).min(k as isize)).max(lo as isize) as usize;
+            row[..lo * ci].fill(0.0);
+            row[hi * ci..].fill(0.0);
+            if hi > lo {
+                let src = base + (iy * s.w + (x0 + lo as isize) as usize) * ci;
+                row[lo * ci..hi * ci].copy_from_slice(&x[src..src + (hi - lo) * ci]);
+            }
+        }
+    }
+}
+
+/// `c (m×n) = a (m×k) · b (k×n) + beta·c`, all row-major slices.
+fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    let a = ndarray::ArrayView2::from_shape((m, k), &a[..m * k]).expect("matmul: a");
+    let b = ndarray::ArrayView2::from_shape((k, n), &b[..k * n]).expect("matmul: b");
+    let mut c = ndarray::ArrayViewMut2::from_shape((m, n), &mut c[..m * n]).expect("matmul: c");
+    linalg::gemm(1.0, &a, &b, beta, &mut c);
+}
+
+/// `c (m×n) = aᵀ · b + beta·c` where `a` is `k×m` and `b` is `k×n`, row-major.
+fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    let a = ndarray::ArrayView2::from_shape((k, m), &a[..k * m]).expect("matmul_tn: a");
+    let b = ndarray::ArrayView2::from_shape((k, n), &b[..k * n]).expect("matmul_tn: b");
+    let mut c = ndarray::ArrayViewMut2::from_shape((m, n), &mut c[..m * n]).expect("matmul_tn: c");
+    linalg::gemm(1.0, &a.t(), &b, beta, &mut c);
+}
+
+/// A reusable buffer for the patch matrix of one band.
+#[derive(Default)]
+pub struct Scratch {
+    col: Vec<f32>,
+}
+
+impl Scratch {
+    fn col(&mut self, len: usize) -> &mut [f32] {
+        if self.col.len() < len {
+            self.col.resize(len, 0.0);
+        }
+        &mut self.col[..len]
+    }
+}
+
+/// `y = conv(x, wt)` (no bias): `x` is `[n, h, w, ci]`, `wt` `[k·k·ci, co]`, `y`
+/// `[n, oh, ow, co]`. The bands of output pixels are shared out over up to
+/// [`linalg::threads`] threads; each band is computed the same way whatever the count.
+pub fn conv_forward(x: &[f32], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch: &mut Scratch) {
+    let total = s.n * s.oh() * s.ow();
+    debug_assert_eq!(x.len(), s.n * s.h * s.w * s.ci);
+    debug_assert_eq!(wt.len(), s.kdim() * s.co);
+    debug_assert_eq!(y.len(), total * s.co);
+    let bands = total.div_ceil(BAND_ROWS);
+    let threads = linalg::threads().min(bands).max(1);
+    if threads == 1 {
+        forward_bands(x, wt, s, 0, total, y, scratch);
+        return;
+    }
+    // Contiguous runs of whole bands, one per thread.
+    let per = bands.div_ceil(threads) * BAND_ROWS;
+    std::thread::scope(|sc| {
+        let mut rest = y;
+        let mut first = 0;
+        let mut jobs = Vec::new();
+        while first < total {
+            let rows = per.min(total - first);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.co);
+            rest = tail;
+            jobs.push((first, rows, mine));
+            first += rows;
+        }
+        let mut jobs = jobs.into_iter();
+        let own = jobs.next();
+        for (first, rows, out) in jobs {
+            sc.spawn(move || {
+                let mut local = Scratch::default();
+                forward_bands(x, wt, s, first, rows, out, &mut local);
+            });
+        }
+        if let Some((first, rows, out)) = own {
+            forward_bands(x, wt, s, first, rows, out, scratch);
+        }
+    });
+}
+
+/// Output pixels `first..first + rows` of [`conv_forward`] into `y` (their rows only).
+fn forward_bands(
+    x: &[f32],
+    wt: &[f32],
+    s: &ConvShape,
+    first: usize,
+    rows: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let kdim = s.kdim();
+    let mut done = 0;
+    while done < rows {
+        let r = BAND_ROWS.min(rows - done);
+        let col = scratch.col(r * kdim);
+        im2col(x, s, first + done, r, col);
+        matmul(
+            r,
+            kdim,
+            s.co,
+            col,
+            wt,
+            0.0,
+            &mut y[done * s.co..(done + r) * s.co],
+        );
+        done += r;
+    }
+}
+
+/// The weights of the input gradient's product: `wt` (`[k·k·ci, co]`) turned by 180
+/// degrees and transposed, `[k·k·co, ci]`.
+pub fn turned_weights(wt: &[f32], s: &ConvShape) -> Vec<f32> {
+    let (k, ci, co) = (s.k, s.ci, s.co);
+    let mut out = vec![0.0f32; k * k * co * ci];
+    for ky in 0..k {
+        for kx in 0..k {
+            let src_tap = (k - 1 - ky) * k + (k - 1 - kx);
+            let dst_tap = ky * k + kx;
+            for c in 0..ci {
+                for o in 0..co {
+                    out[(dst_tap * co + o) * ci + c] = wt[(src_tap * ci + c) * co + o];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Groups of bands whose weight gradients are summed separately, then added: a fixed
+/// number, so that the sum's order does not depend on the thread count.
+const WEIGHT_GROUPS: usize = 2;
+
+/// The gradients of [`conv_forward`]: `dwt = Σ patches(x)ᵀ · dy` (overwritten), and,
+/// when `dx` is given, `dx = conv(dy, turned weights)` (overwritten). `turned` is
+/// [`turned_weights`] of `wt`.
+pub fn conv_backward(
+    x: &[f32],
+    dy: &[f32],
+    turned: &[f32],
+    s: &ConvShape,
+    dwt: &mut [f32],
+    dx: Option<&mut [f32]>,
+    scratch: &mut Scratch,
+) {
+    let total = s.n * s.oh() * s.ow();
+    debug_assert_eq!(dy.len(), total * s.co);
+    debug_assert_eq!(dwt.len(), s.kdim() * s.co);
+    let bands = total.div_ceil(BAND_ROWS);
+    let groups = WEIGHT_GROUPS.min(bands).max(1);
+    let per = bands.div_ceil(groups) * BAND_ROWS;
+    let ranges: Vec<(usize, usize)> = (0..groups)
+        .map(|g| (g * per, ((g + 1) * per).min(total)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let mut partial = vec![0.0f32; if ranges.len() > 1 { dwt.len() } else { 0 }];
+    if linalg::threads() < 2 || ranges.len() < 2 {
+        weight_grad_bands(x, dy, s, ranges[0], dwt, scratch);
+        if ranges.len() > 1 {
+            weight_grad_bands(x, dy, s, ranges[1], &mut partial, scratch);
+        }
+    } else {
+        std::thread::scope(|sc| {
+            let (r1, p) = (ranges[1], &mut partial);
+            sc.spawn(move || {
+                let mut local = Scratch::default();
+                weight_grad_bands(x, dy, s, r1, p, &mut local);
+            });
+            weight_grad_bands(x, dy, s, ranges[0], dwt, scratch);
+        });
+    }
+    if ranges.len() > 1 {
+        for (d, p) in dwt.iter_mut().zip(&partial) {
+            *d += p;
+        }
+    }
+    if let Some(dx) = dx {
+        let t = s.transposed();
+        debug_assert_eq!(t.oh(), s.h);
+        conv_forward(dy, turned, &t, dx, scratch);
+    }
+}
+
+/// `dwt = Σ patches(x)ᵀ · dy` over output pixels `range` (overwritten).
+fn weight_grad_bands(
+    x: &[f32],
+    dy: &[f32],
+    s: &ConvShape,
+    (start, end): (usize, usize),
+    dwt: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let kdim = s.kdim();
+    let mut first = start;
+    while first < end {
+        let rows = BAND_ROWS.min(end - first);
+        let col = scratch.col(rows * kdim);
+        im2col(x, s, first, rows, col);
+        let beta = if first == start { 0.0 } else { 1.0 };
+        matmul_tn(
+            kdim,
+            rows,
+            s.co,
+            col,
+            &dy[first * s.co..(first + rows) * s.co],
+            beta,
+            dwt,
+        );
+        first += rows;
+    }
+}
+
+/// The shape of a max pooling: `n` images of `h`×`w`×`c`, windows of `p`×`p`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolShape {
+    /// Images.
+    pub n: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+    /// Window side (and stride).
+    pub p: usize,
+}
+
+/// Max pooling over `p`×`p` windows, stride `p`, the last rows and columns dropped when
+/// `p` does not divide the size (PyTorch's floor mode). `x` is `[n, h, w, c]`; `y` is
+/// `[n, h/p, w/p, c]` and `arg` the window position (`dy·p + dx`) of each maximum, the
+/// first on ties.
+pub fn maxpool_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) {
+    let PoolShape { n, h, w, c, p } = shape;
+    let (oh, ow) = (h / p, w / p);
+    debug_assert_eq!(y.len(), n * oh * ow * c);
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let o = ((img * oh + oy) * ow + ox) * c;
+                let (yo, ao) = (&mut y[o..o + c], &mut arg[o..o + c]);
+                let i0 = ((img * h + oy * p) * w + ox * p) * c;
+                yo.copy_from_slice(&x[i0..i0 + c]);
+                ao.fill(0);
+                for dy in 0..p {
+                    for dx in 0..p {
+                        if dy == 0 && dx == 0 {
+                            continue;
+                        }
+                        let i = ((img * h + oy * p + dy) * w + ox * p + dx) * c;
+                        let tap = (dy * p + dx) as u8;
+                        for ((m, a), &v) in yo.iter_mut().zip(ao.iter_mut()).zip(&x[i..i + c]) {
+                            // `!(v <= m)` also takes a NaN, as PyTorch does.
+                            if v > *m || (v.is_nan() && !m.is_nan()) {
+                                *m = v;
+                                *a = tap;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The gradient of [`maxpool_forward`]: `dx` (overwritten) is zero but at each window's
+/// maximum, which gets the window's `dy`.
+pub fn maxpool_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
+    let PoolShape { n, h, w, c, p } = shape;
+    let (oh, ow) = (h / p, w / p);
+    dx.fill(0.0);
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let o = ((img * oh + oy) * ow + ox) * c;
+                for ch in 0..c {
+                    let tap = arg[o + ch] as usize;
+                    let (dyy, dxx) = (tap / p, tap % p);
+                    let i = ((img * h + oy * p + dyy) * w + ox * p + dxx) * c + ch;
+                    dx[i] = dy[o + ch];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GELU and the fused batch normalisation.
+// ---------------------------------------------------------------------------------------
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `exp(x)` for the GELU, branch-free so that it vectorises: `2^n · p(r)` with
+/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, a degree-6 polynomial (relative error about 2e-7)
+/// and `n` clamped so that very negative `x` give 0.
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let mut p = 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `(Φ(z), φ(z))`: the standard normal CDF and density.
+#[inline(always)]
+fn phi(z: f32) -> (f32, f32) {
+    let e = exp_poly(-0.5 * z * z);
+    let a = z.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    // Abramowitz & Stegun 7.1.26: erf(a) = 1 − t·poly(t)·exp(−a²), t = 1/(1 + p·a).
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let erf = 1.0 - poly * e;
+    let erf = if z < 0.0 { -erf } else { erf };
+    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * e)
+}
+
+/// The exact GELU, `z·Φ(z)`.
+#[inline(always)]
+pub fn gelu(z: f32) -> f32 {
+    z * phi(z).0
+}
+
+/// The GELU's derivative, `Φ(z) + z·φ(z)`.
+#[inline(always)]
+pub fn gelu_grad(z: f32) -> f32 {
+    let (cdf, pdf) = phi(z);
+    cdf + z * pdf
+}
+
+/// Compiles `$body` (a generic function taking the same arguments) three times: for
+/// AVX-512, AVX2+FMA and the baseline, and calls the best the CPU has.
+macro_rules! dispatch {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn bias_gelu_body(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
+    let c = bias.len();
+    for (zr, yr) in z.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
+        for ((zv, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+            *zv += b;
+            *yv = gelu(*zv);
+        }
+    }
+}
+
+dispatch!(fn bias_gelu_inner(z: &mut [f32], y: &mut [f32], bias: &[f32]) => bias_gelu_body);
+
+/// `z += bias` (per channel, in place) and `y = gelu(z)`: the whitening layer's output.
+pub fn bias_gelu(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
+    bias_gelu_inner(z, y, bias)
+}
+
+#[inline(always)]
+fn gelu_backward_body(z: &[f32], dy: &mut [f32]) {
+    for (d, &zv) in dy.iter_mut().zip(z) {
+        *d *= gelu_grad(zv);
+    }
+}
+
+dispatch!(fn gelu_backward_inner(z: &[f32], dy: &mut [f32]) => gelu_backward_body);
+
+/// `dy *= gelu'(z)`, in place: the gradient through a GELU from its input `z`.
+pub fn gelu_backward(z: &[f32], dy: &mut [f32]) {
+    gelu_backward_inner(z, dy)
+}
+
+/// Per-channel sums of a `[rows, c]` matrix, in a fixed order (blocks of rows, then the
+/// blocks' sums), in `f64`.
+fn channel_sums(x: &[f32], c: usize, out: &mut [f64]) {
+    out.fill(0.0);
+    let mut part = vec![0.0f32; c];
+    for block in x.chunks(c * 64) {
+        part.fill(0.0);
+        for row in block.chunks_exact(c) {
+            for (p, &v) in part.iter_mut().zip(row) {
+                *p += v;
+            }
+        }
+        for (o, &p) in out.iter_mut().zip(&part) {
+            *o += f64::from(p);
+        }
+    }
+}
+
+/// Batch statistics kept for the backward pass of [`bn_gelu_forward`].
+#[derive(Clone, Debug, Default)]
+pub struct BnCache {
+    /// `1 / sqrt(var + eps)` per channel.
+    pub rstd: Vec<f32>,
+}
+
+#[inline(always)]
+fn bn_apply_body(
+    x: &[f32],
+    z: &mut [f32],
+    y: &mut [f32],
+    mean: &[f32],
+    rstd: &[f32],
+    bias: &[f32],
+) {
+    let c = mean.len();
+    for ((xr, zr), yr) in x
+        .chunks_exact(c)
+        .zip(z.chunks_exact_mut(c))
+        .zip(y.chunks_exact_mut(c))
+    {
+        for j in 0..c {
+            let zv = (xr[j] - mean[j]) * rstd[j] + bias[j];
+            zr[j] = zv;
+            yr[j] = gelu(zv);
+        }
+    }
+}
+
+dispatch!(fn bn_apply(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) => bn_apply_body);
+
+/// Batch normalisation without a scale, then GELU, over a `[rows, c]` matrix, in
+/// training: `z = (x − mean)/sqrt(var + eps) + bias`, `y = gelu(z)`, with the mean and
+/// (biased) variance of this batch; the running statistics move towards them,
+/// `r = (1 − m)·r + m·batch` with the unbiased variance (as PyTorch's `momentum = m`).
+/// Returns the batch's `rstd` for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_gelu_forward(
+    x: &[f32],
+    bias: &[f32],
+    eps: f32,
+    rmean: &mut [f32],
+    rvar: &mut [f32],
+    m: f32,
+    z: &mut [f32],
+    y: &mut [f32],
+) -> BnCache {
+    let c = bias.len();
+    let rows = x.len() / c;
+    let mut s = vec![0.0f64; c];
+    channel_sums(x, c, &mut s);
+    let mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
+    // Two passes: the squared deviations from the mean.
+    let mut dev = vec![0.0f64; c];
+    let mut part = vec![0.0f32; c];
+    for block in x.chunks(c * 64) {
+        part.fill(0.0);
+        for row in block.chunks_exact(c) {
+            for j in 0..c {
+                let d = row[j] - mean[j];
+                part[j] += d * d;
+            }
+        }
+        for (o, &p) in dev.iter_mut().zip(&part) {
+            *o += f64::from(p);
+        }
+    }
+    let var: Vec<f32> = dev.iter().map(|v| (v / rows as f64) as f32).collect();
+    let unbias = if rows > 1 {
+        rows as f32 / (rows - 1) as f32
+    } else {
+        1.0
+    };
+    for j in 0..c {
+        rmean[j] = (1.0 - m) * rmean[j] + m * mean[j];
+        rvar[j] = (1.0 - m) * rvar[j] + m * var[j] * unbias;
+    }
+    let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    bn_apply(x, z, y, &mean, &rstd, bias);
+    BnCache { rstd }
+}
+
+/// [`bn_gelu_forward`] for scoring: the running statistics `rmean`, `rvar`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_gelu_score(
+    x: &[f32],
+    bias: &[f32],
+    eps: f32,
+    rmean: &[f32],
+    rvar: &[f32],
+    z: &mut [f32],
+    y: &mut [f32],
+) {
+    let rstd: Vec<f32> = rvar.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    bn_apply(x, z, y, rmean, &rstd, bias);
+}
+
+#[inline(always)]
+fn scale_shift_body(
+    d: &mut [f32],
+    z: &[f32],
+    dz_mean: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    rstd: &[f32],
+) {
+    let c = rstd.len();
+    for (dr, zr) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+        for j in 0..c {
+            let xhat = zr[j] - bias[j];
+            dr[j] = rstd[j] * (dr[j] - dz_mean[j] - xhat * k[j]);
+        }
+    }
+}
+
+dispatch!(fn bn_input_grad(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) => scale_shift_body);
+
+/// The backward pass of [`bn_gelu_forward`] in training: `d` holds `dL/dy` and becomes
+/// `dL/dx`; `dbias` (overwritten) is `dL/dbias`. `z` is the forward pass's `z`.
+pub fn bn_gelu_backward(
+    z: &[f32],
+    bias: &[f32],
+    cache: &BnCache,
+    d: &mut [f32],
+    dbias: &mut [f32],
+) {
+    let c = bias.len();
+    let rows = z.len() / c;
+    gelu_backward(z, d);
+    let mut s = vec![0.0f64; c];
+    channel_sums(d, c, &mut s);
+    // Σ dz·x̂ per channel, x̂ = z − bias.
+    let mut sx = vec![0.0f64; c];
+    let mut part = vec![0.0f32; c];
+    for (db, zb) in d.chunks(c * 64).zip(z.chunks(c * 64)) {
+        part.fill(0.0);
+        for (dr, zr) in db.chunks_exact(c).zip(zb.chunks_exact(c)) {
+            for j in 0..c {
+                part[j] += dr[j] * (zr[j] - bias[j]);
+            }
+        }
+        for (o, &p) in sx.iter_mut().zip(&part) {
+            *o += f64::from(p);
+        }
+    }
+    for j in 0..c {
+        dbias[j] = s[j] as f32;
+    }
+    let dz_mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
+    let k: Vec<f32> = sx.iter().map(|v| (v / rows as f64) as f32).collect();
+    bn_input_grad(d, z, &dz_mean, &k, bias, &cache.rstd);
+}
+
+/// Per-channel sums of `d` (`[rows, c]`) into `out` (overwritten): a bias's gradient.
+pub fn bias_grad(d: &[f32], out: &mut [f32]) {
+    let mut s = vec![0.0f64; out.len()];
+    channel_sums(d, out.len(), &mut s);
+    for (o, v) in out.iter_mut().zip(s) {
+        *o = v as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn erf64(x: f64) -> f64 {
+        // An independent erf to 1e-12: the Maclaurin series below 2, the continued
+        // fraction of erfc (evaluated from its tail) above.
+        let a = x.abs();
+        let v = if a < 2.0 {
+            let mut sum = a;
+            let mut term = a;
+            let mut k = 0.0;
+            loop {
+                k += 1.0;
+                term *= -a * a / k;
+                let add = term / (2.0 * k + 1.0);
+                sum += add;
+                if add.abs() < 1e-17 {
+                    break;
+                }
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc(a) = exp(−a²)/√π · 1/(a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + …))))).
+            let mut f = a;
+            for k in (1..200).rev() {
+                f = a + (k as f64 / 2.0) / f;
+            }
+            1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / f
+        };
+        v.copysign(x)
+    }
+
+    #[test]
+    fn gelu_and_its_derivative_match_the_closed_form() {
+        for i in -4000..=4000 {
+            let z = i as f64 / 500.0;
+            let cdf = 0.5 * (1.0 + erf64(z / 2f64.sqrt()));
+            let pdf = (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let g = gelu(z as f32) as f64;
+            let d = gelu_grad(z as f32) as f64;
+            assert!(
+                (g - z * cdf).abs() < 1e-6 * (1.0 + z.abs()),
+                "gelu({z}) = {g}"
+            );
+            assert!((d - (cdf + z * pdf)).abs() < 2e-6, "gelu'({z}) = {d}");
+        }
+        assert_eq!(gelu(-100.0), 0.0);
+        assert_eq!(gelu(100.0), 100.0);
+        for x in [-80.0f32, -10.0, -1.0, 0.0, 0.3, 1.0, 10.0, 80.0] {
+            let rel = ((exp_poly(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
+            assert!(rel < 5e-7, "exp({x}): {rel}");
+        }
+    }
+
+    fn naive_conv(x: &[f32], wt: &[f32], s: &ConvShape) -> Vec<f64> {
+        let (oh, ow) = (s.oh(), s.ow());
+        let mut y = vec![0.0f64; s.n * oh * ow * s.co];
+        for img in 0..s.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for o in 0..s.co {
+                        let mut acc = 0.0f64;
+                        for ky in 0..s.k {
+                            for kx in 0..s.k {
+                                let iy = (oy + ky) as isize - s.pad as isize;
+                                let ix = (ox + kx) as isize - s.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                for c in 0..s.ci {
+                                    let xv = x[((img * s.h + iy as usize) * s.w + ix as usize)
+                                        * s.ci
+                                        + c];
+                                    let wv = wt[((ky * s.k + kx) * s.ci + c) * s.co + o];
+                                    acc += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        y[((img * oh + oy) * ow + ox) * s.co + o] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed * 97);
+                ((v >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn convolutions_forward_and_backward_match_a_direct_sum() {
+        for s in [
+            ConvShape {
+                n: 2,
+                h: 7,
+                w: 5,
+                ci: 3,
+                co: 4,
+                k: 3,
+                pad: 1,
+            },
+            ConvShape {
+                n: 3,
+                h: 6,
+                w: 6,
+                ci: 3,
+                co: 5,
+                k: 2,
+                pad: 0,
+            },
+            // More output pixels than a band.
+            ConvShape {
+                n: 3,
+                h: 19,
+                w: 21,
+                ci: 2,
+                co: 3,
+                k: 3,
+                pad: 1,
+            },
+        ] {
+            let x = values(s.n * s.h * s.w * s.ci, 1);
+            let wt = values(s.kdim() * s.co, 2);
+            let mut y = vec![0.0; s.n * s.oh() * s.ow() * s.co];
+            let mut scratch = Scratch::default();
+            conv_forward(&x, &wt, &s, &mut y, &mut scratch);
+            let want = naive_conv(&x, &wt, &s);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((f64::from(*a) - b).abs() < 1e-4, "{s:?}: {a} vs {b}");
+            }
+            // Backward of L = Σ y·g: dW[t, o] = Σ patch·g, dx by the adjoint.
+            let g = values(y.len(), 3);
+            let mut dwt = vec![0.0; wt.len()];
+            let mut dx = vec![0.0; x.len()];
+            let turned = turned_weights(&wt, &s);
+            conv_backward(&x, &g, &turned, &s, &mut dwt, Some(&mut dx), &mut scratch);
+            // dL/dW by linearity: the conv of x with a one-hot kernel.
+            for t in 0..wt.len() {
+                let mut e = vec![0.0f32; wt.len()];
+                e[t] = 1.0;
+                let yt = naive_conv(&x, &e, &s);
+                let want: f64 = yt.iter().zip(&g).map(|(a, b)| a * f64::from(*b)).sum();
+                assert!((f64::from(dwt[t]) - want).abs() < 1e-3, "{s:?} dw[{t}]");
+            }
+            for i in (0..x.len()).step_by(7) {
+                let mut e = vec![0.0f32; x.len()];
+                e[i] = 1.0;
+                let yi = naive_conv(&e, &wt, &s);
+                let want: f64 = yi.iter().zip(&g).map(|(a, b)| a * f64::from(*b)).sum();
+                assert!((f64::from(dx[i]) - want).abs() < 1e-4, "{s:?} dx[{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn max_pooling_routes_the_gradient_to_each_maximum() {
+        let (n, h, w, c, p) = (2, 7, 7, 3, 2);
+        let x = values(n * h * w * c, 5);
+        let (oh, ow) = (h / p, w / p);
+        let mut y = vec![0.0; n * oh * ow * c];
+        let mut arg = vec![0u8; y.len()];
+        maxpool_forward(&x, PoolShape { n, h, w, c, p }, &mut y, &mut arg);
+        for img in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ch in 0..c {
+                        let mut m = f32::NEG_INFINITY;
+                        for dy in 0..p {
+                            for dx in 0..p {
+                                m = m.max(x[((img * h + oy * p + dy) * w + ox * p + dx) * c + ch]);
+                            }
+                        }
+                        assert_eq!(y[((img * oh + oy) * ow + ox) * c + ch], m);
+                    }
+                }
+            }
+        }
+        let g = values(y.len(), 6);
+        let mut dx = vec![1.0; x.len()];
+        maxpool_backward(&g, &arg, PoolShape { n, h, w, c, p }, &mut dx);
+        assert!((dx.iter().sum::<f32>() - g.iter().sum::<f32>()).abs() < 1e-4);
+        for (i, (&xv, &d)) in x.iter().zip(&dx).enumerate() {
+            if d != 0.0 {
+                assert!(y.contains(&xv), "x[{i}] is no maximum");
+            }
+        }
+    }
+}
