@@ -4,7 +4,7 @@
 //! option structs, runs, and prints a summary on stderr (results on stdout).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -544,9 +544,13 @@ pub struct FeaturesArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Use this extractor instead of fitting one: a fitted extractor folder (e.g. another
-    /// cache's `F/extractor`), or `onnx:FILE.onnx`, a pretrained ONNX model.
-    #[arg(long, value_name = "DIR|onnx:FILE")]
+    /// cache's `F/extractor`), `onnx:FILE.onnx`, a pretrained ONNX model, or `run:NAME`,
+    /// the CNN a run learnt (`run:NAME@CHECKPOINT` for another than its latest).
+    #[arg(long, value_name = "DIR|onnx:FILE|run:NAME")]
     pub extractor: Option<String>,
+    /// Directory of runs, where `--extractor run:NAME` looks for NAME.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
     /// With `--extractor onnx:FILE`: the node (or tensor) whose output are the features
     /// (default: the model's output).
     #[arg(long)]
@@ -994,16 +998,22 @@ async fn export_source(
 fn bound_extractor(
     spec: Option<&str>,
     node: Option<&str>,
+    runs: &Path,
 ) -> anyhow::Result<Option<std::sync::Arc<Extractor>>> {
     match spec {
-        Some(spec) => Ok(Some(std::sync::Arc::new(open_extractor(spec, node, &[])?))),
+        Some(spec) => Ok(Some(std::sync::Arc::new(open_extractor(
+            spec,
+            node,
+            &[],
+            runs,
+        )?))),
         None if node.is_some() => bail!("--node goes with --extractor onnx:FILE"),
         None => Ok(None),
     }
 }
 
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
-    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref())?;
+    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref(), &a.runs)?;
     if let Some((workers, timeout)) = a.on.resolve()? {
         let runs_dir = a.runs.clone();
         let prepare =
@@ -1541,7 +1551,7 @@ fn train_extractor(
     source: &TrainSource,
 ) -> anyhow::Result<Option<std::sync::Arc<Extractor>>> {
     if let Some(spec) = &a.extractor {
-        let e = open_extractor(spec, a.node.as_deref(), &[])?;
+        let e = open_extractor(spec, a.node.as_deref(), &[], &a.runs)?;
         eprintln!("extractor {spec}: {}", e.describe());
         return Ok(Some(std::sync::Arc::new(e)));
     }
@@ -1580,7 +1590,12 @@ fn eval_sql(cached: bool, extractor: bool, flip_test: bool) -> anyhow::Result<&'
 
 /// The extractor `--extractor SPEC [--node NAME] [--set K=V…]` names: a fitted extractor
 /// folder, or `onnx:FILE` with its parameters from `node` and `set`.
-fn open_extractor(spec: &str, node: Option<&str>, set: &[String]) -> anyhow::Result<Extractor> {
+fn open_extractor(
+    spec: &str,
+    node: Option<&str>,
+    set: &[String],
+    runs: &Path,
+) -> anyhow::Result<Extractor> {
     let onnx = spec.starts_with(crate::features::ONNX_PREFIX);
     if !onnx && node.is_some() {
         bail!("--node goes with --extractor onnx:FILE, not with the extractor folder {spec}");
@@ -1599,7 +1614,7 @@ fn open_extractor(spec: &str, node: Option<&str>, set: &[String]) -> anyhow::Res
     if let Some(n) = node {
         params.node = Some(n.to_string());
     }
-    Ok(Extractor::open(spec, params)?)
+    Ok(Extractor::open(spec, params, runs)?)
 }
 
 /// Fits a patch extractor on the first `fit_images` training images of `data`.
@@ -1626,7 +1641,7 @@ fn fit_patches(
 }
 
 async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref())?;
+    let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref(), Path::new("runs"))?;
     let listener = crate::distributed::bind(&a.listen).await?;
     let addr = listener
         .local_addr()
@@ -1667,7 +1682,7 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
             t.insert(k, v);
         }
     }
-    let open_given = |spec: &str| open_extractor(spec, a.node.as_deref(), &a.set);
+    let open_given = |spec: &str| open_extractor(spec, a.node.as_deref(), &a.set, &a.runs);
     if given.is_none() && a.node.is_some() {
         bail!("--node goes with --extractor onnx:FILE");
     }

@@ -47,6 +47,7 @@ fn every_model_learns_the_synthetic_set_from_its_config() {
         ("mlp", 0.3, &["--lr", "0.001"][..]),
         ("kmeans", 0.13, &["--k", "100"][..]),
         ("svm-kernel", 0.3, &["--buffer", "600"][..]),
+        ("cnn", 0.3, &["--set", "widths=[16,32,32]"][..]),
     ] {
         let acc = train_and_predict(&runs, model, extra);
         assert!(acc > bar, "{model}: test accuracy {acc}");
@@ -62,7 +63,69 @@ fn every_model_learns_the_synthetic_set_from_its_config() {
         "--runs",
         runs.to_str().unwrap(),
     ]));
-    assert_eq!(csv, "model,runs\nkmeans,1\nmlp,1\nsvm,1\nsvm-kernel,1\n");
+    assert_eq!(
+        csv,
+        "model,runs\ncnn,1\nkmeans,1\nmlp,1\nsvm,1\nsvm-kernel,1\n"
+    );
+    // The CNN's pooled last layer as features for another model (transfer learning).
+    let f = tmp.path().join("cnn-features");
+    let (out, _) = run_ok(bin().args([
+        "-q",
+        "features",
+        "--data",
+        "synthetic:1500:400:3",
+        "--extractor",
+        "run:cnn",
+        "--runs",
+        runs.to_str().unwrap(),
+        "--out",
+        f.to_str().unwrap(),
+    ]));
+    assert!(out.contains("parts written"), "{out}");
+    let (out, _) = run_ok(bin().args([
+        "-q",
+        "train",
+        "--model",
+        "logreg",
+        "--source",
+        &format!("features:{}", f.display()),
+        "--runs",
+        runs.to_str().unwrap(),
+        "--run",
+        "on-cnn-features",
+        "--no-plots",
+    ]));
+    let acc: f64 = out
+        .split("test (")
+        .nth(1)
+        .and_then(|s| s.split("accuracy ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no test accuracy in {out}"));
+    assert!(acc > 0.3, "logreg on the CNN's features: {acc}");
+    // A run whose model is not a CNN, and one that does not exist, are named.
+    for (spec, want) in [("run:svm", "not a CNN"), ("run:nothing", "no checkpoint")] {
+        let f = tmp.path().join("bad");
+        let out = bin()
+            .args([
+                "-q",
+                "features",
+                "--data",
+                "synthetic:100:10:3",
+                "--extractor",
+                spec,
+            ])
+            .args([
+                "--runs",
+                runs.to_str().unwrap(),
+                "--out",
+                f.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{spec}: {err}");
+    }
     // k-means predict wrote a PNG grid per non-empty cluster.
     let grids: Vec<_> = std::fs::read_dir(runs.join("kmeans/clusters"))
         .unwrap()

@@ -104,7 +104,7 @@ fn onnx_features_match_onnxruntime() {
             batch: 16,
             ..OnnxParams::default()
         };
-        let e = Extractor::open(&spec, params).unwrap();
+        let e = Extractor::open(&spec, params, Path::new("runs")).unwrap();
         assert_eq!(e.width(), width, "{node:?}");
         let ours = e.encode(&px).unwrap();
         assert_eq!(ours.dim(), (23, width));
@@ -120,7 +120,7 @@ fn onnx_features_match_onnxruntime() {
         batch: 5,
         ..OnnxParams::default()
     };
-    let e = Extractor::open(&spec, params).unwrap();
+    let e = Extractor::open(&spec, params, Path::new("runs")).unwrap();
     let theirs = reference(
         dir.path(),
         &cnn,
@@ -133,7 +133,12 @@ fn onnx_features_match_onnxruntime() {
         "cnn, own mean/std",
     );
     let nhwc = dir.path().join("nhwc.onnx");
-    let e = Extractor::open(&format!("onnx:{}", nhwc.display()), OnnxParams::default()).unwrap();
+    let e = Extractor::open(
+        &format!("onnx:{}", nhwc.display()),
+        OnnxParams::default(),
+        Path::new("runs"),
+    )
+    .unwrap();
     let Extractor::Onnx(o) = &e else {
         panic!("not onnx")
     };

@@ -40,6 +40,9 @@ fn train(runs: &Path, run: &str, model: &str, extra: &[&str]) -> String {
     if model == "kmeans" {
         args.extend(["--k", "20"]);
     }
+    if model == "cnn" {
+        args.extend(["--set", "widths=[8,16,16]"]);
+    }
     args.extend_from_slice(extra);
     run_ok(bin().args(&args)).0
 }
@@ -97,7 +100,7 @@ fn interrupted_and_resumed_runs_end_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
     // 12 batches per epoch, 2 epochs, a checkpoint every 5 stream batches.
-    for model in ["logreg", "mlp", "svm", "kmeans", "svm-kernel"] {
+    for model in ["logreg", "mlp", "svm", "kmeans", "svm-kernel", "cnn"] {
         let full = format!("{model}-full");
         train(&runs, &full, model, &[]);
         assert_eq!(batches_once(&runs, &full), "n,b\n24,24\n", "{model}");

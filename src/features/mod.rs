@@ -24,11 +24,13 @@ use crate::error::{Error, Result};
 use crate::model::{self, Checkpoint, TensorsOut};
 
 pub mod cache;
+pub mod cnn;
 pub mod onnx;
 pub mod patches;
 pub mod remote;
 pub mod udf;
 
+pub use cnn::CnnExtractor;
 pub use onnx::{OnnxExtractor, OnnxParams};
 pub use patches::{PatchExtractor, PatchParams};
 
@@ -50,6 +52,8 @@ pub enum Extractor {
     Patches(PatchExtractor),
     /// A pretrained ONNX model ([`onnx`]).
     Onnx(OnnxExtractor),
+    /// The CNN a run learnt ([`cnn`]).
+    Cnn(CnnExtractor),
 }
 
 /// What `extractor.json` of an ONNX extractor holds.
@@ -79,6 +83,7 @@ impl Extractor {
         match self {
             Extractor::Patches(_) => "patches",
             Extractor::Onnx(_) => "onnx",
+            Extractor::Cnn(_) => "cnn",
         }
     }
 
@@ -87,6 +92,7 @@ impl Extractor {
         match self {
             Extractor::Patches(p) => p.width(),
             Extractor::Onnx(o) => o.width(),
+            Extractor::Cnn(c) => c.width(),
         }
     }
 
@@ -100,6 +106,7 @@ impl Extractor {
         match self {
             Extractor::Patches(p) => p.encode(pixels),
             Extractor::Onnx(o) => o.encode(pixels),
+            Extractor::Cnn(c) => c.encode(pixels),
         }
     }
 
@@ -108,7 +115,7 @@ impl Extractor {
     pub fn flip_permutation(&self) -> Option<Vec<usize>> {
         match self {
             Extractor::Patches(p) => Some(p.flip_permutation()),
-            Extractor::Onnx(_) => None,
+            Extractor::Onnx(_) | Extractor::Cnn(_) => None,
         }
     }
 
@@ -134,7 +141,7 @@ impl Extractor {
     pub fn flip_invariant(&self) -> bool {
         match self {
             Extractor::Patches(p) => p.params.invariant,
-            Extractor::Onnx(_) => false,
+            Extractor::Onnx(_) | Extractor::Cnn(_) => false,
         }
     }
 
@@ -143,6 +150,7 @@ impl Extractor {
         match self {
             Extractor::Patches(p) => Some(p.macs_per_image()),
             Extractor::Onnx(_) => None,
+            Extractor::Cnn(c) => Some(c.macs_per_image()),
         }
     }
 
@@ -151,12 +159,29 @@ impl Extractor {
         match self {
             Extractor::Patches(p) => format!("{:016x}", fingerprint(p)),
             Extractor::Onnx(o) => onnx_stamp(o),
+            Extractor::Cnn(c) => format!("cnn-{:016x}", c.fingerprint()),
         }
     }
 
     /// The extractor `--extractor SPEC` names: `onnx:FILE` (an ONNX model, with
-    /// `params`) or a fitted extractor folder (`params` must then be the defaults).
-    pub fn open(spec: &str, params: OnnxParams) -> Result<Extractor> {
+    /// `params`), `run:NAME` (the CNN of run NAME under `runs`, or of the run folder
+    /// NAME, at its latest checkpoint or `run:NAME@CHECKPOINT`) or a fitted extractor
+    /// folder (`params` must then be the defaults).
+    pub fn open(spec: &str, params: OnnxParams, runs: &Path) -> Result<Extractor> {
+        if let Some(run) = spec.strip_prefix(cnn::RUN_PREFIX) {
+            if params != OnnxParams::default() {
+                return Err(Error::usage(format!(
+                    "--node and ONNX parameters apply to --extractor {ONNX_PREFIX}FILE, not \
+                     to {spec}"
+                )));
+            }
+            let (name, checkpoint) = match run.rsplit_once('@') {
+                Some((n, c)) => (n, Some(c)),
+                None => (run, None),
+            };
+            let folder = cnn::run_folder(name, runs);
+            return Ok(Extractor::Cnn(CnnExtractor::from_run(&folder, checkpoint)?));
+        }
         if let Some(file) = spec.strip_prefix(ONNX_PREFIX) {
             return Ok(Extractor::Onnx(OnnxExtractor::open(
                 Path::new(file),
@@ -204,6 +229,12 @@ impl Extractor {
                 format_args!(", batch {}", o.input.batch),
                 o.params.node.as_deref().unwrap_or("the model's"),
                 o.width()
+            ),
+            Extractor::Cnn(c) => format!(
+                "the CNN of {} (widths {:?}): its pooled last layer, {} features",
+                c.source,
+                c.params.widths,
+                c.width()
             ),
         }
     }
@@ -253,6 +284,21 @@ impl Extractor {
                 json.push(b'\n');
                 crate::store::write_atomic(&path, &json)
             }
+            Extractor::Cnn(c) => {
+                let meta = cnn::CnnMeta {
+                    params: c.params.clone(),
+                    width: c.width(),
+                    source: c.source.clone(),
+                };
+                model::save_tensors_and_meta(
+                    dir,
+                    [TENSORS_FILE, META_FILE],
+                    "cnn",
+                    &format!("{:016x}", c.fingerprint()),
+                    &meta,
+                    c.tensors(),
+                )
+            }
         }
     }
 
@@ -269,6 +315,11 @@ impl Extractor {
         }
         if dir.join(ONNX_FILE).is_file() {
             return load_onnx(dir);
+        }
+        if extractor_kind(dir)? == "cnn" {
+            let ck = Checkpoint::open_files(dir, [TENSORS_FILE, META_FILE], "cnn")?;
+            let meta: cnn::CnnMeta = ck.meta()?;
+            return Ok(Extractor::Cnn(CnnExtractor::from_checkpoint(&ck, meta)?));
         }
         let ck = Checkpoint::open_files(dir, [TENSORS_FILE, META_FILE], "patches")?;
         let meta: PatchMeta = ck.meta()?;
@@ -307,6 +358,17 @@ impl Extractor {
         .map_err(|e| ck.bad_meta(e.to_string()))?;
         Ok(Extractor::Patches(ex))
     }
+}
+
+/// The `"model"` field of an extractor folder's metadata (the kind).
+fn extractor_kind(dir: &Path) -> Result<String> {
+    let (path, bytes) = model::read_file(&dir.join(META_FILE))?;
+    #[derive(Deserialize)]
+    struct Kind {
+        model: String,
+    }
+    let k: Kind = model::parse_json(&path, &bytes)?;
+    Ok(k.model)
 }
 
 /// Reads an ONNX extractor's folder: `extractor.json` and `model.onnx`, whose hash must

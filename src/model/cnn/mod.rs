@@ -76,6 +76,11 @@ pub struct CnnParams {
     /// Lookahead: every this many steps the weights are averaged with a slow copy
     /// (airbench94: 5; 0 turns it off). Only with a known plan.
     pub lookahead_every: u64,
+    /// Test-time augmentation in scoring (`predict_proba`): the logits of each image are
+    /// averaged with those of the image moved one pixel up-left and one pixel
+    /// down-right (borders reflected), weighted 1/2, 1/4, 1/4 (airbench94's
+    /// translations; the mirror images are `--flip-test`'s).
+    pub tta_translate: bool,
     /// The seed of the initial weights.
     pub seed: u64,
 }
@@ -99,6 +104,7 @@ impl Default for CnnParams {
             lr_end: 0.07,
             warmup_images: 50_000,
             lookahead_every: 5,
+            tta_translate: true,
             seed: 0,
         }
     }
@@ -396,7 +402,20 @@ impl Cnn {
             let end = (start + CHUNK).min(n);
             let rows = x.slice(ndarray::s![start..end, ..]);
             let xs = Self::to_nhwc(rows, false);
-            let l = net.forward_score(&xs, end - start, None);
+            let m = end - start;
+            let mut l = net.forward_score(&xs, m, None);
+            if self.params.tta_translate {
+                for (dy, dx) in [(-1, -1), (1, 1)] {
+                    let moved = translate_nhwc(&xs, m, dy, dx);
+                    let lt = net.forward_score(&moved, m, None);
+                    for (a, b) in l.iter_mut().zip(lt) {
+                        *a += 0.5 * b;
+                    }
+                }
+                for a in l.iter_mut() {
+                    *a *= 0.5;
+                }
+            }
             out.slice_mut(ndarray::s![start..end, ..]).assign(
                 &ArrayView2::from_shape((end - start, CLASSES), &l)
                     .map_err(|e| Error::usage(e.to_string()))?,
@@ -404,6 +423,36 @@ impl Cnn {
         }
         Ok(out)
     }
+}
+
+/// NHWC images moved so that pixel (y, x) is the input's (y + dy, x + dx), the border
+/// reflected (`-1 → 1`, `32 → 30`), as `translate()` and PyTorch's reflect padding.
+fn translate_nhwc(x: &[f32], n: usize, dy: isize, dx: isize) -> Vec<f32> {
+    let s = SIDE as isize;
+    let reflect = |i: isize| -> usize {
+        let r = if i < 0 {
+            -i
+        } else if i >= s {
+            2 * (s - 1) - i
+        } else {
+            i
+        };
+        r as usize
+    };
+    let mut out = vec![0.0f32; x.len()];
+    for img in 0..n {
+        let base = img * INPUT;
+        for y in 0..SIDE {
+            let sy = reflect(y as isize + dy);
+            for xx in 0..SIDE {
+                let sx = reflect(xx as isize + dx);
+                let d = base + (y * SIDE + xx) * CHANNELS;
+                let src = base + (sy * SIDE + sx) * CHANNELS;
+                out[d..d + CHANNELS].copy_from_slice(&x[src..src + CHANNELS]);
+            }
+        }
+    }
+    out
 }
 
 /// Each row of logits into probabilities, in place.
@@ -730,6 +779,31 @@ mod tests {
         let e = m.partial_fit(x.view(), y.view()).unwrap_err().to_string();
         assert!(e.contains("3072"), "{e}");
         assert!(m.net().is_none());
+    }
+
+    #[test]
+    fn test_time_translations_move_as_the_translate_function() {
+        let mut rng = SplitMix(7);
+        let (x, _) = random_batch(&mut rng, 2, INPUT);
+        let nhwc = Cnn::to_nhwc(x.view(), false);
+        for (dy, dx) in [(-1isize, -1isize), (1, 1), (2, -1)] {
+            let got = translate_nhwc(&nhwc, 2, dy, dx);
+            let mut want = Vec::new();
+            for row in x.rows() {
+                let mut moved = vec![0.0f32; INPUT];
+                crate::transforms::kernels::translate_reflect(
+                    row.as_slice().unwrap(),
+                    SIDE,
+                    dy as i64,
+                    dx as i64,
+                    &mut moved,
+                )
+                .unwrap();
+                let m = ndarray::Array2::from_shape_vec((1, INPUT), moved).unwrap();
+                want.extend(Cnn::to_nhwc(m.view(), false));
+            }
+            assert_eq!(got, want, "({dy}, {dx})");
+        }
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! `--extractor run:NAME`: the CNN a run learnt from the stream, as a feature extractor
+//! (the original's transfer learning, with a network of our own).
+//!
+//! The features of an image are the network's pooled last layer (the input of its
+//! linear head: the last block's width), computed with the BatchNorm running statistics
+//! from the image normalised as the CNN's SQL normalises it (CIFAR-10's channel means
+//! and deviations). The extractor is the run's checkpoint (the latest, or a named one)
+//! frozen: saved into a feature cache's `extractor/` folder like the other kinds, its
+//! stamp a hash of its tensors.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+
+use crate::error::{Error, Result};
+use crate::model::cnn::net::{Arch, Net, CHANNELS, SIDE};
+use crate::model::cnn::{Cnn, CnnParams};
+
+/// CIFAR-10's channel means and deviations, as `sql/cnn.sql` normalises.
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+/// See [`MEAN`].
+pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
+/// The prefix of a run's CNN in `--extractor run:NAME`.
+pub const RUN_PREFIX: &str = "run:";
+
+/// A trained network used for its features.
+#[derive(Clone, Debug)]
+pub struct CnnExtractor {
+    /// The hyper-parameters the network was trained with.
+    pub params: CnnParams,
+    /// The network.
+    pub net: Net,
+    /// Where it came from (a run's checkpoint), for the record.
+    pub source: String,
+}
+
+impl CnnExtractor {
+    /// The network of the run folder `run` at checkpoint `checkpoint` (the latest when
+    /// `None`). A run without checkpoints or whose model is not a CNN is an error naming
+    /// it.
+    pub fn from_run(run: &Path, checkpoint: Option<&str>) -> Result<Self> {
+        let root = run.join("checkpoints");
+        let ck = match checkpoint {
+            Some(c) => crate::checkpoint::find(&root, c)?,
+            None => crate::checkpoint::latest(&root)?.ok_or_else(|| {
+                Error::usage(format!(
+                    "--extractor {RUN_PREFIX}{}: the run has no checkpoint to take a CNN \
+                     from (is it a run folder?)",
+                    run.display()
+                ))
+            })?,
+        };
+        let model = ck.model()?;
+        if model.name() != crate::model::cnn::NAME {
+            return Err(Error::usage(format!(
+                "--extractor {RUN_PREFIX}{}: the run's model is {:?}, not a CNN (train one \
+                 with --model cnn)",
+                run.display(),
+                model.name()
+            )));
+        }
+        let cnn = Cnn::load(&ck.dir)?;
+        let Some(net) = cnn.net().cloned() else {
+            return Err(Error::usage(format!(
+                "--extractor {RUN_PREFIX}{}: checkpoint {} holds a CNN that has not learnt \
+                 anything yet",
+                run.display(),
+                ck.name()
+            )));
+        };
+        Ok(CnnExtractor {
+            params: cnn.params().clone(),
+            net,
+            source: format!("{}@{}", run.display(), ck.name()),
+        })
+    }
+
+    /// Width of the features (the last block's channels).
+    pub fn width(&self) -> usize {
+        self.net.arch.feature_width()
+    }
+
+    /// The network's shape.
+    pub fn arch(&self) -> &Arch {
+        &self.net.arch
+    }
+
+    /// Features of whole images (3,072 bytes each, CIFAR layout).
+    pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
+        let per = SIDE * SIDE * CHANNELS;
+        let n = pixels.len() / per;
+        let w = self.width();
+        let mut out = Array2::<f32>::zeros((n, w));
+        const CHUNK: usize = 256;
+        for start in (0..n).step_by(CHUNK) {
+            let end = (start + CHUNK).min(n);
+            let x = nhwc(&pixels[start * per..end * per]);
+            let mut feats = Vec::new();
+            self.net.forward_score(&x, end - start, Some(&mut feats));
+            let v = ndarray::ArrayView2::from_shape((end - start, w), &feats)
+                .map_err(|e| Error::usage(format!("cnn extractor: internal: {e}")))?;
+            out.slice_mut(ndarray::s![start..end, ..]).assign(&v);
+        }
+        Ok(out)
+    }
+
+    /// Multiply-adds per image.
+    pub fn macs_per_image(&self) -> u64 {
+        self.net.arch.macs_per_image() as u64
+    }
+}
+
+/// Normalised NHWC floats of images in the CIFAR layout.
+fn nhwc(pixels: &[u8]) -> Vec<f32> {
+    let per = SIDE * SIDE * CHANNELS;
+    let plane = SIDE * SIDE;
+    let mut out = vec![0.0f32; pixels.len()];
+    for (dst, img) in out.chunks_exact_mut(per).zip(pixels.chunks_exact(per)) {
+        for p in 0..plane {
+            for c in 0..CHANNELS {
+                dst[p * CHANNELS + c] = (f32::from(img[c * plane + p]) / 255.0 - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    out
+}
+
+/// The run folder `run:NAME` names: NAME itself when it is a folder holding a run,
+/// else NAME under `runs`.
+pub fn run_folder(name: &str, runs: &Path) -> PathBuf {
+    let direct = PathBuf::from(name);
+    if direct.join("run.json").is_file() {
+        direct
+    } else {
+        runs.join(name)
+    }
+}
+
+/// What `extractor.json` of a CNN extractor holds besides the kind and stamp.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CnnMeta {
+    pub params: CnnParams,
+    pub width: usize,
+    pub source: String,
+}
+
+impl CnnExtractor {
+    /// The tensors an extractor folder holds: the whitening weights, the parameters and
+    /// the running statistics.
+    pub(crate) fn tensors(&self) -> crate::model::TensorsOut {
+        let mut t = crate::model::TensorsOut::default();
+        t.f32(
+            "whiten.weight",
+            &[self.net.whiten.len()],
+            self.net.whiten.iter(),
+        );
+        for ((name, len), w) in self.net.arch.param_shapes().iter().zip(&self.net.params) {
+            t.f32(name, &[*len], w.iter());
+        }
+        for (i, (m, v)) in self
+            .net
+            .running_mean
+            .iter()
+            .zip(&self.net.running_var)
+            .enumerate()
+        {
+            t.f32(&format!("norm{i}.running_mean"), &[m.len()], m.iter());
+            t.f32(&format!("norm{i}.running_var"), &[v.len()], v.iter());
+        }
+        t
+    }
+
+    /// The extractor of a folder's checked tensors and metadata.
+    pub(crate) fn from_checkpoint(ck: &crate::model::Checkpoint, meta: CnnMeta) -> Result<Self> {
+        meta.params
+            .check()
+            .map_err(|e| ck.bad_meta(format!("invalid network parameters: {e}")))?;
+        let arch = meta.params.arch();
+        if meta.width != arch.feature_width() {
+            return Err(ck.bad_meta(format!(
+                "width {} does not match the network ({})",
+                meta.width,
+                arch.feature_width()
+            )));
+        }
+        let shapes = arch.param_shapes();
+        let convs = arch.conv_shapes(1);
+        let mut names = vec!["whiten.weight".to_string()];
+        names.extend(shapes.iter().map(|(n, _)| n.clone()));
+        for i in 0..convs.len() {
+            names.push(format!("norm{i}.running_mean"));
+            names.push(format!("norm{i}.running_var"));
+        }
+        ck.expect_names(&names)?;
+        let whiten = ck.f32(
+            "whiten.weight",
+            &[arch.whiten_shape(1).kdim() * arch.whiten_shape(1).co],
+        )?;
+        let params = shapes
+            .iter()
+            .map(|(n, len)| ck.f32(n, &[*len]))
+            .collect::<Result<Vec<_>>>()?;
+        let mut running_mean = Vec::new();
+        let mut running_var = Vec::new();
+        for (i, s) in convs.iter().enumerate() {
+            running_mean.push(ck.f32(&format!("norm{i}.running_mean"), &[s.co])?);
+            running_var.push(ck.f32(&format!("norm{i}.running_var"), &[s.co])?);
+        }
+        Ok(CnnExtractor {
+            params: meta.params,
+            net: Net {
+                arch,
+                whiten,
+                params,
+                running_mean,
+                running_var,
+            },
+            source: meta.source,
+        })
+    }
+
+    /// A hash of the tensors: the stamp shared by the folder's two files.
+    pub fn fingerprint(&self) -> u64 {
+        let bytes = self
+            .net
+            .whiten
+            .iter()
+            .chain(self.net.params.iter().flatten())
+            .chain(self.net.running_mean.iter().flatten())
+            .chain(self.net.running_var.iter().flatten())
+            .flat_map(|v| v.to_le_bytes());
+        bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
