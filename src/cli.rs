@@ -171,6 +171,7 @@ impl TrainSourceArgs {
                 follow: self.follow,
                 kafka_offsets: None,
                 pace,
+                shuffle: false,
             },
         ))
     }
@@ -285,6 +286,10 @@ pub struct TrainArgs {
     /// of the model's probabilities for it and its mirror image.
     #[arg(long)]
     pub flip_test: bool,
+    /// With --data: serve each epoch in a new order, shuffled from the run's seed and the
+    /// epoch (the default is the files' order, as the original's server).
+    #[arg(long)]
+    pub shuffle: bool,
     /// Skip drawing the run's plots at the end.
     #[arg(long)]
     pub no_plots: bool,
@@ -305,6 +310,12 @@ impl TrainArgs {
         cfg.epochs = self.epochs.or(cfg.epochs).or(Some(1));
         cfg.seed = self.seed.or(cfg.seed).or(Some(0));
         cfg.batch_size = self.source.batch_size.or(cfg.batch_size).or(Some(128));
+        if self.shuffle {
+            cfg.shuffle = Some(true);
+        }
+        if self.flip_test {
+            cfg.flip_test = Some(true);
+        }
         let lr_key = if model == "svm" { "eta0" } else { "lr" };
         let flags: [(&str, Option<toml::Value>); 9] = [
             (lr_key, self.lr.map(toml::Value::Float)),
@@ -504,6 +515,7 @@ impl SourceArgs {
             follow: self.follow,
             kafka_offsets: None,
             pace: Duration::ZERO,
+            shuffle: false,
         };
         Ok((spec, opts))
     }
@@ -805,6 +817,7 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         limit: (a.limit > 0).then_some(a.limit),
         progress,
         write_timeout: (a.write_timeout > 0.0).then(|| Duration::from_secs_f64(a.write_timeout)),
+        shuffle: None,
     };
     if let Some(to) = &a.to {
         if !(a.connect_timeout >= 0.0 && a.connect_timeout.is_finite()) {
@@ -1076,6 +1089,7 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         limit: None,
         progress: false,
         write_timeout: None,
+        shuffle: None,
     };
     let server = tokio::task::spawn_blocking(move || server::serve(&listener, &serve_opts));
     let spec = SourceSpec::Tcp {
@@ -1305,7 +1319,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
     // Check the model and its hyper-parameters before touching the source.
     trainer::new_model(&model, &params)?;
     let epochs = cfg.epochs.unwrap_or(1);
-    let (source, opts) = a.source.resolve(
+    let (source, mut opts) = a.source.resolve(
         Split::Train,
         Some(epochs),
         cfg.batch_size.unwrap_or(128),
@@ -1313,6 +1327,7 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         fallback_source,
         a.sleep,
     )?;
+    opts.shuffle = cfg.shuffle.unwrap_or(false);
     let extractor = if a.resume {
         None
     } else {

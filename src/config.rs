@@ -25,7 +25,7 @@ use crate::model::{
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 8] = [
+pub const KEYS: [&str; 9] = [
     "model",
     "epochs",
     "batch_size",
@@ -34,6 +34,7 @@ pub const KEYS: [&str; 8] = [
     "sql",
     "features",
     "flip_test",
+    "shuffle",
 ];
 
 /// A run's settings: what a config file says, with flags applied on top.
@@ -53,6 +54,8 @@ pub struct RunConfig {
     pub sql: Option<PathBuf>,
     /// Test-time flip averaging in the test pass (as `--flip-test`).
     pub flip_test: Option<bool>,
+    /// Each epoch of a dataset in a new order (as `--shuffle`).
+    pub shuffle: Option<bool>,
     /// One table of hyper-parameters per model name.
     pub params: toml::Table,
     /// The `[features]` table: a patch extractor fitted on the first images of the
@@ -102,9 +105,13 @@ impl RunConfig {
                     let base = path.parent().unwrap_or(Path::new(""));
                     cfg.sql = Some(if p.is_relative() { base.join(p) } else { p });
                 }
-                "flip_test" => {
-                    cfg.flip_test =
-                        Some(value.as_bool().ok_or_else(|| wrong_type("true or false"))?)
+                "flip_test" | "shuffle" => {
+                    let b = Some(value.as_bool().ok_or_else(|| wrong_type("true or false"))?);
+                    if key == "shuffle" {
+                        cfg.shuffle = b;
+                    } else {
+                        cfg.flip_test = b;
+                    }
                 }
                 "epochs" | "batch_size" | "seed" => {
                     let n = value
@@ -201,6 +208,9 @@ impl RunConfig {
         }
         if let Some(f) = self.flip_test {
             t.insert("flip_test".into(), f.into());
+        }
+        if let Some(f) = self.shuffle {
+            t.insert("shuffle".into(), f.into());
         }
         if let Some(s) = &self.sql {
             t.insert("sql".into(), s.display().to_string().into());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use arrow::ipc::writer::StreamWriter;
 
 use crate::batch::{make_batch, stream_schema};
-use crate::dataset::{self, DataSpec, Images, Split};
+use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::source::Batcher;
 use crate::wire::{ndjson, spark_json, Format};
@@ -42,6 +42,9 @@ pub struct ServeOptions {
     /// Give up on a client that reads nothing for this long (`None`: wait for it forever;
     /// either way the server holds at most a few encoded batches while it waits).
     pub write_timeout: Option<Duration>,
+    /// Serve each epoch in a new order, shuffled from (this seed, the epoch): SGD then
+    /// sees other mini-batches every epoch. `None` (the original's way): file order.
+    pub shuffle: Option<u64>,
 }
 
 /// What a server sent.
@@ -222,6 +225,14 @@ fn encode_all(
     let mut ipc: Option<StreamWriter<Vec<u8>>> = None;
     let nonempty = files.iter().any(|f| !f.is_empty());
     'epochs: loop {
+        let shuffled;
+        let files = match opts.shuffle {
+            Some(seed) => {
+                shuffled = [shuffled_epoch(files, seed, epoch)];
+                &shuffled[..]
+            }
+            None => files,
+        };
         let mut batcher = Batcher::new(opts.batch_size);
         while let Some(images) = batcher.next(files) {
             if opts.limit.is_some_and(|l| sent >= l) {
@@ -268,6 +279,27 @@ fn encode_all(
     }
 }
 
+/// All the images of `files` in the order of epoch `epoch` (Fisher–Yates from
+/// `mix(seed, epoch)`): the same for the same seed and epoch, so a resumed run sees the
+/// stream it left.
+pub fn shuffled_epoch(files: &[Images], seed: u64, epoch: u64) -> Images {
+    let n: usize = files.iter().map(Images::len).sum();
+    let mut order: Vec<(usize, usize)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, imgs)| (0..imgs.len()).map(move |i| (f, i)))
+        .collect();
+    let mut rng = crate::model::SplitMix(crate::synth::mix(seed, epoch));
+    rng.shuffle(&mut order);
+    let mut out = Images::with_capacity(n);
+    for (f, i) in order {
+        out.labels.push(files[f].labels[i]);
+        out.pixels
+            .extend_from_slice(&files[f].pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]);
+    }
+    out
+}
+
 /// Append one batch to the IPC stream (schema first, the first time) and take its bytes.
 fn encode_ipc(
     ipc: &mut Option<StreamWriter<Vec<u8>>>,
@@ -281,4 +313,34 @@ fn encode_ipc(
     let batch = make_batch(seq, None, images.labels, images.pixels)?;
     w.write(&batch)?;
     Ok(std::mem::take(w.get_mut()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shuffled_epoch_is_a_seeded_permutation_of_every_file() {
+        let files: Vec<Images> = (0..3u8)
+            .map(|f| Images {
+                labels: (0..4).map(|i| f * 4 + i).collect(),
+                pixels: (0..4u8)
+                    .flat_map(|i| std::iter::repeat_n(f * 4 + i, IMAGE_BYTES))
+                    .collect(),
+            })
+            .collect();
+        let a = shuffled_epoch(&files, 7, 0);
+        assert_eq!(a, shuffled_epoch(&files, 7, 0));
+        let mut labels = a.labels.clone();
+        labels.sort();
+        assert_eq!(labels, (0..12).collect::<Vec<u8>>());
+        // Each image keeps its pixels.
+        for (i, &l) in a.labels.iter().enumerate() {
+            assert!(a.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+                .iter()
+                .all(|&p| p == l));
+        }
+        assert_ne!(a.labels, shuffled_epoch(&files, 7, 1).labels);
+        assert_ne!(a.labels, shuffled_epoch(&files, 8, 0).labels);
+    }
 }

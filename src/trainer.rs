@@ -333,6 +333,7 @@ async fn open_stream(
                 limit: Some(opts.epochs.unwrap_or(1).saturating_mul(per_epoch)),
                 progress: false,
                 write_timeout: None,
+                shuffle: opts.shuffle.then_some(seed),
             };
             let (addr, handle) = server::spawn_loopback(files, serve)?;
             let spec = SourceSpec::Tcp {

@@ -151,6 +151,9 @@ pub struct SourceOptions {
     /// Pause this long after each delivered batch (a slow stream, for demonstrations and
     /// tests; a dataset served over loopback is paced by its server instead).
     pub pace: Duration,
+    /// A dataset served by the trainer itself (`--data`): each epoch in a new order,
+    /// shuffled from the run's seed and the epoch.
+    pub shuffle: bool,
 }
 
 impl Default for SourceOptions {
@@ -166,6 +169,7 @@ impl Default for SourceOptions {
             follow: false,
             kafka_offsets: None,
             pace: Duration::ZERO,
+            shuffle: false,
         }
     }
 }
@@ -1514,6 +1518,7 @@ mod tests {
                 limit: Some(8),
                 progress: false,
                 write_timeout: None,
+                shuffle: None,
             };
             let mut bytes = Vec::new();
             crate::server::stream_to(&mut bytes, &files, &serve).unwrap();

@@ -148,6 +148,22 @@ impl Arch {
             + self.feature_width() * self.classes
     }
 
+    /// Multiply-adds of one image's training step: the forward pass, the weight
+    /// gradients of every convolution and of the head, and the input gradients of every
+    /// convolution but the first block's first (whose input gradient only the whitening
+    /// bias needs, while it learns: `whiten_bias`).
+    pub fn train_macs_per_image(&self, whiten_bias: bool) -> usize {
+        let convs = self.conv_shapes(1);
+        let all: usize = convs.iter().map(ConvShape::macs).sum();
+        let head = self.feature_width() * self.classes;
+        let dx = if whiten_bias {
+            all
+        } else {
+            all - convs[0].macs()
+        };
+        self.macs_per_image() + all + head + dx + head
+    }
+
     /// Floats of the activations [`Net::forward_train`] keeps per image.
     pub fn tape_floats_per_image(&self) -> usize {
         let sides = self.sides();
