@@ -290,6 +290,19 @@ pub mod kernels {
         Ok(())
     }
 
+    /// Coordinate `i` of a side of `s` pixels reflected at the border (`-1 → 1`,
+    /// `s → s − 2`: PyTorch's `reflect` padding), for `|i|` up to about `s`.
+    pub fn reflect(i: i64, s: i64) -> usize {
+        let r = if i < 0 {
+            -i
+        } else if i >= s {
+            2 * (s - 1) - i
+        } else {
+            i
+        };
+        r.clamp(0, s - 1) as usize
+    }
+
     /// The image shifted so that output pixel (y, x) is input pixel (y + dy, x + dx),
     /// coordinates outside the image reflected at the border (`-1 → 1`, `s → s − 2`:
     /// PyTorch's `reflect` padding). `|dy|, |dx|` must be below `s`.
@@ -307,16 +320,7 @@ pub mod kernels {
                 "translate: a shift of ({dy}, {dx}) on a side of {s}"
             )));
         }
-        let reflect = |i: i64| -> usize {
-            let r = if i < 0 {
-                -i
-            } else if i >= si {
-                2 * (si - 1) - i
-            } else {
-                i
-            };
-            r.clamp(0, si - 1) as usize
-        };
+        let reflect = |i: i64| reflect(i, si);
         let cols: Vec<usize> = (0..si).map(|x| reflect(x + dx)).collect();
         let plane = s * s;
         for (dp, sp) in dst.chunks_exact_mut(plane).zip(src.chunks_exact(plane)) {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 
 use crate::error::{Error, Result};
-use crate::model::cnn::net::{Arch, Net, CHANNELS, SIDE};
+use crate::model::cnn::net::{Arch, Net, CHANNELS, SIDE, WHITEN_TENSOR};
 use crate::model::cnn::{Cnn, CnnParams};
 
 /// CIFAR-10's channel means and deviations, as `sql/cnn.sql` normalises.
@@ -152,23 +152,11 @@ impl CnnExtractor {
     pub(crate) fn tensors(&self) -> crate::model::TensorsOut {
         let mut t = crate::model::TensorsOut::default();
         t.f32(
-            "whiten.weight",
+            WHITEN_TENSOR,
             &[self.net.whiten.len()],
             self.net.whiten.iter(),
         );
-        for ((name, len), w) in self.net.arch.param_shapes().iter().zip(&self.net.params) {
-            t.f32(name, &[*len], w.iter());
-        }
-        for (i, (m, v)) in self
-            .net
-            .running_mean
-            .iter()
-            .zip(&self.net.running_var)
-            .enumerate()
-        {
-            t.f32(&format!("norm{i}.running_mean"), &[m.len()], m.iter());
-            t.f32(&format!("norm{i}.running_var"), &[v.len()], v.iter());
-        }
+        self.net.put_tensors(&mut t, "");
         t
     }
 
@@ -185,54 +173,27 @@ impl CnnExtractor {
                 arch.feature_width()
             )));
         }
-        let shapes = arch.param_shapes();
-        let convs = arch.conv_shapes(1);
-        let mut names = vec!["whiten.weight".to_string()];
-        names.extend(shapes.iter().map(|(n, _)| n.clone()));
-        for i in 0..convs.len() {
-            names.push(format!("norm{i}.running_mean"));
-            names.push(format!("norm{i}.running_var"));
-        }
+        let mut names = vec![WHITEN_TENSOR.to_string()];
+        names.extend(Net::tensor_names(&arch, ""));
         ck.expect_names(&names)?;
-        let whiten = ck.f32(
-            "whiten.weight",
-            &[arch.whiten_shape(1).kdim() * arch.whiten_shape(1).co],
-        )?;
-        let params = shapes
-            .iter()
-            .map(|(n, len)| ck.f32(n, &[*len]))
-            .collect::<Result<Vec<_>>>()?;
-        let mut running_mean = Vec::new();
-        let mut running_var = Vec::new();
-        for (i, s) in convs.iter().enumerate() {
-            running_mean.push(ck.f32(&format!("norm{i}.running_mean"), &[s.co])?);
-            running_var.push(ck.f32(&format!("norm{i}.running_var"), &[s.co])?);
-        }
+        let whiten = Net::read_whiten(ck, &arch)?;
         Ok(CnnExtractor {
             params: meta.params,
-            net: Net {
-                arch,
-                whiten,
-                params,
-                running_mean,
-                running_var,
-            },
+            net: Net::read_tensors(ck, &arch, &whiten, "")?,
             source: meta.source,
         })
     }
 
     /// A hash of the tensors: the stamp shared by the folder's two files.
     pub fn fingerprint(&self) -> u64 {
-        let bytes = self
-            .net
-            .whiten
-            .iter()
-            .chain(self.net.params.iter().flatten())
-            .chain(self.net.running_mean.iter().flatten())
-            .chain(self.net.running_var.iter().flatten())
-            .flat_map(|v| v.to_le_bytes());
-        bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
+        super::fnv1a(
+            self.net
+                .whiten
+                .iter()
+                .chain(self.net.params.iter().flatten())
+                .chain(self.net.running_mean.iter().flatten())
+                .chain(self.net.running_var.iter().flatten())
+                .flat_map(|v| v.to_le_bytes()),
+        )
     }
 }

@@ -168,10 +168,17 @@ pub async fn write_cache_on_workers(
                     // those may open it after all its rows are back. So the staged files of
                     // the parts written are removed only once the query has ended.
                     let mut done: Vec<PathBuf> = Vec::new();
-                    let result =
-                        run_attempt(up, sql, job, &mut done, |job, gathered, batch, done| {
-                            let (pending, on_part, written) = job;
-                            for first in take_rows(batch, pending, gathered, width, remote_mirror)?
+                    let result: Result<()> = async {
+                        let ctx = distributed::session(&up, None)?;
+                        let mut stream = ctx.sql(sql).await?.execute_stream().await?;
+                        // Rows of a failed attempt come again: start each attempt afresh.
+                        let mut gathered: HashMap<usize, Gathered> = HashMap::new();
+                        while let Some(batch) = stream.next().await {
+                            let batch = batch?;
+                            let mut job = job.borrow_mut();
+                            let (pending, on_part, written) = &mut *job;
+                            for first in
+                                take_rows(&batch, pending, &mut gathered, width, remote_mirror)?
                             {
                                 let (Some(p), Some(g)) =
                                     (pending.remove(&first), gathered.remove(&first))
@@ -201,9 +208,11 @@ pub async fn write_cache_on_workers(
                                     f(split.name(), n - left(pending), n);
                                 }
                             }
-                            Ok(())
-                        })
-                        .await;
+                        }
+                        // The stream (every scan of the query) is dropped here.
+                        Ok(())
+                    }
+                    .await;
                     for staged in done {
                         let _ = fs::remove_file(staged);
                     }
@@ -238,42 +247,6 @@ pub async fn write_cache_on_workers(
     let _ = fs::remove_dir(out.join(STAGING_DIR));
     manifest.write(&out)?;
     Ok(summary)
-}
-
-/// The job's state shared by the attempts: the parts still to compute, the progress
-/// callback, and the number of parts written.
-type JobState<'a> = (
-    BTreeMap<usize, Pending>,
-    &'a mut Option<cache::OnPart>,
-    usize,
-);
-
-/// Runs one attempt of the feature query on `workers`, handing each batch of rows to
-/// `take`, which adds the staged files of the parts it wrote to `done` (also when it then
-/// fails). The query's stream is dropped (every scan of it ended, or abandoned) before
-/// this returns.
-async fn run_attempt<'a>(
-    workers: Vec<Url>,
-    sql: &str,
-    job: &RefCell<JobState<'a>>,
-    done: &mut Vec<PathBuf>,
-    mut take: impl FnMut(
-        &mut JobState<'a>,
-        &mut HashMap<usize, Gathered>,
-        &RecordBatch,
-        &mut Vec<PathBuf>,
-    ) -> Result<()>,
-) -> Result<()> {
-    let ctx = distributed::session(&workers, None)?;
-    let mut stream = ctx.sql(sql).await?.execute_stream().await?;
-    // Rows of a failed attempt come again: start each attempt afresh.
-    let mut gathered: HashMap<usize, Gathered> = HashMap::new();
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let mut job = job.borrow_mut();
-        take(&mut job, &mut gathered, &batch, done)?;
-    }
-    Ok(())
 }
 
 /// Writes images `first..last` as one Parquet file (one row group): `idx`, `image`.

@@ -166,6 +166,20 @@ pub const MODELS: [&str; 7] = [
     cnn::NAME,
 ];
 
+/// Each row of scores `z` into probabilities in place: `softmax(z / temperature)`, from
+/// the row's maximum (so no overflow).
+pub(crate) fn softmax_rows(z: &mut ndarray::ArrayViewMut2<f32>, temperature: f32) {
+    for mut row in z.rows_mut() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = ((*v - max) / temperature).exp();
+            sum += *v;
+        }
+        row.mapv_inplace(|v| v / sum);
+    }
+}
+
 /// Index of the largest value, the lowest index on ties (and 0 for an empty row).
 fn argmax(row: ArrayView1<f32>) -> u8 {
     let mut best = 0;

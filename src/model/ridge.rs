@@ -466,16 +466,7 @@ impl Learner for Ridge {
                 1.0 / CLASSES as f32,
             ));
         };
-        let t = self.params.temperature;
-        for mut row in z.rows_mut() {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = ((*v - max) / t).exp();
-                sum += *v;
-            }
-            row.mapv_inplace(|v| v / sum);
-        }
+        super::softmax_rows(&mut z.view_mut(), self.params.temperature);
         Ok(z)
     }
 

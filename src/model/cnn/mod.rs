@@ -385,7 +385,7 @@ impl Cnn {
                     .map_err(|e| Error::usage(format!("cnn: internal: {e}")))?;
                 let mut rows = p.slice_mut(ndarray::s![start..end, ..]);
                 rows.assign(&l);
-                softmax_rows(&mut rows);
+                crate::model::softmax_rows(&mut rows, 1.0);
             }
         }
         Ok((total / n as f64, proba))
@@ -428,17 +428,7 @@ impl Cnn {
 /// NHWC images moved so that pixel (y, x) is the input's (y + dy, x + dx), the border
 /// reflected (`-1 → 1`, `32 → 30`), as `translate()` and PyTorch's reflect padding.
 fn translate_nhwc(x: &[f32], n: usize, dy: isize, dx: isize) -> Vec<f32> {
-    let s = SIDE as isize;
-    let reflect = |i: isize| -> usize {
-        let r = if i < 0 {
-            -i
-        } else if i >= s {
-            2 * (s - 1) - i
-        } else {
-            i
-        };
-        r as usize
-    };
+    let reflect = |i: isize| crate::transforms::kernels::reflect(i as i64, SIDE as i64);
     let mut out = vec![0.0f32; x.len()];
     for img in 0..n {
         let base = img * INPUT;
@@ -453,19 +443,6 @@ fn translate_nhwc(x: &[f32], n: usize, dy: isize, dx: isize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Each row of logits into probabilities, in place.
-fn softmax_rows(l: &mut ndarray::ArrayViewMut2<f32>) {
-    for mut row in l.rows_mut() {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        row.mapv_inplace(|v| v / sum);
-    }
 }
 
 /// `slow += t·(fast − slow)` and then `fast = slow`, for the parameters and the running
@@ -532,31 +509,20 @@ impl Learner for Cnn {
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, Some(INPUT))?;
         let mut l = self.logits(x)?;
-        softmax_rows(&mut l.view_mut());
+        crate::model::softmax_rows(&mut l.view_mut(), 1.0);
         Ok(l)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
         let mut t = TensorsOut::default();
         if let Some(net) = &self.net {
-            let shapes = net.arch.param_shapes();
-            t.f32("whiten.weight", &[net.whiten.len()], net.whiten.iter());
-            for ((name, len), (w, m)) in shapes.iter().zip(net.params.iter().zip(&self.momentum)) {
-                t.f32(name, &[*len], w.iter());
+            t.f32(net::WHITEN_TENSOR, &[net.whiten.len()], net.whiten.iter());
+            net.put_tensors(&mut t, "");
+            for ((name, len), m) in net.arch.param_shapes().iter().zip(&self.momentum) {
                 t.f32(&format!("momentum.{name}"), &[*len], m.iter());
             }
-            for (i, (m, v)) in net.running_mean.iter().zip(&net.running_var).enumerate() {
-                t.f32(&format!("norm{i}.running_mean"), &[m.len()], m.iter());
-                t.f32(&format!("norm{i}.running_var"), &[v.len()], v.iter());
-            }
             if let Some(slow) = &self.slow {
-                for ((name, len), w) in shapes.iter().zip(&slow.params) {
-                    t.f32(&format!("slow.{name}"), &[*len], w.iter());
-                }
-                for (i, (m, v)) in slow.running_mean.iter().zip(&slow.running_var).enumerate() {
-                    t.f32(&format!("slow.norm{i}.running_mean"), &[m.len()], m.iter());
-                    t.f32(&format!("slow.norm{i}.running_var"), &[v.len()], v.iter());
-                }
+                slow.put_tensors(&mut t, "slow.");
             }
         }
         let meta = Meta {
@@ -595,57 +561,21 @@ impl Cnn {
         }
         let arch = model.params.arch();
         let shapes = arch.param_shapes();
-        let nconv = 2 * arch.widths.len();
-        let mut names = vec!["whiten.weight".to_string()];
-        for (name, _) in &shapes {
-            names.push(name.clone());
-            names.push(format!("momentum.{name}"));
-            if meta.slow {
-                names.push(format!("slow.{name}"));
-            }
-        }
-        for i in 0..nconv {
-            for prefix in if meta.slow {
-                &["", "slow."][..]
-            } else {
-                &[""][..]
-            } {
-                names.push(format!("{prefix}norm{i}.running_mean"));
-                names.push(format!("{prefix}norm{i}.running_var"));
-            }
+        let mut names = vec![net::WHITEN_TENSOR.to_string()];
+        names.extend(Net::tensor_names(&arch, ""));
+        names.extend(shapes.iter().map(|(name, _)| format!("momentum.{name}")));
+        if meta.slow {
+            names.extend(Net::tensor_names(&arch, "slow."));
         }
         ck.expect_names(&names)?;
-        let whiten = ck.f32(
-            "whiten.weight",
-            &[net::WHITEN_K * net::WHITEN_K * CHANNELS * net::WHITEN_WIDTH],
-        )?;
-        let widths: Vec<usize> = arch.conv_shapes(1).iter().map(|s| s.co).collect();
-        let read_net = |prefix: &str| -> Result<Net> {
-            let mut params = Vec::new();
-            for (name, len) in &shapes {
-                params.push(ck.f32(&format!("{prefix}{name}"), &[*len])?);
-            }
-            let mut running_mean = Vec::new();
-            let mut running_var = Vec::new();
-            for (i, &w) in widths.iter().enumerate() {
-                running_mean.push(ck.f32(&format!("{prefix}norm{i}.running_mean"), &[w])?);
-                running_var.push(ck.f32(&format!("{prefix}norm{i}.running_var"), &[w])?);
-            }
-            Ok(Net {
-                arch: arch.clone(),
-                whiten: whiten.clone(),
-                params,
-                running_mean,
-                running_var,
-            })
-        };
-        let net = read_net("")?;
+        let whiten = Net::read_whiten(&ck, &arch)?;
+        let net = Net::read_tensors(&ck, &arch, &whiten, "")?;
         model.momentum = shapes
             .iter()
             .map(|(name, len)| ck.f32(&format!("momentum.{name}"), &[*len]))
             .collect::<Result<_>>()?;
         model.slow = if meta.slow {
-            Some(read_net("slow.")?)
+            Some(Net::read_tensors(&ck, &arch, &whiten, "slow.")?)
         } else {
             None
         };

@@ -276,6 +276,9 @@ pub struct Net {
     pub running_var: Vec<Vec<f32>>,
 }
 
+/// The name of the whitening weights in a saved network.
+pub(crate) const WHITEN_TENSOR: &str = "whiten.weight";
+
 /// Gradients, in the layout of [`Net::params`].
 pub type Grads = Vec<Vec<f32>>;
 
@@ -350,6 +353,77 @@ impl Net {
             running_mean,
             running_var,
         }
+    }
+
+    /// The names [`Net::put_tensors`] writes for a network of shape `arch`.
+    pub(crate) fn tensor_names(arch: &Arch, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = arch
+            .param_shapes()
+            .into_iter()
+            .map(|(n, _)| format!("{prefix}{n}"))
+            .collect();
+        for i in 0..arch.conv_shapes(1).len() {
+            names.push(format!("{prefix}norm{i}.running_mean"));
+            names.push(format!("{prefix}norm{i}.running_var"));
+        }
+        names
+    }
+
+    /// Adds the parameters and the running statistics (not the whitening weights, which
+    /// a checkpoint holds once) to `t`, each name after `prefix`.
+    pub(crate) fn put_tensors(&self, t: &mut crate::model::TensorsOut, prefix: &str) {
+        for ((name, len), w) in self.arch.param_shapes().iter().zip(&self.params) {
+            t.f32(&format!("{prefix}{name}"), &[*len], w.iter());
+        }
+        for (i, (m, v)) in self.running_mean.iter().zip(&self.running_var).enumerate() {
+            t.f32(
+                &format!("{prefix}norm{i}.running_mean"),
+                &[m.len()],
+                m.iter(),
+            );
+            t.f32(
+                &format!("{prefix}norm{i}.running_var"),
+                &[v.len()],
+                v.iter(),
+            );
+        }
+    }
+
+    /// The network of shape `arch` that [`Net::put_tensors`] wrote under `prefix`, with
+    /// the whitening weights `whiten`.
+    pub(crate) fn read_tensors(
+        ck: &crate::model::Checkpoint,
+        arch: &Arch,
+        whiten: &[f32],
+        prefix: &str,
+    ) -> crate::error::Result<Net> {
+        let params = arch
+            .param_shapes()
+            .iter()
+            .map(|(name, len)| ck.f32(&format!("{prefix}{name}"), &[*len]))
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let mut running_mean = Vec::new();
+        let mut running_var = Vec::new();
+        for (i, s) in arch.conv_shapes(1).iter().enumerate() {
+            running_mean.push(ck.f32(&format!("{prefix}norm{i}.running_mean"), &[s.co])?);
+            running_var.push(ck.f32(&format!("{prefix}norm{i}.running_var"), &[s.co])?);
+        }
+        Ok(Net {
+            arch: arch.clone(),
+            whiten: whiten.to_vec(),
+            params,
+            running_mean,
+            running_var,
+        })
+    }
+
+    /// Reads the whitening weights of a saved network of shape `arch`.
+    pub(crate) fn read_whiten(
+        ck: &crate::model::Checkpoint,
+        arch: &Arch,
+    ) -> crate::error::Result<Vec<f32>> {
+        let s = arch.whiten_shape(1);
+        ck.f32(WHITEN_TENSOR, &[s.kdim() * s.co])
     }
 
     fn blocks(&self) -> usize {
