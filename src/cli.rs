@@ -70,6 +70,9 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Score a trained run's model on a split; writes test metrics, confusion, predictions.
     Predict(PredictArgs),
+    /// Write a run's trained CNN as an ONNX model (preprocessing and test-time averaging
+    /// included) for onnxruntime, PyTorch or `--extractor onnx:`.
+    ExportModel(ExportModelArgs),
     /// Run SQL over Parquet files and directories named in the query, and over the run
     /// tables `metrics`, `eval_metrics`, `confusion`, `predictions` and `runs`.
     Query(QueryArgs),
@@ -384,9 +387,27 @@ pub struct PredictArgs {
     #[arg(long)]
     pub checkpoint: Option<String>,
     /// Test-time flip averaging: each image is scored by the mean of the model's
-    /// probabilities for it and its mirror image.
+    /// probabilities for it and its mirror image (default: as the run was trained,
+    /// its config's `flip_test`).
     #[arg(long)]
     pub flip_test: bool,
+}
+
+/// `cifar-df export-model`.
+#[derive(Debug, Args)]
+pub struct ExportModelArgs {
+    /// The run whose CNN to export (a name under --runs, or a run folder).
+    #[arg(long)]
+    pub run: String,
+    /// Directory of runs.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// Checkpoint to export, e.g. epoch-3 (default: the latest).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// The ONNX file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `cifar-df demo`.
@@ -771,10 +792,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Features(a) => features_cmd(a, progress).await,
         Command::Train(a) => train_cmd(*a, progress).await,
         Command::Predict(a) => predict_cmd(a, progress).await,
+        Command::ExportModel(a) => export_model_cmd(a),
         Command::Query(a) => query_cmd(a).await,
         Command::Plot(a) => plot_cmd(a).await,
         Command::Worker(a) => worker_cmd(a).await,
     }
+}
+
+/// Whether a run scores with test-time flip averaging: its saved config's `flip_test`.
+fn run_flip_test(run_dir: &Path) -> anyhow::Result<bool> {
+    let path = run_dir.join(crate::checkpoint::CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(false);
+    }
+    Ok(RunConfig::load(&path)?.flip_test.unwrap_or(false))
+}
+
+fn export_model_cmd(a: ExportModelArgs) -> anyhow::Result<ExitCode> {
+    use crate::model::cnn::onnx;
+    let dir = crate::features::cnn::run_folder(&a.run, &a.runs);
+    let e = crate::features::cnn::CnnExtractor::from_run(&dir, a.checkpoint.as_deref())?;
+    let tta = onnx::Tta {
+        flip: run_flip_test(&dir)?,
+        translate: e.params.tta_translate,
+    };
+    let bytes = onnx::export(&e.net, tta, &format!("cifar-df CNN from run {}", e.source));
+    crate::store::write_atomic(&a.out, &bytes)?;
+    println!(
+        "wrote {} ({} bytes): run {}, widths {:?}, outputs logits, probabilities (flip {}, \
+         translate {}), features [{}]; input image [N, 3, 32, 32] RGB in [0, 1]",
+        a.out.display(),
+        bytes.len(),
+        e.source,
+        e.net.arch.widths,
+        if tta.flip { "on" } else { "off" },
+        if tta.translate { "on" } else { "off" },
+        e.net.arch.feature_width()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn synth_cmd(a: SynthArgs) -> anyhow::Result<ExitCode> {
@@ -1511,7 +1566,9 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
         Split::Train => "train-eval".to_string(),
     };
     let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
-    let default_sql = eval_sql(cached, trainer::has_extractor(&run), a.flip_test)?;
+    // The run's own test-time flip averaging (its config's flip_test) unless asked here.
+    let flip_test = a.flip_test || (!cached && run_flip_test(&run.dir)?);
+    let default_sql = eval_sql(cached, trainer::has_extractor(&run), flip_test)?;
     let bar = crate::progress::spinner(progress, "{spinner} predict {msg} [{elapsed}]");
     let summary = trainer::predict(PredictOptions {
         run,

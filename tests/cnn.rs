@@ -189,3 +189,186 @@ fn nhwc(x: &Array2<f32>) -> Vec<f32> {
     }
     out
 }
+
+/// Images as CIFAR rows normalised as `sql/cnn.sql` does, optionally mirrored.
+fn normalised_rows(pixels: &[u8], flip: bool) -> Array2<f32> {
+    use cifar_df::features::cnn::{MEAN, STD};
+    let n = pixels.len() / 3072;
+    Array2::from_shape_fn((n, 3072), |(i, j)| {
+        let (c, p) = (j / 1024, j % 1024);
+        let (y, x) = (p / 32, p % 32);
+        let sx = if flip { 31 - x } else { x };
+        let v = f32::from(pixels[i * 3072 + c * 1024 + y * 32 + sx]);
+        (v / 255.0 - MEAN[c]) / STD[c]
+    })
+}
+
+/// `export-model` writes the run's network so that onnxruntime (the independent
+/// reference) and cifar-df's own `--extractor onnx:` (tract) give cifar-df's logits,
+/// test-time probabilities and features.
+#[test]
+fn an_exported_cnn_gives_cifar_dfs_outputs_in_onnxruntime_and_tract() {
+    if !have_python("numpy, onnx, onnxruntime", "the ONNX export check") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let runs_s = runs.to_str().unwrap();
+    let cfg = format!("{}/configs/cnn.toml", env!("CARGO_MANIFEST_DIR"));
+    run_ok(common::bin().args([
+        "-q",
+        "train",
+        "--config",
+        &cfg,
+        "--data",
+        "synthetic:600:40:3",
+        "--epochs",
+        "2",
+        "--set",
+        "widths=[8,16,24]",
+        "--run",
+        "small",
+        "--runs",
+        runs_s,
+        "--no-plots",
+    ]));
+    let model = dir.path().join("small.onnx");
+    let (out, _) = run_ok(common::bin().args([
+        "export-model",
+        "--run",
+        "small",
+        "--runs",
+        runs_s,
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    assert!(
+        out.contains("flip on") && out.contains("translate on"),
+        "{out}"
+    );
+
+    // Images: smooth patterns plus noise, and two plain ones (all black, all white).
+    let n = 19;
+    let mut rng = SplitMix(11);
+    let mut pixels: Vec<u8> = (0..(n - 2) * 3072)
+        .map(|j| {
+            let p = (j % 1024) as f64;
+            let v = 128.0 + 80.0 * (p * 0.05).sin() + 40.0 * rng.normal();
+            v.clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    pixels.extend(std::iter::repeat_n(0u8, 3072));
+    pixels.extend(std::iter::repeat_n(255u8, 3072));
+
+    // cifar-df: the network's logits and features, and the run's test-time scores (the
+    // model's probabilities with translations, averaged with the mirror images').
+    let ex = cifar_df::features::cnn::CnnExtractor::from_run(&runs.join("small"), None).unwrap();
+    let rows = normalised_rows(&pixels, false);
+    let mut feats = Vec::new();
+    let logits = ex.net.forward_score(&nhwc(&rows), n, Some(&mut feats));
+    let ck = cifar_df::checkpoint::latest(&runs.join("small/checkpoints"))
+        .unwrap()
+        .unwrap();
+    let cnn = Cnn::load(&ck.dir).unwrap();
+    let mut proba = cnn.predict_proba(rows.view()).unwrap();
+    let mirrored = cnn
+        .predict_proba(normalised_rows(&pixels, true).view())
+        .unwrap();
+    proba.zip_mut_with(&mirrored, |p, &q| *p = 0.5 * (*p + q));
+
+    // onnxruntime.
+    let (img, res) = (dir.path().join("img.u8"), dir.path().join("ort.json"));
+    std::fs::write(&img, &pixels).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref/onnx_export_check.py");
+    run_ok(
+        Command::new("python3")
+            .arg(script)
+            .arg(&model)
+            .arg(&img)
+            .arg(n.to_string())
+            .arg(&res),
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&res).unwrap()).unwrap();
+    assert_eq!(r["shapes"]["logits"], serde_json::json!([n, 10]));
+    assert_eq!(r["shapes"]["features"], serde_json::json!([n, 24]));
+    assert_eq!(r["metadata"]["image_mean"], "0,0,0");
+    close("onnxruntime logits", &logits, &floats(&r["logits"]), 1e-4);
+    close(
+        "onnxruntime features",
+        &feats,
+        &floats(&r["features"]),
+        1e-4,
+    );
+    close(
+        "onnxruntime probabilities",
+        proba.as_slice().unwrap(),
+        &floats(&r["probabilities"]),
+        1e-4,
+    );
+    assert!(
+        r["alone_diff"].as_f64().unwrap() < 1e-5,
+        "{}",
+        r["alone_diff"]
+    );
+    // The test-time averaging changes the answer (so the check above is not the logits').
+    let plain: Vec<f64> = logits
+        .chunks(10)
+        .flat_map(|row| {
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let e: Vec<f64> = row.iter().map(|&v| f64::from(v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(move |v| v / sum)
+        })
+        .collect();
+    let moved = plain
+        .iter()
+        .zip(proba.iter())
+        .map(|(a, &b)| (a - f64::from(b)).abs())
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-3, "{moved}");
+
+    // tract, through --extractor onnx: (its normalisation from the model's metadata).
+    let spec = format!("onnx:{}", model.display());
+    for (node, want) in [("features", &feats), ("logits", &logits)] {
+        let params = cifar_df::features::OnnxParams {
+            node: Some(node.into()),
+            batch: 8,
+            ..Default::default()
+        };
+        let e = cifar_df::features::Extractor::open(&spec, params, &runs).unwrap();
+        let got = e.encode(&pixels).unwrap();
+        let want: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+        close(
+            &format!("tract {node}"),
+            got.as_slice().unwrap(),
+            &want,
+            1e-4,
+        );
+    }
+
+    // A run that is not a CNN, and one that does not exist, are named.
+    run_ok(common::bin().args([
+        "-q",
+        "train",
+        "--model",
+        "logreg",
+        "--data",
+        "synthetic:100:10:3",
+        "--run",
+        "linear",
+        "--runs",
+        runs_s,
+        "--no-plots",
+    ]));
+    for (run, want) in [("linear", "not a CNN"), ("nothing", "no checkpoint")] {
+        let o = common::bin()
+            .args(["export-model", "--run", run, "--runs", runs_s, "--out"])
+            .arg(dir.path().join("x.onnx"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{run}: {err}");
+    }
+    assert!(!dir.path().join("x.onnx").exists());
+}

@@ -115,8 +115,8 @@ fn onnx_features_match_onnxruntime() {
     // Other normalisation, and a channels-last model with a fixed batch of 1 whose output
     // is a feature map (downsampling 32 → 24).
     let params = OnnxParams {
-        mean: [0.5, 0.4, 0.3],
-        std: [0.2, 0.3, 0.4],
+        mean: Some([0.5, 0.4, 0.3]),
+        std: Some([0.2, 0.3, 0.4]),
         batch: 5,
         ..OnnxParams::default()
     };

@@ -40,6 +40,19 @@ use crate::transforms::kernels::Resize;
 
 /// Side of the stream's images.
 const SIDE: usize = 32;
+/// ImageNet's channel means, what torchvision's pretrained models expect.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet's channel deviations.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Three numbers, `a,b,c`.
+fn parse_triple(s: &str) -> std::result::Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f32>().map_err(|e| e.to_string()))
+        .collect::<std::result::Result<_, _>>()?;
+    <[f32; 3]>::try_from(v.as_slice()).map_err(|_| format!("{} numbers, not 3", v.len()))
+}
 
 /// Parameters of an [`OnnxExtractor`]. Missing fields take their defaults; unknown ones
 /// are an error.
@@ -49,12 +62,15 @@ pub struct OnnxParams {
     /// The node (or tensor) whose output are the features; `None`: the model's first
     /// output.
     pub node: Option<String>,
-    /// Per-channel mean (RGB) subtracted after scaling to [0, 1]. Default ImageNet's
-    /// `[0.485, 0.456, 0.406]`.
-    pub mean: [f32; 3],
-    /// Per-channel standard deviation (RGB) divided by. Default ImageNet's
-    /// `[0.229, 0.224, 0.225]`.
-    pub std: [f32; 3],
+    /// Per-channel mean (RGB) subtracted after scaling to [0, 1]. Default: the model's
+    /// own (`image_mean` in its metadata, as `cifar-df export-model` writes), else
+    /// ImageNet's `[0.485, 0.456, 0.406]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation (RGB) divided by. Default: the model's own
+    /// (`image_std`), else ImageNet's `[0.229, 0.224, 0.225]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub std: Option<[f32; 3]>,
     /// Side images are resized to when the model's input height and width are not
     /// fixed. Default 224.
     pub size: usize,
@@ -68,8 +84,8 @@ impl Default for OnnxParams {
     fn default() -> Self {
         OnnxParams {
             node: None,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: None,
+            std: None,
             size: 224,
             batch: 1,
         }
@@ -80,16 +96,21 @@ impl OnnxParams {
     /// Checks the values: finite means, finite positive standard deviations, `size` and
     /// `batch` at least 1 (and `size` at most 4096).
     pub fn validate(&self) -> Result<()> {
-        if self.mean.iter().any(|m| !m.is_finite()) {
+        if self.mean.iter().flatten().any(|m| !m.is_finite()) {
             return Err(Error::usage(format!(
                 "onnx: mean must be finite, not {:?}",
-                self.mean
+                self.mean.unwrap_or_default()
             )));
         }
-        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        if self
+            .std
+            .iter()
+            .flatten()
+            .any(|s| !(s.is_finite() && *s > 0.0))
+        {
             return Err(Error::usage(format!(
                 "onnx: std must be finite and > 0, not {:?}",
-                self.std
+                self.std.unwrap_or_default()
             )));
         }
         if !(1..=4096).contains(&self.size) {
@@ -126,6 +147,11 @@ pub struct InputLayout {
 pub struct OnnxExtractor {
     /// Parameters (checked).
     pub params: OnnxParams,
+    /// The per-channel mean in effect (the parameters', else the model's, else
+    /// ImageNet's).
+    pub mean: [f32; 3],
+    /// The per-channel deviation in effect.
+    pub std: [f32; 3],
     /// The input the images are fed to.
     pub input: InputLayout,
     /// The model file's bytes, saved with the extractor.
@@ -143,6 +169,8 @@ impl fmt::Debug for OnnxExtractor {
         f.debug_struct("OnnxExtractor")
             .field("path", &self.path)
             .field("params", &self.params)
+            .field("mean", &self.mean)
+            .field("std", &self.std)
             .field("input", &self.input)
             .field("width", &self.width)
             .finish_non_exhaustive()
@@ -189,6 +217,30 @@ impl OnnxExtractor {
             ));
         }
         let input = input_layout(graph, &params).map_err(bad)?;
+        let meta = |key: &str| {
+            let entry = proto.metadata_props.iter().find(|e| e.key == key)?;
+            Some(
+                parse_triple(&entry.value)
+                    .map_err(|e| bad(format!("its metadata {key} = {:?}: {e}", entry.value))),
+            )
+        };
+        let mean = match params.mean {
+            Some(m) => m,
+            None => meta(crate::model::cnn::onnx::META_MEAN)
+                .transpose()?
+                .unwrap_or(IMAGENET_MEAN),
+        };
+        let std = match params.std {
+            Some(s) => s,
+            None => meta(crate::model::cnn::onnx::META_STD)
+                .transpose()?
+                .unwrap_or(IMAGENET_STD),
+        };
+        if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || mean.iter().any(|m| !m.is_finite()) {
+            return Err(bad(format!(
+                "its metadata asks for mean {mean:?} and std {std:?}; std must be > 0"
+            )));
+        }
         let output = match &params.node {
             None => graph
                 .output
@@ -241,6 +293,8 @@ impl OnnxExtractor {
             .map_err(|e| bad(format!("tract cannot plan the model: {e:#}")))?;
         Ok(OnnxExtractor {
             params,
+            mean,
+            std,
             input,
             bytes: Arc::new(bytes),
             path: path.to_path_buf(),
@@ -377,10 +431,7 @@ impl OnnxExtractor {
             }
             resize.apply_with(&img, &mut planes, &mut scratch)?;
             for (c, plane) in planes.chunks_exact(h * w).enumerate() {
-                let (scale, shift) = (
-                    1.0 / (255.0 * self.params.std[c]),
-                    self.params.mean[c] / self.params.std[c],
-                );
+                let (scale, shift) = (1.0 / (255.0 * self.std[c]), self.mean[c] / self.std[c]);
                 if self.input.channels_last {
                     for (j, &v) in plane.iter().enumerate() {
                         x[[i, j / w, j % w, c]] = v * scale - shift;

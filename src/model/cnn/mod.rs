@@ -16,6 +16,7 @@
 //! tensors ([`ops`]).
 
 pub mod net;
+pub mod onnx;
 pub mod ops;
 
 use std::path::Path;
