@@ -339,6 +339,17 @@ pub fn maxpool_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8
     let PoolShape { n, h, w, c, p } = shape;
     let (oh, ow) = (h / p, w / p);
     debug_assert_eq!(y.len(), n * oh * ow * c);
+    if p == 2 {
+        pool2_forward(x, shape, y, arg)
+    } else {
+        maxpool_forward_any(x, shape, y, arg)
+    }
+}
+
+/// [`maxpool_forward`] for any window (the 2×2 one has its own vectorised loop).
+fn maxpool_forward_any(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) {
+    let PoolShape { n, h, w, c, p } = shape;
+    let (oh, ow) = (h / p, w / p);
     for img in 0..n {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -371,6 +382,17 @@ pub fn maxpool_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8
 /// The gradient of [`maxpool_forward`]: `dx` (overwritten) is zero but at each window's
 /// maximum, which gets the window's `dy`.
 pub fn maxpool_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
+    let PoolShape { n, h, w, c, p } = shape;
+    let (oh, ow) = (h / p, w / p);
+    if p == 2 {
+        pool2_backward(dy, arg, shape, dx)
+    } else {
+        maxpool_backward_any(dy, arg, shape, dx)
+    }
+}
+
+/// [`maxpool_backward`] for any window.
+fn maxpool_backward_any(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
     let PoolShape { n, h, w, c, p } = shape;
     let (oh, ow) = (h / p, w / p);
     dx.fill(0.0);
@@ -466,6 +488,106 @@ macro_rules! dispatch {
         }
     };
 }
+
+/// Whether `v` replaces the maximum `m` so far: larger, or a NaN over a number (as
+/// PyTorch's max pooling).
+#[inline(always)]
+fn pool_takes(v: f32, m: f32) -> bool {
+    v > m || (v.is_nan() && !m.is_nan())
+}
+
+#[inline(always)]
+fn pool2_forward_body(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) {
+    let PoolShape { n, h, w, c, .. } = shape;
+    let (oh, ow) = (h / 2, w / 2);
+    for img in 0..n {
+        for oy in 0..oh {
+            let r0 = ((img * h + 2 * oy) * w) * c;
+            let r1 = r0 + w * c;
+            let o = (img * oh + oy) * ow * c;
+            let (yr, ar) = (&mut y[o..o + ow * c], &mut arg[o..o + ow * c]);
+            for (ox, (yo, ao)) in yr
+                .chunks_exact_mut(c)
+                .zip(ar.chunks_exact_mut(c))
+                .enumerate()
+            {
+                let a = &x[r0 + 2 * ox * c..][..c];
+                let b = &x[r0 + (2 * ox + 1) * c..][..c];
+                let cc = &x[r1 + 2 * ox * c..][..c];
+                let d = &x[r1 + (2 * ox + 1) * c..][..c];
+                for (((((m, t), &va), &vb), &vc), &vd) in yo
+                    .iter_mut()
+                    .zip(ao.iter_mut())
+                    .zip(a)
+                    .zip(b)
+                    .zip(cc)
+                    .zip(d)
+                {
+                    let (mut best, mut tap) = (va, 0u8);
+                    if pool_takes(vb, best) {
+                        best = vb;
+                        tap = 1;
+                    }
+                    if pool_takes(vc, best) {
+                        best = vc;
+                        tap = 2;
+                    }
+                    if pool_takes(vd, best) {
+                        best = vd;
+                        tap = 3;
+                    }
+                    *m = best;
+                    *t = tap;
+                }
+            }
+        }
+    }
+}
+
+dispatch!(fn pool2_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) => pool2_forward_body);
+
+#[inline(always)]
+fn pool2_backward_body(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
+    let PoolShape { n, h, w, c, .. } = shape;
+    let (oh, ow) = (h / 2, w / 2);
+    for img in 0..n {
+        let base = img * h * w * c;
+        for oy in 0..oh {
+            let r0 = base + 2 * oy * w * c;
+            let o = (img * oh + oy) * ow * c;
+            let (gr, ar) = (&dy[o..o + ow * c], &arg[o..o + ow * c]);
+            let (top, bottom) = dx[r0..r0 + 2 * w * c].split_at_mut(w * c);
+            for (ox, (g, t)) in gr.chunks_exact(c).zip(ar.chunks_exact(c)).enumerate() {
+                let (a, b) = top[2 * ox * c..(2 * ox + 2) * c].split_at_mut(c);
+                let (cc, d) = bottom[2 * ox * c..(2 * ox + 2) * c].split_at_mut(c);
+                for (((((&g, &t), a), b), cc), d) in g
+                    .iter()
+                    .zip(t)
+                    .zip(a.iter_mut())
+                    .zip(b.iter_mut())
+                    .zip(cc.iter_mut())
+                    .zip(d.iter_mut())
+                {
+                    *a = if t == 0 { g } else { 0.0 };
+                    *b = if t == 1 { g } else { 0.0 };
+                    *cc = if t == 2 { g } else { 0.0 };
+                    *d = if t == 3 { g } else { 0.0 };
+                }
+            }
+            // An odd width's last column is in no window.
+            if w % 2 == 1 {
+                top[(w - 1) * c..].fill(0.0);
+                bottom[(w - 1) * c..].fill(0.0);
+            }
+        }
+        // An odd height's last row is in no window.
+        if h % 2 == 1 {
+            dx[base + (h - 1) * w * c..base + h * w * c].fill(0.0);
+        }
+    }
+}
+
+dispatch!(fn pool2_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) => pool2_backward_body);
 
 #[inline(always)]
 fn bias_gelu_body(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
@@ -683,6 +805,38 @@ pub fn bias_grad(d: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_two_by_two_pool_matches_the_general_one_with_ties_nans_and_odd_sides() {
+        let mut rng = crate::model::SplitMix(5);
+        for (h, w, c) in [(4, 4, 16), (5, 7, 3), (31, 31, 24), (3, 2, 33)] {
+            let n = 2;
+            // Few distinct values, so that windows tie; a few NaNs.
+            let x: Vec<f32> = (0..n * h * w * c)
+                .map(|_| match rng.below(20) {
+                    0 => f32::NAN,
+                    v => (v % 4) as f32,
+                })
+                .collect();
+            let shape = PoolShape { n, h, w, c, p: 2 };
+            let len = n * (h / 2) * (w / 2) * c;
+            let (mut y1, mut a1) = (vec![0.0f32; len], vec![9u8; len]);
+            let (mut y2, mut a2) = (vec![0.0f32; len], vec![9u8; len]);
+            maxpool_forward(&x, shape, &mut y1, &mut a1);
+            maxpool_forward_any(&x, shape, &mut y2, &mut a2);
+            assert_eq!(a1, a2, "{h}x{w}x{c}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y1), bits(&y2), "{h}x{w}x{c}");
+            assert!(a1.iter().all(|&t| t < 4));
+            let dy: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            let (mut d1, mut d2) = (vec![7.0f32; x.len()], vec![7.0f32; x.len()]);
+            maxpool_backward(&dy, &a1, shape, &mut d1);
+            maxpool_backward_any(&dy, &a1, shape, &mut d2);
+            assert_eq!(d1, d2, "{h}x{w}x{c}");
+            // Every window's gradient lands once; the rest is zero.
+            assert_eq!(d1.iter().filter(|&&v| v != 0.0).count(), len);
+        }
+    }
 
     fn erf64(x: f64) -> f64 {
         // An independent erf to 1e-12: the Maclaurin series below 2, the continued
