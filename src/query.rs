@@ -7,10 +7,19 @@
 //! results as a table, CSV or JSON.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::{DynamicFileCatalog, TableProvider, UrlTableFactory};
+use datafusion::datasource::dynamic_file::DynamicListTableFactory;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::execution::config::SessionConfig;
+use datafusion::execution::context::SessionState;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
@@ -19,9 +28,120 @@ use crate::error::{Error, Result};
 /// target partition per core.
 pub fn session() -> SessionContext {
     let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config).enable_url_table();
+    let ctx = with_url_tables(SessionContext::new_with_config(config));
     crate::transforms::register(&ctx, 0);
     ctx
+}
+
+/// DataFusion's `enable_url_table` (files and folders named in a query are tables), but a
+/// folder that holds Parquet files next to other files (a features cache's root, with
+/// its `cache.json` and `extractor/`) is read as the table of its Parquet files, where
+/// DataFusion would take the format of whichever file it listed first.
+fn with_url_tables(ctx: SessionContext) -> SessionContext {
+    let current = Arc::clone(ctx.state().catalog_list());
+    let factory = Arc::new(UrlTables::default());
+    let catalogs = Arc::new(DynamicFileCatalog::new(
+        current,
+        Arc::clone(&factory) as Arc<dyn UrlTableFactory>,
+    ));
+    let session_id = ctx.session_id();
+    let ctx: SessionContext = ctx
+        .into_state_builder()
+        .with_session_id(session_id)
+        .with_catalog_list(catalogs)
+        .build()
+        .into();
+    factory
+        .inner
+        .session_store()
+        .with_state(ctx.state_weak_ref());
+    ctx
+}
+
+/// See [`with_url_tables`].
+#[derive(Debug, Default)]
+struct UrlTables {
+    inner: DynamicListTableFactory,
+}
+
+/// The Parquet files under `dir` (recursively), and the other files (hidden and
+/// temporary ones, `.name` and `_name`, left out), at most a few of each named.
+fn folder_files(dir: &Path) -> (usize, Vec<String>) {
+    let (mut parquet, mut other) = (0, Vec::new());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if name.ends_with(".parquet") {
+                parquet += 1;
+            } else {
+                other.push(
+                    path.strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    other.sort();
+    (parquet, other)
+}
+
+#[async_trait::async_trait]
+impl UrlTableFactory for UrlTables {
+    async fn try_new(
+        &self,
+        url: &str,
+    ) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        let dir = Path::new(url);
+        if !dir.is_dir() {
+            return self.inner.try_new(url).await;
+        }
+        let (parquet, other) = folder_files(dir);
+        if other.is_empty() {
+            return self.inner.try_new(url).await;
+        }
+        if parquet == 0 {
+            let shown: Vec<&str> = other.iter().take(5).map(String::as_str).collect();
+            return Err(datafusion::error::DataFusionError::Plan(format!(
+                "{url}: a folder with no Parquet file to read as a table (it holds {}{}); \
+                 name a Parquet file or a folder of them",
+                shown.join(", "),
+                if other.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let state = self
+            .inner
+            .session_store()
+            .get_session()
+            .upgrade()
+            .and_then(|s| s.read().as_any().downcast_ref::<SessionState>().cloned());
+        let Some(state) = state else {
+            return self.inner.try_new(url).await;
+        };
+        let table_url = ListingTableUrl::parse(url)?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(table_url)
+            .with_listing_options(options)
+            .infer_schema(&state)
+            .await?;
+        Ok(Some(Arc::new(ListingTable::try_new(config)?)))
+    }
 }
 
 /// A new session for a query over the live `stream` table: one partition, so batches leave

@@ -823,7 +823,15 @@ async fn train_loop(
             Some(model.predict_proba(x)?)
         };
         let f = Instant::now();
-        let (_, during) = model.partial_fit_scored(x, y)?;
+        // A model that cannot learn the batch (the CNN whose loss became NaN) stops the
+        // run: what it holds now is not checkpointed, the last checkpoint stays.
+        let (_, during) = model.partial_fit_scored(x, y).map_err(|e| {
+            Error::usage(format!(
+                "batch {number} (epoch {epoch}): {e}; the run stops, its last checkpoint \
+                 ({}) is kept",
+                lp.checkpoint.as_deref().unwrap_or("none yet")
+            ))
+        })?;
         lp.st.fit_seconds += f.elapsed().as_secs_f64();
         let proba = match (before, during.filter(|_| scored)) {
             (Some(p), _) | (None, Some(p)) => p,

@@ -372,3 +372,85 @@ fn an_exported_cnn_gives_cifar_dfs_outputs_in_onnxruntime_and_tract() {
     }
     assert!(!dir.path().join("x.onnx").exists());
 }
+
+/// A learning rate that blows the network up stops the run with an error naming the
+/// batch; the checkpoint before it stays, and the run can be scored from it.
+#[test]
+fn a_learning_rate_that_blows_up_stops_the_run_naming_the_batch_and_keeps_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let runs_s = runs.to_str().unwrap();
+    // The rate warms up from almost nothing to a huge one: the first batches learn, a
+    // later one diverges.
+    let o = common::bin()
+        .args([
+            "-q",
+            "train",
+            "--model",
+            "cnn",
+            "--data",
+            "synthetic:2000:50:3",
+            "--batch-size",
+            "100",
+            "--epochs",
+            "3",
+            "--checkpoint-every",
+            "2",
+            "--set",
+            "widths=[8,8,8]",
+            "--set",
+            "lr=1e12",
+            "--set",
+            "lr_start=1e-14",
+            "--set",
+            "warmup=0.9",
+            "--run",
+            "blown",
+            "--runs",
+            runs_s,
+            "--no-plots",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let batch: u64 = err
+        .split("batch ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no batch named in {err}"));
+    assert!(
+        err.contains("infinite or NaN") || err.contains("the loss is"),
+        "{err}"
+    );
+    assert!(
+        err.contains("learning rate (1000000000000) is too high"),
+        "{err}"
+    );
+    assert!(batch >= 2, "diverged at batch {batch}: {err}");
+    // The error names the checkpoint kept, and it holds a working network.
+    let kept = err
+        .split("last checkpoint (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or_else(|| panic!("no checkpoint named in {err}"))
+        .to_string();
+    assert!(kept.starts_with("epoch-"), "{err}");
+    assert_eq!(err.matches("too high").count(), 1, "said once: {err}");
+    let (out, _) = run_ok(common::bin().args([
+        "-q",
+        "predict",
+        "--run",
+        "blown",
+        "--runs",
+        runs_s,
+        "--checkpoint",
+        &kept,
+        "--data",
+        "synthetic:2000:50:3",
+    ]));
+    assert!(out.contains("accuracy"), "{out}");
+    let info = std::fs::read_to_string(runs.join("blown/run.json")).unwrap();
+    assert!(info.contains("\"failed\""), "{info}");
+}

@@ -237,6 +237,26 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
         ),
     );
     assert!(q.contains("500,250"), "{q}");
+    // The cache's root, Parquet parts next to cache.json and the extractor, reads as the
+    // table of its parts (train and test).
+    let q = query_csv(
+        dir.path(),
+        &format!("select count(*) as n from '{}/'", f.display()),
+    );
+    assert_eq!(q, "n\n560\n");
+    // A folder with no Parquet file is an error naming what it holds.
+    let o = bin()
+        .args([
+            "query",
+            &format!("select * from '{}/'", f.join("extractor").display()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no Parquet file") && err.contains(".json"),
+        "{err}"
+    );
 }
 
 #[test]

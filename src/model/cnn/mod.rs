@@ -330,6 +330,16 @@ impl Cnn {
                 *wv -= lr_t * (d + m * *bv);
             }
         }
+        // BatchNorm keeps the loss finite long after the activations before it have
+        // blown up: the weights and statistics are checked too.
+        if let Some(what) = net.first_non_finite() {
+            return Err(Error::usage(format!(
+                "cnn: {what} became infinite or NaN at step {}: the learning rate ({}) is \
+                 too high for this network",
+                self.steps + 1,
+                p.lr
+            )));
+        }
         self.steps += 1;
         self.seen += n as u64;
         if let (Some(total), true) = (self.planned, p.lookahead_every > 0) {
@@ -339,9 +349,6 @@ impl Cnn {
                 let net = self.net.as_mut().expect("net");
                 let slow = self.slow.get_or_insert_with(|| net.clone());
                 lerp_into(slow, net, (1.0 - decay) as f32);
-                if frac >= 1.0 {
-                    // The end of the plan: the slow weights are the model.
-                }
             }
         }
         Ok((plain, logits))

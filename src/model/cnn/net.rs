@@ -426,6 +426,23 @@ impl Net {
         ck.f32(WHITEN_TENSOR, &[s.kdim() * s.co])
     }
 
+    /// The name of the first tensor (a parameter or a BatchNorm running statistic) that
+    /// holds an infinite or NaN value, if any.
+    pub fn first_non_finite(&self) -> Option<String> {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        for ((name, _), v) in self.arch.param_shapes().iter().zip(&self.params) {
+            if !finite(v) {
+                return Some(format!("the weights {name}"));
+            }
+        }
+        for (i, (m, v)) in self.running_mean.iter().zip(&self.running_var).enumerate() {
+            if !finite(m) || !finite(v) {
+                return Some(format!("the BatchNorm statistics of norm{i}"));
+            }
+        }
+        None
+    }
+
     fn blocks(&self) -> usize {
         self.arch.widths.len()
     }

@@ -382,9 +382,7 @@ fn maxpool_forward_any(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8
 /// The gradient of [`maxpool_forward`]: `dx` (overwritten) is zero but at each window's
 /// maximum, which gets the window's `dy`.
 pub fn maxpool_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
-    let PoolShape { n, h, w, c, p } = shape;
-    let (oh, ow) = (h / p, w / p);
-    if p == 2 {
+    if shape.p == 2 {
         pool2_backward(dy, arg, shape, dx)
     } else {
         maxpool_backward_any(dy, arg, shape, dx)
