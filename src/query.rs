@@ -35,8 +35,9 @@ pub fn session() -> SessionContext {
 
 /// DataFusion's `enable_url_table` (files and folders named in a query are tables), but a
 /// folder that holds Parquet files next to other files (a features cache's root, with
-/// its `cache.json` and `extractor/`) is read as the table of its Parquet files, where
-/// DataFusion would take the format of whichever file it listed first.
+/// its `cache.json`, `extractor/`, and the parts in `train/` and `test/`) is read as the
+/// table of every Parquet file under it, where DataFusion would take the format of
+/// whichever file it listed first; a folder with none is an error naming what it holds.
 fn with_url_tables(ctx: SessionContext) -> SessionContext {
     let current = Arc::clone(ctx.state().catalog_list());
     let factory = Arc::new(UrlTables::default());
@@ -64,15 +65,16 @@ struct UrlTables {
     inner: DynamicListTableFactory,
 }
 
-/// The Parquet files under `dir` (recursively), and the other files (hidden and
-/// temporary ones, `.name` and `_name`, left out), at most a few of each named.
-fn folder_files(dir: &Path) -> (usize, Vec<String>) {
-    let (mut parquet, mut other) = (0, Vec::new());
+/// The folders under `dir` (itself included) that hold Parquet files, and the other
+/// files (hidden and temporary ones, `.name` and `_name`, left out), each sorted.
+fn folder_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<String>) {
+    let (mut parquet, mut other) = (Vec::new(), Vec::new());
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
+        let mut here = false;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || name.starts_with('_') {
@@ -82,7 +84,7 @@ fn folder_files(dir: &Path) -> (usize, Vec<String>) {
             if path.is_dir() {
                 stack.push(path);
             } else if name.ends_with(".parquet") {
-                parquet += 1;
+                here = true;
             } else {
                 other.push(
                     path.strip_prefix(dir)
@@ -92,7 +94,11 @@ fn folder_files(dir: &Path) -> (usize, Vec<String>) {
                 );
             }
         }
+        if here {
+            parquet.push(d);
+        }
     }
+    parquet.sort();
     other.sort();
     (parquet, other)
 }
@@ -111,7 +117,7 @@ impl UrlTableFactory for UrlTables {
         if other.is_empty() {
             return self.inner.try_new(url).await;
         }
-        if parquet == 0 {
+        if parquet.is_empty() {
             let shown: Vec<&str> = other.iter().take(5).map(String::as_str).collect();
             return Err(datafusion::error::DataFusionError::Plan(format!(
                 "{url}: a folder with no Parquet file to read as a table (it holds {}{}); \
@@ -133,10 +139,14 @@ impl UrlTableFactory for UrlTables {
         let Some(state) = state else {
             return self.inner.try_new(url).await;
         };
-        let table_url = ListingTableUrl::parse(url)?;
+        // Every folder that holds Parquet files (DataFusion lists one folder's own files).
+        let urls = parquet
+            .iter()
+            .map(|d| ListingTableUrl::parse(format!("{}/", d.display())))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
         let options =
             ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new(table_url)
+        let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)
             .infer_schema(&state)
             .await?;
