@@ -391,6 +391,9 @@ pub struct PredictArgs {
     /// its config's `flip_test`).
     #[arg(long)]
     pub flip_test: bool,
+    /// No flip averaging, even for a run trained with `flip_test`.
+    #[arg(long, conflicts_with = "flip_test")]
+    pub no_flip_test: bool,
 }
 
 /// `cifar-df export-model`.
@@ -1567,7 +1570,7 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
     };
     let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
     // The run's own test-time flip averaging (its config's flip_test) unless asked here.
-    let flip_test = a.flip_test || (!cached && run_flip_test(&run.dir)?);
+    let flip_test = !a.no_flip_test && (a.flip_test || (!cached && run_flip_test(&run.dir)?));
     let default_sql = eval_sql(cached, trainer::has_extractor(&run), flip_test)?;
     let bar = crate::progress::spinner(progress, "{spinner} predict {msg} [{elapsed}]");
     let summary = trainer::predict(PredictOptions {

@@ -462,10 +462,12 @@ fn flip_test_averages_each_image_with_its_mirror() {
         "--flip-test",
     ]));
     let data = "synthetic:50:100:6";
-    let plain = predictions(&runs, "px", data, &[]);
+    let plain = predictions(&runs, "px", data, &["--no-flip-test"]);
     let flipped = predictions(&runs, "px", data, &["--flip-test"]);
     assert_eq!(plain.lines().count(), 101, "{plain}");
     assert_ne!(plain, flipped);
+    // By default a run is scored as it was trained: this one with --flip-test.
+    assert_eq!(predictions(&runs, "px", data, &[]), flipped);
     // The averaging itself: a "mirror" that is the image gives the plain scores exactly.
     let sql = dir.path().join("same.sql");
     std::fs::write(
