@@ -395,11 +395,11 @@ fn a_learning_rate_that_blows_up_stops_the_run_naming_the_batch_and_keeps_the_ch
             "--epochs",
             "3",
             "--checkpoint-every",
-            "2",
+            "1",
             "--set",
             "widths=[8,8,8]",
             "--set",
-            "lr=1e12",
+            "lr=1e10",
             "--set",
             "lr_start=1e-14",
             "--set",
@@ -428,7 +428,9 @@ fn a_learning_rate_that_blows_up_stops_the_run_naming_the_batch_and_keeps_the_ch
         err.contains("learning rate (1000000000000) is too high"),
         "{err}"
     );
-    assert!(batch >= 2, "diverged at batch {batch}: {err}");
+    // (Here at batch 4; a checkpoint follows every batch, so any batch after the first
+    // leaves one.)
+    assert!(batch >= 1, "diverged at batch {batch}: {err}");
     // The error names the checkpoint kept, and it holds a working network.
     let kept = err
         .split("last checkpoint (")
