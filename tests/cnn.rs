@@ -425,7 +425,7 @@ fn a_learning_rate_that_blows_up_stops_the_run_naming_the_batch_and_keeps_the_ch
         "{err}"
     );
     assert!(
-        err.contains("learning rate (1000000000000) is too high"),
+        err.contains("learning rate (10000000000) is too high"),
         "{err}"
     );
     // (Here at batch 4; a checkpoint follows every batch, so any batch after the first
