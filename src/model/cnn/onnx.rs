@@ -101,29 +101,40 @@ impl Graph {
         name
     }
 
-    /// Adds a float32 initialiser.
-    fn f32s(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
-        debug_assert_eq!(dims.iter().product::<usize>(), data.len());
+    /// Adds an initialiser of `data_type` whose little-endian bytes are `raw`.
+    fn init(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        data_type: pb::tensor_proto::DataType,
+        raw: Vec<u8>,
+    ) -> String {
         self.inits.push(pb::TensorProto {
             name: name.into(),
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data_type: data_type as i32,
+            raw_data: raw,
             ..Default::default()
         });
         name.into()
     }
 
+    /// Adds a float32 initialiser.
+    fn f32s(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        debug_assert_eq!(dims.iter().product::<usize>(), data.len());
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(name, dims, pb::tensor_proto::DataType::Float, raw)
+    }
+
     /// Adds an int64 initialiser.
     fn i64s(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
-        self.inits.push(pb::TensorProto {
-            name: name.into(),
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: pb::tensor_proto::DataType::Int64 as i32,
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        name.into()
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(name, dims, pb::tensor_proto::DataType::Int64, raw)
+    }
+
+    /// Whether an initialiser of that name was added.
+    fn has(&self, name: &str) -> bool {
+        self.inits.iter().any(|t| t.name == name)
     }
 
     /// `0.5·z·(1 + erf(z/√2))`.
@@ -140,7 +151,7 @@ impl Graph {
 
     /// A scalar float initialiser, added once.
     fn scalar(&mut self, name: &str, v: f32) -> String {
-        if !self.inits.iter().any(|t| t.name == name) {
+        if !self.has(name) {
             self.f32s(name, &[], &[v]);
         }
         name.into()
@@ -163,35 +174,39 @@ fn oihw(w: &[f32], k: usize, ci: usize, co: usize) -> Vec<f32> {
     out
 }
 
-/// Adds the network's initialisers (once) and its pass over `x`, `[M, 3, 32, 32]`
+/// Adds the network's weights and BatchNorm statistics as initialisers, under the names
+/// [`network`] uses.
+fn weights(g: &mut Graph, net: &Net) {
+    let arch = &net.arch;
+    let w = oihw(&net.whiten, WHITEN_K, CHANNELS, WHITEN_WIDTH);
+    g.f32s(
+        "whiten.weight",
+        &[WHITEN_WIDTH, CHANNELS, WHITEN_K, WHITEN_K],
+        &w,
+    );
+    g.f32s("whiten.bias", &[WHITEN_WIDTH], &net.params[0]);
+    for (i, s) in arch.conv_shapes(1).iter().enumerate() {
+        let w = oihw(&net.params[net.conv_index(i)], s.k, s.ci, s.co);
+        g.f32s(&format!("conv{i}.weight"), &[s.co, s.ci, s.k, s.k], &w);
+        g.f32s(&format!("norm{i}.scale"), &[s.co], &vec![1.0; s.co]);
+        g.f32s(
+            &format!("norm{i}.bias"),
+            &[s.co],
+            &net.params[net.norm_index(i)],
+        );
+        g.f32s(&format!("norm{i}.mean"), &[s.co], &net.running_mean[i]);
+        g.f32s(&format!("norm{i}.var"), &[s.co], &net.running_var[i]);
+    }
+    let (fw, k) = (arch.feature_width(), arch.classes);
+    g.f32s("head.weight", &[fw, k], &net.params[net.head_index()]);
+    g.scalar("head.scale", arch.scale);
+}
+
+/// Adds a pass of the network (its [`weights`] already added) over `x`, `[M, 3, 32, 32]`
 /// normalised; returns the names of the logits `[M, classes]` and features `[M, width]`.
-fn network(g: &mut Graph, net: &Net, x: &str, first: bool) -> (String, String) {
+fn network(g: &mut Graph, net: &Net, x: &str) -> (String, String) {
     let arch = &net.arch;
     let sides = arch.sides();
-    if first {
-        let w = oihw(&net.whiten, WHITEN_K, CHANNELS, WHITEN_WIDTH);
-        g.f32s(
-            "whiten.weight",
-            &[WHITEN_WIDTH, CHANNELS, WHITEN_K, WHITEN_K],
-            &w,
-        );
-        g.f32s("whiten.bias", &[WHITEN_WIDTH], &net.params[0]);
-        for (i, s) in arch.conv_shapes(1).iter().enumerate() {
-            let w = oihw(&net.params[net.conv_index(i)], s.k, s.ci, s.co);
-            g.f32s(&format!("conv{i}.weight"), &[s.co, s.ci, s.k, s.k], &w);
-            g.f32s(&format!("norm{i}.scale"), &[s.co], &vec![1.0; s.co]);
-            g.f32s(
-                &format!("norm{i}.bias"),
-                &[s.co],
-                &net.params[net.norm_index(i)],
-            );
-            g.f32s(&format!("norm{i}.mean"), &[s.co], &net.running_mean[i]);
-            g.f32s(&format!("norm{i}.var"), &[s.co], &net.running_var[i]);
-        }
-        let (fw, k) = (arch.feature_width(), arch.classes);
-        g.f32s("head.weight", &[fw, k], &net.params[net.head_index()]);
-        g.scalar("head.scale", arch.scale);
-    }
     let z = g.op(
         "Conv",
         &[x, "whiten.weight", "whiten.bias"],
@@ -288,7 +303,8 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
     let std = g.f32s("input.std", &[1, CHANNELS, 1, 1], &STD);
     let centred = g.op("Sub", &[INPUT, &mean], vec![], None);
     let x = g.op("Div", &[&centred, &std], vec![], None);
-    let (logits, feats) = network(&mut g, net, &x, true);
+    weights(&mut g, net);
+    let (logits, feats) = network(&mut g, net, &x);
     g.op("Identity", &[&logits], vec![], Some("logits"));
     g.op("Identity", &[&feats], vec![], Some("features"));
 
@@ -308,7 +324,7 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
         weights.push(if tta.translate { 0.5f32 } else { 1.0 });
         for &d in shifts {
             let name = if d < 0 { "tta.back" } else { "tta.forward" };
-            if !g.inits.iter().any(|t| t.name == name) {
+            if !g.has(name) {
                 g.i64s(name, &[SIDE], &shifted(d));
             }
             let rows = g.op("Gather", &[m, name], vec![attr_int("axis", 2)], None);
@@ -327,7 +343,7 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
         // The views but the first in one more pass, then all logits as [views, N, K].
         let rest: Vec<&str> = views[1..].iter().map(String::as_str).collect();
         let batch = g.op("Concat", &rest, vec![attr_int("axis", 0)], None);
-        let (more, _) = network(&mut g, net, &batch, false);
+        let (more, _) = network(&mut g, net, &batch);
         let all = g.op("Concat", &[&logits, &more], vec![attr_int("axis", 0)], None);
         let (nm, per) = (mirrors.len(), views.len() / mirrors.len());
         let shape = g.i64s("tta.shape", &[4], &[nm as i64, per as i64, -1, k as i64]);
