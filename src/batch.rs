@@ -18,7 +18,7 @@ use arrow::array::{ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array, UInt8
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::dataset::{CLASSES, IMAGE_BYTES};
+use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
 
 /// The element field of the `image` list.
@@ -98,10 +98,10 @@ pub fn image_array(pixels: Vec<u8>) -> Result<FixedSizeListArray> {
     )?)
 }
 
-/// The first row whose label is outside 0..9, with that label.
-pub fn first_bad_label(labels: &[u8]) -> Option<(usize, u8)> {
+/// The first row whose label is not below `classes`, with that label.
+pub fn first_bad_label(labels: &[u8], classes: usize) -> Option<(usize, u8)> {
     labels
         .iter()
-        .position(|&l| l as usize >= CLASSES)
+        .position(|&l| l as usize >= classes)
         .map(|i| (i, labels[i]))
 }

@@ -175,6 +175,8 @@ impl TrainSourceArgs {
                 kafka_offsets: None,
                 pace,
                 shuffle: false,
+                // Set from the model by `train` and `predict`.
+                classes: crate::model::CLASSES,
             },
         ))
     }
@@ -296,6 +298,52 @@ pub struct TrainArgs {
     /// Skip drawing the run's plots at the end.
     #[arg(long)]
     pub no_plots: bool,
+    /// The classes of a stream that does not carry them (TCP, Kafka, a features cache):
+    /// a count (`--classes 100`) or the names, comma-separated. With --data they come
+    /// from the data (CIFAR-10's ten, CIFAR-100's hundred, an image folder's folders).
+    #[arg(long)]
+    pub classes: Option<String>,
+}
+
+/// The class names `--classes` gives: `N` (named "0" … "N-1") or comma-separated names.
+fn parse_classes(s: &str) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = match s.trim().parse::<usize>() {
+        Ok(n) => (0..n).map(|i| i.to_string()).collect(),
+        Err(_) => s.split(',').map(|n| n.trim().to_string()).collect(),
+    };
+    if !(2..=crate::model::MAX_CLASSES).contains(&names.len()) || names.iter().any(String::is_empty)
+    {
+        anyhow::bail!(
+            "--classes {s:?}: give a count from 2 to {} or that many non-empty names, \
+             comma-separated",
+            crate::model::MAX_CLASSES
+        );
+    }
+    Ok(names)
+}
+
+/// A new run's classes: the data's (checked against `--classes` if both are given), else
+/// `--classes`, else the config's, else CIFAR-10's.
+fn run_classes(
+    a: &TrainArgs,
+    cfg: &RunConfig,
+    source: &TrainSource,
+) -> anyhow::Result<Vec<String>> {
+    let flag = a.classes.as_deref().map(parse_classes).transpose()?;
+    if let Some(data) = source.dataset() {
+        let names = crate::dataset::class_names(data)?;
+        if let Some(f) = &flag {
+            if f.len() != names.len() {
+                anyhow::bail!(
+                    "--classes gives {} classes but {data} has {}",
+                    f.len(),
+                    names.len()
+                );
+            }
+        }
+        return Ok(names);
+    }
+    Ok(flag.unwrap_or_else(|| cfg.class_names()))
 }
 
 impl TrainArgs {
@@ -540,6 +588,7 @@ impl SourceArgs {
             kafka_offsets: None,
             pace: Duration::ZERO,
             shuffle: false,
+            classes: crate::model::CLASSES,
         };
         Ok((spec, opts))
     }
@@ -1354,7 +1403,7 @@ fn progress_callback(bar: &indicatif::ProgressBar) -> trainer::OnBatch {
 }
 
 async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
-    let (model, cfg, fallback_source) = if a.resume {
+    let (model, mut cfg, fallback_source) = if a.resume {
         let name = a.run.as_deref().unwrap_or_default();
         let run = Run::new(&a.runs, name)?;
         let ck = trainer::resume_point(&run)?;
@@ -1386,6 +1435,13 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         a.sleep,
     )?;
     opts.shuffle = cfg.shuffle.unwrap_or(false);
+    if !a.resume {
+        let names = run_classes(&a, &cfg, &source)?;
+        cfg.set_param(&model, "classes", toml::Value::Integer(names.len() as i64));
+        cfg.classes = Some(names);
+    }
+    let params = cfg.model_table(&model);
+    trainer::new_model(&model, &params)?;
     let extractor = if a.resume {
         None
     } else {
@@ -1473,7 +1529,13 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         });
     }
     let mut tested = false;
-    if !a.no_test && (source.dataset().is_some() || cached) {
+    let has_test = source
+        .dataset()
+        .is_none_or(|d| crate::dataset::has_split(d, Split::Test));
+    if !has_test && !a.no_test {
+        println!("test: none (the image folder has no test/ folder)");
+    }
+    if !a.no_test && has_test && (source.dataset().is_some() || cached) {
         let test_source = match &source {
             TrainSource::Loopback { data, .. } => TrainSource::Loopback {
                 data: data.clone(),
@@ -1597,12 +1659,16 @@ async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Result<ExitCode>
     print_metrics(&split, m);
     println!("confusion matrix (rows: actual, columns: predicted):");
     print!("{:>12}", "");
-    for name in crate::dataset::CLASS_NAMES {
-        print!("{:>6}", &name[..name.len().min(5)]);
+    let names = crate::runs::run_classes(&a.runs, &a.run);
+    for name in &names {
+        print!("{:>6}", name.chars().take(5).collect::<String>());
     }
     println!();
     for (i, row) in m.confusion.iter().enumerate() {
-        print!("{:>12}", crate::dataset::CLASS_NAMES[i]);
+        let name = names
+            .get(i)
+            .map_or_else(|| i.to_string(), |n| n.chars().take(12).collect());
+        print!("{name:>12}");
         for c in row {
             print!("{c:>6}");
         }

@@ -25,8 +25,9 @@ use crate::model::{
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 10] = [
     "model",
+    "classes",
     "epochs",
     "batch_size",
     "seed",
@@ -56,6 +57,8 @@ pub struct RunConfig {
     pub flip_test: Option<bool>,
     /// Each epoch of a dataset in a new order (as `--shuffle`).
     pub shuffle: Option<bool>,
+    /// The class names, label 0 first (set from the data by `train`, saved with the run).
+    pub classes: Option<Vec<String>>,
     /// One table of hyper-parameters per model name.
     pub params: toml::Table,
     /// The `[features]` table: a patch extractor fitted on the first images of the
@@ -91,6 +94,27 @@ impl RunConfig {
                             .ok_or_else(|| wrong_type("a string"))?
                             .to_string(),
                     )
+                }
+                "classes" => {
+                    let names = value
+                        .as_array()
+                        .and_then(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().map(String::from))
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .ok_or_else(|| wrong_type("a list of class names"))?;
+                    if !(2..=model::MAX_CLASSES).contains(&names.len()) {
+                        return Err(bad(
+                            "classes",
+                            format!(
+                                "`classes` has {} names; 2 to {} are supported",
+                                names.len(),
+                                model::MAX_CLASSES
+                            ),
+                        ));
+                    }
+                    cfg.classes = Some(names);
                 }
                 "data" => {
                     cfg.data = Some(
@@ -206,6 +230,12 @@ impl RunConfig {
         if let Some(d) = &self.data {
             t.insert("data".into(), d.clone().into());
         }
+        if let Some(c) = &self.classes {
+            t.insert(
+                "classes".into(),
+                toml::Value::Array(c.iter().map(|n| n.clone().into()).collect()),
+            );
+        }
         if let Some(f) = self.flip_test {
             t.insert("flip_test".into(), f.into());
         }
@@ -224,6 +254,16 @@ impl RunConfig {
 }
 
 impl RunConfig {
+    /// The class names: the config's `classes`, or CIFAR-10's.
+    pub fn class_names(&self) -> Vec<String> {
+        self.classes.clone().unwrap_or_else(|| {
+            crate::dataset::CLASS_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
+    }
+
     /// The patch extractor's parameters of the `[features]` table, if there is one.
     pub fn patch_params(&self) -> Result<Option<crate::features::PatchParams>> {
         match &self.features {

@@ -15,8 +15,9 @@
 //!   the machine epsilon of the input's dtype (2.2e−16 for float64, 1.2e−7 for float32),
 //!   and scikit-learn ≤ 1.4 with `eps=1e-15` clips as here but then renormalises each row
 //!   (which changes nothing only for rows that sum to 1).
-//! * precision, recall, F1: per class over all [`CLASSES`] classes, then the plain mean
-//!   over the classes (`precision_recall_fscore_support(y, pred, labels=range(10),
+//! * precision, recall, F1: per class over all the run's classes (the columns of the
+//!   probabilities), then the plain mean over the classes
+//!   (`precision_recall_fscore_support(y, pred, labels=range(K),
 //!   average="macro", zero_division=0)`). A class never predicted has precision 0, a class
 //!   never present has recall 0, and the F1 of a class is 2PR/(P + R), or 0 when P + R = 0.
 //!   Macro F1 is the mean of the per-class F1 values, not the F1 of the macro P and R.
@@ -28,7 +29,6 @@
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use crate::dataset::CLASSES;
 use crate::error::{Error, Result};
 
 /// Lower clip of the true-class probability in the log loss; the upper clip is
@@ -54,19 +54,23 @@ pub struct Metrics {
     pub recall: f64,
     /// Macro F1: mean over the classes of 2PR/(P + R) (0 for a class with P + R = 0).
     pub f1: f64,
-    /// Confusion matrix, `confusion[actual][predicted]`.
-    pub confusion: [[u64; CLASSES]; CLASSES],
+    /// Confusion matrix, `confusion[actual][predicted]`: K × K for K classes (empty
+    /// before anything was scored).
+    pub confusion: Vec<Vec<u64>>,
 }
 
 /// Accumulates predictions: [`update`](Accumulator::update) per batch,
 /// [`get`](Accumulator::get) at any time (River-style update/get).
 ///
+/// The number of classes K is the width of the first probabilities it is given (every
+/// later batch must have as many); an empty accumulator has none yet.
+///
 /// An update that fails leaves the accumulator as it was. It serialises (to a training
 /// checkpoint) exactly: counts, and the loss sum with its compensation term.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accumulator {
-    /// `confusion[actual][predicted]`.
-    confusion: [[u64; CLASSES]; CLASSES],
+    /// `confusion[actual][predicted]`, K × K (empty before the first update).
+    confusion: Vec<Vec<u64>>,
     /// Images seen.
     images: u64,
     /// Sum of the per-image log losses.
@@ -79,22 +83,24 @@ impl Accumulator {
         Self::default()
     }
 
-    /// Adds one batch: `y` holds the n true labels, `proba` is n × [`CLASSES`] with one row
-    /// of class probabilities per image.
+    /// Adds one batch: `y` holds the n true labels, `proba` is n × K with one row of class
+    /// probabilities per image.
     ///
     /// The predicted class is the argmax of the row, the lowest index on ties. NaN entries
     /// are never the maximum (a row of NaN only predicts class 0), and a NaN true-class
     /// probability counts as 1e−15 in the loss (the largest per-row loss, as for
     /// probability 0). Rows need not sum to 1; they are not renormalised. An empty batch
-    /// (0 × [`CLASSES`]) adds nothing.
+    /// (0 rows) adds nothing.
     ///
-    /// Errors when `proba` does not have [`CLASSES`] columns, when its row count differs
-    /// from `y`'s length, or when a label is not below [`CLASSES`].
+    /// Errors when `proba` has fewer than 2 columns or not as many as earlier batches had,
+    /// when its row count differs from `y`'s length, or when a label is not below K.
     pub fn update(&mut self, y: ArrayView1<u8>, proba: ArrayView2<f32>) -> Result<()> {
         let (rows, cols) = proba.dim();
-        if cols != CLASSES {
+        let k = self.classes().unwrap_or(cols);
+        if cols != k || cols < 2 {
             return Err(Error::usage(format!(
-                "metrics: probabilities have {cols} columns, expected one per class ({CLASSES})"
+                "metrics: probabilities have {cols} columns, expected one per class ({k}, at \
+                 least 2)"
             )));
         }
         if rows != y.len() {
@@ -103,9 +109,9 @@ impl Accumulator {
                 y.len()
             )));
         }
-        let mut batch = Accumulator::new();
+        let mut batch = Accumulator::with_classes(k);
         for (row, (&label, p)) in y.iter().zip(proba.rows()).enumerate() {
-            let actual = class(label, "label", row)?;
+            let actual = class(label, k, "label", row)?;
             batch.confusion[actual][argmax(p)] += 1;
             batch.loss.add(log_loss_row(p[actual]));
         }
@@ -117,10 +123,22 @@ impl Accumulator {
     /// Adds one batch given as predicted labels and an already computed sum of the
     /// per-image log losses (for models without probabilities; see [`log_loss_row`]).
     ///
-    /// Errors when `y` and `predicted` differ in length, when a label is not below
-    /// [`CLASSES`], or when `loss_sum` is negative, NaN or infinite. An empty batch with
-    /// `loss_sum` 0 adds nothing.
-    pub fn update_labels(&mut self, y: &[u8], predicted: &[u8], loss_sum: f64) -> Result<()> {
+    /// K is `classes` (or the accumulator's, once it has one). Errors when `y` and
+    /// `predicted` differ in length, when a label is not below K, or when `loss_sum` is
+    /// negative, NaN or infinite. An empty batch with `loss_sum` 0 adds nothing.
+    pub fn update_labels(
+        &mut self,
+        y: &[u8],
+        predicted: &[u8],
+        loss_sum: f64,
+        classes: usize,
+    ) -> Result<()> {
+        let k = self.classes().unwrap_or(classes);
+        if k != classes {
+            return Err(Error::usage(format!(
+                "metrics: {classes} classes, but earlier batches had {k}"
+            )));
+        }
         if y.len() != predicted.len() {
             return Err(Error::usage(format!(
                 "metrics: {} predicted labels for {} true labels",
@@ -133,10 +151,10 @@ impl Accumulator {
                 "metrics: summed log loss {loss_sum} is not a finite number ≥ 0"
             )));
         }
-        let mut batch = Accumulator::new();
+        let mut batch = Accumulator::with_classes(k);
         for (row, (&actual, &pred)) in y.iter().zip(predicted).enumerate() {
-            let actual = class(actual, "label", row)?;
-            let pred = class(pred, "predicted label", row)?;
+            let actual = class(actual, k, "label", row)?;
+            let pred = class(pred, k, "predicted label", row)?;
             batch.confusion[actual][pred] += 1;
         }
         batch.images = y.len() as u64;
@@ -145,12 +163,26 @@ impl Accumulator {
         Ok(())
     }
 
+    /// An empty accumulator of `classes` classes.
+    pub fn with_classes(classes: usize) -> Self {
+        Accumulator {
+            confusion: vec![vec![0; classes]; classes],
+            ..Self::default()
+        }
+    }
+
+    /// The number of classes, once known (from the first update).
+    pub fn classes(&self) -> Option<usize> {
+        Some(self.confusion.len()).filter(|&k| k > 0)
+    }
+
     /// The metrics of everything added so far. With nothing added, `images` is 0 and every
     /// rate is 0.0.
     pub fn get(&self) -> Metrics {
         let mut correct = 0;
         let (mut precision, mut recall, mut f1) = (0.0, 0.0, 0.0);
-        for k in 0..CLASSES {
+        let classes = self.confusion.len();
+        for k in 0..classes {
             let tp = self.confusion[k][k];
             let actual: u64 = self.confusion[k].iter().sum();
             let predicted: u64 = self.confusion.iter().map(|row| row[k]).sum();
@@ -161,7 +193,7 @@ impl Accumulator {
             // 2·tp/(actual + predicted), and 0 when tp = 0 (as P + R = 0 then).
             f1 += ratio(2 * tp, actual + predicted);
         }
-        let classes = CLASSES as f64;
+        let classes = classes.max(1) as f64;
         Metrics {
             images: self.images,
             acc: ratio(correct, self.images),
@@ -173,12 +205,18 @@ impl Accumulator {
             precision: precision / classes,
             recall: recall / classes,
             f1: f1 / classes,
-            confusion: self.confusion,
+            confusion: self.confusion.clone(),
         }
     }
 
     /// Adds everything `other` has accumulated, as if its batches had been added here.
+    /// An accumulator with fewer classes grows to the other's (the new cells are 0).
     pub fn merge(&mut self, other: &Accumulator) {
+        let k = self.confusion.len().max(other.confusion.len());
+        self.confusion.resize(k, Vec::new());
+        for row in &mut self.confusion {
+            row.resize(k, 0);
+        }
         for (mine, theirs) in self.confusion.iter_mut().zip(&other.confusion) {
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m = m.saturating_add(*t);
@@ -307,14 +345,15 @@ pub fn log_loss_row(p_true: f32) -> f64 {
     -p.ln()
 }
 
-/// `label` as a class index, or an error naming the row.
-fn class(label: u8, what: &str, row: usize) -> Result<usize> {
+/// `label` as a class index below `classes`, or an error naming the row.
+fn class(label: u8, classes: usize, what: &str, row: usize) -> Result<usize> {
     let k = usize::from(label);
-    if k < CLASSES {
+    if k < classes {
         Ok(k)
     } else {
         Err(Error::usage(format!(
-            "metrics: row {row}: {what} {label} is not a class (0..{CLASSES})"
+            "metrics: row {row}: {what} {label} is not a class (0..{})",
+            classes - 1
         )))
     }
 }
@@ -394,6 +433,9 @@ mod tests {
     use super::*;
     use ndarray::{Array1, Array2};
 
+    /// CIFAR-10's class count, for the tests' fixed-size rows.
+    const CLASSES: usize = 10;
+
     /// An n × CLASSES probability array from its rows.
     fn proba(rows: &[[f32; CLASSES]]) -> Array2<f32> {
         Array2::from_shape_vec(
@@ -463,7 +505,7 @@ mod tests {
         // class 5: tp 0, predicted 1, never present → P 0/1 = 0, R 0 (zero_division), F1 0
         // loss: the given sum 3.0 over 2 images = 1.5; accuracy 1/2.
         let mut acc = Accumulator::new();
-        acc.update_labels(&[3, 3], &[3, 5], 3.0).unwrap();
+        acc.update_labels(&[3, 3], &[3, 5], 3.0, CLASSES).unwrap();
         let m = acc.get();
         assert_eq!(m.images, 2);
         assert_eq!(m.acc, 0.5);
@@ -551,14 +593,14 @@ mod tests {
             Metrics::default()
         );
         let mut acc = Accumulator::new();
-        acc.update_labels(&[], &[], 0.0).unwrap();
+        acc.update_labels(&[], &[], 0.0, CLASSES).unwrap();
         assert_eq!(acc.get(), Metrics::default());
     }
 
     #[test]
     fn bad_input_is_an_error_and_changes_nothing() {
         let mut acc = Accumulator::new();
-        acc.update_labels(&[1, 2], &[1, 1], 1.0).unwrap();
+        acc.update_labels(&[1, 2], &[1, 1], 1.0, CLASSES).unwrap();
         let before = acc.get();
         let y = Array1::from(vec![0u8, 10]);
         let good = proba(&[row(&[(0, 1.0)]), row(&[(0, 1.0)])]);
@@ -572,14 +614,19 @@ mod tests {
             .is_err());
         assert!(acc.update(y.view(), Array2::zeros((0, 0)).view()).is_err());
         // Labels: lengths, true and predicted labels out of range, bad loss sums.
-        assert!(acc.update_labels(&[0], &[0, 1], 0.0).is_err());
-        assert!(acc.update_labels(&[0, 255], &[0, 1], 0.0).is_err());
-        assert!(acc.update_labels(&[0, 1], &[0, 10], 0.0).is_err());
+        assert!(acc.update_labels(&[0], &[0, 1], 0.0, CLASSES).is_err());
+        assert!(acc.update_labels(&[0, 255], &[0, 1], 0.0, CLASSES).is_err());
+        assert!(acc.update_labels(&[0, 1], &[0, 10], 0.0, CLASSES).is_err());
         for bad in [f64::NAN, -1.0, f64::INFINITY, f64::NEG_INFINITY] {
-            assert!(acc.update_labels(&[0], &[0], bad).is_err(), "{bad}");
+            assert!(
+                acc.update_labels(&[0], &[0], bad, CLASSES).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(acc.get(), before);
-        let e = acc.update_labels(&[0, 12], &[0, 1], 0.0).unwrap_err();
+        let e = acc
+            .update_labels(&[0, 12], &[0, 1], 0.0, CLASSES)
+            .unwrap_err();
         assert!(e.to_string().contains("row 1"), "{e}");
     }
 
@@ -786,7 +833,9 @@ for _ in range(cases):
         let (y, p) = random_case(&mut rng, 500);
         let mut whole = Accumulator::new();
         whole.update(y.view(), p.view()).unwrap();
-        whole.update_labels(&[4, 4, 9], &[4, 1, 9], 2.5).unwrap();
+        whole
+            .update_labels(&[4, 4, 9], &[4, 1, 9], 2.5, CLASSES)
+            .unwrap();
         for cut in [0, 1, 123, 499, 500] {
             let mut a = Accumulator::new();
             a.update(y.slice(ndarray::s![..cut]), p.slice(ndarray::s![..cut, ..]))
@@ -794,7 +843,8 @@ for _ in range(cases):
             let mut b = Accumulator::new();
             b.update(y.slice(ndarray::s![cut..]), p.slice(ndarray::s![cut.., ..]))
                 .unwrap();
-            b.update_labels(&[4, 4, 9], &[4, 1, 9], 2.5).unwrap();
+            b.update_labels(&[4, 4, 9], &[4, 1, 9], 2.5, CLASSES)
+                .unwrap();
             a.merge(&b);
             let (m, w) = (a.get(), whole.get());
             assert_eq!((m.images, m.confusion), (w.images, w.confusion));
@@ -848,7 +898,7 @@ for _ in range(cases):
         for i in 0..5 {
             a.push(&m(0.1 * f64::from(i) + 1.0 / 3.0, 2.0 / 7.0 * f64::from(i)));
         }
-        acc.update_labels(&[1, 2, 3], &[1, 2, 4], 1.0 / 3.0)
+        acc.update_labels(&[1, 2, 3], &[1, 2, 4], 1.0 / 3.0, CLASSES)
             .unwrap();
         let mut b: Running = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         let acc2: Accumulator =

@@ -26,7 +26,6 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::dataset::CLASS_NAMES;
 use crate::error::{Error, Result};
 use crate::runs::Run;
 
@@ -781,8 +780,9 @@ async fn confusion_matrix(
     runs_root: &Path,
     run: &str,
     split: &str,
-) -> Result<([[u64; 10]; 10], u32)> {
+) -> Result<(Vec<Vec<u64>>, u32)> {
     let q = quoted_run(runs_root, run)?;
+    let k = crate::runs::run_classes(runs_root, run).len();
     if !matches!(split, "test" | "train") {
         return Err(Error::usage(format!(
             "split {split:?}: expected test or train"
@@ -807,12 +807,13 @@ async fn confusion_matrix(
         ),
     )
     .await?;
-    let mut matrix = [[0u64; 10]; 10];
+    let mut matrix = vec![vec![0u64; k]; k];
+    let kf = k as f64;
     let actual = f64_column(&batches, "actual")?;
     let predicted = f64_column(&batches, "predicted")?;
     let n = f64_column(&batches, "n")?;
     for ((&a, &p), &c) in actual.iter().zip(&predicted).zip(&n) {
-        if (0.0..10.0).contains(&a) && (0.0..10.0).contains(&p) && c.is_finite() {
+        if (0.0..kf).contains(&a) && (0.0..kf).contains(&p) && c.is_finite() {
             matrix[a as usize][p as usize] += c as u64;
         }
     }
@@ -828,7 +829,8 @@ async fn confusion(
 ) -> Result<PathBuf> {
     let (matrix, last_epoch) = confusion_matrix(ctx, runs_root, run, split).await?;
     let total: u64 = matrix.iter().flatten().sum();
-    let correct: u64 = (0..10).map(|i| matrix[i][i]).sum();
+    let correct: u64 = (0..matrix.len()).map(|i| matrix[i][i]).sum();
+    let names = crate::runs::run_classes(runs_root, run);
     let accuracy = correct as f64 / total.max(1) as f64;
     let which = if split == "train" {
         format!("train, last epoch {last_epoch}")
@@ -840,7 +842,7 @@ async fn confusion(
     create_out_dir(out_dir)?;
     let path = out_dir.join(format!("confusion-{split}.png"));
     render(&path, HEATMAP_SIZE, |root| {
-        draw_heatmap(root, &title, &matrix)
+        draw_heatmap(root, &title, &matrix, &names)
     })?;
     Ok(path)
 }
@@ -871,10 +873,15 @@ fn blues(f: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-fn draw_heatmap(root: &Area<'_>, title: &str, matrix: &[[u64; 10]; 10]) -> DrawResult {
+fn draw_heatmap(root: &Area<'_>, title: &str, matrix: &[Vec<u64>], names: &[String]) -> DrawResult {
     let (w, _) = root.dim_in_pixel();
-    let (left, top, cell) = (165i32, 68i32, 50i32);
-    let (right, bottom) = (left + 10 * cell, top + 10 * cell);
+    // 500 pixels for the matrix, whatever the number of classes; counts and names are
+    // printed while a cell is large enough to hold them (up to 25 classes).
+    let k = matrix.len().max(1) as i32;
+    let cell = (500 / k).max(1);
+    let (left, top) = (165i32, 68i32);
+    let (right, bottom) = (left + k * cell, top + k * cell);
+    let labelled = cell >= 20;
     let (title, title_style) = fit(root, title, TITLE_PX, true, w - 20);
     root.draw(&Text::new(
         title,
@@ -897,6 +904,9 @@ fn draw_heatmap(root: &Area<'_>, title: &str, matrix: &[[u64; 10]; 10]) -> DrawR
                 (_, true) => WHITE,
                 (_, false) => BLACK,
             };
+            if !labelled {
+                continue;
+            }
             let (text, style) = fit(root, &c.to_string(), TICK_PX, false, cell as u32 - 4);
             root.draw(&Text::new(
                 text,
@@ -913,7 +923,7 @@ fn draw_heatmap(root: &Area<'_>, title: &str, matrix: &[[u64; 10]; 10]) -> DrawR
     ))?;
 
     // Class names: rows on the left, columns below (vertical).
-    for (i, name) in CLASS_NAMES.iter().enumerate() {
+    for (i, name) in names.iter().enumerate().filter(|_| labelled) {
         let c = i as i32 * cell + cell / 2;
         root.draw(&Text::new(
             name.to_string(),

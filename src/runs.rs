@@ -140,6 +140,17 @@ pub struct MetricsRow {
     pub drift: bool,
 }
 
+/// The class names of run `run` under `root`, label 0 first: its `config.toml`'s
+/// `classes`, or CIFAR-10's (a run from before classes were saved, or without a config).
+pub fn run_classes(root: &Path, run: &str) -> Vec<String> {
+    let path = root.join(run).join("config.toml");
+    std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| crate::config::RunConfig::parse(&t, &path).ok())
+        .unwrap_or_default()
+        .class_names()
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -26,7 +26,7 @@ use ndarray::{Array2, ArrayView1};
 use crate::bridge::{features_view, labels_view};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config;
-use crate::dataset::{self, DataSpec, Images, CLASSES};
+use crate::dataset::{self, DataSpec, Images};
 use crate::drift::Change;
 use crate::error::{Error, Result};
 use crate::features::{self, Extractor};
@@ -317,10 +317,12 @@ async fn open_stream(
     opts: &SourceOptions,
     extractor: Option<&Arc<Extractor>>,
 ) -> Result<Opened> {
+    let mut rejected_files = 0;
     let (spec, per_epoch, server) = match source {
         TrainSource::Spec(spec) => (spec.clone(), None, None),
         TrainSource::Loopback { data, sleep } => {
-            let files = dataset::load_split(data, opts.split)?;
+            let (files, rejected) = dataset::load_split_counted(data, opts.split)?;
+            rejected_files = rejected as u64;
             let images: usize = files.iter().map(Images::len).sum();
             let per_epoch = images.div_ceil(opts.batch_size.max(1)) as u64;
             let serve = ServeOptions {
@@ -352,6 +354,8 @@ async fn open_stream(
         let src = source::open(&spec, opts)?;
         let per_epoch = per_epoch.or(src.batches_per_epoch());
         let report = register_stream(&ctx, src, spec.is_bounded())?;
+        // An image folder's unreadable files, named in the log as they were read.
+        report.count_rejected(rejected_files);
         let df = ctx.sql(sql).await?;
         let fields = df.schema().fields();
         for need in ["label", FEATURES] {
@@ -386,10 +390,10 @@ async fn open_stream(
 }
 
 /// The first label of `y` that is not a class, with its row.
-fn bad_label(y: ArrayView1<u8>) -> Option<(usize, u8)> {
+fn bad_label(y: ArrayView1<u8>, classes: usize) -> Option<(usize, u8)> {
     y.iter()
         .enumerate()
-        .find(|(_, &l)| usize::from(l) >= CLASSES)
+        .find(|(_, &l)| usize::from(l) >= classes)
         .map(|(i, &l)| (i, l))
 }
 
@@ -643,6 +647,8 @@ async fn train_inner(
             ),
         ),
     };
+    // The stream's labels are checked against the model's classes.
+    opts.source_opts.classes = model.classes();
     if let Some(ck) = &resume {
         // The run goes on as it started: same preprocessing, same seed.
         if !ck.state.sql.is_empty() {
@@ -792,10 +798,11 @@ async fn train_loop(
         }
         let x = features_view(&batch, FEATURES)?;
         let y = labels_view(&batch, "label")?;
-        if let Some((row, label)) = bad_label(y) {
+        if let Some((row, label)) = bad_label(y, model.classes()) {
             tracing::warn!(
-                "batch {number} rejected: row {row} has label {label}, outside 0..{}",
-                CLASSES - 1
+                "batch {number} rejected: row {row} has label {label}, outside the run's \
+                 classes 0..{}",
+                model.classes() - 1
             );
             summary.rejected += 1;
             continue;
@@ -958,6 +965,19 @@ pub async fn predict(mut opts: PredictOptions) -> Result<Summary> {
     };
     let model = ck.model()?;
     let epoch = ck.state.epoch;
+    if let Some(data) = opts.source.dataset() {
+        let names = dataset::class_names(data)?;
+        if names.len() > model.classes() {
+            return Err(Error::usage(format!(
+                "{data} has {} classes but run {:?} was trained with {}: score it on data of \
+                 the run's classes",
+                names.len(),
+                opts.run.name,
+                model.classes()
+            )));
+        }
+    }
+    opts.source_opts.classes = model.classes();
     let extractor = run_extractor(&opts.run)?;
     let Opened {
         mut stream,
@@ -1018,8 +1038,12 @@ async fn predict_loop(
         seq = number + 1;
         let x = features_view(&batch, FEATURES)?;
         let y = labels_view(&batch, "label")?;
-        if let Some((row, label)) = bad_label(y) {
-            tracing::warn!("batch {number} rejected: row {row} has label {label}, outside 0..9");
+        if let Some((row, label)) = bad_label(y, model.classes()) {
+            tracing::warn!(
+                "batch {number} rejected: row {row} has label {label}, outside the model's \
+                 classes 0..{}",
+                model.classes() - 1
+            );
             summary.rejected += 1;
             continue;
         }

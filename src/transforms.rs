@@ -338,7 +338,9 @@ pub mod kernels {
     /// precomputed once for many images.
     #[derive(Clone, Debug, PartialEq)]
     pub struct Resize {
-        s: usize,
+        /// Source height and width.
+        sh: usize,
+        sw: usize,
         height: usize,
         width: usize,
         ys: Vec<(usize, usize, f32)>,
@@ -364,22 +366,36 @@ pub mod kernels {
         /// A plan from side `s` to `height`×`width` (each 1..=[`super::MAX_RESIZE_SIDE`];
         /// `s` ≥ 1).
         pub fn new(s: usize, height: usize, width: usize) -> Result<Resize> {
+            Self::rect(s, s, height, width)
+        }
+
+        /// A plan from a `src_height`×`src_width` image (each 1..=2²⁰) to
+        /// `height`×`width` (each 1..=[`super::MAX_RESIZE_SIDE`]).
+        pub fn rect(
+            src_height: usize,
+            src_width: usize,
+            height: usize,
+            width: usize,
+        ) -> Result<Resize> {
             let max = super::MAX_RESIZE_SIDE;
-            if s == 0
-                || s > (1 << 20)
+            let src = 1..=(1 << 20);
+            if !src.contains(&src_height)
+                || !src.contains(&src_width)
                 || !(1..=max).contains(&height)
                 || !(1..=max).contains(&width)
             {
                 return Err(Error::usage(format!(
-                    "resize: cannot resize side {s} to {height}x{width} (sides 1..={max})"
+                    "resize: cannot resize {src_height}x{src_width} to {height}x{width} \
+                     (sides 1..={max})"
                 )));
             }
             Ok(Resize {
-                s,
+                sh: src_height,
+                sw: src_width,
                 height,
                 width,
-                ys: taps(s, height),
-                xs: taps(s, width),
+                ys: taps(src_height, height),
+                xs: taps(src_width, width),
             })
         }
 
@@ -401,14 +417,25 @@ pub mod kernels {
             dst: &mut [T],
             scratch: &mut Vec<f32>,
         ) -> Result<()> {
-            let s = self.s;
-            check("resize", s, src.len(), dst.len(), self.out_len())?;
+            let (sh, sw) = (self.sh, self.sw);
+            if sh == sw {
+                check("resize", sh, src.len(), dst.len(), self.out_len())?;
+            } else if src.len() != 3 * sh * sw || dst.len() != self.out_len() {
+                return Err(Error::usage(format!(
+                    "resize: an image of {sh}x{sw} needs {} source and {} destination values, \
+                     got {} and {}",
+                    3 * sh * sw,
+                    self.out_len(),
+                    src.len(),
+                    dst.len()
+                )));
+            }
             let (h, w) = (self.height, self.width);
             // Every source row resampled across the width once, then blended row pairs.
             scratch.clear();
-            scratch.resize(s * w, 0.0);
-            for (sp, dp) in src.chunks_exact(s * s).zip(dst.chunks_exact_mut(h * w)) {
-                for (r, t) in sp.chunks_exact(s).zip(scratch.chunks_exact_mut(w)) {
+            scratch.resize(sh * w, 0.0);
+            for (sp, dp) in src.chunks_exact(sh * sw).zip(dst.chunks_exact_mut(h * w)) {
+                for (r, t) in sp.chunks_exact(sw).zip(scratch.chunks_exact_mut(w)) {
                     for (o, &(x0, x1, lx)) in t.iter_mut().zip(&self.xs) {
                         *o = r[x0].to_f32() * (1.0 - lx) + r[x1].to_f32() * lx;
                     }

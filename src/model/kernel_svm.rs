@@ -1,4 +1,4 @@
-//! `svm-kernel`: a batch kernel SVM (RBF or linear), one-vs-rest over the [`CLASSES`]
+//! `svm-kernel`: a batch kernel SVM (RBF or linear), one-vs-rest over the K
 //! classes, refitted from scratch on a sliding window of the stream.
 //!
 //! This model is **not incremental; it is here for comparison on small inputs.** A
@@ -48,7 +48,7 @@
 //! [`predict_proba`](Learner::predict_proba) maps the ten decisions as scikit-learn's
 //! `_predict_proba_lr` does for one-vs-rest models: `p_k = σ(d_k) / Σⱼ σ(d_j)` with σ the
 //! logistic function (computed in log space, so that very negative decisions do not
-//! underflow to 0/0). Before the first fit every row is uniform (1/[`CLASSES`]).
+//! underflow to 0/0). Before the first fit every row is uniform (1/K).
 //! [`partial_fit`](Learner::partial_fit) returns the mean cross-entropy of the batch under
 //! the model as it was before the batch (probabilities clipped to [1e-15, 1]).
 //!
@@ -64,9 +64,9 @@
 //! [`Learner::save`] writes, through the shared checkpoint helpers, the window
 //! (`buffer_x`, n × d F32, oldest first, and `buffer_y`, n U64) once the width is known,
 //! and after the first fit the model: `sv` (U × d F32, the union over the classes of the
-//! support vectors), `coef` (U × [`CLASSES`] F32, column k holding class k's signed
+//! support vectors), `coef` (U × K F32, column k holding class k's signed
 //! coefficients, 0 where a row is not one of its support vectors), `rho`
-//! ([`CLASSES`] F32) and `gamma` (1 F32: the γ used, 0 for the linear kernel). The counters
+//! (K F32) and `gamma` (1 F32: the γ used, 0 for the linear kernel). The counters
 //! (`seen`, `since_fit`, `fits`), the width and the hyper-parameters are in `model.json`.
 //! A loaded model predicts bit-identically and continues training exactly as the saved one
 //! would have.
@@ -78,8 +78,7 @@ use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, CLASSES,
-    TENSORS_FILE,
+    check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 
@@ -124,11 +123,15 @@ pub struct KernelSvmParams {
     /// (seconds per fit); `"linfa"`: linfa-svm's own `fit`, class by class (it rebuilds
     /// the kernel matrix for each class: about 13 s per class at 2,000 × 3,072).
     pub solver: String,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for KernelSvmParams {
     fn default() -> Self {
         KernelSvmParams {
+            classes: super::CLASSES,
             kernel: "rbf".to_string(),
             c: 1.0,
             gamma: None,
@@ -145,6 +148,7 @@ impl KernelSvmParams {
     /// Checks the values: a known kernel, `c` and `tol` finite and > 0, `gamma` (if set)
     /// finite and > 0, `buffer` and `batch_size` ≥ 1.
     pub fn check(&self) -> Result<()> {
+        super::check_classes(NAME, self.classes)?;
         self.kernel_kind()?;
         if !matches!(self.solver.as_str(), "smo" | "linfa") {
             return Err(Error::usage(format!(
@@ -293,13 +297,13 @@ struct Fitted {
     gamma: f32,
     /// U × d support vectors (union over the classes).
     sv: Array2<f32>,
-    /// U × [`CLASSES`] signed coefficients.
+    /// U × K signed coefficients.
     coef: Array2<f32>,
-    /// The [`CLASSES`] offsets ρ.
+    /// The K offsets ρ.
     rho: Array1<f32>,
     /// Derived: squared norms of the support vectors (RBF).
     sv_sq: Array1<f32>,
-    /// Derived: d × [`CLASSES`] weights `svᵀ · coef` (linear kernel).
+    /// Derived: d × K weights `svᵀ · coef` (linear kernel).
     w: Option<Array2<f32>>,
 }
 
@@ -316,7 +320,7 @@ impl Fitted {
         let sv_sq = row_sq_norms(sv.view());
         let w = match kernel {
             Kernel::Linear => {
-                let mut w = Array2::zeros((sv.ncols(), CLASSES));
+                let mut w = Array2::zeros((sv.ncols(), coef.ncols()));
                 general_mat_mul(1.0, &sv.t(), &coef, 0.0, &mut w);
                 Some(w)
             }
@@ -332,11 +336,11 @@ impl Fitted {
         }
     }
 
-    /// The m × [`CLASSES`] decisions for the rows of `x` (checked); `Err` if one
+    /// The m × K decisions for the rows of `x` (checked); `Err` if one
     /// overflows f32.
     fn decisions(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let m = x.nrows();
-        let mut out = Array2::zeros((m, CLASSES));
+        let mut out = Array2::zeros((m, self.coef.ncols()));
         if let Some(w) = &self.w {
             general_mat_mul(1.0, &x, w, 0.0, &mut out);
         } else {
@@ -663,11 +667,11 @@ fn fit_window(
         )));
     };
     let (c, eps) = (f64::from(params.c), f64::from(params.tol));
-    let mut present = [false; CLASSES];
+    let mut present = vec![false; params.classes];
     for &l in y {
         present[usize::from(l)] = true;
     }
-    let to_solve: Vec<usize> = (0..CLASSES)
+    let to_solve: Vec<usize> = (0..params.classes)
         .filter(|&cl| present[cl] && y.iter().any(|&l| usize::from(l) != cl))
         .collect();
 
@@ -714,9 +718,9 @@ fn fit_window(
         }
     }
 
-    let mut coef_full = Array2::<f32>::zeros((n, CLASSES));
-    let mut rho = Array1::from_elem(CLASSES, ABSENT_RHO);
-    for cl in 0..CLASSES {
+    let mut coef_full = Array2::<f32>::zeros((n, params.classes));
+    let mut rho = Array1::from_elem(params.classes, ABSENT_RHO);
+    for cl in 0..params.classes {
         if present[cl] {
             // The only class in the window, unless solved below.
             rho[cl] = -1.0;
@@ -824,7 +828,7 @@ impl KernelSvm {
         self.fitted.as_ref().map(|f| f.sv.nrows())
     }
 
-    /// The one-vs-rest decisions `d_k(x)`, an n × [`CLASSES`] matrix (see the module
+    /// The one-vs-rest decisions `d_k(x)`, an n × K matrix (see the module
     /// documentation). Errors before the first fit, on a width different from
     /// [`n_features`](Learner::n_features), a non-finite feature, or a decision that
     /// overflows f32.
@@ -849,7 +853,7 @@ impl KernelSvm {
 
     /// Loads a model saved by [`Learner::save`] from `dir`, checking both files: the
     /// kind, hyper-parameters and counters, the tensors' names, dtypes, shapes and values
-    /// (finite; labels below [`CLASSES`]), and that the two files come from the same
+    /// (finite; labels below K), and that the two files come from the same
     /// save. Errors name the file.
     pub fn load(dir: &Path) -> Result<Self> {
         let ck = Checkpoint::open(dir, NAME)?;
@@ -893,13 +897,13 @@ impl KernelSvm {
             let x = ck.f32("buffer_x", &[n, d])?;
             window.d = d;
             window.x = x;
-            window.y = ck.labels("buffer_y", n)?;
+            window.y = ck.labels("buffer_y", n, meta.params.classes)?;
         }
         let fitted = match (meta.n_support, meta.n_features) {
             (Some(u), Some(d)) => {
                 let sv = ck.f32_2d("sv", u, d)?;
-                let coef = ck.f32_2d("coef", u, CLASSES)?;
-                let rho = Array1::from(ck.f32("rho", &[CLASSES])?);
+                let coef = ck.f32_2d("coef", u, meta.params.classes)?;
+                let rho = Array1::from(ck.f32("rho", &[meta.params.classes])?);
                 let gamma = ck.f32("gamma", &[1])?[0];
                 let ok = match kernel {
                     Kernel::Rbf => gamma > 0.0,
@@ -950,6 +954,10 @@ impl Learner for KernelSvm {
         self.n_features
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// See [`Learner::partial_fit`] and the module documentation: scores the batch with
     /// the current model, buffers it, and fits on the window if at least
     /// [`buffer`](KernelSvmParams::buffer) images have arrived since the last fit. Rows
@@ -957,7 +965,7 @@ impl Learner for KernelSvm {
     /// batch (their kernel values could overflow). If the fit itself fails, the batch
     /// stays buffered, the previous fit stays in place, and the call returns `Err`.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features)?;
+        check_batch(x, y, self.n_features, self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Ok(0.0);
@@ -1008,14 +1016,14 @@ impl Learner for KernelSvm {
     }
 
     /// See [`Learner::predict_proba`]: `p_k = σ(d_k) / Σⱼ σ(d_j)` over the one-vs-rest
-    /// decisions; uniform (1/[`CLASSES`]) before the first fit. Decisions that overflow
+    /// decisions; uniform (1/K) before the first fit. Decisions that overflow
     /// f32 are an `Err`.
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, self.n_features)?;
         let Some(f) = &self.fitted else {
             return Ok(Array2::from_elem(
-                (x.nrows(), CLASSES),
-                1.0 / CLASSES as f32,
+                (x.nrows(), self.params.classes),
+                1.0 / self.params.classes as f32,
             ));
         };
         let mut d = f.decisions(x)?;
@@ -1049,8 +1057,12 @@ impl Learner for KernelSvm {
         }
         if let Some(f) = &self.fitted {
             t.f32("sv", &[f.sv.nrows(), f.sv.ncols()], f.sv.iter());
-            t.f32("coef", &[f.coef.nrows(), CLASSES], f.coef.iter());
-            t.f32("rho", &[CLASSES], f.rho.iter());
+            t.f32(
+                "coef",
+                &[f.coef.nrows(), self.params.classes],
+                f.coef.iter(),
+            );
+            t.f32("rho", &[self.params.classes], f.rho.iter());
             t.f32("gamma", &[1], &[f.gamma]);
         }
         let meta = Meta {
@@ -1073,6 +1085,7 @@ impl Learner for KernelSvm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CLASSES;
     use crate::model::{self, SplitMix, META_FILE};
     use linfa::traits::{Fit, Predict};
     use linfa::Dataset;

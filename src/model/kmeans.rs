@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
-    CLASSES, TENSORS_FILE,
+    TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 
@@ -54,11 +54,15 @@ pub struct KMeansParams {
     /// Seed of the random generator used for k-means++ seeding and reassignment.
     /// Default 0.
     pub seed: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for KMeansParams {
     fn default() -> Self {
         KMeansParams {
+            classes: super::CLASSES,
             k: 10,
             reassignment_ratio: 0.01,
             batch_size: 128,
@@ -71,6 +75,7 @@ impl KMeansParams {
     /// Checks the values: `k` in `1..=u32::MAX`, `reassignment_ratio` finite and in
     /// `[0, 1]`, `batch_size` ≥ 1.
     pub fn check(&self) -> Result<()> {
+        super::check_classes("kmeans", self.classes)?;
         if self.k == 0 || u32::try_from(self.k).is_err() {
             return Err(Error::usage(format!(
                 "kmeans: k must be between 1 and {}, not {}",
@@ -118,9 +123,9 @@ impl KMeansParams {
 /// label counts cleared (it is a new cluster).
 ///
 /// **Classification.** The model counts, per cluster, the labels of the training images
-/// assigned to it (assignment before the step, as above): a `k × CLASSES` table. An
+/// assigned to it (assignment before the step, as above): a `k × K` table. An
 /// image's class probabilities are the label distribution of its nearest cluster with
-/// add-one (Laplace) smoothing, `(count_l + 1) / (total + CLASSES)`: the argmax is the
+/// add-one (Laplace) smoothing, `(count_l + 1) / (total + K)`: the argmax is the
 /// cluster's majority label (the lowest label on ties), rows sum to 1, and a cluster
 /// that has seen no labels answers uniformly. Before any training every row is uniform.
 #[derive(Clone, Debug)]
@@ -134,7 +139,7 @@ pub struct KMeans {
     seeded: usize,
     /// Per centre, the number of images it has received (scikit-learn's weight sums).
     counts: Vec<u64>,
-    /// k × [`CLASSES`]: per cluster, the training labels assigned to it.
+    /// k × K: per cluster, the training labels assigned to it.
     label_counts: Array2<u64>,
     /// Images learnt from.
     seen: u64,
@@ -193,10 +198,10 @@ impl KMeans {
     /// A new, untrained model (after checking `params`).
     pub fn new(params: KMeansParams) -> Result<Self> {
         params.check()?;
-        let k = params.k;
+        let (k, classes) = (params.k, params.classes);
         crate::limits::check(
             &format!("kmeans (k = {k}): the per-cluster counts"),
-            crate::limits::product(&[k, 8 * (1 + CLASSES)]),
+            crate::limits::product(&[k, 8 * (1 + params.classes)]),
         )?;
         Ok(KMeans {
             rng: SplitMix(params.seed),
@@ -204,7 +209,7 @@ impl KMeans {
             centres: None,
             seeded: 0,
             counts: vec![0; k],
-            label_counts: Array2::zeros((k, CLASSES)),
+            label_counts: Array2::zeros((k, classes)),
             seen: 0,
             steps: 0,
             since_reassign: 0,
@@ -232,7 +237,7 @@ impl KMeans {
         &self.counts
     }
 
-    /// k × [`CLASSES`]: per cluster, how many training images of each label it got.
+    /// k × K: per cluster, how many training images of each label it got.
     pub fn label_counts(&self) -> ArrayView2<'_, u64> {
         self.label_counts.view()
     }
@@ -302,8 +307,8 @@ impl KMeans {
             }
         }
         let counts = ck.u64("counts", &[k])?;
-        let lc = ck.u64("label_counts", &[k, CLASSES])?;
-        let label_counts = Array2::from_shape_vec((k, CLASSES), lc).map_err(|e| {
+        let lc = ck.u64("label_counts", &[k, meta.params.classes])?;
+        let label_counts = Array2::from_shape_vec((k, meta.params.classes), lc).map_err(|e| {
             Error::format(
                 dir.join(TENSORS_FILE),
                 8,
@@ -502,6 +507,10 @@ impl Learner for KMeans {
         self.centres.as_ref().map(Array2::ncols)
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// One mini-batch step on the whole batch (see [`KMeans`]), seeding the centres
     /// first if some are missing.
     ///
@@ -513,7 +522,7 @@ impl Learner for KMeans {
     /// squared norm above 1e36); a bad batch is an `Err` and changes nothing. An empty
     /// batch is `Ok(0.0)` and changes nothing.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Ok(0.0);
@@ -619,21 +628,21 @@ impl Learner for KMeans {
     }
 
     /// See [`Learner::predict_proba`]: the smoothed label distribution of each row's
-    /// nearest cluster (see [`KMeans`]); uniform (1/[`CLASSES`]) before the first batch.
+    /// nearest cluster (see [`KMeans`]); uniform (1/K) before the first batch.
     /// A row of squared norm above 1e36 is an `Err`.
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let Some(assign) = self.nearest_centres(x)? else {
             return Ok(Array2::from_elem(
-                (x.nrows(), CLASSES),
-                1.0 / CLASSES as f32,
+                (x.nrows(), self.params.classes),
+                1.0 / self.params.classes as f32,
             ));
         };
-        let dist = Array2::from_shape_fn((self.params.k, CLASSES), |(j, l)| {
+        let dist = Array2::from_shape_fn((self.params.k, self.params.classes), |(j, l)| {
             let row = self.label_counts.row(j);
             let total: f64 = row.iter().map(|&c| c as f64).sum();
-            ((row[l] as f64 + 1.0) / (total + CLASSES as f64)) as f32
+            ((row[l] as f64 + 1.0) / (total + self.params.classes as f64)) as f32
         });
-        let mut out = Array2::zeros((x.nrows(), CLASSES));
+        let mut out = Array2::zeros((x.nrows(), self.params.classes));
         for (mut row, &a) in out.rows_mut().into_iter().zip(&assign) {
             row.assign(&dist.row(a as usize));
         }
@@ -655,7 +664,7 @@ impl Learner for KMeans {
     }
 
     /// See [`Learner::save`]. The tensors file holds `"counts"` (k, U64),
-    /// `"label_counts"` (k × [`CLASSES`], U64) and, once the width is fixed,
+    /// `"label_counts"` (k × K, U64) and, once the width is fixed,
     /// `"centres"` (k × d, F32; rows not yet seeded are zero). `model.json` has
     /// `params`, `n_features` (`null` before the first batch), `seeded`, `seen`, `steps`,
     /// `since_reassign`, `reassignments` and `rng` (the generator's state), so that a
@@ -669,7 +678,7 @@ impl Learner for KMeans {
         tensors.u64("counts", &[self.params.k], &self.counts);
         tensors.u64(
             "label_counts",
-            &[self.params.k, CLASSES],
+            &[self.params.k, self.params.classes],
             &self.label_counts,
         );
         let meta = Meta {
@@ -738,6 +747,7 @@ fn reassign_small(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CLASSES;
     use crate::model::{self, META_FILE};
     use ndarray::{array, Array1, Axis};
     use std::fs;

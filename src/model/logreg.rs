@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_batch, check_features, create_dir, first_non_finite_row, parse_json, read_f32, read_file,
-    Learner, CLASSES, META_FILE, TENSORS_FILE,
+    Learner, META_FILE, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 use crate::store::write_atomic;
@@ -47,11 +47,15 @@ pub struct LogRegParams {
     /// iterate around the optimum; their mean settles. Default 1 (chosen on a validation
     /// split, see the README).
     pub average: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for LogRegParams {
     fn default() -> Self {
         LogRegParams {
+            classes: super::CLASSES,
             lr: 0.01,
             alpha: 1e-4,
             batch_size: 128,
@@ -79,11 +83,11 @@ impl LogRegParams {
         if self.batch_size == 0 {
             return Err(Error::usage("logreg: batch_size must be at least 1"));
         }
-        Ok(())
+        super::check_classes(NAME, self.classes)
     }
 }
 
-/// Multinomial logistic (softmax) regression over [`CLASSES`] classes, learnt by
+/// Multinomial logistic (softmax) regression over K classes, learnt by
 /// mini-batch SGD.
 ///
 /// The objective of a mini-batch `(X, y)` of `m` images is
@@ -97,9 +101,9 @@ impl LogRegParams {
 pub struct LogReg {
     /// Hyper-parameters (checked).
     params: LogRegParams,
-    /// d × [`CLASSES`] weights; `None` until the first non-empty batch fixes d.
+    /// d × K weights; `None` until the first non-empty batch fixes d.
     weights: Option<Array2<f32>>,
-    /// The [`CLASSES`] biases.
+    /// The K biases.
     bias: Array1<f32>,
     /// The averaged weights and biases, once averaging has begun.
     avg: Option<(Array2<f32>, Array1<f32>)>,
@@ -116,30 +120,30 @@ pub struct LogReg {
 /// Work buffers of [`LogReg::partial_fit`], kept so a step allocates nothing.
 #[derive(Clone, Debug)]
 struct Scratch {
-    /// Logits, then probabilities, then `P − Y`: (at least) mini-batch × [`CLASSES`].
+    /// Logits, then probabilities, then `P − Y`: (at least) mini-batch × K.
     z: Array2<f32>,
-    /// Weight gradient, then the updated weights: d × [`CLASSES`].
+    /// Weight gradient, then the updated weights: d × K.
     g: Array2<f32>,
-    /// Bias gradient, then the updated bias: [`CLASSES`].
+    /// Bias gradient, then the updated bias: K.
     gb: Array1<f32>,
 }
 
 impl Scratch {
-    fn new() -> Self {
+    fn new(classes: usize) -> Self {
         Scratch {
-            z: Array2::zeros((0, CLASSES)),
-            g: Array2::zeros((0, CLASSES)),
-            gb: Array1::zeros(CLASSES),
+            z: Array2::zeros((0, classes)),
+            g: Array2::zeros((0, classes)),
+            gb: Array1::zeros(classes),
         }
     }
 
     /// Makes room for mini-batches of `rows` images of `d` features.
     fn reserve(&mut self, d: usize, rows: usize) {
         if self.z.nrows() < rows {
-            self.z = Array2::zeros((rows, CLASSES));
+            self.z = Array2::zeros((rows, self.gb.len()));
         }
         if self.g.nrows() != d {
-            self.g = Array2::zeros((d, CLASSES));
+            self.g = Array2::zeros((d, self.gb.len()));
         }
     }
 }
@@ -167,14 +171,14 @@ impl LogReg {
     pub fn new(params: LogRegParams) -> Result<Self> {
         params.check()?;
         Ok(LogReg {
-            params,
             weights: None,
-            bias: Array1::zeros(CLASSES),
+            bias: Array1::zeros(params.classes),
             avg: None,
             averaged: 0,
             seen: 0,
             steps: 0,
-            scratch: Scratch::new(),
+            scratch: Scratch::new(params.classes),
+            params,
         })
     }
 
@@ -183,12 +187,12 @@ impl LogReg {
         &self.params
     }
 
-    /// The d × [`CLASSES`] weights; `None` before the first non-empty batch.
+    /// The d × K weights; `None` before the first non-empty batch.
     pub fn weights(&self) -> Option<ArrayView2<'_, f32>> {
         self.weights.as_ref().map(Array2::view)
     }
 
-    /// The [`CLASSES`] biases.
+    /// The K biases.
     pub fn bias(&self) -> ArrayView1<'_, f32> {
         self.bias.view()
     }
@@ -222,8 +226,8 @@ impl LogReg {
 
     /// The objective on `(x, y)` at the current parameters and its gradients, without
     /// changing anything: `(loss, dW, db)` with `loss = mean cross-entropy +
-    /// (alpha/2)·‖W‖²` (in f64; no penalty on the bias), `dW` (d × [`CLASSES`]) and `db`
-    /// ([`CLASSES`]) as in the type's documentation. Before the first batch the
+    /// (alpha/2)·‖W‖²` (in f64; no penalty on the bias), `dW` (d × K) and `db`
+    /// (K) as in the type's documentation. Before the first batch the
     /// weights are taken as the zeros they will start from.
     ///
     /// Errors on the same bad input as [`Learner::partial_fit`], and on an empty batch
@@ -233,7 +237,7 @@ impl LogReg {
         x: ArrayView2<f32>,
         y: ArrayView1<u8>,
     ) -> Result<(f64, Array2<f32>, Array1<f32>)> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Err(Error::usage(
@@ -244,13 +248,13 @@ impl LogReg {
         let w = match &self.weights {
             Some(w) => w.view(),
             None => {
-                zeros = Array2::zeros((x.ncols(), CLASSES));
+                zeros = Array2::zeros((x.ncols(), self.params.classes));
                 zeros.view()
             }
         };
-        let mut z = Array2::zeros((n, CLASSES));
+        let mut z = Array2::zeros((n, self.params.classes));
         let mut g = Array2::zeros(w.raw_dim());
-        let mut gb = Array1::zeros(CLASSES);
+        let mut gb = Array1::zeros(self.params.classes);
         let ce = grad_into(
             w,
             self.bias.view(),
@@ -342,16 +346,17 @@ impl LogReg {
         let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             read_f32(&buf, &md, data_start, name, shape).map_err(|(o, r)| bad(o, r))
         };
-        let bias = Array1::from(tensor("bias", &[CLASSES])?);
+        let k = meta.params.classes;
+        let bias = Array1::from(tensor("bias", &[k])?);
         let matrix = |name: &str, d: usize| -> Result<Array2<f32>> {
-            Array2::from_shape_vec((d, CLASSES), tensor(name, &[d, CLASSES])?)
+            Array2::from_shape_vec((d, k), tensor(name, &[d, k])?)
                 .map_err(|e| bad(8, format!("tensor {name:?}: {e}")))
         };
         let weights = meta.n_features.map(|d| matrix("weights", d)).transpose()?;
         let avg = match meta.n_features {
             Some(d) if meta.averaged > 0 => Some((
                 matrix("avg_weights", d)?,
-                Array1::from(tensor("avg_bias", &[CLASSES])?),
+                Array1::from(tensor("avg_bias", &[k])?),
             )),
             _ => None,
         };
@@ -363,7 +368,7 @@ impl LogReg {
             averaged: meta.averaged,
             seen: meta.seen,
             steps: meta.steps,
-            scratch: Scratch::new(),
+            scratch: Scratch::new(k),
         })
     }
 }
@@ -390,7 +395,7 @@ fn softmax_row(mut row: ArrayViewMut1<f32>, b: ArrayView1<f32>) -> (f32, f32) {
 }
 
 /// The gradient of the objective on a mini-batch of m ≥ 1 images: `g` ← `Xᵀ(P−Y)/m +
-/// alpha·W`, `gb` ← `mean(P−Y)`, using `z` (m × [`CLASSES`]) as work space. Returns the
+/// alpha·W`, `gb` ← `mean(P−Y)`, using `z` (m × K) as work space. Returns the
 /// *sum* of the m cross-entropies (f64). Inputs must have been checked.
 #[allow(clippy::too_many_arguments)]
 fn grad_into(
@@ -432,12 +437,16 @@ impl Learner for LogReg {
         self.weights.as_ref().map(Array2::nrows)
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// See [`Learner::partial_fit`]. The first non-empty batch fixes the width and
     /// starts the weights at zero. If a step would make a parameter non-finite (too
     /// large a learning rate or too large features), it is not taken and the call
     /// returns `Err`; the steps of the batch's earlier mini-batches stay taken.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Ok(0.0);
@@ -453,7 +462,7 @@ impl Learner for LogReg {
             steps,
             scratch,
         } = self;
-        let w = weights.get_or_insert_with(|| Array2::zeros((d, CLASSES)));
+        let w = weights.get_or_insert_with(|| Array2::zeros((d, bias.len())));
         let bs = params.batch_size;
         scratch.reserve(d, bs.min(n));
         let (lr, alpha) = (params.lr, params.alpha);
@@ -514,15 +523,15 @@ impl Learner for LogReg {
     }
 
     /// See [`Learner::predict_proba`], with the averaged weights once there are any.
-    /// Before the first batch every row is uniform (1/[`CLASSES`]), which is what the
+    /// Before the first batch every row is uniform (1/K), which is what the
     /// zero-initialised model would answer, so test-then-train evaluation can start on
     /// the stream's first batch. Features so large that a logit overflows f32 are an
     /// `Err`.
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, self.n_features())?;
-        let mut z = Array2::zeros((x.nrows(), CLASSES));
+        let mut z = Array2::zeros((x.nrows(), self.params.classes));
         let Some((w, b)) = self.predictor() else {
-            z.fill(1.0 / CLASSES as f32);
+            z.fill(1.0 / self.params.classes as f32);
             return Ok(z);
         };
         general_mat_mul(1.0, &x, &w, 0.0, &mut z);
@@ -537,8 +546,8 @@ impl Learner for LogReg {
         Ok(z)
     }
 
-    /// See [`Learner::save`]. The tensors file holds `"bias"` ([`CLASSES`], F32) and,
-    /// once the width is fixed, `"weights"` (d × [`CLASSES`], F32), plus the counters
+    /// See [`Learner::save`]. The tensors file holds `"bias"` (K, F32) and,
+    /// once the width is fixed, `"weights"` (d × K, F32), plus the counters
     /// in its metadata so that [`LogReg::load`] can tell a save torn between the two
     /// renames; `model.json` has `model`, `params`, `seen`, `steps` and `n_features`
     /// (`null` before the first batch).
@@ -555,17 +564,17 @@ impl Learner for LogReg {
         let weights = self.weights.as_ref().map(le_bytes);
         let mut tensors = vec![(
             "bias",
-            TensorView::new(Dtype::F32, vec![CLASSES], &bias).map_err(cannot)?,
+            TensorView::new(Dtype::F32, vec![self.params.classes], &bias).map_err(cannot)?,
         )];
         if let (Some(w), Some(bytes)) = (&self.weights, &weights) {
-            let view = TensorView::new(Dtype::F32, vec![w.nrows(), CLASSES], bytes);
+            let view = TensorView::new(Dtype::F32, vec![w.nrows(), self.params.classes], bytes);
             tensors.push(("weights", view.map_err(cannot)?));
         }
         let avg = self.avg.as_ref().map(|(w, b)| (le_bytes(w), le_bytes(b)));
         if let (Some((w, _)), Some((wb, bb))) = (&self.avg, &avg) {
-            let view = TensorView::new(Dtype::F32, vec![w.nrows(), CLASSES], wb);
+            let view = TensorView::new(Dtype::F32, vec![w.nrows(), self.params.classes], wb);
             tensors.push(("avg_weights", view.map_err(cannot)?));
-            let view = TensorView::new(Dtype::F32, vec![CLASSES], bb);
+            let view = TensorView::new(Dtype::F32, vec![self.params.classes], bb);
             tensors.push(("avg_bias", view.map_err(cannot)?));
         }
         let extra = HashMap::from([
@@ -597,6 +606,7 @@ impl Learner for LogReg {
 mod tests {
     use super::*;
     use crate::model;
+    use crate::model::CLASSES;
     use ndarray::array;
     use std::fs;
     use std::time::Instant;

@@ -27,7 +27,6 @@ use serde::{Deserialize, Serialize};
 use super::kernels::par_gemm;
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
-    CLASSES,
 };
 use crate::error::{Error, Result};
 
@@ -88,11 +87,15 @@ pub struct MlpParams {
     pub shuffle: bool,
     /// Seed of the initialisation and the shuffles.
     pub seed: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for MlpParams {
     fn default() -> Self {
         MlpParams {
+            classes: super::CLASSES,
             hidden: vec![128, 64],
             optimizer: Optimizer::Adam,
             lr: 3e-4,
@@ -114,6 +117,7 @@ impl Default for MlpParams {
 impl MlpParams {
     /// Checks the values.
     pub fn check(&self) -> Result<()> {
+        super::check_classes("mlp", self.classes)?;
         let bad = |m: String| Err(Error::usage(format!("mlp: {m}")));
         if self.hidden.contains(&0) {
             return bad(format!(
@@ -266,7 +270,7 @@ impl Mlp {
     fn widths(&self, d: usize) -> Vec<usize> {
         let mut w = vec![d];
         w.extend(&self.params.hidden);
-        w.push(CLASSES);
+        w.push(self.params.classes);
         w
     }
 
@@ -515,7 +519,7 @@ impl Mlp {
         x: ArrayView2<f32>,
         y: ArrayView1<u8>,
     ) -> Result<(f64, Vec<LayerGrad>)> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         if x.nrows() == 0 || self.layers.is_empty() {
             return Err(Error::usage(
                 "mlp: the loss needs a non-empty batch and an initialised model",
@@ -612,10 +616,14 @@ impl Learner for Mlp {
         self.layers.first().map(|l| l.w.nrows())
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// See [`Learner::partial_fit`]; the loss is that of the first pass. If a step
     /// makes a parameter non-finite the call returns `Err` (lower `lr`).
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
         if n == 0 {
             return Ok(0.0);
@@ -680,9 +688,12 @@ impl Learner for Mlp {
         check_features(x, self.n_features())?;
         let n = x.nrows();
         if self.layers.is_empty() {
-            return Ok(Array2::from_elem((n, CLASSES), 1.0 / CLASSES as f32));
+            return Ok(Array2::from_elem(
+                (n, self.params.classes),
+                1.0 / self.params.classes as f32,
+            ));
         }
-        let mut out = Array2::zeros((n, CLASSES));
+        let mut out = Array2::zeros((n, self.params.classes));
         let chunk = 512.min(n.max(1));
         let mut acts: Vec<Array2<f32>> = self
             .layers
@@ -744,6 +755,7 @@ impl Learner for Mlp {
 mod tests {
     use super::*;
     use crate::model::test_util::{assert_save_load_continues, random_batch};
+    use crate::model::CLASSES;
     use ndarray::array;
 
     fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u8>) {

@@ -38,8 +38,23 @@ pub use mlp::{Mlp, MlpParams};
 pub use ridge::{Ridge, RidgeParams};
 pub use svm::{Svm, SvmParams};
 
-/// Number of classes (CIFAR-10).
+/// Number of classes of a model whose hyper-parameters do not say (CIFAR-10's); every
+/// model's `classes` hyper-parameter defaults to it, and the trainer sets it from the data.
 pub const CLASSES: usize = 10;
+
+/// The most classes a model can have: labels are one byte.
+pub const MAX_CLASSES: usize = 256;
+
+/// Checks a model's `classes` hyper-parameter: 2 to [`MAX_CLASSES`].
+pub(crate) fn check_classes(model: &str, classes: usize) -> Result<()> {
+    if (2..=MAX_CLASSES).contains(&classes) {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "{model}: classes must be between 2 and {MAX_CLASSES}, got {classes}"
+        )))
+    }
+}
 
 /// Name of the file holding a saved model's tensors (safetensors format).
 pub const TENSORS_FILE: &str = "model.safetensors";
@@ -56,8 +71,11 @@ pub trait Learner: Send {
     /// it learns from, `None` before.
     fn n_features(&self) -> Option<usize>;
 
+    /// Number of classes K: labels are `0..K`, probabilities have K columns.
+    fn classes(&self) -> usize;
+
     /// Learns from one batch: `x` is n × d (one row per image), `y` the n labels in
-    /// `0..CLASSES`.
+    /// `0..K` ([`classes`](Learner::classes)).
     ///
     /// Returns the mean training loss (cross-entropy, without any regularisation term)
     /// of the batch's images, each image's loss taken with the parameters as they were
@@ -66,12 +84,12 @@ pub trait Learner: Send {
     /// honest "progressive" loss, since no image is scored by a step that used it.
     ///
     /// The whole batch is checked before any update: a width different from
-    /// [`n_features`](Learner::n_features), a label ≥ [`CLASSES`], a non-finite feature
+    /// [`n_features`](Learner::n_features), a label ≥ K, a non-finite feature
     /// or `x` and `y` of different lengths is an `Err` and leaves the model unchanged.
     /// An empty batch (n = 0) is `Ok(0.0)` and changes nothing.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64>;
 
-    /// Class probabilities: an n × [`CLASSES`] matrix whose rows sum to 1.
+    /// Class probabilities: an n × K matrix whose rows sum to 1.
     ///
     /// Errors on a width different from [`n_features`](Learner::n_features) or a
     /// non-finite feature.
@@ -104,7 +122,7 @@ pub trait Learner: Send {
     }
 
     /// [`partial_fit`](Learner::partial_fit), and, where
-    /// [`scores_while_learning`](Learner::scores_while_learning), the n × [`CLASSES`]
+    /// [`scores_while_learning`](Learner::scores_while_learning), the n × K
     /// probabilities of each image before the step that learnt it.
     fn partial_fit_scored(
         &mut self,
@@ -188,7 +206,7 @@ fn argmax(row: ArrayView1<f32>) -> u8 {
             best = j;
         }
     }
-    // A row has CLASSES (10) entries, so the index fits in a u8.
+    // A row has at most MAX_CLASSES (256) entries, so the index fits in a u8.
     u8::try_from(best).unwrap_or(u8::MAX)
 }
 
@@ -222,11 +240,12 @@ pub(crate) fn check_features(x: ArrayView2<f32>, expected: Option<usize>) -> Res
 }
 
 /// Checks a labelled batch: as [`check_features`], plus one label per row, each below
-/// [`CLASSES`].
+/// `classes`.
 pub(crate) fn check_batch(
     x: ArrayView2<f32>,
     y: ArrayView1<u8>,
     expected: Option<usize>,
+    classes: usize,
 ) -> Result<()> {
     if x.nrows() != y.len() {
         return Err(Error::usage(format!(
@@ -238,10 +257,10 @@ pub(crate) fn check_batch(
     if let Some((i, &l)) = y
         .iter()
         .enumerate()
-        .find(|(_, &l)| usize::from(l) >= CLASSES)
+        .find(|(_, &l)| usize::from(l) >= classes)
     {
         return Err(Error::usage(format!(
-            "batch row {i} has label {l}; labels must be below {CLASSES}"
+            "batch row {i} has label {l}; labels must be below {classes} (the model's classes)"
         )));
     }
     check_features(x, expected)
@@ -596,18 +615,18 @@ impl Checkpoint {
             .map_err(|e| Error::format(&self.path, 8, format!("tensor {name:?}: {e}")))
     }
 
-    /// The U64 tensor `name` of `n` class labels, each checked to be below [`CLASSES`].
-    pub(crate) fn labels(&self, name: &str, n: usize) -> Result<Vec<u8>> {
+    /// The U64 tensor `name` of `n` class labels, each checked to be below `classes`.
+    pub(crate) fn labels(&self, name: &str, n: usize, classes: usize) -> Result<Vec<u8>> {
         let (start, _) = self.raw(name, Dtype::U64, &[n])?;
         self.u64(name, &[n])?
             .iter()
             .enumerate()
             .map(|(i, &l)| match u8::try_from(l) {
-                Ok(l) if usize::from(l) < CLASSES => Ok(l),
+                Ok(l) if usize::from(l) < classes => Ok(l),
                 _ => Err(Error::format(
                     &self.path,
                     (start + 8 * i) as u64,
-                    format!("tensor {name:?} element {i} is {l}, not a label below {CLASSES}"),
+                    format!("tensor {name:?} element {i} is {l}, not a label below {classes}"),
                 )),
             })
             .collect()

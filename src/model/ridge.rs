@@ -24,9 +24,7 @@ use std::sync::Mutex;
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, CLASSES,
-};
+use super::{check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut};
 use crate::error::{Error, Result};
 use crate::linalg;
 
@@ -54,11 +52,15 @@ pub struct RidgeParams {
     pub batch_size: usize,
     /// Unused (the model draws nothing at random); kept for uniformity.
     pub seed: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for RidgeParams {
     fn default() -> Self {
         RidgeParams {
+            classes: super::CLASSES,
             kernel: "rbf".into(),
             gamma: 0.25,
             lambda: 0.01,
@@ -74,6 +76,7 @@ impl Default for RidgeParams {
 impl RidgeParams {
     /// Checks the values, naming the bad one.
     pub fn check(&self) -> Result<()> {
+        super::check_classes(NAME, self.classes)?;
         if !matches!(self.kernel.as_str(), "rbf" | "linear") {
             return Err(Error::usage(format!(
                 "{NAME}: unknown kernel {:?} (known: \"rbf\", \"linear\")",
@@ -283,7 +286,7 @@ impl Ridge {
         for i in 0..n {
             a[[i, i]] += ridge;
         }
-        let targets = Array2::from_shape_fn((n, CLASSES), |(i, k)| {
+        let targets = Array2::from_shape_fn((n, self.params.classes), |(i, k)| {
             if usize::from(self.y[i]) == k {
                 1.0
             } else {
@@ -303,7 +306,7 @@ impl Ridge {
             self.gamma_abs = gamma_abs;
         } else {
             let x = ArrayView2::from_shape((n, d), &self.x).expect("buffer shape");
-            let mut w = Array2::<f32>::zeros((d, CLASSES));
+            let mut w = Array2::<f32>::zeros((d, self.params.classes));
             linalg::par_gemm(1.0, &x.t(), &alpha.view(), 0.0, &mut w.view_mut());
             self.w = Some(w);
         }
@@ -316,7 +319,7 @@ impl Ridge {
     /// The raw scores (n × 10), `None` before the first solve.
     pub fn decision_function(&self, x: ArrayView2<f32>) -> Result<Option<Array2<f32>>> {
         check_features(x, self.n_features)?;
-        let mut z = Array2::<f32>::zeros((x.nrows(), CLASSES));
+        let mut z = Array2::<f32>::zeros((x.nrows(), self.params.classes));
         if let Some(w) = &self.w {
             linalg::gemm(1.0, &x, &w.view(), 0.0, &mut z.view_mut());
             return Ok(Some(z));
@@ -386,11 +389,11 @@ impl Ridge {
                 ck.expect_names(&names)?;
                 m.x = ck.f32("x", &[n, d])?;
                 m.gram = ck.f32("gram", &[n, n])?;
-                m.y = ck.labels("y", n)?;
+                m.y = ck.labels("y", n, meta.params.classes)?;
                 if meta.fitted && meta.params.kernel == "rbf" {
-                    m.alpha = Some(ck.f32_2d("alpha", meta.n_fit, CLASSES)?);
+                    m.alpha = Some(ck.f32_2d("alpha", meta.n_fit, meta.params.classes)?);
                 } else if meta.fitted {
-                    m.w = Some(ck.f32_2d("w", d, CLASSES)?);
+                    m.w = Some(ck.f32_2d("w", d, meta.params.classes)?);
                 }
             }
         }
@@ -414,10 +417,14 @@ impl Learner for Ridge {
         self.n_features
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// Buffers the batch (its loss is scored with the weights of the latest solve) and
     /// solves again once `refit` images have arrived since the last solve.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features)?;
+        check_batch(x, y, self.n_features, self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Ok(0.0);
@@ -462,8 +469,8 @@ impl Learner for Ridge {
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let Some(mut z) = self.decision_function(x)? else {
             return Ok(Array2::from_elem(
-                (x.nrows(), CLASSES),
-                1.0 / CLASSES as f32,
+                (x.nrows(), self.params.classes),
+                1.0 / self.params.classes as f32,
             ));
         };
         super::softmax_rows(&mut z.view_mut(), self.params.temperature);
@@ -486,10 +493,10 @@ impl Learner for Ridge {
             t.u64("y", &[n], &y);
             t.f32("gram", &[n, n], self.gram.iter());
             if let Some(w) = &self.w {
-                t.f32("w", &[d, CLASSES], w.iter());
+                t.f32("w", &[d, self.params.classes], w.iter());
             }
             if let Some(a) = &self.alpha {
-                t.f32("alpha", &[self.n_fit, CLASSES], a.iter());
+                t.f32("alpha", &[self.n_fit, self.params.classes], a.iter());
             }
         }
         let meta = Meta {
@@ -514,6 +521,7 @@ impl Learner for Ridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CLASSES;
     use crate::model::{self, SplitMix};
     use ndarray::s;
 

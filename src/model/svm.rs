@@ -35,7 +35,6 @@ use serde::{Deserialize, Serialize};
 use super::kernels::{axpy, dots, mean_step};
 use super::{
     check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
-    CLASSES,
 };
 use crate::error::{Error, Result};
 
@@ -133,11 +132,15 @@ pub struct SvmParams {
     pub batch_size: usize,
     /// Seed of the shuffles. Default 0.
     pub seed: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for SvmParams {
     fn default() -> Self {
         SvmParams {
+            classes: super::CLASSES,
             loss: SvmLoss::Hinge,
             alpha: 3e-5,
             learning_rate: Schedule::Optimal,
@@ -154,6 +157,7 @@ impl Default for SvmParams {
 impl SvmParams {
     /// Checks the values.
     pub fn check(&self) -> Result<()> {
+        super::check_classes("svm", self.classes)?;
         let bad = |m: String| Err(Error::usage(format!("svm: {m}")));
         if !(self.alpha.is_finite() && self.alpha >= 0.0) {
             return bad(format!("alpha must be finite and >= 0, not {}", self.alpha));
@@ -175,15 +179,15 @@ impl SvmParams {
 #[derive(Clone, Debug)]
 pub struct Svm {
     params: SvmParams,
-    /// [`CLASSES`] × d unscaled weights `v` (`w = wscale·v`); `None` before the first
+    /// K × d unscaled weights `v` (`w = wscale·v`); `None` before the first
     /// non-empty batch.
     v: Option<Array2<f32>>,
     /// The scale of `v`.
     wscale: f64,
     /// Intercepts.
-    b: [f64; CLASSES],
+    b: Vec<f64>,
     /// Averaged weights and intercepts (ASGD), once averaging has started.
-    avg: Option<(Array2<f32>, [f64; CLASSES])>,
+    avg: Option<(Array2<f32>, Vec<f64>)>,
     /// scikit-learn's `t_`: 1 + images learnt from.
     t: f64,
     /// Shuffle generator.
@@ -238,14 +242,14 @@ impl Svm {
         params.check()?;
         let rng = SplitMix(params.seed);
         Ok(Svm {
-            params,
             v: None,
             wscale: 1.0,
-            b: [0.0; CLASSES],
+            b: vec![0.0; params.classes],
             avg: None,
             t: 1.0,
             rng,
             seen: 0,
+            params,
         })
     }
 
@@ -259,18 +263,18 @@ impl Svm {
         self.seen
     }
 
-    /// The current (not averaged) weights, [`CLASSES`] × d, and intercepts.
-    pub fn coef(&self) -> Option<(Array2<f32>, [f64; CLASSES])> {
+    /// The current (not averaged) weights, K × d, and intercepts.
+    pub fn coef(&self) -> Option<(Array2<f32>, Vec<f64>)> {
         let v = self.v.as_ref()?;
         let s = self.wscale as f32;
-        Some((v.mapv(|x| x * s), self.b))
+        Some((v.mapv(|x| x * s), self.b.clone()))
     }
 
     /// The weights and intercepts used to predict: the averaged ones once averaging
     /// has started, the current ones otherwise.
-    pub fn decision_coef(&self) -> Option<(Array2<f32>, [f64; CLASSES])> {
+    pub fn decision_coef(&self) -> Option<(Array2<f32>, Vec<f64>)> {
         match &self.avg {
-            Some((w, b)) => Some((w.clone(), *b)),
+            Some((w, b)) => Some((w.clone(), b.clone())),
             None => self.coef(),
         }
     }
@@ -287,28 +291,28 @@ impl Svm {
 
     /// The mean one-vs-rest objective on `(x, y)` at the current (not averaged)
     /// parameters — `mean_i Σ_k loss(w_k·x_i + b_k, ±1) + (alpha/2)·‖W‖²` — and its
-    /// gradient in `W` ([`CLASSES`] × d) and `b`, in f64. The SGD step on one image is
+    /// gradient in `W` (K × d) and `b`, in f64. The SGD step on one image is
     /// exactly `W -= eta·dW`, `b -= eta·db` of this objective on that image.
     pub fn loss_and_grad(
         &self,
         x: ArrayView2<f32>,
         y: ArrayView1<u8>,
     ) -> Result<(f64, Array2<f64>, Array1<f64>)> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
         if n == 0 {
             return Err(Error::usage("svm: the loss of an empty batch is undefined"));
         }
         let w = match self.coef() {
             Some((w, _)) => w.mapv(f64::from),
-            None => Array2::zeros((CLASSES, d)),
+            None => Array2::zeros((self.params.classes, d)),
         };
         let xf = x.mapv(f64::from);
         let scores = xf.dot(&w.t());
         let mut loss = 0.0;
-        let mut gs = Array2::<f64>::zeros((n, CLASSES));
+        let mut gs = Array2::<f64>::zeros((n, self.params.classes));
         for i in 0..n {
-            for k in 0..CLASSES {
+            for k in 0..self.params.classes {
                 let t = if usize::from(y[i]) == k { 1.0 } else { -1.0 };
                 let p = scores[[i, k]] + self.b[k];
                 loss += self.params.loss.loss(p, t);
@@ -330,9 +334,13 @@ impl Svm {
         meta.params
             .check()
             .map_err(|e| ck.bad_meta(format!("bad params: {e}")))?;
-        let arr = |v: &[f64], what: &str| -> Result<[f64; CLASSES]> {
-            <[f64; CLASSES]>::try_from(v)
-                .map_err(|_| ck.bad_meta(format!("{what} must have {CLASSES} values")))
+        let k = meta.params.classes;
+        let arr = |v: &[f64], what: &str| -> Result<Vec<f64>> {
+            if v.len() == k {
+                Ok(v.to_vec())
+            } else {
+                Err(ck.bad_meta(format!("{what} must have {k} values")))
+            }
         };
         let b = arr(&meta.intercept, "intercept")?;
         if !(meta.wscale.is_finite() && meta.wscale > 0.0 && meta.t >= 1.0) {
@@ -348,14 +356,11 @@ impl Svm {
         ck.expect_names(&names)?;
         let v = match meta.n_features {
             Some(0) => return Err(ck.bad_meta("n_features is 0")),
-            Some(d) => Some(ck.f32_2d("v", CLASSES, d)?),
+            Some(d) => Some(ck.f32_2d("v", k, d)?),
             None => None,
         };
         let avg = match (&meta.avg_intercept, meta.n_features) {
-            (Some(ai), Some(d)) => Some((
-                ck.f32_2d("avg_coef", CLASSES, d)?,
-                arr(ai, "avg_intercept")?,
-            )),
+            (Some(ai), Some(d)) => Some((ck.f32_2d("avg_coef", k, d)?, arr(ai, "avg_intercept")?)),
             (Some(_), None) => return Err(ck.bad_meta("averages without weights")),
             _ => None,
         };
@@ -381,10 +386,14 @@ impl Learner for Svm {
         self.v.as_ref().map(Array2::ncols)
     }
 
+    fn classes(&self) -> usize {
+        self.params.classes
+    }
+
     /// See [`Learner::partial_fit`]. The loss returned is the mean cross-entropy of the
     /// one-vs-rest probabilities of each image taken just before its own step.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
-        check_batch(x, y, self.n_features())?;
+        check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
         if n == 0 {
             return Ok(0.0);
@@ -394,10 +403,14 @@ impl Learner for Svm {
             self.rng.shuffle(&mut order);
         }
         let optimal_init = self.optimal_init();
+        let k_classes = self.params.classes;
         let (loss_fn, alpha, average) = (self.params.loss, self.params.alpha, self.params.average);
-        let v = self.v.get_or_insert_with(|| Array2::zeros((CLASSES, d)));
+        let v = self.v.get_or_insert_with(|| Array2::zeros((k_classes, d)));
         let mut row = vec![0.0f32; d];
-        let mut dot = [0.0f32; CLASSES];
+        let mut dot = vec![0.0f32; k_classes];
+        let mut scores = vec![0.0f64; k_classes];
+        let mut update = vec![0.0f64; k_classes];
+        let mut proba = vec![0.0f64; k_classes];
         let mut ce = 0.0f64;
         for &i in &order {
             let t = self.t;
@@ -418,16 +431,14 @@ impl Learner for Svm {
                 .ok_or_else(|| Error::usage("svm: weights not contiguous"))?;
             dots(vs, xi, &mut dot);
             let label = usize::from(y[i]);
-            let mut scores = [0.0f64; CLASSES];
-            let mut update = [0.0f64; CLASSES];
-            for k in 0..CLASSES {
+            for k in 0..k_classes {
                 let p = self.wscale * f64::from(dot[k]) + self.b[k];
                 scores[k] = p;
                 let yk = if k == label { 1.0 } else { -1.0 };
                 let g = loss_fn.dloss(p, yk).clamp(-MAX_DLOSS, MAX_DLOSS);
                 update[k] = -eta * g;
             }
-            let mut proba = scores;
+            proba.copy_from_slice(&scores);
             ovr_proba(&mut proba);
             ce -= proba[label].clamp(1e-15, 1.0).ln();
             // Weight decay first (floored at zero), then the loss step.
@@ -437,7 +448,7 @@ impl Learner for Svm {
                 vs.iter_mut().for_each(|w| *w *= s);
                 self.wscale = 1.0;
             }
-            for k in 0..CLASSES {
+            for k in 0..k_classes {
                 if update[k] != 0.0 {
                     let a = (update[k] / self.wscale) as f32;
                     axpy(&mut vs[k * d..(k + 1) * d], a, xi);
@@ -450,7 +461,7 @@ impl Learner for Svm {
                 let s = self.wscale as f32;
                 let (aw, ab) = self
                     .avg
-                    .get_or_insert_with(|| (Array2::zeros((CLASSES, d)), [0.0; CLASSES]));
+                    .get_or_insert_with(|| (Array2::zeros((k_classes, d)), vec![0.0; k_classes]));
                 if let Some(a) = aw.as_slice_mut() {
                     mean_step(a, s, vs, mu);
                 }
@@ -477,24 +488,24 @@ impl Learner for Svm {
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, self.n_features())?;
         let n = x.nrows();
-        let mut z = Array2::<f32>::zeros((n, CLASSES));
+        let mut z = Array2::<f32>::zeros((n, self.params.classes));
         let (b, scale) = match (&self.avg, &self.v) {
             (Some((w, b)), _) => {
                 general_mat_mul(1.0, &x, &w.t(), 0.0, &mut z);
-                (*b, 1.0)
+                (b.clone(), 1.0)
             }
             (None, Some(v)) => {
                 general_mat_mul(1.0, &x, &v.t(), 0.0, &mut z);
-                (self.b, self.wscale)
+                (self.b.clone(), self.wscale)
             }
             (None, None) => {
-                z.fill(1.0 / CLASSES as f32);
+                z.fill(1.0 / self.params.classes as f32);
                 return Ok(z);
             }
         };
-        let mut s = [0.0f64; CLASSES];
+        let mut s = vec![0.0f64; self.params.classes];
         for (r, mut row) in z.rows_mut().into_iter().enumerate() {
-            for k in 0..CLASSES {
+            for k in 0..self.params.classes {
                 s[k] = scale * f64::from(row[k]) + b[k];
             }
             if s.iter().any(|v| !v.is_finite()) {
@@ -503,22 +514,22 @@ impl Learner for Svm {
                 )));
             }
             ovr_proba(&mut s);
-            for k in 0..CLASSES {
+            for k in 0..self.params.classes {
                 row[k] = s[k] as f32;
             }
         }
         Ok(z)
     }
 
-    /// See [`Learner::save`]: tensors `v` ([`CLASSES`] × d; the weights are
+    /// See [`Learner::save`]: tensors `v` (K × d; the weights are
     /// `wscale·v`) and, with averaging, `avg_coef`; everything else in `model.json`.
     fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors = TensorsOut::default();
         if let Some(v) = &self.v {
-            tensors.f32("v", &[CLASSES, v.ncols()], v.iter());
+            tensors.f32("v", &[self.params.classes, v.ncols()], v.iter());
         }
         if let Some((w, _)) = &self.avg {
-            tensors.f32("avg_coef", &[CLASSES, w.ncols()], w.iter());
+            tensors.f32("avg_coef", &[self.params.classes, w.ncols()], w.iter());
         }
         let meta = Meta {
             params: self.params.clone(),
@@ -538,6 +549,7 @@ impl Learner for Svm {
 mod tests {
     use super::*;
     use crate::model::test_util::{assert_save_load_continues, random_batch};
+    use crate::model::CLASSES;
     use crate::model::{self, SplitMix};
     use ndarray::{array, s};
 

@@ -465,7 +465,7 @@ impl KafkaSource {
         match format {
             Format::SparkJson => {
                 let text = value.trim_ascii_end();
-                spark_json::decode(text, &mut self.spark)
+                spark_json::decode_classes(text, &mut self.spark, self.opts.classes)
                     .map_err(|e| (e.row, e.offset as u64, e.reason))?;
                 if self.spark.is_empty() {
                     return Ok(None);
@@ -478,7 +478,8 @@ impl KafkaSource {
             Format::Ndjson => {
                 let mut decoder = match self.ndjson.take() {
                     Some(d) => d,
-                    None => ndjson::LineDecoder::new().map_err(|e| (None, 0, e.to_string()))?,
+                    None => ndjson::LineDecoder::with_classes(self.opts.classes)
+                        .map_err(|e| (None, 0, e.to_string()))?,
                 };
                 let (mut labels, mut pixels) = (Vec::new(), Vec::new());
                 let mut at = 0u64;
@@ -512,6 +513,7 @@ impl KafkaSource {
                     "record",
                     Report::default(),
                     self.opts.max_line_bytes,
+                    self.opts.classes,
                 );
                 let mut batches = Vec::new();
                 loop {
@@ -529,7 +531,7 @@ impl KafkaSource {
                 }
                 let all = arrow::compute::concat_batches(&stream_schema(), &batches)
                     .map_err(|e| (None, 0, e.to_string()))?;
-                super::restamp(&all, seq)
+                super::restamp(&all, seq, self.opts.classes)
                     .map(Some)
                     .map_err(|(row, reason)| (row, 0, reason))
             }

@@ -154,6 +154,9 @@ pub struct SourceOptions {
     /// A dataset served by the trainer itself (`--data`): each epoch in a new order,
     /// shuffled from the run's seed and the epoch.
     pub shuffle: bool,
+    /// The run's number of classes K: a row whose label is not below K is rejected
+    /// (CIFAR-10's 10 by default).
+    pub classes: usize,
 }
 
 impl Default for SourceOptions {
@@ -161,6 +164,7 @@ impl Default for SourceOptions {
         SourceOptions {
             format: None,
             split: Split::Train,
+            classes: crate::model::CLASSES,
             batch_size: 100,
             epochs: Some(1),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
@@ -290,6 +294,13 @@ impl Report {
 
     fn set_format(&self, f: Format) {
         self.with(|r| r.format = Some(f));
+    }
+
+    /// Counts `n` rejections already reported elsewhere (an image folder's bad files).
+    pub fn count_rejected(&self, n: u64) {
+        if let Ok(mut r) = self.counts.lock() {
+            r.rejected += n;
+        }
     }
 
     fn reject(&self, rejection: Rejection) {
@@ -515,7 +526,13 @@ pub fn from_reader(
     report.set_format(format);
     let reader: Box<dyn Read + Send> = Box::new(Cursor::new(prefix).chain(reader));
     Ok(match format {
-        Format::Arrow => Box::new(ArrowSource::new(reader, name, report, opts.max_line_bytes)),
+        Format::Arrow => Box::new(ArrowSource::new(
+            reader,
+            name,
+            report,
+            opts.max_line_bytes,
+            opts.classes,
+        )),
         Format::SparkJson | Format::Ndjson => Box::new(JsonLines {
             lines: LineReader::new(reader, opts.max_line_bytes),
             format,
@@ -525,6 +542,7 @@ pub fn from_reader(
             report,
             spark: spark_json::DecodedBatch::default(),
             ndjson: None,
+            classes: opts.classes,
         }),
     })
 }
@@ -695,6 +713,7 @@ struct JsonLines {
     report: Report,
     spark: spark_json::DecodedBatch,
     ndjson: Option<ndjson::LineDecoder>,
+    classes: usize,
 }
 
 /// The next line of `lines`, counting its bytes in `report`.
@@ -749,7 +768,7 @@ impl JsonLines {
                 // Already learnt (a resumed run): not decoded.
                 continue;
             }
-            match spark_json::decode(text, &mut self.spark) {
+            match spark_json::decode_classes(text, &mut self.spark, self.classes) {
                 Ok(()) if self.spark.is_empty() => report.empty(),
                 Ok(()) => {
                     let spark = std::mem::take(&mut self.spark);
@@ -784,7 +803,7 @@ impl JsonLines {
         let max = self.lines.max;
         let mut decoder = match self.ndjson.take() {
             Some(d) => d,
-            None => ndjson::LineDecoder::new()?,
+            None => ndjson::LineDecoder::with_classes(self.classes)?,
         };
         let report = self.report.clone();
         let batch = self.next_batch;
@@ -909,10 +928,17 @@ struct ArrowSource {
     next_batch: u64,
     max_message: usize,
     report: Report,
+    classes: usize,
 }
 
 impl ArrowSource {
-    fn new(reader: Box<dyn Read + Send>, name: &str, report: Report, max_message: usize) -> Self {
+    fn new(
+        reader: Box<dyn Read + Send>,
+        name: &str,
+        report: Report,
+        max_message: usize,
+        classes: usize,
+    ) -> Self {
         ArrowSource {
             reader: Counted {
                 inner: reader,
@@ -923,6 +949,7 @@ impl ArrowSource {
             next_batch: 0,
             max_message,
             report,
+            classes,
         }
     }
 
@@ -1065,7 +1092,7 @@ impl BatchSource for ArrowSource {
             };
             let seq = self.next_batch;
             self.next_batch += 1;
-            match restamp(&batch, seq) {
+            match restamp(&batch, seq, self.classes) {
                 Ok(out) => {
                     self.report.accept(out.num_rows());
                     return Ok(Some(out));
@@ -1091,6 +1118,7 @@ impl BatchSource for ArrowSource {
 fn restamp(
     batch: &RecordBatch,
     seq: u64,
+    classes: usize,
 ) -> std::result::Result<RecordBatch, (Option<u32>, String)> {
     let label = batch
         .column_by_name("label")
@@ -1124,8 +1152,11 @@ fn restamp(
     if values.null_count() > 0 {
         return Err((None, "`image` has null pixels".into()));
     }
-    if let Some((row, l)) = first_bad_label(label.values()) {
-        return Err((Some(row as u32), format!("label {l} outside 0..9")));
+    if let Some((row, l)) = first_bad_label(label.values(), classes) {
+        return Err((
+            Some(row as u32),
+            format!("label {l} outside 0..{}", classes.saturating_sub(1)),
+        ));
     }
     let pixels = values.values()[..label.len() * IMAGE_BYTES].to_vec();
     make_batch(seq, None, label.values().to_vec(), pixels).map_err(|e| (None, e.to_string()))
@@ -1187,7 +1218,10 @@ struct DataSource {
 
 impl DataSource {
     fn new(data: &DataSpec, opts: &SourceOptions) -> Result<Self> {
-        let files = dataset::load_split(data, opts.split)?;
+        let (files, rejected) = dataset::load_split_counted(data, opts.split)?;
+        let report = Report::default();
+        // An image folder's unreadable files, each named in the log when it was read.
+        report.count_rejected(rejected as u64);
         Ok(DataSource {
             files,
             batcher: Batcher::new(opts.batch_size),
@@ -1196,7 +1230,7 @@ impl DataSource {
             epoch: 0,
             next_batch: 0,
             skip: opts.skip,
-            report: Report::default(),
+            report,
         })
     }
 }

@@ -56,6 +56,7 @@ pub fn line_schema() -> SchemaRef {
 pub struct LineDecoder {
     schema: SchemaRef,
     decoder: Decoder,
+    classes: usize,
 }
 
 impl LineDecoder {
@@ -63,7 +64,18 @@ impl LineDecoder {
     pub fn new() -> Result<Self> {
         let schema = line_schema();
         let decoder = Self::build(&schema)?;
-        Ok(LineDecoder { schema, decoder })
+        Ok(LineDecoder {
+            schema,
+            decoder,
+            classes: CLASSES,
+        })
+    }
+
+    /// A decoder for a run of `classes` classes: a label not below it is an error.
+    pub fn with_classes(classes: usize) -> Result<Self> {
+        let mut d = Self::new()?;
+        d.classes = classes;
+        Ok(d)
     }
 
     fn build(schema: &SchemaRef) -> Result<Decoder> {
@@ -112,8 +124,11 @@ impl LineDecoder {
             return Err("missing key \"label\"".into());
         }
         let label = label.value(0);
-        if label as usize >= CLASSES {
-            return Err(format!("label {label} outside 0..9"));
+        if label as usize >= self.classes {
+            return Err(format!(
+                "label {label} outside 0..{}",
+                self.classes.saturating_sub(1)
+            ));
         }
         let image = batch
             .column(1)

@@ -620,10 +620,10 @@ fn classify_key(key: &[u8], offset: usize) -> PResult<RowKey> {
 /// Parses the value of key `k` (pixel or label) at `p`; returns the value and
 /// the position after it.
 fn parse_known_value(line: &[u8], p: usize, k: usize) -> PResult<(u8, usize)> {
-    let max: u32 = if k == LABEL { 9 } else { 255 };
+    let max: u32 = 255;
     let describe = |text: &[u8]| {
         if k == LABEL {
-            format!("label {} outside 0..9", String::from_utf8_lossy(text))
+            format!("label {} outside 0..255", String::from_utf8_lossy(text))
         } else {
             format!(
                 "value {} of \"feature{k}\" outside 0..255",
@@ -919,7 +919,29 @@ fn parse_row_key(key: &[u8], offset: usize) -> PResult<u32> {
 /// Decode one line (without its `'\n'`) into `out`, replacing its contents.
 /// On error `out` is left in an unspecified (but valid) state.
 pub fn decode(line: &[u8], out: &mut DecodedBatch) -> Result<(), LineError> {
-    decode_with(line, out, true)
+    decode_classes(line, out, crate::model::CLASSES)
+}
+
+/// [`decode`] for a run of `classes` classes: a row whose label is not below `classes`
+/// rejects the line, naming the row.
+pub fn decode_classes(
+    line: &[u8],
+    out: &mut DecodedBatch,
+    classes: usize,
+) -> Result<(), LineError> {
+    decode_with(line, out, true)?;
+    if let Some(i) = out.labels.iter().position(|&l| usize::from(l) >= classes) {
+        return Err(LineError {
+            row: out.rows.get(i).copied(),
+            offset: 0,
+            reason: format!(
+                "label {} outside 0..{} (the run's classes)",
+                out.labels[i],
+                classes.saturating_sub(1)
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// [`decode`], with the fast paths optionally disabled (for testing that

@@ -84,11 +84,15 @@ pub struct CnnParams {
     pub tta_translate: bool,
     /// The seed of the initial weights.
     pub seed: u64,
+    /// Number of classes K: labels are 0..K and the probabilities have K columns. The
+    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    pub classes: usize,
 }
 
 impl Default for CnnParams {
     fn default() -> Self {
         CnnParams {
+            classes: CLASSES,
             widths: vec![32, 64, 128],
             batch_size: 256,
             lr: 11.5,
@@ -114,6 +118,13 @@ impl Default for CnnParams {
 impl CnnParams {
     /// Checks the hyper-parameters and the network's shape.
     pub fn check(&self) -> std::result::Result<(), String> {
+        if !(2..=super::MAX_CLASSES).contains(&self.classes) {
+            return Err(format!(
+                "classes must be between 2 and {}, got {}",
+                super::MAX_CLASSES,
+                self.classes
+            ));
+        }
         self.arch().check()?;
         if self.batch_size == 0 {
             return Err("batch_size must be at least 1".into());
@@ -157,7 +168,7 @@ impl CnnParams {
     pub fn arch(&self) -> Arch {
         Arch {
             widths: self.widths.clone(),
-            classes: CLASSES,
+            classes: self.classes,
             scale: self.scale,
             bn_eps: 1e-12,
             bn_momentum: self.bn_momentum,
@@ -287,7 +298,8 @@ impl Cnn {
             return Err(Error::usage("cnn: internal: step before init"));
         };
         let logits = net.forward_train(x, n, &mut self.tape);
-        let (dlogits, _, plain) = net::smoothed_ce(&logits, y, CLASSES, p.label_smoothing);
+        let (dlogits, _, plain) =
+            net::smoothed_ce(&logits, y, self.params.classes, p.label_smoothing);
         if !plain.is_finite() {
             return Err(Error::usage(format!(
                 "cnn: the loss is {plain} at step {}: the learning rate ({}) is too high for \
@@ -362,10 +374,10 @@ impl Cnn {
         y: ArrayView1<u8>,
         scored: bool,
     ) -> Result<(f64, Option<Array2<f32>>)> {
-        check_batch(x, y, Some(INPUT))?;
+        check_batch(x, y, Some(INPUT), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
-            return Ok((0.0, scored.then(|| Array2::zeros((0, CLASSES)))));
+            return Ok((0.0, scored.then(|| Array2::zeros((0, self.params.classes)))));
         }
         let xs = Self::to_nhwc(x, false);
         if self.net.is_none() {
@@ -383,13 +395,13 @@ impl Cnn {
         let ys: Vec<u8> = y.iter().copied().collect();
         let bs = self.params.batch_size;
         let mut total = 0.0f64;
-        let mut proba = scored.then(|| Array2::<f32>::zeros((n, CLASSES)));
+        let mut proba = scored.then(|| Array2::<f32>::zeros((n, self.params.classes)));
         for start in (0..n).step_by(bs) {
             let end = (start + bs).min(n);
             let (loss, logits) = self.step(&xs[start * INPUT..end * INPUT], &ys[start..end])?;
             total += loss * (end - start) as f64;
             if let Some(p) = proba.as_mut() {
-                let l = ArrayView2::from_shape((end - start, CLASSES), &logits)
+                let l = ArrayView2::from_shape((end - start, self.params.classes), &logits)
                     .map_err(|e| Error::usage(format!("cnn: internal: {e}")))?;
                 let mut rows = p.slice_mut(ndarray::s![start..end, ..]);
                 rows.assign(&l);
@@ -401,10 +413,10 @@ impl Cnn {
 
     fn logits(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let Some(net) = self.net.as_ref() else {
-            return Ok(Array2::zeros((x.nrows(), CLASSES)));
+            return Ok(Array2::zeros((x.nrows(), self.params.classes)));
         };
         let n = x.nrows();
-        let mut out = Array2::<f32>::zeros((n, CLASSES));
+        let mut out = Array2::<f32>::zeros((n, self.params.classes));
         const CHUNK: usize = 256;
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
@@ -425,7 +437,7 @@ impl Cnn {
                 }
             }
             out.slice_mut(ndarray::s![start..end, ..]).assign(
-                &ArrayView2::from_shape((end - start, CLASSES), &l)
+                &ArrayView2::from_shape((end - start, self.params.classes), &l)
                     .map_err(|e| Error::usage(e.to_string()))?,
             );
         }
@@ -491,6 +503,10 @@ impl Learner for Cnn {
 
     fn n_features(&self) -> Option<usize> {
         Some(INPUT)
+    }
+
+    fn classes(&self) -> usize {
+        self.params.classes
     }
 
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
@@ -597,6 +613,7 @@ impl Cnn {
 mod tests {
     use super::*;
     use crate::model::test_util::{assert_save_load_continues, random_batch};
+    use crate::model::CLASSES;
 
     fn small() -> CnnParams {
         CnnParams {

@@ -19,6 +19,8 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use crate::synth::{self, SynthSpec};
 
+pub mod folder;
+
 /// Bytes of one image: 1,024 red, 1,024 green, then 1,024 blue, each plane row-major 32×32.
 pub const IMAGE_BYTES: usize = 3072;
 /// Width and height of an image in pixels.
@@ -439,17 +441,205 @@ pub fn parse_pickle(bytes: &[u8], path: &Path) -> Result<Images> {
     vm.finish(top)
 }
 
-/// The split's images, one `Images` per file in order (train: 5 files; test: 1).
-pub fn load_split(spec: &DataSpec, split: Split) -> Result<Vec<Images>> {
-    match spec {
-        DataSpec::Synthetic(s) => Ok(synth::generate(s, split)),
-        DataSpec::Folder(dir) => {
-            let (folder, layout) = locate(dir)?;
-            split_files(&folder, layout, split)
-                .iter()
-                .map(|f| read_file(f, layout))
-                .collect()
+/// What a data folder holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// CIFAR-10 batch files in the folder, in the given layout.
+    Cifar10(PathBuf, Layout),
+    /// CIFAR-100's `train`/`test` files (`.bin` for [`Layout::Bin`]) and its class names.
+    Cifar100(PathBuf, Layout),
+    /// An image folder (`train/CLASS/*`, see [`folder`]).
+    Images(PathBuf),
+}
+
+/// Folder names of the official CIFAR-100 archives.
+pub const CIFAR100_DIRS: [(&str, Layout); 2] = [
+    ("cifar-100-binary", Layout::Bin),
+    ("cifar-100-python", Layout::Py),
+];
+
+/// Finds what `dir` holds: CIFAR-10 (see [`locate`]), CIFAR-100 (`train.bin` or the
+/// pickle `train` with `meta`, in `dir` or its `cifar-100-binary/` / `cifar-100-python/`),
+/// or an image folder (`dir/train/CLASS/`), in that order.
+pub fn find(dir: &Path) -> Result<Found> {
+    let ten = locate(dir);
+    if let Ok((folder, layout)) = ten {
+        return Ok(Found::Cifar10(folder, layout));
+    }
+    let mut candidates = vec![
+        (dir.to_path_buf(), Layout::Bin),
+        (dir.to_path_buf(), Layout::Py),
+    ];
+    for (name, layout) in CIFAR100_DIRS {
+        candidates.push((dir.join(name), layout));
+    }
+    for (folder, layout) in candidates {
+        let hit = match layout {
+            Layout::Bin => folder.join("train.bin").is_file() || folder.join("test.bin").is_file(),
+            Layout::Py => folder.join("meta").is_file() && folder.join("train").is_file(),
+        };
+        if hit {
+            return Ok(Found::Cifar100(folder, layout));
         }
+    }
+    if folder::is_image_folder(dir) {
+        return Ok(Found::Images(dir.to_path_buf()));
+    }
+    match ten {
+        Err(e) if !dir.is_dir() => Err(e),
+        _ => {
+            let d = dir.display();
+            Err(Error::usage(format!(
+                "no dataset in {d}: looked for CIFAR-10 (data_batch_1.bin or test_batch.bin in \
+                 {d} or {d}/cifar-10-batches-bin; data_batch_1 or test_batch in {d} or \
+                 {d}/cifar-10-batches-py), CIFAR-100 (train.bin, or train and meta, in {d}, \
+                 {d}/cifar-100-binary or {d}/cifar-100-python) and an image folder \
+                 ({d}/train/CLASS/*.jpg or *.png, one folder per class)"
+            )))
+        }
+    }
+}
+
+/// Bytes of one CIFAR-100 binary record: coarse label, fine label, pixels.
+pub const RECORD100_BYTES: usize = IMAGE_BYTES + 2;
+
+/// Reads a CIFAR-100 binary file (`train.bin`, `test.bin`) with its fine labels.
+pub fn read_bin100(path: &Path) -> Result<Images> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_bin100(&bytes, path)
+}
+
+/// Parses the bytes of a CIFAR-100 binary file (`path` only names it in errors).
+pub fn parse_bin100(bytes: &[u8], path: &Path) -> Result<Images> {
+    let whole = bytes.len() / RECORD100_BYTES;
+    let rest = bytes.len() % RECORD100_BYTES;
+    if rest != 0 {
+        return Err(Error::format(
+            path,
+            (whole * RECORD100_BYTES) as u64,
+            format!(
+                "truncated record {whole}: it has {rest} of {RECORD100_BYTES} bytes (coarse \
+                 label, fine label, {IMAGE_BYTES} pixels)"
+            ),
+        ));
+    }
+    let mut images = Images::with_capacity(whole);
+    for (i, record) in bytes.chunks_exact(RECORD100_BYTES).enumerate() {
+        let fine = record[1];
+        if usize::from(fine) >= CIFAR100_CLASSES {
+            return Err(Error::format(
+                path,
+                (i * RECORD100_BYTES + 1) as u64,
+                format!("record {i}: fine label {fine} is not a class 0..99"),
+            ));
+        }
+        images.push(fine, &record[2..]);
+    }
+    Ok(images)
+}
+
+/// CIFAR-100's number of fine classes.
+pub const CIFAR100_CLASSES: usize = 100;
+
+/// Reads a CIFAR-100 Python file (`train`, `test`: a pickled dict with `data` and
+/// `fine_labels`).
+pub fn read_pickle100(path: &Path) -> Result<Images> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut vm = Vm::new(&bytes, path);
+    let top = vm.run()?;
+    vm.finish_with(top, b"fine_labels", CIFAR100_CLASSES)
+}
+
+/// CIFAR-100's fine class names: `fine_label_names.txt` (binary layout, one per line) or
+/// the `meta` pickle's `fine_label_names`.
+pub fn cifar100_names(folder: &Path, layout: Layout) -> Result<Vec<String>> {
+    let names = match layout {
+        Layout::Bin => {
+            let path = folder.join("fine_label_names.txt");
+            let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        }
+        Layout::Py => {
+            let path = folder.join("meta");
+            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let mut vm = Vm::new(&bytes, &path);
+            let top = vm.run()?;
+            vm.finish_names(top, b"fine_label_names")?
+        }
+    };
+    if names.len() != CIFAR100_CLASSES {
+        return Err(Error::usage(format!(
+            "{}: {} fine class names, expected {CIFAR100_CLASSES}",
+            folder.display(),
+            names.len()
+        )));
+    }
+    Ok(names)
+}
+
+/// Whether the dataset has images of `split`: an image folder may have no `test/`.
+pub fn has_split(spec: &DataSpec, split: Split) -> bool {
+    match spec {
+        DataSpec::Folder(dir) => match find(dir) {
+            Ok(Found::Images(root)) => root.join(split.name()).is_dir(),
+            _ => true,
+        },
+        DataSpec::Synthetic(_) => true,
+    }
+}
+
+/// The class names of a dataset, label 0 first: CIFAR-10's ten, CIFAR-100's hundred fine
+/// classes, or an image folder's class folders in sorted order.
+pub fn class_names(spec: &DataSpec) -> Result<Vec<String>> {
+    let cifar10 = || CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+    match spec {
+        DataSpec::Synthetic(_) => Ok(cifar10()),
+        DataSpec::Folder(dir) => match find(dir)? {
+            Found::Cifar10(..) => Ok(cifar10()),
+            Found::Cifar100(folder, layout) => cifar100_names(&folder, layout),
+            Found::Images(root) => folder::classes(&root),
+        },
+    }
+}
+
+/// The split's images, one `Images` per file in order (CIFAR-10 train: 5 files; test: 1;
+/// CIFAR-100 and image folders: 1). An image folder's rejected files are named in the log
+/// and not returned; [`load_split_counted`] also counts them.
+pub fn load_split(spec: &DataSpec, split: Split) -> Result<Vec<Images>> {
+    Ok(load_split_counted(spec, split)?.0)
+}
+
+/// [`load_split`], and the number of image files rejected (an image folder's files that
+/// are not images, are truncated or have zero size).
+pub fn load_split_counted(spec: &DataSpec, split: Split) -> Result<(Vec<Images>, usize)> {
+    match spec {
+        DataSpec::Synthetic(s) => Ok((synth::generate(s, split), 0)),
+        DataSpec::Folder(dir) => match find(dir)? {
+            Found::Cifar10(folder, layout) => Ok((
+                split_files(&folder, layout, split)
+                    .iter()
+                    .map(|f| read_file(f, layout))
+                    .collect::<Result<_>>()?,
+                0,
+            )),
+            Found::Cifar100(folder, layout) => {
+                let name = split.name();
+                let images = match layout {
+                    Layout::Bin => read_bin100(&folder.join(format!("{name}.bin")))?,
+                    Layout::Py => read_pickle100(&folder.join(name))?,
+                };
+                Ok((vec![images], 0))
+            }
+            Found::Images(root) => {
+                let classes = folder::classes(&root)?;
+                let loaded = folder::load(&root, split, &classes)?;
+                Ok((vec![loaded.images], loaded.rejected.len()))
+            }
+        },
     }
 }
 
@@ -1680,8 +1870,48 @@ impl<'a> Vm<'a> {
     }
 
     /// Turn the unpickled dict into images.
-    fn finish(mut self, top: Value<'a>) -> Result<Images> {
+    fn finish(self, top: Value<'a>) -> Result<Images> {
+        self.finish_with(top, b"labels", CLASSES)
+    }
+
+    /// The list of strings under `key` of the top dict (CIFAR-100's `meta`).
+    fn finish_names(self, top: Value<'a>, key: &[u8]) -> Result<Vec<String>> {
         let stop_at = self.op_at;
+        let k = String::from_utf8_lossy(key).into_owned();
+        let Some(Node::Dict(pairs)) = self.node(top) else {
+            let what = self.describe(top);
+            return Err(self.err_at(stop_at, format!("the pickle holds {what}, expected a dict")));
+        };
+        let Some(list) = pairs
+            .iter()
+            .rev()
+            .find(|(q, _)| self.bytes_of(*q) == Some(key))
+            .map(|(_, v)| *v)
+        else {
+            return Err(self.err_at(stop_at, format!("the dict has no key '{k}'")));
+        };
+        let Some(Node::List(items) | Node::Tuple(items)) = self.node(list) else {
+            let what = self.describe(list);
+            return Err(self.err_at(stop_at, format!("'{k}' is {what}, not a list")));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match self.bytes_of(*v) {
+                Some(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+                None => Err(self.err_at(
+                    stop_at,
+                    format!("'{k}'[{i}] is {}, not a string", self.describe(*v)),
+                )),
+            })
+            .collect()
+    }
+
+    /// The images of the top dict: `data` and the labels under `label_key`, each below
+    /// `classes`.
+    fn finish_with(mut self, top: Value<'a>, label_key: &[u8], classes: usize) -> Result<Images> {
+        let stop_at = self.op_at;
+        let key_name = String::from_utf8_lossy(label_key).into_owned();
         let Some(Node::Dict(pairs)) = self.node(top) else {
             let what = self.describe(top);
             return Err(self.err_at(
@@ -1696,7 +1926,7 @@ impl<'a> Vm<'a> {
                 .find(|(k, _)| self.bytes_of(*k) == Some(key))
                 .map(|(_, v)| *v)
         };
-        let (Some(data), Some(labels)) = (find(b"data"), find(b"labels")) else {
+        let (Some(data), Some(labels)) = (find(b"data"), find(label_key)) else {
             let keys: Vec<String> = pairs
                 .iter()
                 .map(|(k, _)| match self.bytes_of(*k) {
@@ -1707,7 +1937,7 @@ impl<'a> Vm<'a> {
             return Err(self.err_at(
                 stop_at,
                 format!(
-                    "the dict needs keys 'data' and 'labels'; it has [{}]",
+                    "the dict needs keys 'data' and '{key_name}'; it has [{}]",
                     keys.join(", ")
                 ),
             ));
@@ -1759,14 +1989,14 @@ impl<'a> Vm<'a> {
         }
         let mut out = Vec::with_capacity(rows);
         for (i, &v) in values.iter().enumerate() {
-            match u8::try_from(v).ok().filter(|&l| usize::from(l) < CLASSES) {
+            match u8::try_from(v).ok().filter(|&l| usize::from(l) < classes) {
                 Some(l) => out.push(l),
                 None => {
                     return Err(self.err_at(
                         labels_at,
                         format!(
-                            "labels[{i}] is {v}, not a class 0..{} (the labels start here)",
-                            CLASSES - 1
+                            "{key_name}[{i}] is {v}, not a class 0..{} (the labels start here)",
+                            classes - 1
                         ),
                     ))
                 }

@@ -1,0 +1,276 @@
+//! Data of other shapes than CIFAR-10's files: image folders (JPEG and PNG, grey, RGBA,
+//! palette, odd sizes; 3 and 12 classes), CIFAR-100's binary and Python files, every
+//! model with 3 and 100 classes, and the bad input of each. The folders and files are
+//! written by the test-only script `tests/ref/datasets.py` (Pillow, numpy), which also
+//! checks the decoded images against Pillow's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bin, have_python, query_csv, run_ok};
+
+fn script(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref/datasets.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "datasets.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An image folder of `classes` classes under a new temporary folder.
+fn folder(tmp: &Path, name: &str, classes: usize, per_class: usize, test: usize) -> PathBuf {
+    let dir = tmp.join(name);
+    script(&[
+        "folder",
+        dir.to_str().unwrap(),
+        &classes.to_string(),
+        &per_class.to_string(),
+        &test.to_string(),
+        "1",
+    ]);
+    dir
+}
+
+fn train(data: &Path, runs: &Path, run: &str, model: &str, extra: &[&str]) -> (String, String) {
+    run_ok(
+        bin()
+            .args(["train", "--data", data.to_str().unwrap(), "--runs"])
+            .arg(runs)
+            .args(["--run", run, "--model", model, "--no-plots"])
+            .args(extra),
+    )
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run cifar-df");
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn test_accuracy(runs: &Path, run: &str) -> f64 {
+    let csv = query_csv(
+        runs,
+        &format!("select acc from eval_metrics where run = '{run}' and split = 'test'"),
+    );
+    csv.lines().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_image_folder_gives_pillows_pixels_its_classes_and_a_test_split() {
+    if !have_python("PIL, numpy, pyarrow", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = folder(tmp.path(), "f3", 3, 24, 6);
+    // Exported images against Pillow: PNGs exactly, JPEGs within rounding.
+    let parquet = tmp.path().join("f3.parquet");
+    run_ok(
+        bin()
+            .args(["-q", "export", "--source"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&parquet),
+    );
+    let report = script(&["compare", data.to_str().unwrap(), parquet.to_str().unwrap()]);
+    assert!(report.contains("exact"), "{report}");
+    let runs = tmp.path().join("runs");
+    let (stdout, _) = train(&data, &runs, "lr", "logreg", &["--epochs", "5"]);
+    assert!(stdout.contains("test (epoch-5): 18 images"), "{stdout}");
+    let config = std::fs::read_to_string(runs.join("lr/config.toml")).unwrap();
+    assert!(
+        config.contains("\"c00\"") && config.contains("\"c02\""),
+        "{config}"
+    );
+    assert!(config.contains("classes = 3"), "{config}");
+    // Learnable colours: far above chance (1/3).
+    assert!(test_accuracy(&runs, "lr") > 0.8);
+    let labels = query_csv(
+        &runs,
+        "select max(label) as a, max(predicted) as p, count(*) as n from predictions where split = 'test'",
+    );
+    assert_eq!(labels.lines().nth(1).unwrap(), "2,2,18");
+    // predict prints the confusion matrix with the run's class names.
+    let (out, _) = run_ok(
+        bin()
+            .args(["predict", "--run", "lr", "--data"])
+            .arg(&data)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(out.contains("c01"), "{out}");
+}
+
+#[test]
+fn twelve_classes_of_odd_sizes_and_bad_files_are_read_and_named() {
+    if !have_python("PIL, numpy", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = folder(tmp.path(), "f12", 12, 9, 0);
+    let runs = tmp.path().join("runs");
+    let (stdout, _) = train(&data, &runs, "mlp", "mlp", &["--epochs", "2"]);
+    assert!(stdout.contains("epoch 2: 108 images"), "{stdout}");
+    assert!(stdout.contains("test: none"), "{stdout}");
+    assert!(std::fs::read_to_string(runs.join("mlp/config.toml"))
+        .unwrap()
+        .contains("classes = 12"));
+
+    // Files that are not images, truncated or empty: rejected by name, the rest learnt.
+    let bad = tmp.path().join("bad");
+    script(&["bad", bad.to_str().unwrap()]);
+    let (stdout, stderr) = train(&bad, &runs, "bad", "logreg", &[]);
+    assert!(
+        stdout.contains("18 images") && stdout.contains("3 rejected"),
+        "{stdout}"
+    );
+    for name in ["notes.jpg", "cut.png", "empty.png"] {
+        assert!(stderr.contains(name), "{name}: {stderr}");
+    }
+    assert!(stderr.contains("0 bytes"), "{stderr}");
+}
+
+#[test]
+fn bad_folders_are_errors_naming_the_folder() {
+    if !have_python("PIL, numpy", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    // No class subfolders.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(empty.join("train")).unwrap();
+    let e = fails(
+        bin()
+            .args(["train", "--data"])
+            .arg(&empty)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(
+        e.contains("no class subfolders") || e.contains("no dataset"),
+        "{e}"
+    );
+    // An empty class.
+    let data = folder(tmp.path(), "f3", 3, 3, 1);
+    std::fs::create_dir_all(data.join("train/c03")).unwrap();
+    let e = fails(
+        bin()
+            .args(["train", "--data"])
+            .arg(&data)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(e.contains("c03") && e.contains("no image file"), "{e}");
+    std::fs::remove_dir(data.join("train/c03")).unwrap();
+    // A test class the training split does not have.
+    std::fs::create_dir_all(data.join("test/zebra")).unwrap();
+    std::fs::copy(
+        data.join("test/c00/0000.png"),
+        data.join("test/zebra/0.png"),
+    )
+    .unwrap();
+    let e = fails(
+        bin()
+            .args(["train", "--model", "logreg", "--data"])
+            .arg(&data)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(e.contains("zebra") && e.contains("not a class"), "{e}");
+    std::fs::remove_dir_all(data.join("test/zebra")).unwrap();
+    // More classes than the checkpoint was trained with.
+    train(&data, &runs, "three", "logreg", &[]);
+    let twelve = folder(tmp.path(), "f12", 12, 2, 1);
+    let e = fails(
+        bin()
+            .args(["predict", "--run", "three", "--data"])
+            .arg(&twelve)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(
+        e.contains("12 classes") && e.contains("trained with 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cifar100_binary_and_pickle_files_give_a_hundred_named_classes() {
+    if !have_python("PIL, numpy", "CIFAR-100 files") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("c100");
+    script(&["cifar100", data.to_str().unwrap(), "4", "1", "3"]);
+    let runs = tmp.path().join("runs");
+    let bin_dir = data.join("cifar-100-binary");
+    let py_dir = data.join("cifar-100-python");
+    let (a, _) = train(&bin_dir, &runs, "b", "logreg", &["--epochs", "3"]);
+    let (b, _) = train(&py_dir, &runs, "p", "logreg", &["--epochs", "3"]);
+    for (out, run) in [(a, "b"), (b, "p")] {
+        assert!(out.contains("test (epoch-3): 100 images"), "{out}");
+        let config = std::fs::read_to_string(runs.join(run).join("config.toml")).unwrap();
+        assert!(config.contains("\"fine99\"") && config.contains("classes = 100"));
+    }
+    // The same images either way: the same predictions.
+    let same = query_csv(
+        &runs,
+        "select count(*) from predictions b join predictions p on b.batch = p.batch and \
+         b.row = p.row and b.split = p.split where b.run = 'b' and p.run = 'p' and \
+         b.split = 'test' and b.predicted = p.predicted and b.label = p.label",
+    );
+    assert_eq!(same.lines().nth(1).unwrap(), "100");
+}
+
+/// Every model learns 3 and 100 classes: its probabilities have that many columns (the
+/// metrics accept them) and it does better than chance on learnable data.
+#[test]
+fn every_model_learns_three_and_a_hundred_classes() {
+    if !have_python("PIL, numpy", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let three = folder(tmp.path(), "f3", 3, 30, 10);
+    let c100 = tmp.path().join("c100");
+    script(&["cifar100", c100.to_str().unwrap(), "6", "2", "5"]);
+    let c100 = c100.join("cifar-100-binary");
+    let runs = tmp.path().join("runs");
+    let cnn = ["--set", "widths=[8,8,8]", "--set", "batch_size=32"];
+    for (model, extra) in [
+        ("logreg", &[][..]),
+        ("svm", &[][..]),
+        ("mlp", &[][..]),
+        ("kmeans", &["--k", "200"][..]),
+        ("svm-kernel", &[][..]),
+        ("ridge", &["--set", "kernel=\"linear\""][..]),
+        ("cnn", &cnn[..]),
+    ] {
+        for (data, k) in [(&three, 3usize), (&c100, 100)] {
+            let run = format!("{model}-{k}");
+            // The CNN learns from few images more slowly: more passes.
+            let mut args = vec!["--epochs", if model == "cnn" { "10" } else { "3" }];
+            args.extend_from_slice(extra);
+            train(data, &runs, &run, model, &args);
+            let acc = test_accuracy(&runs, &run);
+            let chance = 1.0 / k as f64;
+            assert!(
+                acc > 2.0 * chance,
+                "{model} with {k} classes: test accuracy {acc}"
+            );
+            let n = query_csv(
+                &runs,
+                &format!("select max(predicted) from predictions where run = '{run}'"),
+            );
+            let max: usize = n.lines().nth(1).unwrap().parse().unwrap();
+            assert!(max < k, "{run}: predicted {max}");
+        }
+    }
+}
