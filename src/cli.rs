@@ -1281,11 +1281,15 @@ impl TrainArgs {
             let mut out = Vec::new();
             for (k, v) in t {
                 match (k.as_str(), v) {
-                    ("epochs" | "data" | "sql", _) => {}
+                    // The classes come from the data, not from flags.
+                    ("epochs" | "data" | "sql" | "classes", _) => {}
                     (_, toml::Value::Table(inner)) if k == model => {
                         // The model's hyper-parameters with their defaults filled in.
                         let p = config::effective_params(model, &inner)?;
                         for (ik, iv) in p.as_object().into_iter().flatten() {
+                            if ik == "classes" {
+                                continue;
+                            }
                             // An f32 parameter reads as its shortest f32 form (0.01).
                             let text = match iv.as_f64() {
                                 Some(f) if iv.is_f64() && f64::from(f as f32) == f => {

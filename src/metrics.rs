@@ -588,13 +588,17 @@ mod tests {
         assert_eq!((m.images, m.acc, m.loss, m.f1), (0, 0.0, 0.0, 0.0));
         let y = Array1::<u8>::zeros(0);
         let p = Array2::<f32>::zeros((0, CLASSES));
+        // An empty batch fixes the class count and nothing else.
         assert_eq!(
             batch_metrics(y.view(), p.view()).unwrap(),
-            Metrics::default()
+            Metrics {
+                confusion: vec![vec![0; CLASSES]; CLASSES],
+                ..Metrics::default()
+            }
         );
         let mut acc = Accumulator::new();
         acc.update_labels(&[], &[], 0.0, CLASSES).unwrap();
-        assert_eq!(acc.get(), Metrics::default());
+        assert_eq!(acc.get().images, 0);
     }
 
     #[test]
@@ -889,6 +893,37 @@ for _ in range(cases):
         assert!(close(mean[0], 0.3, 1e-15) && close(mean[1], 1.0, 1e-15));
         assert!(close(win[0], 0.2, 1e-15) && close(win[1], 0.5, 1e-15));
         assert!(close(win[4], 0.2 / 8.0, 1e-15));
+    }
+
+    #[test]
+    fn three_classes_by_hand() {
+        // y = [0, 1, 2, 2], predicted [0, 2, 2, 1]: confusion [[1,0,0],[0,0,1],[0,1,1]];
+        // per class P = (1, 0, 1/2), R = (1, 0, 1/2), F1 = (1, 0, 1/2): macro 1/2 each.
+        let y = Array1::from(vec![0u8, 1, 2, 2]);
+        let p = Array2::from_shape_vec(
+            (4, 3),
+            vec![0.8, 0.1, 0.1, 0.2, 0.3, 0.5, 0.1, 0.1, 0.8, 0.25, 0.5, 0.25],
+        )
+        .unwrap();
+        let m = batch_metrics(y.view(), p.view()).unwrap();
+        assert_eq!(
+            m.confusion,
+            vec![vec![1, 0, 0], vec![0, 0, 1], vec![0, 1, 1]]
+        );
+        assert_eq!((m.acc, m.precision, m.recall, m.f1), (0.5, 0.5, 0.5, 0.5));
+        let want = -(0.8f32.ln() + 0.3f32.ln() + 0.8f32.ln() + 0.25f32.ln()) as f64 / 4.0;
+        assert!((m.loss - want).abs() < 1e-6);
+        // Once three, always three: ten columns, or a label 3, are errors.
+        let mut acc = Accumulator::new();
+        acc.update(y.view(), p.view()).unwrap();
+        assert!(acc
+            .update(y.view(), Array2::<f32>::zeros((4, CLASSES)).view())
+            .is_err());
+        let e = acc
+            .update(Array1::from(vec![3u8]).view(), Array2::zeros((1, 3)).view())
+            .unwrap_err();
+        assert!(e.to_string().contains("label 3"), "{e}");
+        assert_eq!(acc.get(), m);
     }
 
     #[test]

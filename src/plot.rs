@@ -1003,7 +1003,7 @@ pub(crate) mod tests {
         rows.iter()
             .map(
                 |&(split, epoch, batch, images, [acc, loss, precision, recall, f1])| {
-                    let mut confusion = [[0u64; 10]; 10];
+                    let mut confusion = vec![vec![0u64; 10]; 10];
                     for (a, p, c) in confusion_cells(images, batch) {
                         confusion[a as usize][p as usize] = c;
                     }

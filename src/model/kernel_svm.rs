@@ -1715,6 +1715,7 @@ mod tests {
             batch_size: 7,
             seed: 3,
             solver: "linfa".into(),
+            classes: CLASSES,
         };
         let mut m = KernelSvm::new(p.clone()).unwrap();
         m.save(dir.path()).unwrap();

@@ -644,6 +644,7 @@ mod tests {
             batch_size,
             seed: 0,
             average: 0,
+            classes: CLASSES,
         }
     }
 
@@ -906,6 +907,7 @@ mod tests {
             batch_size: 7,
             seed: 99,
             average: 5,
+            classes: 7,
         };
         LogReg::new(p.clone()).unwrap().save(dir.path()).unwrap();
         let m = LogReg::load(dir.path()).unwrap();
@@ -916,7 +918,9 @@ mod tests {
             .unwrap()
             .predict_proba(x.view())
             .unwrap();
-        assert!(proba.iter().all(|&v| v == 0.1));
+        // Seven classes (the params'): uniform over them.
+        assert_eq!(proba.ncols(), 7);
+        assert!(proba.iter().all(|&v| v == 1.0 / 7.0));
     }
 
     /// The error names `file` (as a path ending in it).

@@ -313,6 +313,18 @@ impl TensorsOut {
             .push((name.to_string(), shape.to_vec(), Dtype::F32, bytes));
     }
 
+    /// Adds an F64 tensor (sums kept exactly); `data` in row-major order.
+    pub(crate) fn f64<'a>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: impl IntoIterator<Item = &'a f64>,
+    ) {
+        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.entries
+            .push((name.to_string(), shape.to_vec(), Dtype::F64, bytes));
+    }
+
     /// Adds a U64 tensor (counters).
     pub(crate) fn u64<'a>(
         &mut self,
@@ -633,6 +645,23 @@ impl Checkpoint {
     }
 
     /// The U64 tensor `name`, which must have shape `shape`.
+    /// The F64 tensor `name`, which must have shape `shape` and finite values.
+    pub(crate) fn f64(&self, name: &str, shape: &[usize]) -> Result<Vec<f64>> {
+        let (start, data) = self.raw(name, Dtype::F64, shape)?;
+        let v: Vec<f64> = data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::format(
+                &self.path,
+                (start + 8 * i) as u64,
+                format!("tensor {name:?} element {i} is {}, not finite", v[i]),
+            ));
+        }
+        Ok(v)
+    }
+
     pub(crate) fn u64(&self, name: &str, shape: &[usize]) -> Result<Vec<u64>> {
         let (_, data) = self.raw(name, Dtype::U64, shape)?;
         Ok(data
@@ -881,15 +910,15 @@ mod tests {
     #[test]
     fn batch_checks() {
         let x = Array2::<f32>::zeros((2, 3));
-        assert!(check_batch(x.view(), array![1u8, 9].view(), Some(3)).is_ok());
-        assert!(check_batch(x.view(), array![1u8, 9].view(), None).is_ok());
-        let e = check_batch(x.view(), array![1u8, 10].view(), Some(3)).unwrap_err();
+        assert!(check_batch(x.view(), array![1u8, 9].view(), Some(3), CLASSES).is_ok());
+        assert!(check_batch(x.view(), array![1u8, 9].view(), None, CLASSES).is_ok());
+        let e = check_batch(x.view(), array![1u8, 10].view(), Some(3), CLASSES).unwrap_err();
         assert!(e.to_string().contains("row 1") && e.to_string().contains("label 10"));
-        assert!(check_batch(x.view(), array![1u8].view(), Some(3)).is_err());
-        assert!(check_batch(x.view(), array![1u8, 2].view(), Some(4)).is_err());
+        assert!(check_batch(x.view(), array![1u8].view(), Some(3), CLASSES).is_err());
+        assert!(check_batch(x.view(), array![1u8, 2].view(), Some(4), CLASSES).is_err());
         let mut bad = x.clone();
         bad[[1, 2]] = f32::NAN;
-        let e = check_batch(bad.view(), array![1u8, 2].view(), Some(3)).unwrap_err();
+        let e = check_batch(bad.view(), array![1u8, 2].view(), Some(3), CLASSES).unwrap_err();
         assert!(e.to_string().contains("row 1, feature 2"), "{e}");
         bad[[1, 2]] = f32::NEG_INFINITY;
         // Non-contiguous view: same answer.

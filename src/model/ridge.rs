@@ -13,6 +13,17 @@
 //! model scores against the images of its last solve. Before the first solve it predicts
 //! the uniform distribution.
 //!
+//! **`nystrom = true`** keeps every image, not only the latest: once the buffer holds
+//! `buffer` images they stay as *landmarks* `L` (m = `buffer`), γ is fixed from them, and
+//! every later image `x` is learnt through its kernel row `k = k(x, L)` (1 × m) into two
+//! sums over all images, `S = Σ kᵀk` (m × m, kept in f64) and `T = Σ kᵀy` (m × 10). A
+//! solve is then `(S + λ·mean(diag K_LL)·K_LL)·A = T`: ridge regression on the Nyström
+//! features (Williams & Seeger 2001; Rudi et al. 2017), exact for the images so far,
+//! independent of their order, in memory that does not grow with the stream (m·d + 2m²
+//! floats + m² doubles). With m images it is the exact solve above. Before the buffer is
+//! full the model is the exact one on what it has. Each image then costs `m·d + m²`
+//! multiply-adds, a solve `m³/3`.
+//!
 //! With `n` buffered images of `d` features a solve costs `n³/3` and the Gram matrix
 //! `n²·d` multiply-adds over the run; memory is `n·d + n²` floats (5,000 images of
 //! 18,432 features: 470 MB). Probabilities (for the log loss) are the softmax of the
@@ -55,12 +66,21 @@ pub struct RidgeParams {
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
     /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
     pub classes: usize,
+    /// Keep the first `buffer` images as landmarks and learn every later image through
+    /// the Nyström approximation (see the module documentation), instead of a window of
+    /// the latest `buffer`. Default false.
+    pub nystrom: bool,
+    /// New images between solves once the landmarks are fixed (each solve is a
+    /// `buffer`-sized Cholesky factorisation); ≥ 1. Default 10,000.
+    pub nystrom_refit: usize,
 }
 
 impl Default for RidgeParams {
     fn default() -> Self {
         RidgeParams {
             classes: super::CLASSES,
+            nystrom: false,
+            nystrom_refit: 10_000,
             kernel: "rbf".into(),
             gamma: 0.25,
             lambda: 0.01,
@@ -129,6 +149,8 @@ pub struct Ridge {
     /// Dual coefficients (`n_fit` × 10) of the latest solve (RBF kernel): the images of
     /// that solve are the first `n_fit` of the buffer.
     alpha: Option<Array2<f32>>,
+    /// Constant scores added after a Nyström solve (its centring and intercept; K).
+    bias: Option<Vec<f32>>,
     /// Images in the latest solve.
     n_fit: usize,
     /// The absolute RBF width of the latest solve.
@@ -139,6 +161,27 @@ pub struct Ridge {
     seen: u64,
     since_fit: u64,
     fits: u64,
+    /// The Nyström sums once the buffer's images are the landmarks.
+    ny: Option<NyStats>,
+}
+
+/// Rows of `Σ φᵀφ` updated per product (its upper triangle, block by block).
+const SYRK_BLOCK: usize = 512;
+
+/// Sums over every image learnt through the landmarks (`nystrom = true`).
+#[derive(Clone, Debug)]
+struct NyStats {
+    /// `c`, the landmarks' mean kernel row (m): kernel rows are centred by it, which
+    /// takes the large, nearly constant part out of them (kept well conditioned).
+    centre: Vec<f64>,
+    /// `Σ φᵀφ` with `φ = [k − c, 1]`, (m + 1) × (m + 1), row-major, in f64: the upper
+    /// triangle (blocks of [`SYRK_BLOCK`] rows from the diagonal on); below it, zeros or
+    /// partial sums that nothing reads.
+    ktk: Vec<f64>,
+    /// `Σ φᵀy` (±1 targets), (m + 1) × K, row-major.
+    kty: Vec<f64>,
+    /// Images in the sums.
+    images: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -153,6 +196,9 @@ struct Meta {
     seen: u64,
     since_fit: u64,
     fits: u64,
+    /// Images in the Nyström sums (`null` before the landmarks are fixed).
+    #[serde(default)]
+    ny_images: Option<u64>,
 }
 
 impl Ridge {
@@ -167,12 +213,14 @@ impl Ridge {
             gram: Vec::new(),
             w: None,
             alpha: None,
+            bias: None,
             n_fit: 0,
             gamma_abs: 0.0,
             cross: Mutex::new(None),
             seen: 0,
             since_fit: 0,
             fits: 0,
+            ny: None,
         })
     }
 
@@ -255,8 +303,196 @@ impl Ridge {
         (0..n).map(|i| f64::from(self.gram[i * n + i])).collect()
     }
 
+    /// The absolute RBF width from the buffer: `gamma` over the mean squared distance
+    /// between its images.
+    fn gamma_from_buffer(&self, diag: &[f64]) -> f64 {
+        let n = self.y.len();
+        let mean_sq = diag.iter().sum::<f64>() / n as f64;
+        let mean_g = self.gram.iter().map(|&v| f64::from(v)).sum::<f64>() / (n * n) as f64;
+        let mean_dist = (2.0 * mean_sq - 2.0 * mean_g).max(f64::MIN_POSITIVE);
+        self.params.gamma / mean_dist
+    }
+
+    /// The kernel rows of images whose products with the buffer are `cross` (b × m) and
+    /// whose squared norms are `sq`: the products themselves (linear) or
+    /// `exp(−γ‖x − l‖²)` with the model's γ (RBF).
+    fn kernel_rows(&self, cross: &Array2<f32>, sq: &[f64]) -> Array2<f32> {
+        if !self.rbf() {
+            return cross.clone();
+        }
+        let diag = self.diag();
+        Array2::from_shape_fn(cross.dim(), |(i, j)| {
+            let d2 = (sq[i] + diag[j] - 2.0 * f64::from(cross[[i, j]])).max(0.0);
+            (-self.gamma_abs * d2).exp() as f32
+        })
+    }
+
+    /// Fixes the buffer's images as the landmarks: γ from them, the centre `c` (their
+    /// mean kernel row), and the sums started with their own kernel rows.
+    fn freeze(&mut self) {
+        let m = self.y.len();
+        let diag = self.diag();
+        if self.rbf() {
+            self.gamma_abs = self.gamma_from_buffer(&diag);
+        }
+        let gram = ArrayView2::from_shape((m, m), &self.gram)
+            .expect("gram shape")
+            .to_owned();
+        let k = self.kernel_rows(&gram, &diag);
+        let centre = (0..m)
+            .map(|j| k.column(j).iter().map(|&v| f64::from(v)).sum::<f64>() / m as f64)
+            .collect();
+        self.ny = Some(NyStats {
+            centre,
+            ktk: vec![0.0; (m + 1) * (m + 1)],
+            kty: vec![0.0; (m + 1) * self.params.classes],
+            images: 0,
+        });
+        let y = self.y.clone();
+        self.accumulate(&k, &y);
+    }
+
+    /// Adds the kernel rows `k` (b × m) of images labelled `y` to the Nyström sums, as
+    /// `φ = [k − c, 1]` in f64.
+    fn accumulate(&mut self, k: &Array2<f32>, y: &[u8]) {
+        let classes = self.params.classes;
+        let Some(ny) = self.ny.as_mut() else { return };
+        let m = k.ncols();
+        let phi = Array2::from_shape_fn((k.nrows(), m + 1), |(i, j)| {
+            if j < m {
+                f64::from(k[[i, j]]) - ny.centre[j]
+            } else {
+                1.0
+            }
+        });
+        let p = m + 1;
+        let mut ktk = ndarray::ArrayViewMut2::from_shape((p, p), &mut ny.ktk).expect("ktk shape");
+        // The upper triangle only (by blocks of rows; the solve reads it mirrored): half
+        // the work of the full product.
+        for start in (0..p).step_by(SYRK_BLOCK) {
+            let end = (start + SYRK_BLOCK).min(p);
+            let lhs = phi.slice(ndarray::s![.., start..end]);
+            let rhs = phi.slice(ndarray::s![.., start..]);
+            let mut out = ktk.slice_mut(ndarray::s![start..end, start..]);
+            linalg::gemm64(1.0, &lhs.t(), &rhs, 1.0, &mut out);
+        }
+        for (row, &label) in phi.rows().into_iter().zip(y) {
+            for (j, &v) in row.iter().enumerate() {
+                let t = &mut ny.kty[j * classes..(j + 1) * classes];
+                for (c, t) in t.iter_mut().enumerate() {
+                    *t += if c == usize::from(label) { v } else { -v };
+                }
+            }
+        }
+        ny.images += k.nrows() as u64;
+    }
+
+    /// Learns images of a frozen model: their kernel rows into the sums.
+    fn learn_through_landmarks(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) {
+        let cross = self.cross_products(x);
+        let sq: Vec<f64> = x
+            .rows()
+            .into_iter()
+            .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+            .collect();
+        let k = self.kernel_rows(&cross, &sq);
+        let y: Vec<u8> = y.to_vec();
+        self.accumulate(&k, &y);
+    }
+
+    /// The Nyström solve: `(S + λ·mean(diag K)·[K_LL 0; 0 0])·a = T` over `φ = [k − c, 1]`;
+    /// the scores are then `k·a[..m] + (a[m] − c·a[..m])`.
+    fn fit_nystrom(&mut self) -> Result<()> {
+        let m = self.y.len();
+        let classes = self.params.classes;
+        let diag = self.diag();
+        let gram = ArrayView2::from_shape((m, m), &self.gram)
+            .expect("gram shape")
+            .to_owned();
+        let kll = self.kernel_rows(&gram, &diag);
+        let Some(ny) = self.ny.as_ref() else {
+            return Ok(());
+        };
+        let mean_diag = (0..m).map(|i| f64::from(kll[[i, i]])).sum::<f64>() / m as f64;
+        let ridge = self.params.lambda * mean_diag.max(f64::MIN_POSITIVE);
+        let p = m + 1;
+        let a = Array2::from_shape_fn((p, p), |(i, j)| {
+            let reg = if i < m && j < m {
+                ridge * f64::from(kll[[i, j]])
+            } else {
+                0.0
+            };
+            // The sums hold the upper triangle.
+            ny.ktk[i.min(j) * p + i.max(j)] + reg
+        });
+        let t = ArrayView2::from_shape((p, classes), &ny.kty)
+            .expect("kty shape")
+            .to_owned();
+        // The system is singular when the landmarks are (duplicates; a linear kernel with
+        // more landmarks than features, where any solution gives the same weights): then
+        // a whisker on the diagonal, the smallest that lets the factorisation through.
+        let mean_diag_a = (0..p).map(|i| a[[i, i]]).sum::<f64>() / p as f64;
+        let mut last = String::new();
+        for jitter in [0.0, 1e-9, 1e-7, 1e-5, 1e-3] {
+            let mut aj = a.clone();
+            for i in 0..p {
+                aj[[i, i]] += jitter * mean_diag_a.max(f64::MIN_POSITIVE);
+            }
+            match linalg::cholesky_solve(aj, &t) {
+                Ok(sol) => {
+                    if jitter > 0.0 {
+                        tracing::debug!(
+                            "{NAME}: Nyström solve with a relative jitter of {jitter:e}"
+                        );
+                    }
+                    let alpha = sol.slice(ndarray::s![..m, ..]).mapv(|v| v as f32);
+                    let bias = (0..classes)
+                        .map(|c| {
+                            let shift: f64 = (0..m).map(|j| ny.centre[j] * sol[[j, c]]).sum();
+                            (sol[[m, c]] - shift) as f32
+                        })
+                        .collect();
+                    self.bias = Some(bias);
+                    return self.set_solution(alpha, m);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(Error::usage(format!(
+            "{NAME}: the Nyström solve failed: {last}"
+        )))
+    }
+
+    /// Keeps the solution `alpha` (n × K, over the first `n` buffered images): as dual
+    /// coefficients (RBF) or primal weights `Xᵀ·A` (linear).
+    fn set_solution(&mut self, alpha: Array2<f32>, n: usize) -> Result<()> {
+        if alpha.iter().any(|v| !v.is_finite()) {
+            return Err(Error::usage(format!(
+                "{NAME}: the solve produced non-finite weights (features too large); not fitted"
+            )));
+        }
+        let Some(d) = self.n_features else {
+            return Ok(());
+        };
+        if self.rbf() {
+            self.alpha = Some(alpha);
+        } else {
+            let x = ArrayView2::from_shape((n, d), &self.x[..n * d]).expect("buffer shape");
+            let mut w = Array2::<f32>::zeros((d, self.params.classes));
+            linalg::par_gemm(1.0, &x.t(), &alpha.view(), 0.0, &mut w.view_mut());
+            self.w = Some(w);
+        }
+        self.n_fit = n;
+        self.fits += 1;
+        self.since_fit = 0;
+        Ok(())
+    }
+
     /// Solves for the weights on the buffer.
     fn fit(&mut self) -> Result<()> {
+        if self.ny.is_some() {
+            return self.fit_nystrom();
+        }
         self.trim();
         let n = self.y.len();
         let Some(d) = self.n_features else {
@@ -301,6 +537,7 @@ impl Ridge {
                 "{NAME}: the solve produced non-finite weights (features too large); not fitted"
             )));
         }
+        self.bias = None;
         if self.rbf() {
             self.alpha = Some(alpha);
             self.gamma_abs = gamma_abs;
@@ -320,8 +557,16 @@ impl Ridge {
     pub fn decision_function(&self, x: ArrayView2<f32>) -> Result<Option<Array2<f32>>> {
         check_features(x, self.n_features)?;
         let mut z = Array2::<f32>::zeros((x.nrows(), self.params.classes));
+        let add_bias = |z: &mut Array2<f32>| {
+            if let Some(b) = &self.bias {
+                for mut row in z.rows_mut() {
+                    row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
+                }
+            }
+        };
         if let Some(w) = &self.w {
             linalg::gemm(1.0, &x, &w.view(), 0.0, &mut z.view_mut());
+            add_bias(&mut z);
             return Ok(Some(z));
         }
         let Some(alpha) = &self.alpha else {
@@ -339,6 +584,7 @@ impl Ridge {
             }
         }
         linalg::gemm(1.0, &k.view(), &alpha.view(), 0.0, &mut z.view_mut());
+        add_bias(&mut z);
         if let Ok(mut cache) = self.cross.lock() {
             *cache = Some((x.iter().copied().collect(), self.y.len(), cross));
         }
@@ -383,6 +629,18 @@ impl Ridge {
                         .into(),
                     );
                 }
+                if meta.ny_images.is_some() {
+                    if !meta.params.nystrom || n != meta.params.buffer {
+                        return Err(ck.bad_meta(format!(
+                            "Nyström sums with nystrom = {} and {n} landmarks (buffer {})",
+                            meta.params.nystrom, meta.params.buffer
+                        )));
+                    }
+                    names.extend(["ny_ktk", "ny_kty", "ny_centre"].map(String::from));
+                    if meta.fitted {
+                        names.push("bias".into());
+                    }
+                }
                 if meta.fitted && (meta.n_fit == 0 || meta.n_fit > n) {
                     return Err(ck.bad_meta(format!("n_fit {} is not in 1..={n}", meta.n_fit)));
                 }
@@ -390,10 +648,21 @@ impl Ridge {
                 m.x = ck.f32("x", &[n, d])?;
                 m.gram = ck.f32("gram", &[n, n])?;
                 m.y = ck.labels("y", n, meta.params.classes)?;
+                if let Some(images) = meta.ny_images {
+                    m.ny = Some(NyStats {
+                        centre: ck.f64("ny_centre", &[n])?,
+                        ktk: ck.f64("ny_ktk", &[n + 1, n + 1])?,
+                        kty: ck.f64("ny_kty", &[n + 1, meta.params.classes])?,
+                        images,
+                    });
+                }
                 if meta.fitted && meta.params.kernel == "rbf" {
                     m.alpha = Some(ck.f32_2d("alpha", meta.n_fit, meta.params.classes)?);
                 } else if meta.fitted {
                     m.w = Some(ck.f32_2d("w", d, meta.params.classes)?);
+                }
+                if meta.fitted && meta.ny_images.is_some() {
+                    m.bias = Some(ck.f32("bias", &[meta.params.classes])?);
                 }
             }
         }
@@ -453,14 +722,52 @@ impl Learner for Ridge {
                     self.params.refit,
                     x.ncols()
                 ),
-                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, x.ncols()])),
+                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, x.ncols()]))
+                    + if self.params.nystrom {
+                        // The f64 and f32 sums and the f64 solve matrix.
+                        20 * crate::limits::product(&[self.params.buffer, self.params.buffer])
+                    } else {
+                        0
+                    },
             )?;
         }
         self.n_features = Some(x.ncols());
-        self.append(x, y);
+        // A model whose landmarks were just fixed solves at once: its γ is theirs now.
+        let mut froze = false;
+        if self.params.nystrom {
+            // Fill the landmarks, then learn the rest through them.
+            let take = if self.ny.is_some() {
+                0
+            } else {
+                self.params.buffer.saturating_sub(self.y.len()).min(n)
+            };
+            if take > 0 {
+                self.append(
+                    x.slice(ndarray::s![..take, ..]),
+                    y.slice(ndarray::s![..take]),
+                );
+            }
+            if self.ny.is_none() && self.y.len() >= self.params.buffer {
+                self.freeze();
+                froze = true;
+            }
+            if take < n {
+                self.learn_through_landmarks(
+                    x.slice(ndarray::s![take.., ..]),
+                    y.slice(ndarray::s![take..]),
+                );
+            }
+        } else {
+            self.append(x, y);
+        }
         self.seen += n as u64;
         self.since_fit += n as u64;
-        if self.since_fit >= self.params.refit as u64 {
+        let refit = if self.ny.is_some() {
+            self.params.nystrom_refit
+        } else {
+            self.params.refit
+        };
+        if froze || self.since_fit >= refit as u64 {
             self.fit()?;
         }
         Ok(loss)
@@ -498,6 +805,14 @@ impl Learner for Ridge {
             if let Some(a) = &self.alpha {
                 t.f32("alpha", &[self.n_fit, self.params.classes], a.iter());
             }
+            if let Some(ny) = &self.ny {
+                t.f64("ny_centre", &[n], ny.centre.iter());
+                t.f64("ny_ktk", &[n + 1, n + 1], ny.ktk.iter());
+                t.f64("ny_kty", &[n + 1, self.params.classes], ny.kty.iter());
+                if let Some(b) = &self.bias {
+                    t.f32("bias", &[self.params.classes], b.iter());
+                }
+            }
         }
         let meta = Meta {
             params: self.params.clone(),
@@ -509,6 +824,7 @@ impl Learner for Ridge {
             seen: self.seen,
             since_fit: self.since_fit,
             fits: self.fits,
+            ny_images: self.ny.as_ref().map(|n| n.images),
         };
         let stamp = format!(
             "seen={} since_fit={} fits={}",
@@ -536,6 +852,182 @@ mod tests {
             }) + rng.normal() as f32
         });
         (x, y)
+    }
+
+    /// Solves `a·x = b` (small, dense) by Gauss–Jordan elimination with partial pivoting:
+    /// a reference independent of the model's Cholesky.
+    fn gauss_solve(mut a: Array2<f64>, mut b: Array2<f64>) -> Array2<f64> {
+        let n = a.nrows();
+        for c in 0..n {
+            let p = (c..n)
+                .max_by(|&i, &j| a[[i, c]].abs().total_cmp(&a[[j, c]].abs()))
+                .unwrap();
+            for k in 0..n {
+                a.swap([c, k], [p, k]);
+            }
+            for k in 0..b.ncols() {
+                b.swap([c, k], [p, k]);
+            }
+            for r in 0..n {
+                if r != c {
+                    let f = a[[r, c]] / a[[c, c]];
+                    for k in 0..n {
+                        a[[r, k]] -= f * a[[c, k]];
+                    }
+                    for k in 0..b.ncols() {
+                        b[[r, k]] -= f * b[[c, k]];
+                    }
+                }
+            }
+        }
+        for r in 0..n {
+            for k in 0..b.ncols() {
+                b[[r, k]] /= a[[r, r]];
+            }
+        }
+        b
+    }
+
+    fn targets(y: &[u8]) -> Array2<f64> {
+        Array2::from_shape_fn((y.len(), CLASSES), |(i, k)| {
+            if usize::from(y[i]) == k {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+    }
+
+    #[test]
+    fn nystrom_with_a_linear_kernel_is_the_primal_ridge_on_every_image() {
+        // With more landmarks than features, w = Lᵀα spans every w, and the Nyström
+        // objective ‖X·Lᵀα − Y‖² + λ'·αᵀLLᵀα is the primal ‖Xw − Y‖² + λ'‖w‖² over all the
+        // images, not only the landmarks: w = (XᵀX + λ'I)⁻¹XᵀY, λ' = λ·mean‖l‖².
+        let mut rng = SplitMix(5);
+        let (x, y) = data(&mut rng, 150, 8);
+        let mut m = Ridge::new(RidgeParams {
+            kernel: "linear".into(),
+            lambda: 0.05,
+            buffer: 20,
+            refit: 1_000,
+            nystrom: true,
+            ..RidgeParams::default()
+        })
+        .unwrap();
+        for start in (0..150).step_by(32) {
+            let end = (start + 32).min(150);
+            m.partial_fit(x.slice(s![start..end, ..]), y.slice(s![start..end]))
+                .unwrap();
+        }
+        assert_eq!(m.buffered(), 20, "the landmarks stay");
+        assert_eq!(m.ny.as_ref().unwrap().images, 150);
+        m.end_epoch().unwrap();
+        let xd = x.mapv(f64::from);
+        let l = xd.slice(s![..20, ..]);
+        let lam = 0.05 * l.rows().into_iter().map(|r| r.dot(&r)).sum::<f64>() / 20.0;
+        // With the unpenalised intercept of the centred rows: [X 1] against Y.
+        let x1 = ndarray::concatenate![ndarray::Axis(1), xd, Array2::<f64>::ones((150, 1))];
+        let mut a = x1.t().dot(&x1);
+        for i in 0..8 {
+            a[[i, i]] += lam;
+        }
+        let want = gauss_solve(a, x1.t().dot(&targets(y.as_slice().unwrap())));
+        let got = m.w.as_ref().unwrap();
+        for (g, w) in got.iter().zip(want.slice(s![..8, ..]).iter()) {
+            assert!(
+                (f64::from(*g) - w).abs() < 1e-4 * (1.0 + w.abs()),
+                "{g} vs {w}"
+            );
+        }
+        for (g, w) in m.bias.as_ref().unwrap().iter().zip(want.row(8).iter()) {
+            assert!(
+                (f64::from(*g) - w).abs() < 1e-4 * (1.0 + w.abs()),
+                "bias {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn nystrom_rbf_solves_its_normal_equations_in_any_batch_order() {
+        // The solution satisfies Kₙₘᵀ(Kₙₘα − Y) + λ'·Kₘₘα = 0 over every image learnt, with
+        // the kernel computed here from the definition; and a stream in another order after
+        // the landmarks gives the same model.
+        let mut rng = SplitMix(8);
+        let (x, y) = data(&mut rng, 200, 12);
+        let params = RidgeParams {
+            lambda: 0.1,
+            buffer: 40,
+            refit: 10_000,
+            nystrom: true,
+            ..RidgeParams::default()
+        };
+        let fit = |order: &[usize]| {
+            let mut m = Ridge::new(params.clone()).unwrap();
+            m.partial_fit(x.slice(s![..40, ..]), y.slice(s![..40]))
+                .unwrap();
+            for chunk in order.chunks(25) {
+                let xs = ndarray::stack(
+                    ndarray::Axis(0),
+                    &chunk.iter().map(|&i| x.row(i)).collect::<Vec<_>>(),
+                )
+                .unwrap();
+                let ys: ndarray::Array1<u8> = chunk.iter().map(|&i| y[i]).collect();
+                m.partial_fit(xs.view(), ys.view()).unwrap();
+            }
+            m.end_epoch().unwrap();
+            m
+        };
+        let forward: Vec<usize> = (40..200).collect();
+        let mut shuffled = forward.clone();
+        SplitMix(1).shuffle(&mut shuffled);
+        let a = fit(&forward);
+        let b = fit(&shuffled);
+        let (pa, pb) = (
+            a.predict_proba(x.view()).unwrap(),
+            b.predict_proba(x.view()).unwrap(),
+        );
+        // The same sums in another order: equal up to f64 rounding.
+        for (u, v) in pa.iter().zip(pb.iter()) {
+            assert!((u - v).abs() < 1e-5, "{u} vs {v}");
+        }
+        // Normal equations, from scratch in f64.
+        let xd = x.mapv(f64::from);
+        let l = xd.slice(s![..40, ..]).to_owned();
+        let k = |p: ndarray::ArrayView1<f64>, q: ndarray::ArrayView1<f64>| {
+            (-a.gamma_abs * (&p - &q).mapv(|v| v * v).sum()).exp()
+        };
+        let knm = Array2::from_shape_fn((200, 40), |(i, j)| k(xd.row(i), l.row(j)));
+        let kmm = Array2::from_shape_fn((40, 40), |(i, j)| k(l.row(i), l.row(j)));
+        // Scores k·α + b with b the unpenalised intercept (after centring, the same model):
+        // the normal equations of ‖Kα + 1b − Y‖² + λ'·αᵀKₘₘα in α and in b.
+        let alpha = a.alpha.as_ref().unwrap().mapv(f64::from);
+        let bias = ndarray::Array1::from(a.bias.clone().unwrap()).mapv(f64::from);
+        let resid = knm.dot(&alpha) + &bias - targets(y.as_slice().unwrap());
+        let grad = knm.t().dot(&resid) + kmm.dot(&alpha) * 0.1;
+        let grad_b = resid.sum_axis(ndarray::Axis(0));
+        assert!(grad_b.mapv(f64::abs).sum() < 1e-2, "{grad_b}");
+        let scale = knm
+            .t()
+            .dot(&targets(y.as_slice().unwrap()))
+            .mapv(f64::abs)
+            .sum();
+        assert!(
+            grad.mapv(f64::abs).sum() < 1e-3 * scale,
+            "{}",
+            grad.mapv(f64::abs).sum()
+        );
+        // Still learning: the model separates the classes.
+        let acc = a
+            .predict(x.view())
+            .unwrap()
+            .iter()
+            .zip(y.iter())
+            .filter(|(p, t)| p == t)
+            .count();
+        assert!(acc > 150, "{acc}");
+        // A checkpoint of the Nyström sums continues exactly.
+        let mut c = Ridge::new(params.clone()).unwrap();
+        model::test_util::assert_save_load_continues(&mut c, NAME, x.view(), y.view(), 120);
     }
 
     #[test]

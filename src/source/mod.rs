@@ -1300,6 +1300,7 @@ mod tests {
             "mutated",
             Report::default(),
             DEFAULT_MAX_LINE_BYTES,
+            crate::model::CLASSES,
         );
         let mut rows = 0;
         for _ in 0..1000 {

@@ -1354,7 +1354,7 @@ mod tests {
         assert_rejected(
             &in_row1("\"label\": 6", "\"label\": -3"),
             Some(1),
-            "label -3 outside 0..9",
+            "label -3 outside 0..255",
         );
         assert_rejected(
             &in_row1("\"label\": 6", "\"label\": 6.0"),

@@ -613,7 +613,6 @@ impl Cnn {
 mod tests {
     use super::*;
     use crate::model::test_util::{assert_save_load_continues, random_batch};
-    use crate::model::CLASSES;
 
     fn small() -> CnnParams {
         CnnParams {
