@@ -7,7 +7,7 @@
 //! |---------|--------------------------------|--------------------------------------------|
 //! | `batch` | `UInt64`                       | sequence number of the batch, from 0       |
 //! | `row`   | `UInt32`                       | row within the batch                       |
-//! | `label` | `UInt8`                        | class 0..9                                 |
+//! | `label` | `UInt8`                        | class 0..K−1 (the run's K classes)          |
 //! | `image` | `FixedSizeList<UInt8, 3072>`   | CIFAR order: red plane, green, blue; 32x32 row-major |
 //!
 //! Building a batch from decoded buffers moves the `Vec`s into Arrow buffers without copying.

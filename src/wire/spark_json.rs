@@ -24,7 +24,7 @@
 //! Rules enforced by [`decode`]:
 //! - values of pixels and labels must be plain JSON integers without sign,
 //!   fraction or exponent (`-0`, `1.0`, `1e2`, `"7"`, `null` are rejected),
-//!   pixels within 0..=255 and labels within 0..=9;
+//!   pixels within 0..=255 and labels within 0..=255 ([`decode_classes`] then checks them against the run's classes; [`decode`]: CIFAR-10's 0..=9);
 //! - a row must contain every `featureK` (K in 0..3072) and `label` exactly once;
 //! - a key made of `feature` and decimal digits must name a pixel in canonical
 //!   form: `feature3072` and `feature01` are errors, while other keys such as
