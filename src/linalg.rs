@@ -57,6 +57,40 @@ pub fn gemm<A, B, C>(
     B: Data<Elem = f32>,
     C: DataMut<Elem = f32>,
 {
+    gemm_any(alpha, a, b, beta, c)
+}
+
+/// [`gemm`] in f64.
+///
+/// # Panics
+/// If the shapes do not agree (a programming error, never input).
+pub fn gemm64<A, B, C>(
+    alpha: f64,
+    a: &ArrayBase<A, Ix2>,
+    b: &ArrayBase<B, Ix2>,
+    beta: f64,
+    c: &mut ArrayBase<C, Ix2>,
+) where
+    A: Data<Elem = f64>,
+    B: Data<Elem = f64>,
+    C: DataMut<Elem = f64>,
+{
+    gemm_any(alpha, a, b, beta, c)
+}
+
+/// [`gemm`] for either float type.
+fn gemm_any<T, A, B, C>(
+    alpha: T,
+    a: &ArrayBase<A, Ix2>,
+    b: &ArrayBase<B, Ix2>,
+    beta: T,
+    c: &mut ArrayBase<C, Ix2>,
+) where
+    T: ndarray::LinalgScalar,
+    A: Data<Elem = T>,
+    B: Data<Elem = T>,
+    C: DataMut<Elem = T>,
+{
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert!(
@@ -69,8 +103,9 @@ pub fn gemm<A, B, C>(
     if m == 0 || n == 0 {
         return;
     }
+    let keep = !beta.is_zero();
     if k == 0 {
-        c.map_inplace(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+        c.map_inplace(|v| *v = if keep { *v * beta } else { T::zero() });
         return;
     }
     let [ars, acs] = [a.strides()[0], a.strides()[1]];
@@ -87,68 +122,7 @@ pub fn gemm<A, B, C>(
             c.as_mut_ptr(),
             ccs,
             crs,
-            beta != 0.0,
-            a.as_ptr(),
-            acs,
-            ars,
-            b.as_ptr(),
-            bcs,
-            brs,
-            beta,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// [`gemm`] in f64: `c = alpha·a·b + beta·c` on one thread (any strides).
-///
-/// # Panics
-/// If the shapes do not agree (a programming error, never input).
-pub fn gemm64<A, B, C>(
-    alpha: f64,
-    a: &ArrayBase<A, Ix2>,
-    b: &ArrayBase<B, Ix2>,
-    beta: f64,
-    c: &mut ArrayBase<C, Ix2>,
-) where
-    A: Data<Elem = f64>,
-    B: Data<Elem = f64>,
-    C: DataMut<Elem = f64>,
-{
-    let (m, k) = a.dim();
-    let (k2, n) = b.dim();
-    assert!(
-        k == k2 && c.dim() == (m, n),
-        "gemm64: shapes {:?} · {:?} → {:?}",
-        a.dim(),
-        b.dim(),
-        c.dim()
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c.map_inplace(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
-        return;
-    }
-    let [ars, acs] = [a.strides()[0], a.strides()[1]];
-    let [brs, bcs] = [b.strides()[0], b.strides()[1]];
-    let [crs, ccs] = [c.strides()[0], c.strides()[1]];
-    // SAFETY: as in `gemm`: the pointers and strides describe the three views exactly and
-    // `c`, borrowed mutably, aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            ccs,
-            crs,
-            beta != 0.0,
+            keep,
             a.as_ptr(),
             acs,
             ars,

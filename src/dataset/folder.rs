@@ -209,7 +209,8 @@ fn decode_all(work: &[(u8, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, String
         let handles: Vec<_> = work
             .chunks(chunk)
             .map(|part| {
-                s.spawn(move || {
+                let files = part.len();
+                let handle = s.spawn(move || {
                     let mut scratch = Vec::new();
                     part.iter()
                         .map(|(_, path)| {
@@ -218,14 +219,17 @@ fn decode_all(work: &[(u8, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, String
                                 .and_then(|bytes| decode(&bytes, &mut scratch))
                         })
                         .collect::<Vec<_>>()
-                })
+                });
+                (files, handle)
             })
             .collect();
+        // A thread that died rejects each of its files, so the results stay in step with
+        // `work` (decode itself catches a decoder's panic per file).
         handles
             .into_iter()
-            .flat_map(|h| {
+            .flat_map(|(files, h)| {
                 h.join()
-                    .unwrap_or_else(|_| vec![Err("the decoder panicked".to_string())])
+                    .unwrap_or_else(|_| vec![Err("the decoding thread failed".to_string()); files])
             })
             .collect()
     })

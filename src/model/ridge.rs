@@ -165,6 +165,14 @@ pub struct Ridge {
     ny: Option<NyStats>,
 }
 
+/// The squared norm of each row of `x`, in f64.
+fn row_sq_norms(x: ArrayView2<f32>) -> Vec<f64> {
+    x.rows()
+        .into_iter()
+        .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+        .collect()
+}
+
 /// Rows of `Σ φᵀφ` updated per product (its upper triangle, block by block).
 const SYRK_BLOCK: usize = 512;
 
@@ -303,22 +311,29 @@ impl Ridge {
         (0..n).map(|i| f64::from(self.gram[i * n + i])).collect()
     }
 
-    /// The absolute RBF width from the buffer: `gamma` over the mean squared distance
-    /// between its images.
-    fn gamma_from_buffer(&self, diag: &[f64]) -> f64 {
-        let n = self.y.len();
+    /// The absolute RBF width of the buffer: `gamma` over the mean squared distance
+    /// between its images, `2·mean(‖x‖²) − 2·mean(G)`, from the squared norms `diag` and
+    /// the sum of the Gram matrix.
+    fn gamma_abs_of(&self, diag: &[f64], gram_sum: f64) -> f64 {
+        let n = diag.len();
         let mean_sq = diag.iter().sum::<f64>() / n as f64;
-        let mean_g = self.gram.iter().map(|&v| f64::from(v)).sum::<f64>() / (n * n) as f64;
+        let mean_g = gram_sum / (n * n) as f64;
         let mean_dist = (2.0 * mean_sq - 2.0 * mean_g).max(f64::MIN_POSITIVE);
         self.params.gamma / mean_dist
     }
 
-    /// The kernel rows of images whose products with the buffer are `cross` (b × m) and
-    /// whose squared norms are `sq`: the products themselves (linear) or
-    /// `exp(−γ‖x − l‖²)` with the model's γ (RBF).
-    fn kernel_rows(&self, cross: &Array2<f32>, sq: &[f64]) -> Array2<f32> {
+    /// The buffered Gram matrix as a view.
+    fn gram_view(&self) -> ArrayView2<'_, f32> {
+        let n = self.y.len();
+        ArrayView2::from_shape((n, n), &self.gram).expect("gram shape")
+    }
+
+    /// The kernel rows of images whose products with the buffer's first columns are
+    /// `cross` (b × m) and whose squared norms are `sq`: the products themselves (linear)
+    /// or `exp(−γ‖x − l‖²)` with the model's γ (RBF).
+    fn kernel_rows(&self, cross: ArrayView2<f32>, sq: &[f64]) -> Array2<f32> {
         if !self.rbf() {
-            return cross.clone();
+            return cross.to_owned();
         }
         let diag = self.diag();
         Array2::from_shape_fn(cross.dim(), |(i, j)| {
@@ -333,12 +348,10 @@ impl Ridge {
         let m = self.y.len();
         let diag = self.diag();
         if self.rbf() {
-            self.gamma_abs = self.gamma_from_buffer(&diag);
+            let gram_sum = self.gram.iter().map(|&v| f64::from(v)).sum();
+            self.gamma_abs = self.gamma_abs_of(&diag, gram_sum);
         }
-        let gram = ArrayView2::from_shape((m, m), &self.gram)
-            .expect("gram shape")
-            .to_owned();
-        let k = self.kernel_rows(&gram, &diag);
+        let k = self.kernel_rows(self.gram_view(), &diag);
         let centre = (0..m)
             .map(|j| k.column(j).iter().map(|&v| f64::from(v)).sum::<f64>() / m as f64)
             .collect();
@@ -390,12 +403,7 @@ impl Ridge {
     /// Learns images of a frozen model: their kernel rows into the sums.
     fn learn_through_landmarks(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) {
         let cross = self.cross_products(x);
-        let sq: Vec<f64> = x
-            .rows()
-            .into_iter()
-            .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
-            .collect();
-        let k = self.kernel_rows(&cross, &sq);
+        let k = self.kernel_rows(cross.view(), &row_sq_norms(x));
         let y: Vec<u8> = y.to_vec();
         self.accumulate(&k, &y);
     }
@@ -406,10 +414,7 @@ impl Ridge {
         let m = self.y.len();
         let classes = self.params.classes;
         let diag = self.diag();
-        let gram = ArrayView2::from_shape((m, m), &self.gram)
-            .expect("gram shape")
-            .to_owned();
-        let kll = self.kernel_rows(&gram, &diag);
+        let kll = self.kernel_rows(self.gram_view(), &diag);
         let Some(ny) = self.ny.as_ref() else {
             return Ok(());
         };
@@ -495,21 +500,14 @@ impl Ridge {
         }
         self.trim();
         let n = self.y.len();
-        let Some(d) = self.n_features else {
-            return Ok(());
-        };
-        if n == 0 {
+        if self.n_features.is_none() || n == 0 {
             return Ok(());
         }
         let diag = self.diag();
         let mut a = Array2::from_shape_fn((n, n), |(i, j)| f64::from(self.gram[i * n + j]));
         let mut gamma_abs = 0.0;
         if self.rbf() {
-            // Mean squared distance over all pairs: 2·mean(‖x‖²) − 2·mean(G).
-            let mean_sq = diag.iter().sum::<f64>() / n as f64;
-            let mean_g = a.sum() / (n * n) as f64;
-            let mean_dist = (2.0 * mean_sq - 2.0 * mean_g).max(f64::MIN_POSITIVE);
-            gamma_abs = self.params.gamma / mean_dist;
+            gamma_abs = self.gamma_abs_of(&diag, a.sum());
             for i in 0..n {
                 for j in 0..n {
                     let d2 = (diag[i] + diag[j] - 2.0 * a[[i, j]]).max(0.0);
@@ -532,24 +530,11 @@ impl Ridge {
         let alpha = linalg::cholesky_solve(a, &targets)
             .map_err(|e| Error::usage(format!("{NAME}: the solve failed: {e}")))?
             .mapv(|v| v as f32);
-        if alpha.iter().any(|v| !v.is_finite()) {
-            return Err(Error::usage(format!(
-                "{NAME}: the solve produced non-finite weights (features too large); not fitted"
-            )));
-        }
+        self.set_solution(alpha, n)?;
         self.bias = None;
         if self.rbf() {
-            self.alpha = Some(alpha);
             self.gamma_abs = gamma_abs;
-        } else {
-            let x = ArrayView2::from_shape((n, d), &self.x).expect("buffer shape");
-            let mut w = Array2::<f32>::zeros((d, self.params.classes));
-            linalg::par_gemm(1.0, &x.t(), &alpha.view(), 0.0, &mut w.view_mut());
-            self.w = Some(w);
         }
-        self.n_fit = n;
-        self.fits += 1;
-        self.since_fit = 0;
         Ok(())
     }
 
@@ -573,16 +558,8 @@ impl Ridge {
             return Ok(None);
         };
         let cross = self.cross_products(x);
-        let diag = self.diag();
-        let nf = self.n_fit;
-        let mut k = Array2::<f32>::zeros((x.nrows(), nf));
-        for (i, row) in x.rows().into_iter().enumerate() {
-            let sq: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            for j in 0..nf {
-                let d2 = (sq + diag[j] - 2.0 * f64::from(cross[[i, j]])).max(0.0);
-                k[[i, j]] = (-self.gamma_abs * d2).exp() as f32;
-            }
-        }
+        // The images of the last solve are the buffer's first `n_fit`.
+        let k = self.kernel_rows(cross.slice(ndarray::s![.., ..self.n_fit]), &row_sq_norms(x));
         linalg::gemm(1.0, &k.view(), &alpha.view(), 0.0, &mut z.view_mut());
         add_bias(&mut z);
         if let Ok(mut cache) = self.cross.lock() {
