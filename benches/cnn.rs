@@ -11,10 +11,10 @@ use ndarray::{Array1, Array2};
 use cifar_df::model::cnn::{Cnn, CnnParams};
 use cifar_df::model::{Learner, SplitMix};
 
-fn batch(n: usize, seed: u64) -> (Array2<f32>, Array1<u8>) {
+fn batch(n: usize, seed: u64) -> (Array2<f32>, Array1<u16>) {
     let mut rng = SplitMix(seed);
     let x = Array2::from_shape_fn((n, 3072), |_| rng.normal() as f32);
-    let y = (0..n).map(|_| rng.below(10) as u8).collect();
+    let y = (0..n).map(|_| rng.below(10) as u16).collect();
     (x, y)
 }
 

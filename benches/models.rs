@@ -19,9 +19,9 @@ use cifar_df::synth;
 const BATCH: usize = 128;
 const BATCHES: usize = 16;
 
-fn data(n: usize) -> (Array2<f32>, Array1<u8>) {
+fn data(n: usize) -> (Array2<f32>, Array1<u16>) {
     let mut x = Array2::<f32>::zeros((n, 3072));
-    let mut y = Array1::<u8>::zeros(n);
+    let mut y = Array1::<u16>::zeros(n);
     let mut px = vec![0u8; 3072];
     for i in 0..n {
         y[i] = synth::image(7, Split::Train, i as u64, &mut px);

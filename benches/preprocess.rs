@@ -27,7 +27,7 @@ const BATCHES: usize = 40;
 const S: usize = 32;
 const LEN: usize = 3 * S * S;
 
-fn pixels(n: usize) -> (Vec<u8>, Vec<u8>) {
+fn pixels(n: usize) -> (Vec<u16>, Vec<u8>) {
     let mut labels = Vec::with_capacity(n);
     let mut pixels = vec![0u8; n * LEN];
     for (i, px) in pixels.chunks_exact_mut(LEN).enumerate() {

@@ -12,7 +12,7 @@ use cifar_df::wire::{ndjson, spark_json};
 
 const BATCH: usize = 128;
 
-fn batch() -> (Vec<u8>, Vec<u8>) {
+fn batch() -> (Vec<u16>, Vec<u8>) {
     let mut labels = Vec::with_capacity(BATCH);
     let mut pixels = vec![0u8; BATCH * 3072];
     for (i, px) in pixels.chunks_exact_mut(3072).enumerate() {

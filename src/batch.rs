@@ -7,14 +7,17 @@
 //! |---------|--------------------------------|--------------------------------------------|
 //! | `batch` | `UInt64`                       | sequence number of the batch, from 0       |
 //! | `row`   | `UInt32`                       | row within the batch                       |
-//! | `label` | `UInt8`                        | class 0..K−1 (the run's K classes)          |
+//! | `label` | `UInt16`                       | class 0..K−1 (the run's K classes)          |
 //! | `image` | `FixedSizeList<UInt8, 3072>`   | CIFAR order: red plane, green, blue; 32x32 row-major |
 //!
 //! Building a batch from decoded buffers moves the `Vec`s into Arrow buffers without copying.
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
+use arrow::array::{
+    Array, ArrayRef, FixedSizeListArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
@@ -39,7 +42,7 @@ pub fn stream_schema() -> SchemaRef {
             Arc::new(Schema::new(vec![
                 Field::new("batch", DataType::UInt64, false),
                 Field::new("row", DataType::UInt32, false),
-                Field::new("label", DataType::UInt8, false),
+                Field::new("label", DataType::UInt16, false),
                 Field::new("image", image_type(), false),
             ]))
         })
@@ -59,7 +62,7 @@ pub fn batch_number(batch: &RecordBatch) -> Option<u64> {
 pub fn make_batch(
     batch: u64,
     rows: Option<Vec<u32>>,
-    labels: Vec<u8>,
+    labels: Vec<u16>,
     pixels: Vec<u8>,
 ) -> Result<RecordBatch> {
     let n = labels.len();
@@ -81,7 +84,7 @@ pub fn make_batch(
         vec![
             Arc::new(UInt64Array::from(vec![batch; n])) as ArrayRef,
             Arc::new(UInt32Array::from(rows)),
-            Arc::new(UInt8Array::from(labels)),
+            Arc::new(UInt16Array::from(labels)),
             Arc::new(image),
         ],
     )?)
@@ -98,8 +101,54 @@ pub fn image_array(pixels: Vec<u8>) -> Result<FixedSizeListArray> {
     )?)
 }
 
+/// A label column's values: borrowed from a UInt16 column, widened from a UInt8 one (files
+/// written before labels were two bytes). Any other type, or a null, is an error naming it.
+pub fn label_values(column: &dyn Array) -> std::result::Result<Cow<'_, [u16]>, String> {
+    if column.null_count() > 0 {
+        return Err(format!("`label` has {} nulls", column.null_count()));
+    }
+    if let Some(a) = column.as_any().downcast_ref::<UInt16Array>() {
+        return Ok(Cow::Borrowed(&a.values()[..]));
+    }
+    if let Some(a) = column.as_any().downcast_ref::<UInt8Array>() {
+        return Ok(Cow::Owned(
+            a.values().iter().map(|&l| u16::from(l)).collect(),
+        ));
+    }
+    Err(format!(
+        "`label` is {}, not UInt16 (or UInt8)",
+        column.data_type()
+    ))
+}
+
+/// `batch` with its `label` column widened from UInt8 to UInt16 (files written before
+/// labels were two bytes); any other batch is returned as it is.
+pub fn widen_labels(batch: RecordBatch) -> Result<RecordBatch> {
+    let Some(i) = batch
+        .schema()
+        .fields()
+        .iter()
+        .position(|f| f.name() == "label" && f.data_type() == &DataType::UInt8)
+    else {
+        return Ok(batch);
+    };
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields[i] = fields[i].clone().with_data_type(DataType::UInt16);
+    let mut columns = batch.columns().to_vec();
+    columns[i] = arrow::compute::cast(&columns[i], &DataType::UInt16)?;
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}
+
 /// The first row whose label is not below `classes`, with that label.
-pub fn first_bad_label(labels: &[u8], classes: usize) -> Option<(usize, u8)> {
+pub fn first_bad_label(labels: &[u16], classes: usize) -> Option<(usize, u16)> {
     labels
         .iter()
         .position(|&l| l as usize >= classes)

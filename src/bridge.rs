@@ -7,9 +7,9 @@
 //! other types are refused with an error naming the column: a model must never see a
 //! silently zero-filled image.
 
-use datafusion::arrow::array::{Array, FixedSizeListArray, Float32Array, UInt8Array};
+use datafusion::arrow::array::{Array, FixedSizeListArray, Float32Array, UInt16Array, UInt8Array};
 use datafusion::arrow::record_batch::RecordBatch;
-use ndarray::{ArrayView1, ArrayView2};
+use ndarray::{Array1, ArrayView1, ArrayView2, CowArray, Ix1};
 
 use crate::error::{Error, Result};
 
@@ -60,24 +60,29 @@ pub fn list_view<'a>(list: &'a FixedSizeListArray, column: &str) -> Result<Array
         .map_err(|e| Error::usage(format!("column `{column}`: {e}")))
 }
 
-/// The UInt8 column `column` (labels) as a view.
-pub fn labels_view<'a>(batch: &'a RecordBatch, column: &str) -> Result<ArrayView1<'a, u8>> {
+/// The UInt16 column `column` (labels) as a view; a UInt8 column (files written before
+/// labels were widened) is widened into a copy.
+pub fn labels_view<'a>(batch: &'a RecordBatch, column: &str) -> Result<CowArray<'a, u16, Ix1>> {
     let col = batch
         .column_by_name(column)
         .ok_or_else(|| Error::usage(format!("no column `{column}` in the batch")))?;
-    let labels = col.as_any().downcast_ref::<UInt8Array>().ok_or_else(|| {
-        Error::usage(format!(
-            "column `{column}` is {}, not UInt8",
-            col.data_type()
-        ))
-    })?;
-    if labels.null_count() > 0 {
+    if col.null_count() > 0 {
         return Err(Error::usage(format!(
             "column `{column}` has {} null labels",
-            labels.null_count()
+            col.null_count()
         )));
     }
-    Ok(ArrayView1::from(&labels.values()[..]))
+    if let Some(labels) = col.as_any().downcast_ref::<UInt16Array>() {
+        return Ok(CowArray::from(ArrayView1::from(&labels.values()[..])));
+    }
+    if let Some(labels) = col.as_any().downcast_ref::<UInt8Array>() {
+        let wide: Array1<u16> = labels.values().iter().map(|&l| u16::from(l)).collect();
+        return Ok(CowArray::from(wide));
+    }
+    Err(Error::usage(format!(
+        "column `{column}` is {}, not UInt16 (or UInt8)",
+        col.data_type()
+    )))
 }
 
 #[cfg(test)]
@@ -93,10 +98,10 @@ mod tests {
         let values = Float32Array::from_iter_values((0..rows * d).map(|i| i as f32));
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let x = FixedSizeListArray::try_new(item, d as i32, Arc::new(values), None).unwrap();
-        let y = UInt8Array::from_iter_values((0..rows).map(|i| (i % 10) as u8));
+        let y = UInt16Array::from_iter_values((0..rows).map(|i| (i % 10) as u16));
         let schema = Schema::new(vec![
             Field::new("x", x.data_type().clone(), false),
-            Field::new("label", DataType::UInt8, false),
+            Field::new("label", DataType::UInt16, false),
         ]);
         RecordBatch::try_new(Arc::new(schema), vec![Arc::new(x) as ArrayRef, Arc::new(y)]).unwrap()
     }
@@ -123,7 +128,7 @@ mod tests {
         assert_eq!(x[[2, 1]], 7.0);
         assert_eq!(x.as_ptr(), value_ptr(&b), "the view must not copy");
         let y = labels_view(&b, "label").unwrap();
-        let labels = b.column(1).as_any().downcast_ref::<UInt8Array>().unwrap();
+        let labels = b.column(1).as_any().downcast_ref::<UInt16Array>().unwrap();
         assert_eq!(y.as_ptr(), labels.values().as_ptr());
         assert_eq!(y.to_vec(), vec![0, 1, 2, 3]);
     }
@@ -154,7 +159,17 @@ mod tests {
         assert!(labels_view(&b, "x")
             .unwrap_err()
             .to_string()
-            .contains("not UInt8"));
+            .contains("not UInt16"));
+        // Labels of files written before they were two bytes are widened.
+        let narrow = RecordBatch::try_from_iter([(
+            "label",
+            Arc::new(UInt8Array::from(vec![3u8, 255])) as ArrayRef,
+        )])
+        .unwrap();
+        assert_eq!(
+            labels_view(&narrow, "label").unwrap().to_vec(),
+            vec![3, 255]
+        );
         let ints = FixedSizeListArray::try_new(
             Arc::new(Field::new("item", DataType::Int32, false)),
             1,

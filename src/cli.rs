@@ -330,12 +330,24 @@ fn run_classes(
     source: &TrainSource,
 ) -> anyhow::Result<Vec<String>> {
     let flag = a.classes.as_deref().map(parse_classes).transpose()?;
-    if let Some(data) = source.dataset() {
-        let names = crate::dataset::class_names(data)?;
+    // The data's own classes: a dataset's, or those a features cache recorded.
+    let known = match source {
+        TrainSource::Spec(SourceSpec::Features(dir)) => {
+            crate::features::cache::Manifest::read(dir)?
+                .map(|m| m.classes)
+                .filter(|c| !c.is_empty())
+                .map(|c| (c, format!("the features cache {}", dir.display())))
+        }
+        _ => match source.dataset() {
+            Some(data) => Some((crate::dataset::class_names(data)?, data.to_string())),
+            None => None,
+        },
+    };
+    if let Some((names, what)) = known {
         if let Some(f) = &flag {
             if f.len() != names.len() {
                 anyhow::bail!(
-                    "--classes gives {} classes but {data} has {}",
+                    "--classes gives {} classes but {what} has {}",
                     f.len(),
                     names.len()
                 );

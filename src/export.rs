@@ -261,7 +261,7 @@ pub async fn publish(
         df,
         &mut |b| {
             let (seq, labels, pixels) = images_of(b)?;
-            publisher.send(seq, labels, pixels)
+            publisher.send(seq, &labels, pixels)
         },
         on_batch,
     )
@@ -269,13 +269,17 @@ pub async fn publish(
 }
 
 /// The batch number, labels and pixels of a stream batch.
-fn images_of(batch: &RecordBatch) -> Result<(u64, &[u8], &[u8])> {
+/// A stream batch's number, labels and pixels.
+type BatchImages<'a> = (u64, std::borrow::Cow<'a, [u16]>, &'a [u8]);
+
+fn images_of(batch: &RecordBatch) -> Result<BatchImages<'_>> {
     use datafusion::arrow::array::{Array, FixedSizeListArray, UInt8Array};
     let seq = crate::batch::batch_number(batch).unwrap_or(0);
     let labels = batch
         .column_by_name("label")
-        .and_then(|c| c.as_any().downcast_ref::<UInt8Array>())
-        .ok_or_else(|| Error::usage("the stream has no UInt8 `label` column"))?;
+        .ok_or_else(|| Error::usage("the stream has no `label` column"))?;
+    let labels = crate::batch::label_values(labels.as_ref())
+        .map_err(|e| Error::usage(format!("the stream's {e}")))?;
     let images = batch
         .column_by_name("image")
         .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
@@ -291,7 +295,7 @@ fn images_of(batch: &RecordBatch) -> Result<(u64, &[u8], &[u8])> {
         .values()
         .get(start..start + n)
         .ok_or_else(|| Error::usage("the stream's image column is shorter than its labels"))?;
-    Ok((seq, labels.values(), pixels))
+    Ok((seq, labels, pixels))
 }
 
 /// Runs `df` to its end (or Ctrl-C, or a stream error, kept in the summary), handing each

@@ -323,7 +323,7 @@ pub fn unreachable(
 pub fn encode_record(
     format: Format,
     seq: u64,
-    labels: &[u8],
+    labels: &[u16],
     pixels: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<()> {
@@ -431,7 +431,7 @@ impl Publisher {
     }
 
     /// Queues batch `seq` (waiting while librdkafka's queue is full).
-    pub fn send(&mut self, seq: u64, labels: &[u8], pixels: &[u8]) -> Result<()> {
+    pub fn send(&mut self, seq: u64, labels: &[u16], pixels: &[u8]) -> Result<()> {
         self.check()?;
         encode_record(self.format, seq, labels, pixels, &mut self.buf)?;
         let key = seq.to_string();
@@ -652,7 +652,7 @@ mod tests {
 
     #[test]
     fn records_are_self_contained_in_each_format() {
-        let labels = vec![3u8, 7];
+        let labels = vec![3u16, 7];
         let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i % 251) as u8).collect();
         let mut out = Vec::new();
         encode_record(Format::SparkJson, 5, &labels, &pixels, &mut out).unwrap();

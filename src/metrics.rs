@@ -94,7 +94,7 @@ impl Accumulator {
     ///
     /// Errors when `proba` has fewer than 2 columns or not as many as earlier batches had,
     /// when its row count differs from `y`'s length, or when a label is not below K.
-    pub fn update(&mut self, y: ArrayView1<u8>, proba: ArrayView2<f32>) -> Result<()> {
+    pub fn update(&mut self, y: ArrayView1<u16>, proba: ArrayView2<f32>) -> Result<()> {
         let (rows, cols) = proba.dim();
         let k = self.classes().unwrap_or(cols);
         if cols != k || cols < 2 {
@@ -128,8 +128,8 @@ impl Accumulator {
     /// negative, NaN or infinite. An empty batch with `loss_sum` 0 adds nothing.
     pub fn update_labels(
         &mut self,
-        y: &[u8],
-        predicted: &[u8],
+        y: &[u16],
+        predicted: &[u16],
         loss_sum: f64,
         classes: usize,
     ) -> Result<()> {
@@ -327,7 +327,7 @@ impl Running {
 
 /// The metrics of one batch; see [`Accumulator::update`] for the arguments, errors and the
 /// handling of NaN and of an empty batch (0 images, 0.0 rates).
-pub fn batch_metrics(y: ArrayView1<u8>, proba: ArrayView2<f32>) -> Result<Metrics> {
+pub fn batch_metrics(y: ArrayView1<u16>, proba: ArrayView2<f32>) -> Result<Metrics> {
     let mut acc = Accumulator::new();
     acc.update(y, proba)?;
     Ok(acc.get())
@@ -346,7 +346,7 @@ pub fn log_loss_row(p_true: f32) -> f64 {
 }
 
 /// `label` as a class index below `classes`, or an error naming the row.
-fn class(label: u8, classes: usize, what: &str, row: usize) -> Result<usize> {
+fn class(label: u16, classes: usize, what: &str, row: usize) -> Result<usize> {
     let k = usize::from(label);
     if k < classes {
         Ok(k)
@@ -468,7 +468,7 @@ mod tests {
         // 1   1  [.6, .4]                     0               .4
         // 2   1  [.25, .5, .25]               1 (correct)     .5
         // 3   2  [.5, .5]   (tie: lowest)     0               0 → clipped to 1e−15
-        let y = Array1::from(vec![0u8, 1, 1, 2]);
+        let y = Array1::from(vec![0u16, 1, 1, 2]);
         let p = proba(&[
             row(&[(0, 0.7), (1, 0.2), (2, 0.1)]),
             row(&[(0, 0.6), (1, 0.4)]),
@@ -522,7 +522,7 @@ mod tests {
     fn perfect_one_hot_predictions_clip_at_one_minus_eps() {
         // Every class once, predicted with probability exactly 1: all rates 1, and the loss
         // of each row is −ln(1 − 1e−15) ≈ 1e−15, not 0.
-        let y = Array1::from((0..CLASSES as u8).collect::<Vec<_>>());
+        let y = Array1::from((0..CLASSES as u16).collect::<Vec<_>>());
         let rows: Vec<_> = (0..CLASSES).map(|k| row(&[(k, 1.0)])).collect();
         let m = batch_metrics(y.view(), proba(&rows).view()).unwrap();
         assert_eq!((m.acc, m.precision, m.recall, m.f1), (1.0, 1.0, 1.0, 1.0));
@@ -552,7 +552,7 @@ mod tests {
         // row 0: y 0, [NaN, .3, .7] → predicted 2, p_true NaN → loss 15 ln 10
         // row 1: y 1, all NaN → predicted 0, loss 15 ln 10
         // row 2: y 2, [.1, NaN, .9] → predicted 2 (correct), loss −ln .9
-        let y = Array1::from(vec![0u8, 1, 2]);
+        let y = Array1::from(vec![0u16, 1, 2]);
         let p = proba(&[
             row(&[(0, f32::NAN), (1, 0.3), (2, 0.7)]),
             [f32::NAN; CLASSES],
@@ -586,7 +586,7 @@ mod tests {
         let m = Accumulator::new().get();
         assert_eq!(m, Metrics::default());
         assert_eq!((m.images, m.acc, m.loss, m.f1), (0, 0.0, 0.0, 0.0));
-        let y = Array1::<u8>::zeros(0);
+        let y = Array1::<u16>::zeros(0);
         let p = Array2::<f32>::zeros((0, CLASSES));
         // An empty batch fixes the class count and nothing else.
         assert_eq!(
@@ -606,12 +606,12 @@ mod tests {
         let mut acc = Accumulator::new();
         acc.update_labels(&[1, 2], &[1, 1], 1.0, CLASSES).unwrap();
         let before = acc.get();
-        let y = Array1::from(vec![0u8, 10]);
+        let y = Array1::from(vec![0u16, 10]);
         let good = proba(&[row(&[(0, 1.0)]), row(&[(0, 1.0)])]);
         // Label 10 in the last row, after a valid row.
         assert!(acc.update(y.view(), good.view()).is_err());
         // Wrong number of columns, wrong number of rows.
-        let y = Array1::from(vec![0u8, 1]);
+        let y = Array1::from(vec![0u16, 1]);
         assert!(acc.update(y.view(), Array2::zeros((2, 9)).view()).is_err());
         assert!(acc
             .update(y.view(), Array2::zeros((3, CLASSES)).view())
@@ -661,9 +661,9 @@ mod tests {
     /// with a tiny p_true (below the clip; such rows no longer sum to 1, which the metrics
     /// must not correct). Labels come from a random subset of the classes, so that some
     /// classes are never present.
-    fn random_case(rng: &mut Rng, n: usize) -> (Array1<u8>, Array2<f32>) {
-        let present: Vec<u8> = {
-            let mut all: Vec<u8> = (0..CLASSES as u8).collect();
+    fn random_case(rng: &mut Rng, n: usize) -> (Array1<u16>, Array2<f32>) {
+        let present: Vec<u16> = {
+            let mut all: Vec<u16> = (0..CLASSES as u16).collect();
             for i in (1..all.len()).rev() {
                 all.swap(i, rng.below(i + 1));
             }
@@ -768,7 +768,7 @@ for _ in range(cases):
         let mut text = format!("{}\n", cases.len());
         for (y, p) in &cases {
             text += &format!("{}\n", y.len());
-            let labels: Vec<String> = y.iter().map(u8::to_string).collect();
+            let labels: Vec<String> = y.iter().map(u16::to_string).collect();
             text += &(labels.join(" ") + "\n");
             for r in p.rows() {
                 let values: Vec<String> =
@@ -899,7 +899,7 @@ for _ in range(cases):
     fn three_classes_by_hand() {
         // y = [0, 1, 2, 2], predicted [0, 2, 2, 1]: confusion [[1,0,0],[0,0,1],[0,1,1]];
         // per class P = (1, 0, 1/2), R = (1, 0, 1/2), F1 = (1, 0, 1/2): macro 1/2 each.
-        let y = Array1::from(vec![0u8, 1, 2, 2]);
+        let y = Array1::from(vec![0u16, 1, 2, 2]);
         let p = Array2::from_shape_vec(
             (4, 3),
             vec![0.8, 0.1, 0.1, 0.2, 0.3, 0.5, 0.1, 0.1, 0.8, 0.25, 0.5, 0.25],
@@ -920,7 +920,10 @@ for _ in range(cases):
             .update(y.view(), Array2::<f32>::zeros((4, CLASSES)).view())
             .is_err());
         let e = acc
-            .update(Array1::from(vec![3u8]).view(), Array2::zeros((1, 3)).view())
+            .update(
+                Array1::from(vec![3u16]).view(),
+                Array2::zeros((1, 3)).view(),
+            )
             .unwrap_err();
         assert!(e.to_string().contains("label 3"), "{e}");
         assert_eq!(acc.get(), m);

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::array::{
-    ArrayRef, Float32Array, Float64Array, StringArray, TimestampMillisecondArray, UInt32Array,
-    UInt64Array, UInt8Array,
+    ArrayRef, Float32Array, Float64Array, StringArray, TimestampMillisecondArray, UInt16Array,
+    UInt32Array, UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -87,8 +87,8 @@ pub fn confusion_schema() -> SchemaRef {
         Field::new("split", DataType::Utf8, false),
         Field::new("epoch", DataType::UInt32, false),
         Field::new("batch", DataType::UInt64, false),
-        Field::new("actual", DataType::UInt8, false),
-        Field::new("predicted", DataType::UInt8, false),
+        Field::new("actual", DataType::UInt16, false),
+        Field::new("predicted", DataType::UInt16, false),
         Field::new("count", DataType::UInt64, false),
     ]))
 }
@@ -101,8 +101,8 @@ pub fn predictions_schema() -> SchemaRef {
         Field::new("epoch", DataType::UInt32, false),
         Field::new("batch", DataType::UInt64, false),
         Field::new("row", DataType::UInt32, false),
-        Field::new("label", DataType::UInt8, false),
-        Field::new("predicted", DataType::UInt8, false),
+        Field::new("label", DataType::UInt16, false),
+        Field::new("predicted", DataType::UInt16, false),
         Field::new("p_max", DataType::Float32, false),
     ]))
 }
@@ -258,8 +258,8 @@ impl Run {
                         split.push(r.split.as_str());
                         epoch.push(r.epoch);
                         batch.push(r.batch);
-                        actual.push(a as u8);
-                        predicted.push(p as u8);
+                        actual.push(a as u16);
+                        predicted.push(p as u16);
                         count.push(c);
                     }
                 }
@@ -272,8 +272,8 @@ impl Run {
                 Arc::new(StringArray::from(split)),
                 Arc::new(UInt32Array::from(epoch)),
                 Arc::new(UInt64Array::from(batch)),
-                Arc::new(UInt8Array::from(actual)),
-                Arc::new(UInt8Array::from(predicted)),
+                Arc::new(UInt16Array::from(actual)),
+                Arc::new(UInt16Array::from(predicted)),
                 Arc::new(UInt64Array::from(count)),
             ],
         )?)
@@ -287,8 +287,8 @@ impl Run {
         epoch: u32,
         batch: &[u64],
         row: &[u32],
-        label: &[u8],
-        predicted: &[u8],
+        label: &[u16],
+        predicted: &[u16],
         p_max: &[f32],
     ) -> Result<RecordBatch> {
         let n = batch.len();
@@ -300,8 +300,8 @@ impl Run {
                 Arc::new(UInt32Array::from(vec![epoch; n])),
                 Arc::new(UInt64Array::from(batch.to_vec())),
                 Arc::new(UInt32Array::from(row.to_vec())),
-                Arc::new(UInt8Array::from(label.to_vec())),
-                Arc::new(UInt8Array::from(predicted.to_vec())),
+                Arc::new(UInt16Array::from(label.to_vec())),
+                Arc::new(UInt16Array::from(predicted.to_vec())),
                 Arc::new(Float32Array::from(p_max.to_vec())),
             ],
         )?)
@@ -898,7 +898,7 @@ mod tests {
     fn commit_parts(run: &Run, n: u64, per: u64) {
         let mut pending = Pending::default();
         for b in 0..n {
-            let y = ndarray::Array1::from(vec![(b % 10) as u8]);
+            let y = ndarray::Array1::from(vec![(b % 10) as u16]);
             let mut p = ndarray::Array2::<f32>::from_elem((1, 10), 0.05);
             p[[0, (b % 7) as usize]] = 0.55;
             let m = batch_metrics(y.view(), p.view()).unwrap();
@@ -908,8 +908,8 @@ mod tests {
                     1,
                     &[b],
                     &[0],
-                    &[(b % 10) as u8],
-                    &[(b % 7) as u8],
+                    &[(b % 10) as u16],
+                    &[(b % 7) as u16],
                     &[0.55],
                 )
                 .unwrap();

@@ -323,7 +323,7 @@ mod tests {
     fn a_shuffled_epoch_is_a_seeded_permutation_of_every_file() {
         let files: Vec<Images> = (0..3u8)
             .map(|f| Images {
-                labels: (0..4).map(|i| f * 4 + i).collect(),
+                labels: (0..4).map(|i| u16::from(f * 4 + i)).collect(),
                 pixels: (0..4u8)
                     .flat_map(|i| std::iter::repeat_n(f * 4 + i, IMAGE_BYTES))
                     .collect(),
@@ -333,12 +333,12 @@ mod tests {
         assert_eq!(a, shuffled_epoch(&files, 7, 0));
         let mut labels = a.labels.clone();
         labels.sort();
-        assert_eq!(labels, (0..12).collect::<Vec<u8>>());
+        assert_eq!(labels, (0..12).collect::<Vec<u16>>());
         // Each image keeps its pixels.
         for (i, &l) in a.labels.iter().enumerate() {
             assert!(a.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
                 .iter()
-                .all(|&p| p == l));
+                .all(|&p| u16::from(p) == l));
         }
         assert_ne!(a.labels, shuffled_epoch(&files, 7, 1).labels);
         assert_ne!(a.labels, shuffled_epoch(&files, 8, 0).labels);

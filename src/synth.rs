@@ -328,7 +328,7 @@ fn split_tag(split: Split) -> u64 {
 ///
 /// # Panics
 /// If `pixels_out.len() != IMAGE_BYTES`.
-pub fn image(seed: u64, split: Split, index: u64, pixels_out: &mut [u8]) -> u8 {
+pub fn image(seed: u64, split: Split, index: u64, pixels_out: &mut [u8]) -> u16 {
     assert_eq!(
         pixels_out.len(),
         IMAGE_BYTES,
@@ -403,7 +403,7 @@ pub fn image(seed: u64, split: Split, index: u64, pixels_out: &mut [u8]) -> u8 {
             *px = (i32::from(*px) + n).clamp(0, 255) as u8;
         }
     }
-    label as u8
+    label as u16
 }
 
 /// The images of `split`: five train files (sizes as equal as possible, in order

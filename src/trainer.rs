@@ -390,7 +390,7 @@ async fn open_stream(
 }
 
 /// The first label of `y` that is not a class, with its row.
-fn bad_label(y: ArrayView1<u8>, classes: usize) -> Option<(usize, u8)> {
+fn bad_label(y: ArrayView1<u16>, classes: usize) -> Option<(usize, u16)> {
     y.iter()
         .enumerate()
         .find(|(_, &l)| usize::from(l) >= classes)
@@ -398,7 +398,7 @@ fn bad_label(y: ArrayView1<u8>, classes: usize) -> Option<(usize, u8)> {
 }
 
 /// Predicted class and its probability, per row.
-fn argmax_rows(proba: &Array2<f32>) -> (Vec<u8>, Vec<f32>) {
+fn argmax_rows(proba: &Array2<f32>) -> (Vec<u16>, Vec<f32>) {
     let (mut predicted, mut p_max) = (Vec::new(), Vec::new());
     for row in proba.rows() {
         let (mut best, mut p) = (0usize, f32::NEG_INFINITY);
@@ -408,7 +408,8 @@ fn argmax_rows(proba: &Array2<f32>) -> (Vec<u8>, Vec<f32>) {
                 p = v;
             }
         }
-        predicted.push(best as u8);
+        // At most MAX_CLASSES columns: the index fits in a u16.
+        predicted.push(best as u16);
         p_max.push(p);
     }
     (predicted, p_max)
@@ -797,7 +798,8 @@ async fn train_loop(
             continue; // learnt before the checkpoint this run resumed from
         }
         let x = features_view(&batch, FEATURES)?;
-        let y = labels_view(&batch, "label")?;
+        let y_col = labels_view(&batch, "label")?;
+        let y = y_col.view();
         if let Some((row, label)) = bad_label(y, model.classes()) {
             tracing::warn!(
                 "batch {number} rejected: row {row} has label {label}, outside the run's \
@@ -1037,7 +1039,8 @@ async fn predict_loop(
         let number = crate::batch::batch_number(&batch).unwrap_or(seq);
         seq = number + 1;
         let x = features_view(&batch, FEATURES)?;
-        let y = labels_view(&batch, "label")?;
+        let y_col = labels_view(&batch, "label")?;
+        let y = y_col.view();
         if let Some((row, label)) = bad_label(y, model.classes()) {
             tracing::warn!(
                 "batch {number} rejected: row {row} has label {label}, outside the model's \

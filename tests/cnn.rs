@@ -14,7 +14,7 @@ use cifar_df::model::cnn::net::{smoothed_ce, Tape};
 use cifar_df::model::cnn::{Cnn, CnnParams};
 use cifar_df::model::{Learner, SplitMix};
 
-fn images(n: usize, seed: u64) -> (Array2<f32>, Array1<u8>) {
+fn images(n: usize, seed: u64) -> (Array2<f32>, Array1<u16>) {
     let mut rng = SplitMix(seed);
     // Smooth images (a few low frequencies per channel) plus noise, so that pooling
     // windows have clear maxima and the whitening sees real correlations.
@@ -23,7 +23,7 @@ fn images(n: usize, seed: u64) -> (Array2<f32>, Array1<u8>) {
         let (yy, xx) = ((p / 32) as f32, (p % 32) as f32);
         ((yy * 0.3 + c as f32).sin() + (xx * 0.2).cos()) * 0.7 + rng.normal() as f32 * 0.5
     });
-    let y = (0..n).map(|_| rng.below(10) as u8).collect();
+    let y = (0..n).map(|_| rng.below(10) as u16).collect();
     (x, y)
 }
 

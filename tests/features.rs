@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, UInt8Array};
+use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, UInt16Array};
 use cifar_df::dataset::{Split, IMAGE_BYTES};
 use cifar_df::features::patches::{Encoding, PatchExtractor, PatchParams};
 use cifar_df::features::Extractor;
@@ -86,7 +86,7 @@ fn the_extractor_matches_a_numpy_reference() {
 }
 
 /// Rows of a cache part: (label, flipped, features).
-fn read_part(path: &Path) -> Vec<(u8, bool, Vec<f32>)> {
+fn read_part(path: &Path) -> Vec<(u16, bool, Vec<f32>)> {
     let file = std::fs::File::open(path).unwrap();
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
@@ -99,7 +99,7 @@ fn read_part(path: &Path) -> Vec<(u8, bool, Vec<f32>)> {
             .column_by_name("label")
             .unwrap()
             .as_any()
-            .downcast_ref::<UInt8Array>()
+            .downcast_ref::<UInt16Array>()
             .unwrap()
             .clone();
         let flipped = b
@@ -183,7 +183,7 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
         .into_iter()
         .flat_map(|i| i.pixels)
         .collect();
-    let labels: Vec<u8> = synth::generate(&spec, Split::Train)
+    let labels: Vec<u16> = synth::generate(&spec, Split::Train)
         .into_iter()
         .flat_map(|i| i.labels)
         .collect();
@@ -334,7 +334,7 @@ fn extract_features_is_a_sql_function_over_parquet_images() {
     let cached = read_part(&parts(&f.join("test"))[0]);
     let line = out.lines().nth(1).unwrap();
     let (label, f0) = line.split_once(',').unwrap();
-    assert_eq!(label.parse::<u8>().unwrap(), cached[0].0, "{out}");
+    assert_eq!(label.parse::<u16>().unwrap(), cached[0].0, "{out}");
     let f0: f32 = f0.parse().unwrap();
     assert!(
         (f0 - cached[0].2[0]).abs() <= 1e-5 * cached[0].2[0].abs().max(1.0),

@@ -1,5 +1,5 @@
 //! Data of other shapes than CIFAR-10's files: image folders (JPEG and PNG, grey, RGBA,
-//! palette, odd sizes; 3 and 12 classes), CIFAR-100's binary and Python files, every
+//! palette, odd sizes; 3, 12 and 1,000 classes), CIFAR-100's binary and Python files, every
 //! model with 3 and 100 classes, and the bad input of each. The folders and files are
 //! written by the test-only script `tests/ref/datasets.py` (Pillow, numpy), which also
 //! checks the decoded images against Pillow's.
@@ -58,7 +58,10 @@ fn fails(cmd: &mut Command) -> String {
 fn test_accuracy(runs: &Path, run: &str) -> f64 {
     let csv = query_csv(
         runs,
-        &format!("select acc from eval_metrics where run = '{run}' and split = 'test'"),
+        &format!(
+            "select sum(acc * images) / sum(images) from eval_metrics \
+             where run = '{run}' and split = 'test'"
+        ),
     );
     csv.lines().nth(1).unwrap().parse().unwrap()
 }
@@ -273,4 +276,99 @@ fn every_model_learns_three_and_a_hundred_classes() {
             assert!(max < k, "{run}: predicted {max}");
         }
     }
+}
+
+#[test]
+fn a_thousand_classes_are_learnt_and_one_more_is_refused() {
+    if !have_python("PIL, numpy", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = folder(tmp.path(), "f1000", 1000, 2, 1);
+    let runs = tmp.path().join("runs");
+    let (stdout, _) = train(&data, &runs, "k1000", "logreg", &["--epochs", "4"]);
+    assert!(stdout.contains("2000 images"), "{stdout}");
+    assert!(std::fs::read_to_string(runs.join("k1000/config.toml"))
+        .unwrap()
+        .contains("classes = 1000"));
+    // Labels above a byte's range reach the model, the metrics and the tables.
+    let csv = query_csv(
+        &runs,
+        "select max(label), max(predicted), count(*), \
+         sum(case when label = predicted then 1 else 0 end) from predictions \
+         where run = 'k1000' and split = 'test'",
+    );
+    let row: Vec<usize> = csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(row[0], 999, "{csv}");
+    assert!(row[1] > 255 && row[1] < 1000, "{csv}");
+    assert_eq!(row[2], 1000, "{csv}");
+    // Chance is 1 in 1,000.
+    assert!(
+        row[3] > 20,
+        "1,000 classes: {} of 1,000 test images right",
+        row[3]
+    );
+
+    // One class more than the limit: an error naming the folder and the count.
+    std::fs::create_dir_all(data.join("train/zz")).unwrap();
+    std::fs::copy(data.join("train/c00/0000.png"), data.join("train/zz/0.png")).unwrap();
+    let e = fails(
+        bin()
+            .args(["train", "--model", "logreg", "--data"])
+            .arg(&data)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(
+        e.contains("1001 class folders") && e.contains("at most 1000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_features_cache_records_the_folders_classes() {
+    if !have_python("PIL, numpy", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = folder(tmp.path(), "f3", 3, 20, 5);
+    let f = tmp.path().join("F");
+    run_ok(
+        bin()
+            .args(["-q", "features", "--data", data.to_str().unwrap(), "--out"])
+            .arg(&f)
+            .args(common::SMALL_EXTRACTOR),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("cache.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["classes"],
+        serde_json::json!(["c00", "c01", "c02"]),
+        "{manifest}"
+    );
+    // Training from the cache takes its classes without --classes.
+    let runs = tmp.path().join("runs");
+    let source = format!("features:{}", f.display());
+    run_ok(
+        bin()
+            .args(["-q", "train", "--source", &source, "--model", "logreg"])
+            .args(["--runs", runs.to_str().unwrap(), "--run", "r", "--no-plots"]),
+    );
+    let config = std::fs::read_to_string(runs.join("r/config.toml")).unwrap();
+    assert!(config.contains("\"c00\""), "{config}");
+    let e = fails(
+        bin()
+            .args(["train", "--source", &source, "--classes", "5"])
+            .args(["--runs", runs.to_str().unwrap()]),
+    );
+    assert!(
+        e.contains("--classes gives 5 classes") && e.contains("features cache"),
+        "{e}"
+    );
 }

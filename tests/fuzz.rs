@@ -100,7 +100,7 @@ fn fuzz(name: &str, seed: u64, good: &[u8], mut read: impl FnMut(&[u8]) -> bool)
 
 fn images(n: usize) -> Images {
     Images {
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        labels: (0..n).map(|i| (i % 10) as u16).collect(),
         pixels: (0..n * IMAGE_BYTES).map(|i| (i * 7 % 256) as u8).collect(),
     }
 }
@@ -194,7 +194,7 @@ fn checkpoint_and_config_loaders_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
     let x = ndarray::Array2::from_shape_fn((20, 6), |(i, j)| ((i * 3 + j) % 7) as f32 / 7.0);
-    let y = ndarray::Array1::from_shape_fn(20, |i| (i % 10) as u8);
+    let y = ndarray::Array1::from_shape_fn(20, |i| (i % 10) as u16);
     let mut total = 0;
     for (seed, name) in [(6u64, "logreg"), (7, "mlp"), (8, "kmeans"), (9, "svm")] {
         let mut m = cifar_df::config::build_model(name, &toml::Table::new()).unwrap();

@@ -84,7 +84,7 @@ fn serve(chunks: impl Iterator<Item = Vec<u8>> + Send + 'static) -> u16 {
 }
 
 /// One spark-json line holding `n` images of `label`.
-fn batch_line(n: usize, label: u8) -> Vec<u8> {
+fn batch_line(n: usize, label: u16) -> Vec<u8> {
     let labels = vec![label; n];
     let pixels: Vec<u8> = (0..n * 3072).map(|i| (i * 7 % 256) as u8).collect();
     let mut out = Vec::new();

@@ -42,7 +42,7 @@ fn export(source: &str, out: &std::path::Path, extra: &[&str]) -> String {
 }
 
 /// (batch, row, label, image) of the images in a Parquet export, without the numbering.
-fn images(path: &std::path::Path) -> Vec<(u8, Vec<u8>)> {
+fn images(path: &std::path::Path) -> Vec<(u16, Vec<u8>)> {
     read_parquet(path)
         .into_iter()
         .map(|(_, _, l, i)| (l, i))

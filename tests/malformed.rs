@@ -7,7 +7,7 @@ use std::io::{Cursor, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use arrow::array::{Array, UInt64Array, UInt8Array};
+use arrow::array::{Array, UInt16Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use cifar_df::source::{self, BatchSource, Report, SourceOptions, SourceSpec};
 use cifar_df::wire::{ndjson, spark_json, Format};
@@ -21,7 +21,7 @@ fn image(seed: u8) -> Vec<u8> {
 
 /// A valid spark-json line (without '\n') of `n` images with labels 0..n.
 fn spark_line(n: usize) -> String {
-    let labels: Vec<u8> = (0..n as u8).collect();
+    let labels: Vec<u16> = (0..n as u16).collect();
     let pixels: Vec<u8> = (0..n as u8).flat_map(image).collect();
     let mut out = Vec::new();
     spark_json::encode(&labels, &pixels, &mut out);
@@ -180,12 +180,12 @@ fn ndjson_bad_lines_are_rejected_and_the_batch_keeps_the_rest() {
     let (batches, err) = drain(src);
     assert_eq!(err, None);
     assert_eq!(batch_numbers(&batches), vec![0, 1, 3]);
-    let labels: Vec<Vec<u8>> = batches
+    let labels: Vec<Vec<u16>> = batches
         .iter()
         .map(|b| {
             b.column(2)
                 .as_any()
-                .downcast_ref::<UInt8Array>()
+                .downcast_ref::<UInt16Array>()
                 .unwrap()
                 .values()
                 .to_vec()
@@ -216,7 +216,7 @@ fn arrow_batches_with_bad_labels_are_rejected_and_corruption_ends_the_stream() {
         // Labels outside 0..9 cannot come from make_batch's callers on the wire; build it raw.
         let bad = make_batch(1, None, vec![3, 4], [image(2), image(3)].concat()).unwrap();
         let mut cols = bad.columns().to_vec();
-        cols[2] = std::sync::Arc::new(UInt8Array::from(vec![3u8, 11]));
+        cols[2] = std::sync::Arc::new(UInt16Array::from(vec![3u16, 11]));
         w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
             .unwrap();
         w.write(&make_batch(2, None, vec![5], image(4)).unwrap())

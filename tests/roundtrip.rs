@@ -16,7 +16,7 @@ fn assert_rows(out: &Path, want: &[(u8, Vec<u8>)], batch_size: usize) {
     for (i, ((batch, row, label, px), (wl, wpx))) in got.iter().zip(want).enumerate() {
         assert_eq!(*batch, (i / batch_size) as u64, "batch of image {i}");
         assert_eq!(*row, (i % batch_size) as u32, "row of image {i}");
-        assert_eq!(label, wl, "label of image {i}");
+        assert_eq!(*label, u16::from(*wl), "label of image {i}");
         assert!(px == wpx, "pixels of image {i} differ");
     }
 }

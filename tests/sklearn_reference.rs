@@ -24,11 +24,11 @@ use cifar_df::model::{
 use ndarray::{s, Array1, Array2};
 
 /// Ten Gaussian blobs in `d` dimensions; every class appears in the first batch.
-fn data(n: usize, d: usize) -> (Array2<f32>, Array1<u8>) {
+fn data(n: usize, d: usize) -> (Array2<f32>, Array1<u16>) {
     let mut rng = SplitMix(42);
     let centres = Array2::from_shape_fn((10, d), |_| rng.normal() as f32);
-    let y: Array1<u8> = (0..n)
-        .map(|i| (if i < 10 { i } else { rng.below(10) }) as u8)
+    let y: Array1<u16> = (0..n)
+        .map(|i| (if i < 10 { i } else { rng.below(10) }) as u16)
         .collect();
     let x = Array2::from_shape_fn((n, d), |(i, j)| {
         // Round to values exactly representable in f32 and in the text file.

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use arrow::array::{Array, UInt64Array, UInt8Array};
+use arrow::array::{Array, UInt16Array, UInt64Array};
 use cifar_df::query;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
 use cifar_df::table::register_stream;
@@ -49,7 +49,11 @@ async fn a_live_tcp_stream_is_consumed_batch_by_batch() {
         let mut released = false;
         for b in 0..4u8 {
             let mut line = Vec::new();
-            spark_json::encode(&[b, 9 - b], &vec![b; 2 * 3072], &mut line);
+            spark_json::encode(
+                &[u16::from(b), u16::from(9 - b)],
+                &vec![b; 2 * 3072],
+                &mut line,
+            );
             s.write_all(&line).unwrap();
             s.flush().unwrap();
             if b == 1 {
@@ -68,7 +72,7 @@ async fn a_live_tcp_stream_is_consumed_batch_by_batch() {
     while let Some(b) = stream.next().await {
         let b = b.unwrap();
         let batch = b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
-        let label = b.column(1).as_any().downcast_ref::<UInt8Array>().unwrap();
+        let label = b.column(1).as_any().downcast_ref::<UInt16Array>().unwrap();
         seen.extend((0..b.num_rows()).map(|i| (batch.value(i), label.value(i))));
         if seen.len() == 4 {
             // The query yields results while the connection is still open.
@@ -80,7 +84,7 @@ async fn a_live_tcp_stream_is_consumed_batch_by_batch() {
         "the query must yield the first batches while the connection is open"
     );
     // Batch b holds labels b and 9 - b, in order.
-    let want: Vec<(u64, u8)> = (0..4u8)
+    let want: Vec<(u64, u16)> = (0..4u16)
         .flat_map(|b| [(b as u64, b), (b as u64, 9 - b)])
         .collect();
     assert_eq!(seen, want);

@@ -246,7 +246,7 @@ fn predict_loads_a_checkpoint_by_name() {
 fn stream_file(path: &Path, batches: usize, bad: usize) {
     let mut out = Vec::new();
     for b in 0..batches {
-        let labels: Vec<u8> = (0..3).map(|r| ((b + r) % 10) as u8).collect();
+        let labels: Vec<u16> = (0..3).map(|r| ((b + r) % 10) as u16).collect();
         let pixels: Vec<u8> = (0..3 * 3072)
             .map(|i| ((i * 7 + b * 13) % 256) as u8)
             .collect();

@@ -83,7 +83,7 @@ shifts = np.stack([reflected[:, :, oy:oy + 32, ox:ox + 32]
 put("translations.u8", shifts, np.uint8)
 "#;
 
-fn images() -> (Vec<u8>, Vec<u8>) {
+fn images() -> (Vec<u16>, Vec<u8>) {
     let mut labels = Vec::with_capacity(N);
     let mut pixels = vec![0u8; N * 3072];
     for (i, px) in pixels.chunks_exact_mut(3072).enumerate() {
@@ -146,7 +146,7 @@ fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-async fn run_on_images(pixels: &[u8], labels: &[u8], sql: &str) -> RecordBatch {
+async fn run_on_images(pixels: &[u8], labels: &[u16], sql: &str) -> RecordBatch {
     let ctx = query::session();
     let batch = make_batch(3, None, labels.to_vec(), pixels.to_vec()).unwrap();
     ctx.register_batch("t", batch).unwrap();

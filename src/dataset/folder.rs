@@ -128,7 +128,7 @@ pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
     if split == Split::Test && !dir.exists() {
         return Ok(Loaded::default());
     }
-    let mut work: Vec<(u8, PathBuf)> = Vec::new();
+    let mut work: Vec<(u16, PathBuf)> = Vec::new();
     let mut skipped = 0;
     for name in subfolders(&dir)? {
         let Some(label) = classes.iter().position(|c| *c == name) else {
@@ -147,8 +147,8 @@ pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
                 dir.join(&name).display()
             )));
         }
-        // At most MAX_CLASSES (256) classes: the label fits in a byte.
-        let label = u8::try_from(label).unwrap_or(u8::MAX);
+        // At most MAX_CLASSES classes: the label fits in a u16.
+        let label = u16::try_from(label).unwrap_or(u16::MAX);
         work.extend(files.into_iter().map(|f| (label, f)));
     }
     if skipped > 0 {
@@ -199,7 +199,7 @@ pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
 }
 
 /// Decodes every file of `work` on all cores, in order.
-fn decode_all(work: &[(u8, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, String>> {
+fn decode_all(work: &[(u16, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, String>> {
     let threads = std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1)

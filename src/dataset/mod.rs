@@ -151,8 +151,8 @@ impl FromStr for Layout {
 /// `pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Images {
-    /// One label (0..10) per image.
-    pub labels: Vec<u8>,
+    /// One label (0..K) per image.
+    pub labels: Vec<u16>,
     /// `IMAGE_BYTES` pixel bytes per image, in CIFAR layout.
     pub pixels: Vec<u8>,
 }
@@ -188,7 +188,7 @@ impl Images {
     ///
     /// # Panics
     /// If `pixels.len() != IMAGE_BYTES`.
-    pub fn push(&mut self, label: u8, pixels: &[u8]) {
+    pub fn push(&mut self, label: u16, pixels: &[u8]) {
         assert_eq!(pixels.len(), IMAGE_BYTES, "an image is {IMAGE_BYTES} bytes");
         self.labels.push(label);
         self.pixels.extend_from_slice(pixels);
@@ -205,7 +205,7 @@ impl Images {
     }
 
     /// The images as `(label, pixels)` pairs.
-    pub fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (u16, &[u8])> + '_ {
         self.labels
             .iter()
             .copied()
@@ -364,7 +364,7 @@ pub fn read_file(path: &Path, layout: Layout) -> Result<Images> {
 }
 
 /// Check the record structure of a binary batch file and return its labels.
-fn bin_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+fn bin_labels(bytes: &[u8], path: &Path) -> Result<Vec<u16>> {
     let whole = bytes.len() / RECORD_BYTES;
     let rest = bytes.len() % RECORD_BYTES;
     if rest != 0 {
@@ -392,7 +392,7 @@ fn bin_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
                 ),
             ));
         }
-        labels.push(label);
+        labels.push(u16::from(label));
     }
     Ok(labels)
 }
@@ -533,7 +533,7 @@ pub fn parse_bin100(bytes: &[u8], path: &Path) -> Result<Images> {
                 format!("record {i}: fine label {fine} is not a class 0..99"),
             ));
         }
-        images.push(fine, &record[2..]);
+        images.push(u16::from(fine), &record[2..]);
     }
     Ok(images)
 }
@@ -650,7 +650,8 @@ pub fn write_bin(path: &Path, images: &Images) -> Result<()> {
     let mut w = BufWriter::with_capacity(1 << 16, file);
     let write = |w: &mut BufWriter<fs::File>| -> io::Result<()> {
         for (label, pixels) in images.iter() {
-            w.write_all(&[label])?;
+            // `check` keeps every label a CIFAR-10 class: it fits the format's byte.
+            w.write_all(&[label as u8])?;
             w.write_all(pixels)?;
         }
         w.flush()
@@ -762,12 +763,21 @@ fn encode_pickle<W: Write>(w: &mut W, images: &Images, batch_label: &str) -> io:
     // Like cPickle: APPENDS in batches of 1,000; a batch of one is a plain APPEND.
     for chunk in images.labels.chunks(1000) {
         head.clear();
+        let int = |head: &mut Vec<u8>, label: u16| match u8::try_from(label) {
+            // BININT1 for a byte, BININT2 above it.
+            Ok(b) => head.extend_from_slice(&[b'K', b]),
+            Err(_) => {
+                head.push(b'M');
+                head.extend_from_slice(&label.to_le_bytes());
+            }
+        };
         if let [label] = chunk {
-            head.extend_from_slice(&[b'K', *label, b'a']);
+            int(&mut head, *label);
+            head.push(b'a');
         } else {
             head.push(b'(');
             for &label in chunk {
-                head.extend_from_slice(&[b'K', label]);
+                int(&mut head, label);
             }
             head.push(b'e');
         }
@@ -1989,7 +1999,7 @@ impl<'a> Vm<'a> {
         }
         let mut out = Vec::with_capacity(rows);
         for (i, &v) in values.iter().enumerate() {
-            match u8::try_from(v).ok().filter(|&l| usize::from(l) < classes) {
+            match u16::try_from(v).ok().filter(|&l| usize::from(l) < classes) {
                 Some(l) => out.push(l),
                 None => {
                     return Err(self.err_at(
@@ -2169,7 +2179,7 @@ mod tests {
             for (j, p) in px.iter_mut().enumerate() {
                 *p = (i * 31 + j * 7) as u8;
             }
-            images.push((i % CLASSES) as u8, &px);
+            images.push((i % CLASSES) as u16, &px);
         }
         images
     }
@@ -2223,7 +2233,7 @@ mod tests {
     fn truncated_bin_names_offset() {
         let mut bytes = Vec::new();
         for (l, p) in sample(3).iter() {
-            bytes.push(l);
+            bytes.push(l as u8);
             bytes.extend_from_slice(p);
         }
         bytes.truncate(2 * RECORD_BYTES + 100);
@@ -2237,7 +2247,7 @@ mod tests {
     fn bad_label_names_record() {
         let mut bytes = Vec::new();
         for (l, p) in sample(3).iter() {
-            bytes.push(l);
+            bytes.push(l as u8);
             bytes.extend_from_slice(p);
         }
         bytes[RECORD_BYTES] = 10;
@@ -2309,6 +2319,25 @@ mod tests {
     }
 
     #[test]
+    fn pickle_labels_above_a_byte_round_trip() {
+        // BININT2 for labels of 256 and more; `finish_with` checks them against the classes.
+        let mut images = sample(3);
+        images.labels = vec![255, 256, 999];
+        let bytes = encoded(&images, "b");
+        let path = Path::new("m");
+        let mut v = Vm::new(&bytes, path);
+        let top = v.run().expect("run");
+        assert_eq!(v.finish_with(top, b"labels", 1000).expect("1000"), images);
+        let mut v = Vm::new(&bytes, path);
+        let top = v.run().expect("run");
+        let e = v
+            .finish_with(top, b"labels", 999)
+            .expect_err("999")
+            .to_string();
+        assert!(e.contains("labels[2] is 999"), "{e}");
+    }
+
+    #[test]
     fn numpy_underscore_core_variant() {
         let images = sample(4);
         let bytes = encoded(&images, "b");
@@ -2346,7 +2375,7 @@ mod tests {
         unicode(&mut out, "labels");
         out.extend_from_slice(b"]q\x01(");
         for &l in &images.labels {
-            out.extend_from_slice(&[b'K', l]);
+            out.extend_from_slice(&[b'K', l as u8]);
         }
         out.push(b'e');
         unicode(&mut out, "data");

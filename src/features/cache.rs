@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt32Array, UInt64Array, UInt8Array,
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -41,7 +41,7 @@ pub fn schema(width: usize) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("batch", DataType::UInt64, false),
         Field::new("row", DataType::UInt32, false),
-        Field::new("label", DataType::UInt8, false),
+        Field::new("label", DataType::UInt16, false),
         Field::new("flipped", DataType::Boolean, false),
         Field::new("features", features_type(width), false),
     ]))
@@ -66,6 +66,10 @@ pub struct Manifest {
     pub data: String,
     /// Complete splits: name, images, whether flipped copies were added.
     pub splits: Vec<SplitEntry>,
+    /// The data's class names, in label order (empty in caches written before they were
+    /// recorded).
+    #[serde(default)]
+    pub classes: Vec<String>,
 }
 
 /// One complete split of a cache.
@@ -149,6 +153,7 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
         width: extractor.width(),
         data: opts.data.to_string(),
         splits: Vec::new(),
+        classes: crate::dataset::class_names(&opts.data)?,
     };
     for split in Split::ALL {
         let all = split_images(&opts.data, split)?;
@@ -214,7 +219,7 @@ pub(crate) fn split_images(data: &DataSpec, split: Split) -> Result<Images> {
 /// flipped images' features) is given.
 pub(crate) fn part_batch(
     x: &ndarray::Array2<f32>,
-    labels: &[u8],
+    labels: &[u16],
     first: usize,
     batch_size: usize,
     flipped_x: Option<&ndarray::Array2<f32>>,
@@ -255,7 +260,7 @@ pub(crate) fn part_batch(
         vec![
             Arc::new(UInt64Array::from(batch)) as ArrayRef,
             Arc::new(UInt32Array::from(row)),
-            Arc::new(UInt8Array::from(label)),
+            Arc::new(UInt16Array::from(label)),
             Arc::new(BooleanArray::from(flipped)),
             Arc::new(list),
         ],

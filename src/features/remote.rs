@@ -86,6 +86,7 @@ pub async fn write_cache_on_workers(
         width,
         data: opts.data.to_string(),
         splits: Vec::new(),
+        classes: crate::dataset::class_names(&opts.data)?,
     };
     // The job's own function is found by path, so any worker of this cifar-df will do,
     // whatever extractor it has bound for `extract_features`.

@@ -124,7 +124,7 @@ pub struct KernelSvmParams {
     /// the kernel matrix for each class: about 13 s per class at 2,000 × 3,072).
     pub solver: String,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -239,7 +239,7 @@ struct Window {
     /// Rows, row-major; `y.len()` of them.
     x: Vec<f32>,
     /// Labels.
-    y: Vec<u8>,
+    y: Vec<u16>,
     /// Index of the oldest row once the ring is full (0 before).
     head: usize,
 }
@@ -261,7 +261,7 @@ impl Window {
     }
 
     /// Adds a row (of width `d`), dropping the oldest if the window is full.
-    fn push(&mut self, row: ArrayView1<f32>, label: u8) {
+    fn push(&mut self, row: ArrayView1<f32>, label: u16) {
         if self.y.len() < self.cap {
             self.x.extend(row.iter());
             self.y.push(label);
@@ -276,7 +276,7 @@ impl Window {
     }
 
     /// The rows and labels, oldest first.
-    fn ordered(&self) -> (Array2<f32>, Vec<u8>) {
+    fn ordered(&self) -> (Array2<f32>, Vec<u16>) {
         let (n, d, h) = (self.len(), self.d, self.head);
         let mut x = Vec::with_capacity(n * d);
         x.extend_from_slice(&self.x[h * d..]);
@@ -651,7 +651,7 @@ fn linfa_fit(
 /// Fits the one-vs-rest model on the window `(x, y)` (n ≥ 1 rows).
 fn fit_window(
     x: ArrayView2<f32>,
-    y: &[u8],
+    y: &[u16],
     kernel: Kernel,
     params: &KernelSvmParams,
 ) -> Result<Fitted> {
@@ -964,7 +964,7 @@ impl Learner for KernelSvm {
     /// whose squared norm is not below `f32::MAX / 4` are refused with the rest of the
     /// batch (their kernel values could overflow). If the fit itself fails, the batch
     /// stays buffered, the previous fit stays in place, and the call returns `Err`.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features, self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
@@ -1102,8 +1102,8 @@ mod tests {
         }
     }
 
-    fn label(rng: &mut SplitMix) -> u8 {
-        rng.below(CLASSES) as u8
+    fn label(rng: &mut SplitMix) -> u16 {
+        rng.below(CLASSES) as u16
     }
 
     /// `n` images from Gaussian blobs around the rows of `centres` (one per class).
@@ -1112,8 +1112,8 @@ mod tests {
         centres: &Array2<f32>,
         n: usize,
         spread: f64,
-    ) -> (Array2<f32>, Array1<u8>) {
-        let y: Array1<u8> = (0..n).map(|_| label(rng)).collect();
+    ) -> (Array2<f32>, Array1<u16>) {
+        let y: Array1<u16> = (0..n).map(|_| label(rng)).collect();
         let x = Array2::from_shape_fn((n, centres.ncols()), |(i, j)| {
             centres[[usize::from(y[i]), j]] + (spread * rng.normal()) as f32
         });
@@ -1122,7 +1122,7 @@ mod tests {
 
     /// Two concentric rings in the plane (radius 1: class `a`, radius 3: class `b`) plus
     /// two noise features: separable by an RBF kernel, not by a line.
-    fn rings(rng: &mut SplitMix, n: usize, a: u8, b: u8) -> (Array2<f32>, Array1<u8>) {
+    fn rings(rng: &mut SplitMix, n: usize, a: u16, b: u16) -> (Array2<f32>, Array1<u16>) {
         let mut x = Array2::zeros((n, 4));
         let mut y = Array1::zeros(n);
         for i in 0..n {
@@ -1138,7 +1138,7 @@ mod tests {
         (x, y)
     }
 
-    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u8>) -> f64 {
+    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u16>) -> f64 {
         let pred = m.predict(x).unwrap();
         pred.iter().zip(y).filter(|(p, t)| p == t).count() as f64 / y.len() as f64
     }
@@ -1220,7 +1220,7 @@ mod tests {
     fn window_drops_the_oldest() {
         let mut w = Window::new(3);
         w.d = 2;
-        for i in 0..5u8 {
+        for i in 0..5u16 {
             let row = array![f32::from(i), -f32::from(i)];
             w.push(row.view(), i);
             let (x, y) = w.ordered();
@@ -1296,7 +1296,7 @@ mod tests {
         let mut rng = SplitMix(2);
         let mut batch = |n: usize| {
             let x = Array2::from_shape_fn((n, 4), |_| rng.normal() as f32);
-            let y: Array1<u8> = (0..n).map(|i| (i % CLASSES) as u8).collect();
+            let y: Array1<u16> = (0..n).map(|i| (i % CLASSES) as u16).collect();
             (x, y)
         };
         let mut m = KernelSvm::new(params("rbf", 100)).unwrap();
@@ -1521,7 +1521,7 @@ mod tests {
     fn gamma_scale_and_single_class() {
         let mut rng = SplitMix(4);
         let x = Array2::from_shape_fn((50, 3), |_| (2.0 * rng.normal() + 1.0) as f32);
-        let y: Array1<u8> = (0..50).map(|i| (i % 2) as u8).collect();
+        let y: Array1<u16> = (0..50).map(|i| (i % 2) as u16).collect();
         let mut m = KernelSvm::new(params("rbf", 50)).unwrap();
         assert_eq!(m.gamma(), None);
         m.partial_fit(x.view(), y.view()).unwrap();
@@ -1542,7 +1542,7 @@ mod tests {
 
         // A window holding one class: that class, with probability 1.
         let mut m = KernelSvm::new(params("rbf", 50)).unwrap();
-        m.partial_fit(x.view(), Array1::from_elem(50, 4u8).view())
+        m.partial_fit(x.view(), Array1::from_elem(50, 4u16).view())
             .unwrap();
         assert_eq!(m.fits(), 1);
         assert_eq!(m.n_support(), Some(0));
@@ -1555,11 +1555,11 @@ mod tests {
     fn bad_batches_are_errors_and_change_nothing() {
         let mut m = KernelSvm::new(params("rbf", 6)).unwrap();
         let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * j) as f32 / 10.0);
-        let y = array![1u8, 2, 3];
+        let y = array![1u16, 2, 3];
         let empty = Array2::<f32>::zeros((0, 4));
         assert_eq!(m.partial_fit(empty.view(), array![].view()).unwrap(), 0.0);
         assert_eq!((m.n_features(), m.seen()), (None, 0));
-        assert!(m.partial_fit(x.view(), array![1u8, 10, 3].view()).is_err());
+        assert!(m.partial_fit(x.view(), array![1u16, 10, 3].view()).is_err());
         assert_eq!(m.n_features(), None, "a rejected first batch fixes nothing");
         assert!(m.decision_function(x.view()).is_err(), "not fitted");
 
@@ -1586,10 +1586,10 @@ mod tests {
         assert!(m.predict_proba(wide.view()).is_err());
         assert!(m.decision_function(wide.view()).is_err());
         let e = m
-            .partial_fit(x.view(), array![1u8, 2, 10].view())
+            .partial_fit(x.view(), array![1u16, 2, 10].view())
             .unwrap_err();
         assert!(e.to_string().contains("label 10"), "{e}");
-        assert!(m.partial_fit(x.view(), array![1u8, 2].view()).is_err());
+        assert!(m.partial_fit(x.view(), array![1u16, 2].view()).is_err());
         let mut bad = x.clone();
         bad[[2, 1]] = f32::NAN;
         assert!(m.partial_fit(bad.view(), y.view()).is_err());
@@ -1624,7 +1624,7 @@ mod tests {
     fn accepts_non_contiguous_views() {
         let mut rng = SplitMix(3);
         let x = Array2::from_shape_fn((40, 5), |_| rng.normal() as f32);
-        let y: Array1<u8> = (0..40).map(|_| label(&mut rng)).collect();
+        let y: Array1<u16> = (0..40).map(|_| label(&mut rng)).collect();
         let xt = x.t().to_owned();
         let mut a = KernelSvm::new(params("rbf", 40)).unwrap();
         let mut b = a.clone();
@@ -1636,7 +1636,7 @@ mod tests {
     }
 
     /// A labelled batch.
-    type Batch = (Array2<f32>, Array1<u8>);
+    type Batch = (Array2<f32>, Array1<u16>);
 
     /// A model (window 150) trained on the first 4 of 6 batches of 70 from a blob stream;
     /// the 6 batches; probe images.
@@ -1722,7 +1722,7 @@ mod tests {
         let l = KernelSvm::load(dir.path()).unwrap();
         assert_eq!((l.params(), l.n_features(), l.seen()), (&p, None, 0));
         let x = Array2::from_shape_fn((6, 3), |(i, j)| (i + 2 * j) as f32);
-        let y = array![0u8, 1, 2, 0, 1, 2];
+        let y = array![0u16, 1, 2, 0, 1, 2];
         m.partial_fit(x.view(), y.view()).unwrap();
         m.save(dir.path()).unwrap();
         let mut l = KernelSvm::load(dir.path()).unwrap();
@@ -1846,7 +1846,7 @@ mod tests {
         let centres = Array2::from_shape_fn((CLASSES, d), |_| 0.3 * rng.normal() as f32);
         let (x, y) = blobs(&mut rng, &centres, n, 1.0);
         let (q, _) = blobs(&mut rng, &centres, 1000, 1.0);
-        let noise: Array1<u8> = (0..n).map(|_| label(&mut rng)).collect();
+        let noise: Array1<u16> = (0..n).map(|_| label(&mut rng)).collect();
         for (kernel, y) in [
             ("rbf", &y),
             ("linear", &y),

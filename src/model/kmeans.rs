@@ -55,7 +55,7 @@ pub struct KMeansParams {
     /// Default 0.
     pub seed: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -521,7 +521,7 @@ impl Learner for KMeans {
     /// The batch is checked first (as [`Learner::partial_fit`] says, plus no row of
     /// squared norm above 1e36); a bad batch is an `Err` and changes nothing. An empty
     /// batch is `Ok(0.0)` and changes nothing.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
@@ -767,8 +767,8 @@ mod tests {
         centres: &Array2<f32>,
         n: usize,
         spread: f64,
-    ) -> (Array2<f32>, Array1<u8>) {
-        let y: Array1<u8> = (0..n).map(|_| rng.below(centres.nrows()) as u8).collect();
+    ) -> (Array2<f32>, Array1<u16>) {
+        let y: Array1<u16> = (0..n).map(|_| rng.below(centres.nrows()) as u16).collect();
         let x = Array2::from_shape_fn((n, centres.ncols()), |(i, j)| {
             centres[[usize::from(y[i]), j]] + (spread * rng.normal()) as f32
         });
@@ -779,12 +779,12 @@ mod tests {
         Array2::from_shape_fn((k, d), |_| (scale * rng.normal()) as f32)
     }
 
-    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u8>) -> f64 {
+    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u16>) -> f64 {
         let pred = m.predict(x).unwrap();
         pred.iter().zip(y).filter(|(p, t)| p == t).count() as f64 / y.len() as f64
     }
 
-    fn fit_batches(m: &mut KMeans, x: &Array2<f32>, y: &Array1<u8>, bs: usize) -> Vec<f64> {
+    fn fit_batches(m: &mut KMeans, x: &Array2<f32>, y: &Array1<u16>, bs: usize) -> Vec<f64> {
         x.axis_chunks_iter(Axis(0), bs)
             .zip(y.axis_chunks_iter(Axis(0), bs))
             .map(|(xb, yb)| m.partial_fit(xb, yb).unwrap())
@@ -858,7 +858,7 @@ mod tests {
         let mut m = KMeans::new(params(2, 0)).unwrap();
         // Two rows for two centres: both become centres, in order.
         let inertia = m
-            .partial_fit(array![[0.0f32], [10.0]].view(), array![3u8, 4].view())
+            .partial_fit(array![[0.0f32], [10.0]].view(), array![3u16, 4].view())
             .unwrap();
         assert_eq!(inertia, 0.0);
         assert_eq!(m.centres().unwrap(), array![[0.0f32], [10.0]]);
@@ -867,7 +867,7 @@ mod tests {
         let inertia = m
             .partial_fit(
                 array![[1.0f32], [2.0], [9.0]].view(),
-                array![3u8, 5, 4].view(),
+                array![3u16, 5, 4].view(),
             )
             .unwrap();
         assert_eq!(inertia, (1.0 + 4.0 + 1.0) / 3.0);
@@ -883,7 +883,7 @@ mod tests {
         );
         assert_eq!((m.seen(), m.steps(), m.reassignments()), (5, 2, 0));
         // 4 goes to centre 0 (|4-1| = 3 < |4-9.5|): (1·3 + 4) / 4 = 1.75.
-        m.partial_fit(array![[4.0f32]].view(), array![0u8].view())
+        m.partial_fit(array![[4.0f32]].view(), array![0u16].view())
             .unwrap();
         assert_eq!(m.centres().unwrap(), array![[1.75f32], [9.5]]);
         assert_eq!(m.counts(), &[4, 2]);
@@ -894,12 +894,12 @@ mod tests {
         let mut m = KMeans::new(params(2, 0)).unwrap();
         m.partial_fit(
             array![[0.0f32, 0.0], [4.0, 4.0]].view(),
-            array![0u8, 1].view(),
+            array![0u16, 1].view(),
         )
         .unwrap();
         // All three rows are nearer (0, 0): (0·1 + (1, 0) + (0, 2) + (−1, 2)) / 4.
         let x = array![[1.0f32, 0.0], [0.0, 2.0], [-1.0, 2.0]];
-        let inertia = m.partial_fit(x.view(), array![0u8, 0, 2].view()).unwrap();
+        let inertia = m.partial_fit(x.view(), array![0u16, 0, 2].view()).unwrap();
         assert_eq!(inertia, (1.0 + 4.0 + 5.0) / 3.0);
         assert_eq!(m.centres().unwrap(), array![[0.0f32, 1.0], [4.0, 4.0]]);
         assert_eq!(m.counts(), &[4, 1], "a centre without rows keeps its count");
@@ -909,7 +909,7 @@ mod tests {
         );
         // Several rows to each centre at once, in f32 as the rule says.
         let x = array![[0.5f32, 1.5], [3.0, 5.0], [5.0, 3.5], [-0.5, 0.5]];
-        m.partial_fit(x.view(), array![0u8, 1, 1, 0].view())
+        m.partial_fit(x.view(), array![0u16, 1, 1, 0].view())
             .unwrap();
         let c0 = [
             (0.0f32 * 4.0 + 0.5 - 0.5) / 6.0,
@@ -943,11 +943,11 @@ mod tests {
             Vec::<u32>::new()
         );
 
-        m.partial_fit(array![[0.0f32], [10.0]].view(), array![7u8, 2].view())
+        m.partial_fit(array![[0.0f32], [10.0]].view(), array![7u16, 2].view())
             .unwrap();
         m.partial_fit(
             array![[0.5f32], [-0.5], [0.2], [9.0], [11.0]].view(),
-            array![3u8, 3, 7, 2, 5].view(),
+            array![3u16, 3, 7, 2, 5].view(),
         )
         .unwrap();
         // Cluster 0: labels 7, 3, 3, 7 (tie 3/7); cluster 1: 2, 2, 5.
@@ -966,7 +966,7 @@ mod tests {
             }
             assert!((row.sum() - 1.0).abs() < 1e-6);
         }
-        assert_eq!(m.predict(x.view()).unwrap(), array![3u8, 2, 3]);
+        assert_eq!(m.predict(x.view()).unwrap(), array![3u16, 2, 3]);
     }
 
     #[test]
@@ -1197,7 +1197,7 @@ mod tests {
         // It trains as a new one would.
         let mut fresh = KMeans::new(params(5, 99)).unwrap();
         let x = Array2::from_shape_fn((20, 3), |(i, j)| ((i * 7 + j * 3) % 11) as f32);
-        let y: Array1<u8> = (0..20).map(|i| (i % 10) as u8).collect();
+        let y: Array1<u16> = (0..20).map(|i| (i % 10) as u16).collect();
         assert_eq!(
             l.partial_fit(x.view(), y.view()).unwrap(),
             fresh.partial_fit(x.view(), y.view()).unwrap()
@@ -1210,7 +1210,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = KMeans::new(params(3, 0)).unwrap();
         let x = Array2::from_shape_fn((6, 2), |(i, j)| (i * 2 + j) as f32);
-        m.partial_fit(x.view(), array![0u8, 1, 2, 3, 4, 5].view())
+        m.partial_fit(x.view(), array![0u16, 1, 2, 3, 4, 5].view())
             .unwrap();
         m.save(dir.path()).unwrap();
         let st = dir.path().join(TENSORS_FILE);
@@ -1255,7 +1255,7 @@ mod tests {
         );
         // A save torn between its two renames: model.json from a later save.
         let later = tempfile::tempdir().unwrap();
-        m.partial_fit(x.view(), array![0u8, 1, 2, 3, 4, 5].view())
+        m.partial_fit(x.view(), array![0u16, 1, 2, 3, 4, 5].view())
             .unwrap();
         m.save(later.path()).unwrap();
         fs::copy(later.path().join(META_FILE), &js).unwrap();
@@ -1276,11 +1276,11 @@ mod tests {
     fn bad_batches_are_errors_and_change_nothing() {
         let mut m = KMeans::new(params(3, 0)).unwrap();
         let x = Array2::from_shape_fn((5, 4), |(i, j)| (i * j) as f32 / 10.0);
-        let y = array![1u8, 2, 3, 4, 5];
+        let y = array![1u16, 2, 3, 4, 5];
         let empty = Array2::<f32>::zeros((0, 4));
         assert_eq!(m.partial_fit(empty.view(), array![].view()).unwrap(), 0.0);
         assert!(m
-            .partial_fit(x.view(), array![1u8, 2, 3, 4, 10].view())
+            .partial_fit(x.view(), array![1u16, 2, 3, 4, 10].view())
             .is_err());
         let mut huge = x.clone();
         huge[[3, 0]] = 1e19;
@@ -1303,10 +1303,10 @@ mod tests {
         assert!(m.predict_proba(wide.view()).is_err());
         assert!(m.clusters(wide.view()).unwrap().is_err());
         let e = m
-            .partial_fit(x.view(), array![1u8, 2, 3, 4, 10].view())
+            .partial_fit(x.view(), array![1u16, 2, 3, 4, 10].view())
             .unwrap_err();
         assert!(e.to_string().contains("label 10"), "{e}");
-        assert!(m.partial_fit(x.view(), array![1u8, 2].view()).is_err());
+        assert!(m.partial_fit(x.view(), array![1u16, 2].view()).is_err());
         let mut nan = x.clone();
         nan[[2, 1]] = f32::NAN;
         assert!(m.partial_fit(nan.view(), y.view()).is_err());
@@ -1345,7 +1345,7 @@ mod tests {
     }
 
     /// `n` synthetic training images from index `from`, normalised as the trainer does.
-    fn synth_images(from: u64, n: usize) -> (Array2<f32>, Array1<u8>) {
+    fn synth_images(from: u64, n: usize) -> (Array2<f32>, Array1<u16>) {
         let mut buf = vec![0u8; 3072];
         let mut x = Array2::zeros((n, 3072));
         let mut y = Array1::zeros(n);
@@ -1393,7 +1393,7 @@ mod tests {
         let (n, d) = (16_384, 3072);
         let mut rng = SplitMix(1);
         let x = Array2::from_shape_fn((n, d), |_| (rng.uniform() * 2.0 - 1.0) as f32);
-        let y: Array1<u8> = (0..n).map(|i| (i % CLASSES) as u8).collect();
+        let y: Array1<u16> = (0..n).map(|i| (i % CLASSES) as u16).collect();
         let mut m = KMeans::new(KMeansParams::default()).unwrap();
         fit_batches(
             &mut m,

@@ -48,7 +48,7 @@ pub struct LogRegParams {
     /// split, see the README).
     pub average: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -235,7 +235,7 @@ impl LogReg {
     pub fn loss_and_grad(
         &self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
     ) -> Result<(f64, Array2<f32>, Array1<f32>)> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
@@ -403,7 +403,7 @@ fn grad_into(
     b: ArrayView1<f32>,
     alpha: f32,
     x: ArrayView2<f32>,
-    y: ArrayView1<u8>,
+    y: ArrayView1<u16>,
     mut z: ArrayViewMut2<f32>,
     mut g: ArrayViewMut2<f32>,
     mut gb: ArrayViewMut1<f32>,
@@ -445,7 +445,7 @@ impl Learner for LogReg {
     /// starts the weights at zero. If a step would make a parameter non-finite (too
     /// large a learning rate or too large features), it is not taken and the call
     /// returns `Err`; the steps of the batch's earlier mini-batches stay taken.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
@@ -632,8 +632,8 @@ mod tests {
             let v = self.uniform();
             (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
         }
-        fn label(&mut self) -> u8 {
-            (self.next_u64() % CLASSES as u64) as u8
+        fn label(&mut self) -> u16 {
+            (self.next_u64() % CLASSES as u64) as u16
         }
     }
 
@@ -654,16 +654,16 @@ mod tests {
         centres: &Array2<f32>,
         n: usize,
         spread: f64,
-    ) -> (Array2<f32>, Array1<u8>) {
+    ) -> (Array2<f32>, Array1<u16>) {
         let d = centres.ncols();
-        let y: Array1<u8> = (0..n).map(|_| rng.label()).collect();
+        let y: Array1<u16> = (0..n).map(|_| rng.label()).collect();
         let x = Array2::from_shape_fn((n, d), |(i, j)| {
             centres[[usize::from(y[i]), j]] + (spread * rng.normal()) as f32
         });
         (x, y)
     }
 
-    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u8>) -> f64 {
+    fn accuracy(m: &dyn Learner, x: ArrayView2<f32>, y: ArrayView1<u16>) -> f64 {
         let pred = m.predict(x).unwrap();
         pred.iter().zip(y).filter(|(p, t)| p == t).count() as f64 / y.len() as f64
     }
@@ -674,7 +674,7 @@ mod tests {
         b: &Array1<f64>,
         alpha: f64,
         x: &Array2<f64>,
-        y: &[u8],
+        y: &[u16],
     ) -> f64 {
         let n = x.nrows();
         let mut ce = 0.0;
@@ -694,7 +694,7 @@ mod tests {
         let mut rng = Rng(7);
         let (n, d, alpha) = (5, 7, 0.3f32);
         let x = Array2::from_shape_fn((n, d), |_| rng.normal() as f32);
-        let y: Array1<u8> = (0..n).map(|_| rng.label()).collect();
+        let y: Array1<u16> = (0..n).map(|_| rng.label()).collect();
         let mut m = LogReg::new(params(0.1, alpha, 4)).unwrap();
         m.weights = Some(Array2::from_shape_fn((d, CLASSES), |_| rng.normal() as f32));
         m.bias = Array1::from_shape_fn(CLASSES, |_| rng.normal() as f32);
@@ -754,7 +754,7 @@ mod tests {
         //   W = −0.5·G: W[0] = [0.225, −0.025 ×9], W[1] = [−0.05, 0.45, −0.05 ×8]
         //   mean(P − Y) = [−0.4, −0.4, 0.1 ×8], so b = [0.2, 0.2, −0.05 ×8].
         let x = array![[1.0f32, 0.0], [0.0, 2.0]];
-        let y = array![0u8, 1];
+        let y = array![0u16, 1];
         let mut m = LogReg::new(params(0.5, 0.1, 2)).unwrap();
         let loss = m.partial_fit(x.view(), y.view()).unwrap();
         assert!((loss - 10f64.ln()).abs() < 1e-6, "{loss}");
@@ -795,7 +795,7 @@ mod tests {
         //              = [0.37258595, 0.40304601, −0.09695399 ×8]
         // Returned loss: (2.3025851 + 2.3654398)/2 = 2.3340125.
         let x = array![[1.0f32, 0.0], [0.0, 2.0]];
-        let y = array![0u8, 1];
+        let y = array![0u16, 1];
         let mut m = LogReg::new(params(0.5, 0.1, 1)).unwrap();
         let loss = m.partial_fit(x.view(), y.view()).unwrap();
         assert!((loss - 2.3340125).abs() < 1e-6, "{loss}");
@@ -820,7 +820,7 @@ mod tests {
         assert_eq!((m.seen(), m.steps()), (2, 2));
     }
 
-    fn trained_on_blobs() -> (LogReg, Array2<f32>, Array1<u8>) {
+    fn trained_on_blobs() -> (LogReg, Array2<f32>, Array1<u16>) {
         let mut rng = Rng(42);
         let centres = Array2::from_shape_fn((CLASSES, 20), |_| rng.normal() as f32);
         let (x, y) = blobs(&mut rng, &centres, 3000, 1.0);
@@ -936,7 +936,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = LogReg::new(params(0.01, 1e-4, 128)).unwrap();
         let x = Array2::from_shape_fn((4, 3), |(i, j)| (i + j) as f32);
-        m.partial_fit(x.view(), array![0u8, 1, 2, 3].view())
+        m.partial_fit(x.view(), array![0u16, 1, 2, 3].view())
             .unwrap();
         m.save(dir.path()).unwrap();
         let st = dir.path().join(TENSORS_FILE);
@@ -1108,14 +1108,14 @@ mod tests {
     fn bad_batches_are_errors_and_change_nothing() {
         let mut m = LogReg::new(params(0.1, 0.0, 2)).unwrap();
         let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * j) as f32 / 10.0);
-        let y = array![1u8, 2, 3];
+        let y = array![1u16, 2, 3];
 
         // Empty batch: Ok(0), nothing changes, the width is not fixed.
         let empty = Array2::<f32>::zeros((0, 4));
         assert_eq!(m.partial_fit(empty.view(), array![].view()).unwrap(), 0.0);
         assert_eq!((m.n_features(), m.seen(), m.steps()), (None, 0, 0));
         assert!(m.loss_and_grad(empty.view(), array![].view()).is_err());
-        assert!(m.partial_fit(x.view(), array![1u8, 10, 3].view()).is_err());
+        assert!(m.partial_fit(x.view(), array![1u16, 10, 3].view()).is_err());
         assert_eq!(m.n_features(), None, "a rejected first batch fixes nothing");
 
         m.partial_fit(x.view(), y.view()).unwrap();
@@ -1135,10 +1135,10 @@ mod tests {
         assert!(m.predict(wide.view()).is_err());
         assert!(m.loss_and_grad(wide.view(), y.view()).is_err());
         let e = m
-            .partial_fit(x.view(), array![1u8, 2, 10].view())
+            .partial_fit(x.view(), array![1u16, 2, 10].view())
             .unwrap_err();
         assert!(e.to_string().contains("label 10"), "{e}");
-        assert!(m.partial_fit(x.view(), array![1u8, 2].view()).is_err());
+        assert!(m.partial_fit(x.view(), array![1u16, 2].view()).is_err());
         let mut nan = x.clone();
         nan[[2, 1]] = f32::NAN;
         assert!(m.partial_fit(nan.view(), y.view()).is_err());
@@ -1159,7 +1159,7 @@ mod tests {
         let mut m = LogReg::new(params(1e10, 0.0, 2)).unwrap();
         let huge = Array2::from_elem((2, 4), 1e30f32);
         let e = m
-            .partial_fit(huge.view(), array![0u8, 1].view())
+            .partial_fit(huge.view(), array![0u16, 1].view())
             .unwrap_err();
         assert!(e.to_string().contains("non-finite"), "{e}");
         assert!(m.weights().unwrap().iter().all(|&v| v == 0.0));
@@ -1171,7 +1171,7 @@ mod tests {
     fn accepts_non_contiguous_views() {
         let mut rng = Rng(3);
         let x = Array2::from_shape_fn((6, 8), |_| rng.normal() as f32);
-        let y: Array1<u8> = (0..6).map(|_| rng.label()).collect();
+        let y: Array1<u16> = (0..6).map(|_| rng.label()).collect();
         let xt = x.t().to_owned(); // 8 × 6, so xt.t() is a column-major 6 × 8 view
         let mut a = LogReg::new(params(0.1, 0.01, 4)).unwrap();
         let mut b = a.clone();
@@ -1184,7 +1184,7 @@ mod tests {
     }
 
     /// Mean cross-entropy of a model's probabilities on `(x, y)`, in f64.
-    fn mean_ce(m: &LogReg, x: ArrayView2<f32>, y: ArrayView1<u8>) -> f64 {
+    fn mean_ce(m: &LogReg, x: ArrayView2<f32>, y: ArrayView1<u16>) -> f64 {
         let p = m.predict_proba(x).unwrap();
         let total: f64 = p
             .rows()
@@ -1292,7 +1292,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = LogReg::new(LogRegParams::default()).unwrap();
         let x = Array2::from_shape_fn((4, 3), |(i, j)| (i + j) as f32);
-        m.partial_fit(x.view(), array![0u8, 1, 2, 3].view())
+        m.partial_fit(x.view(), array![0u16, 1, 2, 3].view())
             .unwrap();
         m.save(dir.path()).unwrap();
         assert_eq!(LogReg::load(dir.path()).unwrap().averaged(), m.averaged());
@@ -1347,7 +1347,7 @@ mod tests {
         let (n, d) = (16_384, 3072);
         let mut rng = Rng(1);
         let x = Array2::from_shape_fn((n, d), |_| (rng.uniform() * 2.0 - 1.0) as f32);
-        let y: Array1<u8> = (0..n).map(|_| rng.label()).collect();
+        let y: Array1<u16> = (0..n).map(|_| rng.label()).collect();
         let mut m = LogReg::new(LogRegParams::default()).unwrap();
         m.partial_fit(x.slice(s![..1024, ..]), y.slice(s![..1024]))
             .unwrap(); // warm up

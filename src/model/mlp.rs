@@ -88,7 +88,7 @@ pub struct MlpParams {
     /// Seed of the initialisation and the shuffles.
     pub seed: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -200,7 +200,7 @@ pub struct Mlp {
     scratch: Scratch,
     /// A gathered (shuffled) mini-batch: features and labels.
     xb: Array2<f32>,
-    yb: Vec<u8>,
+    yb: Vec<u16>,
 }
 
 /// What `model.json` holds for an [`Mlp`] besides `model` and `stamp`.
@@ -358,7 +358,7 @@ impl Mlp {
         layers: &[Layer],
         acts: &mut [Array2<f32>],
         x: ArrayView2<f32>,
-        y: Option<&[u8]>,
+        y: Option<&[u16]>,
     ) -> f64 {
         let m = x.nrows();
         let last = layers.len() - 1;
@@ -399,7 +399,7 @@ impl Mlp {
 
     /// Gradients of the objective on the mini-batch `(x, y)` into `scratch.grads`,
     /// given the forward pass already in `scratch.acts`.
-    fn backward(layers: &[Layer], alpha: f32, sc: &mut Scratch, x: ArrayView2<f32>, y: &[u8]) {
+    fn backward(layers: &[Layer], alpha: f32, sc: &mut Scratch, x: ArrayView2<f32>, y: &[u16]) {
         let m = x.nrows();
         let inv_m = 1.0 / m as f32;
         let reg = alpha * inv_m;
@@ -517,7 +517,7 @@ impl Mlp {
     pub fn loss_and_grad(
         &self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
     ) -> Result<(f64, Vec<LayerGrad>)> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         if x.nrows() == 0 || self.layers.is_empty() {
@@ -622,7 +622,7 @@ impl Learner for Mlp {
 
     /// See [`Learner::partial_fit`]; the loss is that of the first pass. If a step
     /// makes a parameter non-finite the call returns `Err` (lower `lr`).
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
         if n == 0 {
@@ -758,10 +758,10 @@ mod tests {
     use crate::model::CLASSES;
     use ndarray::array;
 
-    fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u8>) {
+    fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u16>) {
         let mut c = SplitMix(77);
         let centres = Array2::from_shape_fn((CLASSES, d), |_| 2.0 * c.normal() as f32);
-        let y: Array1<u8> = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
+        let y: Array1<u16> = (0..n).map(|_| rng.below(CLASSES) as u16).collect();
         let x = Array2::from_shape_fn((n, d), |(i, j)| {
             centres[[usize::from(y[i]), j]] + (spread * rng.normal()) as f32
         });
@@ -773,7 +773,7 @@ mod tests {
         layers: &[(Array2<f64>, Array1<f64>)],
         alpha: f64,
         x: &Array2<f64>,
-        y: &[u8],
+        y: &[u16],
     ) -> f64 {
         let n = x.nrows();
         let mut a = x.clone();
@@ -1053,7 +1053,7 @@ mod tests {
         bad_x[[2, 1]] = f32::INFINITY;
         assert!(m.partial_fit(bad_x.view(), y.view()).is_err());
         assert!(m
-            .partial_fit(Array2::zeros((2, 5)).view(), array![1u8, 2].view())
+            .partial_fit(Array2::zeros((2, 5)).view(), array![1u16, 2].view())
             .is_err());
         assert_eq!(m.predict_proba(x.view()).unwrap(), before);
         for bad in [

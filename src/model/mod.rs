@@ -42,8 +42,9 @@ pub use svm::{Svm, SvmParams};
 /// model's `classes` hyper-parameter defaults to it, and the trainer sets it from the data.
 pub const CLASSES: usize = 10;
 
-/// The most classes a model can have: labels are one byte.
-pub const MAX_CLASSES: usize = 256;
+/// The most classes a run can have (labels are `u16`; a 1,000-class confusion matrix is
+/// 8 MB).
+pub const MAX_CLASSES: usize = 1000;
 
 /// Checks a model's `classes` hyper-parameter: 2 to [`MAX_CLASSES`].
 pub(crate) fn check_classes(model: &str, classes: usize) -> Result<()> {
@@ -87,7 +88,7 @@ pub trait Learner: Send {
     /// [`n_features`](Learner::n_features), a label ≥ K, a non-finite feature
     /// or `x` and `y` of different lengths is an `Err` and leaves the model unchanged.
     /// An empty batch (n = 0) is `Ok(0.0)` and changes nothing.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64>;
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64>;
 
     /// Class probabilities: an n × K matrix whose rows sum to 1.
     ///
@@ -97,7 +98,7 @@ pub trait Learner: Send {
 
     /// Predicted labels: the argmax of each row of
     /// [`predict_proba`](Learner::predict_proba), the lowest class on ties.
-    fn predict(&self, x: ArrayView2<f32>) -> Result<Array1<u8>> {
+    fn predict(&self, x: ArrayView2<f32>) -> Result<Array1<u16>> {
         let proba = self.predict_proba(x)?;
         Ok(proba.rows().into_iter().map(argmax).collect())
     }
@@ -127,7 +128,7 @@ pub trait Learner: Send {
     fn partial_fit_scored(
         &mut self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
     ) -> Result<(f64, Option<Array2<f32>>)> {
         Ok((self.partial_fit(x, y)?, None))
     }
@@ -199,15 +200,15 @@ pub(crate) fn softmax_rows(z: &mut ndarray::ArrayViewMut2<f32>, temperature: f32
 }
 
 /// Index of the largest value, the lowest index on ties (and 0 for an empty row).
-fn argmax(row: ArrayView1<f32>) -> u8 {
+fn argmax(row: ArrayView1<f32>) -> u16 {
     let mut best = 0;
     for (j, &p) in row.iter().enumerate() {
         if p > row[best] {
             best = j;
         }
     }
-    // A row has at most MAX_CLASSES (256) entries, so the index fits in a u8.
-    u8::try_from(best).unwrap_or(u8::MAX)
+    // A row has at most MAX_CLASSES entries, so the index fits in a u16.
+    u16::try_from(best).unwrap_or(u16::MAX)
 }
 
 /// Checks a batch of features against the width the model expects (`None`: any width
@@ -243,7 +244,7 @@ pub(crate) fn check_features(x: ArrayView2<f32>, expected: Option<usize>) -> Res
 /// `classes`.
 pub(crate) fn check_batch(
     x: ArrayView2<f32>,
-    y: ArrayView1<u8>,
+    y: ArrayView1<u16>,
     expected: Option<usize>,
     classes: usize,
 ) -> Result<()> {
@@ -628,12 +629,12 @@ impl Checkpoint {
     }
 
     /// The U64 tensor `name` of `n` class labels, each checked to be below `classes`.
-    pub(crate) fn labels(&self, name: &str, n: usize, classes: usize) -> Result<Vec<u8>> {
+    pub(crate) fn labels(&self, name: &str, n: usize, classes: usize) -> Result<Vec<u16>> {
         let (start, _) = self.raw(name, Dtype::U64, &[n])?;
         self.u64(name, &[n])?
             .iter()
             .enumerate()
-            .map(|(i, &l)| match u8::try_from(l) {
+            .map(|(i, &l)| match u16::try_from(l) {
                 Ok(l) if usize::from(l) < classes => Ok(l),
                 _ => Err(Error::format(
                     &self.path,
@@ -795,9 +796,9 @@ pub(crate) mod test_util {
         rng: &mut SplitMix,
         n: usize,
         d: usize,
-    ) -> (Array2<f32>, Array1<u8>) {
+    ) -> (Array2<f32>, Array1<u16>) {
         let x = Array2::from_shape_fn((n, d), |_| rng.normal() as f32);
-        let y = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
+        let y = (0..n).map(|_| rng.below(CLASSES) as u16).collect();
         (x, y)
     }
 
@@ -808,7 +809,7 @@ pub(crate) mod test_util {
         a: &mut dyn Learner,
         name: &str,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
         split: usize,
     ) -> tempfile::TempDir {
         use ndarray::s;
@@ -910,15 +911,15 @@ mod tests {
     #[test]
     fn batch_checks() {
         let x = Array2::<f32>::zeros((2, 3));
-        assert!(check_batch(x.view(), array![1u8, 9].view(), Some(3), CLASSES).is_ok());
-        assert!(check_batch(x.view(), array![1u8, 9].view(), None, CLASSES).is_ok());
-        let e = check_batch(x.view(), array![1u8, 10].view(), Some(3), CLASSES).unwrap_err();
+        assert!(check_batch(x.view(), array![1u16, 9].view(), Some(3), CLASSES).is_ok());
+        assert!(check_batch(x.view(), array![1u16, 9].view(), None, CLASSES).is_ok());
+        let e = check_batch(x.view(), array![1u16, 10].view(), Some(3), CLASSES).unwrap_err();
         assert!(e.to_string().contains("row 1") && e.to_string().contains("label 10"));
-        assert!(check_batch(x.view(), array![1u8].view(), Some(3), CLASSES).is_err());
-        assert!(check_batch(x.view(), array![1u8, 2].view(), Some(4), CLASSES).is_err());
+        assert!(check_batch(x.view(), array![1u16].view(), Some(3), CLASSES).is_err());
+        assert!(check_batch(x.view(), array![1u16, 2].view(), Some(4), CLASSES).is_err());
         let mut bad = x.clone();
         bad[[1, 2]] = f32::NAN;
-        let e = check_batch(bad.view(), array![1u8, 2].view(), Some(3), CLASSES).unwrap_err();
+        let e = check_batch(bad.view(), array![1u16, 2].view(), Some(3), CLASSES).unwrap_err();
         assert!(e.to_string().contains("row 1, feature 2"), "{e}");
         bad[[1, 2]] = f32::NEG_INFINITY;
         // Non-contiguous view: same answer.

@@ -64,7 +64,7 @@ pub struct RidgeParams {
     /// Unused (the model draws nothing at random); kept for uniformity.
     pub seed: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
     /// Keep the first `buffer` images as landmarks and learn every later image through
     /// the Nyström approximation (see the module documentation), instead of a window of
@@ -141,7 +141,7 @@ pub struct Ridge {
     /// Buffered features, row-major (`len` × d).
     x: Vec<f32>,
     /// Buffered labels.
-    y: Vec<u8>,
+    y: Vec<u16>,
     /// Gram matrix of the buffer, row-major (`len` × `len`).
     gram: Vec<f32>,
     /// Primal weights (d × 10) of the latest solve (linear kernel).
@@ -258,7 +258,7 @@ impl Ridge {
     }
 
     /// Adds a batch to the buffer and extends the Gram matrix by the batch's rows.
-    fn append(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) {
+    fn append(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) {
         let d = x.ncols();
         let b = x.nrows();
         let n = self.y.len();
@@ -367,7 +367,7 @@ impl Ridge {
 
     /// Adds the kernel rows `k` (b × m) of images labelled `y` to the Nyström sums, as
     /// `φ = [k − c, 1]` in f64.
-    fn accumulate(&mut self, k: &Array2<f32>, y: &[u8]) {
+    fn accumulate(&mut self, k: &Array2<f32>, y: &[u16]) {
         let classes = self.params.classes;
         let Some(ny) = self.ny.as_mut() else { return };
         let m = k.ncols();
@@ -401,10 +401,10 @@ impl Ridge {
     }
 
     /// Learns images of a frozen model: their kernel rows into the sums.
-    fn learn_through_landmarks(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) {
+    fn learn_through_landmarks(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) {
         let cross = self.cross_products(x);
         let k = self.kernel_rows(cross.view(), &row_sq_norms(x));
-        let y: Vec<u8> = y.to_vec();
+        let y: Vec<u16> = y.to_vec();
         self.accumulate(&k, &y);
     }
 
@@ -669,7 +669,7 @@ impl Learner for Ridge {
 
     /// Buffers the batch (its loss is scored with the weights of the latest solve) and
     /// solves again once `refit` images have arrived since the last solve.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features, self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
@@ -818,9 +818,9 @@ mod tests {
     use crate::model::{self, SplitMix};
     use ndarray::s;
 
-    fn data(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, ndarray::Array1<u8>) {
+    fn data(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, ndarray::Array1<u16>) {
         // Class means far apart, so a ridge classifier separates them.
-        let y: ndarray::Array1<u8> = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
+        let y: ndarray::Array1<u16> = (0..n).map(|_| rng.below(CLASSES) as u16).collect();
         let x = Array2::from_shape_fn((n, d), |(i, j)| {
             (if j % CLASSES == usize::from(y[i]) {
                 2.0
@@ -865,7 +865,7 @@ mod tests {
         b
     }
 
-    fn targets(y: &[u8]) -> Array2<f64> {
+    fn targets(y: &[u16]) -> Array2<f64> {
         Array2::from_shape_fn((y.len(), CLASSES), |(i, k)| {
             if usize::from(y[i]) == k {
                 1.0
@@ -948,7 +948,7 @@ mod tests {
                     &chunk.iter().map(|&i| x.row(i)).collect::<Vec<_>>(),
                 )
                 .unwrap();
-                let ys: ndarray::Array1<u8> = chunk.iter().map(|&i| y[i]).collect();
+                let ys: ndarray::Array1<u16> = chunk.iter().map(|&i| y[i]).collect();
                 m.partial_fit(xs.view(), ys.view()).unwrap();
             }
             m.end_epoch().unwrap();

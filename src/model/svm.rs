@@ -133,7 +133,7 @@ pub struct SvmParams {
     /// Seed of the shuffles. Default 0.
     pub seed: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -296,7 +296,7 @@ impl Svm {
     pub fn loss_and_grad(
         &self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
     ) -> Result<(f64, Array2<f64>, Array1<f64>)> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
@@ -392,7 +392,7 @@ impl Learner for Svm {
 
     /// See [`Learner::partial_fit`]. The loss returned is the mean cross-entropy of the
     /// one-vs-rest probabilities of each image taken just before its own step.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         check_batch(x, y, self.n_features(), self.params.classes)?;
         let (n, d) = x.dim();
         if n == 0 {
@@ -565,10 +565,10 @@ mod tests {
     }
 
     /// Gaussian blobs around 10 random centres.
-    fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u8>) {
+    fn blobs(rng: &mut SplitMix, n: usize, d: usize, spread: f64) -> (Array2<f32>, Array1<u16>) {
         let mut c = SplitMix(99);
         let centres = Array2::from_shape_fn((CLASSES, d), |_| 3.0 * c.normal() as f32);
-        let y: Array1<u8> = (0..n).map(|_| rng.below(CLASSES) as u8).collect();
+        let y: Array1<u16> = (0..n).map(|_| rng.below(CLASSES) as u16).collect();
         let x = Array2::from_shape_fn((n, d), |(i, j)| {
             centres[[usize::from(y[i]), j]] + (spread * rng.normal()) as f32
         });
@@ -657,7 +657,7 @@ mod tests {
         let alpha = 0.01;
         let mut m = Svm::new(params(SvmLoss::Hinge, Schedule::Optimal, alpha)).unwrap();
         let x = array![[1.0f32, 2.0], [0.5, -1.0]];
-        let y = array![3u8, 3];
+        let y = array![3u16, 3];
         m.partial_fit(x.slice(s![..1, ..]), y.slice(s![..1]))
             .unwrap();
         let typw = 10f64.sqrt();
@@ -696,7 +696,7 @@ mod tests {
     fn no_step_when_the_margin_is_met() {
         let mut m = Svm::new(params(SvmLoss::Hinge, Schedule::Constant, 0.0)).unwrap();
         let x = array![[1.0f32, 0.0]];
-        let y = array![0u8];
+        let y = array![0u16];
         for _ in 0..200 {
             m.partial_fit(x.view(), y.view()).unwrap();
         }
@@ -857,7 +857,7 @@ mod tests {
         bad_x[[2, 1]] = f32::NAN;
         assert!(m.partial_fit(bad_x.view(), y.view()).is_err());
         assert!(m
-            .partial_fit(Array2::zeros((2, 4)).view(), array![1u8, 2].view())
+            .partial_fit(Array2::zeros((2, 4)).view(), array![1u16, 2].view())
             .is_err());
         assert_eq!(
             m.partial_fit(Array2::zeros((0, 3)).view(), Array1::zeros(0).view())

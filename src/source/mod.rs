@@ -1123,10 +1123,7 @@ fn restamp(
     let label = batch
         .column_by_name("label")
         .ok_or((None, "no `label` column".to_string()))?;
-    let label = label
-        .as_any()
-        .downcast_ref::<UInt8Array>()
-        .ok_or((None, format!("`label` is {}, not UInt8", label.data_type())))?;
+    let labels = crate::batch::label_values(label.as_ref()).map_err(|e| (None, e))?;
     let image = batch
         .column_by_name("image")
         .ok_or((None, "no `image` column".to_string()))?;
@@ -1141,8 +1138,8 @@ fn restamp(
                 image.data_type()
             ),
         ))?;
-    if let Some(i) = (0..label.len()).find(|&i| label.is_null(i) || image.is_null(i)) {
-        return Err((Some(i as u32), "null label or image".into()));
+    if let Some(i) = (0..image.len()).find(|&i| image.is_null(i)) {
+        return Err((Some(i as u32), "null image".into()));
     }
     let values = image
         .values()
@@ -1152,14 +1149,18 @@ fn restamp(
     if values.null_count() > 0 {
         return Err((None, "`image` has null pixels".into()));
     }
-    if let Some((row, l)) = first_bad_label(label.values(), classes) {
+    if let Some((row, l)) = first_bad_label(&labels, classes) {
         return Err((
             Some(row as u32),
             format!("label {l} outside 0..{}", classes.saturating_sub(1)),
         ));
     }
-    let pixels = values.values()[..label.len() * IMAGE_BYTES].to_vec();
-    make_batch(seq, None, label.values().to_vec(), pixels).map_err(|e| (None, e.to_string()))
+    let pixels = values
+        .values()
+        .get(..labels.len() * IMAGE_BYTES)
+        .ok_or((None, "`image` is shorter than `label`".to_string()))?
+        .to_vec();
+    make_batch(seq, None, labels.into_owned(), pixels).map_err(|e| (None, e.to_string()))
 }
 
 /// Splits a dataset's files into batches the way the original server does: images in file
@@ -1284,7 +1285,7 @@ mod tests {
             arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &crate::batch::stream_schema())
                 .unwrap();
         for b in 0..batches {
-            let labels: Vec<u8> = (0..3).map(|i| ((b + i) % 10) as u8).collect();
+            let labels: Vec<u16> = (0..3).map(|i| ((b + i) % 10) as u16).collect();
             let pixels: Vec<u8> = (0..3 * IMAGE_BYTES).map(|i| (i % 251) as u8).collect();
             w.write(&crate::batch::make_batch(b, None, labels, pixels).unwrap())
                 .unwrap();
@@ -1489,7 +1490,7 @@ mod tests {
         let file = |n: usize, base: u8| {
             let mut im = Images::default();
             for i in 0..n {
-                im.push(i as u8 % 10, &[base + i as u8; IMAGE_BYTES]);
+                im.push(i as u16 % 10, &[base + i as u8; IMAGE_BYTES]);
             }
             im
         };

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, FixedSizeListArray, UInt8Array};
+use arrow::array::{Array, FixedSizeListArray, UInt16Array, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::json::reader::{Decoder, ReaderBuilder};
 
@@ -22,12 +22,12 @@ use crate::dataset::{CLASSES, IMAGE_BYTES};
 use crate::error::Result;
 
 /// Append one line per image (each ending in `\n`; no blank line after the batch).
-pub fn encode(labels: &[u8], pixels: &[u8], out: &mut Vec<u8>) {
+pub fn encode(labels: &[u16], pixels: &[u8], out: &mut Vec<u8>) {
     let table = digits();
     out.reserve(labels.len() * (IMAGE_BYTES * 5 + 32));
     for (label, image) in labels.iter().zip(pixels.chunks_exact(IMAGE_BYTES)) {
         out.extend_from_slice(b"{\"label\": ");
-        out.extend_from_slice(table[*label as usize].as_bytes());
+        out.extend_from_slice(label.to_string().as_bytes());
         out.extend_from_slice(b", \"image\": [");
         for (k, &p) in image.iter().enumerate() {
             if k > 0 {
@@ -47,7 +47,7 @@ fn digits() -> &'static [String; 256] {
 /// The schema one ndjson line decodes to.
 pub fn line_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("label", DataType::UInt8, false),
+        Field::new("label", DataType::UInt16, false),
         Field::new("image", image_type(), false),
     ]))
 }
@@ -87,7 +87,7 @@ impl LineDecoder {
     /// Decode one line into its label, appending its 3,072 pixels to `pixels`.
     ///
     /// On error nothing is appended and the reason is returned.
-    pub fn decode_line(&mut self, line: &[u8], pixels: &mut Vec<u8>) -> Result<u8, String> {
+    pub fn decode_line(&mut self, line: &[u8], pixels: &mut Vec<u8>) -> Result<u16, String> {
         let result = self.decode_inner(line, pixels);
         if result.is_err() {
             // The decoder's state after an error is unspecified: start afresh.
@@ -99,7 +99,7 @@ impl LineDecoder {
         result
     }
 
-    fn decode_inner(&mut self, line: &[u8], pixels: &mut Vec<u8>) -> Result<u8, String> {
+    fn decode_inner(&mut self, line: &[u8], pixels: &mut Vec<u8>) -> Result<u16, String> {
         let used = self.decoder.decode(line).map_err(|e| e.to_string())?;
         if used != line.len() {
             return Err("more than one JSON object on the line".into());
@@ -118,8 +118,8 @@ impl LineDecoder {
         let label = batch
             .column(0)
             .as_any()
-            .downcast_ref::<UInt8Array>()
-            .ok_or("`label` did not decode as UInt8")?;
+            .downcast_ref::<UInt16Array>()
+            .ok_or("`label` did not decode as UInt16")?;
         if label.is_null(0) {
             return Err("missing key \"label\"".into());
         }
@@ -168,7 +168,7 @@ mod tests {
     fn encode_then_decode() {
         let mut pixels = image(3);
         pixels.extend(image(200));
-        let labels = [4u8, 9];
+        let labels = [4u16, 9];
         let mut text = Vec::new();
         encode(&labels, &pixels, &mut text);
         let lines: Vec<&[u8]> = text
@@ -179,7 +179,7 @@ mod tests {
         assert!(lines[0].starts_with(b"{\"label\": 4, \"image\": [3, 34, 65"));
         let mut dec = LineDecoder::new().unwrap();
         let mut out = Vec::new();
-        let got: Vec<u8> = lines
+        let got: Vec<u16> = lines
             .iter()
             .map(|l| dec.decode_line(l, &mut out).unwrap())
             .collect();

@@ -24,7 +24,7 @@
 //! Rules enforced by [`decode`]:
 //! - values of pixels and labels must be plain JSON integers without sign,
 //!   fraction or exponent (`-0`, `1.0`, `1e2`, `"7"`, `null` are rejected),
-//!   pixels within 0..=255 and labels within 0..=255 ([`decode_classes`] then checks them against the run's classes; [`decode`]: CIFAR-10's 0..=9);
+//!   pixels within 0..=255 and labels within 0..=65535 ([`decode_classes`] then checks them against the run's classes; [`decode`]: CIFAR-10's 0..=9);
 //! - a row must contain every `featureK` (K in 0..3072) and `label` exactly once;
 //! - a key made of `feature` and decimal digits must name a pixel in canonical
 //!   form: `feature3072` and `feature01` are errors, while other keys such as
@@ -47,6 +47,8 @@ pub const FEATURES: usize = 3072;
 
 /// Key index used for `label` (pixel keys use their index 0..FEATURES).
 const LABEL: usize = FEATURES;
+/// The largest label the wire accepts (a `u16`); the run's classes are checked after.
+const LABEL_MAX: u32 = u16::MAX as u32;
 /// Number of required keys in a row: every pixel and the label.
 const ROW_KEYS: usize = FEATURES + 1;
 /// Words in the bitset of keys seen in a row.
@@ -60,7 +62,7 @@ pub struct DecodedBatch {
     /// The top-level keys (row indices) as numbers, in the order they appear.
     pub rows: Vec<u32>,
     /// The label of each row.
-    pub labels: Vec<u8>,
+    pub labels: Vec<u16>,
     /// The pixels of all rows, `rows.len() * FEATURES` bytes: pixel K of row i
     /// is at `i * FEATURES + K`.
     pub pixels: Vec<u8>,
@@ -245,7 +247,7 @@ fn digits(mut n: usize) -> usize {
 /// The result is meaningful when `pixels.len() == labels.len() * FEATURES`
 /// (what [`encode`] requires); otherwise it counts the digits of all given
 /// pixels and the keys of `labels.len()` rows.
-pub fn encoded_len(labels: &[u8], pixels: &[u8]) -> usize {
+pub fn encoded_len(labels: &[u16], pixels: &[u8]) -> usize {
     let t = tables();
     let n = labels.len();
     // `{`, `}` and `\n`.
@@ -277,7 +279,7 @@ pub fn encoded_len(labels: &[u8], pixels: &[u8]) -> usize {
     }
     len += labels
         .iter()
-        .map(|&l| (t.values[usize::from(l)] >> 24) as usize)
+        .map(|&l| digits(usize::from(l)))
         .sum::<usize>();
     // Pixel digits: 1 + (v >= 10) + (v >= 100); written to vectorise.
     let mut extra = 0usize;
@@ -301,7 +303,7 @@ pub fn encoded_len(labels: &[u8], pixels: &[u8]) -> usize {
 /// # Panics
 ///
 /// Panics if `pixels.len() != labels.len() * FEATURES`.
-pub fn encode(labels: &[u8], pixels: &[u8], out: &mut Vec<u8>) {
+pub fn encode(labels: &[u16], pixels: &[u8], out: &mut Vec<u8>) {
     assert!(
         labels.len().checked_mul(FEATURES) == Some(pixels.len()),
         "spark_json::encode: {} pixel bytes for {} labels (expected {} per image)",
@@ -341,9 +343,7 @@ pub fn encode(labels: &[u8], pixels: &[u8], out: &mut Vec<u8>) {
         }
         buf[p..p + 16].copy_from_slice(&keys.head[LABEL].to_le_bytes());
         p += usize::from(keys.len[LABEL]);
-        let word = t.values[usize::from(label)];
-        buf[p..p + 4].copy_from_slice(&word.to_le_bytes());
-        p += (word >> 24) as usize;
+        p += write_usize(&mut buf[p..], usize::from(label));
         buf[p] = b'}';
         p += 1;
     }
@@ -421,7 +421,7 @@ fn fast_row(
     mut p: usize,
     t: &KeyTable,
     px: &mut [u8; FEATURES],
-) -> Option<(usize, u8)> {
+) -> Option<(usize, u16)> {
     for (k, slot) in px.iter_mut().enumerate() {
         p = match_key(line, p, t, k)?;
         let (v, n) = small_uint(line, p)?;
@@ -430,7 +430,7 @@ fn fast_row(
     }
     p = match_key(line, p, t, LABEL)?;
     match line.get(p..p + 2)? {
-        [d @ b'0'..=b'9', b'}'] => Some((p + 2, d - b'0')),
+        [d @ b'0'..=b'9', b'}'] => Some((p + 2, u16::from(d - b'0'))),
         _ => None,
     }
 }
@@ -619,11 +619,14 @@ fn classify_key(key: &[u8], offset: usize) -> PResult<RowKey> {
 
 /// Parses the value of key `k` (pixel or label) at `p`; returns the value and
 /// the position after it.
-fn parse_known_value(line: &[u8], p: usize, k: usize) -> PResult<(u8, usize)> {
-    let max: u32 = 255;
+fn parse_known_value(line: &[u8], p: usize, k: usize) -> PResult<(u16, usize)> {
+    let max: u32 = if k == LABEL { LABEL_MAX } else { 255 };
     let describe = |text: &[u8]| {
         if k == LABEL {
-            format!("label {} outside 0..255", String::from_utf8_lossy(text))
+            format!(
+                "label {} outside 0..{LABEL_MAX}",
+                String::from_utf8_lossy(text)
+            )
         } else {
             format!(
                 "value {} of \"feature{k}\" outside 0..255",
@@ -663,7 +666,7 @@ fn parse_known_value(line: &[u8], p: usize, k: usize) -> PResult<(u8, usize)> {
     if negative || value > max {
         return Err(PErr::new(p, describe(text)));
     }
-    Ok((value as u8, q))
+    Ok((value as u16, q))
 }
 
 /// Skips a JSON number at `p`, validating its grammar.
@@ -801,10 +804,10 @@ fn slow_row(
     p: usize,
     px: &mut [u8; FEATURES],
     scratch: &mut Scratch,
-) -> PResult<(usize, u8)> {
+) -> PResult<(usize, u16)> {
     let mut seen = [0u64; SEEN_WORDS];
     let mut count = 0usize;
-    let mut label = 0u8;
+    let mut label = 0u16;
     let mut p = skip_ws(line, p + 1);
     if line.get(p) != Some(&b'}') {
         loop {
@@ -835,14 +838,15 @@ fn slow_row(
                             if !matches!(line.get(p + n), Some(b'.' | b'e' | b'E'))
                                 && (k != LABEL || v <= 9) =>
                         {
-                            (v, p + n)
+                            (u16::from(v), p + n)
                         }
                         _ => parse_known_value(line, p, k)?,
                     };
                     if k == LABEL {
                         label = v;
                     } else {
-                        px[k] = v;
+                        // `parse_known_value` keeps a pixel within 0..=255.
+                        px[k] = v as u8;
                     }
                     p = q;
                 }
@@ -1024,13 +1028,13 @@ mod tests {
         }
     }
 
-    fn random_batch(rng: &mut Rng, n: usize) -> (Vec<u8>, Vec<u8>) {
-        let labels = (0..n).map(|_| rng.below(10) as u8).collect();
+    fn random_batch(rng: &mut Rng, n: usize) -> (Vec<u16>, Vec<u8>) {
+        let labels = (0..n).map(|_| rng.below(10) as u16).collect();
         let pixels = (0..n * FEATURES).map(|_| rng.next() as u8).collect();
         (labels, pixels)
     }
 
-    fn encoded(labels: &[u8], pixels: &[u8]) -> Vec<u8> {
+    fn encoded(labels: &[u16], pixels: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         encode(labels, pixels, &mut out);
         out
@@ -1046,7 +1050,7 @@ mod tests {
         line.strip_suffix(b"\n").unwrap()
     }
 
-    fn check_batch(batch: &DecodedBatch, labels: &[u8], pixels: &[u8]) {
+    fn check_batch(batch: &DecodedBatch, labels: &[u16], pixels: &[u8]) {
         assert_eq!(batch.len(), labels.len());
         assert_eq!(batch.rows, (0..labels.len() as u32).collect::<Vec<_>>());
         assert_eq!(batch.labels, labels);
@@ -1057,7 +1061,7 @@ mod tests {
     /// between tokens, `shuffle` permutes the keys of each row and `extra`
     /// adds unknown keys with assorted values.
     fn render(
-        labels: &[u8],
+        labels: &[u16],
         pixels: &[u8],
         rng: &mut Rng,
         ws: &dyn Fn(&mut Rng) -> String,
@@ -1114,6 +1118,34 @@ mod tests {
     }
 
     #[test]
+    fn labels_up_to_u16_round_trip_and_the_run_bounds_them() {
+        let mut rng = Rng(7);
+        let (_, pixels) = random_batch(&mut rng, 4);
+        let labels = [0u16, 255, 999, 65535];
+        let line = encoded(&labels, &pixels);
+        assert!(body(&line).ends_with(b"\"label\": 65535}}"));
+        let mut out = DecodedBatch::default();
+        decode_classes(body(&line), &mut out, 65536).unwrap();
+        check_batch(&out, &labels, &pixels);
+        let e = decode_classes(body(&line), &mut out, 1000).unwrap_err();
+        assert_eq!(e.row, Some(3));
+        assert!(
+            e.reason.contains("label 65535 outside 0..999"),
+            "{}",
+            e.reason
+        );
+        let big = String::from_utf8(body(&line).to_vec())
+            .unwrap()
+            .replace("\"label\": 65535", "\"label\": 65536");
+        let e = decode_classes(big.as_bytes(), &mut out, 1000).unwrap_err();
+        assert!(
+            e.reason.contains("label 65536 outside 0..65535"),
+            "{}",
+            e.reason
+        );
+    }
+
+    #[test]
     fn round_trip() {
         let mut rng = Rng(0x1234_5678_9abc_def0);
         let mut batch = DecodedBatch::default();
@@ -1159,7 +1191,7 @@ mod tests {
             let (labels, pixels) = random_batch(&mut rng, n);
             let path =
                 std::env::temp_dir().join(format!("spark_json_py_{}_{n}.bin", std::process::id()));
-            let mut data = labels.clone();
+            let mut data: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
             data.extend_from_slice(&pixels);
             std::fs::write(&path, &data).unwrap();
             let script = format!(
@@ -1354,7 +1386,7 @@ mod tests {
         assert_rejected(
             &in_row1("\"label\": 6", "\"label\": -3"),
             Some(1),
-            "label -3 outside 0..255",
+            "label -3 outside 0..65535",
         );
         assert_rejected(
             &in_row1("\"label\": 6", "\"label\": 6.0"),

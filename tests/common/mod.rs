@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, FixedSizeListArray, UInt32Array, UInt64Array, UInt8Array};
+use arrow::array::{Array, FixedSizeListArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The real CIFAR-10 sample in `../shared/data/cifar10-mini`, or `None` (with a note) when
@@ -215,7 +215,7 @@ pub fn parquet_rows(path: &Path) -> usize {
         .sum()
 }
 
-pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u8, Vec<u8>)> {
+pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u16, Vec<u8>)> {
     let mut files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
             .unwrap()
@@ -238,7 +238,7 @@ pub fn read_parquet(path: &Path) -> Vec<(u64, u32, u8, Vec<u8>)> {
             let b = b.unwrap();
             let batch = b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
             let row = b.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
-            let label = b.column(2).as_any().downcast_ref::<UInt8Array>().unwrap();
+            let label = b.column(2).as_any().downcast_ref::<UInt16Array>().unwrap();
             let image = b
                 .column(3)
                 .as_any()

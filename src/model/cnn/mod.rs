@@ -85,7 +85,7 @@ pub struct CnnParams {
     /// The seed of the initial weights.
     pub seed: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
-    /// trainer sets it from the data's classes; 2 to 256. Default 10 (CIFAR-10).
+    /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
 }
 
@@ -290,7 +290,7 @@ impl Cnn {
 
     /// One SGD step on `n` NHWC images; returns the mean plain cross-entropy before it
     /// and the logits it computed.
-    fn step(&mut self, x: &[f32], y: &[u8]) -> Result<(f64, Vec<f32>)> {
+    fn step(&mut self, x: &[f32], y: &[u16]) -> Result<(f64, Vec<f32>)> {
         let n = y.len();
         let p = self.params.clone();
         let factor = self.lr_factor(self.seen);
@@ -371,7 +371,7 @@ impl Cnn {
     fn learn(
         &mut self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
         scored: bool,
     ) -> Result<(f64, Option<Array2<f32>>)> {
         check_batch(x, y, Some(INPUT), self.params.classes)?;
@@ -392,7 +392,7 @@ impl Cnn {
             )?;
             self.init(&xs, n);
         }
-        let ys: Vec<u8> = y.iter().copied().collect();
+        let ys: Vec<u16> = y.iter().copied().collect();
         let bs = self.params.batch_size;
         let mut total = 0.0f64;
         let mut proba = scored.then(|| Array2::<f32>::zeros((n, self.params.classes)));
@@ -509,7 +509,7 @@ impl Learner for Cnn {
         self.params.classes
     }
 
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u8>) -> Result<f64> {
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         Ok(self.learn(x, y, false)?.0)
     }
 
@@ -524,7 +524,7 @@ impl Learner for Cnn {
     fn partial_fit_scored(
         &mut self,
         x: ArrayView2<f32>,
-        y: ArrayView1<u8>,
+        y: ArrayView1<u16>,
     ) -> Result<(f64, Option<Array2<f32>>)> {
         let (loss, p) = self.learn(x, y, true)?;
         Ok((loss, p))

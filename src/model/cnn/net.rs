@@ -787,7 +787,7 @@ impl Net {
 /// respect to the logits for the *summed* loss (PyTorch's `CrossEntropyLoss(
 /// label_smoothing = eps, reduction = 'none').sum()`): `softmax − ((1 − eps)·onehot +
 /// eps/k)`. Also returns the plain cross-entropy's mean (the reported loss).
-pub fn smoothed_ce(logits: &[f32], y: &[u8], k: usize, eps: f32) -> (Vec<f32>, f64, f64) {
+pub fn smoothed_ce(logits: &[f32], y: &[u16], k: usize, eps: f32) -> (Vec<f32>, f64, f64) {
     let n = y.len();
     let mut grad = vec![0.0f32; n * k];
     let (mut smooth, mut plain) = (0.0f64, 0.0f64);
