@@ -81,6 +81,9 @@ pub enum Command {
     /// Serve as a worker for `query --workers` and `features --workers`: runs parts of
     /// their SQL, with cifar-df's functions.
     Worker(WorkerArgs),
+    /// Serve a live web dashboard of the runs: curves as they learn, test results, the
+    /// confusion matrix, SQL over the run tables.
+    Ui(UiArgs),
 }
 
 /// Where `train` and `predict` read from.
@@ -721,6 +724,18 @@ pub struct WorkerArgs {
     pub node: Option<String>,
 }
 
+/// `cifar-df ui`.
+#[derive(Debug, Args)]
+pub struct UiArgs {
+    /// Directory of runs to show.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// Address to listen on, IP:PORT (port 0: any free port). Anything but loopback lets
+    /// other machines read the runs and run SQL that can read files: prefer an SSH tunnel.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+}
+
 /// `cifar-df query`.
 #[derive(Debug, Args)]
 pub struct QueryArgs {
@@ -860,6 +875,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Query(a) => query_cmd(a).await,
         Command::Plot(a) => plot_cmd(a).await,
         Command::Worker(a) => worker_cmd(a).await,
+        Command::Ui(a) => ui_cmd(a).await,
     }
 }
 
@@ -1795,6 +1811,37 @@ fn fit_patches(
         e.describe()
     );
     Ok(e)
+}
+
+async fn ui_cmd(a: UiArgs) -> anyhow::Result<ExitCode> {
+    warn_if_exposed(&a.listen);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let runs = a.runs.clone();
+    crate::ui::serve(
+        a.runs,
+        a.listen,
+        |addr| {
+            // The first line says where; tests and scripts read it.
+            println!("dashboard on http://{addr}/ (runs: {})", runs.display());
+            let _ = std::io::stdout().flush();
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A warning, once, when the dashboard listens beyond this machine.
+fn warn_if_exposed(addr: &std::net::SocketAddr) {
+    if !crate::ui::is_loopback(addr) {
+        eprintln!(
+            "warning: the dashboard listens on {addr}, beyond this machine, with no \
+             authentication; its SQL box can read any file this user can. Prefer \
+             127.0.0.1 and an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)."
+        );
+    }
 }
 
 async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {

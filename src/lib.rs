@@ -37,6 +37,7 @@ pub mod synth;
 pub mod table;
 pub mod trainer;
 pub mod transforms;
+pub mod ui;
 pub mod wire;
 
 pub use error::{Error, Result};

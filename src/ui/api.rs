@@ -1,0 +1,556 @@
+//! The dashboard's data: each endpoint is SQL over the run tables (the engine of
+//! `cifar-df query`), shaped as JSON for the page.
+
+use std::fs;
+use std::path::Path;
+use std::time::UNIX_EPOCH;
+
+use datafusion::arrow::array::{Array, Float64Array, Int64Array, UInt64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::query::{self, OutputFormat};
+use crate::runs;
+
+/// The most rows the SQL box returns as JSON (the CSV download has them all).
+pub const SQL_ROWS: usize = 10_000;
+/// The most points a curve is drawn with when the page does not say.
+pub const DEFAULT_POINTS: usize = 1_000;
+/// The most points a page may ask for per curve.
+pub const MAX_POINTS: usize = 20_000;
+
+/// The per-batch columns a curve can show.
+pub const METRICS: [&str; 16] = [
+    "acc",
+    "loss",
+    "precision",
+    "recall",
+    "f1",
+    "acc_mean",
+    "loss_mean",
+    "precision_mean",
+    "recall_mean",
+    "f1_mean",
+    "acc_window",
+    "loss_window",
+    "precision_window",
+    "recall_window",
+    "f1_window",
+    "images_per_s",
+];
+
+/// `?filter=REGEX`: the runs whose name matches.
+#[derive(Debug, Default, Deserialize)]
+pub struct RunsQuery {
+    /// A regular expression over run names (empty: every run).
+    #[serde(default)]
+    pub filter: String,
+}
+
+/// `?run=A,B&metric=acc&x=batch&points=800[&from=X&to=X]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct CurvesQuery {
+    /// Run names, comma-separated.
+    pub run: String,
+    /// One of [`METRICS`]; default `acc`.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// `batch` (default), `images` (learnt so far) or `time` (ms since the Unix epoch).
+    #[serde(default)]
+    pub x: Option<String>,
+    /// Points per curve, at most [`MAX_POINTS`].
+    #[serde(default)]
+    pub points: Option<usize>,
+    /// Only points with x at or above this (a zoomed view).
+    #[serde(default)]
+    pub from: Option<f64>,
+    /// Only points with x at or below this.
+    #[serde(default)]
+    pub to: Option<f64>,
+}
+
+/// `?run=R&split=test`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ConfusionQuery {
+    /// The run.
+    pub run: String,
+    /// `test` (default), `train-eval` or `train` (the last epoch).
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+/// `?q=SQL`.
+#[derive(Debug, Default, Deserialize)]
+pub struct SqlQuery {
+    /// The query.
+    pub q: String,
+}
+
+/// `'s'` with its quotes doubled: a SQL string literal.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Runs `sql` over the run tables of `root`. A folder that changes under the query (a
+/// part renamed by a compaction) can fail one read: it is retried twice on a fresh listing.
+async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let ctx = query::session();
+        if let Err(e) = runs::register_tables(&ctx, root) {
+            last = Some(e);
+            continue;
+        }
+        match query::run(&ctx, sql).await {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                let text = e.to_string();
+                // A mistake in the query itself will not go away: say it at once.
+                let transient = text.contains("No such file")
+                    || text.contains("not found")
+                    || text.contains("Parquet error")
+                    || text.contains("Object at location");
+                last = Some(e);
+                if !transient {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::usage("query failed")))
+}
+
+/// Column `name` of `b` as f64 values (nulls as NaN).
+fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+    let col = b
+        .column_by_name(name)
+        .ok_or_else(|| Error::usage(format!("no column {name}")))?;
+    let col = cast(col, &DataType::Float64)?;
+    let a = col
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .ok_or_else(|| Error::usage(format!("column {name} is not numeric")))?;
+    Ok((0..a.len())
+        .map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) })
+        .collect())
+}
+
+/// Every run of `root` whose name matches `q.filter`, newest first: its `run.json` and the
+/// test accuracy of its last prediction pass. No folder, or an empty one, is no runs (and
+/// says so in `note`).
+pub async fn runs(root: &Path, q: &RunsQuery) -> Result<Value> {
+    let filter = regex::Regex::new(&q.filter)
+        .map_err(|e| Error::usage(format!("filter {:?}: {e}", q.filter)))?;
+    if !root.is_dir() {
+        return Ok(json!({ "runs": [], "note": format!("no runs folder {}", root.display()) }));
+    }
+    let mut infos = runs::read_run_infos(root)?;
+    infos.retain(|i| filter.is_match(&i.run));
+    infos.sort_by(|a, b| b.start_ms.cmp(&a.start_ms).then(a.run.cmp(&b.run)));
+    let mut test = std::collections::HashMap::new();
+    if !infos.is_empty() {
+        let batches = sql(
+            root,
+            "select run, cast(sum(acc * images) / sum(images) as double) as acc \
+             from eval_metrics where split = 'test' group by run",
+        )
+        .await
+        .unwrap_or_default();
+        for b in &batches {
+            let names = cast(b.column(0), &DataType::Utf8)?;
+            let names = names
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+                .ok_or_else(|| Error::usage("run names are not text"))?;
+            let acc = f64_column(b, "acc")?;
+            for (i, a) in acc.into_iter().enumerate() {
+                test.insert(names.value(i).to_string(), a);
+            }
+        }
+    }
+    let list: Vec<Value> = infos
+        .iter()
+        .map(|i| {
+            json!({
+                "run": i.run,
+                "model": i.model,
+                "status": i.effective_status(),
+                "source": i.source,
+                "images": i.images,
+                "batches": i.batches,
+                "start_ms": i.start_ms,
+                "end_ms": i.end_ms,
+                "error": i.error,
+                "test_acc": test.get(&i.run).copied().filter(|a| a.is_finite()),
+            })
+        })
+        .collect();
+    let note = if list.is_empty() {
+        json!(format!("no runs in {}", root.display()))
+    } else {
+        Value::Null
+    };
+    Ok(json!({ "runs": list, "note": note }))
+}
+
+/// Keeps at most `points` of the (x, y) series: in each of `points / 2` equal x buckets the
+/// first minimum and the first maximum of y, in x order (the extremes a pixel column would
+/// show, as W&B does). Where there are no more than `points`, all of them.
+pub fn downsample(x: &[f64], y: &[f64], points: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = x.len().min(y.len());
+    if n <= points || points < 2 {
+        return (x[..n].to_vec(), y[..n].to_vec());
+    }
+    let buckets = points / 2;
+    let (lo, hi) = (x[0], x[n - 1]);
+    let span = (hi - lo).max(f64::MIN_POSITIVE);
+    let (mut ox, mut oy) = (Vec::with_capacity(points), Vec::with_capacity(points));
+    let mut i = 0;
+    for b in 0..buckets {
+        let end = if b + 1 == buckets {
+            hi
+        } else {
+            lo + span * (b + 1) as f64 / buckets as f64
+        };
+        let start = i;
+        while i < n && (x[i] < end || (b + 1 == buckets && x[i] <= end)) {
+            i += 1;
+        }
+        if i == start {
+            continue;
+        }
+        let (mut min, mut max) = (start, start);
+        for k in start..i {
+            // NaN (a missing value) is neither.
+            if y[k] < y[min] || y[min].is_nan() {
+                min = k;
+            }
+            if y[k] > y[max] || y[max].is_nan() {
+                max = k;
+            }
+        }
+        let (a, b) = if min <= max { (min, max) } else { (max, min) };
+        ox.push(x[a]);
+        oy.push(y[a]);
+        if b != a {
+            ox.push(x[b]);
+            oy.push(y[b]);
+        }
+    }
+    (ox, oy)
+}
+
+/// The per-batch curve of `q.metric` for each run in `q.run`, downsampled to `q.points`,
+/// with the x of each drift alarm and the number of batches in all.
+pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
+    let metric = q.metric.as_deref().unwrap_or("acc");
+    if !METRICS.contains(&metric) {
+        return Err(Error::usage(format!(
+            "metric {metric:?}: expected one of {}",
+            METRICS.join(", ")
+        )));
+    }
+    let xaxis = q.x.as_deref().unwrap_or("batch");
+    if !["batch", "images", "time"].contains(&xaxis) {
+        return Err(Error::usage(format!(
+            "x {xaxis:?}: expected batch, images or time"
+        )));
+    }
+    let points = q.points.unwrap_or(DEFAULT_POINTS).clamp(2, MAX_POINTS);
+    let runs: Vec<&str> = q.run.split(',').filter(|r| !r.is_empty()).collect();
+    if runs.is_empty() {
+        return Err(Error::usage("run: name at least one run"));
+    }
+    let column = if metric == "images_per_s" {
+        "cast(images as double) / greatest(seconds, 1e-9)".to_string()
+    } else {
+        metric.to_string()
+    };
+    let mut out = Vec::new();
+    for run in runs {
+        let batches = sql(
+            root,
+            &format!(
+                "select batch, images, ts, {column} as y, drift from metrics \
+                 where run = {} and split = 'train' order by batch",
+                lit(run)
+            ),
+        )
+        .await?;
+        let (mut x, mut y, mut drift) = (Vec::new(), Vec::new(), Vec::new());
+        let mut learnt = 0.0;
+        for b in &batches {
+            let batch = f64_column(b, "batch")?;
+            let images = f64_column(b, "images")?;
+            let ts = ts_column(b)?;
+            let ys = f64_column(b, "y")?;
+            let alarm = b.column_by_name("drift").and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::BooleanArray>()
+                    .cloned()
+            });
+            for i in 0..b.num_rows() {
+                learnt += images[i];
+                let xv = match xaxis {
+                    "batch" => batch[i],
+                    "images" => learnt,
+                    _ => ts[i],
+                };
+                if q.from.is_some_and(|f| xv < f) || q.to.is_some_and(|t| xv > t) {
+                    continue;
+                }
+                if alarm.as_ref().is_some_and(|a| !a.is_null(i) && a.value(i)) {
+                    drift.push(xv);
+                }
+                x.push(xv);
+                y.push(ys[i]);
+            }
+        }
+        let total = x.len();
+        let (x, y) = downsample(&x, &y, points);
+        let y: Vec<Value> = y
+            .into_iter()
+            .map(|v| if v.is_finite() { json!(v) } else { Value::Null })
+            .collect();
+        out.push(json!({ "run": run, "x": x, "y": y, "drift": drift, "total": total }));
+    }
+    Ok(json!({ "metric": metric, "x": xaxis, "curves": out }))
+}
+
+/// The `ts` column (milliseconds) as f64.
+fn ts_column(b: &RecordBatch) -> Result<Vec<f64>> {
+    let col = b
+        .column_by_name("ts")
+        .ok_or_else(|| Error::usage("no column ts"))?;
+    let col = cast(col, &DataType::Int64)?;
+    let a = col
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| Error::usage("ts is not a time"))?;
+    Ok((0..a.len()).map(|i| a.value(i) as f64).collect())
+}
+
+/// Each matching run's last test pass: images, accuracy, loss, macro precision, recall, F1.
+pub async fn results(root: &Path, q: &RunsQuery) -> Result<Value> {
+    let filter = regex::Regex::new(&q.filter)
+        .map_err(|e| Error::usage(format!("filter {:?}: {e}", q.filter)))?;
+    if !root.is_dir() {
+        return Ok(json!({ "results": [] }));
+    }
+    let batches = sql(
+        root,
+        "select run, cast(sum(images) as bigint) as images, \
+         cast(sum(acc * images) / sum(images) as double) as acc, \
+         cast(sum(loss * images) / sum(images) as double) as loss, \
+         cast(sum(precision * images) / sum(images) as double) as precision, \
+         cast(sum(recall * images) / sum(images) as double) as recall, \
+         cast(sum(f1 * images) / sum(images) as double) as f1 \
+         from eval_metrics where split = 'test' group by run order by run",
+    )
+    .await?;
+    let rows = json_rows(&batches)?;
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .filter(|r| r["run"].as_str().is_some_and(|n| filter.is_match(n)))
+        .collect();
+    Ok(json!({ "results": rows }))
+}
+
+/// A run's confusion matrix over a split (`counts[actual][predicted]`), with its class names.
+pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
+    let split = q.split.as_deref().unwrap_or("test");
+    let epoch = if split == "train" {
+        format!(
+            " and epoch = (select max(epoch) from confusion where run = {} and split = 'train')",
+            lit(&q.run)
+        )
+    } else {
+        String::new()
+    };
+    let batches = sql(
+        root,
+        &format!(
+            "select cast(actual as bigint) as actual, cast(predicted as bigint) as predicted, \
+             cast(sum(count) as bigint) as n from confusion \
+             where run = {} and split = {}{epoch} group by actual, predicted",
+            lit(&q.run),
+            lit(split)
+        ),
+    )
+    .await?;
+    let names = runs::run_classes(root, &q.run);
+    let mut k = names.len();
+    let mut cells = Vec::new();
+    for b in &batches {
+        let a = int_column(b, "actual")?;
+        let p = int_column(b, "predicted")?;
+        let n = int_column(b, "n")?;
+        for i in 0..b.num_rows() {
+            k = k.max(a[i] as usize + 1).max(p[i] as usize + 1);
+            cells.push((a[i] as usize, p[i] as usize, n[i]));
+        }
+    }
+    if cells.is_empty() {
+        return Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": [] }));
+    }
+    let mut counts = vec![vec![0u64; k]; k];
+    for (a, p, n) in cells {
+        counts[a][p] += n;
+    }
+    Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": counts }))
+}
+
+fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
+    let col = b
+        .column_by_name(name)
+        .ok_or_else(|| Error::usage(format!("no column {name}")))?;
+    let col = cast(col, &DataType::UInt64)?;
+    let a = col
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .ok_or_else(|| Error::usage(format!("column {name} is not an integer")))?;
+    Ok(a.values().to_vec())
+}
+
+/// Rows of `batches` as JSON objects.
+fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>> {
+    let text = query::format_batches(batches, OutputFormat::Json)?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Array(rows)) => Ok(rows),
+        Ok(_) => Ok(Vec::new()),
+        Err(e) => Err(Error::usage(format!("query result: {e}"))),
+    }
+}
+
+/// The SQL box: the columns and up to [`SQL_ROWS`] rows of `sql`, and whether there were more.
+pub async fn sql_json(root: &Path, sql_text: &str) -> Result<Value> {
+    if sql_text.trim().is_empty() {
+        return Err(Error::usage("empty query"));
+    }
+    let batches = sql(root, sql_text).await?;
+    let columns: Vec<String> = match batches.first() {
+        Some(b) => b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect(),
+        None => Vec::new(),
+    };
+    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut kept = Vec::new();
+    let mut left = SQL_ROWS;
+    for b in &batches {
+        if left == 0 {
+            break;
+        }
+        let take = b.num_rows().min(left);
+        kept.push(b.slice(0, take));
+        left -= take;
+    }
+    let rows = json_rows(&kept)?;
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|r| Value::Array(columns.iter().map(|c| r[c].clone()).collect()))
+        .collect();
+    Ok(json!({ "columns": columns, "rows": rows, "total": total, "truncated": total > SQL_ROWS }))
+}
+
+/// The whole result of `sql` as CSV.
+pub async fn sql_csv(root: &Path, sql_text: &str) -> Result<String> {
+    let batches = sql(root, sql_text).await?;
+    query::format_batches(&batches, OutputFormat::Csv)
+}
+
+/// What changes when a run writes: per run folder, its `run.json` and each table folder's
+/// file count, bytes and newest modification time.
+pub fn fingerprint(root: &Path) -> Vec<(String, u64, u64, u128)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(root) else {
+        return out;
+    };
+    let stamp = |p: &Path| -> Option<(u64, u128)> {
+        let m = fs::metadata(p).ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        Some((m.len(), t))
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((len, t)) = stamp(&dir.join(runs::RUN_FILE)) {
+            out.push((format!("{name}/run.json"), 1, len, t));
+        }
+        for table in runs::TABLES {
+            let Ok(files) = fs::read_dir(dir.join(table)) else {
+                continue;
+            };
+            let (mut n, mut bytes, mut newest) = (0u64, 0u64, 0u128);
+            for f in files.flatten() {
+                if let Some((len, t)) = stamp(&f.path()) {
+                    n += 1;
+                    bytes += len;
+                    newest = newest.max(t);
+                }
+            }
+            out.push((format!("{name}/{table}"), n, bytes, newest));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsampling_keeps_each_buckets_extremes_in_order() {
+        let x: Vec<f64> = (0..1000).map(f64::from).collect();
+        let mut y: Vec<f64> = x.iter().map(|v| (v / 50.0).sin()).collect();
+        y[500] = 9.0; // a spike must survive
+        y[733] = -9.0;
+        let (dx, dy) = downsample(&x, &y, 100);
+        assert!(dx.len() <= 100 && dx.len() >= 90, "{}", dx.len());
+        assert!(dx.windows(2).all(|w| w[0] < w[1]), "x in order");
+        assert!(dy.contains(&9.0) && dy.contains(&-9.0));
+        // Each kept point is a real point.
+        for (a, b) in dx.iter().zip(&dy) {
+            assert_eq!(y[*a as usize], *b);
+        }
+        // Each bucket of 20 source points keeps its own min and max.
+        for b in 0..50 {
+            let s = &y[b * 20..(b + 1) * 20];
+            let lo = s.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let kept: Vec<f64> = dx
+                .iter()
+                .zip(&dy)
+                .filter(|(x, _)| (**x as usize) / 20 == b)
+                .map(|(_, y)| *y)
+                .collect();
+            assert!(kept.contains(&lo) && kept.contains(&hi), "bucket {b}");
+        }
+        // Few points: all of them.
+        assert_eq!(downsample(&x[..10], &y[..10], 100).0.len(), 10);
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(lit("a'b"), "'a''b'");
+    }
+}

@@ -1,0 +1,318 @@
+// cifar-df dashboard: runs, live curves, test results, confusion, SQL. Settings live in
+// the URL's hash, so a reload (or a shared link) shows the same view.
+"use strict";
+
+const METRICS = ["acc", "loss", "precision", "recall", "f1", "acc_mean", "loss_mean",
+  "precision_mean", "recall_mean", "f1_mean", "acc_window", "loss_window",
+  "precision_window", "recall_window", "f1_window", "images_per_s"];
+const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+  "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const $ = (id) => document.getElementById(id);
+
+const state = { filter: "", runs: [], metric: "acc", x: "batch", smooth: 0, cm: "",
+  sql: $("sql").value };
+let knownRuns = [];
+let chart = null;
+
+function readHash() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  if (h.has("filter")) state.filter = h.get("filter");
+  if (h.has("runs")) state.runs = h.get("runs").split(",").filter((r) => r);
+  if (METRICS.includes(h.get("metric"))) state.metric = h.get("metric");
+  if (["batch", "images", "time"].includes(h.get("x"))) state.x = h.get("x");
+  if (h.has("smooth")) state.smooth = Math.min(0.99, Math.max(0, +h.get("smooth") || 0));
+  if (h.has("cm")) state.cm = h.get("cm");
+  if (h.has("sql")) state.sql = h.get("sql");
+}
+
+function writeHash() {
+  const h = new URLSearchParams();
+  if (state.filter) h.set("filter", state.filter);
+  if (state.runs.length) h.set("runs", state.runs.join(","));
+  h.set("metric", state.metric);
+  h.set("x", state.x);
+  if (state.smooth) h.set("smooth", state.smooth);
+  if (state.cm) h.set("cm", state.cm);
+  h.set("sql", state.sql);
+  history.replaceState(null, "", "#" + h.toString());
+}
+
+async function getJson(url, options) {
+  const r = await fetch(url, options);
+  const body = await r.json().catch(() => ({ error: "not JSON (HTTP " + r.status + ")" }));
+  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+  return body;
+}
+
+const fmtTime = (ms) => (ms ? new Date(ms).toLocaleString() : "");
+const fmtNum = (v, d = 4) => (v === null || v === undefined ? "" : (+v).toFixed(d));
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+
+async function loadRuns() {
+  let body;
+  try {
+    body = await getJson("/api/runs?filter=" + encodeURIComponent(state.filter));
+    $("filter-error").textContent = "";
+  } catch (e) {
+    $("filter-error").textContent = e.message;
+    return;
+  }
+  knownRuns = body.runs;
+  $("runs-note").textContent = body.note || "";
+  // Runs chosen before: kept; with none chosen, the newest.
+  const names = knownRuns.map((r) => r.run);
+  if (!state.runs.length && names.length) state.runs = [names[0]];
+  const tbody = $("runs").tBodies[0];
+  tbody.replaceChildren();
+  for (const r of knownRuns) {
+    const tr = document.createElement("tr");
+    tr.dataset.run = r.run;
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.checked = state.runs.includes(r.run);
+    box.addEventListener("change", () => {
+      state.runs = box.checked ? [...state.runs, r.run] : state.runs.filter((x) => x !== r.run);
+      writeHash();
+      loadCurves();
+    });
+    const c = el("td"); c.append(box); tr.append(c);
+    tr.append(el("td", r.run), el("td", r.status, "status-" + r.status), el("td", r.model),
+      el("td", r.images, "num"), el("td", fmtNum(r.test_acc), "num"),
+      el("td", fmtTime(r.start_ms)), el("td", fmtTime(r.end_ms)));
+    if (r.error) tr.title = r.error;
+    tbody.append(tr);
+  }
+  const sel = $("confusion-run");
+  const keep = state.cm || sel.value;
+  sel.replaceChildren(...names.map((n) => el("option", n)));
+  if (names.includes(keep)) sel.value = keep;
+  else if (names.length) sel.value = names[0];
+}
+
+function smooth(ys, a) {
+  if (!a) return ys;
+  let s = null;
+  return ys.map((v) => {
+    if (v === null) return null;
+    s = s === null ? v : a * s + (1 - a) * v;
+    return s;
+  });
+}
+
+let curvesSeq = 0;
+async function loadCurves(range) {
+  const runs = state.runs.filter((r) => knownRuns.some((k) => k.run === r));
+  const seq = ++curvesSeq;
+  const width = Math.max(400, Math.min(1400, window.innerWidth - 60));
+  $("curves-csv").href = "/api/sql.csv?q=" + encodeURIComponent(
+    "select * from metrics where run in (" + runs.map((r) => "'" + r.replace(/'/g, "''") + "'").join(",") +
+    ") order by run, batch");
+  if (!runs.length) {
+    $("curves-note").textContent = "Choose runs above to draw their curves.";
+    if (chart) { chart.destroy(); chart = null; }
+    return;
+  }
+  let q = "/api/curves?run=" + encodeURIComponent(runs.join(",")) + "&metric=" + state.metric +
+    "&x=" + state.x + "&points=" + width;
+  if (range) q += "&from=" + range[0] + "&to=" + range[1];
+  let body;
+  try {
+    body = await getJson(q);
+  } catch (e) {
+    $("curves-note").textContent = e.message;
+    return;
+  }
+  if (seq !== curvesSeq) return; // a newer request is on its way
+  // One x axis for all runs: the union of their x values.
+  const xs = Array.from(new Set(body.curves.flatMap((c) => c.x))).sort((a, b) => a - b);
+  const index = new Map(xs.map((x, i) => [x, i]));
+  const data = [xs];
+  const series = [{ label: state.x }];
+  body.curves.forEach((c, i) => {
+    const ys = new Array(xs.length).fill(null);
+    const sm = smooth(c.y, state.smooth);
+    c.x.forEach((x, k) => { ys[index.get(x)] = sm[k]; });
+    data.push(ys);
+    series.push({ label: c.run + " (" + c.total + ")", stroke: COLOURS[i % COLOURS.length],
+      width: 1.5, spanGaps: true, points: { show: false } });
+  });
+  const drift = body.curves.flatMap((c) => c.drift);
+  $("curves-note").textContent = body.curves.map((c) => c.run + ": " + c.total + " batches").join(" · ") +
+    (drift.length ? " · drift alarms: " + drift.length + " (dashed lines)" : "");
+  const opts = {
+    width, height: 320, series,
+    scales: { x: { time: state.x === "time" } },
+    axes: [{}, { label: state.metric }],
+    hooks: {
+      draw: [(u) => {
+        const ctx = u.ctx;
+        ctx.save();
+        ctx.strokeStyle = "#c00";
+        ctx.setLineDash([4, 4]);
+        for (const d of drift) {
+          const px = u.valToPos(state.x === "time" ? d / 1000 : d, "x", true);
+          ctx.beginPath(); ctx.moveTo(px, u.bbox.top); ctx.lineTo(px, u.bbox.top + u.bbox.height); ctx.stroke();
+        }
+        ctx.restore();
+      }],
+      setSelect: [(u) => {
+        if (u.select.width < 5) return;
+        const a = u.posToVal(u.select.left, "x"), b = u.posToVal(u.select.left + u.select.width, "x");
+        const k = state.x === "time" ? 1000 : 1;
+        loadCurves([a * k, b * k]);
+      }],
+    },
+  };
+  if (state.x === "time") data[0] = data[0].map((v) => v / 1000);
+  if (chart) chart.destroy();
+  chart = new uPlot(opts, data, $("chart"));
+  chart.root.dataset.points = String(xs.length);
+}
+
+async function loadResults() {
+  let body;
+  try {
+    body = await getJson("/api/results?filter=" + encodeURIComponent(state.filter));
+  } catch (e) {
+    $("results-note").textContent = e.message;
+    return;
+  }
+  const tbody = $("results").tBodies[0];
+  tbody.replaceChildren();
+  for (const r of body.results) {
+    const tr = document.createElement("tr");
+    const bar = el("span", undefined, "bar");
+    bar.style.width = Math.round(200 * (r.acc || 0)) + "px";
+    const b = el("td"); b.append(bar);
+    tr.append(el("td", r.run), el("td", r.images, "num"), el("td", fmtNum(r.acc), "num"), b,
+      el("td", fmtNum(r.loss), "num"), el("td", fmtNum(r.f1), "num"));
+    tbody.append(tr);
+  }
+  $("results-note").textContent = body.results.length ? "" : "No test results yet.";
+}
+
+let confusion = null;
+async function loadConfusion() {
+  const run = $("confusion-run").value;
+  const canvas = $("confusion");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  confusion = null;
+  if (!run) return;
+  let body;
+  try {
+    body = await getJson("/api/confusion?run=" + encodeURIComponent(run));
+  } catch (e) {
+    $("cell").textContent = e.message;
+    return;
+  }
+  const k = body.counts.length;
+  if (!k) { $("cell").textContent = "No test predictions for " + run + "."; return; }
+  confusion = body;
+  const cell = canvas.width / k;
+  for (let a = 0; a < k; a++) {
+    const total = body.counts[a].reduce((s, v) => s + v, 0) || 1;
+    for (let p = 0; p < k; p++) {
+      const f = body.counts[a][p] / total;
+      ctx.fillStyle = `rgb(${255 - Math.round(200 * f)},${255 - Math.round(120 * f)},255)`;
+      ctx.fillRect(p * cell, a * cell, Math.ceil(cell), Math.ceil(cell));
+      if (cell >= 24 && body.counts[a][p]) {
+        ctx.fillStyle = "#000";
+        ctx.font = Math.min(12, cell / 3) + "px sans-serif";
+        ctx.fillText(String(body.counts[a][p]), p * cell + 3, a * cell + cell / 2 + 4);
+      }
+    }
+  }
+  canvas.dataset.classes = String(k);
+  $("cell").textContent = "rows: actual, columns: predicted (" + k + " classes). Click a cell.";
+}
+
+$("confusion").addEventListener("click", (ev) => {
+  if (!confusion) return;
+  const k = confusion.counts.length, r = ev.target.getBoundingClientRect();
+  const p = Math.floor((ev.clientX - r.left) / (r.width / k));
+  const a = Math.floor((ev.clientY - r.top) / (r.height / k));
+  if (a < 0 || p < 0 || a >= k || p >= k) return;
+  const name = (i) => confusion.classes[i] || String(i);
+  $("cell").textContent = `actual ${name(a)}, predicted ${name(p)}: ${confusion.counts[a][p]} images`;
+  state.sql = `select batch, "row", label, predicted, p_max from predictions where run = '${confusion.run.replace(/'/g, "''")}' and split = 'test' and label = ${a} and predicted = ${p} order by p_max desc`;
+  $("sql").value = state.sql;
+  writeHash();
+  runSql();
+});
+
+async function runSql() {
+  state.sql = $("sql").value;
+  writeHash();
+  $("sql-csv").href = "/api/sql.csv?q=" + encodeURIComponent(state.sql);
+  let body;
+  try {
+    body = await getJson("/api/sql", { method: "POST", body: state.sql });
+    $("sql-error").textContent = "";
+  } catch (e) {
+    $("sql-error").textContent = e.message;
+    $("sql-result").replaceChildren();
+    return;
+  }
+  const table = document.createElement("table");
+  table.id = "sql-table";
+  const head = document.createElement("tr");
+  body.columns.forEach((c) => head.append(el("th", c)));
+  table.append(head);
+  for (const row of body.rows) {
+    const tr = document.createElement("tr");
+    row.forEach((v) => tr.append(el("td", v === null ? "" : String(v))));
+    table.append(tr);
+  }
+  const note = el("div", body.total + " rows" + (body.truncated ? " (first " + body.rows.length + " shown; the CSV has all)" : ""), "note");
+  $("sql-result").replaceChildren(note, table);
+}
+
+let refreshTimer = null;
+function refresh() {
+  // Coalesce bursts of change events into one refresh.
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(async () => {
+    refreshTimer = null;
+    await loadRuns();
+    await loadCurves();
+    await loadResults();
+    await loadConfusion();
+  }, 200);
+}
+
+function init() {
+  readHash();
+  $("metric").replaceChildren(...METRICS.map((m) => el("option", m)));
+  $("metric").value = state.metric;
+  $("xaxis").value = state.x;
+  $("smooth").value = state.smooth;
+  $("smooth-v").textContent = state.smooth;
+  $("filter").value = state.filter;
+  $("sql").value = state.sql;
+  $("filter").addEventListener("input", () => { state.filter = $("filter").value; writeHash(); refresh(); });
+  $("metric").addEventListener("change", () => { state.metric = $("metric").value; writeHash(); loadCurves(); });
+  $("xaxis").addEventListener("change", () => { state.x = $("xaxis").value; writeHash(); loadCurves(); });
+  $("smooth").addEventListener("input", () => {
+    state.smooth = +$("smooth").value; $("smooth-v").textContent = state.smooth; writeHash(); loadCurves();
+  });
+  $("confusion-run").addEventListener("change", () => { state.cm = $("confusion-run").value; writeHash(); loadConfusion(); });
+  $("sql-run").addEventListener("click", runSql);
+  writeHash();
+  refresh();
+  runSql();
+  const events = new EventSource("/api/events");
+  events.addEventListener("change", (e) => {
+    $("live").textContent = "live (update " + e.data + ")";
+    refresh();
+  });
+  events.onerror = () => { $("live").textContent = "reconnecting…"; };
+}
+
+init();

@@ -1,0 +1,352 @@
+//! `cifar-df ui`: every endpoint over a real runs folder (JSON shape, downsampling, bad
+//! input), the event stream announcing a new run, an empty or missing folder, a port in use,
+//! and the page in a real headless browser (tests/ref/ui_browser.py, selenium + chromium)
+//! where one is installed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, run_ok};
+use serde_json::Value;
+
+/// A `cifar-df ui` on a free port, killed when dropped.
+struct Ui {
+    child: Child,
+    port: u16,
+}
+
+impl Ui {
+    fn start(runs: &Path, extra: &[&str]) -> Ui {
+        let mut child = bin()
+            .args(["ui", "--listen", "127.0.0.1:0", "--runs"])
+            .arg(runs)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .split("127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Ui { child, port }
+    }
+
+    /// One HTTP/1.1 request; the status and the body.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        };
+        (status, body)
+    }
+
+    fn json(&self, path: &str) -> Value {
+        let (status, body) = self.request("GET", path, "");
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn train(runs: &Path, run: &str, extra: &[&str]) {
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "train",
+                "--data",
+                "synthetic:600:200:3",
+                "--batch-size",
+                "20",
+            ])
+            .args(["--model", "logreg", "--no-plots", "--run", run, "--runs"])
+            .arg(runs)
+            .args(extra),
+    );
+}
+
+#[test]
+fn every_endpoint_answers_over_a_runs_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    train(&runs, "alpha", &["--epochs", "2"]);
+    train(&runs, "beta", &[]);
+    let ui = Ui::start(&runs, &[]);
+
+    // The page and its files, from the binary.
+    let (status, page) = ui.request("GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(page.contains("<script src=\"/app.js\">"), "{page}");
+    for path in ["/app.js", "/uPlot.js", "/uPlot.css", "/uPlot.LICENSE"] {
+        let (status, body) = ui.request("GET", path, "");
+        assert_eq!(status, 200, "{path}");
+        assert!(body.len() > 500, "{path}: {} bytes", body.len());
+    }
+
+    // Runs: both, newest first, with their images and test accuracy; the filter is a regex.
+    let r = ui.json("/api/runs");
+    let list = r["runs"].as_array().unwrap();
+    let names: Vec<&str> = list.iter().map(|r| r["run"].as_str().unwrap()).collect();
+    assert_eq!(names, ["beta", "alpha"]);
+    assert_eq!(list[1]["images"], 1200);
+    assert_eq!(list[1]["status"], "finished");
+    assert!(list[1]["test_acc"].as_f64().unwrap() > 0.3, "{r}");
+    let r = ui.json("/api/runs?filter=%5Eal");
+    assert_eq!(r["runs"].as_array().unwrap().len(), 1);
+    let (status, body) = ui.request("GET", "/api/runs?filter=(", "");
+    assert_eq!(status, 400);
+    assert!(body.contains("filter"), "{body}");
+
+    // Curves: every batch where there are few, the extremes where there are many.
+    let r = ui.json("/api/curves?run=alpha,beta&metric=loss");
+    let curves = r["curves"].as_array().unwrap();
+    assert_eq!(curves[0]["total"], 60);
+    assert_eq!(curves[0]["x"].as_array().unwrap().len(), 60);
+    assert_eq!(curves[1]["total"], 30);
+    let r = ui.json("/api/curves?run=alpha&points=10");
+    let x = r["curves"][0]["x"].as_array().unwrap();
+    assert!(x.len() <= 10 && x.len() >= 6, "{r}");
+    let r = ui.json("/api/curves?run=alpha&x=images&from=300&to=600");
+    let x: Vec<f64> = r["curves"][0]["x"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(x.first(), Some(&300.0));
+    assert_eq!(x.last(), Some(&600.0));
+    let r = ui.json("/api/curves?run=alpha&x=time&metric=images_per_s");
+    assert!(r["curves"][0]["y"][0].as_f64().unwrap() > 0.0, "{r}");
+    for bad in [
+        "/api/curves?run=alpha&metric=drop",
+        "/api/curves?run=alpha&x=sideways",
+        "/api/curves?run=",
+    ] {
+        let (status, body) = ui.request("GET", bad, "");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("error"), "{bad}: {body}");
+    }
+
+    // Test results and the confusion matrix, which sums to the test split.
+    let r = ui.json("/api/results");
+    assert_eq!(r["results"].as_array().unwrap().len(), 2);
+    assert_eq!(r["results"][0]["images"], 200);
+    let r = ui.json("/api/confusion?run=alpha");
+    assert_eq!(r["classes"].as_array().unwrap().len(), 10);
+    let total: u64 = r["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 200);
+
+    // SQL: rows as JSON, errors as 400 with the engine's message, the whole result as CSV.
+    let (status, body) = ui.request(
+        "POST",
+        "/api/sql",
+        "select run, count(*) as n from metrics group by run order by run",
+    );
+    assert_eq!(status, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["columns"], serde_json::json!(["run", "n"]));
+    assert_eq!(r["rows"], serde_json::json!([["alpha", 60], ["beta", 30]]));
+    let (status, body) = ui.request("POST", "/api/sql", "select nope from metrics");
+    assert_eq!(status, 400);
+    assert!(body.contains("nope"), "{body}");
+    let (status, csv) = ui.request(
+        "GET",
+        "/api/sql.csv?q=select%20batch%20from%20metrics%20where%20run%20%3D%20%27beta%27",
+        "",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(csv.lines().count(), 31, "{csv}");
+}
+
+#[test]
+fn the_event_stream_announces_a_new_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let ui = Ui::start(&runs, &[]);
+    // An empty folder is an empty page that says so.
+    let r = ui.json("/api/runs");
+    assert_eq!(r["runs"].as_array().unwrap().len(), 0);
+    assert!(r["note"].as_str().unwrap().contains("no runs"), "{r}");
+
+    let mut s = TcpStream::connect(("127.0.0.1", ui.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(s);
+    let mut events = Vec::new();
+    let mut line = String::new();
+    // The first event comes at once; the next when a run writes.
+    let mut wait_event = |reader: &mut BufReader<TcpStream>, events: &mut Vec<String>| loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("the stream ended");
+        }
+        if let Some(d) = line.trim().strip_prefix("data: ") {
+            events.push(d.to_string());
+            return;
+        }
+    };
+    wait_event(&mut reader, &mut events);
+    let t = Instant::now();
+    train(&runs, "gamma", &[]);
+    wait_event(&mut reader, &mut events);
+    assert!(events.len() == 2 && events[1] != events[0], "{events:?}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    let r = ui.json("/api/runs");
+    assert_eq!(r["runs"][0]["run"], "gamma");
+}
+
+#[test]
+fn a_missing_folder_is_no_runs_and_a_taken_port_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ui = Ui::start(&tmp.path().join("nothing-here"), &[]);
+    let r = ui.json("/api/runs");
+    assert_eq!(r["runs"].as_array().unwrap().len(), 0);
+    assert!(
+        r["note"].as_str().unwrap().contains("no runs folder"),
+        "{r}"
+    );
+    assert_eq!(ui.json("/api/results")["results"], serde_json::json!([]));
+
+    let taken = format!("127.0.0.1:{}", ui.port);
+    let out = bin()
+        .args(["ui", "--listen", &taken, "--runs"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains(&taken) && e.contains("cannot listen"), "{e}");
+
+    // Beyond loopback: a warning, said once.
+    let wide = bin()
+        .args(["ui", "--listen", "0.0.0.0:0", "--runs"])
+        .arg(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut wide = Ui {
+        child: wide,
+        port: 0,
+    };
+    let mut line = String::new();
+    BufReader::new(wide.child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("warning") && line.contains("SSH tunnel"),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_page_works_in_a_headless_browser() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref/ui_browser.py");
+    let ready = Command::new("python3")
+        .arg(&script)
+        .arg("--check")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ready {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI must have chromium, chromium-driver and selenium for the browser test");
+        }
+        eprintln!("skipped: no chromium, chromedriver or selenium");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    train(&runs, "done", &[]);
+    let ui = Ui::start(&runs, &[]);
+    // A run in progress: slowed so the page sees batches arrive without a reload.
+    let mut live = bin()
+        .args([
+            "-q",
+            "train",
+            "--data",
+            "synthetic:3000:100:5",
+            "--batch-size",
+            "10",
+        ])
+        .args([
+            "--model",
+            "logreg",
+            "--no-plots",
+            "--run",
+            "live",
+            "--sleep",
+            "0.05",
+        ])
+        .arg("--runs")
+        .arg(&runs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/", ui.port))
+        .output()
+        .unwrap();
+    let _ = live.kill();
+    let _ = live.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+}
