@@ -301,6 +301,10 @@ pub struct TrainArgs {
     /// Skip drawing the run's plots at the end.
     #[arg(long)]
     pub no_plots: bool,
+    /// Serve the dashboard (`cifar-df ui`) inside this process while it trains, on IP:PORT
+    /// (default 127.0.0.1:8080; port 0: any free port); it prints the address.
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    pub ui: Option<std::net::SocketAddr>,
     /// The classes of a stream that does not carry them (TCP, Kafka, a features cache):
     /// a count (`--classes 100`) or the names, comma-separated. With --data they come
     /// from the data (CIFAR-10's ten, CIFAR-100's hundred, an image folder's folders).
@@ -1498,6 +1502,11 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("{model}-{}", chrono_like_stamp()));
     let run = Run::new(&a.runs, &name)?;
+    // Held until training ends: dropping it stops the dashboard.
+    let _ui = match a.ui {
+        Some(listen) => Some(start_train_ui(listen, a.runs.clone()).await?),
+        None => None,
+    };
     let bar = crate::progress::spinner(progress, "{spinner} train {msg} [{elapsed}]");
     let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let summary = trainer::train(TrainOptions {
@@ -1815,22 +1824,40 @@ fn fit_patches(
 
 async fn ui_cmd(a: UiArgs) -> anyhow::Result<ExitCode> {
     warn_if_exposed(&a.listen);
+    let listener = crate::ui::bind(a.listen).await?;
+    // The first line says where; tests and scripts read it.
+    println!(
+        "dashboard on http://{}/ (runs: {})",
+        listener.local_addr()?,
+        a.runs.display()
+    );
+    std::io::stdout().flush()?;
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let runs = a.runs.clone();
-    crate::ui::serve(
-        a.runs,
-        a.listen,
-        |addr| {
-            // The first line says where; tests and scripts read it.
-            println!("dashboard on http://{addr}/ (runs: {})", runs.display());
-            let _ = std::io::stdout().flush();
-        },
-        shutdown,
-    )
-    .await?;
+    crate::ui::serve(listener, a.runs, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `train --ui`: the dashboard inside the training process, over its runs folder; it stops
+/// when training does.
+async fn start_train_ui(
+    listen: std::net::SocketAddr,
+    runs: PathBuf,
+) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    warn_if_exposed(&listen);
+    let listener = crate::ui::bind(listen).await?;
+    eprintln!("dashboard on http://{}/", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = crate::ui::serve(listener, runs, shutdown).await {
+            tracing::warn!("the dashboard stopped: {e}");
+        }
+    });
+    Ok(stop)
 }
 
 /// A warning, once, when the dashboard listens beyond this machine.

@@ -568,12 +568,19 @@ fn eval_part_split(name: &str) -> Option<&str> {
     Some(rest.split_once('-')?.1)
 }
 
+/// The file of a run's training rows not committed yet: the live feed the dashboard reads
+/// between commits (written at most every [`LIVE_EVERY`], removed at each commit).
+pub const LIVE_FILE: &str = "live.parquet";
+/// How often the live feed is rewritten while rows wait for their commit.
+pub const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Rows and predictions not yet written: the trainer collects them batch by batch and
 /// commits them as one part per table.
 #[derive(Default)]
 pub struct Pending {
     rows: Vec<MetricsRow>,
     predictions: Vec<RecordBatch>,
+    live_at: Option<std::time::Instant>,
 }
 
 impl Pending {
@@ -581,6 +588,19 @@ impl Pending {
     pub fn add(&mut self, row: MetricsRow, predictions: RecordBatch) {
         self.rows.push(row);
         self.predictions.push(predictions);
+    }
+
+    /// Writes the rows held to the run's live feed ([`LIVE_FILE`]) when the last write is
+    /// [`LIVE_EVERY`] old: the dashboard shows them before they are committed.
+    pub fn publish(&mut self, run: &Run, model: &str) -> Result<()> {
+        if self.rows.is_empty() || self.live_at.is_some_and(|t| t.elapsed() < LIVE_EVERY) {
+            return Ok(());
+        }
+        self.live_at = Some(std::time::Instant::now());
+        write_parquet_file(
+            &run.dir.join(LIVE_FILE),
+            &[run.metrics_batch(model, &self.rows)?],
+        )
     }
 
     /// Batches held.
@@ -622,6 +642,14 @@ impl Pending {
         }
         self.rows.clear();
         self.predictions.clear();
+        if file.is_none() {
+            // Committed: the live feed's rows are in `metrics` now.
+            let live = run.dir.join(LIVE_FILE);
+            if live.exists() {
+                fs::remove_file(&live).map_err(|e| Error::io(&live, e))?;
+            }
+            self.live_at = None;
+        }
         Ok(())
     }
 }

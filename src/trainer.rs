@@ -900,6 +900,8 @@ async fn train_loop(
             lp.checkpoint(opts, model, info)?;
         } else if lp.pending.len() >= FLUSH_EVERY {
             lp.pending.commit(&opts.run, &opts.model, None)?;
+        } else {
+            lp.pending.publish(&opts.run, &opts.model)?;
         }
         if let Some(f) = opts.on_batch.as_mut() {
             f(&Progress {

@@ -350,3 +350,114 @@ fn the_page_works_in_a_headless_browser() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("ok"), "{stdout}");
 }
+
+#[test]
+fn a_running_run_shows_batches_before_they_are_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let ui = Ui::start(&runs, &[]);
+    // 300 batches of 10, 0.1 s each: the trainer commits every 50 batches (5 s).
+    let mut live = bin()
+        .args([
+            "-q",
+            "train",
+            "--data",
+            "synthetic:3000:10:5",
+            "--batch-size",
+            "10",
+        ])
+        .args([
+            "--model",
+            "logreg",
+            "--no-plots",
+            "--run",
+            "slow",
+            "--sleep",
+            "0.1",
+        ])
+        .args(["--checkpoint-every", "0", "--runs"])
+        .arg(&runs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let found = loop {
+        let (status, body) = ui.request("GET", "/api/curves?run=slow", "");
+        if status == 200 {
+            let r: Value = serde_json::from_str(&body).unwrap();
+            let total = r["curves"][0]["total"].as_u64().unwrap();
+            seen.push(total);
+            // Rows past the last commit come from the live feed.
+            if !total.is_multiple_of(50) {
+                break true;
+            }
+        }
+        if t.elapsed() > Duration::from_secs(25) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = live.kill();
+    let _ = live.wait();
+    assert!(found, "only committed rows seen: {seen:?}");
+    // A run that is not running any more: its stale feed is not shown.
+    let info = runs.join("slow/run.json");
+    let text = std::fs::read_to_string(&info).unwrap();
+    std::fs::write(&info, text.replace("\"running\"", "\"failed\"")).unwrap();
+    let r = ui.json("/api/curves?run=slow");
+    let total = r["curves"][0]["total"].as_u64().unwrap();
+    assert_eq!(total % 50, 0, "{r}");
+}
+
+#[test]
+fn train_ui_serves_the_dashboard_while_it_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let mut child = bin()
+        .args([
+            "train",
+            "--data",
+            "synthetic:2000:10:5",
+            "--batch-size",
+            "10",
+        ])
+        .args([
+            "--model",
+            "logreg",
+            "--no-plots",
+            "--run",
+            "here",
+            "--sleep",
+            "0.05",
+        ])
+        .args(["--ui", "127.0.0.1:0", "--runs"])
+        .arg(&runs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = lines.next().expect("train exited").unwrap();
+        if let Some(rest) = line.strip_prefix("dashboard on http://127.0.0.1:") {
+            break rest.trim_end_matches('/').parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let ui = Ui { child, port };
+    let t = Instant::now();
+    loop {
+        let r = ui.json("/api/runs");
+        if r["runs"][0]["status"] == "running" {
+            let c = ui.json("/api/curves?run=here");
+            if c["curves"][0]["total"].as_u64().unwrap() > 0 {
+                break;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

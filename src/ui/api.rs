@@ -284,13 +284,26 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
             ),
         )
         .await?;
+        let mut batches = batches;
+        let committed = batches
+            .iter()
+            .flat_map(|b| f64_column(b, "batch").unwrap_or_default())
+            .fold(-1.0, f64::max);
+        batches.extend(live_rows(root, run, committed));
         let (mut x, mut y, mut drift) = (Vec::new(), Vec::new(), Vec::new());
         let mut learnt = 0.0;
         for b in &batches {
             let batch = f64_column(b, "batch")?;
             let images = f64_column(b, "images")?;
             let ts = ts_column(b)?;
-            let ys = f64_column(b, "y")?;
+            let ys = if b.column_by_name("y").is_some() {
+                f64_column(b, "y")?
+            } else if metric == "images_per_s" {
+                let s = f64_column(b, "seconds")?;
+                images.iter().zip(s).map(|(i, s)| i / s.max(1e-9)).collect()
+            } else {
+                f64_column(b, metric)?
+            };
             let alarm = b.column_by_name("drift").and_then(|c| {
                 c.as_any()
                     .downcast_ref::<datafusion::arrow::array::BooleanArray>()
@@ -322,6 +335,41 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
         out.push(json!({ "run": run, "x": x, "y": y, "drift": drift, "total": total }));
     }
     Ok(json!({ "metric": metric, "x": xaxis, "curves": out }))
+}
+
+/// The rows of a running run's live feed ([`runs::LIVE_FILE`]: learnt, not committed yet)
+/// after batch `after`; none for a run that is not running, or a feed that cannot be read
+/// (being replaced: the next update has it).
+fn live_rows(root: &Path, run: &str, after: f64) -> Vec<RecordBatch> {
+    let Ok(r) = runs::Run::new(root, run) else {
+        return Vec::new();
+    };
+    let running = matches!(r.read_info(), Ok(Some(i)) if i.effective_status() == "running");
+    let Ok(file) = fs::File::open(r.dir.join(runs::LIVE_FILE)) else {
+        return Vec::new();
+    };
+    if !running {
+        return Vec::new();
+    }
+    let Ok(reader) = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for b in reader.flatten() {
+        let Ok(batch) = f64_column(&b, "batch") else {
+            continue;
+        };
+        let keep: datafusion::arrow::array::BooleanArray =
+            batch.iter().map(|&v| Some(v > after)).collect();
+        if let Ok(kept) = datafusion::arrow::compute::filter_record_batch(&b, &keep) {
+            if kept.num_rows() > 0 {
+                out.push(kept);
+            }
+        }
+    }
+    out
 }
 
 /// The `ts` column (milliseconds) as f64.
@@ -492,8 +540,10 @@ pub fn fingerprint(root: &Path) -> Vec<(String, u64, u64, u128)> {
             continue;
         }
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some((len, t)) = stamp(&dir.join(runs::RUN_FILE)) {
-            out.push((format!("{name}/run.json"), 1, len, t));
+        for file in [runs::RUN_FILE, runs::LIVE_FILE] {
+            if let Some((len, t)) = stamp(&dir.join(file)) {
+                out.push((format!("{name}/{file}"), 1, len, t));
+            }
         }
         for table in runs::TABLES {
             let Ok(files) = fs::read_dir(dir.join(table)) else {

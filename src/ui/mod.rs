@@ -76,21 +76,19 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
-/// Binds `listen` (an error naming the address when it is taken) and serves the dashboard
-/// over `runs` until `shutdown` resolves. Calls `bound` with the address it listens on.
+/// Binds `listen`; a taken or impossible address is an error naming it.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::usage(format!("ui: cannot listen on {listen}: {e}")))
+}
+
+/// Serves the dashboard over `runs` on `listener` until `shutdown` resolves.
 pub async fn serve(
+    listener: tokio::net::TcpListener,
     runs: PathBuf,
-    listen: SocketAddr,
-    bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::usage(format!("ui: cannot listen on {listen}: {e}")))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::io("ui socket", e))?;
-    bound(addr);
     axum::serve(listener, router(runs))
         .with_graceful_shutdown(shutdown)
         .await
