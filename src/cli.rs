@@ -1502,9 +1502,9 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("{model}-{}", chrono_like_stamp()));
     let run = Run::new(&a.runs, &name)?;
-    // Held until training ends: dropping it stops the dashboard.
-    let _ui = match a.ui {
-        Some(listen) => Some(start_train_ui(listen, a.runs.clone()).await?),
+    // Serves until the command ends.
+    let ui = match a.ui {
+        Some(listen) => Some(TrainUi::start(listen, a.runs.clone()).await?),
         None => None,
     };
     let bar = crate::progress::spinner(progress, "{spinner} train {msg} [{elapsed}]");
@@ -1563,6 +1563,9 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
             "interrupted: continue with  cifar-df train --runs {runs_dir} --run {name} --resume"
         );
         let signalled = signalled.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(ui) = ui {
+            ui.finish().await?;
+        }
         return Ok(if signalled {
             ExitCode::from(130)
         } else {
@@ -1591,10 +1594,13 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
             checkpoint: None,
             sql: test_sql.to_string(),
             source: test_source,
+            // In file order, never shuffled: a prediction's (batch, row) is then its
+            // image's place in the split (the dashboard's gallery finds it there).
             source_opts: SourceOptions {
                 split: Split::Test,
                 epochs: Some(1),
                 skip: 0,
+                shuffle: false,
                 ..opts.clone()
             },
             split: "test".into(),
@@ -1639,6 +1645,9 @@ async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<ExitCode> {
         println!(
             "test:   cifar-df predict --runs {runs_dir} --run {name} --data DIR (or --source ...)"
         );
+    }
+    if let Some(ui) = ui {
+        ui.finish().await?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1839,25 +1848,38 @@ async fn ui_cmd(a: UiArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `train --ui`: the dashboard inside the training process, over its runs folder; it stops
-/// when training does.
-async fn start_train_ui(
-    listen: std::net::SocketAddr,
-    runs: PathBuf,
-) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
-    warn_if_exposed(&listen);
-    let listener = crate::ui::bind(listen).await?;
-    eprintln!("dashboard on http://{}/", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = crate::ui::serve(listener, runs, shutdown).await {
-            tracing::warn!("the dashboard stopped: {e}");
+/// `train --ui`: the dashboard inside the training process, over its runs folder, until
+/// [`TrainUi::finish`] (or its drop) stops it.
+struct TrainUi {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<crate::error::Result<()>>,
+}
+
+impl TrainUi {
+    async fn start(listen: std::net::SocketAddr, runs: PathBuf) -> anyhow::Result<TrainUi> {
+        warn_if_exposed(&listen);
+        let listener = crate::ui::bind(listen).await?;
+        eprintln!("dashboard on http://{}/", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            crate::ui::serve(listener, runs, shutdown).await
+        });
+        Ok(TrainUi { stop, task })
+    }
+
+    /// Stops the dashboard; an error it stopped with is the command's. A page still open
+    /// holds its event stream: after 2 s the server is left to the process's exit.
+    async fn finish(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(2), self.task).await {
+            Ok(Ok(r)) => Ok(r.context("train --ui: the dashboard failed")?),
+            Ok(Err(e)) => Err(anyhow::anyhow!("train --ui: the dashboard failed: {e}")),
+            Err(_) => Ok(()),
         }
-    });
-    Ok(stop)
+    }
 }
 
 /// A warning, once, when the dashboard listens beyond this machine.

@@ -57,7 +57,7 @@ fn write_png_titled(
 }
 
 /// The PNG file for `rgb` (see [`write_png`]); errors are reasons.
-fn encode_png(
+pub(crate) fn encode_png(
     width: u32,
     height: u32,
     rgb: &[u8],

@@ -461,3 +461,178 @@ fn train_ui_serves_the_dashboard_while_it_trains() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Writes a CIFAR-10 binary folder of synthetic images (`train` and `test` images).
+fn write_cifar_bin(dir: &Path, train: usize, test: usize) -> cifar_df::dataset::Images {
+    use cifar_df::dataset::{write_bin, Split};
+    use cifar_df::synth::{generate, SynthSpec};
+    let spec = SynthSpec {
+        train,
+        test,
+        seed: 9,
+    };
+    let bin = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (i, f) in generate(&spec, Split::Train).iter().enumerate() {
+        write_bin(&bin.join(format!("data_batch_{}.bin", i + 1)), f).unwrap();
+    }
+    let test = generate(&spec, Split::Test).remove(0);
+    write_bin(&bin.join("test_batch.bin"), &test).unwrap();
+    test
+}
+
+/// A PNG's width, height and RGB bytes.
+fn png_rgb(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+#[test]
+fn the_gallery_shows_the_test_images_a_run_gets_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // 230 test images in batches of 20: the last batch is short.
+    let test = write_cifar_bin(&data, 600, 230);
+    let runs = tmp.path().join("runs");
+    // Shuffled training: the test pass still reads its split in file order.
+    run_ok(
+        bin()
+            .args(["-q", "train", "--data"])
+            .arg(&data)
+            .args(["--batch-size", "20", "--shuffle", "--model", "logreg"])
+            .args(["--no-plots", "--run", "g", "--runs"])
+            .arg(&runs),
+    );
+    let ui = Ui::start(&runs, &[]);
+    let cm = ui.json("/api/confusion?run=g");
+    let counts: Vec<Vec<u64>> = serde_json::from_value(cm["counts"].clone()).unwrap();
+    let wrong: u64 = (0..10)
+        .flat_map(|a| (0..10).map(move |p| (a, p)))
+        .filter(|(a, p)| a != p)
+        .map(|(a, p)| counts[a][p])
+        .sum();
+    assert!(wrong > 0 && wrong < 230, "{cm}");
+
+    // Every wrong image, most confident first, each the test image it names.
+    let g = ui.json("/api/gallery?run=g&limit=500");
+    assert_eq!(g["images_note"], Value::Null, "{g}");
+    assert_eq!(g["matching"].as_u64().unwrap(), wrong);
+    let images = g["images"].as_array().unwrap();
+    assert_eq!(images.len() as u64, wrong);
+    let p: Vec<f64> = images
+        .iter()
+        .map(|i| i["p_max"].as_f64().unwrap())
+        .collect();
+    assert!(p.windows(2).all(|w| w[0] >= w[1]), "{p:?}");
+    for i in images {
+        let index = i["index"].as_u64().unwrap() as usize;
+        assert_eq!(i["label"].as_u64().unwrap(), u64::from(test.labels[index]));
+        assert_ne!(i["label"], i["predicted"]);
+        assert_eq!(
+            i["label_name"],
+            cifar_df::dataset::CLASS_NAMES[test.labels[index] as usize]
+        );
+    }
+    // The pictures: the test images' pixels, as RGB PNGs.
+    for i in images.iter().take(5) {
+        let index = i["index"].as_u64().unwrap() as usize;
+        let mut s = TcpStream::connect(("127.0.0.1", ui.port)).unwrap();
+        write!(
+            s,
+            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            i["src"].as_str().unwrap()
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+        assert!(
+            head.contains(" 200 ") && head.contains("image/png"),
+            "{head}"
+        );
+        let (w, h, rgb) = png_rgb(&raw[at + 4..]);
+        assert_eq!((w, h), (32, 32));
+        let px = test.image(index);
+        for k in 0..1024 {
+            assert_eq!(
+                [rgb[3 * k], rgb[3 * k + 1], rgb[3 * k + 2]],
+                [px[k], px[1024 + k], px[2048 + k]],
+                "image {index}, pixel {k}"
+            );
+        }
+    }
+
+    // One confusion cell, off and on the diagonal.
+    let (a, p) = (0..10)
+        .flat_map(|a| (0..10).map(move |p| (a, p)))
+        .filter(|(a, p)| a != p)
+        .max_by_key(|&(a, p)| counts[a][p])
+        .unwrap();
+    let g = ui.json(&format!("/api/gallery?run=g&label={a}&predicted={p}"));
+    assert_eq!(g["matching"].as_u64().unwrap(), counts[a][p]);
+    for i in g["images"].as_array().unwrap() {
+        assert_eq!(
+            (i["label"].as_u64(), i["predicted"].as_u64()),
+            (Some(a as u64), Some(p as u64))
+        );
+    }
+    let g = ui.json(&format!(
+        "/api/gallery?run=g&label={a}&predicted={a}&limit=3"
+    ));
+    assert_eq!(g["matching"].as_u64().unwrap(), counts[a][a]);
+    assert_eq!(
+        g["images"].as_array().unwrap().len() as u64,
+        counts[a][a].min(3)
+    );
+
+    // Bad input: a 400 naming the problem.
+    let (status, body) = ui.request("GET", "/api/image?run=g&index=230", "");
+    assert_eq!(status, 400);
+    assert!(body.contains("230 images"), "{body}");
+    let (status, body) = ui.request("GET", "/api/gallery?run=g&split=sideways", "");
+    assert_eq!(status, 400);
+    assert!(body.contains("sideways"), "{body}");
+    drop(ui);
+
+    // The data changed since the run: no wrong pictures, a note saying why.
+    let mut shifted = test.clone();
+    shifted.labels.iter_mut().for_each(|l| *l = (*l + 1) % 10);
+    cifar_df::dataset::write_bin(&data.join("cifar-10-batches-bin/test_batch.bin"), &shifted)
+        .unwrap();
+    let ui = Ui::start(&runs, &[]);
+    let g = ui.json("/api/gallery?run=g");
+    assert!(
+        g["images_note"].as_str().unwrap().contains("data changed"),
+        "{g}"
+    );
+    assert!(g["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["src"].is_null()));
+    // A run fed by a stream keeps no images: its rows, and why there are no pictures.
+    let info = runs.join("g/run.json");
+    let text = std::fs::read_to_string(&info).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let old = v["source"].as_str().unwrap().to_string();
+    std::fs::write(
+        &info,
+        text.replace(&format!("\"{old}\""), "\"tcp://127.0.0.1:9\""),
+    )
+    .unwrap();
+    let g = ui.json("/api/gallery?run=g");
+    assert!(
+        g["images_note"]
+            .as_str()
+            .unwrap()
+            .contains("keeps no images"),
+        "{g}"
+    );
+    assert_eq!(g["matching"].as_u64().unwrap(), wrong);
+}

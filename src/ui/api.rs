@@ -91,13 +91,13 @@ pub struct SqlQuery {
 }
 
 /// `'s'` with its quotes doubled: a SQL string literal.
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Runs `sql` over the run tables of `root`. A folder that changes under the query (a
 /// part renamed by a compaction) can fail one read: it is retried twice on a fresh listing.
-async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
     let mut last = None;
     for attempt in 0..3 {
         if attempt > 0 {
@@ -128,7 +128,7 @@ async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
 }
 
 /// Column `name` of `b` as f64 values (nulls as NaN).
-fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+pub(crate) fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
     let col = b
         .column_by_name(name)
         .ok_or_else(|| Error::usage(format!("no column {name}")))?;
@@ -264,7 +264,12 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
         )));
     }
     let points = q.points.unwrap_or(DEFAULT_POINTS).clamp(2, MAX_POINTS);
-    let runs: Vec<&str> = q.run.split(',').filter(|r| !r.is_empty()).collect();
+    let mut runs: Vec<&str> = Vec::new();
+    for r in q.run.split(',').filter(|r| !r.is_empty()) {
+        if !runs.contains(&r) {
+            runs.push(r);
+        }
+    }
     if runs.is_empty() {
         return Err(Error::usage("run: name at least one run"));
     }
@@ -273,18 +278,39 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
     } else {
         metric.to_string()
     };
+    // One query for every run asked for (a session per run would list the folder each time).
+    let all = sql(
+        root,
+        &format!(
+            "select run, batch, images, ts, {column} as y, drift from metrics \
+             where run in ({}) and split = 'train' order by run, batch",
+            runs.iter().map(|r| lit(r)).collect::<Vec<_>>().join(", ")
+        ),
+    )
+    .await?;
+    let mut by_run: std::collections::HashMap<String, Vec<RecordBatch>> =
+        std::collections::HashMap::new();
+    for b in &all {
+        let names = cast(b.column(0), &DataType::Utf8)?;
+        let names = names
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .ok_or_else(|| Error::usage("run names are not text"))?;
+        // Rows are in run order: one slice per run.
+        let mut start = 0;
+        for i in 1..=b.num_rows() {
+            if i == b.num_rows() || names.value(i) != names.value(start) {
+                by_run
+                    .entry(names.value(start).to_string())
+                    .or_default()
+                    .push(b.slice(start, i - start));
+                start = i;
+            }
+        }
+    }
     let mut out = Vec::new();
     for run in runs {
-        let batches = sql(
-            root,
-            &format!(
-                "select batch, images, ts, {column} as y, drift from metrics \
-                 where run = {} and split = 'train' order by batch",
-                lit(run)
-            ),
-        )
-        .await?;
-        let mut batches = batches;
+        let mut batches = by_run.remove(run).unwrap_or_default();
         let committed = batches
             .iter()
             .flat_map(|b| f64_column(b, "batch").unwrap_or_default())
@@ -455,7 +481,7 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
     Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": counts }))
 }
 
-fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
+pub(crate) fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
     let col = b
         .column_by_name(name)
         .ok_or_else(|| Error::usage(format!("no column {name}")))?;

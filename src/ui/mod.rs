@@ -8,6 +8,7 @@
 //! half written or being compacted is read as far as it can be, never a failed page.
 
 pub mod api;
+pub mod gallery;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,10 +30,12 @@ use crate::error::{Error, Result};
 pub const POLL: Duration = Duration::from_millis(500);
 
 /// What every handler shares.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Ui {
     /// The runs folder.
     pub runs: PathBuf,
+    /// The split whose images the gallery shows, loaded once.
+    pub images: gallery::ImageCache,
 }
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -43,7 +46,10 @@ const UPLOT_LICENSE: &str = include_str!("assets/uPlot.LICENSE");
 
 /// The dashboard's routes over `runs`.
 pub fn router(runs: PathBuf) -> Router {
-    let state = Arc::new(Ui { runs });
+    let state = Arc::new(Ui {
+        runs,
+        images: gallery::ImageCache::default(),
+    });
     Router::new()
         .route(
             "/",
@@ -66,6 +72,8 @@ pub fn router(runs: PathBuf) -> Router {
         .route("/api/curves", get(curves_handler))
         .route("/api/results", get(results_handler))
         .route("/api/confusion", get(confusion_handler))
+        .route("/api/gallery", get(gallery_handler))
+        .route("/api/image", get(image_handler))
         .route("/api/sql", post(sql_handler))
         .route("/api/sql.csv", get(sql_csv_handler))
         .route("/api/events", get(events_handler))
@@ -125,6 +133,30 @@ async fn confusion_handler(
     Query(q): Query<api::ConfusionQuery>,
 ) -> Response {
     json_or_400(api::confusion(&ui.runs, &q).await)
+}
+
+async fn gallery_handler(
+    State(ui): State<Arc<Ui>>,
+    Query(q): Query<gallery::GalleryQuery>,
+) -> Response {
+    json_or_400(gallery::gallery(&ui.runs, &ui.images, &q).await)
+}
+
+async fn image_handler(
+    State(ui): State<Arc<Ui>>,
+    Query(q): Query<gallery::ImageQuery>,
+) -> Response {
+    match gallery::image_png(&ui.runs, &ui.images, &q).await {
+        Ok(png) => (
+            [
+                (header::CONTENT_TYPE, "image/png"),
+                (header::CACHE_CONTROL, "max-age=60"),
+            ],
+            png,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 async fn sql_handler(State(ui): State<Arc<Ui>>, body: String) -> Response {

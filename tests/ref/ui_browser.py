@@ -4,7 +4,8 @@
   ui_browser.py URL       the page at URL, whose runs folder holds a finished run `done`
                           and a run `live` training slowly, must: load with no console
                           error, list both runs, draw curves, show new batches of `live`
-                          without a reload, draw the confusion heatmap, answer SQL (and
+                          without a reload, draw the confusion heatmap and the gallery of wrong test
+                          images (and a clicked cell's images), answer SQL (and
                           show an SQL error under the box), and keep its settings on reload.
 """
 import os
@@ -73,8 +74,22 @@ def main(url):
             "const s = document.getElementById('confusion-run'); s.value = 'done';"
             "s.dispatchEvent(new Event('change'));")
         wait.until(lambda d: d.find_element(By.ID, "confusion").get_attribute("data-classes") == "10")
+        # The gallery: the run's wrong test images, drawn from the data.
+        loaded = ("const i = [...document.querySelectorAll('#gallery figure img')];"
+                  "return i.length > 0 && i.every((x) => x.complete && x.naturalWidth === 32);")
+        wait.until(lambda d: d.execute_script(loaded))
+        captions = ("return [...document.querySelectorAll('#gallery figcaption')]"
+                    ".map((c) => c.textContent);")
+        wrong = driver.execute_script(captions)
+        assert wrong and all(a != b for a, b in (c.split(" → ") for c in wrong)), wrong
+        print("gallery", len(wrong), "wrong images:", driver.find_element(By.ID, "gallery-note").text)
+        # A click on the heatmap's middle (a diagonal cell): that class's right images.
         driver.find_element(By.ID, "confusion").click()
         wait.until(lambda d: "actual" in d.find_element(By.ID, "cell").text)
+        wait.until(lambda d: "right" in d.find_element(By.ID, "gallery-note").text)
+        wait.until(lambda d: d.execute_script(loaded))
+        right = driver.execute_script(captions)
+        assert right and all(c.split(" → ")[0] == c.split(" → ")[1] for c in right), right
 
         # SQL: rows, then an error under the box.
         box = driver.find_element(By.ID, "sql")

@@ -9,7 +9,7 @@ const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b
   "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 const $ = (id) => document.getElementById(id);
 
-const state = { filter: "", runs: [], metric: "acc", x: "batch", smooth: 0, cm: "",
+const state = { filter: "", runs: [], metric: "acc", x: "batch", smooth: 0, cm: "", cell: "",
   sql: $("sql").value };
 let knownRuns = [];
 let chart = null;
@@ -22,6 +22,7 @@ function readHash() {
   if (["batch", "images", "time"].includes(h.get("x"))) state.x = h.get("x");
   if (h.has("smooth")) state.smooth = Math.min(0.99, Math.max(0, +h.get("smooth") || 0));
   if (h.has("cm")) state.cm = h.get("cm");
+  if (/^\d+,\d+$/.test(h.get("cell") || "")) state.cell = h.get("cell");
   if (h.has("sql")) state.sql = h.get("sql");
 }
 
@@ -33,6 +34,7 @@ function writeHash() {
   h.set("x", state.x);
   if (state.smooth) h.set("smooth", state.smooth);
   if (state.cm) h.set("cm", state.cm);
+  if (state.cell) h.set("cell", state.cell);
   h.set("sql", state.sql);
   history.replaceState(null, "", "#" + h.toString());
 }
@@ -241,11 +243,56 @@ $("confusion").addEventListener("click", (ev) => {
   if (a < 0 || p < 0 || a >= k || p >= k) return;
   const name = (i) => confusion.classes[i] || String(i);
   $("cell").textContent = `actual ${name(a)}, predicted ${name(p)}: ${confusion.counts[a][p]} images`;
+  state.cell = a + "," + p;
+  loadGallery();
   state.sql = `select batch, "row", label, predicted, p_max from predictions where run = '${confusion.run.replace(/'/g, "''")}' and split = 'test' and label = ${a} and predicted = ${p} order by p_max desc`;
   $("sql").value = state.sql;
   writeHash();
   runSql();
 });
+
+// The gallery: the test images the chosen run gets wrong (or one confusion cell's), most
+// confident first, with their true and predicted class.
+let gallerySeq = 0;
+async function loadGallery() {
+  const run = $("confusion-run").value;
+  const seq = ++gallerySeq;
+  $("gallery-all").hidden = !state.cell;
+  if (!run) { $("gallery").replaceChildren(); $("gallery-note").textContent = ""; return; }
+  let q = "/api/gallery?run=" + encodeURIComponent(run) + "&limit=60";
+  const [a, p] = state.cell ? state.cell.split(",") : [];
+  if (state.cell) q += "&label=" + a + "&predicted=" + p;
+  let body;
+  try {
+    body = await getJson(q);
+  } catch (e) {
+    $("gallery-note").textContent = e.message;
+    return;
+  }
+  if (seq !== gallerySeq) return;
+  const what = !state.cell ? "wrong" : a === p ? "right in one class" : "in one confusion cell";
+  $("gallery-title").textContent = (a === p && state.cell ? "Right on test" : "Wrong on test") +
+    " · " + run;
+  $("gallery-note").textContent = body.matching + " images " + what +
+    (body.images.length < body.matching ? ", the " + body.images.length + " most confident shown" : "") +
+    (body.images_note ? " · " + body.images_note : "");
+  const figs = body.images.map((g) => {
+    const f = el("figure");
+    f.dataset.index = g.index;
+    if (g.src) {
+      const img = document.createElement("img");
+      img.src = g.src;
+      img.alt = g.label_name + " taken for " + g.predicted_name;
+      f.append(img);
+    }
+    const cap = el("figcaption", g.label_name + " → " + g.predicted_name);
+    f.title = "image " + g.index + ": " + g.label_name + ", predicted " + g.predicted_name +
+      " (p " + fmtNum(g.p_max, 3) + ")";
+    f.append(cap, el("div", "p " + fmtNum(g.p_max, 2), "note"));
+    return f;
+  });
+  $("gallery").replaceChildren(...figs);
+}
 
 async function runSql() {
   state.sql = $("sql").value;
@@ -275,6 +322,7 @@ async function runSql() {
 }
 
 let refreshTimer = null;
+let shownKey = null;
 function refresh() {
   // Coalesce bursts of change events into one refresh.
   if (refreshTimer) return;
@@ -283,7 +331,16 @@ function refresh() {
     await loadRuns();
     await loadCurves();
     await loadResults();
-    await loadConfusion();
+    // The confusion matrix and gallery change when their run's test pass does: while
+    // another run trains they are not asked for again.
+    const run = $("confusion-run").value;
+    const r = knownRuns.find((k) => k.run === run);
+    const key = r ? [run, r.status, r.end_ms, r.test_acc].join("|") : "";
+    if (key !== shownKey) {
+      shownKey = key;
+      await loadConfusion();
+      await loadGallery();
+    }
   }, 200);
 }
 
@@ -302,7 +359,12 @@ function init() {
   $("smooth").addEventListener("input", () => {
     state.smooth = +$("smooth").value; $("smooth-v").textContent = state.smooth; writeHash(); loadCurves();
   });
-  $("confusion-run").addEventListener("change", () => { state.cm = $("confusion-run").value; writeHash(); loadConfusion(); });
+  $("confusion-run").addEventListener("change", () => {
+    state.cm = $("confusion-run").value; state.cell = ""; writeHash(); loadConfusion(); loadGallery();
+  });
+  $("gallery-all").addEventListener("click", (ev) => {
+    ev.preventDefault(); state.cell = ""; writeHash(); loadGallery();
+  });
   $("sql-run").addEventListener("click", runSql);
   writeHash();
   refresh();
