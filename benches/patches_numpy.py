@@ -1,4 +1,4 @@
-"""The numpy reference of the random-patches method, for the side-by-side in the README.
+"""The numpy reference of the random-patches method, for the side-by-side in docs/features.md.
 
   python3 benches/patches_numpy.py ../shared/data/cifar10-mini
 

@@ -818,6 +818,17 @@ pub fn main() -> anyhow::Result<ExitCode> {
     // the default hook would print it a second time.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // `cifar-df predict ... | head`: once the reader has gone, `println!` panics with
+        // EPIPE; end quietly, with what was printed, as other command-line tools do.
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(0);
+        }
         if std::thread::current().name() != Some(crate::table::SOURCE_THREAD) {
             default_hook(info);
         }

@@ -841,6 +841,12 @@ fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
 /// `root` in `ctx`, and `runs` (one row per `run.json`). A table no run has yet is registered empty, so
 /// queries over it still work.
 pub fn register_tables(ctx: &SessionContext, root: &Path) -> Result<()> {
+    register_tables_of(ctx, root, None)
+}
+
+/// [`register_tables`], with the four tables over the runs named in `only` (all runs when
+/// `None`): a query about a few runs then plans over their files alone.
+pub fn register_tables_of(ctx: &SessionContext, root: &Path, only: Option<&[&str]>) -> Result<()> {
     let infos = read_run_infos(root)?;
     let batch = runs_batch(&infos)?;
     ctx.deregister_table("runs")?;
@@ -854,6 +860,11 @@ pub fn register_tables(ctx: &SessionContext, root: &Path) -> Result<()> {
         if let Ok(entries) = fs::read_dir(root) {
             let mut dirs: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok())
+                .filter(|e| {
+                    only.is_none_or(|names| {
+                        names.iter().any(|n| e.file_name().to_str() == Some(*n))
+                    })
+                })
                 .map(|e| e.path().join(table))
                 .filter(|p| has_parts(p))
                 .collect();

@@ -41,7 +41,7 @@ fn train_and_predict(runs: &Path, model: &str, extra: &[&str]) -> f64 {
 fn every_model_learns_the_synthetic_set_from_its_config() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
-    // Chance is 0.1; the bars are well below what each model gets (see the README).
+    // Chance is 0.1; the bars are well below what each model gets (see docs/training.md).
     for (model, bar, extra) in [
         ("svm", 0.25, &["--set", "average=1"][..]),
         ("mlp", 0.3, &["--lr", "0.001"][..]),

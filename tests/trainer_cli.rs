@@ -418,3 +418,28 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
         "run,status\nf,failed\ns,finished\n"
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // `cifar-df predict ... | true`: the reader is gone before the metrics are printed.
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    run_ok(
+        bin()
+            .args(["-q", "train", "--data", "synthetic:200:100:1", "--no-plots"])
+            .args(["--model", "logreg", "--run", "p", "--runs"])
+            .arg(&runs),
+    );
+    let exe = env!("CARGO_BIN_EXE_cifar-df");
+    let script = format!(
+        "set -o pipefail; {exe} -q predict --run p --data synthetic:200:100:1 --runs {} | true",
+        runs.display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
+}

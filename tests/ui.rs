@@ -178,6 +178,26 @@ fn every_endpoint_answers_over_a_runs_folder() {
     let r = ui.json("/api/results");
     assert_eq!(r["results"].as_array().unwrap().len(), 2);
     assert_eq!(r["results"][0]["images"], 200);
+    // The server keeps each run's results until its eval_metrics change: a new test pass
+    // of beta (on a test split of 100 images; it replaces the last) shows at once.
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "predict",
+                "--run",
+                "beta",
+                "--data",
+                "synthetic:600:100:3",
+            ])
+            .arg("--runs")
+            .arg(&runs),
+    );
+    let r = ui.json("/api/results");
+    assert_eq!(r["results"][0]["run"], "alpha");
+    assert_eq!(r["results"][0]["images"], 200);
+    assert_eq!(r["results"][1]["run"], "beta");
+    assert_eq!(r["results"][1]["images"], 100);
     let r = ui.json("/api/confusion?run=alpha");
     assert_eq!(r["classes"].as_array().unwrap().len(), 10);
     let total: u64 = r["counts"]

@@ -45,7 +45,7 @@ pub struct LogRegParams {
     /// iterate; N ≥ 1 keeps the mean of the iterates after every step from the one that
     /// reaches the N-th image on, and predicts with it. Fixed-rate steps throw the last
     /// iterate around the optimum; their mean settles. Default 1 (chosen on a validation
-    /// split, see the README).
+    /// split, see docs/training.md).
     pub average: u64,
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
     /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).

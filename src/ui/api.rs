@@ -1,6 +1,7 @@
 //! The dashboard's data: each endpoint is SQL over the run tables (the engine of
 //! `cifar-df query`), shaped as JSON for the page.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
@@ -98,13 +99,22 @@ pub(crate) fn lit(s: &str) -> String {
 /// Runs `sql` over the run tables of `root`. A folder that changes under the query (a
 /// part renamed by a compaction) can fail one read: it is retried twice on a fresh listing.
 pub(crate) async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
+    sql_over(root, sql, None).await
+}
+
+/// [`sql`] with the run tables over the runs in `only` alone (all when `None`).
+pub(crate) async fn sql_over(
+    root: &Path,
+    sql: &str,
+    only: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>> {
     let mut last = None;
     for attempt in 0..3 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let ctx = query::session();
-        if let Err(e) = runs::register_tables(&ctx, root) {
+        if let Err(e) = runs::register_tables_of(&ctx, root, only) {
             last = Some(e);
             continue;
         }
@@ -145,7 +155,7 @@ pub(crate) fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
 /// Every run of `root` whose name matches `q.filter`, newest first: its `run.json` and the
 /// test accuracy of its last prediction pass. No folder, or an empty one, is no runs (and
 /// says so in `note`).
-pub async fn runs(root: &Path, q: &RunsQuery) -> Result<Value> {
+pub async fn runs(root: &Path, q: &RunsQuery, results: &TestResults) -> Result<Value> {
     let filter = regex::Regex::new(&q.filter)
         .map_err(|e| Error::usage(format!("filter {:?}: {e}", q.filter)))?;
     if !root.is_dir() {
@@ -154,27 +164,8 @@ pub async fn runs(root: &Path, q: &RunsQuery) -> Result<Value> {
     let mut infos = runs::read_run_infos(root)?;
     infos.retain(|i| filter.is_match(&i.run));
     infos.sort_by(|a, b| b.start_ms.cmp(&a.start_ms).then(a.run.cmp(&b.run)));
-    let mut test = std::collections::HashMap::new();
-    if !infos.is_empty() {
-        let batches = sql(
-            root,
-            "select run, cast(sum(acc * images) / sum(images) as double) as acc \
-             from eval_metrics where split = 'test' group by run",
-        )
-        .await
-        .unwrap_or_default();
-        for b in &batches {
-            let names = cast(b.column(0), &DataType::Utf8)?;
-            let names = names
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::StringArray>()
-                .ok_or_else(|| Error::usage("run names are not text"))?;
-            let acc = f64_column(b, "acc")?;
-            for (i, a) in acc.into_iter().enumerate() {
-                test.insert(names.value(i).to_string(), a);
-            }
-        }
-    }
+    let names: Vec<String> = infos.iter().map(|i| i.run.clone()).collect();
+    let test = results.of(root, &names).await.unwrap_or_default();
     let list: Vec<Value> = infos
         .iter()
         .map(|i| {
@@ -188,7 +179,7 @@ pub async fn runs(root: &Path, q: &RunsQuery) -> Result<Value> {
                 "start_ms": i.start_ms,
                 "end_ms": i.end_ms,
                 "error": i.error,
-                "test_acc": test.get(&i.run).copied().filter(|a| a.is_finite()),
+                "test_acc": test.get(&i.run).and_then(|r| r["acc"].as_f64()),
             })
         })
         .collect();
@@ -279,13 +270,14 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
         metric.to_string()
     };
     // One query for every run asked for (a session per run would list the folder each time).
-    let all = sql(
+    let all = sql_over(
         root,
         &format!(
             "select run, batch, images, ts, {column} as y, drift from metrics \
              where run in ({}) and split = 'train' order by run, batch",
             runs.iter().map(|r| lit(r)).collect::<Vec<_>>().join(", ")
         ),
+        Some(&runs),
     )
     .await?;
     let mut by_run: std::collections::HashMap<String, Vec<RecordBatch>> =
@@ -411,29 +403,96 @@ fn ts_column(b: &RecordBatch) -> Result<Vec<f64>> {
     Ok((0..a.len()).map(|i| a.value(i) as f64).collect())
 }
 
-/// Each matching run's last test pass: images, accuracy, loss, macro precision, recall, F1.
-pub async fn results(root: &Path, q: &RunsQuery) -> Result<Value> {
+/// Per run, the weighted means of its test passes (images, accuracy, loss, macro
+/// precision, recall, F1), kept between requests: a run is read again only when its
+/// `eval_metrics` folder changed, so a page over hundreds of runs costs a listing of their
+/// folders, not a query over all of them, each time one run writes.
+#[derive(Debug, Default)]
+pub struct TestResults {
+    kept: std::sync::Mutex<HashMap<String, (Stamp, Option<Value>)>>,
+}
+
+/// A folder's part files: how many, their bytes, the newest modification time.
+type Stamp = (u64, u64, u128);
+
+fn folder_stamp(dir: &Path) -> Stamp {
+    let mut stamp = (0, 0, 0);
+    for f in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(m) = f.metadata() {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            stamp = (stamp.0 + 1, stamp.1 + m.len(), stamp.2.max(t));
+        }
+    }
+    stamp
+}
+
+impl TestResults {
+    /// The test results of each of `names` that has any.
+    pub async fn of(&self, root: &Path, names: &[String]) -> Result<HashMap<String, Value>> {
+        let stamps: Vec<Stamp> = names
+            .iter()
+            .map(|n| folder_stamp(&root.join(n).join("eval_metrics")))
+            .collect();
+        let stale: Vec<&str> = {
+            let kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+            names
+                .iter()
+                .zip(&stamps)
+                .filter(|(n, s)| kept.get(n.as_str()).is_none_or(|(k, _)| k != *s))
+                .map(|(n, _)| n.as_str())
+                .collect()
+        };
+        if !stale.is_empty() {
+            let batches = sql_over(
+                root,
+                "select run, cast(sum(images) as bigint) as images, \
+                 cast(sum(acc * images) / sum(images) as double) as acc, \
+                 cast(sum(loss * images) / sum(images) as double) as loss, \
+                 cast(sum(precision * images) / sum(images) as double) as precision, \
+                 cast(sum(recall * images) / sum(images) as double) as recall, \
+                 cast(sum(f1 * images) / sum(images) as double) as f1 \
+                 from eval_metrics where split = 'test' group by run",
+                Some(&stale),
+            )
+            .await?;
+            let mut fresh: HashMap<String, Value> = json_rows(&batches)?
+                .into_iter()
+                .filter_map(|r| Some((r["run"].as_str()?.to_string(), r)))
+                .collect();
+            let mut kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+            for (n, s) in names.iter().zip(&stamps) {
+                if stale.contains(&n.as_str()) {
+                    kept.insert(n.clone(), (*s, fresh.remove(n)));
+                }
+            }
+        }
+        let kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+        Ok(names
+            .iter()
+            .filter_map(|n| Some((n.clone(), kept.get(n)?.1.clone()?)))
+            .collect())
+    }
+}
+
+/// Each matching run's test results (see [`TestResults`]), by run name.
+pub async fn results(root: &Path, q: &RunsQuery, results: &TestResults) -> Result<Value> {
     let filter = regex::Regex::new(&q.filter)
         .map_err(|e| Error::usage(format!("filter {:?}: {e}", q.filter)))?;
     if !root.is_dir() {
         return Ok(json!({ "results": [] }));
     }
-    let batches = sql(
-        root,
-        "select run, cast(sum(images) as bigint) as images, \
-         cast(sum(acc * images) / sum(images) as double) as acc, \
-         cast(sum(loss * images) / sum(images) as double) as loss, \
-         cast(sum(precision * images) / sum(images) as double) as precision, \
-         cast(sum(recall * images) / sum(images) as double) as recall, \
-         cast(sum(f1 * images) / sum(images) as double) as f1 \
-         from eval_metrics where split = 'test' group by run order by run",
-    )
-    .await?;
-    let rows = json_rows(&batches)?;
-    let rows: Vec<Value> = rows
+    let mut names: Vec<String> = runs::read_run_infos(root)?
         .into_iter()
-        .filter(|r| r["run"].as_str().is_some_and(|n| filter.is_match(n)))
+        .map(|i| i.run)
+        .filter(|n| filter.is_match(n))
         .collect();
+    names.sort();
+    let found = results.of(root, &names).await?;
+    let rows: Vec<Value> = names.iter().filter_map(|n| found.get(n).cloned()).collect();
     Ok(json!({ "results": rows }))
 }
 
@@ -448,7 +507,7 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
     } else {
         String::new()
     };
-    let batches = sql(
+    let batches = sql_over(
         root,
         &format!(
             "select cast(actual as bigint) as actual, cast(predicted as bigint) as predicted, \
@@ -457,6 +516,7 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
             lit(&q.run),
             lit(split)
         ),
+        Some(&[q.run.as_str()]),
     )
     .await?;
     let names = runs::run_classes(root, &q.run);

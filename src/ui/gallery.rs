@@ -180,7 +180,7 @@ pub async fn gallery(root: &Path, cache: &ImageCache, q: &GalleryQuery) -> Resul
     if !(q.label.is_some() && q.label == q.predicted) {
         cond += " and label <> predicted";
     }
-    let batches = api::sql(
+    let batches = api::sql_over(
         root,
         &format!(
             "select cast(batch as bigint) as batch, cast(\"row\" as bigint) as \"row\", \
@@ -190,6 +190,7 @@ pub async fn gallery(root: &Path, cache: &ImageCache, q: &GalleryQuery) -> Resul
              (select count(*) from predictions where {cond}) as matching \
              from predictions where {cond} order by p_max desc, batch, \"row\" limit {limit}"
         ),
+        Some(&[q.run.as_str()]),
     )
     .await?;
     let mut rows = Vec::new();

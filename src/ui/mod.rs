@@ -36,6 +36,8 @@ pub struct Ui {
     pub runs: PathBuf,
     /// The split whose images the gallery shows, loaded once.
     pub images: gallery::ImageCache,
+    /// Each run's test results, read again when its `eval_metrics` change.
+    pub results: api::TestResults,
 }
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -49,6 +51,7 @@ pub fn router(runs: PathBuf) -> Router {
     let state = Arc::new(Ui {
         runs,
         images: gallery::ImageCache::default(),
+        results: api::TestResults::default(),
     });
     Router::new()
         .route(
@@ -117,7 +120,7 @@ fn json_or_400(r: Result<serde_json::Value>) -> Response {
 }
 
 async fn runs_handler(State(ui): State<Arc<Ui>>, Query(q): Query<api::RunsQuery>) -> Response {
-    json_or_400(api::runs(&ui.runs, &q).await)
+    json_or_400(api::runs(&ui.runs, &q, &ui.results).await)
 }
 
 async fn curves_handler(State(ui): State<Arc<Ui>>, Query(q): Query<api::CurvesQuery>) -> Response {
@@ -125,7 +128,7 @@ async fn curves_handler(State(ui): State<Arc<Ui>>, Query(q): Query<api::CurvesQu
 }
 
 async fn results_handler(State(ui): State<Arc<Ui>>, Query(q): Query<api::RunsQuery>) -> Response {
-    json_or_400(api::results(&ui.runs, &q).await)
+    json_or_400(api::results(&ui.runs, &q, &ui.results).await)
 }
 
 async fn confusion_handler(
