@@ -12,7 +12,11 @@ const $ = (id) => document.getElementById(id);
 const state = { filter: "", runs: [], metric: "acc", x: "batch", smooth: 0, cm: "", cell: "",
   sql: $("sql").value };
 let knownRuns = [];
+let runsKey = null;
+let resultsKey = null;
 let chart = null;
+let chartKey = null;
+let chartDrift = [];
 
 function readHash() {
   const h = new URLSearchParams(location.hash.slice(1));
@@ -70,6 +74,10 @@ async function loadRuns() {
   // Runs chosen before: kept; with none chosen, the newest.
   const names = knownRuns.map((r) => r.run);
   if (!state.runs.length && names.length) state.runs = [names[0]];
+  // Unchanged (the same runs, state and choice): the table is left as it is.
+  const key = JSON.stringify([body.runs, state.runs]);
+  if (key === runsKey) return;
+  runsKey = key;
   const tbody = $("runs").tBodies[0];
   tbody.replaceChildren();
   for (const r of knownRuns) {
@@ -141,10 +149,11 @@ async function loadCurves(range) {
     const sm = smooth(c.y, state.smooth);
     c.x.forEach((x, k) => { ys[index.get(x)] = sm[k]; });
     data.push(ys);
-    series.push({ label: c.run + " (" + c.total + ")", stroke: COLOURS[i % COLOURS.length],
+    series.push({ label: c.run, stroke: COLOURS[i % COLOURS.length],
       width: 1.5, spanGaps: true, points: { show: false } });
   });
   const drift = body.curves.flatMap((c) => c.drift);
+  chartDrift = drift;
   $("curves-note").textContent = body.curves.map((c) => c.run + ": " + c.total + " batches").join(" · ") +
     (drift.length ? " · drift alarms: " + drift.length + " (dashed lines)" : "");
   const opts = {
@@ -157,7 +166,7 @@ async function loadCurves(range) {
         ctx.save();
         ctx.strokeStyle = "#c00";
         ctx.setLineDash([4, 4]);
-        for (const d of drift) {
+        for (const d of chartDrift) {
           const px = u.valToPos(state.x === "time" ? d / 1000 : d, "x", true);
           ctx.beginPath(); ctx.moveTo(px, u.bbox.top); ctx.lineTo(px, u.bbox.top + u.bbox.height); ctx.stroke();
         }
@@ -172,8 +181,15 @@ async function loadCurves(range) {
     },
   };
   if (state.x === "time") data[0] = data[0].map((v) => v / 1000);
-  if (chart) chart.destroy();
-  chart = new uPlot(opts, data, $("chart"));
+  // The same runs, metric, axis and zoom as drawn: new points only (no new chart).
+  const key = JSON.stringify([runs, state.metric, state.x, range || null, width]);
+  if (chart && key === chartKey) {
+    chart.setData(data);
+  } else {
+    if (chart) chart.destroy();
+    chart = new uPlot(opts, data, $("chart"));
+    chartKey = key;
+  }
   chart.root.dataset.points = String(xs.length);
 }
 
@@ -185,6 +201,9 @@ async function loadResults() {
     $("results-note").textContent = e.message;
     return;
   }
+  const key = JSON.stringify(body.results);
+  if (key === resultsKey) return;
+  resultsKey = key;
   const tbody = $("results").tBodies[0];
   tbody.replaceChildren();
   for (const r of body.results) {
