@@ -12,9 +12,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::linalg::general_mat_mul;
 use ndarray::Array2;
 
+use cifar_df::dataset::synth::{self, SynthSpec};
 use cifar_df::dataset::{Split, IMAGE_BYTES};
 use cifar_df::features::{PatchExtractor, PatchParams};
-use cifar_df::synth::{self, SynthSpec};
 
 fn encode(c: &mut Criterion) {
     let spec = SynthSpec {

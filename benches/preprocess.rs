@@ -17,8 +17,8 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
 use cifar_df::batch::{make_batch, stream_schema};
+use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
-use cifar_df::synth;
 use cifar_df::transforms::kernels::{self, Normalize, Resize};
 use cifar_df::{query, transforms};
 

@@ -6,8 +6,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
+use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
-use cifar_df::synth;
 use cifar_df::wire::{ndjson, spark_json};
 
 const BATCH: usize = 128;

@@ -13,6 +13,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::checkpoint;
 use crate::config::{self, RunConfig};
+use crate::dataset::synth::{self, SynthSpec};
 use crate::dataset::{DataSpec, Layout, Split};
 use crate::export::{self, ExportOptions};
 use crate::features::Extractor;
@@ -22,7 +23,6 @@ use crate::query::{self, OutputFormat};
 use crate::runs::{self, Run};
 use crate::server::{self, ServeOptions};
 use crate::source::{self, SourceOptions, SourceSpec, DEFAULT_MAX_LINE_BYTES};
-use crate::synth::{self, SynthSpec};
 use crate::table;
 use crate::trainer::{self, PredictOptions, Progress, TrainOptions, TrainSource};
 use crate::wire::Format;

@@ -8,18 +8,18 @@
 //! so a reader never sees a half-written file; on an error or Ctrl-C the batches already
 //! received are still finished and kept.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
+use crate::store::{temp_name, PendingFile};
 
 /// How to write.
 #[derive(Clone, Debug)]
@@ -64,45 +64,6 @@ pub fn writer_properties(rows_per_group: usize) -> Result<WriterProperties> {
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(rows_per_group.max(1)))
         .build())
-}
-
-/// A Parquet file under a temporary name until it is finished.
-struct PendingFile {
-    tmp: PathBuf,
-    path: PathBuf,
-    writer: ArrowWriter<File>,
-    rows: usize,
-}
-
-impl PendingFile {
-    fn create(
-        path: PathBuf,
-        tmp: PathBuf,
-        schema: &SchemaRef,
-        props: WriterProperties,
-    ) -> Result<Self> {
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
-        Ok(PendingFile {
-            tmp,
-            path,
-            writer,
-            rows: 0,
-        })
-    }
-
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer.write(batch)?;
-        self.rows += batch.num_rows();
-        Ok(())
-    }
-
-    fn finish(self) -> Result<PathBuf> {
-        let file = self.writer.into_inner()?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        crate::store::rename_durable(&self.tmp, &self.path)?;
-        Ok(self.path)
-    }
 }
 
 /// Where the batches go: one file, or numbered parts in a directory.
@@ -186,30 +147,6 @@ impl Sink {
         self.roll()?;
         Ok(self.done)
     }
-}
-
-/// Write `batches` (at least one; all with the first one's schema) to the Parquet file
-/// `path`, under a temporary name first and renamed when complete.
-pub fn write_parquet_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {
-    let first = batches
-        .first()
-        .ok_or_else(|| Error::usage(format!("{}: nothing to write", path.display())))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
-        .build();
-    let mut file =
-        PendingFile::create(path.to_path_buf(), temp_name(path), &first.schema(), props)?;
-    for b in batches {
-        file.write(b)?;
-    }
-    file.finish()?;
-    Ok(())
-}
-
-fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".inprogress");
-    path.with_file_name(name)
 }
 
 /// The first part number not used yet in `dir` (exports into a directory append).

@@ -539,7 +539,7 @@ pub fn publish_dataset(
     let nonempty = files.iter().any(|f| !f.is_empty());
     let mut seq = 0u64;
     'epochs: for epoch in 0u64.. {
-        let mut batcher = crate::source::Batcher::new(opts.batch_size);
+        let mut batcher = crate::dataset::Batcher::new(opts.batch_size);
         while let Some(images) = batcher.next(&files) {
             if opts.limit.is_some_and(|l| seq >= l) {
                 break 'epochs;

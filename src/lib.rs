@@ -1,7 +1,7 @@
 //! cifar-df: learn image classifiers from a live stream of CIFAR-10, on Apache Arrow and
 //! DataFusion.
 //!
-//! The modules follow the data's path: [`dataset`] (CIFAR-10 files and the [`synth`]etic
+//! The modules follow the data's path: [`dataset`] (CIFAR-10 files and the [`dataset::synth`]etic
 //! set) → [`wire`] (formats on the socket) → [`server`] (the stream server) / [`source`]
 //! (sources into Arrow [`batch`]es) → [`table`] (the live `stream` table in DataFusion) →
 //! [`transforms`] (preprocessing UDFs) → [`bridge`] (Arrow → ndarray, zero-copy) →
@@ -33,7 +33,6 @@ pub mod runs;
 pub mod server;
 pub mod source;
 pub mod store;
-pub mod synth;
 pub mod table;
 pub mod trainer;
 pub mod transforms;

@@ -39,8 +39,8 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
-use crate::export::write_parquet_file;
 use crate::metrics::{rates, Metrics};
+use crate::store::write_parquet_file;
 
 /// The tables a run has.
 pub const TABLES: [&str; 4] = ["metrics", "eval_metrics", "confusion", "predictions"];

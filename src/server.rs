@@ -1,7 +1,7 @@
 //! The stream server (`cifar-df stream`), the original `stream.py` re-made.
 //!
 //! It binds, accepts one client and writes the split's images to it in batches, in the
-//! original's order and batching (see [`crate::source::Batcher`]). In `spark-json` the bytes
+//! original's order and batching (see [`crate::dataset::Batcher`]). In `spark-json` the bytes
 //! are exactly what the original Python server wrote.
 //!
 //! Encoding runs on its own thread, ahead of the socket by at most a couple of batches
@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use arrow::ipc::writer::StreamWriter;
 
 use crate::batch::{make_batch, stream_schema};
+use crate::dataset::Batcher;
 use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
 use crate::error::{Error, Result};
-use crate::source::Batcher;
 use crate::wire::{ndjson, spark_json, Format};
 
 /// How the server streams.
@@ -289,7 +289,7 @@ pub fn shuffled_epoch(files: &[Images], seed: u64, epoch: u64) -> Images {
         .enumerate()
         .flat_map(|(f, imgs)| (0..imgs.len()).map(move |i| (f, i)))
         .collect();
-    let mut rng = crate::model::SplitMix(crate::synth::mix(seed, epoch));
+    let mut rng = crate::model::SplitMix(crate::dataset::synth::mix(seed, epoch));
     rng.shuffle(&mut order);
     let mut out = Images::with_capacity(n);
     for (f, i) in order {

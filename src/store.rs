@@ -1,12 +1,19 @@
 //! Durable files: every file cifar-df commits (Parquet parts, checkpoints, `run.json`,
 //! extractors, images) is written under a temporary name, flushed to disk (`fsync`),
 //! renamed to its name, and the folder flushed too, so that after a crash or a power loss
-//! a file is either absent or complete, never renamed but empty.
+//! a file is either absent or complete, never renamed but empty. Parquet files are written
+//! the same way ([`write_parquet_file`], and `PendingFile` for a file written batch by batch).
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
 
@@ -69,6 +76,70 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))?;
     Ok(())
+}
+
+/// A Parquet file under a temporary name until it is finished.
+pub(crate) struct PendingFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    writer: ArrowWriter<File>,
+    /// Rows written so far.
+    pub(crate) rows: usize,
+}
+
+impl PendingFile {
+    pub(crate) fn create(
+        path: PathBuf,
+        tmp: PathBuf,
+        schema: &SchemaRef,
+        props: WriterProperties,
+    ) -> Result<Self> {
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        Ok(PendingFile {
+            tmp,
+            path,
+            writer,
+            rows: 0,
+        })
+    }
+
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.writer.write(batch)?;
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Result<PathBuf> {
+        let file = self.writer.into_inner()?;
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        rename_durable(&self.tmp, &self.path)?;
+        Ok(self.path)
+    }
+}
+
+/// Write `batches` (at least one; all with the first one's schema) to the Parquet file
+/// `path`, under a temporary name first and renamed when complete.
+pub fn write_parquet_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+    let first = batches
+        .first()
+        .ok_or_else(|| Error::usage(format!("{}: nothing to write", path.display())))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .build();
+    let mut file =
+        PendingFile::create(path.to_path_buf(), temp_name(path), &first.schema(), props)?;
+    for b in batches {
+        file.write(b)?;
+    }
+    file.finish()?;
+    Ok(())
+}
+
+pub(crate) fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".inprogress");
+    path.with_file_name(name)
 }
 
 #[cfg(test)]

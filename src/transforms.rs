@@ -27,7 +27,7 @@
 //! # Reproducible randomness
 //!
 //! Each random decision is a pure function of `(seed, function, batch, row)`: the 64-bit
-//! hash `h = mix(mix(seed, salt), mix(batch, row))` (with [`crate::synth::mix`], and `salt`
+//! hash `h = mix(mix(seed, salt), mix(batch, row))` (with [`crate::dataset::synth::mix`], and `salt`
 //! the FNV-1a hash of the function's name) gives `u = (h >> 11) · 2⁻⁵³`, uniform in
 //! `[0, 1)`, and the transform is applied iff `u < p` — so `p = 0` never applies it and
 //! `p = 1` always does, exactly. `random_crop` draws its offsets as `⌊h·(2·padding+1) / 2⁶⁴⌋`
@@ -66,7 +66,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-use crate::synth::mix;
+use crate::dataset::synth::mix;
 
 /// The largest `height` or `width` accepted by `resize`.
 pub const MAX_RESIZE_SIDE: usize = 4096;

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, UInt16Array};
+use cifar_df::dataset::synth::{self, SynthSpec};
 use cifar_df::dataset::{Split, IMAGE_BYTES};
 use cifar_df::features::patches::{Encoding, PatchExtractor, PatchParams};
 use cifar_df::features::Extractor;
-use cifar_df::synth::{self, SynthSpec};
 use common::{bin, have_python, query_csv, run_ok};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 

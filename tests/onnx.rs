@@ -9,9 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cifar_df::dataset::synth::{self, SynthSpec};
 use cifar_df::dataset::Split;
 use cifar_df::features::{Extractor, OnnxParams};
-use cifar_df::synth::{self, SynthSpec};
 use common::{bin, have_python, run_ok};
 
 fn script() -> PathBuf {

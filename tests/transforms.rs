@@ -16,10 +16,10 @@ use arrow::array::{Array, FixedSizeListArray, Float32Array, UInt32Array, UInt64A
 use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use cifar_df::batch::make_batch;
+use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
 use cifar_df::query;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
-use cifar_df::synth;
 use cifar_df::table::register_stream;
 
 const N: usize = 16;

@@ -484,8 +484,8 @@ fn train_ui_serves_the_dashboard_while_it_trains() {
 
 /// Writes a CIFAR-10 binary folder of synthetic images (`train` and `test` images).
 fn write_cifar_bin(dir: &Path, train: usize, test: usize) -> cifar_df::dataset::Images {
+    use cifar_df::dataset::synth::{generate, SynthSpec};
     use cifar_df::dataset::{write_bin, Split};
-    use cifar_df::synth::{generate, SynthSpec};
     let spec = SynthSpec {
         train,
         test,

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::Extractor;
 use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
 use crate::error::{Error, Result};
-use crate::export::write_parquet_file;
+use crate::store::write_parquet_file;
 
 /// The extractor's folder inside a cache.
 pub const EXTRACTOR_DIR: &str = "extractor";

@@ -843,7 +843,7 @@ fn spherical_kmeans(x: &Array2<f32>, k: usize, iters: usize, rng: &mut SplitMix)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth;
+    use crate::dataset::synth;
 
     fn images(n: usize) -> Vec<u8> {
         let spec = synth::SynthSpec {

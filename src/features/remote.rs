@@ -44,7 +44,7 @@ use super::Extractor;
 use crate::dataset::{Images, Split, IMAGE_BYTES};
 use crate::distributed;
 use crate::error::{Error, Result};
-use crate::export::write_parquet_file;
+use crate::store::write_parquet_file;
 
 /// The staging folder inside a cache.
 pub const STAGING_DIR: &str = ".staging";

@@ -1350,7 +1350,12 @@ mod tests {
         let mut x = Array2::zeros((n, 3072));
         let mut y = Array1::zeros(n);
         for (i, mut row) in x.rows_mut().into_iter().enumerate() {
-            y[i] = crate::synth::image(0, crate::dataset::Split::Train, from + i as u64, &mut buf);
+            y[i] = crate::dataset::synth::image(
+                0,
+                crate::dataset::Split::Train,
+                from + i as u64,
+                &mut buf,
+            );
             for (v, &p) in row.iter_mut().zip(&buf) {
                 *v = (f32::from(p) / 255.0 - 0.47) / 0.25;
             }

@@ -28,7 +28,7 @@ use arrow::array::{Array, FixedSizeListArray, UInt8Array};
 use arrow::record_batch::RecordBatch;
 
 use crate::batch::{first_bad_label, make_batch};
-use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
+use crate::dataset::{self, Batcher, DataSpec, Images, Split, IMAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
@@ -1161,48 +1161,6 @@ fn restamp(
         .ok_or((None, "`image` is shorter than `label`".to_string()))?
         .to_vec();
     make_batch(seq, None, labels.into_owned(), pixels).map_err(|e| (None, e.to_string()))
-}
-
-/// Splits a dataset's files into batches the way the original server does: images in file
-/// order, what does not fill a batch at the end of a file carried into the next file, and the
-/// final remainder sent as one last, smaller batch.
-#[derive(Clone, Debug)]
-pub struct Batcher {
-    size: usize,
-    file: usize,
-    pos: usize,
-    carry: Images,
-}
-
-impl Batcher {
-    /// Batches of `size` images (at least 1).
-    pub fn new(size: usize) -> Self {
-        Batcher {
-            size: size.max(1),
-            file: 0,
-            pos: 0,
-            carry: Images::default(),
-        }
-    }
-
-    /// The next batch of `files`; `None` at the end of the split.
-    pub fn next(&mut self, files: &[Images]) -> Option<Images> {
-        loop {
-            let Some(f) = files.get(self.file) else {
-                return (!self.carry.is_empty()).then(|| std::mem::take(&mut self.carry));
-            };
-            let need = self.size - self.carry.len();
-            if f.len() - self.pos >= need {
-                let mut out = std::mem::take(&mut self.carry);
-                out.extend_range(f, self.pos..self.pos + need);
-                self.pos += need;
-                return Some(out);
-            }
-            self.carry.extend_range(f, self.pos..f.len());
-            self.file += 1;
-            self.pos = 0;
-        }
-    }
 }
 
 /// A dataset read in process.
