@@ -112,6 +112,20 @@ fn train(runs: &Path, run: &str, extra: &[&str]) {
     );
 }
 
+/// `cifar-df train` of `logreg` on `data` in batches of 10, paused `sleep` seconds after each
+/// batch (a run slow enough to watch), with `extra` flags; stdout discarded.
+fn slow_training(runs: &Path, run: &str, data: &str, sleep: &str, extra: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args(["train", "--data", data, "--batch-size", "10"])
+        .args(["--model", "logreg", "--no-plots", "--run", run])
+        .args(["--sleep", sleep])
+        .args(extra)
+        .arg("--runs")
+        .arg(runs)
+        .stdout(Stdio::null());
+    cmd
+}
+
 #[test]
 fn every_endpoint_answers_over_a_runs_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -334,27 +348,7 @@ fn the_page_works_in_a_headless_browser() {
     train(&runs, "done", &[]);
     let ui = Ui::start(&runs, &[]);
     // A run in progress: slowed so the page sees batches arrive without a reload.
-    let mut live = bin()
-        .args([
-            "-q",
-            "train",
-            "--data",
-            "synthetic:3000:100:5",
-            "--batch-size",
-            "10",
-        ])
-        .args([
-            "--model",
-            "logreg",
-            "--no-plots",
-            "--run",
-            "live",
-            "--sleep",
-            "0.05",
-        ])
-        .arg("--runs")
-        .arg(&runs)
-        .stdout(Stdio::null())
+    let mut live = slow_training(&runs, "live", "synthetic:3000:100:5", "0.05", &["-q"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -378,30 +372,16 @@ fn a_running_run_shows_batches_before_they_are_committed() {
     std::fs::create_dir_all(&runs).unwrap();
     let ui = Ui::start(&runs, &[]);
     // 300 batches of 10, 0.1 s each: the trainer commits every 50 batches (5 s).
-    let mut live = bin()
-        .args([
-            "-q",
-            "train",
-            "--data",
-            "synthetic:3000:10:5",
-            "--batch-size",
-            "10",
-        ])
-        .args([
-            "--model",
-            "logreg",
-            "--no-plots",
-            "--run",
-            "slow",
-            "--sleep",
-            "0.1",
-        ])
-        .args(["--checkpoint-every", "0", "--runs"])
-        .arg(&runs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut live = slow_training(
+        &runs,
+        "slow",
+        "synthetic:3000:10:5",
+        "0.1",
+        &["-q", "--checkpoint-every", "0"],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let t = Instant::now();
     let mut seen = Vec::new();
     let found = loop {
@@ -436,29 +416,16 @@ fn a_running_run_shows_batches_before_they_are_committed() {
 fn train_ui_serves_the_dashboard_while_it_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
-    let mut child = bin()
-        .args([
-            "train",
-            "--data",
-            "synthetic:2000:10:5",
-            "--batch-size",
-            "10",
-        ])
-        .args([
-            "--model",
-            "logreg",
-            "--no-plots",
-            "--run",
-            "here",
-            "--sleep",
-            "0.05",
-        ])
-        .args(["--ui", "127.0.0.1:0", "--runs"])
-        .arg(&runs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = slow_training(
+        &runs,
+        "here",
+        "synthetic:2000:10:5",
+        "0.05",
+        &["--ui", "127.0.0.1:0"],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let port: u16 = loop {
         let line = lines.next().expect("train exited").unwrap();

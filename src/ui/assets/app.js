@@ -254,6 +254,17 @@ async function loadConfusion() {
   $("cell").textContent = "rows: actual, columns: predicted (" + k + " classes). Click a cell.";
 }
 
+// Hovering a cell names it (the heatmap has no room for the class names of many classes).
+$("confusion").addEventListener("mousemove", (ev) => {
+  if (!confusion) return;
+  const k = confusion.counts.length, r = ev.target.getBoundingClientRect();
+  const p = Math.floor((ev.clientX - r.left) / (r.width / k));
+  const a = Math.floor((ev.clientY - r.top) / (r.height / k));
+  if (a < 0 || p < 0 || a >= k || p >= k) return;
+  const name = (i) => confusion.classes[i] || String(i);
+  ev.target.title = `actual ${name(a)}, predicted ${name(p)}: ${confusion.counts[a][p]}`;
+});
+
 $("confusion").addEventListener("click", (ev) => {
   if (!confusion) return;
   const k = confusion.counts.length, r = ev.target.getBoundingClientRect();
