@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, run_ok};
+use common::{available, bin, png_decode, run_ok};
 use serde_json::Value;
 
 /// A `cifar-df ui` on a free port, killed when dropped.
@@ -336,11 +336,11 @@ fn the_page_works_in_a_headless_browser() {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !ready {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI must have chromium, chromium-driver and selenium for the browser test");
-        }
-        eprintln!("skipped: no chromium, chromedriver or selenium");
+    if !available(
+        ready,
+        "chromium, chromium-driver and selenium",
+        "the browser test",
+    ) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -468,17 +468,6 @@ fn write_cifar_bin(dir: &Path, train: usize, test: usize) -> cifar_df::dataset::
     test
 }
 
-/// A PNG's width, height and RGB bytes.
-fn png_rgb(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
-}
-
 #[test]
 fn the_gallery_shows_the_test_images_a_run_gets_wrong() {
     let tmp = tempfile::tempdir().unwrap();
@@ -543,7 +532,7 @@ fn the_gallery_shows_the_test_images_a_run_gets_wrong() {
             head.contains(" 200 ") && head.contains("image/png"),
             "{head}"
         );
-        let (w, h, rgb) = png_rgb(&raw[at + 4..]);
+        let (w, h, rgb) = png_decode(&raw[at + 4..]);
         assert_eq!((w, h), (32, 32));
         let px = test.image(index);
         for k in 0..1024 {

@@ -6,9 +6,10 @@ use std::fs;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
-use datafusion::arrow::array::{Array, Float64Array, Int64Array, UInt64Array};
+use datafusion::arrow::array::{Array, ArrowPrimitiveType, AsArray, PrimitiveArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{Float64Type, Int64Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -137,19 +138,28 @@ pub(crate) async fn sql_over(
     Err(last.unwrap_or_else(|| Error::usage("query failed")))
 }
 
-/// Column `name` of `b` as f64 values (nulls as NaN).
-pub(crate) fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+/// Column `name` of `b`, cast to `T`.
+fn column_as<T: ArrowPrimitiveType>(b: &RecordBatch, name: &str) -> Result<PrimitiveArray<T>> {
     let col = b
         .column_by_name(name)
         .ok_or_else(|| Error::usage(format!("no column {name}")))?;
-    let col = cast(col, &DataType::Float64)?;
-    let a = col
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .ok_or_else(|| Error::usage(format!("column {name} is not numeric")))?;
+    cast(col, &T::DATA_TYPE)?
+        .as_primitive_opt::<T>()
+        .cloned()
+        .ok_or_else(|| Error::usage(format!("column {name} is not numeric")))
+}
+
+/// Column `name` of `b` as f64 values (nulls as NaN).
+pub(crate) fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+    let a = column_as::<Float64Type>(b, name)?;
     Ok((0..a.len())
         .map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) })
         .collect())
+}
+
+/// Column `name` of `b` as unsigned integers.
+pub(crate) fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
+    Ok(column_as::<UInt64Type>(b, name)?.values().to_vec())
 }
 
 /// Every run of `root` whose name matches `q.filter`, newest first: its `run.json` and the
@@ -392,15 +402,11 @@ fn live_rows(root: &Path, run: &str, after: f64) -> Vec<RecordBatch> {
 
 /// The `ts` column (milliseconds) as f64.
 fn ts_column(b: &RecordBatch) -> Result<Vec<f64>> {
-    let col = b
-        .column_by_name("ts")
-        .ok_or_else(|| Error::usage("no column ts"))?;
-    let col = cast(col, &DataType::Int64)?;
-    let a = col
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .ok_or_else(|| Error::usage("ts is not a time"))?;
-    Ok((0..a.len()).map(|i| a.value(i) as f64).collect())
+    Ok(column_as::<Int64Type>(b, "ts")?
+        .values()
+        .iter()
+        .map(|&v| v as f64)
+        .collect())
 }
 
 /// Per run, the weighted means of its test passes (images, accuracy, loss, macro
@@ -539,18 +545,6 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
         counts[a][p] += n;
     }
     Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": counts }))
-}
-
-pub(crate) fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
-    let col = b
-        .column_by_name(name)
-        .ok_or_else(|| Error::usage(format!("no column {name}")))?;
-    let col = cast(col, &DataType::UInt64)?;
-    let a = col
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .ok_or_else(|| Error::usage(format!("column {name} is not an integer")))?;
-    Ok(a.values().to_vec())
 }
 
 /// Rows of `batches` as JSON objects.

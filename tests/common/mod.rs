@@ -40,11 +40,17 @@ pub fn have_python(modules: &str, what: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
+    available(ok, &format!("python3 with {modules}"), what)
+}
+
+/// Whether a test's tool is `ok`; under CI it must be (a panic naming `needs` and `what`),
+/// elsewhere the test is skipped with a note.
+pub fn available(ok: bool, needs: &str, what: &str) -> bool {
     if !ok {
         if std::env::var_os("CI").is_some() {
-            panic!("CI needs python3 with {modules} for {what}");
+            panic!("CI needs {needs} for {what}");
         }
-        eprintln!("skipping {what}: `python3 -c 'import {modules}'` failed");
+        eprintln!("skipping {what}: no {needs}");
     }
     ok
 }
@@ -187,10 +193,16 @@ pub fn decode_png(path: &Path) -> (u32, u32, usize) {
     (width, height, colours.len())
 }
 
-/// A PNG's width, height and RGB bytes.
+/// A PNG file's width, height and RGB bytes.
 #[allow(dead_code)]
 pub fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    png_decode(&bytes)
+}
+
+/// A PNG's width, height and RGB bytes.
+#[allow(dead_code)]
+pub fn png_decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
     let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
         .unwrap();

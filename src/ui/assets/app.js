@@ -255,24 +255,28 @@ async function loadConfusion() {
 }
 
 // Hovering a cell names it (the heatmap has no room for the class names of many classes).
-$("confusion").addEventListener("mousemove", (ev) => {
-  if (!confusion) return;
+// The heatmap cell under the mouse: [actual, predicted], or null.
+function cellAt(ev) {
+  if (!confusion) return null;
   const k = confusion.counts.length, r = ev.target.getBoundingClientRect();
   const p = Math.floor((ev.clientX - r.left) / (r.width / k));
   const a = Math.floor((ev.clientY - r.top) / (r.height / k));
-  if (a < 0 || p < 0 || a >= k || p >= k) return;
-  const name = (i) => confusion.classes[i] || String(i);
-  ev.target.title = `actual ${name(a)}, predicted ${name(p)}: ${confusion.counts[a][p]}`;
+  return a < 0 || p < 0 || a >= k || p >= k ? null : [a, p];
+}
+const className = (i) => confusion.classes[i] || String(i);
+
+$("confusion").addEventListener("mousemove", (ev) => {
+  const c = cellAt(ev);
+  if (!c) return;
+  const [a, p] = c;
+  ev.target.title = `actual ${className(a)}, predicted ${className(p)}: ${confusion.counts[a][p]}`;
 });
 
 $("confusion").addEventListener("click", (ev) => {
-  if (!confusion) return;
-  const k = confusion.counts.length, r = ev.target.getBoundingClientRect();
-  const p = Math.floor((ev.clientX - r.left) / (r.width / k));
-  const a = Math.floor((ev.clientY - r.top) / (r.height / k));
-  if (a < 0 || p < 0 || a >= k || p >= k) return;
-  const name = (i) => confusion.classes[i] || String(i);
-  $("cell").textContent = `actual ${name(a)}, predicted ${name(p)}: ${confusion.counts[a][p]} images`;
+  const c = cellAt(ev);
+  if (!c) return;
+  const [a, p] = c;
+  $("cell").textContent = `actual ${className(a)}, predicted ${className(p)}: ${confusion.counts[a][p]} images`;
   state.cell = a + "," + p;
   loadGallery();
   state.sql = `select batch, "row", label, predicted, p_max from predictions where run = '${confusion.run.replace(/'/g, "''")}' and split = 'test' and label = ${a} and predicted = ${p} order by p_max desc`;
