@@ -9,7 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array1, Array2};
 
 use cifar_df::model::cnn::{Cnn, CnnParams};
-use cifar_df::model::{Learner, SplitMix};
+use cifar_df::model::Learner;
+use cifar_df::rng::SplitMix;
 
 fn batch(n: usize, seed: u64) -> (Array2<f32>, Array1<u16>) {
     let mut rng = SplitMix(seed);

@@ -17,8 +17,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use cifar_df::dataset::synth::{self, SynthSpec};
 use cifar_df::dataset::{DataSpec, Split};
 use cifar_df::distributed;
+use cifar_df::distributed::features as remote;
 use cifar_df::features::cache::{self, CacheOptions};
-use cifar_df::features::{remote, Extractor, PatchExtractor, PatchParams};
+use cifar_df::features::{Extractor, PatchExtractor, PatchParams};
 
 const DATA: &str = "synthetic:4000:0:1";
 

@@ -12,9 +12,9 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{s, Array1, Array2};
 
-use cifar_df::config::build_model;
 use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
+use cifar_df::run::config::build_model;
 
 const BATCH: usize = 128;
 const BATCHES: usize = 16;

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use cifar_df::batch::{make_batch, stream_schema};
 use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
-use cifar_df::transforms::kernels::{self, Normalize, Resize};
+use cifar_df::pixels::{self, Normalize, Resize};
 use cifar_df::{query, transforms};
 
 const BATCH: usize = 128;
@@ -97,21 +97,21 @@ fn kernels_bench(c: &mut Criterion) {
     group.bench_function("hflip/u8", |b| {
         b.iter(|| {
             for (s, d) in src.chunks_exact(LEN).zip(dst.chunks_exact_mut(LEN)) {
-                kernels::hflip(s, S, d).unwrap();
+                pixels::hflip(s, S, d).unwrap();
             }
         })
     });
     group.bench_function("vflip/u8", |b| {
         b.iter(|| {
             for (s, d) in src.chunks_exact(LEN).zip(dst.chunks_exact_mut(LEN)) {
-                kernels::vflip(s, S, d).unwrap();
+                pixels::vflip(s, S, d).unwrap();
             }
         })
     });
     group.bench_function("color_shift/u8", |b| {
         b.iter(|| {
             for (s, d) in src.chunks_exact(LEN).zip(dst.chunks_exact_mut(LEN)) {
-                kernels::color_shift(s, S, 3, -5, 7, d).unwrap();
+                pixels::color_shift(s, S, 3, -5, 7, d).unwrap();
             }
         })
     });
@@ -122,7 +122,7 @@ fn kernels_bench(c: &mut Criterion) {
                 .zip(dst.chunks_exact_mut(LEN))
                 .enumerate()
             {
-                kernels::crop(s, S, 4, i % 9, (i / 9) % 9, d).unwrap();
+                pixels::crop(s, S, 4, i % 9, (i / 9) % 9, d).unwrap();
             }
         })
     });

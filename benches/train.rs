@@ -16,9 +16,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use cifar_df::dataset::{DataSpec, Split};
-use cifar_df::runs::Run;
+use cifar_df::run::tables::Run;
+use cifar_df::run::trainer::{self, TrainOptions, TrainSource};
 use cifar_df::source::{SourceOptions, SourceSpec};
-use cifar_df::trainer::{self, TrainOptions, TrainSource};
 
 const IMAGES: u64 = 5_000;
 const DATA: &str = "synthetic:5000:0:7";

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use cifar_df::metrics::Metrics;
-use cifar_df::runs::{MetricsRow, Run, RunInfo};
+use cifar_df::run::metrics::Metrics;
+use cifar_df::run::tables::{MetricsRow, Run, RunInfo};
 use cifar_df::ui::api::{self, CurvesQuery, RunsQuery, TestResults};
 
 fn row(split: &str, batch: u64) -> MetricsRow {

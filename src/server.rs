@@ -289,7 +289,7 @@ pub fn shuffled_epoch(files: &[Images], seed: u64, epoch: u64) -> Images {
         .enumerate()
         .flat_map(|(f, imgs)| (0..imgs.len()).map(move |i| (f, i)))
         .collect();
-    let mut rng = crate::model::SplitMix(crate::dataset::synth::mix(seed, epoch));
+    let mut rng = crate::rng::SplitMix(crate::rng::mix(seed, epoch));
     rng.shuffle(&mut order);
     let mut out = Images::with_capacity(n);
     for (f, i) in order {

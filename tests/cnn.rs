@@ -12,7 +12,8 @@ use ndarray::{Array1, Array2};
 
 use cifar_df::model::cnn::net::{smoothed_ce, Tape};
 use cifar_df::model::cnn::{Cnn, CnnParams};
-use cifar_df::model::{Learner, SplitMix};
+use cifar_df::model::Learner;
+use cifar_df::rng::SplitMix;
 
 fn images(n: usize, seed: u64) -> (Array2<f32>, Array1<u16>) {
     let mut rng = SplitMix(seed);
@@ -192,7 +193,7 @@ fn nhwc(x: &Array2<f32>) -> Vec<f32> {
 
 /// Images as CIFAR rows normalised as `sql/cnn.sql` does, optionally mirrored.
 fn normalised_rows(pixels: &[u8], flip: bool) -> Array2<f32> {
-    use cifar_df::features::cnn::{MEAN, STD};
+    use cifar_df::model::cnn::{MEAN, STD};
     let n = pixels.len() / 3072;
     Array2::from_shape_fn((n, 3072), |(i, j)| {
         let (c, p) = (j / 1024, j % 1024);
@@ -266,7 +267,7 @@ fn an_exported_cnn_gives_cifar_dfs_outputs_in_onnxruntime_and_tract() {
     let rows = normalised_rows(&pixels, false);
     let mut feats = Vec::new();
     let logits = ex.net.forward_score(&nhwc(&rows), n, Some(&mut feats));
-    let ck = cifar_df::checkpoint::latest(&runs.join("small/checkpoints"))
+    let ck = cifar_df::run::checkpoint::latest(&runs.join("small/checkpoints"))
         .unwrap()
         .unwrap();
     let cnn = Cnn::load(&ck.dir).unwrap();

@@ -522,7 +522,7 @@ fn a_staged_part_outlives_its_rows_until_the_query_ends() {
     };
     let urls = cifar_df::distributed::parse_workers(&list(&[&a, &b])).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cifar_df::features::remote::write_cache_on_workers(
+    rt.block_on(cifar_df::distributed::features::write_cache_on_workers(
         &extractor,
         &mut opts,
         &urls,

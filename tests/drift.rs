@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use cifar_df::drift::{Adwin, AdwinParams, Change};
+use cifar_df::run::drift::{Adwin, AdwinParams, Change};
 
 #[test]
 fn adwin_detects_where_river_does() {

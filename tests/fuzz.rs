@@ -13,9 +13,10 @@ use std::path::Path;
 
 use arrow::ipc::writer::StreamWriter;
 use cifar_df::batch::{make_batch, stream_schema};
-use cifar_df::config::RunConfig;
 use cifar_df::dataset::{self, Images, IMAGE_BYTES};
-use cifar_df::model::{self, Learner, SplitMix};
+use cifar_df::model::{self, Learner};
+use cifar_df::rng::SplitMix;
+use cifar_df::run::config::RunConfig;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
 use cifar_df::wire::{ndjson, spark_json};
 
@@ -197,7 +198,7 @@ fn checkpoint_and_config_loaders_never_panic() {
     let y = ndarray::Array1::from_shape_fn(20, |i| (i % 10) as u16);
     let mut total = 0;
     for (seed, name) in [(6u64, "logreg"), (7, "mlp"), (8, "kmeans"), (9, "svm")] {
-        let mut m = cifar_df::config::build_model(name, &toml::Table::new()).unwrap();
+        let mut m = cifar_df::run::config::build_model(name, &toml::Table::new()).unwrap();
         m.partial_fit(x.view(), y.view()).unwrap();
         m.save(&ck).unwrap();
         for file in [model::TENSORS_FILE, model::META_FILE] {

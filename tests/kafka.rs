@@ -505,7 +505,7 @@ fn produce_raw(addr: &str, topic: &str, values: &[Vec<u8>]) {
         .set("bootstrap.servers", addr)
         .set("message.max.bytes", "100000000")
         // One record per produce request: Tansu 0.6 gives a request of several records one
-        // offset (see src/kafka.rs).
+        // offset (see src/sink/kafka.rs).
         .set("batch.num.messages", "1")
         .create()
         .unwrap();

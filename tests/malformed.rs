@@ -66,7 +66,8 @@ fn batch_numbers(batches: &[RecordBatch]) -> Vec<u64> {
 fn from_bytes(bytes: Vec<u8>, opts: &SourceOptions) -> (Box<dyn BatchSource>, Report) {
     let report = Report::default();
     let src =
-        source::from_reader(Box::new(Cursor::new(bytes)), "test", opts, report.clone()).unwrap();
+        source::reader::from_reader(Box::new(Cursor::new(bytes)), "test", opts, report.clone())
+            .unwrap();
     (src, report)
 }
 

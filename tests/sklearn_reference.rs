@@ -19,8 +19,9 @@ use std::process::Command;
 
 use cifar_df::model::{
     svm::{Schedule, SvmLoss},
-    Learner, SplitMix, Svm, SvmParams,
+    Learner, Svm, SvmParams,
 };
+use cifar_df::rng::SplitMix;
 use ndarray::{s, Array1, Array2};
 
 /// Ten Gaussian blobs in `d` dimensions; every class appears in the first batch.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use arrow::array::{Array, UInt16Array, UInt64Array};
 use cifar_df::query;
+use cifar_df::source::table::register_stream;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
-use cifar_df::table::register_stream;
 use cifar_df::wire::spark_json;
 use futures::StreamExt;
 

@@ -19,8 +19,8 @@ use cifar_df::batch::make_batch;
 use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
 use cifar_df::query;
+use cifar_df::source::table::register_stream;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
-use cifar_df::table::register_stream;
 
 const N: usize = 16;
 const PADDING: usize = 4;

@@ -5,7 +5,7 @@
 //! The classes are the folder names of `train/` in sorted (byte) order, label 0 first. Each
 //! image is decoded (JPEG with zune-jpeg, PNG with png; grey, grey + alpha, palette and
 //! RGBA all become RGB, alpha dropped, 16-bit samples cut to 8), resized to 32×32 with the
-//! pipeline's own bilinear kernel ([`crate::transforms::kernels::Resize`], half-pixel
+//! pipeline's own bilinear kernel ([`crate::pixels::Resize`], half-pixel
 //! centres) unless it already is, and laid out as a CIFAR row (red plane, green, blue).
 //! Files are decoded on every core. A file that is not an image, is truncated or has zero
 //! size is rejected: named with its path and reason, counted, and the rest go on. The
@@ -15,10 +15,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{Images, Split, IMAGE_BYTES, SIDE};
+use super::{Images, Split, IMAGE_BYTES, MAX_CLASSES, SIDE};
 use crate::error::{Error, Result};
-use crate::model::{SplitMix, MAX_CLASSES};
-use crate::transforms::kernels::Resize;
+use crate::pixels::Resize;
+use crate::rng::SplitMix;
 
 /// Seed of the training split's order.
 pub const SHUFFLE_SEED: u64 = 0x5eed_f01d;

@@ -32,6 +32,10 @@ pub const SIDE: usize = 32;
 pub const PLANE_BYTES: usize = SIDE * SIDE;
 /// Number of classes.
 pub const CLASSES: usize = 10;
+
+/// The most classes a run can have (labels are `u16`; a 1,000-class confusion matrix is
+/// 8 MB).
+pub const MAX_CLASSES: usize = 1000;
 /// Bytes of one record in the binary layout: a label byte and the pixels.
 pub const RECORD_BYTES: usize = IMAGE_BYTES + 1;
 /// Number of training files (`data_batch_1` … `data_batch_5`).

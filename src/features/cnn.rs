@@ -14,12 +14,7 @@ use ndarray::Array2;
 
 use crate::error::{Error, Result};
 use crate::model::cnn::net::{Arch, Net, CHANNELS, SIDE, WHITEN_TENSOR};
-use crate::model::cnn::{Cnn, CnnParams};
-
-/// CIFAR-10's channel means and deviations, as `sql/cnn.sql` normalises.
-pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-/// See [`MEAN`].
-pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+use crate::model::cnn::{Cnn, CnnParams, MEAN, STD};
 
 /// The prefix of a run's CNN in `--extractor run:NAME`.
 pub const RUN_PREFIX: &str = "run:";
@@ -42,8 +37,8 @@ impl CnnExtractor {
     pub fn from_run(run: &Path, checkpoint: Option<&str>) -> Result<Self> {
         let root = run.join("checkpoints");
         let ck = match checkpoint {
-            Some(c) => crate::checkpoint::find(&root, c)?,
-            None => crate::checkpoint::latest(&root)?.ok_or_else(|| {
+            Some(c) => crate::run::checkpoint::find(&root, c)?,
+            None => crate::run::checkpoint::latest(&root)?.ok_or_else(|| {
                 Error::usage(format!(
                     "--extractor {RUN_PREFIX}{}: the run has no checkpoint to take a CNN \
                      from (is it a run folder?)",

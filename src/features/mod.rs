@@ -27,7 +27,6 @@ pub mod cache;
 pub mod cnn;
 pub mod onnx;
 pub mod patches;
-pub mod remote;
 pub mod udf;
 
 pub use cnn::CnnExtractor;
@@ -132,7 +131,7 @@ impl Extractor {
             .chunks_exact_mut(crate::dataset::IMAGE_BYTES)
             .zip(pixels.chunks_exact(crate::dataset::IMAGE_BYTES))
         {
-            crate::transforms::kernels::hflip(s, side, d)?;
+            crate::pixels::hflip(s, side, d)?;
         }
         self.encode(&flipped)
     }

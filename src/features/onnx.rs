@@ -36,7 +36,7 @@ use tract_onnx::prelude::{
 
 use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
-use crate::transforms::kernels::Resize;
+use crate::pixels::Resize;
 
 /// Side of the stream's images.
 const SIDE: usize = 32;

@@ -34,7 +34,7 @@ use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::linalg;
-use crate::model::SplitMix;
+use crate::rng::SplitMix;
 
 /// Side of a CIFAR image.
 const SIDE: usize = 32;

@@ -1086,7 +1086,8 @@ impl Learner for KernelSvm {
 mod tests {
     use super::*;
     use crate::model::CLASSES;
-    use crate::model::{self, SplitMix, META_FILE};
+    use crate::model::{self, META_FILE};
+    use crate::rng::SplitMix;
     use linfa::traits::{Fit, Predict};
     use linfa::Dataset;
     use linfa_svm::Svm as LinfaSvm;

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 
+use crate::dataset::MAX_CLASSES;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 use crate::store::write_atomic;
 
 pub mod cnn;
@@ -41,10 +43,6 @@ pub use svm::{Svm, SvmParams};
 /// Number of classes of a model whose hyper-parameters do not say (CIFAR-10's); every
 /// model's `classes` hyper-parameter defaults to it, and the trainer sets it from the data.
 pub const CLASSES: usize = 10;
-
-/// The most classes a run can have (labels are `u16`; a 1,000-class confusion matrix is
-/// 8 MB).
-pub const MAX_CLASSES: usize = 1000;
 
 /// Checks a model's `classes` hyper-parameter: 2 to [`MAX_CLASSES`].
 pub(crate) fn check_classes(model: &str, classes: usize) -> Result<()> {
@@ -744,48 +742,6 @@ pub(crate) fn first_non_finite_row(a: ArrayView2<f32>) -> Option<usize> {
         .position(|r| r.iter().any(|v| !v.is_finite()))
 }
 
-/// SplitMix64: the small, portable random generator the models draw from (initial
-/// weights, shuffles, k-means++ seeding). Its whole state is one `u64`, saved in
-/// checkpoints so a resumed run draws exactly what the uninterrupted one would have.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform integer in `0..n` (`n` ≥ 1; Lemire's multiply-shift, negligible bias).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = 1.0 - self.uniform();
-        let v = self.uniform();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-
-    /// Shuffles `v` in place (Fisher–Yates).
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
-
 /// Helpers shared by the models' unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
@@ -877,7 +833,7 @@ mod tests {
             if name == "svm-kernel" {
                 table.insert("buffer".into(), toml::Value::Integer(20));
             }
-            let mut m = crate::config::build_model(name, &table).unwrap();
+            let mut m = crate::run::config::build_model(name, &table).unwrap();
             m.partial_fit(x.view(), y.view()).unwrap();
             let first = tempfile::tempdir().unwrap();
             m.save(first.path()).unwrap();

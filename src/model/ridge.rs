@@ -814,8 +814,9 @@ impl Learner for Ridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model;
     use crate::model::CLASSES;
-    use crate::model::{self, SplitMix};
+    use crate::rng::SplitMix;
     use ndarray::s;
 
     fn data(rng: &mut SplitMix, n: usize, d: usize) -> (Array2<f32>, ndarray::Array1<u16>) {

@@ -548,9 +548,10 @@ impl Learner for Svm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model;
     use crate::model::test_util::{assert_save_load_continues, random_batch};
     use crate::model::CLASSES;
-    use crate::model::{self, SplitMix};
+    use crate::rng::SplitMix;
     use ndarray::{array, s};
 
     fn params(loss: SvmLoss, schedule: Schedule, alpha: f64) -> SvmParams {

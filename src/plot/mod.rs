@@ -6,11 +6,13 @@
 //! plot_compare(runs, [A, B], out)    out/{test_accuracy,test_loss}.png
 //! plot_confusion(runs, R, S, out)    out/confusion-S.png   (S = train: the last epoch)
 //! ```
-//! The data comes from the `metrics` and `confusion` tables of [`crate::runs`] (never from
+//! The data comes from the `metrics` and `confusion` tables of [`crate::run::tables`] (never from
 //! `run.json`). Test scores are weighted by images: `sum(v * images) / sum(images)`.
 //! Text is drawn with DejaVu Sans compiled into the binary (the `dejavu` crate), so the
 //! plots look the same on machines without any fonts installed. Images are rendered in
-//! memory and written with [`crate::grid::write_png`] (atomically).
+//! memory and written with [`crate::plot::grid::write_png`] (atomically).
+
+pub mod grid;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
-use crate::runs::Run;
+use crate::run::tables::Run;
 
 mod canvas;
 use canvas::Canvas;
@@ -160,7 +162,7 @@ pub async fn plot_all_for_run(runs_root: &Path, run: &str, out_dir: &Path) -> Re
 /// A query session with the run tables of `runs_root`.
 fn session(runs_root: &Path) -> Result<SessionContext> {
     let ctx = crate::query::session();
-    crate::runs::register_tables(&ctx, runs_root)?;
+    crate::run::tables::register_tables(&ctx, runs_root)?;
     Ok(ctx)
 }
 
@@ -367,7 +369,7 @@ where
             .and_then(|()| root.present().map_err(Into::into));
         drawn.map_err(|e| Error::io(path, std::io::Error::other(format!("drawing: {e}"))))?;
     }
-    crate::grid::write_png(path, w, h, &rgb)
+    crate::plot::grid::write_png(path, w, h, &rgb)
 }
 
 /// A text style of the plots' font.
@@ -782,7 +784,7 @@ async fn confusion_matrix(
     split: &str,
 ) -> Result<(Vec<Vec<u64>>, u32)> {
     let q = quoted_run(runs_root, run)?;
-    let k = crate::runs::run_classes(runs_root, run).len();
+    let k = crate::run::tables::run_classes(runs_root, run).len();
     if !matches!(split, "test" | "train") {
         return Err(Error::usage(format!(
             "split {split:?}: expected test or train"
@@ -830,7 +832,7 @@ async fn confusion(
     let (matrix, last_epoch) = confusion_matrix(ctx, runs_root, run, split).await?;
     let total: u64 = matrix.iter().flatten().sum();
     let correct: u64 = (0..matrix.len()).map(|i| matrix[i][i]).sum();
-    let names = crate::runs::run_classes(runs_root, run);
+    let names = crate::run::tables::run_classes(runs_root, run);
     let accuracy = correct as f64 / total.max(1) as f64;
     let which = if split == "train" {
         format!("train, last epoch {last_epoch}")
@@ -987,8 +989,8 @@ pub(crate) mod tests {
 
     use std::collections::HashSet;
 
-    use crate::metrics::{Metrics, Running};
-    use crate::runs::MetricsRow;
+    use crate::run::metrics::{Metrics, Running};
+    use crate::run::tables::MetricsRow;
 
     /// Batches in the rolling window of the fixtures.
     const W: usize = 5;

@@ -36,10 +36,11 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{ArrowSource, BatchSource, Rejection, Report, SourceOptions};
+use super::reader::{restamp, ArrowSource};
+use super::{BatchSource, Rejection, Report, SourceOptions};
 use crate::batch::{make_batch, stream_schema};
 use crate::error::{Error, Result};
-use crate::kafka::{self, Context, KafkaUrl, Start};
+use crate::wire::kafka::{self, Context, KafkaUrl, Start};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
 /// How often a waiting reader asks the broker whether it is still there.
@@ -531,7 +532,7 @@ impl KafkaSource {
                 }
                 let all = arrow::compute::concat_batches(&stream_schema(), &batches)
                     .map_err(|e| (None, 0, e.to_string()))?;
-                super::restamp(&all, seq, self.opts.classes)
+                restamp(&all, seq, self.opts.classes)
                     .map(Some)
                     .map_err(|(row, reason)| (row, 0, reason))
             }

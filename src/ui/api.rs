@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::query::{self, OutputFormat};
-use crate::runs;
+use crate::run::tables;
 
 /// The most rows the SQL box returns as JSON (the CSV download has them all).
 pub const SQL_ROWS: usize = 10_000;
@@ -115,7 +115,7 @@ pub(crate) async fn sql_over(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let ctx = query::session();
-        if let Err(e) = runs::register_tables_of(&ctx, root, only) {
+        if let Err(e) = tables::register_tables_of(&ctx, root, only) {
             last = Some(e);
             continue;
         }
@@ -171,7 +171,7 @@ pub async fn runs(root: &Path, q: &RunsQuery, results: &TestResults) -> Result<V
     if !root.is_dir() {
         return Ok(json!({ "runs": [], "note": format!("no runs folder {}", root.display()) }));
     }
-    let mut infos = runs::read_run_infos(root)?;
+    let mut infos = tables::read_run_infos(root)?;
     infos.retain(|i| filter.is_match(&i.run));
     infos.sort_by(|a, b| b.start_ms.cmp(&a.start_ms).then(a.run.cmp(&b.run)));
     let names: Vec<String> = infos.iter().map(|i| i.run.clone()).collect();
@@ -365,15 +365,15 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
     Ok(json!({ "metric": metric, "x": xaxis, "curves": out }))
 }
 
-/// The rows of a running run's live feed ([`runs::LIVE_FILE`]: learnt, not committed yet)
+/// The rows of a running run's live feed ([`tables::LIVE_FILE`]: learnt, not committed yet)
 /// after batch `after`; none for a run that is not running, or a feed that cannot be read
 /// (being replaced: the next update has it).
 fn live_rows(root: &Path, run: &str, after: f64) -> Vec<RecordBatch> {
-    let Ok(r) = runs::Run::new(root, run) else {
+    let Ok(r) = tables::Run::new(root, run) else {
         return Vec::new();
     };
     let running = matches!(r.read_info(), Ok(Some(i)) if i.effective_status() == "running");
-    let Ok(file) = fs::File::open(r.dir.join(runs::LIVE_FILE)) else {
+    let Ok(file) = fs::File::open(r.dir.join(tables::LIVE_FILE)) else {
         return Vec::new();
     };
     if !running {
@@ -491,7 +491,7 @@ pub async fn results(root: &Path, q: &RunsQuery, results: &TestResults) -> Resul
     if !root.is_dir() {
         return Ok(json!({ "results": [] }));
     }
-    let mut names: Vec<String> = runs::read_run_infos(root)?
+    let mut names: Vec<String> = tables::read_run_infos(root)?
         .into_iter()
         .map(|i| i.run)
         .filter(|n| filter.is_match(n))
@@ -525,7 +525,7 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
         Some(&[q.run.as_str()]),
     )
     .await?;
-    let names = runs::run_classes(root, &q.run);
+    let names = tables::run_classes(root, &q.run);
     let mut k = names.len();
     let mut cells = Vec::new();
     for b in &batches {
@@ -620,12 +620,12 @@ pub fn fingerprint(root: &Path) -> Vec<(String, u64, u64, u128)> {
             continue;
         }
         let name = e.file_name().to_string_lossy().into_owned();
-        for file in [runs::RUN_FILE, runs::LIVE_FILE] {
+        for file in [tables::RUN_FILE, tables::LIVE_FILE] {
             if let Some((len, t)) = stamp(&dir.join(file)) {
                 out.push((format!("{name}/{file}"), 1, len, t));
             }
         }
-        for table in runs::TABLES {
+        for table in tables::TABLES {
             let Ok(files) = fs::read_dir(dir.join(table)) else {
                 continue;
             };

@@ -22,9 +22,9 @@ use tokio::sync::Mutex;
 use crate::dataset::{self, DataSpec, Images, Split};
 use crate::error::{Error, Result};
 use crate::features::cache::Manifest;
-use crate::runs;
+use crate::run::tables;
+use crate::run::trainer::TrainSource;
 use crate::source::SourceSpec;
-use crate::trainer::TrainSource;
 
 use super::api::{self, lit};
 
@@ -96,10 +96,10 @@ fn image_source(root: &Path, run: &str, split: Split) -> Result<(DataSpec, bool)
 
 /// The data `run.json`'s `source` names, as written there.
 fn recorded_source(root: &Path, run: &str, split: Split) -> Result<(DataSpec, bool)> {
-    let r = runs::Run::new(root, run)?;
+    let r = tables::Run::new(root, run)?;
     let info = r
         .read_info()?
-        .ok_or_else(|| Error::usage(format!("run {run:?}: no {}", runs::RUN_FILE)))?;
+        .ok_or_else(|| Error::usage(format!("run {run:?}: no {}", tables::RUN_FILE)))?;
     match TrainSource::parse(&info.source)? {
         TrainSource::Loopback { data, .. } | TrainSource::Spec(SourceSpec::Data(data)) => {
             Ok((data, false))
@@ -211,7 +211,7 @@ pub async fn gallery(root: &Path, cache: &ImageCache, q: &GalleryQuery) -> Resul
             rows.push((pos, label[i], predicted[i], p_max[i]));
         }
     }
-    let names = runs::run_classes(root, &q.run);
+    let names = tables::run_classes(root, &q.run);
     let name = |k: u64| {
         names
             .get(k as usize)
@@ -289,6 +289,6 @@ pub async fn image_png(root: &Path, cache: &ImageCache, q: &ImageQuery) -> Resul
             images.len()
         )));
     }
-    let (w, h, rgb) = crate::grid::image_grid(&[images.image(q.index)], 1, 1, 0);
-    crate::grid::encode_png(w, h, &rgb, None).map_err(Error::usage)
+    let (w, h, rgb) = crate::plot::grid::image_grid(&[images.image(q.index)], 1, 1, 0);
+    crate::plot::grid::encode_png(w, h, &rgb, None).map_err(Error::usage)
 }

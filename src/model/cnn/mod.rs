@@ -33,6 +33,11 @@ use crate::error::{Error, Result};
 /// The model's name.
 pub const NAME: &str = "cnn";
 
+/// CIFAR-10's channel means and deviations, as `sql/cnn.sql` normalises.
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+/// See [`MEAN`].
+pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
 /// Floats of an input row.
 pub const INPUT: usize = SIDE * SIDE * CHANNELS;
 
@@ -448,7 +453,7 @@ impl Cnn {
 /// NHWC images moved so that pixel (y, x) is the input's (y + dy, x + dx), the border
 /// reflected (`-1 → 1`, `32 → 30`), as `translate()` and PyTorch's reflect padding.
 fn translate_nhwc(x: &[f32], n: usize, dy: isize, dx: isize) -> Vec<f32> {
-    let reflect = |i: isize| crate::transforms::kernels::reflect(i as i64, SIDE as i64);
+    let reflect = |i: isize| crate::pixels::reflect(i as i64, SIDE as i64);
     let mut out = vec![0.0f32; x.len()];
     for img in 0..n {
         let base = img * INPUT;
@@ -745,7 +750,7 @@ mod tests {
             let mut want = Vec::new();
             for row in x.rows() {
                 let mut moved = vec![0.0f32; INPUT];
-                crate::transforms::kernels::translate_reflect(
+                crate::pixels::translate_reflect(
                     row.as_slice().unwrap(),
                     SIDE,
                     dy as i64,

@@ -15,7 +15,7 @@
 //! [`Grads`] of the same layout as [`Net::params`].
 
 use super::ops::{self, BnCache, ConvShape, PoolShape, Scratch};
-use crate::model::SplitMix;
+use crate::rng::SplitMix;
 
 /// Side of the input images.
 pub const SIDE: usize = 32;

@@ -23,7 +23,7 @@ use prost::Message;
 use tract_onnx::pb;
 
 use super::net::{Net, CHANNELS, SIDE, WHITEN_K, WHITEN_WIDTH};
-use crate::features::cnn::{MEAN, STD};
+use super::{MEAN, STD};
 
 /// The opset the graph is written for.
 pub const OPSET: i64 = 13;
@@ -260,7 +260,7 @@ fn network(g: &mut Graph, net: &Net, x: &str) -> (String, String) {
 /// output `i` is input `i + d`.
 fn shifted(d: isize) -> Vec<i64> {
     (0..SIDE as i64)
-        .map(|i| crate::transforms::kernels::reflect(i + d as i64, SIDE as i64) as i64)
+        .map(|i| crate::pixels::reflect(i + d as i64, SIDE as i64) as i64)
         .collect()
 }
 

@@ -806,7 +806,7 @@ mod tests {
 
     #[test]
     fn the_two_by_two_pool_matches_the_general_one_with_ties_nans_and_odd_sides() {
-        let mut rng = crate::model::SplitMix(5);
+        let mut rng = crate::rng::SplitMix(5);
         for (h, w, c) in [(4, 4, 16), (5, 7, 3), (31, 31, 24), (3, 2, 33)] {
             let n = 2;
             // Few distinct values, so that windows tie; a few NaNs.

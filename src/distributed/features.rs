@@ -39,11 +39,11 @@ use futures::StreamExt;
 use ndarray::Array2;
 use url::Url;
 
-use super::cache::{self, CacheOptions, CacheSummary, Manifest, SplitEntry};
-use super::Extractor;
 use crate::dataset::{Images, Split, IMAGE_BYTES};
 use crate::distributed;
 use crate::error::{Error, Result};
+use crate::features::cache::{self, CacheOptions, CacheSummary, Manifest, SplitEntry};
+use crate::features::Extractor;
 use crate::store::write_parquet_file;
 
 /// The staging folder inside a cache.
@@ -142,7 +142,7 @@ pub async fn write_cache_on_workers(
             let call = |image: &str| -> Result<String> {
                 Ok(format!(
                     "{}('{}', '{stamp}', {width}, {image})",
-                    super::udf::FROM_NAME,
+                    crate::features::udf::FROM_NAME,
                     sql_text(&ex_dir)?
                 ))
             };

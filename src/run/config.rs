@@ -104,13 +104,13 @@ impl RunConfig {
                                 .collect::<Option<Vec<_>>>()
                         })
                         .ok_or_else(|| wrong_type("a list of class names"))?;
-                    if !(2..=model::MAX_CLASSES).contains(&names.len()) {
+                    if !(2..=crate::dataset::MAX_CLASSES).contains(&names.len()) {
                         return Err(bad(
                             "classes",
                             format!(
                                 "`classes` has {} names; 2 to {} are supported",
                                 names.len(),
-                                model::MAX_CLASSES
+                                crate::dataset::MAX_CLASSES
                             ),
                         ));
                     }

@@ -7,7 +7,7 @@
 //! training metrics are honest; `eval_after_fit` gives the original's score-after-fit),
 //! then learned from. Every `checkpoint_every` batches and at every epoch's end the
 //! metrics, confusion and prediction rows so far are committed as Parquet parts and a
-//! checkpoint is written ([`crate::checkpoint`]); a resumed run starts from the latest one,
+//! checkpoint is written ([`crate::run::checkpoint`]); a resumed run starts from the latest one,
 //! skips the batches it learnt and ends bit-identical to an uninterrupted run.
 //! `predict` loads a checkpoint, runs `sql/eval.sql` and writes test metrics, the
 //! confusion matrix and per-image predictions.
@@ -24,34 +24,34 @@ use futures::StreamExt;
 use ndarray::{Array2, ArrayView1};
 
 use crate::bridge::{features_view, labels_view};
-use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config;
 use crate::dataset::{self, DataSpec, Images};
-use crate::drift::Change;
 use crate::error::{Error, Result};
 use crate::features::{self, Extractor};
-use crate::metrics::{batch_metrics, Accumulator, Metrics, Running};
 use crate::model::Learner;
 use crate::query;
-use crate::runs::{self, now_ms, MetricsRow, Pending, Run, RunInfo};
+use crate::run::checkpoint::{self, Checkpoint, TrainState};
+use crate::run::config;
+use crate::run::drift::Change;
+use crate::run::metrics::{batch_metrics, Accumulator, Metrics, Running};
+use crate::run::tables::{self, now_ms, MetricsRow, Pending, Run, RunInfo};
 use crate::server::{self, ServeOptions, ServeSummary};
+use crate::source::table::register_stream;
 use crate::source::{self, Report, SourceOptions, SourceSpec};
-use crate::table::register_stream;
 use crate::transforms;
 use crate::wire::Format;
 
 /// The training preprocessing shipped with cifar-df.
-pub const TRAIN_SQL: &str = include_str!("../sql/train.sql");
+pub const TRAIN_SQL: &str = include_str!("../../sql/train.sql");
 /// The evaluation preprocessing shipped with cifar-df.
-pub const EVAL_SQL: &str = include_str!("../sql/eval.sql");
+pub const EVAL_SQL: &str = include_str!("../../sql/eval.sql");
 /// The preprocessing of a run with a feature extractor: `extract_features(image)`.
-pub const FEATURES_SQL: &str = include_str!("../sql/features.sql");
+pub const FEATURES_SQL: &str = include_str!("../../sql/features.sql");
 /// [`EVAL_SQL`] with flip averaging: also the mirrored images' features, [`FLIPPED`].
-pub const EVAL_FLIP_SQL: &str = include_str!("../sql/eval_flip.sql");
+pub const EVAL_FLIP_SQL: &str = include_str!("../../sql/eval_flip.sql");
 /// [`FEATURES_SQL`] with flip averaging: also the mirrored images' features, [`FLIPPED`].
-pub const FEATURES_FLIP_SQL: &str = include_str!("../sql/features_flip.sql");
+pub const FEATURES_FLIP_SQL: &str = include_str!("../../sql/features_flip.sql");
 /// The preprocessing of a `features:` source: the cached features as they are.
-pub const CACHED_SQL: &str = include_str!("../sql/cached.sql");
+pub const CACHED_SQL: &str = include_str!("../../sql/cached.sql");
 /// Where a run keeps its feature extractor.
 pub const EXTRACTOR_DIR: &str = "extractor";
 /// The column the preprocessing SQL must produce for the model.
@@ -453,7 +453,7 @@ fn has_run_data(run: &Run) -> bool {
             .map(|mut d| d.next().is_some())
             .unwrap_or(false)
     };
-    nonempty(run.checkpoints_dir()) || runs::TABLES.iter().any(|t| nonempty(run.dir.join(t)))
+    nonempty(run.checkpoints_dir()) || tables::TABLES.iter().any(|t| nonempty(run.dir.join(t)))
 }
 
 /// Train a model on a source, batch by batch, writing metrics, checkpoints and the run
@@ -1114,7 +1114,7 @@ async fn predict_loop(
             });
         }
     }
-    let file = runs::eval_part_name(&opts.split);
+    let file = tables::eval_part_name(&opts.split);
     pending.commit(&opts.run, model.name(), Some(&file))?;
     opts.run.remove_eval_parts(&opts.split, &file)?;
     let overall = all.get();
@@ -1124,7 +1124,7 @@ async fn predict_loop(
             .enumerate()
             .map(|(c, n)| format!("cluster {c}: {n} images"))
             .collect();
-        summary.cluster_grids = crate::grid::write_cluster_grids(
+        summary.cluster_grids = crate::plot::grid::write_cluster_grids(
             &opts.run.dir.join("clusters"),
             &cluster_images,
             &titles,

@@ -39,7 +39,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
-use crate::metrics::{rates, Metrics};
+use crate::run::metrics::{rates, Metrics};
 use crate::store::write_parquet_file;
 
 /// The tables a run has.
@@ -146,7 +146,7 @@ pub fn run_classes(root: &Path, run: &str) -> Vec<String> {
     let path = root.join(run).join("config.toml");
     std::fs::read_to_string(&path)
         .ok()
-        .and_then(|t| crate::config::RunConfig::parse(&t, &path).ok())
+        .and_then(|t| crate::run::config::RunConfig::parse(&t, &path).ok())
         .unwrap_or_default()
         .class_names()
 }
@@ -931,7 +931,7 @@ fn has_parts(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::batch_metrics;
+    use crate::run::metrics::batch_metrics;
 
     /// Commits fit parts of `per` batches each, batches `0..n`, with one-image batches.
     fn commit_parts(run: &Run, n: u64, per: u64) {

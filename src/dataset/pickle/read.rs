@@ -1,111 +1,12 @@
-//! The Python layout's pickles: a writer with the opcodes of the official Python-2 files,
-//! and a small, strict pickle VM that reads what numpy writes for a CIFAR batch dict
-//! (protocols 0–5), every error naming the file and byte offset.
+//! The pickle reader: a small, strict pickle VM that reads what numpy writes for a CIFAR
+//! batch dict (protocols 0–5), every error naming the file and byte offset.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Write};
 use std::path::Path;
 
-use super::{Images, CLASSES, IMAGE_BYTES};
+use crate::dataset::{Images, CLASSES, IMAGE_BYTES};
 use crate::error::{Error, Result};
-
-// ---------------------------------------------------------------------------------------
-// Pickle writer.
-
-/// The 4-byte length of a BINSTRING (Python 2 reads it as a signed int).
-fn binstring_len(len: usize) -> io::Result<[u8; 4]> {
-    i32::try_from(len).map(i32::to_le_bytes).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("a string of {len} bytes is too long for a protocol-2 pickle (2 GiB)"),
-        )
-    })
-}
-
-/// A pickled string: SHORT_BINSTRING up to 255 bytes, BINSTRING beyond.
-pub(super) fn put_str(out: &mut Vec<u8>, s: &[u8]) -> io::Result<()> {
-    if let Ok(n) = u8::try_from(s.len()) {
-        out.push(b'U');
-        out.push(n);
-    } else {
-        out.push(b'T');
-        out.extend_from_slice(&binstring_len(s.len())?);
-    }
-    out.extend_from_slice(s);
-    Ok(())
-}
-
-/// A pickled non-negative int with the smallest of BININT1, BININT2, BININT.
-pub(super) fn put_int(out: &mut Vec<u8>, n: usize) -> io::Result<()> {
-    if let Ok(b) = u8::try_from(n) {
-        out.extend_from_slice(&[b'K', b]);
-    } else if let Ok(h) = u16::try_from(n) {
-        out.push(b'M');
-        out.extend_from_slice(&h.to_le_bytes());
-    } else {
-        let i = i32::try_from(n)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "int too large for BININT"))?;
-        out.push(b'J');
-        out.extend_from_slice(&i.to_le_bytes());
-    }
-    Ok(())
-}
-
-/// The whole batch pickle, streamed to `w` (the pixel data is not copied).
-pub(super) fn encode_pickle<W: Write>(
-    w: &mut W,
-    images: &Images,
-    batch_label: &str,
-) -> io::Result<()> {
-    let mut head = Vec::with_capacity(4096);
-    head.extend_from_slice(b"\x80\x02}q\x01(");
-    put_str(&mut head, b"batch_label")?;
-    head.extend_from_slice(b"q\x02");
-    put_str(&mut head, batch_label.as_bytes())?;
-    head.extend_from_slice(b"q\x03");
-    put_str(&mut head, b"labels")?;
-    head.extend_from_slice(b"q\x04]q\x05");
-    w.write_all(&head)?;
-    // Like cPickle: APPENDS in batches of 1,000; a batch of one is a plain APPEND.
-    for chunk in images.labels.chunks(1000) {
-        head.clear();
-        let int = |head: &mut Vec<u8>, label: u16| match u8::try_from(label) {
-            // BININT1 for a byte, BININT2 above it.
-            Ok(b) => head.extend_from_slice(&[b'K', b]),
-            Err(_) => {
-                head.push(b'M');
-                head.extend_from_slice(&label.to_le_bytes());
-            }
-        };
-        if let [label] = chunk {
-            int(&mut head, *label);
-            head.push(b'a');
-        } else {
-            head.push(b'(');
-            for &label in chunk {
-                int(&mut head, label);
-            }
-            head.push(b'e');
-        }
-        w.write_all(&head)?;
-    }
-    head.clear();
-    put_str(&mut head, b"data")?;
-    head.extend_from_slice(
-        b"q\x06cnumpy.core.multiarray\n_reconstruct\nq\x07cnumpy\nndarray\nq\x08",
-    );
-    head.extend_from_slice(b"K\x00\x85U\x01b\x87Rq\x09(K\x01");
-    put_int(&mut head, images.len())?;
-    put_int(&mut head, IMAGE_BYTES)?;
-    head.extend_from_slice(b"\x86cnumpy\ndtype\nq\x0aU\x02u1K\x00K\x01\x87Rq\x0b");
-    head.extend_from_slice(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89");
-    head.push(b'T');
-    head.extend_from_slice(&binstring_len(images.pixels.len())?);
-    w.write_all(&head)?;
-    w.write_all(&images.pixels)?;
-    w.write_all(b"tbq\x0cu.")
-}
 
 // ---------------------------------------------------------------------------------------
 // Pickle reader: a small VM with a value stack, a mark stack and a memo.
@@ -116,7 +17,7 @@ pub(super) fn encode_pickle<W: Write>(
 
 /// A value on the stack or in the memo.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum Value<'a> {
+pub(in crate::dataset) enum Value<'a> {
     None,
     Bool(bool),
     Int(i64),
@@ -330,7 +231,7 @@ fn op_name(op: u8) -> Option<&'static str> {
 }
 
 /// The pickle machine.
-pub(super) struct Vm<'a> {
+pub(in crate::dataset) struct Vm<'a> {
     input: &'a [u8],
     path: &'a Path,
     /// Next byte to read.
@@ -348,7 +249,7 @@ pub(super) struct Vm<'a> {
 }
 
 impl<'a> Vm<'a> {
-    pub(super) fn new(input: &'a [u8], path: &'a Path) -> Self {
+    pub(in crate::dataset) fn new(input: &'a [u8], path: &'a Path) -> Self {
         Vm {
             input,
             path,
@@ -599,7 +500,7 @@ impl<'a> Vm<'a> {
 
     // --- the machine ---
 
-    pub(super) fn run(&mut self) -> Result<Value<'a>> {
+    pub(in crate::dataset) fn run(&mut self) -> Result<Value<'a>> {
         loop {
             self.op_at = self.pos;
             let Some(&op) = self.input.get(self.pos) else {
@@ -1187,12 +1088,16 @@ impl<'a> Vm<'a> {
     }
 
     /// Turn the unpickled dict into images.
-    pub(super) fn finish(self, top: Value<'a>) -> Result<Images> {
+    pub(in crate::dataset) fn finish(self, top: Value<'a>) -> Result<Images> {
         self.finish_with(top, b"labels", CLASSES)
     }
 
     /// The list of strings under `key` of the top dict (CIFAR-100's `meta`).
-    pub(super) fn finish_names(self, top: Value<'a>, key: &[u8]) -> Result<Vec<String>> {
+    pub(in crate::dataset) fn finish_names(
+        self,
+        top: Value<'a>,
+        key: &[u8],
+    ) -> Result<Vec<String>> {
         let stop_at = self.op_at;
         let k = String::from_utf8_lossy(key).into_owned();
         let Some(Node::Dict(pairs)) = self.node(top) else {
@@ -1226,7 +1131,7 @@ impl<'a> Vm<'a> {
 
     /// The images of the top dict: `data` and the labels under `label_key`, each below
     /// `classes`.
-    pub(super) fn finish_with(
+    pub(in crate::dataset) fn finish_with(
         mut self,
         top: Value<'a>,
         label_key: &[u8],
@@ -1382,7 +1287,7 @@ fn decode_long(bytes: &[u8]) -> Value<'static> {
 }
 
 /// The body of a protocol-0 STRING argument: a quoted Python-2 string literal.
-pub(super) fn unquote_string(line: &[u8]) -> std::result::Result<Vec<u8>, String> {
+pub(in crate::dataset) fn unquote_string(line: &[u8]) -> std::result::Result<Vec<u8>, String> {
     let body = match line {
         [q @ (b'\'' | b'"'), body @ .., last] if last == q => body,
         _ => return Err("STRING argument is not quoted".into()),
@@ -1443,7 +1348,7 @@ fn hex_digit(b: u8) -> Option<u8> {
 
 /// The argument of a protocol-0 UNICODE opcode: raw-unicode-escape (latin-1 bytes with
 /// `\uXXXX` and `\UXXXXXXXX` escapes).
-pub(super) fn raw_unicode_escape(line: &[u8]) -> std::result::Result<String, String> {
+pub(in crate::dataset) fn raw_unicode_escape(line: &[u8]) -> std::result::Result<String, String> {
     let mut out = String::with_capacity(line.len());
     let mut i = 0;
     while let Some(&b) = line.get(i) {

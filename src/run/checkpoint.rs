@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::metrics::{Accumulator, Running};
 use crate::model::Learner;
+use crate::run::metrics::{Accumulator, Running};
 use crate::store::{rename_durable, write_atomic};
 
 /// The trainer's state file in a checkpoint.
@@ -69,7 +69,7 @@ pub struct TrainState {
     pub created_ms: i64,
     /// The drift detector on the per-batch training loss (fresh in older checkpoints).
     #[serde(default)]
-    pub drift: crate::drift::Adwin,
+    pub drift: crate::run::drift::Adwin,
     /// A Kafka source's position after the last batch learnt: (partition, next offset).
     /// A resumed run seeks there; `None` for other sources.
     #[serde(default)]
@@ -97,7 +97,7 @@ impl TrainState {
             epoch_metrics: Accumulator::new(),
             fit_seconds: 0.0,
             created_ms: 0,
-            drift: crate::drift::Adwin::default(),
+            drift: crate::run::drift::Adwin::default(),
             source_offsets: None,
         }
     }
@@ -259,7 +259,7 @@ mod tests {
     use crate::model::test_util::random_batch;
 
     fn model() -> Box<dyn Learner> {
-        crate::config::build_model("logreg", &toml::Table::new()).unwrap()
+        crate::run::config::build_model("logreg", &toml::Table::new()).unwrap()
     }
 
     fn state(next: u64, epoch: u32, pos: u64, done: bool) -> TrainState {
@@ -276,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("checkpoints");
         let mut m = model();
-        let (x, y) = random_batch(&mut crate::model::SplitMix(3), 16, 3072);
+        let (x, y) = random_batch(&mut crate::rng::SplitMix(3), 16, 3072);
         m.partial_fit(x.view(), y.view()).unwrap();
         for s in [
             state(3, 1, 3, false),

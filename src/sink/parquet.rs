@@ -1,11 +1,8 @@
-//! `cifar-df export`: everything a source delivers, written to Parquet.
-//!
-//! The batches come through the streaming table (`SELECT * FROM stream`), the same path
-//! every later consumer uses. Output is zstd-compressed Parquet with the source's schema
-//! (the stream schema; from Kafka also `partition` and `offset`). [`publish`] sends the
-//! batches to a Kafka topic instead. A path ending in `.parquet` is one file; anything else is a directory
-//! of part files. Every file is written under a temporary name and renamed when complete,
-//! so a reader never sees a half-written file; on an error or Ctrl-C the batches already
+//! `cifar-df export` to Parquet: everything a source delivers, written as zstd-compressed
+//! Parquet with the source's schema (the stream schema; from Kafka also `partition` and
+//! `offset`). A path ending in `.parquet` is one file; anything else is a directory of part
+//! files. Every file is written under a temporary name and renamed when complete, so a
+//! reader never sees a half-written file; on an error or Ctrl-C the batches already
 //! received are still finished and kept.
 
 use std::fs;
@@ -16,8 +13,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use datafusion::prelude::SessionContext;
-use futures::StreamExt;
 
+use super::{drive, ExportSummary};
 use crate::error::{Error, Result};
 use crate::store::{temp_name, PendingFile};
 
@@ -37,21 +34,6 @@ impl Default for ExportOptions {
             rows_per_group: 2_048,
         }
     }
-}
-
-/// What an export wrote.
-#[derive(Debug, Default)]
-pub struct ExportSummary {
-    /// Batches written.
-    pub batches: u64,
-    /// Rows (images) written.
-    pub rows: u64,
-    /// Files completed, in order.
-    pub files: Vec<PathBuf>,
-    /// Whether Ctrl-C stopped it.
-    pub interrupted: bool,
-    /// The error that ended the stream early, if any (what came before it was written).
-    pub error: Option<Error>,
 }
 
 /// Writer properties for stream data: zstd, no dictionaries (pixels do not repeat in
@@ -181,95 +163,5 @@ pub async fn export(
     let mut sink = Sink::new(out, opts, schema)?;
     let mut summary = drive(df, &mut |b| sink.write(b), on_batch).await?;
     summary.files = sink.finish()?;
-    Ok(summary)
-}
-
-/// Publish every batch of the `stream` table in `ctx` to Kafka, one record per batch with
-/// the batch's own number as its key; returns when the broker has acknowledged them all.
-pub async fn publish(
-    ctx: &SessionContext,
-    publisher: &mut crate::kafka::Publisher,
-    on_batch: impl FnMut(&RecordBatch),
-) -> Result<ExportSummary> {
-    let df = ctx
-        .sql("SELECT batch, \"row\", label, image FROM stream")
-        .await?;
-    drive(
-        df,
-        &mut |b| {
-            let (seq, labels, pixels) = images_of(b)?;
-            publisher.send(seq, &labels, pixels)
-        },
-        on_batch,
-    )
-    .await
-}
-
-/// The batch number, labels and pixels of a stream batch.
-/// A stream batch's number, labels and pixels.
-type BatchImages<'a> = (u64, std::borrow::Cow<'a, [u16]>, &'a [u8]);
-
-fn images_of(batch: &RecordBatch) -> Result<BatchImages<'_>> {
-    use datafusion::arrow::array::{Array, FixedSizeListArray, UInt8Array};
-    let seq = crate::batch::batch_number(batch).unwrap_or(0);
-    let labels = batch
-        .column_by_name("label")
-        .ok_or_else(|| Error::usage("the stream has no `label` column"))?;
-    let labels = crate::batch::label_values(labels.as_ref())
-        .map_err(|e| Error::usage(format!("the stream's {e}")))?;
-    let images = batch
-        .column_by_name("image")
-        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-        .ok_or_else(|| Error::usage("the stream has no `image` column"))?;
-    let pixels = images
-        .values()
-        .as_any()
-        .downcast_ref::<UInt8Array>()
-        .ok_or_else(|| Error::usage("the stream's images are not UInt8"))?;
-    let start = images.offset() * crate::dataset::IMAGE_BYTES;
-    let n = labels.len() * crate::dataset::IMAGE_BYTES;
-    let pixels = pixels
-        .values()
-        .get(start..start + n)
-        .ok_or_else(|| Error::usage("the stream's image column is shorter than its labels"))?;
-    Ok((seq, labels, pixels))
-}
-
-/// Runs `df` to its end (or Ctrl-C, or a stream error, kept in the summary), handing each
-/// non-empty batch to `write`.
-async fn drive(
-    df: datafusion::dataframe::DataFrame,
-    write: &mut dyn FnMut(&RecordBatch) -> Result<()>,
-    mut on_batch: impl FnMut(&RecordBatch),
-) -> Result<ExportSummary> {
-    let mut summary = ExportSummary::default();
-    let mut stream = df.execute_stream().await?;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        let next = tokio::select! {
-            next = stream.next() => next,
-            _ = &mut ctrl_c => {
-                summary.interrupted = true;
-                break;
-            }
-        };
-        match next {
-            None => break,
-            Some(Ok(batch)) => {
-                if batch.num_rows() == 0 {
-                    continue;
-                }
-                write(&batch)?;
-                summary.batches += 1;
-                summary.rows += batch.num_rows() as u64;
-                on_batch(&batch);
-            }
-            Some(Err(e)) => {
-                summary.error = Some(e.into());
-                break;
-            }
-        }
-    }
     Ok(summary)
 }

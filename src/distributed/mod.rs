@@ -16,6 +16,8 @@
 //! does not retry a task whose worker is lost, so [`collect`] does: it asks again which
 //! workers answer and runs the query again on those.
 
+pub mod features;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
