@@ -17,8 +17,8 @@
 //! every atom in **one matrix product** (`patches × (atoms·W)ᵀ`, 729 × 108 × 2,048 for the
 //! defaults); the responses `r` are encoded by a soft threshold with a polarity split
 //! (`max(0, r − α)`, `max(0, −r − α)`) or Coates' triangle (`max(0, mean(z) − z_k)`, `z` the
-//! distances to the atoms), averaged over the cells of a `grid`×`grid` spatial grid, and
-//! standardised.
+//! distances to the atoms), averaged over the cells of a `grid`×`grid` spatial grid,
+//! raised to `power` (0.5 in `configs/patches.toml`: the square root), and standardised.
 //!
 //! Because the dictionary, the whitening and the grid are all mirror-symmetric, the
 //! features of a mirrored image are a fixed permutation of the image's own
@@ -96,6 +96,10 @@ pub struct PatchParams {
     pub kmeans_iters: usize,
     /// Sum each feature with its mirror partner (flip-invariant, half the width).
     pub invariant: bool,
+    /// Power normalisation of the pooled features before the standardisation: each becomes
+    /// `v^power` (1: none; 0.5: the square root, a Hellinger kernel's map). Pooled features
+    /// are means of non-negative codes; the sign is kept all the same.
+    pub power: f32,
     /// Seed of the patch sampling.
     pub seed: u64,
 }
@@ -116,6 +120,7 @@ impl Default for PatchParams {
             stats_images: 1000,
             kmeans_iters: 10,
             invariant: true,
+            power: 1.0,
             seed: 0,
         }
     }
@@ -137,6 +142,9 @@ impl PatchParams {
         let positions = SIDE - self.patch + 1;
         if self.grid == 0 || self.grid > positions {
             return bad(format!("grid = {} must be 1..={positions}", self.grid));
+        }
+        if !(self.power > 0.0 && self.power <= 1.0) {
+            return bad(format!("power = {} must be in (0, 1]", self.power));
         }
         if !(self.alpha.is_finite() && self.alpha >= 0.0) {
             return bad(format!("alpha = {} must be finite and ≥ 0", self.alpha));
@@ -686,6 +694,12 @@ impl PatchExtractor {
         } else {
             out.copy_from_slice(&sc.pooled[..out.len()]);
         }
+        let power = self.params.power;
+        if power != 1.0 {
+            for v in out.iter_mut() {
+                *v = v.abs().powf(power).copysign(*v);
+            }
+        }
     }
 
     /// Index of the pooled feature (polarity, cell row, cell column, atom).
@@ -937,6 +951,41 @@ mod tests {
     }
 
     #[test]
+    fn power_raises_each_pooled_feature_and_the_statistics_follow() {
+        let px = images(50);
+        let plain = PatchExtractor::fit(&small(), &px).unwrap();
+        let root = PatchExtractor::fit(
+            &PatchParams {
+                power: 0.5,
+                ..small()
+            },
+            &px,
+        )
+        .unwrap();
+        // Same fit (the power comes after the pooling): the same atoms.
+        assert_eq!(plain.atoms, root.atoms);
+        let some = &px[..6 * IMAGE_BYTES];
+        let (a, b) = (
+            plain.encode_raw(some).unwrap(),
+            root.encode_raw(some).unwrap(),
+        );
+        assert!(a.iter().all(|&v| v >= 0.0), "pooled codes are non-negative");
+        for (x, y) in a.iter().zip(b.iter()) {
+            assert!((x.sqrt() - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} {y}");
+        }
+        // The standardisation is of the powered features: mean 0 over the statistics images.
+        let f = root.encode(&px[..40 * IMAGE_BYTES]).unwrap();
+        let m = f.mean_axis(ndarray::Axis(0)).unwrap();
+        assert!(m.iter().all(|v| v.abs() < 1e-2));
+        assert_ne!(plain.feature_mean, root.feature_mean);
+        // A saved extractor from before the option reads as power 1.
+        let mut json = serde_json::to_value(small()).unwrap();
+        json.as_object_mut().unwrap().remove("power");
+        let back: PatchParams = serde_json::from_value(json).unwrap();
+        assert_eq!(back.power, 1.0);
+    }
+
+    #[test]
     fn fitting_is_deterministic_and_whitening_decorrelates() {
         let px = images(50);
         let a = PatchExtractor::fit(&small(), &px).unwrap();
@@ -993,6 +1042,20 @@ mod tests {
                 "patch",
             ),
             (PatchParams { grid: 0, ..small() }, "grid"),
+            (
+                PatchParams {
+                    power: 0.0,
+                    ..small()
+                },
+                "power",
+            ),
+            (
+                PatchParams {
+                    power: f32::NAN,
+                    ..small()
+                },
+                "power",
+            ),
             (
                 PatchParams {
                     eps: 0.0,

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Nyström kernel ridge (as `ridge` with `nystrom = true`) on a cifar-df features cache, in
+numpy: the validation accuracy of the default features model and of variants of its
+features, to choose them (issue 22). Benchmark/selection only, never a test.
+
+    cifar-df features --data VAL --config configs/patches.toml --out F   # VAL: cifar10_jpeg.py --validation
+    python3 benches/nystrom_numpy.py F [--m 12000] [--gamma 0.25] [--lam 0.01] [--power 1.0 0.5]
+
+The first `m` training images are the landmarks; γ is `gamma` over their mean squared
+distance, the ridge `lam` times the kernel's mean diagonal (1); kernel rows are centred by
+the landmarks' mean row, with an unpenalised intercept: the model's own solve. `--power p`
+re-scores with features `sign(x)·|x|^p` before standardisation (x recovered from the cache's
+standardised features with the extractor's `feature_mean` / `feature_std`), each variant
+standardised again over the landmarks. Needs numpy, scipy and pyarrow; about 10 GB for
+40,000 images and m = 12,000.
+"""
+import argparse, json, os, time
+import numpy as np
+import pyarrow.dataset as ds
+import scipy.linalg as sl
+
+
+def load(d):
+    t = ds.dataset(d, format="parquet").to_table(columns=["label", "flipped", "features"])
+    keep = ~t["flipped"].to_numpy(zero_copy_only=False)
+    y = t["label"].to_numpy()[keep]
+    f = t["features"].combine_chunks()
+    X = f.values.to_numpy().reshape(len(keep), -1)[keep]
+    return np.ascontiguousarray(X, dtype=np.float32), y
+
+
+def read_safetensors(path):
+    """The f32 tensors of a safetensors file (8-byte header length, JSON header, data)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in head.items():
+        if name == "__metadata__" or t["dtype"] != "F32":
+            continue
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], np.float32).reshape(t["shape"])
+    return out
+
+
+def sqdist(a, b, an, bn):
+    d = an[:, None] + bn[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0, out=d)
+
+
+def nystrom(Xtr, ytr, Xva, yva, m, gamma, lams, classes, chunk=4096):
+    t0 = time.time()
+    L = Xtr[:m]
+    ln = (L.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    dll = sqdist(L, L, ln, ln)
+    g = gamma / dll.mean()
+    Kll = np.exp(-g * dll, dtype=np.float32)
+    del dll
+    c = Kll.mean(0)
+    p = m + 1
+    S = np.zeros((p, p))
+    T = np.zeros((p, classes))
+    for s in range(0, len(Xtr), chunk):
+        x = Xtr[s:s + chunk]
+        xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        k = np.exp(-g * sqdist(x, L, xn, ln)) - c
+        phi = np.hstack([k, np.ones((len(x), 1), np.float32)]).astype(np.float64)
+        S += phi.T @ phi
+        Y = -np.ones((len(x), classes))
+        Y[np.arange(len(x)), ytr[s:s + chunk]] = 1
+        T += phi.T @ Y
+    Kv = []
+    for s in range(0, len(Xva), chunk):
+        x = Xva[s:s + chunk]
+        xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        Kv.append(np.exp(-g * sqdist(x, L, xn, ln)) - c)
+    Kv = np.vstack(Kv)
+    t_sums = time.time() - t0
+    out = {}
+    for lam in lams:
+        A = S.copy()
+        A[:m, :m] += lam * Kll
+        sol = sl.solve(A, T, assume_a="pos", check_finite=False)
+        z = Kv @ sol[:m].astype(np.float32) + sol[m].astype(np.float32)
+        out[lam] = float((z.argmax(1) == yva).mean())
+    return out, t_sums
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cache")
+    ap.add_argument("--m", type=int, default=12000)
+    ap.add_argument("--gamma", type=float, nargs="+", default=[0.25])
+    ap.add_argument("--lam", type=float, nargs="+", default=[0.01])
+    ap.add_argument("--power", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--train", type=int, default=0, help="use only the first N training images")
+    a = ap.parse_args()
+    t = time.time()
+    Xtr, ytr = load(os.path.join(a.cache, "train"))
+    Xva, yva = load(os.path.join(a.cache, "test"))
+    if a.train:
+        Xtr, ytr = Xtr[: a.train], ytr[: a.train]
+    classes = int(max(ytr.max(), yva.max())) + 1
+    print(f"loaded {Xtr.shape} train, {Xva.shape} validation in {time.time() - t:.1f}s", flush=True)
+    if any(pw != 1.0 for pw in a.power):
+        tensors = read_safetensors(os.path.join(a.cache, "extractor", "extractor.safetensors"))
+        mean, std = tensors["feature_mean"], tensors["feature_std"]
+    for pw in a.power:
+        if pw == 1.0:
+            tr, va = Xtr, Xva
+        else:
+            tr = Xtr * std + mean
+            va = Xva * std + mean
+            tr = np.sign(tr) * np.abs(tr) ** pw
+            va = np.sign(va) * np.abs(va) ** pw
+            mu, sd = tr[: a.m].mean(0), tr[: a.m].std(0) + 1e-6
+            tr = ((tr - mu) / sd).astype(np.float32)
+            va = ((va - mu) / sd).astype(np.float32)
+        for g in a.gamma:
+            accs, ts = nystrom(tr, ytr, va, yva, a.m, g, a.lam, classes)
+            for lam, acc in accs.items():
+                print(json.dumps({"power": pw, "m": a.m, "gamma": g, "lam": lam,
+                                  "train": len(tr), "val_acc": round(acc, 4),
+                                  "seconds": round(ts, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
