@@ -94,10 +94,16 @@ def main():
     ap.add_argument("--lam", type=float, nargs="+", default=[0.01])
     ap.add_argument("--power", type=float, nargs="+", default=[1.0])
     ap.add_argument("--train", type=int, default=0, help="use only the first N training images")
+    ap.add_argument("--l2", action="store_true", help="also score each variant with its rows scaled to unit norm")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="validate on the last N training images instead of the cache's test split")
     a = ap.parse_args()
     t = time.time()
     Xtr, ytr = load(os.path.join(a.cache, "train"))
     Xva, yva = load(os.path.join(a.cache, "test"))
+    if a.holdout:
+        Xva, yva = Xtr[-a.holdout:], ytr[-a.holdout:]
+        Xtr, ytr = Xtr[: -a.holdout], ytr[: -a.holdout]
     if a.train:
         Xtr, ytr = Xtr[: a.train], ytr[: a.train]
     classes = int(max(ytr.max(), yva.max())) + 1
@@ -113,15 +119,19 @@ def main():
             va = Xva * std + mean
             tr = np.sign(tr) * np.abs(tr) ** pw
             va = np.sign(va) * np.abs(va) ** pw
-            mu, sd = tr[: a.m].mean(0), tr[: a.m].std(0) + 1e-6
+            mu, sd = tr[: min(a.m, 1000)].mean(0), tr[: min(a.m, 1000)].std(0) + 1e-6
             tr = ((tr - mu) / sd).astype(np.float32)
             va = ((va - mu) / sd).astype(np.float32)
-        for g in a.gamma:
-            accs, ts = nystrom(tr, ytr, va, yva, a.m, g, a.lam, classes)
-            for lam, acc in accs.items():
-                print(json.dumps({"power": pw, "m": a.m, "gamma": g, "lam": lam,
-                                  "train": len(tr), "val_acc": round(acc, 4),
-                                  "seconds": round(ts, 1)}), flush=True)
+        for l2 in [False, True] if a.l2 else [False]:
+            if l2:
+                tr = tr / np.linalg.norm(tr, axis=1, keepdims=True)
+                va = va / np.linalg.norm(va, axis=1, keepdims=True)
+            for g in a.gamma:
+                accs, ts = nystrom(tr, ytr, va, yva, a.m, g, a.lam, classes)
+                for lam, acc in accs.items():
+                    print(json.dumps({"power": pw, "l2": l2, "m": a.m, "gamma": g, "lam": lam,
+                                      "train": len(tr), "val_acc": round(acc, 4),
+                                      "seconds": round(ts, 1)}), flush=True)
 
 
 if __name__ == "__main__":
