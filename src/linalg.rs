@@ -190,11 +190,57 @@ pub fn par_gemm(
     });
 }
 
-/// `a·bᵀ` by [`gemm`] (Gram matrices).
+/// `a·bᵀ` by [`gemm`] (Gram matrices; the ridge model's kernel rows): a large product is
+/// split into [`BANDS`] bands of `b`'s rows (the result's columns) on up to [`threads`]
+/// threads, the bands fixed by the shape.
 pub fn gram(a: &ArrayView2<f32>, b: &ArrayView2<f32>) -> Array2<f32> {
-    let mut c = Array2::<f32>::zeros((a.nrows(), b.nrows()));
-    gemm(1.0, a, &b.t(), 0.0, &mut c.view_mut());
+    let n = b.nrows();
+    let mut c = Array2::<f32>::zeros((a.nrows(), n));
+    let parts = if a.nrows() * a.ncols() * n < PAR_MACS {
+        1
+    } else {
+        BANDS.min(n / 8).max(1)
+    };
+    let band = n.div_ceil(parts).max(1);
+    let mut jobs = Vec::with_capacity(parts);
+    let mut rest_b = b.view();
+    let mut rest_c = c.view_mut();
+    while rest_b.nrows() > band {
+        let (b1, b2) = rest_b.split_at(Axis(0), band);
+        let (c1, c2) = rest_c.split_at(Axis(1), band);
+        jobs.push((b1, c1));
+        rest_b = b2;
+        rest_c = c2;
+    }
+    jobs.push((rest_b, rest_c));
+    in_parallel(jobs, |(b1, mut c1)| gemm(1.0, a, &b1.t(), 0.0, &mut c1));
     c
+}
+
+/// Runs `f` on every job, the jobs dealt in turn to up to [`threads`] threads (job `i` to
+/// thread `i mod t`). Each job is the same call whatever the thread count, so the result
+/// does not depend on it.
+pub fn in_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) + Sync) {
+    let t = threads().min(jobs.len());
+    if t < 2 {
+        jobs.into_iter().for_each(&f);
+        return;
+    }
+    let mut lists: Vec<Vec<J>> = (0..t).map(|_| Vec::new()).collect();
+    for (i, job) in jobs.into_iter().enumerate() {
+        lists[i % t].push(job);
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let mut lists = lists.into_iter();
+        let first = lists.next();
+        for list in lists {
+            s.spawn(move || list.into_iter().for_each(f));
+        }
+        if let Some(list) = first {
+            list.into_iter().for_each(f);
+        }
+    });
 }
 
 /// Solves `a·x = b` for a symmetric positive definite `a` (n × n) by a blocked Cholesky
@@ -283,33 +329,29 @@ fn cholesky_in_place(a: &mut Array2<f64>) -> std::result::Result<(), String> {
             }
             // Trailing update: A22 ← A22 − A21·A21ᵀ (the lower triangle is what is read).
             let panel = a.slice(ndarray::s![k1.., k0..k1]).to_owned();
-            let mut trailing = a.slice_mut(ndarray::s![k1.., k1..]);
             let m = n - k1;
-            // SAFETY: as in [`gemm`]: the views are in bounds and `trailing` does not
-            // alias `panel`, an owned copy.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    m,
-                    k1 - k0,
-                    trailing.as_mut_ptr(),
-                    trailing.strides()[1],
-                    trailing.strides()[0],
-                    true,
-                    panel.as_ptr(),
-                    panel.strides()[1],
-                    panel.strides()[0],
-                    panel.as_ptr(),
-                    panel.strides()[0],
-                    panel.strides()[1],
-                    1.0,
-                    -1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            // In row bands fixed by the shape, on up to [`threads`] threads.
+            let parts = if m * m * (k1 - k0) < PAR_MACS {
+                1
+            } else {
+                BANDS.min(m / 8).max(1)
+            };
+            let band = m.div_ceil(parts).max(1);
+            let mut jobs = Vec::with_capacity(parts);
+            let mut rest = a.slice_mut(ndarray::s![k1.., k1..]);
+            let mut row = 0;
+            while rest.nrows() > band {
+                let (t1, t2) = rest.split_at(Axis(0), band);
+                jobs.push((row, t1));
+                rest = t2;
+                row += band;
             }
+            jobs.push((row, rest));
+            let panel = panel.view();
+            in_parallel(jobs, |(row, mut trailing)| {
+                let rows = panel.slice(ndarray::s![row..row + trailing.nrows(), ..]);
+                gemm64(-1.0, &rows, &panel.t(), 1.0, &mut trailing);
+            });
         }
         k0 = k1;
     }
@@ -432,6 +474,53 @@ mod tests {
             assert_eq!(c, one, "{t} threads");
         }
         set_threads(0);
+    }
+
+    #[test]
+    fn gram_and_cholesky_bits_do_not_depend_on_the_thread_count() {
+        // Large enough to be split: 37 × 300 × 520 and a trailing update of 172² × 128.
+        let (a, b) = (mat(37, 300, 8), mat(520, 300, 9));
+        let want = a.mapv(f64::from).dot(&b.mapv(f64::from).t());
+        let n = 300;
+        let x = mat(n, n + 20, 10).mapv(f64::from);
+        let spd = x.dot(&x.t()) + Array2::<f64>::eye(n) * 0.1;
+        let rhs = mat(n, 4, 11).mapv(f64::from);
+        set_threads(1);
+        let g1 = gram(&a.view(), &b.view());
+        let s1 = cholesky_solve(spd.clone(), &rhs).unwrap();
+        for t in [2, 3] {
+            set_threads(t);
+            assert_eq!(gram(&a.view(), &b.view()), g1, "gram, {t} threads");
+            assert_eq!(
+                cholesky_solve(spd.clone(), &rhs).unwrap(),
+                s1,
+                "cholesky, {t} threads"
+            );
+        }
+        set_threads(0);
+        let err = g1
+            .iter()
+            .zip(want.iter())
+            .fold(0.0f64, |m, (&g, &w)| m.max((f64::from(g) - w).abs()));
+        assert!(err < 1e-3, "gram: max error {err}");
+        let residual = spd.dot(&s1) - &rhs;
+        let res = residual.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(res < 1e-6, "cholesky: max residual {res}");
+    }
+
+    #[test]
+    fn in_parallel_runs_every_job_once() {
+        let hits: Vec<std::sync::atomic::AtomicUsize> = (0..7)
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect();
+        for t in [1, 2, 3, 9] {
+            set_threads(t);
+            in_parallel((0..7).collect(), |j: usize| {
+                hits[j].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        set_threads(0);
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 4));
     }
 
     #[test]

@@ -381,14 +381,23 @@ impl Ridge {
         let p = m + 1;
         let mut ktk = ndarray::ArrayViewMut2::from_shape((p, p), &mut ny.ktk).expect("ktk shape");
         // The upper triangle only (by blocks of rows; the solve reads it mirrored): half
-        // the work of the full product.
+        // the work of the full product. The blocks go to the threads in turn.
+        let mut jobs = Vec::with_capacity(p.div_ceil(SYRK_BLOCK));
+        let mut rest = ktk.view_mut();
         for start in (0..p).step_by(SYRK_BLOCK) {
             let end = (start + SYRK_BLOCK).min(p);
-            let lhs = phi.slice(ndarray::s![.., start..end]);
-            let rhs = phi.slice(ndarray::s![.., start..]);
-            let mut out = ktk.slice_mut(ndarray::s![start..end, start..]);
-            linalg::gemm64(1.0, &lhs.t(), &rhs, 1.0, &mut out);
+            let (block, tail) = rest.split_at(ndarray::Axis(0), end - start);
+            rest = tail;
+            let out = block.slice_move(ndarray::s![.., start..]);
+            jobs.push((
+                phi.slice(ndarray::s![.., start..end]),
+                phi.slice(ndarray::s![.., start..]),
+                out,
+            ));
         }
+        linalg::in_parallel(jobs, |(lhs, rhs, mut out)| {
+            linalg::gemm64(1.0, &lhs.t(), &rhs, 1.0, &mut out);
+        });
         for (row, &label) in phi.rows().into_iter().zip(y) {
             for (j, &v) in row.iter().enumerate() {
                 let t = &mut ny.kty[j * classes..(j + 1) * classes];
