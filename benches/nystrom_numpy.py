@@ -20,17 +20,9 @@ images (for a cache of the 5,000-image sample, whose test split is the real one)
 """
 import argparse, json, os, time
 import numpy as np
-import pyarrow.dataset as ds
 import scipy.linalg as sl
 
-
-def load(d):
-    t = ds.dataset(d, format="parquet").to_table(columns=["label", "flipped", "features"])
-    keep = ~t["flipped"].to_numpy(zero_copy_only=False)
-    y = t["label"].to_numpy()[keep]
-    f = t["features"].combine_chunks()
-    X = f.values.to_numpy().reshape(len(keep), -1)[keep]
-    return np.ascontiguousarray(X, dtype=np.float32), y
+from ridge_primal import load  # the cache's unflipped rows, as f32 and labels
 
 
 def read_safetensors(path):

@@ -150,18 +150,8 @@ pub fn par_gemm(
     c: &mut ArrayViewMut2<f32>,
 ) {
     let (m, k) = a.dim();
-    let n = b.ncols();
-    let parts = if m * k * n < PAR_MACS {
-        1
-    } else {
-        BANDS.min(m / 8)
-    };
-    if parts < 2 {
-        general_mat_mul(alpha, a, b, beta, c);
-        return;
-    }
-    let band = m.div_ceil(parts);
-    let mut bands = Vec::with_capacity(parts);
+    let band = band_len(m, m * k * b.ncols());
+    let mut bands = Vec::with_capacity(BANDS);
     let mut rest_a = a.view();
     let mut rest_c = c.view_mut();
     while rest_a.nrows() > band {
@@ -172,22 +162,20 @@ pub fn par_gemm(
         rest_c = c2;
     }
     bands.push((rest_a, rest_c));
-    if threads() < 2 {
-        for (a1, mut c1) in bands {
-            general_mat_mul(alpha, &a1, b, beta, &mut c1);
-        }
-        return;
-    }
-    std::thread::scope(|s| {
-        let mut bands = bands.into_iter();
-        let first = bands.next();
-        for (a1, mut c1) in bands {
-            s.spawn(move || general_mat_mul(alpha, &a1, b, beta, &mut c1));
-        }
-        if let Some((a1, mut c1)) = first {
-            general_mat_mul(alpha, &a1, b, beta, &mut c1);
-        }
+    in_parallel(bands, |(a1, mut c1)| {
+        general_mat_mul(alpha, &a1, b, beta, &mut c1)
     });
+}
+
+/// The length of the bands that split `n` rows (or columns) of a product of `macs`
+/// multiply-adds: [`BANDS`] bands for a large product, one otherwise; fixed by the shape.
+fn band_len(n: usize, macs: usize) -> usize {
+    let parts = if macs < PAR_MACS {
+        1
+    } else {
+        BANDS.min(n / 8).max(1)
+    };
+    n.div_ceil(parts).max(1)
 }
 
 /// `a·bᵀ` by [`gemm`] (Gram matrices; the ridge model's kernel rows): a large product is
@@ -196,13 +184,8 @@ pub fn par_gemm(
 pub fn gram(a: &ArrayView2<f32>, b: &ArrayView2<f32>) -> Array2<f32> {
     let n = b.nrows();
     let mut c = Array2::<f32>::zeros((a.nrows(), n));
-    let parts = if a.nrows() * a.ncols() * n < PAR_MACS {
-        1
-    } else {
-        BANDS.min(n / 8).max(1)
-    };
-    let band = n.div_ceil(parts).max(1);
-    let mut jobs = Vec::with_capacity(parts);
+    let band = band_len(n, a.nrows() * a.ncols() * n);
+    let mut jobs = Vec::with_capacity(BANDS);
     let mut rest_b = b.view();
     let mut rest_c = c.view_mut();
     while rest_b.nrows() > band {
@@ -331,13 +314,8 @@ fn cholesky_in_place(a: &mut Array2<f64>) -> std::result::Result<(), String> {
             let panel = a.slice(ndarray::s![k1.., k0..k1]).to_owned();
             let m = n - k1;
             // In row bands fixed by the shape, on up to [`threads`] threads.
-            let parts = if m * m * (k1 - k0) < PAR_MACS {
-                1
-            } else {
-                BANDS.min(m / 8).max(1)
-            };
-            let band = m.div_ceil(parts).max(1);
-            let mut jobs = Vec::with_capacity(parts);
+            let band = band_len(m, m * m * (k1 - k0));
+            let mut jobs = Vec::with_capacity(BANDS);
             let mut rest = a.slice_mut(ndarray::s![k1.., k1..]);
             let mut row = 0;
             while rest.nrows() > band {
