@@ -236,33 +236,35 @@ pub fn cholesky_solve(
     let n = a.nrows();
     assert!(a.ncols() == n && b.nrows() == n, "cholesky_solve: shapes");
     cholesky_in_place(&mut a)?;
-    // Forward (L·y = b) then backward (Lᵀ·x = y) substitution, all right-hand sides at once.
-    let mut x = b.clone();
+    // Forward (L·y = b) then backward (Lᵀ·x = y) substitution, all right-hand sides at
+    // once, on the rows of L (contiguous).
+    let mut x = b.as_standard_layout().into_owned();
     let r = x.ncols();
+    let l = a.as_standard_layout();
+    let l = l.as_slice().expect("standard layout");
+    let xs = x.as_slice_mut().expect("standard layout");
     for i in 0..n {
-        for j in 0..i {
-            let l = a[[i, j]];
-            if l != 0.0 {
-                for c in 0..r {
-                    x[[i, c]] -= l * x[[j, c]];
+        let (done, rest) = xs.split_at_mut(i * r);
+        let xi = &mut rest[..r];
+        for (j, &lij) in l[i * n..i * n + i].iter().enumerate() {
+            if lij != 0.0 {
+                for (v, &w) in xi.iter_mut().zip(&done[j * r..(j + 1) * r]) {
+                    *v -= lij * w;
                 }
             }
         }
-        let d = a[[i, i]];
-        for c in 0..r {
-            x[[i, c]] /= d;
-        }
+        let d = l[i * n + i];
+        xi.iter_mut().for_each(|v| *v /= d);
     }
     for i in (0..n).rev() {
-        let d = a[[i, i]];
-        for c in 0..r {
-            x[[i, c]] /= d;
-        }
-        for j in 0..i {
-            let l = a[[i, j]];
-            if l != 0.0 {
-                for c in 0..r {
-                    x[[j, c]] -= l * x[[i, c]];
+        let (before, rest) = xs.split_at_mut(i * r);
+        let xi = &mut rest[..r];
+        let d = l[i * n + i];
+        xi.iter_mut().for_each(|v| *v /= d);
+        for (j, &lij) in l[i * n..i * n + i].iter().enumerate() {
+            if lij != 0.0 {
+                for (v, &w) in before[j * r..(j + 1) * r].iter_mut().zip(xi.iter()) {
+                    *v -= lij * w;
                 }
             }
         }
@@ -300,40 +302,74 @@ fn cholesky_in_place(a: &mut Array2<f64>) -> std::result::Result<(), String> {
             }
         }
         if k1 < n {
-            // Panel below the block: A21 ← A21 · L11⁻ᵀ (row by row triangular solves).
-            for i in k1..n {
-                for j in k0..k1 {
-                    let mut s = a[[i, j]];
-                    for p in k0..j {
-                        s -= a[[i, p]] * a[[j, p]];
+            // Panel below the block: A21 ← A21 · L11⁻ᵀ, one product with the inverse of
+            // the block's small triangular factor.
+            let nb = k1 - k0;
+            let mut inv = Array2::<f64>::zeros((nb, nb));
+            for c in 0..nb {
+                // Column c of L11⁻¹ by forward substitution.
+                for r in c..nb {
+                    let mut s = if r == c { 1.0 } else { 0.0 };
+                    for p in c..r {
+                        s -= a[[k0 + r, k0 + p]] * inv[[p, c]];
                     }
-                    a[[i, j]] = s / a[[j, j]];
+                    inv[[r, c]] = s / a[[k0 + r, k0 + r]];
                 }
             }
-            // Trailing update: A22 ← A22 − A21·A21ᵀ (the lower triangle is what is read).
-            let panel = a.slice(ndarray::s![k1.., k0..k1]).to_owned();
-            let m = n - k1;
-            // In row bands fixed by the shape, on up to [`threads`] threads.
-            let band = band_len(m, m * m * (k1 - k0));
+            let old = a.slice(ndarray::s![k1.., k0..k1]).to_owned();
+            let mut out = a.slice_mut(ndarray::s![k1.., k0..k1]);
+            let band = band_len(n - k1, (n - k1) * nb * nb);
             let mut jobs = Vec::with_capacity(BANDS);
-            let mut rest = a.slice_mut(ndarray::s![k1.., k1..]);
+            let mut rest = out.view_mut();
             let mut row = 0;
             while rest.nrows() > band {
-                let (t1, t2) = rest.split_at(Axis(0), band);
-                jobs.push((row, t1));
-                rest = t2;
+                let (b1, b2) = rest.split_at(Axis(0), band);
+                jobs.push((row, b1));
+                rest = b2;
                 row += band;
             }
             jobs.push((row, rest));
-            let panel = panel.view();
-            in_parallel(jobs, |(row, mut trailing)| {
-                let rows = panel.slice(ndarray::s![row..row + trailing.nrows(), ..]);
-                gemm64(-1.0, &rows, &panel.t(), 1.0, &mut trailing);
+            in_parallel(jobs, |(row, mut o)| {
+                let rows = old.slice(ndarray::s![row..row + o.nrows(), ..]);
+                gemm64(1.0, &rows, &inv.t(), 0.0, &mut o);
             });
+            // Trailing update: A22 ← A22 − A21·A21ᵀ, its lower triangle only (what is
+            // read): blocks of [`TRI_BLOCK`] rows, each up to the diagonal, on up to
+            // [`threads`] threads. The blocks depend only on the shape.
+            let panel = a.slice(ndarray::s![k1.., k0..k1]).to_owned();
+            let panel = panel.view();
+            lower_update(&mut a.slice_mut(ndarray::s![k1.., k1..]), &panel);
         }
         k0 = k1;
     }
     Ok(())
+}
+
+/// Rows per block of a lower-triangle update.
+const TRI_BLOCK: usize = 256;
+
+/// `c ← c − p·pᵀ` on the lower triangle of the square `c` (and the upper part of its
+/// diagonal blocks, which nothing reads), by blocks of [`TRI_BLOCK`] rows, each product
+/// from the first column to the block's diagonal: half the work of the full product.
+fn lower_update(c: &mut ArrayViewMut2<f64>, p: &ArrayView2<f64>) {
+    let n = c.nrows();
+    let mut jobs = Vec::with_capacity(n.div_ceil(TRI_BLOCK));
+    let mut rest = c.view_mut();
+    let mut row = 0;
+    while row < n {
+        let len = TRI_BLOCK.min(n - row);
+        let (block, tail) = rest.split_at(Axis(0), len);
+        rest = tail;
+        jobs.push((row, block.slice_move(ndarray::s![.., ..row + len])));
+        row += len;
+    }
+    // The blocks grow with the row: dealt largest first, they balance across threads.
+    jobs.reverse();
+    in_parallel(jobs, |(row, mut out)| {
+        let lhs = p.slice(ndarray::s![row..row + out.nrows(), ..]);
+        let rhs = p.slice(ndarray::s![..out.ncols(), ..]);
+        gemm64(-1.0, &lhs, &rhs.t(), 1.0, &mut out);
+    });
 }
 
 /// Eigen-decomposition of a small symmetric matrix by cyclic Jacobi rotations (f64):
@@ -456,10 +492,11 @@ mod tests {
 
     #[test]
     fn gram_and_cholesky_bits_do_not_depend_on_the_thread_count() {
-        // Large enough to be split: 37 × 300 × 520 and a trailing update of 172² × 128.
+        // Large enough to be split: 37 × 300 × 520, and trailing updates of several row
+        // blocks (472 rows after the first block).
         let (a, b) = (mat(37, 300, 8), mat(520, 300, 9));
         let want = a.mapv(f64::from).dot(&b.mapv(f64::from).t());
-        let n = 300;
+        let n = 600;
         let x = mat(n, n + 20, 10).mapv(f64::from);
         let spd = x.dot(&x.t()) + Array2::<f64>::eye(n) * 0.1;
         let rhs = mat(n, 4, 11).mapv(f64::from);
@@ -503,7 +540,7 @@ mod tests {
 
     #[test]
     fn cholesky_solves_a_spd_system() {
-        let n = 300; // more than one block
+        let n = 700; // several factorisation blocks and lower-triangle row blocks
         let x = mat(n, n + 20, 5).mapv(f64::from);
         let a = x.dot(&x.t()) + Array2::<f64>::eye(n) * 0.1;
         let want = mat(n, 3, 6).mapv(f64::from);

@@ -23,6 +23,23 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Writes `bytes` to `path` atomically: into a new temporary file in the same folder,
 /// flushed to disk, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        // The name is unique among live processes; one left by a dead process is reused.
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)?
+            .write_all(bytes)
+    })
+}
+
+/// [`write_atomic`] for a file that `write` creates (or truncates) at the temporary
+/// path it is given and fills: then flushed to disk and renamed over `path`.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -36,16 +53,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = (|| {
-        // The name is unique among live processes; one left by a dead process is reused.
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
+    let written = write(&tmp).and_then(|()| File::open(&tmp)?.sync_all());
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(&tmp, e));

@@ -144,7 +144,7 @@ pub(crate) struct CnnMeta {
 impl CnnExtractor {
     /// The tensors an extractor folder holds: the whitening weights, the parameters and
     /// the running statistics.
-    pub(crate) fn tensors(&self) -> crate::model::TensorsOut {
+    pub(crate) fn tensors(&self) -> crate::model::TensorsOut<'static> {
         let mut t = crate::model::TensorsOut::default();
         t.f32(
             WHITEN_TENSOR,

@@ -12,6 +12,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
@@ -20,7 +21,7 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorView};
 use crate::dataset::MAX_CLASSES;
 use crate::error::{Error, Result};
 use crate::rng::SplitMix;
-use crate::store::write_atomic;
+use crate::store::{write_atomic, write_atomic_with};
 
 pub mod cnn;
 pub mod kernel_svm;
@@ -293,47 +294,82 @@ pub(crate) fn create_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
-/// The tensors of a checkpoint being written: name, shape and little-endian data.
+/// The tensors of a checkpoint being written: name, shape and little-endian data, copied
+/// or (the large ones, [`TensorsOut::f32_slice`], [`TensorsOut::f64_slice`]) borrowed.
 #[derive(Default)]
-pub(crate) struct TensorsOut {
-    entries: Vec<(String, Vec<usize>, Dtype, Vec<u8>)>,
+pub(crate) struct TensorsOut<'a> {
+    entries: Vec<(String, Vec<usize>, Dtype, Cow<'a, [u8]>)>,
 }
 
-impl TensorsOut {
-    /// Adds an F32 tensor; `data` in row-major order, `shape.product()` values.
-    pub(crate) fn f32<'a>(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        data: impl IntoIterator<Item = &'a f32>,
-    ) {
-        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+impl<'a> TensorsOut<'a> {
+    /// Adds an F32 tensor without copying it (on a little-endian machine).
+    pub(crate) fn f32_slice(&mut self, name: &str, shape: &[usize], data: &'a [f32]) {
+        let bytes = if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(data))
+        } else {
+            Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
         self.entries
             .push((name.to_string(), shape.to_vec(), Dtype::F32, bytes));
     }
 
-    /// Adds an F64 tensor (sums kept exactly); `data` in row-major order.
-    pub(crate) fn f64<'a>(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        data: impl IntoIterator<Item = &'a f64>,
-    ) {
-        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+    /// Adds an F64 tensor without copying it (on a little-endian machine).
+    pub(crate) fn f64_slice(&mut self, name: &str, shape: &[usize], data: &'a [f64]) {
+        let bytes = if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(data))
+        } else {
+            Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
         self.entries
             .push((name.to_string(), shape.to_vec(), Dtype::F64, bytes));
     }
 
-    /// Adds a U64 tensor (counters).
-    pub(crate) fn u64<'a>(
+    /// Adds an F32 tensor; `data` in row-major order, `shape.product()` values.
+    pub(crate) fn f32<'b>(
         &mut self,
         name: &str,
         shape: &[usize],
-        data: impl IntoIterator<Item = &'a u64>,
+        data: impl IntoIterator<Item = &'b f32>,
     ) {
         let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.entries
-            .push((name.to_string(), shape.to_vec(), Dtype::U64, bytes));
+        self.entries.push((
+            name.to_string(),
+            shape.to_vec(),
+            Dtype::F32,
+            Cow::Owned(bytes),
+        ));
+    }
+
+    /// Adds an F64 tensor (sums kept exactly); `data` in row-major order.
+    pub(crate) fn f64<'b>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: impl IntoIterator<Item = &'b f64>,
+    ) {
+        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.entries.push((
+            name.to_string(),
+            shape.to_vec(),
+            Dtype::F64,
+            Cow::Owned(bytes),
+        ));
+    }
+
+    /// Adds a U64 tensor (counters).
+    pub(crate) fn u64<'b>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: impl IntoIterator<Item = &'b u64>,
+    ) {
+        let bytes = data.into_iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.entries.push((
+            name.to_string(),
+            shape.to_vec(),
+            Dtype::U64,
+            Cow::Owned(bytes),
+        ));
     }
 }
 
@@ -347,7 +383,7 @@ pub(crate) fn save_checkpoint<M: serde::Serialize>(
     model: &str,
     stamp: &str,
     meta: &M,
-    tensors: TensorsOut,
+    tensors: TensorsOut<'_>,
 ) -> Result<()> {
     save_tensors_and_meta(dir, [TENSORS_FILE, META_FILE], model, stamp, meta, tensors)
 }
@@ -360,7 +396,7 @@ pub(crate) fn save_tensors_and_meta<M: serde::Serialize>(
     model: &str,
     stamp: &str,
     meta: &M,
-    tensors: TensorsOut,
+    tensors: TensorsOut<'_>,
 ) -> Result<()> {
     create_dir(dir)?;
     let path = dir.join(files[0]);
@@ -380,8 +416,13 @@ pub(crate) fn save_tensors_and_meta<M: serde::Serialize>(
         ("model".to_string(), model.to_string()),
         ("stamp".to_string(), stamp.to_string()),
     ]);
-    let bytes = safetensors::serialize(views, &Some(extra)).map_err(|e| cannot(e.to_string()))?;
-    write_atomic(&path, &canonical_safetensors(bytes))?;
+    // Streamed to the file from the tensors themselves (no copy of a large model in
+    // memory), then the header's keys sorted in place.
+    write_atomic_with(&path, |tmp| {
+        safetensors::serialize_to_file(views, &Some(extra), tmp)
+            .map_err(|e| std::io::Error::other(format!("cannot serialise: {e}")))?;
+        sort_header_in_place(tmp)
+    })?;
 
     let meta_path = dir.join(files[1]);
     let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
@@ -476,6 +517,41 @@ fn restore_exact_floats(v: &mut serde_json::Value) -> std::result::Result<(), St
 /// same model saves to the same bytes in every process (so checkpoints compare with
 /// `cmp`). Left as it is if the header does not parse or would not fit.
 pub(crate) fn canonical_safetensors(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8usize.saturating_add(n)) else {
+        return bytes;
+    };
+    if let Some(text) = sorted_header(header) {
+        bytes[8..8 + n].copy_from_slice(&text);
+    }
+    bytes
+}
+
+/// [`canonical_safetensors`] on a file: its header rewritten in place.
+fn sort_header_in_place(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = usize::try_from(u64::from_le_bytes(len)).map_err(std::io::Error::other)?;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header)?;
+    if let Some(text) = sorted_header(&header) {
+        f.seek(SeekFrom::Start(8))?;
+        f.write_all(&text)?;
+    }
+    Ok(())
+}
+
+/// A safetensors JSON header with its keys sorted, padded with spaces to its length;
+/// `None` if it does not parse or would not fit.
+fn sorted_header(header: &[u8]) -> Option<Vec<u8>> {
     fn sorted(v: serde_json::Value) -> serde_json::Value {
         match v {
             serde_json::Value::Object(m) => {
@@ -488,28 +564,13 @@ pub(crate) fn canonical_safetensors(mut bytes: Vec<u8>) -> Vec<u8> {
             other => other,
         }
     }
-    let Some(n) = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(|b| u64::from_le_bytes(b) as usize)
-    else {
-        return bytes;
-    };
-    let Some(header) = bytes.get(8..8usize.saturating_add(n)) else {
-        return bytes;
-    };
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
-        return bytes;
-    };
-    let Ok(mut text) = serde_json::to_vec(&sorted(value)) else {
-        return bytes;
-    };
-    if text.len() > n {
-        return bytes;
+    let value = serde_json::from_slice::<serde_json::Value>(header).ok()?;
+    let mut text = serde_json::to_vec(&sorted(value)).ok()?;
+    if text.len() > header.len() {
+        return None;
     }
-    text.resize(n, b' ');
-    bytes[8..8 + n].copy_from_slice(&text);
-    bytes
+    text.resize(header.len(), b' ');
+    Some(text)
 }
 
 /// A checkpoint read back by [`Checkpoint::open`]: its metadata and a validated

@@ -32,7 +32,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2, ShapeBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut};
@@ -55,7 +55,8 @@ pub struct RidgeParams {
     pub lambda: f64,
     /// Most images kept (the latest); ≥ 1.
     pub buffer: usize,
-    /// New images between solves; ≥ 1.
+    /// New images between solves; ≥ 1. With `nystrom`, while the landmarks fill, the
+    /// interval doubles with each solve (solves at `refit`, 2·`refit`, 4·`refit`, …).
     pub refit: usize,
     /// Softmax temperature of the probabilities; > 0.
     pub temperature: f32,
@@ -142,8 +143,11 @@ pub struct Ridge {
     x: Vec<f32>,
     /// Buffered labels.
     y: Vec<u16>,
-    /// Gram matrix of the buffer, row-major (`len` × `len`).
+    /// Gram matrix of the buffer, row-major (`len` × `len`) with rows `stride` apart:
+    /// room for the buffer to grow without moving it every batch.
     gram: Vec<f32>,
+    /// Row stride of `gram` (≥ `len`).
+    stride: usize,
     /// Primal weights (d × 10) of the latest solve (linear kernel).
     w: Option<Array2<f32>>,
     /// Dual coefficients (`n_fit` × 10) of the latest solve (RBF kernel): the images of
@@ -165,6 +169,20 @@ pub struct Ridge {
     ny: Option<NyStats>,
 }
 
+/// Adds `λ'·K_LL` (`λ' = lambda·mean(diag K_LL)`) to the upper triangle of the
+/// (m + 1)² system `ktk`, from the landmarks' kernel matrix `k` (m × m).
+fn add_regulariser(ktk: &mut [f64], k: &Array2<f32>, lambda: f64) {
+    let m = k.nrows();
+    let p = m + 1;
+    let mean_diag = (0..m).map(|i| f64::from(k[[i, i]])).sum::<f64>() / m.max(1) as f64;
+    let ridge = lambda * mean_diag.max(f64::MIN_POSITIVE);
+    for i in 0..m {
+        for j in i..m {
+            ktk[i * p + j] += ridge * f64::from(k[[i, j]]);
+        }
+    }
+}
+
 /// The squared norm of each row of `x`, in f64.
 fn row_sq_norms(x: ArrayView2<f32>) -> Vec<f64> {
     x.rows()
@@ -176,20 +194,99 @@ fn row_sq_norms(x: ArrayView2<f32>) -> Vec<f64> {
 /// Rows of `Σ φᵀφ` updated per product (its upper triangle, block by block).
 const SYRK_BLOCK: usize = 512;
 
+/// Kernel rows gathered before they are added to `Σ φᵀφ`: products this deep are bound
+/// by arithmetic, not by reading and writing the m × m sums once per batch. (The unit
+/// tests' small streams cross it many times.)
+const SYRK_ROWS: usize = if cfg!(test) { 16 } else { 1024 };
+
 /// Sums over every image learnt through the landmarks (`nystrom = true`).
 #[derive(Clone, Debug)]
 struct NyStats {
     /// `c`, the landmarks' mean kernel row (m): kernel rows are centred by it, which
     /// takes the large, nearly constant part out of them (kept well conditioned).
     centre: Vec<f64>,
-    /// `Σ φᵀφ` with `φ = [k − c, 1]`, (m + 1) × (m + 1), row-major, in f64: the upper
-    /// triangle (blocks of [`SYRK_BLOCK`] rows from the diagonal on); below it, zeros or
-    /// partial sums that nothing reads.
+    /// The system's matrix `Σ φᵀφ + λ'·[K_LL 0; 0 0]` with `φ = [k − c, 1]` and
+    /// `λ' = λ·mean(diag K_LL)` (the regulariser added once, when the landmarks are
+    /// fixed), (m + 1) × (m + 1), row-major, in f64: the upper triangle (blocks of
+    /// [`SYRK_BLOCK`] rows from the diagonal on); below it, zeros or partial sums that
+    /// nothing reads.
     ktk: Vec<f64>,
+    /// The landmarks' squared norms (their Gram matrix's diagonal, which is not kept).
+    norms: Vec<f64>,
     /// `Σ φᵀy` (±1 targets), (m + 1) × K, row-major.
     kty: Vec<f64>,
+    /// Kernel rows (m each, row-major) already in `kty` and `images` but not yet in
+    /// `ktk`: added [`SYRK_ROWS`] at a time, and all before a solve.
+    pending: Vec<f32>,
     /// Images in the sums.
     images: u64,
+}
+
+impl NyStats {
+    /// Adds kernel rows `k` (rows × m, row-major) to `Σ φᵀφ` as `φ = [k − c, 1]` in f64
+    /// (f32 products lose too much: on the full set they cost 1.4 points of accuracy):
+    /// the upper triangle, by blocks of [`SYRK_BLOCK`] rows dealt to the threads (each
+    /// block the same product whatever their number).
+    fn add_rows(ktk: &mut [f64], centre: &[f64], k: &[f32]) {
+        let m = centre.len();
+        let rows = k.len() / m.max(1);
+        if rows == 0 {
+            return;
+        }
+        let p = m + 1;
+        let phi = Array2::from_shape_fn((rows, p), |(i, j)| {
+            if j < m {
+                f64::from(k[i * m + j]) - centre[j]
+            } else {
+                1.0
+            }
+        });
+        let mut ktk = ndarray::ArrayViewMut2::from_shape((p, p), ktk).expect("ktk shape");
+        let mut jobs = Vec::with_capacity(p.div_ceil(SYRK_BLOCK));
+        let mut rest = ktk.view_mut();
+        for start in (0..p).step_by(SYRK_BLOCK) {
+            let end = (start + SYRK_BLOCK).min(p);
+            let (block, tail) = rest.split_at(ndarray::Axis(0), end - start);
+            rest = tail;
+            let out = block.slice_move(ndarray::s![.., start..]);
+            jobs.push((
+                phi.slice(ndarray::s![.., start..end]),
+                phi.slice(ndarray::s![.., start..]),
+                out,
+            ));
+        }
+        linalg::in_parallel(jobs, |(lhs, rhs, mut out)| {
+            linalg::gemm64(1.0, &lhs.t(), &rhs, 1.0, &mut out);
+        });
+    }
+
+    /// Adds kernel rows (rows × m) to `Σ φᵀφ` by whole blocks of [`SYRK_ROWS`] rows, the
+    /// pending ones first; what is left over waits in `pending`.
+    fn add_or_hold(&mut self, mut k: &[f32]) {
+        let block = SYRK_ROWS * self.centre.len();
+        if !self.pending.is_empty() {
+            let take = (block - self.pending.len().min(block)).min(k.len());
+            self.pending.extend_from_slice(&k[..take]);
+            k = &k[take..];
+            if self.pending.len() >= block {
+                Self::add_rows(&mut self.ktk, &self.centre, &self.pending);
+                self.pending.clear();
+            }
+        }
+        while k.len() >= block && block > 0 {
+            Self::add_rows(&mut self.ktk, &self.centre, &k[..block]);
+            k = &k[block..];
+        }
+        self.pending.extend_from_slice(k);
+    }
+
+    /// Adds every pending kernel row to `Σ φᵀφ` (before a solve).
+    fn add_pending(&mut self) {
+        if !self.pending.is_empty() {
+            Self::add_rows(&mut self.ktk, &self.centre, &self.pending);
+            self.pending = Vec::new();
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -207,6 +304,14 @@ struct Meta {
     /// Images in the Nyström sums (`null` before the landmarks are fixed).
     #[serde(default)]
     ny_images: Option<u64>,
+    /// Of those, the kernel rows not yet added to `Σ φᵀφ` (tensor `ny_pending`).
+    #[serde(default)]
+    ny_pending: usize,
+    /// The sums are saved as the system's matrix (`ny_system`, `ny_norms`, no `gram`);
+    /// false in checkpoints of earlier versions (`ny_ktk` without the regulariser, and the
+    /// Gram matrix), which are converted when loaded.
+    #[serde(default)]
+    ny_system: bool,
 }
 
 impl Ridge {
@@ -219,6 +324,7 @@ impl Ridge {
             x: Vec::new(),
             y: Vec::new(),
             gram: Vec::new(),
+            stride: 0,
             w: None,
             alpha: None,
             bias: None,
@@ -257,36 +363,51 @@ impl Ridge {
         linalg::gram(&x, &all)
     }
 
-    /// Adds a batch to the buffer and extends the Gram matrix by the batch's rows.
+    /// Adds a batch to the buffer and extends the Gram matrix by the batch's rows (moved
+    /// to a larger block only when the room runs out: at most the buffer's size, twice as
+    /// large each time).
     fn append(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) {
         let d = x.ncols();
         let b = x.nrows();
         let n = self.y.len();
         let cross = self.cross_products(x); // b × n
         let m = n + b;
-        let mut gram = vec![0f32; m * m];
-        for i in 0..n {
-            gram[i * m..i * m + n].copy_from_slice(&self.gram[i * n..(i + 1) * n]);
+        if m > self.stride {
+            let most = if self.params.nystrom {
+                self.params.buffer
+            } else {
+                self.params
+                    .buffer
+                    .saturating_add(self.params.refit)
+                    .saturating_add(b)
+            };
+            let stride = self.stride.saturating_mul(2).min(most).max(m);
+            let mut gram = vec![0f32; stride * stride];
+            for i in 0..n {
+                gram[i * stride..i * stride + n]
+                    .copy_from_slice(&self.gram[i * self.stride..i * self.stride + n]);
+            }
+            self.gram = gram;
+            self.stride = stride;
         }
         self.x.extend(x.iter());
         self.y.extend(y.iter());
         let new = ArrayView2::from_shape((b, d), &self.x[n * d..]).expect("batch shape");
         let own = linalg::gram(&new, &new);
+        let s = self.stride;
         for r in 0..b {
             for c in 0..n {
                 let v = cross[[r, c]];
-                gram[(n + r) * m + c] = v;
-                gram[c * m + n + r] = v;
+                self.gram[(n + r) * s + c] = v;
+                self.gram[c * s + n + r] = v;
             }
-            for c in 0..b {
-                gram[(n + r) * m + n + c] = own[[r, c]];
-            }
+            self.gram[(n + r) * s + n..(n + r) * s + m]
+                .copy_from_slice(own.row(r).as_slice().expect("own rows"));
         }
-        self.gram = gram;
     }
 
     /// Drops the oldest images beyond `buffer` (only before a solve, so that the images
-    /// an RBF model scores against stay in the buffer).
+    /// an RBF model scores against stay in the buffer); the Gram matrix moves up in place.
     fn trim(&mut self) {
         let n = self.y.len();
         let drop = n.saturating_sub(self.params.buffer);
@@ -295,20 +416,24 @@ impl Ridge {
         }
         let Some(d) = self.n_features else { return };
         let m = n - drop;
-        let mut gram = vec![0f32; m * m];
+        let s = self.stride;
         for i in 0..m {
-            let src = (drop + i) * n + drop;
-            gram[i * m..(i + 1) * m].copy_from_slice(&self.gram[src..src + m]);
+            let src = (drop + i) * s + drop;
+            self.gram.copy_within(src..src + m, i * s);
         }
-        self.gram = gram;
         self.x.drain(..drop * d);
         self.y.drain(..drop);
     }
 
     /// Squared norms of the buffered images (the Gram matrix's diagonal).
     fn diag(&self) -> Vec<f64> {
+        if let Some(ny) = &self.ny {
+            return ny.norms.clone();
+        }
         let n = self.y.len();
-        (0..n).map(|i| f64::from(self.gram[i * n + i])).collect()
+        (0..n)
+            .map(|i| f64::from(self.gram[i * self.stride + i]))
+            .collect()
     }
 
     /// The absolute RBF width of the buffer: `gamma` over the mean squared distance
@@ -325,7 +450,9 @@ impl Ridge {
     /// The buffered Gram matrix as a view.
     fn gram_view(&self) -> ArrayView2<'_, f32> {
         let n = self.y.len();
-        ArrayView2::from_shape((n, n), &self.gram).expect("gram shape")
+        let len = if n == 0 { 0 } else { (n - 1) * self.stride + n };
+        ArrayView2::from_shape((n, n).strides((self.stride, 1)), &self.gram[..len])
+            .expect("gram shape")
     }
 
     /// The kernel rows of images whose products with the buffer's first columns are
@@ -348,17 +475,26 @@ impl Ridge {
         let m = self.y.len();
         let diag = self.diag();
         if self.rbf() {
-            let gram_sum = self.gram.iter().map(|&v| f64::from(v)).sum();
+            let gram_sum = self.gram_view().iter().map(|&v| f64::from(v)).sum();
             self.gamma_abs = self.gamma_abs_of(&diag, gram_sum);
         }
         let k = self.kernel_rows(self.gram_view(), &diag);
         let centre = (0..m)
             .map(|j| k.column(j).iter().map(|&v| f64::from(v)).sum::<f64>() / m as f64)
             .collect();
+        // The Gram matrix is not needed any more: the regulariser goes into the system
+        // now, and the kernel rows need only the landmarks' norms.
+        self.gram = Vec::new();
+        self.stride = 0;
+        let p = m + 1;
+        let mut ktk = vec![0.0; p * p];
+        add_regulariser(&mut ktk, &k, self.params.lambda);
         self.ny = Some(NyStats {
             centre,
-            ktk: vec![0.0; (m + 1) * (m + 1)],
-            kty: vec![0.0; (m + 1) * self.params.classes],
+            ktk,
+            norms: diag,
+            kty: vec![0.0; p * self.params.classes],
+            pending: Vec::new(),
             images: 0,
         });
         let y = self.y.clone();
@@ -366,40 +502,18 @@ impl Ridge {
     }
 
     /// Adds the kernel rows `k` (b × m) of images labelled `y` to the Nyström sums, as
-    /// `φ = [k − c, 1]` in f64.
+    /// `φ = [k − c, 1]` in f64: to `Σ φᵀy` at once, to `Σ φᵀφ` by [`SYRK_ROWS`] rows.
     fn accumulate(&mut self, k: &Array2<f32>, y: &[u16]) {
         let classes = self.params.classes;
         let Some(ny) = self.ny.as_mut() else { return };
         let m = k.ncols();
-        let phi = Array2::from_shape_fn((k.nrows(), m + 1), |(i, j)| {
-            if j < m {
-                f64::from(k[[i, j]]) - ny.centre[j]
-            } else {
-                1.0
-            }
-        });
-        let p = m + 1;
-        let mut ktk = ndarray::ArrayViewMut2::from_shape((p, p), &mut ny.ktk).expect("ktk shape");
-        // The upper triangle only (by blocks of rows; the solve reads it mirrored): half
-        // the work of the full product. The blocks go to the threads in turn.
-        let mut jobs = Vec::with_capacity(p.div_ceil(SYRK_BLOCK));
-        let mut rest = ktk.view_mut();
-        for start in (0..p).step_by(SYRK_BLOCK) {
-            let end = (start + SYRK_BLOCK).min(p);
-            let (block, tail) = rest.split_at(ndarray::Axis(0), end - start);
-            rest = tail;
-            let out = block.slice_move(ndarray::s![.., start..]);
-            jobs.push((
-                phi.slice(ndarray::s![.., start..end]),
-                phi.slice(ndarray::s![.., start..]),
-                out,
-            ));
-        }
-        linalg::in_parallel(jobs, |(lhs, rhs, mut out)| {
-            linalg::gemm64(1.0, &lhs.t(), &rhs, 1.0, &mut out);
-        });
-        for (row, &label) in phi.rows().into_iter().zip(y) {
-            for (j, &v) in row.iter().enumerate() {
+        for (row, &label) in k.rows().into_iter().zip(y) {
+            for (j, &v) in row.iter().chain(std::iter::once(&1.0)).enumerate() {
+                let v = if j < m {
+                    f64::from(v) - ny.centre[j]
+                } else {
+                    1.0
+                };
                 let t = &mut ny.kty[j * classes..(j + 1) * classes];
                 for (c, t) in t.iter_mut().enumerate() {
                     *t += if c == usize::from(label) { v } else { -v };
@@ -407,6 +521,10 @@ impl Ridge {
             }
         }
         ny.images += k.nrows() as u64;
+        match k.as_slice() {
+            Some(rows) => ny.add_or_hold(rows),
+            None => ny.add_or_hold(&k.iter().copied().collect::<Vec<_>>()),
+        }
     }
 
     /// Learns images of a frozen model: their kernel rows into the sums.
@@ -420,39 +538,33 @@ impl Ridge {
     /// The Nyström solve: `(S + λ·mean(diag K)·[K_LL 0; 0 0])·a = T` over `φ = [k − c, 1]`;
     /// the scores are then `k·a[..m] + (a[m] − c·a[..m])`.
     fn fit_nystrom(&mut self) -> Result<()> {
+        if let Some(ny) = self.ny.as_mut() {
+            ny.add_pending();
+        }
         let m = self.y.len();
         let classes = self.params.classes;
-        let diag = self.diag();
-        let kll = self.kernel_rows(self.gram_view(), &diag);
         let Some(ny) = self.ny.as_ref() else {
             return Ok(());
         };
-        let mean_diag = (0..m).map(|i| f64::from(kll[[i, i]])).sum::<f64>() / m as f64;
-        let ridge = self.params.lambda * mean_diag.max(f64::MIN_POSITIVE);
         let p = m + 1;
-        let a = Array2::from_shape_fn((p, p), |(i, j)| {
-            let reg = if i < m && j < m {
-                ridge * f64::from(kll[[i, j]])
-            } else {
-                0.0
-            };
-            // The sums hold the upper triangle.
-            ny.ktk[i.min(j) * p + i.max(j)] + reg
-        });
+        // The sums hold the upper triangle.
+        let mean_diag_a = (0..p).map(|i| ny.ktk[i * p + i]).sum::<f64>() / p as f64;
+        let system = |jitter: f64| {
+            let extra = jitter * mean_diag_a.max(f64::MIN_POSITIVE);
+            Array2::from_shape_fn((p, p), |(i, j)| {
+                let on_diag = if i == j { extra } else { 0.0 };
+                ny.ktk[i.min(j) * p + i.max(j)] + on_diag
+            })
+        };
         let t = ArrayView2::from_shape((p, classes), &ny.kty)
             .expect("kty shape")
             .to_owned();
         // The system is singular when the landmarks are (duplicates; a linear kernel with
         // more landmarks than features, where any solution gives the same weights): then
         // a whisker on the diagonal, the smallest that lets the factorisation through.
-        let mean_diag_a = (0..p).map(|i| a[[i, i]]).sum::<f64>() / p as f64;
         let mut last = String::new();
         for jitter in [0.0, 1e-9, 1e-7, 1e-5, 1e-3] {
-            let mut aj = a.clone();
-            for i in 0..p {
-                aj[[i, i]] += jitter * mean_diag_a.max(f64::MIN_POSITIVE);
-            }
-            match linalg::cholesky_solve(aj, &t) {
+            match linalg::cholesky_solve(system(jitter), &t) {
                 Ok(sol) => {
                     if jitter > 0.0 {
                         tracing::debug!(
@@ -513,7 +625,8 @@ impl Ridge {
             return Ok(());
         }
         let diag = self.diag();
-        let mut a = Array2::from_shape_fn((n, n), |(i, j)| f64::from(self.gram[i * n + j]));
+        let s = self.stride;
+        let mut a = Array2::from_shape_fn((n, n), |(i, j)| f64::from(self.gram[i * s + j]));
         let mut gamma_abs = 0.0;
         if self.rbf() {
             gamma_abs = self.gamma_abs_of(&diag, a.sum());
@@ -604,7 +717,11 @@ impl Ridge {
             None => {}
             Some(0) => return Err(ck.bad_meta("n_features is 0")),
             Some(d) => {
-                names.extend(["x", "y", "gram"].map(String::from));
+                let legacy = meta.ny_images.is_some() && !meta.ny_system;
+                names.extend(["x", "y"].map(String::from));
+                if meta.ny_images.is_none() || legacy {
+                    names.push("gram".into());
+                }
                 if meta.fitted {
                     names.push(
                         if meta.params.kernel == "rbf" {
@@ -615,6 +732,13 @@ impl Ridge {
                         .into(),
                     );
                 }
+                if meta.ny_pending as u64 > meta.ny_images.unwrap_or(0) {
+                    return Err(ck.bad_meta(format!(
+                        "{} pending kernel rows but {} images in the Nyström sums",
+                        meta.ny_pending,
+                        meta.ny_images.unwrap_or(0)
+                    )));
+                }
                 if meta.ny_images.is_some() {
                     if !meta.params.nystrom || n != meta.params.buffer {
                         return Err(ck.bad_meta(format!(
@@ -622,7 +746,15 @@ impl Ridge {
                             meta.params.nystrom, meta.params.buffer
                         )));
                     }
-                    names.extend(["ny_ktk", "ny_kty", "ny_centre"].map(String::from));
+                    names.extend(["ny_kty", "ny_centre"].map(String::from));
+                    if legacy {
+                        names.push("ny_ktk".into());
+                    } else {
+                        names.extend(["ny_system", "ny_norms"].map(String::from));
+                    }
+                    if meta.ny_pending > 0 {
+                        names.push("ny_pending".into());
+                    }
                     if meta.fitted {
                         names.push("bias".into());
                     }
@@ -632,13 +764,39 @@ impl Ridge {
                 }
                 ck.expect_names(&names)?;
                 m.x = ck.f32("x", &[n, d])?;
-                m.gram = ck.f32("gram", &[n, n])?;
+                if names.iter().any(|t| t == "gram") {
+                    m.gram = ck.f32("gram", &[n, n])?;
+                    m.stride = n;
+                }
                 m.y = ck.labels("y", n, meta.params.classes)?;
+                m.gamma_abs = meta.gamma_abs;
                 if let Some(images) = meta.ny_images {
+                    let (ktk, norms) = if legacy {
+                        // Σ φᵀφ and the Gram matrix: the regulariser added now, as
+                        // `freeze` adds it, and the Gram matrix dropped.
+                        let norms = m.diag();
+                        let k = m.kernel_rows(m.gram_view(), &norms);
+                        let mut ktk = ck.f64("ny_ktk", &[n + 1, n + 1])?;
+                        add_regulariser(&mut ktk, &k, meta.params.lambda);
+                        m.gram = Vec::new();
+                        m.stride = 0;
+                        (ktk, norms)
+                    } else {
+                        (
+                            ck.f64("ny_system", &[n + 1, n + 1])?,
+                            ck.f64("ny_norms", &[n])?,
+                        )
+                    };
                     m.ny = Some(NyStats {
                         centre: ck.f64("ny_centre", &[n])?,
-                        ktk: ck.f64("ny_ktk", &[n + 1, n + 1])?,
+                        ktk,
+                        norms,
                         kty: ck.f64("ny_kty", &[n + 1, meta.params.classes])?,
+                        pending: if meta.ny_pending > 0 {
+                            ck.f32("ny_pending", &[meta.ny_pending, n])?
+                        } else {
+                            Vec::new()
+                        },
                         images,
                     });
                 }
@@ -693,28 +851,26 @@ impl Learner for Ridge {
             .sum::<f64>()
             / n as f64;
         if self.n_features.is_none() {
-            // The buffer grows to `buffer` + `refit` images before a solve trims it; the
-            // Gram matrix is copied as it grows and factorised in place of a copy.
-            let m = self
-                .params
-                .buffer
-                .saturating_add(self.params.refit)
-                .saturating_add(n);
+            let (b, d) = (self.params.buffer, x.ncols());
+            let bytes = if self.params.nystrom {
+                // The landmarks (m × d) and their Gram matrix in f32; then the f64 sums
+                // and, at a solve, the f64 system (the kernel rows of the landmarks, f32,
+                // only while they are fixed, before the system exists).
+                4 * crate::limits::product(&[b, d])
+                    + 20 * crate::limits::product(&[b.saturating_add(1), b.saturating_add(1)])
+            } else {
+                // The buffer grows to `buffer` + `refit` images before a solve trims it;
+                // the Gram matrix, the f64 system and its kernel.
+                let m = b.saturating_add(self.params.refit).saturating_add(n);
+                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, d]))
+            };
             crate::limits::check(
                 &format!(
-                    "ridge (buffer = {}, refit = {}, {} features): the image buffer and its \
-                     Gram matrices",
-                    self.params.buffer,
-                    self.params.refit,
-                    x.ncols()
+                    "ridge (buffer = {}, refit = {}, nystrom = {}, {d} features): the image \
+                     buffer, its Gram matrix and the solve",
+                    self.params.buffer, self.params.refit, self.params.nystrom
                 ),
-                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, x.ncols()]))
-                    + if self.params.nystrom {
-                        // The f64 and f32 sums and the f64 solve matrix.
-                        20 * crate::limits::product(&[self.params.buffer, self.params.buffer])
-                    } else {
-                        0
-                    },
+                bytes,
             )?;
         }
         self.n_features = Some(x.ncols());
@@ -750,6 +906,11 @@ impl Learner for Ridge {
         self.since_fit += n as u64;
         let refit = if self.ny.is_some() {
             self.params.nystrom_refit
+        } else if self.params.nystrom {
+            // While the landmarks fill, each solve waits for as many new images as the
+            // last one had: solves at refit, 2·refit, 4·refit, … images, whose cubic
+            // costs add up to less than twice the last one's.
+            self.params.refit.max(self.n_fit)
         } else {
             self.params.refit
         };
@@ -781,10 +942,16 @@ impl Learner for Ridge {
         let mut t = TensorsOut::default();
         let n = self.y.len();
         if let Some(d) = self.n_features {
-            t.f32("x", &[n, d], self.x.iter());
+            t.f32_slice("x", &[n, d], &self.x);
             let y: Vec<u64> = self.y.iter().map(|&l| u64::from(l)).collect();
             t.u64("y", &[n], &y);
-            t.f32("gram", &[n, n], self.gram.iter());
+            if self.ny.is_none() {
+                if self.stride == n {
+                    t.f32_slice("gram", &[n, n], &self.gram[..n * n]);
+                } else {
+                    t.f32("gram", &[n, n], self.gram_view().iter());
+                }
+            }
             if let Some(w) = &self.w {
                 t.f32("w", &[d, self.params.classes], w.iter());
             }
@@ -793,8 +960,12 @@ impl Learner for Ridge {
             }
             if let Some(ny) = &self.ny {
                 t.f64("ny_centre", &[n], ny.centre.iter());
-                t.f64("ny_ktk", &[n + 1, n + 1], ny.ktk.iter());
+                t.f64_slice("ny_system", &[n + 1, n + 1], &ny.ktk);
+                t.f64("ny_norms", &[n], ny.norms.iter());
                 t.f64("ny_kty", &[n + 1, self.params.classes], ny.kty.iter());
+                if !ny.pending.is_empty() {
+                    t.f32_slice("ny_pending", &[ny.pending.len() / n, n], &ny.pending);
+                }
                 if let Some(b) = &self.bias {
                     t.f32("bias", &[self.params.classes], b.iter());
                 }
@@ -811,6 +982,8 @@ impl Learner for Ridge {
             since_fit: self.since_fit,
             fits: self.fits,
             ny_images: self.ny.as_ref().map(|n| n.images),
+            ny_pending: self.ny.as_ref().map_or(0, |ny| ny.pending.len() / n.max(1)),
+            ny_system: self.ny.is_some(),
         };
         let stamp = format!(
             "seen={} since_fit={} fits={}",
@@ -1087,7 +1260,8 @@ mod tests {
         let kept = x.slice(s![30.., ..]);
         assert_eq!(m.x, kept.iter().copied().collect::<Vec<_>>());
         let g = kept.dot(&kept.t());
-        for (a, b) in m.gram.iter().zip(g.iter()) {
+        assert_eq!(m.gram_view().dim(), (20, 20));
+        for (a, b) in m.gram_view().iter().zip(g.iter()) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0));
         }
         assert_eq!(m.fits, 3);
@@ -1135,6 +1309,110 @@ mod tests {
             .zip(got.iter())
             .fold(0f64, |e, (a, b)| e.max((a - f64::from(*b)).abs()));
         assert!(err < 1e-3, "max error {err}");
+    }
+
+    #[test]
+    fn solves_double_their_interval_while_the_landmarks_fill() {
+        let mut rng = SplitMix(9);
+        let (x, y) = data(&mut rng, 130, 6);
+        let mut m = Ridge::new(RidgeParams {
+            buffer: 100,
+            refit: 10,
+            nystrom: true,
+            nystrom_refit: 20,
+            ..RidgeParams::default()
+        })
+        .unwrap();
+        let mut solved_at = Vec::new();
+        for c in 0..13 {
+            let before = m.fits;
+            m.partial_fit(
+                x.slice(s![c * 10..(c + 1) * 10, ..]),
+                y.slice(s![c * 10..(c + 1) * 10]),
+            )
+            .unwrap();
+            if m.fits > before {
+                solved_at.push((c + 1) * 10);
+            }
+        }
+        // 10, 20, 40, 80 while filling; 100 when the landmarks are fixed; then every 20.
+        assert_eq!(solved_at, [10, 20, 40, 80, 100, 120]);
+    }
+
+    #[test]
+    fn a_checkpoint_in_the_earlier_nystrom_layout_is_converted() {
+        // Earlier versions saved Σ φᵀφ without the regulariser (`ny_ktk`) and the
+        // landmarks' Gram matrix; loading one adds the regulariser as `freeze` does.
+        let mut rng = SplitMix(12);
+        let (x, y) = data(&mut rng, 160, 10);
+        let params = RidgeParams {
+            buffer: 40,
+            nystrom: true,
+            refit: 10_000,
+            ..RidgeParams::default()
+        };
+        let mut a = Ridge::new(params.clone()).unwrap();
+        a.partial_fit(x.slice(s![..100, ..]), y.slice(s![..100]))
+            .unwrap();
+        a.end_epoch().unwrap();
+        let (m, p, d) = (40, 41, 10);
+        let ny = a.ny.as_ref().unwrap();
+        assert!(ny.pending.is_empty());
+        let landmarks = ArrayView2::from_shape((m, d), &a.x).unwrap();
+        let gram = linalg::gram(&landmarks, &landmarks);
+        let k = a.kernel_rows(gram.view(), &ny.norms);
+        let mut reg = vec![0.0; p * p];
+        add_regulariser(&mut reg, &k, params.lambda);
+        let ktk: Vec<f64> = ny.ktk.iter().zip(&reg).map(|(v, r)| v - r).collect();
+        let mut t = TensorsOut::default();
+        t.f32("x", &[m, d], a.x.iter());
+        let labels: Vec<u64> = a.y.iter().map(|&l| u64::from(l)).collect();
+        t.u64("y", &[m], &labels);
+        t.f32("gram", &[m, m], gram.iter());
+        t.f32(
+            "alpha",
+            &[a.n_fit, CLASSES],
+            a.alpha.as_ref().unwrap().iter(),
+        );
+        t.f64("ny_ktk", &[p, p], ktk.iter());
+        t.f64("ny_kty", &[p, CLASSES], ny.kty.iter());
+        t.f64("ny_centre", &[m], ny.centre.iter());
+        t.f32("bias", &[CLASSES], a.bias.as_ref().unwrap().iter());
+        let meta = Meta {
+            params: params.clone(),
+            n_features: Some(d),
+            buffered: m,
+            fitted: true,
+            n_fit: a.n_fit,
+            gamma_abs: a.gamma_abs,
+            seen: a.seen,
+            since_fit: a.since_fit,
+            fits: a.fits,
+            ny_images: Some(ny.images),
+            ny_pending: 0,
+            ny_system: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        save_checkpoint(dir.path(), NAME, "legacy", &meta, t).unwrap();
+        let mut b = Ridge::load(dir.path()).unwrap();
+        assert!(b.gram.is_empty());
+        let close = |a: &Ridge, b: &Ridge, tol: f32| {
+            let (pa, pb) = (
+                a.predict_proba(x.view()).unwrap(),
+                b.predict_proba(x.view()).unwrap(),
+            );
+            for (u, v) in pa.iter().zip(pb.iter()) {
+                assert!((u - v).abs() < tol, "{u} vs {v}");
+            }
+        };
+        close(&a, &b, 1e-6);
+        // And it learns on, solving its converted system like the original.
+        for m in [&mut a, &mut b] {
+            m.partial_fit(x.slice(s![100.., ..]), y.slice(s![100..]))
+                .unwrap();
+            m.end_epoch().unwrap();
+        }
+        close(&a, &b, 1e-4);
     }
 
     #[test]
