@@ -298,8 +298,11 @@ pub(crate) fn create_dir(dir: &Path) -> Result<()> {
 /// or (the large ones, [`TensorsOut::f32_slice`], [`TensorsOut::f64_slice`]) borrowed.
 #[derive(Default)]
 pub(crate) struct TensorsOut<'a> {
-    entries: Vec<(String, Vec<usize>, Dtype, Cow<'a, [u8]>)>,
+    entries: Vec<TensorOut<'a>>,
 }
+
+/// One tensor of [`TensorsOut`]: name, shape, type and little-endian bytes.
+type TensorOut<'a> = (String, Vec<usize>, Dtype, Cow<'a, [u8]>);
 
 impl<'a> TensorsOut<'a> {
     /// Adds an F32 tensor without copying it (on a little-endian machine).
