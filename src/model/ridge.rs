@@ -56,7 +56,8 @@ pub struct RidgeParams {
     /// Most images kept (the latest); ≥ 1.
     pub buffer: usize,
     /// New images between solves; ≥ 1. With `nystrom`, while the landmarks fill, the
-    /// interval doubles with each solve (solves at `refit`, 2·`refit`, 4·`refit`, …).
+    /// interval doubles with each solve (solves at `refit`, 2·`refit`, 4·`refit`, …, none
+    /// past half the landmarks).
     pub refit: usize,
     /// Softmax temperature of the probabilities; > 0.
     pub temperature: f32,
@@ -909,8 +910,13 @@ impl Learner for Ridge {
         } else if self.params.nystrom {
             // While the landmarks fill, each solve waits for as many new images as the
             // last one had: solves at refit, 2·refit, 4·refit, … images, whose cubic
-            // costs add up to less than twice the last one's.
-            self.params.refit.max(self.n_fit)
+            // costs add up to less than twice the last one's; none past half the
+            // landmarks (the solve when they are fixed comes soon after).
+            if self.y.len().saturating_mul(2) > self.params.buffer {
+                usize::MAX
+            } else {
+                self.params.refit.max(self.n_fit)
+            }
         } else {
             self.params.refit
         };
@@ -1335,8 +1341,9 @@ mod tests {
                 solved_at.push((c + 1) * 10);
             }
         }
-        // 10, 20, 40, 80 while filling; 100 when the landmarks are fixed; then every 20.
-        assert_eq!(solved_at, [10, 20, 40, 80, 100, 120]);
+        // 10, 20, 40 while filling (80 is past half the landmarks); 100 when they are
+        // fixed; then every 20.
+        assert_eq!(solved_at, [10, 20, 40, 100, 120]);
     }
 
     #[test]

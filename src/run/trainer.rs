@@ -680,7 +680,7 @@ async fn train_inner(
     opts.source_opts.skip = lp.st.next_batch;
     opts.source_opts.kafka_offsets = lp.st.source_offsets.clone();
     let Opened {
-        mut stream,
+        stream,
         report,
         per_epoch,
         server,
@@ -692,6 +692,9 @@ async fn train_inner(
         opts.extractor.as_ref(),
     )
     .await?;
+    // Read one batch ahead: the next batch's preprocessing (the features of a features
+    // model) runs while the model learns this one, on the cores it leaves idle.
+    let mut stream = read_ahead(stream);
     lp.st.per_epoch = per_epoch;
     lp.report = Some(report.clone());
     // The stream's planned length, for a model with a schedule: epochs of a dataset whose
@@ -724,6 +727,27 @@ async fn train_inner(
     summary.rejected += report.snapshot().rejected;
     summary.checkpoint = lp.checkpoint.clone();
     Ok(summary)
+}
+
+/// `stream` polled on a task of its own, one batch ahead of its reader; its errors come
+/// through in order, and dropping the result stops the task.
+fn read_ahead(
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+) -> datafusion::execution::SendableRecordBatchStream {
+    let mut ahead = datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder::new(
+        stream.schema(),
+        1,
+    );
+    let tx = ahead.tx();
+    ahead.spawn(async move {
+        while let Some(batch) = stream.next().await {
+            if tx.send(batch).await.is_err() {
+                break; // the reader is gone
+            }
+        }
+        Ok(())
+    });
+    ahead.build()
 }
 
 async fn train_loop(
