@@ -301,28 +301,33 @@ pub(crate) struct TensorsOut<'a> {
     entries: Vec<TensorOut<'a>>,
 }
 
+/// `data`'s little-endian bytes: the values themselves on a little-endian machine,
+/// converted (`le`) into a copy elsewhere.
+fn borrowed_le<T: bytemuck::Pod, const N: usize>(
+    data: &[T],
+    le: impl Fn(&T) -> [u8; N],
+) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(data))
+    } else {
+        Cow::Owned(data.iter().flat_map(le).collect())
+    }
+}
+
 /// One tensor of [`TensorsOut`]: name, shape, type and little-endian bytes.
 type TensorOut<'a> = (String, Vec<usize>, Dtype, Cow<'a, [u8]>);
 
 impl<'a> TensorsOut<'a> {
     /// Adds an F32 tensor without copying it (on a little-endian machine).
     pub(crate) fn f32_slice(&mut self, name: &str, shape: &[usize], data: &'a [f32]) {
-        let bytes = if cfg!(target_endian = "little") {
-            Cow::Borrowed(bytemuck::cast_slice(data))
-        } else {
-            Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        };
+        let bytes = borrowed_le(data, |v| v.to_le_bytes());
         self.entries
             .push((name.to_string(), shape.to_vec(), Dtype::F32, bytes));
     }
 
     /// Adds an F64 tensor without copying it (on a little-endian machine).
     pub(crate) fn f64_slice(&mut self, name: &str, shape: &[usize], data: &'a [f64]) {
-        let bytes = if cfg!(target_endian = "little") {
-            Cow::Borrowed(bytemuck::cast_slice(data))
-        } else {
-            Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        };
+        let bytes = borrowed_le(data, |v| v.to_le_bytes());
         self.entries
             .push((name.to_string(), shape.to_vec(), Dtype::F64, bytes));
     }
