@@ -31,6 +31,7 @@ fn options(out: &std::path::Path) -> CacheOptions {
         rows_per_part: 200,
         batch_size: 128,
         on_part: None,
+        image_side: 32,
     }
 }
 
@@ -69,6 +70,7 @@ fn bench(c: &mut Criterion) {
                 ..PatchParams::default()
             },
             &px,
+            32,
         )
         .unwrap(),
     );

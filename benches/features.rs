@@ -32,6 +32,7 @@ fn encode(c: &mut Criterion) {
             ..PatchParams::default()
         },
         &px,
+        32,
     )
     .unwrap();
     let batch = &px[..128 * IMAGE_BYTES];

@@ -8,7 +8,10 @@
 //! | `batch` | `UInt64`                       | sequence number of the batch, from 0       |
 //! | `row`   | `UInt32`                       | row within the batch                       |
 //! | `label` | `UInt16`                       | class 0..K−1 (the run's K classes)          |
-//! | `image` | `FixedSizeList<UInt8, 3072>`   | CIFAR order: red plane, green, blue; 32x32 row-major |
+//! | `image` | `FixedSizeList<UInt8, 3·s²>`   | CIFAR order: red plane, green, blue; each `s`×`s` row-major (3,072 bytes for CIFAR's 32×32) |
+//!
+//! The side `s` is the run's image size (`--image-size`, 32 by default); the list's length
+//! gives it to every stage downstream ([`crate::pixels::side`]).
 //!
 //! Building a batch from decoded buffers moves the `Vec`s into Arrow buffers without copying.
 
@@ -21,7 +24,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::dataset::IMAGE_BYTES;
+use crate::dataset::{image_bytes, SIDE};
 use crate::error::{Error, Result};
 
 /// The element field of the `image` list.
@@ -29,24 +32,38 @@ pub fn image_item_field() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::UInt8, false))
 }
 
-/// The type of the `image` column.
+/// The type of the `image` column of 32×32 images.
 pub fn image_type() -> DataType {
-    DataType::FixedSizeList(image_item_field(), IMAGE_BYTES as i32)
+    image_type_sized(SIDE)
 }
 
-/// The schema of every batch a source yields.
+/// The type of the `image` column of `side`×`side` images.
+pub fn image_type_sized(side: usize) -> DataType {
+    DataType::FixedSizeList(image_item_field(), image_bytes(side) as i32)
+}
+
+/// The schema of every batch a source of 32×32 images yields.
 pub fn stream_schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Arc::new(Schema::new(vec![
-                Field::new("batch", DataType::UInt64, false),
-                Field::new("row", DataType::UInt32, false),
-                Field::new("label", DataType::UInt16, false),
-                Field::new("image", image_type(), false),
-            ]))
-        })
-        .clone()
+    SCHEMA.get_or_init(|| build_schema(SIDE)).clone()
+}
+
+/// The schema of every batch a source of `side`×`side` images yields.
+pub fn stream_schema_sized(side: usize) -> SchemaRef {
+    if side == SIDE {
+        stream_schema()
+    } else {
+        build_schema(side)
+    }
+}
+
+fn build_schema(side: usize) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("batch", DataType::UInt64, false),
+        Field::new("row", DataType::UInt32, false),
+        Field::new("label", DataType::UInt16, false),
+        Field::new("image", image_type_sized(side), false),
+    ]))
 }
 
 /// The sequence number of a stream batch (its first `batch` value), if it has one.
@@ -56,7 +73,7 @@ pub fn batch_number(batch: &RecordBatch) -> Option<u64> {
     (!a.is_empty()).then(|| a.value(0))
 }
 
-/// Build one stream batch from owned buffers (no copy of the pixels).
+/// Build one stream batch of 32×32 images from owned buffers (no copy of the pixels).
 ///
 /// `rows` may be `None` for rows numbered 0..n. `pixels.len()` must be `labels.len() * 3072`.
 pub fn make_batch(
@@ -65,22 +82,35 @@ pub fn make_batch(
     labels: Vec<u16>,
     pixels: Vec<u8>,
 ) -> Result<RecordBatch> {
+    make_batch_sized(batch, rows, labels, pixels, SIDE)
+}
+
+/// Build one stream batch of `side`×`side` images from owned buffers (no copy of the
+/// pixels): `pixels.len()` must be `labels.len() · 3·side²`.
+pub fn make_batch_sized(
+    batch: u64,
+    rows: Option<Vec<u32>>,
+    labels: Vec<u16>,
+    pixels: Vec<u8>,
+    side: usize,
+) -> Result<RecordBatch> {
     let n = labels.len();
-    if pixels.len() != n * IMAGE_BYTES {
+    let per = image_bytes(side);
+    if pixels.len() != n * per {
         return Err(Error::Decode {
             batch,
             row: None,
             reason: format!(
                 "{} pixel bytes for {n} labels (expected {})",
                 pixels.len(),
-                n * IMAGE_BYTES
+                n * per
             ),
         });
     }
     let rows = rows.unwrap_or_else(|| (0..n as u32).collect());
-    let image = image_array(pixels)?;
+    let image = image_array_sized(pixels, side)?;
     Ok(RecordBatch::try_new(
-        stream_schema(),
+        stream_schema_sized(side),
         vec![
             Arc::new(UInt64Array::from(vec![batch; n])) as ArrayRef,
             Arc::new(UInt32Array::from(rows)),
@@ -92,10 +122,16 @@ pub fn make_batch(
 
 /// Wrap a pixel buffer (a multiple of 3072 bytes) as the `image` column, without copying.
 pub fn image_array(pixels: Vec<u8>) -> Result<FixedSizeListArray> {
+    image_array_sized(pixels, SIDE)
+}
+
+/// Wrap a pixel buffer (a multiple of `3·side²` bytes) as the `image` column, without
+/// copying.
+pub fn image_array_sized(pixels: Vec<u8>, side: usize) -> Result<FixedSizeListArray> {
     let values = UInt8Array::from(pixels);
     Ok(FixedSizeListArray::try_new(
         image_item_field(),
-        IMAGE_BYTES as i32,
+        image_bytes(side) as i32,
         Arc::new(values),
         None,
     )?)

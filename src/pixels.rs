@@ -298,7 +298,12 @@ impl Resize {
         })
     }
 
-    /// Values per output image: `3·height·width`.
+    /// Values of one source image (`3·src_height·src_width`).
+    pub fn src_len(&self) -> usize {
+        3 * self.sh * self.sw
+    }
+
+    /// Values of one output image (`3·height·width`).
     pub fn out_len(&self) -> usize {
         3 * self.height * self.width
     }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use arrow::ipc::writer::StreamWriter;
 
-use crate::batch::{make_batch, stream_schema};
+use crate::batch::{make_batch_sized, stream_schema_sized};
 use crate::dataset::Batcher;
-use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
+use crate::dataset::{self, DataSpec, Images, Split};
 use crate::error::{Error, Result};
 use crate::wire::{ndjson, spark_json, Format};
 
@@ -45,6 +45,9 @@ pub struct ServeOptions {
     /// Serve each epoch in a new order, shuffled from (this seed, the epoch): SGD then
     /// sees other mini-batches every epoch. `None` (the original's way): file order.
     pub shuffle: Option<u64>,
+    /// The side of the images served (`--image-size`): the dataset's are resized to it
+    /// (CIFAR's 32 by default). Only `ndjson` and `arrow` carry sides other than 32.
+    pub image_side: usize,
 }
 
 /// What a server sent.
@@ -81,7 +84,9 @@ pub fn serve(listener: &TcpListener, opts: &ServeOptions) -> Result<ServeSummary
     if opts.batch_size == 0 {
         return Err(Error::usage("--batch-size must be at least 1"));
     }
-    let files = dataset::load_split(&opts.data, opts.split)?;
+    check_format(opts.format, opts.image_side)?;
+    let side = dataset::check_side(opts.image_side)?;
+    let files = dataset::load_split_sized(&opts.data, opts.split, side)?.0;
     let (conn, peer) = listener.accept().map_err(|e| Error::Net {
         what: "accept a client".into(),
         source: e,
@@ -132,12 +137,27 @@ struct Chunk {
     epoch: u64,
 }
 
+/// An error when `format` cannot carry images of `side` (spark-json, the original's format,
+/// names 3,072 features: 32×32 only).
+pub fn check_format(format: Format, side: usize) -> Result<()> {
+    if format == Format::SparkJson && side != dataset::SIDE {
+        return Err(Error::usage(format!(
+            "the spark-json format (the original's) carries 32x32 images only; images of \
+             {side}x{side} (--image-size {side}) go out as --format ndjson or arrow"
+        )));
+    }
+    Ok(())
+}
+
 /// Stream `files` (one `Images` per dataset file) to `out` as the options say.
 pub fn stream_to<W: Write>(
     mut out: W,
     files: &[Images],
     opts: &ServeOptions,
 ) -> Result<ServeSummary> {
+    if let Some(f) = files.iter().find(|f| f.side != dataset::SIDE) {
+        check_format(opts.format, f.side)?;
+    }
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let mut summary = ServeSummary::default();
@@ -291,11 +311,10 @@ pub fn shuffled_epoch(files: &[Images], seed: u64, epoch: u64) -> Images {
         .collect();
     let mut rng = crate::rng::SplitMix(crate::rng::mix(seed, epoch));
     rng.shuffle(&mut order);
-    let mut out = Images::with_capacity(n);
+    let side = files.first().map_or(dataset::SIDE, |f| f.side);
+    let mut out = Images::with_side(n, side);
     for (f, i) in order {
-        out.labels.push(files[f].labels[i]);
-        out.pixels
-            .extend_from_slice(&files[f].pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]);
+        out.push(files[f].labels[i], files[f].image(i));
     }
     out
 }
@@ -307,10 +326,13 @@ fn encode_ipc(
     images: Images,
 ) -> Result<Vec<u8>> {
     if ipc.is_none() {
-        *ipc = Some(StreamWriter::try_new(Vec::new(), &stream_schema())?);
+        *ipc = Some(StreamWriter::try_new(
+            Vec::new(),
+            &stream_schema_sized(images.side),
+        )?);
     }
     let w = ipc.as_mut().ok_or_else(|| Error::usage("no IPC writer"))?;
-    let batch = make_batch(seq, None, images.labels, images.pixels)?;
+    let batch = make_batch_sized(seq, None, images.labels, images.pixels, images.side)?;
     w.write(&batch)?;
     Ok(std::mem::take(w.get_mut()))
 }
@@ -325,8 +347,9 @@ mod tests {
             .map(|f| Images {
                 labels: (0..4).map(|i| u16::from(f * 4 + i)).collect(),
                 pixels: (0..4u8)
-                    .flat_map(|i| std::iter::repeat_n(f * 4 + i, IMAGE_BYTES))
+                    .flat_map(|i| std::iter::repeat_n(f * 4 + i, dataset::IMAGE_BYTES))
                     .collect(),
+                side: dataset::SIDE,
             })
             .collect();
         let a = shuffled_epoch(&files, 7, 0);
@@ -336,9 +359,11 @@ mod tests {
         assert_eq!(labels, (0..12).collect::<Vec<u16>>());
         // Each image keeps its pixels.
         for (i, &l) in a.labels.iter().enumerate() {
-            assert!(a.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
-                .iter()
-                .all(|&p| u16::from(p) == l));
+            assert!(
+                a.pixels[i * dataset::IMAGE_BYTES..(i + 1) * dataset::IMAGE_BYTES]
+                    .iter()
+                    .all(|&p| u16::from(p) == l)
+            );
         }
         assert_ne!(a.labels, shuffled_epoch(&files, 7, 1).labels);
         assert_ne!(a.labels, shuffled_epoch(&files, 8, 0).labels);

@@ -488,6 +488,7 @@ fn a_staged_part_outlives_its_rows_until_the_query_ends() {
         flip: false,
         rows_per_part: 100,
         batch_size: 100,
+        image_side: 32,
         on_part: Some(Box::new(move |split, done, n| {
             if split != "train" {
                 return;

@@ -61,7 +61,7 @@ fn the_extractor_matches_a_numpy_reference() {
             components: if i == 2 { 40 } else { 0 },
             ..small(enc, inv)
         };
-        let ex = Extractor::Patches(PatchExtractor::fit(&params, &px).unwrap());
+        let ex = Extractor::Patches(PatchExtractor::fit(&params, &px, 32).unwrap());
         let folder = dir.path().join(format!("ex{i}"));
         ex.save(&folder).unwrap();
         // Load it back: the reference reads the files, we encode with the loaded copy.

@@ -372,3 +372,249 @@ fn a_features_cache_records_the_folders_classes() {
         "{e}"
     );
 }
+
+/// `--image-size`: a folder of 64×64 photos (and others) decoded at 64×64, Pillow's pixels
+/// where no resize happens; every path (export, train with pixels, with patch features and
+/// the CNN, predict, a features cache, a TCP stream in ndjson and arrow) at that side;
+/// CIFAR-sized images upscaled exactly as the SQL `resize` does; and each mismatch a clear
+/// error.
+#[test]
+fn an_image_size_carries_images_of_that_side_through_every_stage() {
+    if !have_python("PIL, numpy, pyarrow", "image folders") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("f64");
+    script(&[
+        "folder",
+        dir.to_str().unwrap(),
+        "3",
+        "24",
+        "6",
+        "1",
+        "64x64,17x23,80x96",
+    ]);
+    let data = dir.to_str().unwrap();
+    // Export at 64: the 64×64 PNGs exactly as Pillow reads them, JPEGs within rounding.
+    let parquet = tmp.path().join("f64.parquet");
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "export",
+                "--source",
+                data,
+                "--image-size",
+                "64",
+                "--out",
+            ])
+            .arg(&parquet),
+    );
+    let rows = common::read_parquet(&parquet);
+    assert_eq!(rows.len(), 72);
+    assert!(rows.iter().all(|r| r.3.len() == 3 * 64 * 64));
+    let report = script(&["compare", data, parquet.to_str().unwrap(), "64"]);
+    assert!(report.contains("exact"), "{report}");
+
+    // Train on pixels at 64: the run records its side and predict uses it.
+    let runs = tmp.path().join("runs");
+    let (stdout, _) = train(
+        &dir,
+        &runs,
+        "lr",
+        "logreg",
+        &["--epochs", "5", "--image-size", "64"],
+    );
+    assert!(stdout.contains("test (epoch-5): 18 images"), "{stdout}");
+    let config = std::fs::read_to_string(runs.join("lr/config.toml")).unwrap();
+    assert!(config.contains("image_size = 64"), "{config}");
+    assert!(test_accuracy(&runs, "lr") > 0.8);
+    let (out, _) = run_ok(
+        bin()
+            .args(["predict", "--run", "lr", "--data", data, "--runs"])
+            .arg(&runs),
+    );
+    assert!(out.contains("c01"), "{out}");
+    let e = fails(
+        bin()
+            .args([
+                "predict",
+                "--run",
+                "lr",
+                "--data",
+                data,
+                "--image-size",
+                "32",
+            ])
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(e.contains("64x64") && e.contains("--image-size 32"), "{e}");
+
+    // Patch features fitted at 64 (the extractor records its side), through a cache too.
+    let cfg = tmp.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        "model = \"ridge\"\n[features]\natoms = 32\nfit_images = 60\nsamples = 4000\n\
+         stats_images = 50\n[ridge]\n",
+    )
+    .unwrap();
+    let (stdout, _) = run_ok(
+        bin()
+            .args(["train", "--config", cfg.to_str().unwrap(), "--data", data])
+            .args(["--image-size", "64", "--run", "pf", "--no-plots", "--runs"])
+            .arg(&runs),
+    );
+    assert!(stdout.contains("test (epoch-1): 18 images"), "{stdout}");
+    let ex = std::fs::read_to_string(runs.join("pf/extractor/extractor.json")).unwrap();
+    assert!(ex.contains("\"side\": 64"), "{ex}");
+    assert!(test_accuracy(&runs, "pf") > 0.8);
+    let f = tmp.path().join("F");
+    let features = |extra: &[&str]| {
+        let mut c = bin();
+        c.args(["-q", "features", "--data", data, "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&f)
+            .args(extra);
+        c
+    };
+    run_ok(&mut features(&["--image-size", "64"]));
+    // A resumed cache job keeps its extractor's side; another side is refused.
+    run_ok(&mut features(&[]));
+    let e = fails(&mut features(&["--image-size", "32"]));
+    assert!(e.contains("encodes images of 64x64"), "{e}");
+
+    // Over TCP: ndjson and arrow carry 64×64; spark-json (the original's) is 32×32 only.
+    let e = fails(bin().args(["stream", "--data", data, "--image-size", "64"]));
+    assert!(
+        e.contains("spark-json") && e.contains("ndjson or arrow"),
+        "{e}"
+    );
+    for format in ["ndjson", "arrow"] {
+        let mut server = common::start_ours(
+            &dir,
+            &[
+                "--image-size",
+                "64",
+                "--format",
+                format,
+                "--batch-size",
+                "16",
+            ],
+        );
+        let out = tmp.path().join(format!("tcp-{format}.parquet"));
+        run_ok(
+            bin()
+                .args(["-q", "export", "--image-size", "64", "--source"])
+                .arg(format!("tcp://127.0.0.1:{}", server.port))
+                .arg("--out")
+                .arg(&out),
+        );
+        let _ = server.child.wait();
+        let got = common::read_parquet(&out);
+        assert_eq!(got.len(), 72, "{format}");
+        for (a, b) in got.iter().zip(&rows) {
+            assert_eq!((a.2, &a.3), (b.2, &b.3), "{format}");
+        }
+        // A reader expecting 32×32 rejects each image, naming the sides.
+        let mut server = common::start_ours(
+            &dir,
+            &[
+                "--image-size",
+                "64",
+                "--format",
+                format,
+                "--batch-size",
+                "16",
+            ],
+        );
+        let (_, stderr) = run_ok(
+            bin()
+                .args(["export", "--source"])
+                .arg(format!("tcp://127.0.0.1:{}", server.port))
+                .arg("--out")
+                .arg(tmp.path().join(format!("bad-{format}"))),
+        );
+        let _ = server.child.wait();
+        assert!(
+            stderr.contains("rejected") && stderr.contains("--image-size"),
+            "{format}: {stderr}"
+        );
+    }
+    // The CNN at 64×64: the network's input side is the run's, and so is its ONNX export's.
+    let (stdout, _) = train(
+        &dir,
+        &runs,
+        "cnn",
+        "cnn",
+        &[
+            "--image-size",
+            "64",
+            "--epochs",
+            "8",
+            "--set",
+            "widths=[8,16,16]",
+        ],
+    );
+    assert!(stdout.contains("test (epoch-8): 18 images"), "{stdout}");
+    let config = std::fs::read_to_string(runs.join("cnn/config.toml")).unwrap();
+    assert!(config.contains("side = 64"), "{config}");
+    assert!(test_accuracy(&runs, "cnn") > 0.6);
+    let onnx = tmp.path().join("cnn.onnx");
+    let (out, _) = run_ok(
+        bin()
+            .args(["export-model", "--run", "cnn", "--out"])
+            .arg(&onnx)
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(out.contains("[N, 3, 64, 64]"), "{out}");
+
+    // CIFAR-sized images at --image-size 48: the SQL `resize` kernel's bytes.
+    let up = tmp.path().join("up.parquet");
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "export",
+                "--source",
+                "synthetic:40:0:3",
+                "--image-size",
+                "48",
+            ])
+            .arg("--out")
+            .arg(&up),
+    );
+    let csv = common::query_csv(
+        &runs,
+        &format!(
+            "select count(*) from '{}' a join (select batch, \"row\", resize(image, 48, 48) as r \
+             from '{}') b on a.batch = b.batch and a.\"row\" = b.\"row\" where a.image = b.r",
+            up.display(),
+            {
+                let p = tmp.path().join("s32.parquet");
+                run_ok(
+                    bin()
+                        .args(["-q", "export", "--source", "synthetic:40:0:3", "--out"])
+                        .arg(&p),
+                );
+                p.display().to_string()
+            }
+        ),
+    );
+    assert_eq!(csv.lines().nth(1), Some("40"), "{csv}");
+    let e = fails(
+        bin()
+            .args([
+                "export",
+                "--source",
+                "synthetic",
+                "--image-size",
+                "2",
+                "--out",
+            ])
+            .arg(tmp.path().join("x")),
+    );
+    assert!(e.contains("image size 2"), "{e}");
+}

@@ -103,6 +103,7 @@ fn images(n: usize) -> Images {
     Images {
         labels: (0..n).map(|i| (i % 10) as u16).collect(),
         pixels: (0..n * IMAGE_BYTES).map(|i| (i * 7 % 256) as u8).collect(),
+        side: 32,
     }
 }
 

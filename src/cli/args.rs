@@ -91,6 +91,11 @@ pub struct TrainSourceArgs {
     /// Preprocessing SQL file (default: the built-in sql/train.sql or sql/eval.sql).
     #[arg(long)]
     pub sql: Option<PathBuf>,
+    /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
+    /// (bilinear; an image folder's are decoded straight to it), a stream's must have it
+    /// [default: the config's `image_size`, a resumed run's, or 32, CIFAR's].
+    #[arg(long, value_name = "SIDE")]
+    pub image_size: Option<usize>,
 }
 
 impl TrainSourceArgs {
@@ -155,6 +160,8 @@ impl TrainSourceArgs {
                 shuffle: false,
                 // Set from the model by `train` and `predict`.
                 classes: crate::model::CLASSES,
+                // Set from the flag, the config or the run by `train` and `predict`.
+                image_side: crate::dataset::SIDE,
             },
         ))
     }
@@ -499,6 +506,11 @@ pub struct StreamArgs {
     /// Seconds to keep trying to reach the broker (with --to).
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout: f64,
+    /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
+    /// (bilinear; an image folder's are decoded straight to it)
+    /// [default: 32, CIFAR's].
+    #[arg(long, value_name = "SIDE")]
+    pub image_size: Option<usize>,
 }
 
 /// Flags that choose and tune a source.
@@ -531,6 +543,11 @@ pub struct SourceArgs {
     /// at the start.
     #[arg(long)]
     pub follow: bool,
+    /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
+    /// (bilinear; an image folder's are decoded straight to it), a stream's must have it
+    /// [default: 32, CIFAR's].
+    #[arg(long, value_name = "SIDE")]
+    pub image_size: Option<usize>,
 }
 
 impl SourceArgs {
@@ -552,6 +569,9 @@ impl SourceArgs {
             pace: Duration::ZERO,
             shuffle: false,
             classes: crate::model::CLASSES,
+            image_side: crate::dataset::check_side(
+                self.image_size.unwrap_or(crate::dataset::SIDE),
+            )?,
         };
         Ok((spec, opts))
     }
@@ -624,6 +644,11 @@ pub struct FeaturesArgs {
     /// Compute the features on workers.
     #[command(flatten)]
     pub on: WorkersArgs,
+    /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
+    /// (bilinear; an image folder's are decoded straight to it)
+    /// [default: 32, CIFAR's].
+    #[arg(long, value_name = "SIDE")]
+    pub image_size: Option<usize>,
 }
 
 /// `--workers` and `--connect-timeout`, for the commands that can run on workers.

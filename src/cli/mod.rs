@@ -144,6 +144,15 @@ fn run_flip_test(run_dir: &Path) -> anyhow::Result<bool> {
     Ok(RunConfig::load(&path)?.flip_test.unwrap_or(false))
 }
 
+/// The side of a run's images: its saved config's `image_size`, or CIFAR's 32.
+fn run_image_side(run_dir: &Path) -> anyhow::Result<usize> {
+    let path = run_dir.join(crate::run::checkpoint::CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(crate::dataset::SIDE);
+    }
+    Ok(RunConfig::load(&path)?.image_side())
+}
+
 fn export_model_cmd(a: ExportModelArgs) -> anyhow::Result<ExitCode> {
     use crate::model::cnn::onnx;
     let dir = crate::features::cnn::run_folder(&a.run, &a.runs);
@@ -156,14 +165,15 @@ fn export_model_cmd(a: ExportModelArgs) -> anyhow::Result<ExitCode> {
     crate::store::write_atomic(&a.out, &bytes)?;
     println!(
         "wrote {} ({} bytes): run {}, widths {:?}, outputs logits, probabilities (flip {}, \
-         translate {}), features [{}]; input image [N, 3, 32, 32] RGB in [0, 1]",
+         translate {}), features [{}]; input image [N, 3, {s}, {s}] RGB in [0, 1]",
         a.out.display(),
         bytes.len(),
         e.source,
         e.net.arch.widths,
         if tta.flip { "on" } else { "off" },
         if tta.translate { "on" } else { "off" },
-        e.net.arch.feature_width()
+        e.net.arch.feature_width(),
+        s = e.net.arch.side
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -209,7 +219,11 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         progress,
         write_timeout: (a.write_timeout > 0.0).then(|| Duration::from_secs_f64(a.write_timeout)),
         shuffle: None,
+        image_side: crate::dataset::check_side(a.image_size.unwrap_or(crate::dataset::SIDE))?,
     };
+    if a.to.is_none() {
+        server::check_format(opts.format, opts.image_side)?;
+    }
     if let Some(to) = &a.to {
         if !(a.connect_timeout >= 0.0 && a.connect_timeout.is_finite()) {
             bail!("--connect-timeout must be a number of seconds ≥ 0");
@@ -486,6 +500,7 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         progress: false,
         write_timeout: None,
         shuffle: None,
+        image_side: crate::dataset::SIDE,
     };
     let server = tokio::task::spawn_blocking(move || server::serve(&listener, &serve_opts));
     let spec = SourceSpec::Tcp {
@@ -589,6 +604,11 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
     if given.is_none() && a.node.is_some() {
         bail!("--node goes with --extractor onnx:FILE");
     }
+    let asked = a
+        .image_size
+        .or(cfg.image_size)
+        .map(crate::dataset::check_side)
+        .transpose()?;
     let extractor = if ex_dir.exists() {
         // A job that stopped part-way: carry on with the extractor it fitted.
         let e = Extractor::load(&ex_dir)?;
@@ -607,10 +627,26 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
     } else {
         let e = match given {
             Some(spec) => open_given(spec)?,
-            None => fit_patches(&cfg.patch_params()?.unwrap_or_default(), &data)?,
+            None => fit_patches(
+                &cfg.patch_params()?.unwrap_or_default(),
+                &data,
+                asked.unwrap_or(crate::dataset::SIDE),
+            )?,
         };
+        if let Some(s) = asked {
+            e.check_side(s)?;
+        }
         e.save(&ex_dir)?;
         e
+    };
+    // The side asked for, else the extractor's own (a resumed job's), else CIFAR's.
+    let side = match (asked, extractor.image_side()) {
+        (Some(s), _) => {
+            extractor.check_side(s)?;
+            s
+        }
+        (None, Some(s)) => s,
+        (None, None) => crate::dataset::SIDE,
     };
     let bar = crate::progress::spinner(progress, "{spinner} features {msg} [{elapsed}]");
     let bar2 = bar.clone();
@@ -621,6 +657,7 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
         flip: a.flip,
         rows_per_part: a.rows_per_part,
         batch_size: a.batch_size,
+        image_side: side,
         on_part: Some(Box::new(move |split, done, n| {
             bar2.set_message(format!("{split} {done}/{n} images"))
         })),

@@ -95,12 +95,14 @@ impl TrainArgs {
             for (k, v) in t {
                 match (k.as_str(), v) {
                     // The classes come from the data, not from flags.
-                    ("epochs" | "data" | "sql" | "classes", _) => {}
+                    // --image-size is checked against the run's on its own.
+                    ("epochs" | "data" | "sql" | "classes" | "image_size", _) => {}
                     (_, toml::Value::Table(inner)) if k == model => {
                         // The model's hyper-parameters with their defaults filled in.
                         let p = config::effective_params(model, &inner)?;
                         for (ik, iv) in p.as_object().into_iter().flatten() {
-                            if ik == "classes" {
+                            // Set from the data and --image-size, not from flags.
+                            if ik == "classes" || ik == "side" {
                                 continue;
                             }
                             // An f32 parameter reads as its shortest f32 form (0.01).
@@ -254,7 +256,21 @@ pub(super) async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<Ex
         a.sleep,
     )?;
     opts.shuffle = cfg.shuffle.unwrap_or(false);
+    if let Some(s) = a.source.image_size {
+        if a.resume && s != cfg.image_side() {
+            bail!(
+                "--resume continues the run with its images of {0}x{0}; drop --image-size {s}",
+                cfg.image_side()
+            );
+        }
+        cfg.image_size = Some(s);
+    }
+    opts.image_side = crate::dataset::check_side(cfg.image_side())?;
     if !a.resume {
+        if model == crate::model::cnn::NAME {
+            // The network's input side is the run's image size.
+            cfg.set_param(&model, "side", toml::Value::Integer(opts.image_side as i64));
+        }
         let names = run_classes(&a, &cfg, &source)?;
         cfg.set_param(&model, "classes", toml::Value::Integer(names.len() as i64));
         cfg.classes = Some(names);
@@ -451,7 +467,7 @@ pub(super) async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Resul
         },
         None => None,
     };
-    let (source, opts) = a.source.resolve(
+    let (source, mut opts) = a.source.resolve(
         a.split,
         Some(1),
         a.source.batch_size.unwrap_or(128),
@@ -459,6 +475,16 @@ pub(super) async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Resul
         fallback,
         0.0,
     )?;
+    // The run's images' side; a stream of another is refused before it is read.
+    let side = run_image_side(&run.dir)?;
+    if let Some(s) = a.source.image_size.filter(|&s| s != side) {
+        bail!(
+            "run {} learnt from images of {side}x{side}; --image-size {s} differs (drop it: \
+             the run's side is used)",
+            a.run
+        );
+    }
+    opts.image_side = side;
     let split = match a.split {
         Split::Test => "test".to_string(),
         Split::Train => "train-eval".to_string(),
@@ -542,7 +568,7 @@ pub(super) fn train_extractor(
              `cifar-df features` and pass --extractor F/extractor"
         );
     };
-    let e = fit_patches(&params, data)?;
+    let e = fit_patches(&params, data, cfg.image_side())?;
     Ok(Some(std::sync::Arc::new(e)))
 }
 
@@ -595,23 +621,27 @@ pub(super) fn open_extractor(
     Ok(Extractor::open(spec, params, runs)?)
 }
 
-/// Fits a patch extractor on the first `fit_images` training images of `data`.
+/// Fits a patch extractor on the first `fit_images` training images of `data`, at
+/// `side`×`side`.
 pub(super) fn fit_patches(
     params: &crate::features::PatchParams,
     data: &DataSpec,
+    side: usize,
 ) -> anyhow::Result<Extractor> {
     let t = Instant::now();
-    let files = crate::dataset::load_split(data, Split::Train)?;
+    let per = crate::dataset::image_bytes(side);
+    // Only the fitting images are resized: a file past them is not touched.
+    let (files, _) = crate::dataset::load_split_first(data, Split::Train, side, params.fit_images)?;
     let mut pixels = Vec::new();
     for f in &files {
-        let want = params.fit_images * crate::dataset::IMAGE_BYTES;
+        let want = params.fit_images * per;
         let room = want.saturating_sub(pixels.len());
         pixels.extend_from_slice(&f.pixels[..room.min(f.pixels.len())]);
     }
-    let e = Extractor::Patches(crate::features::PatchExtractor::fit(params, &pixels)?);
+    let e = Extractor::Patches(crate::features::PatchExtractor::fit(params, &pixels, side)?);
     eprintln!(
-        "extractor fitted on {} images in {:.1} s: {}",
-        pixels.len() / crate::dataset::IMAGE_BYTES,
+        "extractor fitted on {} images of {side}x{side} in {:.1} s: {}",
+        pixels.len() / per,
         t.elapsed().as_secs_f64(),
         e.describe()
     );

@@ -15,7 +15,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{Images, Split, IMAGE_BYTES, MAX_CLASSES, SIDE};
+use super::{image_bytes, Images, Split, MAX_CLASSES, SIDE};
 use crate::error::{Error, Result};
 use crate::pixels::Resize;
 use crate::rng::SplitMix;
@@ -123,10 +123,13 @@ pub struct Loaded {
 /// The test split is empty when `root/test` does not exist. A class folder in `test/`
 /// that `train/` does not have, and a training class folder with no image file, are
 /// errors naming the folder.
-pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
+pub fn load(root: &Path, split: Split, classes: &[String], side: usize) -> Result<Loaded> {
     let dir = root.join(split.name());
     if split == Split::Test && !dir.exists() {
-        return Ok(Loaded::default());
+        return Ok(Loaded {
+            images: Images::with_side(0, side),
+            ..Loaded::default()
+        });
     }
     let mut work: Vec<(u16, PathBuf)> = Vec::new();
     let mut skipped = 0;
@@ -160,9 +163,9 @@ pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
     if split == Split::Train {
         SplitMix(SHUFFLE_SEED).shuffle(&mut work);
     }
-    let decoded = decode_all(&work);
+    let decoded = decode_all(&work, side);
     let mut out = Loaded {
-        images: Images::with_capacity(work.len()),
+        images: Images::with_side(work.len(), side),
         ..Loaded::default()
     };
     for ((label, path), result) in work.into_iter().zip(decoded) {
@@ -199,7 +202,7 @@ pub fn load(root: &Path, split: Split, classes: &[String]) -> Result<Loaded> {
 }
 
 /// Decodes every file of `work` on all cores, in order.
-fn decode_all(work: &[(u16, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, String>> {
+fn decode_all(work: &[(u16, PathBuf)], side: usize) -> Vec<std::result::Result<Vec<u8>, String>> {
     let threads = std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1)
@@ -216,7 +219,7 @@ fn decode_all(work: &[(u16, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, Strin
                         .map(|(_, path)| {
                             fs::read(path)
                                 .map_err(|e| format!("cannot read: {e}"))
-                                .and_then(|bytes| decode(&bytes, &mut scratch))
+                                .and_then(|bytes| decode_sized(&bytes, side, &mut scratch))
                         })
                         .collect::<Vec<_>>()
                 });
@@ -237,6 +240,16 @@ fn decode_all(work: &[(u16, PathBuf)]) -> Vec<std::result::Result<Vec<u8>, Strin
 
 /// Decodes one image file's bytes (JPEG or PNG, by content) into a 32×32 CIFAR row.
 pub fn decode(bytes: &[u8], scratch: &mut Vec<f32>) -> std::result::Result<Vec<u8>, String> {
+    decode_sized(bytes, SIDE, scratch)
+}
+
+/// Decodes one image file's bytes (JPEG or PNG, by content) into a `side`×`side` CIFAR
+/// row (`3·side²` bytes).
+pub fn decode_sized(
+    bytes: &[u8],
+    side: usize,
+    scratch: &mut Vec<f32>,
+) -> std::result::Result<Vec<u8>, String> {
     if bytes.is_empty() {
         return Err("empty file (0 bytes)".into());
     }
@@ -255,7 +268,7 @@ pub fn decode(bytes: &[u8], scratch: &mut Vec<f32>) -> std::result::Result<Vec<u
     if h == 0 || w == 0 {
         return Err(format!("image of zero size ({w}x{h})"));
     }
-    to_cifar(h, w, &interleaved, scratch)
+    to_cifar(h, w, side, &interleaved, scratch)
 }
 
 /// Height, width and interleaved RGB bytes.
@@ -322,11 +335,13 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<Rgb, String> {
     Ok((h, w, px))
 }
 
-/// Interleaved RGB of `h`×`w` into a CIFAR row: resized to 32×32 (bilinear, half-pixel
-/// centres, rounded to the nearest byte) unless it is already that size, then planar.
+/// Interleaved RGB of `h`×`w` into a CIFAR row: resized to `side`×`side` (bilinear,
+/// half-pixel centres, rounded to the nearest byte) unless it is already that size, then
+/// planar.
 fn to_cifar(
     h: usize,
     w: usize,
+    side: usize,
     rgb: &[u8],
     scratch: &mut Vec<f32>,
 ) -> std::result::Result<Vec<u8>, String> {
@@ -337,11 +352,11 @@ fn to_cifar(
         planar[plane + i] = p[1];
         planar[2 * plane + i] = p[2];
     }
-    if h == SIDE && w == SIDE {
+    if h == side && w == side {
         return Ok(planar);
     }
-    let plan = Resize::rect(h, w, SIDE, SIDE).map_err(|e| e.to_string())?;
-    let mut out = vec![0u8; IMAGE_BYTES];
+    let plan = Resize::rect(h, w, side, side).map_err(|e| e.to_string())?;
+    let mut out = vec![0u8; image_bytes(side)];
     plan.apply_with(&planar, &mut out, scratch)
         .map_err(|e| e.to_string())?;
     Ok(out)
@@ -366,7 +381,7 @@ mod tests {
         assert_eq!((h, w), (3, 5));
         assert_eq!(&px[..6], &[0, 0, 0, 10, 10, 10]);
         let row = decode(&grey, &mut scratch).unwrap();
-        assert_eq!(row.len(), IMAGE_BYTES);
+        assert_eq!(row.len(), crate::dataset::IMAGE_BYTES);
         // Grey in, grey out: the three planes are equal.
         assert_eq!(row[..1024], row[1024..2048]);
         assert_eq!(row[..1024], row[2048..]);

@@ -155,22 +155,65 @@ impl FromStr for Layout {
 }
 
 /// Images of one file (or batch): label `i` is `labels[i]`; its pixels are
-/// `pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// `pixels[i * b..(i + 1) * b]` with `b = 3·side²` ([`IMAGE_BYTES`] for CIFAR's 32×32).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Images {
     /// One label (0..K) per image.
     pub labels: Vec<u16>,
-    /// `IMAGE_BYTES` pixel bytes per image, in CIFAR layout.
+    /// `3·side²` pixel bytes per image, in CIFAR layout (red plane, green, blue).
     pub pixels: Vec<u8>,
+    /// Width and height of every image in pixels ([`SIDE`] for CIFAR's files).
+    pub side: usize,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Images {
+            labels: Vec::new(),
+            pixels: Vec::new(),
+            side: SIDE,
+        }
+    }
+}
+
+/// Bytes of one `side`×`side` RGB image in CIFAR layout.
+pub const fn image_bytes(side: usize) -> usize {
+    3 * side * side
+}
+
+/// The most pixels a side of a stream's images may have (`--image-size`): 512×512 RGB is
+/// 768 KiB an image.
+pub const MAX_IMAGE_SIDE: usize = 512;
+
+/// Checks an image side given by a user (`--image-size`, a config's `image_size`).
+pub fn check_side(side: usize) -> Result<usize> {
+    if (4..=MAX_IMAGE_SIDE).contains(&side) {
+        Ok(side)
+    } else {
+        Err(Error::usage(format!(
+            "image size {side}: give a side of 4 to {MAX_IMAGE_SIDE} pixels"
+        )))
+    }
 }
 
 impl Images {
-    /// An empty set with room for `n` images.
+    /// An empty set of 32×32 images with room for `n`.
     pub fn with_capacity(n: usize) -> Self {
+        Images::with_side(n, SIDE)
+    }
+
+    /// An empty set of `side`×`side` images with room for `n`.
+    pub fn with_side(n: usize, side: usize) -> Self {
         Images {
             labels: Vec::with_capacity(n),
-            pixels: Vec::with_capacity(n.saturating_mul(IMAGE_BYTES)),
+            pixels: Vec::with_capacity(n.saturating_mul(image_bytes(side))),
+            side,
         }
+    }
+
+    /// Bytes of one image (`3·side²`).
+    pub fn image_bytes(&self) -> usize {
+        image_bytes(self.side)
     }
 
     /// Number of images.
@@ -188,27 +231,34 @@ impl Images {
     /// # Panics
     /// If `i >= self.len()`.
     pub fn image(&self, i: usize) -> &[u8] {
-        &self.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+        let b = self.image_bytes();
+        &self.pixels[i * b..(i + 1) * b]
     }
 
     /// Append one image.
     ///
     /// # Panics
-    /// If `pixels.len() != IMAGE_BYTES`.
+    /// If `pixels.len()` is not [`image_bytes`](Self::image_bytes).
     pub fn push(&mut self, label: u16, pixels: &[u8]) {
-        assert_eq!(pixels.len(), IMAGE_BYTES, "an image is {IMAGE_BYTES} bytes");
+        let b = self.image_bytes();
+        assert_eq!(pixels.len(), b, "an image is {b} bytes");
         self.labels.push(label);
         self.pixels.extend_from_slice(pixels);
     }
 
-    /// Append images `range` of `other`.
+    /// Append images `range` of `other` (an empty set takes `other`'s side).
     ///
     /// # Panics
-    /// If `range` is not within `0..other.len()`.
+    /// If `range` is not within `0..other.len()`, or the sides differ.
     pub fn extend_range(&mut self, other: &Images, range: Range<usize>) {
+        if self.is_empty() {
+            self.side = other.side;
+        }
+        assert_eq!(self.side, other.side, "images of different sides");
+        let b = self.image_bytes();
         self.labels.extend_from_slice(&other.labels[range.clone()]);
         self.pixels
-            .extend_from_slice(&other.pixels[range.start * IMAGE_BYTES..range.end * IMAGE_BYTES]);
+            .extend_from_slice(&other.pixels[range.start * b..range.end * b]);
     }
 
     /// The images as `(label, pixels)` pairs.
@@ -216,17 +266,40 @@ impl Images {
         self.labels
             .iter()
             .copied()
-            .zip(self.pixels.chunks_exact(IMAGE_BYTES))
+            .zip(self.pixels.chunks_exact(self.image_bytes()))
+    }
+
+    /// The same images resized to `side`×`side` (bilinear with half-pixel centres, the
+    /// `resize` transform's kernel); unchanged when they have that side already.
+    pub fn resized(self, side: usize) -> Result<Images> {
+        if side == self.side {
+            return Ok(self);
+        }
+        let plan = crate::pixels::Resize::new(self.side, side, side)?;
+        let b = image_bytes(side);
+        let mut pixels = vec![0u8; self.len() * b];
+        for (src, dst) in self
+            .pixels
+            .chunks_exact(self.image_bytes())
+            .zip(pixels.chunks_exact_mut(b))
+        {
+            plan.apply(src, dst)?;
+        }
+        Ok(Images {
+            labels: self.labels,
+            pixels,
+            side,
+        })
     }
 
     /// Check that the pixel bytes match the labels and every label is a class.
     pub fn check(&self) -> Result<()> {
-        if Some(self.pixels.len()) != self.labels.len().checked_mul(IMAGE_BYTES) {
+        if Some(self.pixels.len()) != self.labels.len().checked_mul(self.image_bytes()) {
             return Err(Error::usage(format!(
                 "images: {} labels but {} pixel bytes (expected {} per image)",
                 self.labels.len(),
                 self.pixels.len(),
-                IMAGE_BYTES
+                self.image_bytes()
             )));
         }
         if let Some((i, l)) = self
@@ -459,6 +532,7 @@ pub fn read_bin(path: &Path) -> Result<Images> {
     Ok(Images {
         labels,
         pixels: bytes,
+        side: SIDE,
     })
 }
 
@@ -469,7 +543,11 @@ pub fn parse_bin(bytes: &[u8], path: &Path) -> Result<Images> {
     for record in bytes.chunks_exact(RECORD_BYTES) {
         pixels.extend_from_slice(record.get(1..).unwrap_or(&[]));
     }
-    Ok(Images { labels, pixels })
+    Ok(Images {
+        labels,
+        pixels,
+        side: SIDE,
+    })
 }
 
 /// Read a Python batch file (a pickled dict with `labels` and a numpy `data` array).
@@ -665,6 +743,51 @@ pub fn load_split(spec: &DataSpec, split: Split) -> Result<Vec<Images>> {
 /// [`load_split`], and the number of image files rejected (an image folder's files that
 /// are not images, are truncated or have zero size).
 pub fn load_split_counted(spec: &DataSpec, split: Split) -> Result<(Vec<Images>, usize)> {
+    load_split_sized(spec, split, SIDE)
+}
+
+/// [`load_split_counted`] with the images `side`×`side` (`--image-size`): an image
+/// folder's files are decoded straight to that side, CIFAR's and the synthetic 32×32
+/// images are resized (bilinear, the `resize` transform's kernel).
+pub fn load_split_sized(
+    spec: &DataSpec,
+    split: Split,
+    side: usize,
+) -> Result<(Vec<Images>, usize)> {
+    let (files, rejected) = load_split_native(spec, split, side)?;
+    let files = files
+        .into_iter()
+        .map(|f| f.resized(side))
+        .collect::<Result<_>>()?;
+    Ok((files, rejected))
+}
+
+/// [`load_split_sized`] of the first `n` images only (the rest are dropped before any
+/// resize): what fitting an extractor on the first images needs.
+pub fn load_split_first(
+    spec: &DataSpec,
+    split: Split,
+    side: usize,
+    n: usize,
+) -> Result<(Vec<Images>, usize)> {
+    let (files, rejected) = load_split_native(spec, split, side)?;
+    let mut left = n;
+    let mut out = Vec::new();
+    for f in files {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(f.len());
+        left -= take;
+        let mut part = Images::with_side(take, f.side);
+        part.extend_range(&f, 0..take);
+        out.push(part.resized(side)?);
+    }
+    Ok((out, rejected))
+}
+
+/// The split as stored: CIFAR's and synthetic images at 32×32, an image folder's at `side`.
+fn load_split_native(spec: &DataSpec, split: Split, side: usize) -> Result<(Vec<Images>, usize)> {
     match spec {
         DataSpec::Synthetic(s) => Ok((synth::generate(s, split), 0)),
         DataSpec::Folder(dir) => match find(dir)? {
@@ -685,7 +808,7 @@ pub fn load_split_counted(spec: &DataSpec, split: Split) -> Result<(Vec<Images>,
             }
             Found::Images(root) => {
                 let classes = folder::classes(&root)?;
-                let loaded = folder::load(&root, split, &classes)?;
+                let loaded = folder::load(&root, split, &classes, side)?;
                 Ok((vec![loaded.images], loaded.rejected.len()))
             }
         },
@@ -1207,6 +1330,7 @@ mod tests {
         let bad = Images {
             labels: vec![1],
             pixels: vec![0; 5],
+            side: SIDE,
         };
         assert!(bad.check().is_err());
     }

@@ -343,6 +343,7 @@ pub fn generate(spec: &SynthSpec, split: Split) -> Vec<Images> {
             let mut images = Images {
                 labels: Vec::with_capacity(n),
                 pixels: vec![0u8; n * IMAGE_BYTES],
+                side: SIDE,
             };
             for px in images.pixels.chunks_exact_mut(IMAGE_BYTES) {
                 images.labels.push(image(spec.seed, split, index, px));

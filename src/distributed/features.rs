@@ -39,7 +39,7 @@ use futures::StreamExt;
 use ndarray::Array2;
 use url::Url;
 
-use crate::dataset::{Images, Split, IMAGE_BYTES};
+use crate::dataset::{Images, Split};
 use crate::distributed;
 use crate::error::{Error, Result};
 use crate::features::cache::{self, CacheOptions, CacheSummary, Manifest, SplitEntry};
@@ -93,7 +93,7 @@ pub async fn write_cache_on_workers(
     let accept = distributed::Expect::same_cifar_df();
     let step = opts.rows_per_part.max(1);
     for split in Split::ALL {
-        let all = cache::split_images(&opts.data, split)?;
+        let all = cache::split_images(&opts.data, split, opts.image_side)?;
         let n = all.len();
         let dir = out.join(split.name());
         let staging = out.join(STAGING_DIR).join(split.name());
@@ -255,16 +255,17 @@ fn stage_part(all: &Images, first: usize, last: usize, path: &Path) -> Result<()
     let idx: Vec<u32> = (first..last)
         .map(|i| u32::try_from(i).map_err(|_| Error::usage("more than 2^32 images in a split")))
         .collect::<Result<_>>()?;
-    let pixels = all.pixels[first * IMAGE_BYTES..last * IMAGE_BYTES].to_vec();
+    let per = all.image_bytes();
+    let pixels = all.pixels[first * per..last * per].to_vec();
     let schema = Arc::new(Schema::new(vec![
         Field::new("idx", DataType::UInt32, false),
-        Field::new("image", crate::batch::image_type(), false),
+        Field::new("image", crate::batch::image_type_sized(all.side), false),
     ]));
     let batch = RecordBatch::try_new(
         schema,
         vec![
             Arc::new(UInt32Array::from(idx)) as ArrayRef,
-            Arc::new(crate::batch::image_array(pixels)?),
+            Arc::new(crate::batch::image_array_sized(pixels, all.side)?),
         ],
     )?;
     write_parquet_file(path, &[batch])

@@ -27,7 +27,7 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use super::Extractor;
-use crate::dataset::{self, DataSpec, Images, Split, IMAGE_BYTES};
+use crate::dataset::{self, DataSpec, Images, Split};
 use crate::error::{Error, Result};
 use crate::store::write_parquet_file;
 
@@ -120,6 +120,9 @@ pub struct CacheOptions {
     pub batch_size: usize,
     /// Called after each part with (split, images done, images in the split).
     pub on_part: Option<OnPart>,
+    /// The side the images are resized to before they are encoded (`--image-size`; a
+    /// patch extractor's must be the side it was fitted on).
+    pub image_side: usize,
 }
 
 /// What a feature job did.
@@ -156,7 +159,7 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
         classes: crate::dataset::class_names(&opts.data)?,
     };
     for split in Split::ALL {
-        let all = split_images(&opts.data, split)?;
+        let all = split_images(&opts.data, split, opts.image_side)?;
         let n = all.len();
         let dir = opts.out.join(split.name());
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -171,10 +174,11 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
                 summary.parts_kept += 1;
             } else {
                 let t = Instant::now();
-                let pixels = &all.pixels[first * IMAGE_BYTES..last * IMAGE_BYTES];
-                let x = extractor.encode(pixels)?;
+                let per = all.image_bytes();
+                let pixels = &all.pixels[first * per..last * per];
+                let x = extractor.encode_sized(pixels, all.side)?;
                 let fx = if flip {
-                    Some(extractor.encode_flipped(pixels, &x)?)
+                    Some(extractor.encode_flipped_sized(pixels, &x, all.side)?)
                 } else {
                     None
                 };
@@ -205,10 +209,10 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
     Ok(summary)
 }
 
-/// All the images of `split`, in order, as one set.
-pub(crate) fn split_images(data: &DataSpec, split: Split) -> Result<Images> {
-    let files = dataset::load_split(data, split)?;
-    let mut all = Images::with_capacity(files.iter().map(Images::len).sum());
+/// All the images of `split` at `side`×`side`, in order, as one set.
+pub(crate) fn split_images(data: &DataSpec, split: Split, side: usize) -> Result<Images> {
+    let files = dataset::load_split_sized(data, split, side)?.0;
+    let mut all = Images::with_side(files.iter().map(Images::len).sum(), side);
     for f in &files {
         all.extend_range(f, 0..f.len());
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 
 use crate::error::{Error, Result};
-use crate::model::cnn::net::{Arch, Net, CHANNELS, SIDE, WHITEN_TENSOR};
+use crate::model::cnn::net::{Arch, Net, CHANNELS, WHITEN_TENSOR};
 use crate::model::cnn::{Cnn, CnnParams, MEAN, STD};
 
 /// The prefix of a run's CNN in `--extractor run:NAME`.
@@ -81,16 +81,22 @@ impl CnnExtractor {
         &self.net.arch
     }
 
-    /// Features of whole images (3,072 bytes each, CIFAR layout).
+    /// The side of the images its network learnt from.
+    pub fn side(&self) -> usize {
+        self.net.arch.side
+    }
+
+    /// Features of whole images (`3·side²` bytes each, CIFAR layout).
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
-        let per = SIDE * SIDE * CHANNELS;
+        let side = self.side();
+        let per = side * side * CHANNELS;
         let n = pixels.len() / per;
         let w = self.width();
         let mut out = Array2::<f32>::zeros((n, w));
         const CHUNK: usize = 256;
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
-            let x = nhwc(&pixels[start * per..end * per]);
+            let x = nhwc(&pixels[start * per..end * per], side);
             let mut feats = Vec::new();
             self.net.forward_score(&x, end - start, Some(&mut feats));
             let v = ndarray::ArrayView2::from_shape((end - start, w), &feats)
@@ -106,10 +112,10 @@ impl CnnExtractor {
     }
 }
 
-/// Normalised NHWC floats of images in the CIFAR layout.
-fn nhwc(pixels: &[u8]) -> Vec<f32> {
-    let per = SIDE * SIDE * CHANNELS;
-    let plane = SIDE * SIDE;
+/// Normalised NHWC floats of `side`×`side` images in the CIFAR layout.
+fn nhwc(pixels: &[u8], side: usize) -> Vec<f32> {
+    let plane = side * side;
+    let per = plane * CHANNELS;
     let mut out = vec![0.0f32; pixels.len()];
     for (dst, img) in out.chunks_exact_mut(per).zip(pixels.chunks_exact(per)) {
         for p in 0..plane {

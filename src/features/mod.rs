@@ -95,16 +95,47 @@ impl Extractor {
         }
     }
 
-    /// Features of whole images (`IMAGE_BYTES` each, CIFAR layout): n × [`width`](Self::width).
+    /// The side of the images it encodes, where it has one: a patch extractor's is the
+    /// side it was fitted on, a CNN's 32; an ONNX model resizes images of any side to its
+    /// input (`None`).
+    pub fn image_side(&self) -> Option<usize> {
+        match self {
+            Extractor::Patches(p) => Some(p.params.side),
+            Extractor::Onnx(_) => None,
+            Extractor::Cnn(c) => Some(c.side()),
+        }
+    }
+
+    /// An error when images of `side` are not what the extractor encodes.
+    pub fn check_side(&self, side: usize) -> Result<()> {
+        match self.image_side() {
+            Some(s) if s != side => Err(Error::usage(format!(
+                "the {} extractor encodes images of {s}x{s}, and these are {side}x{side} \
+                 (give --image-size {s}, or fit an extractor on images of {side}x{side})",
+                self.kind()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Features of whole images of the extractor's side (32×32 for an ONNX model;
+    /// CIFAR layout): n × [`width`](Self::width).
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
-        let n = pixels.len() / crate::dataset::IMAGE_BYTES;
+        self.encode_sized(pixels, self.image_side().unwrap_or(crate::dataset::SIDE))
+    }
+
+    /// Features of whole `side`×`side` images (`3·side²` bytes each, CIFAR layout):
+    /// n × [`width`](Self::width).
+    pub fn encode_sized(&self, pixels: &[u8], side: usize) -> Result<Array2<f32>> {
+        self.check_side(side)?;
+        let n = pixels.len() / crate::dataset::image_bytes(side).max(1);
         crate::limits::check(
             &format!("features of a batch of {n} images, {} each", self.width()),
             4 * crate::limits::product(&[n, self.width()]),
         )?;
         match self {
             Extractor::Patches(p) => p.encode(pixels),
-            Extractor::Onnx(o) => o.encode(pixels),
+            Extractor::Onnx(o) => o.encode_sized(pixels, side),
             Extractor::Cnn(c) => c.encode(pixels),
         }
     }
@@ -122,18 +153,29 @@ impl Extractor {
     /// permuted features where the extractor has a permutation, else the features of
     /// the flipped pixels.
     pub fn encode_flipped(&self, pixels: &[u8], features: &Array2<f32>) -> Result<Array2<f32>> {
+        self.encode_flipped_sized(
+            pixels,
+            features,
+            self.image_side().unwrap_or(crate::dataset::SIDE),
+        )
+    }
+
+    /// [`encode_flipped`](Self::encode_flipped) of `side`×`side` images.
+    pub fn encode_flipped_sized(
+        &self,
+        pixels: &[u8],
+        features: &Array2<f32>,
+        side: usize,
+    ) -> Result<Array2<f32>> {
         if let Some(perm) = self.flip_permutation() {
             return Ok(features.select(ndarray::Axis(1), &perm));
         }
-        let side = 32;
+        let per = crate::dataset::image_bytes(side);
         let mut flipped = vec![0u8; pixels.len()];
-        for (d, s) in flipped
-            .chunks_exact_mut(crate::dataset::IMAGE_BYTES)
-            .zip(pixels.chunks_exact(crate::dataset::IMAGE_BYTES))
-        {
+        for (d, s) in flipped.chunks_exact_mut(per).zip(pixels.chunks_exact(per)) {
             crate::pixels::hflip(s, side, d)?;
         }
-        self.encode(&flipped)
+        self.encode_sized(&flipped, side)
     }
 
     /// Whether the features do not change when the image is mirrored.

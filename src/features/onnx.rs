@@ -34,12 +34,11 @@ use tract_onnx::prelude::{
     TypedSimplePlan,
 };
 
-use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
 use crate::pixels::Resize;
 
 /// Side of the stream's images.
-const SIDE: usize = 32;
+const SIDE: usize = crate::dataset::SIDE;
 /// ImageNet's channel means, what torchvision's pretrained models expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet's channel deviations.
@@ -318,24 +317,31 @@ impl OnnxExtractor {
         &self.path
     }
 
-    /// Features of whole images (`IMAGE_BYTES` each, CIFAR layout): n × width.
+    /// Features of whole 32×32 images (`IMAGE_BYTES` each, CIFAR layout): n × width.
     pub fn encode(&self, pixels: &[u8]) -> Result<Array2<f32>> {
-        if !pixels.len().is_multiple_of(IMAGE_BYTES) {
+        self.encode_sized(pixels, SIDE)
+    }
+
+    /// Features of whole `side`×`side` images (CIFAR layout, resized to the model's
+    /// input): n × width.
+    pub fn encode_sized(&self, pixels: &[u8], side: usize) -> Result<Array2<f32>> {
+        let per = crate::dataset::image_bytes(side);
+        if per == 0 || !pixels.len().is_multiple_of(per) {
             return Err(Error::usage(format!(
-                "onnx: {} bytes are not whole images of {IMAGE_BYTES}",
+                "onnx: {} bytes are not whole images of {per} ({side}x{side})",
                 pixels.len()
             )));
         }
-        let n = pixels.len() / IMAGE_BYTES;
+        let n = pixels.len() / per;
         let mut out = Array2::zeros((n, self.width));
         let b = self.input.batch;
-        let resize = Resize::new(SIDE, self.input.height, self.input.width)?;
+        let resize = Resize::new(side, self.input.height, self.input.width)?;
         // tract runs a plan on one thread; batches go to `threads()` workers, each taking
         // every k-th batch (the plan is shared: each run has its own state).
         let workers = crate::linalg::threads().clamp(1, n.div_ceil(b).max(1));
         let mut shares: Vec<Vec<Job>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, (chunk, dst)) in pixels
-            .chunks(b * IMAGE_BYTES)
+            .chunks(b * per)
             .zip(out.axis_chunks_iter_mut(Axis(0), b))
             .enumerate()
         {
@@ -384,7 +390,7 @@ impl OnnxExtractor {
         let y = result[0]
             .to_array_view::<f32>()
             .map_err(|e| Error::format(&self.path, 0, format!("unexpected output: {e:#}")))?;
-        let m = chunk.len() / IMAGE_BYTES;
+        let m = chunk.len() / resize.src_len();
         let positions = y.len() / (b * self.width);
         let y = y
             .into_shape_with_order((b, self.width, positions))
@@ -422,10 +428,10 @@ impl OnnxExtractor {
         } else {
             Array4::zeros((b, 3, h, w))
         };
-        let mut img = vec![0f32; IMAGE_BYTES];
+        let mut img = vec![0f32; resize.src_len()];
         let mut planes = vec![0f32; resize.out_len()];
         let mut scratch = Vec::new();
-        for (i, px) in chunk.chunks_exact(IMAGE_BYTES).enumerate() {
+        for (i, px) in chunk.chunks_exact(resize.src_len()).enumerate() {
             for (d, &p) in img.iter_mut().zip(px) {
                 *d = f32::from(p);
             }

@@ -30,6 +30,8 @@
 use ndarray::{s, Array1, Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::image_bytes;
+#[cfg(test)]
 use crate::dataset::IMAGE_BYTES;
 use crate::error::{Error, Result};
 use crate::limits;
@@ -37,7 +39,7 @@ use crate::linalg;
 use crate::rng::SplitMix;
 
 /// Side of a CIFAR image.
-const SIDE: usize = 32;
+const SIDE: usize = crate::dataset::SIDE;
 /// Colour channels.
 const CHANNELS: usize = 3;
 /// The brightness/contrast normalisation's variance floor (0..255 scale, Coates').
@@ -102,6 +104,9 @@ pub struct PatchParams {
     pub power: f32,
     /// Seed of the patch sampling.
     pub seed: u64,
+    /// Side of the images it encodes, in pixels: the run's image size (`--image-size`),
+    /// set when the extractor is fitted.
+    pub side: usize,
 }
 
 impl Default for PatchParams {
@@ -122,6 +127,7 @@ impl Default for PatchParams {
             invariant: true,
             power: 1.0,
             seed: 0,
+            side: SIDE,
         }
     }
 }
@@ -130,8 +136,18 @@ impl PatchParams {
     /// Checks the values once, with a message naming the bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::usage(format!("features: {m}")));
-        if self.patch == 0 || self.patch > SIDE {
-            return bad(format!("patch = {} must be 1..={SIDE}", self.patch));
+        let side = self.side;
+        if !(4..=crate::dataset::MAX_IMAGE_SIDE).contains(&side) {
+            return bad(format!(
+                "side = {side} must be 4..={} (the images' side)",
+                crate::dataset::MAX_IMAGE_SIDE
+            ));
+        }
+        if self.patch == 0 || self.patch > side {
+            return bad(format!(
+                "patch = {} must be 1..={side} (the images are {side}x{side})",
+                self.patch
+            ));
         }
         if self.atoms < 2 || !self.atoms.is_multiple_of(2) || self.atoms > 65_536 {
             return bad(format!(
@@ -139,7 +155,7 @@ impl PatchParams {
                 self.atoms
             ));
         }
-        let positions = SIDE - self.patch + 1;
+        let positions = side - self.patch + 1;
         if self.grid == 0 || self.grid > positions {
             return bad(format!("grid = {} must be 1..={positions}", self.grid));
         }
@@ -163,6 +179,16 @@ impl PatchParams {
 
     fn dim(&self) -> usize {
         CHANNELS * self.patch * self.patch
+    }
+
+    /// Patch positions along an axis.
+    fn positions(&self) -> usize {
+        self.side - self.patch + 1
+    }
+
+    /// Bytes of one image it encodes.
+    pub fn image_bytes(&self) -> usize {
+        image_bytes(self.side)
     }
 
     /// Principal components kept of `d`.
@@ -249,12 +275,13 @@ fn patch_mirror(p: usize) -> Vec<usize> {
     m
 }
 
-/// Writes the normalised patch at (y, x) of `img` into `out` (length 3·p²).
-fn normalised_patch(img: &[u8], p: usize, y: usize, x: usize, out: &mut [f32]) {
+/// Writes the normalised patch at (y, x) of `img` (an image of `side`×`side`) into `out`
+/// (length 3·p²).
+fn normalised_patch(img: &[u8], side: usize, p: usize, y: usize, x: usize, out: &mut [f32]) {
     let mut i = 0;
     for c in 0..CHANNELS {
         for dy in 0..p {
-            let row = &img[c * SIDE * SIDE + (y + dy) * SIDE + x..][..p];
+            let row = &img[c * side * side + (y + dy) * side + x..][..p];
             for &v in row {
                 out[i] = f32::from(v);
                 i += 1;
@@ -299,17 +326,23 @@ struct Scratch {
 }
 
 impl PatchExtractor {
-    /// Fits an extractor on `pixels` (whole images, CIFAR layout: `IMAGE_BYTES` each; the
+    /// Fits an extractor on `pixels` (whole images of `side`×`side`, CIFAR layout: `3·side²`
+    /// bytes each; the
     /// first `fit_images` are used). Deterministic for the params' seed.
-    pub fn fit(params: &PatchParams, pixels: &[u8]) -> Result<PatchExtractor> {
+    pub fn fit(params: &PatchParams, pixels: &[u8], side: usize) -> Result<PatchExtractor> {
+        let params = &PatchParams {
+            side,
+            ..params.clone()
+        };
         params.validate()?;
-        let n_images = (pixels.len() / IMAGE_BYTES).min(params.fit_images);
+        let per_image = params.image_bytes();
+        let n_images = (pixels.len() / per_image).min(params.fit_images);
         if n_images == 0 {
             return Err(Error::usage("features: no images to fit the extractor on"));
         }
         let p = params.patch;
         let d = params.dim();
-        let s = SIDE - p + 1;
+        let s = params.positions();
         // The samples with their centred and mirrored copies, the dictionary with a chunk
         // of its k-means responses, and the encoded statistics images.
         limits::check(
@@ -329,8 +362,15 @@ impl PatchExtractor {
         for mut row in samples.rows_mut() {
             let i = rng.below(n_images);
             let (y, x) = (rng.below(s), rng.below(s));
-            let img = &pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES];
-            normalised_patch(img, p, y, x, row.as_slice_mut().expect("contiguous row"));
+            let img = &pixels[i * per_image..(i + 1) * per_image];
+            normalised_patch(
+                img,
+                side,
+                p,
+                y,
+                x,
+                row.as_slice_mut().expect("contiguous row"),
+            );
         }
         // Mean and covariance over the patches and their mirror images (f64 sums).
         let mut mean = vec![0f64; d];
@@ -412,7 +452,7 @@ impl PatchExtractor {
         )?;
         // Standardisation statistics over the first `stats_images` images.
         let n_stats = params.stats_images.min(n_images);
-        let raw = ex.encode_raw(&pixels[..n_stats * IMAGE_BYTES])?;
+        let raw = ex.encode_raw(&pixels[..n_stats * per_image])?;
         let (m, sd) = ex.statistics(raw.view());
         ex.feature_mean = m;
         ex.feature_std = sd;
@@ -468,7 +508,7 @@ impl PatchExtractor {
             (None, filters.t().as_standard_layout().to_owned())
         };
         let atom_sq = Array1::from_iter(atoms.rows().into_iter().map(|r| r.dot(&r)));
-        let s = SIDE - params.patch + 1;
+        let s = params.positions();
         let g = params.grid;
         let axis: Vec<Vec<usize>> = (0..s).map(|x| cells_of(x, s, g)).collect();
         let mut counts = vec![0f32; g * g];
@@ -508,7 +548,7 @@ impl PatchExtractor {
 
     /// Multiply-adds per image of the main product (for GFLOP/s figures).
     pub fn macs_per_image(&self) -> u64 {
-        let s = (SIDE - self.params.patch + 1) as u64;
+        let s = self.params.positions() as u64;
         s * s * self.params.dim() as u64 * self.params.atoms as u64
     }
 
@@ -526,13 +566,16 @@ impl PatchExtractor {
 
     /// The features before standardisation.
     fn encode_raw(&self, pixels: &[u8]) -> Result<Array2<f32>> {
-        if !pixels.len().is_multiple_of(IMAGE_BYTES) {
+        let per_image = self.params.image_bytes();
+        if !pixels.len().is_multiple_of(per_image) {
             return Err(Error::usage(format!(
-                "patch extractor: {} pixel bytes is not a whole number of {IMAGE_BYTES}-byte images",
-                pixels.len()
+                "patch extractor: {} pixel bytes is not a whole number of {per_image}-byte \
+                 images ({s}x{s}, the side it was fitted on)",
+                pixels.len(),
+                s = self.params.side
             )));
         }
-        let n = pixels.len() / IMAGE_BYTES;
+        let n = pixels.len() / per_image;
         let width = self.width();
         let mut out = Array2::<f32>::zeros((n, width));
         if n == 0 {
@@ -544,14 +587,11 @@ impl PatchExtractor {
         std::thread::scope(|sc| {
             for (chunk_out, chunk_in) in out_slice
                 .chunks_mut(per * width)
-                .zip(pixels.chunks(per * IMAGE_BYTES))
+                .zip(pixels.chunks(per * per_image))
             {
                 sc.spawn(move || {
                     let mut scratch = self.scratch();
-                    for (o, img) in chunk_out
-                        .chunks_mut(width)
-                        .zip(chunk_in.chunks(IMAGE_BYTES))
-                    {
+                    for (o, img) in chunk_out.chunks_mut(width).zip(chunk_in.chunks(per_image)) {
                         self.encode_one(img, &mut scratch, o);
                     }
                 });
@@ -561,7 +601,7 @@ impl PatchExtractor {
     }
 
     fn scratch(&self) -> Scratch {
-        let s = SIDE - self.params.patch + 1;
+        let s = self.params.positions();
         let rows = ROWS_PER_CHUNK.min(s) * s;
         Scratch {
             patches: Array2::zeros((rows, self.params.dim())),
@@ -577,7 +617,8 @@ impl PatchExtractor {
         let p = self.params.patch;
         let k = self.params.atoms;
         let g = self.params.grid;
-        let s = SIDE - p + 1;
+        let side = self.params.side;
+        let s = self.params.positions();
         let pol = self.params.polarities();
         let alpha = self.params.alpha;
         let axis = &self.axis;
@@ -590,7 +631,14 @@ impl PatchExtractor {
             let rows = (y1 - y0) * s;
             for (r, mut row) in sc.patches.rows_mut().into_iter().take(rows).enumerate() {
                 let (y, x) = (y0 + r / s, r % s);
-                normalised_patch(img, p, y, x, row.as_slice_mut().expect("contiguous row"));
+                normalised_patch(
+                    img,
+                    side,
+                    p,
+                    y,
+                    x,
+                    row.as_slice_mut().expect("contiguous row"),
+                );
             }
             let pv = sc.patches.slice(s![..rows, ..]);
             let mut rv = sc.responses.slice_mut(s![..rows, ..]);
@@ -910,7 +958,7 @@ mod tests {
                 encoding,
                 ..small()
             };
-            let ex = PatchExtractor::fit(&params, &px).unwrap();
+            let ex = PatchExtractor::fit(&params, &px, 32).unwrap();
             let some = &px[..4 * IMAGE_BYTES];
             let mut flipped = some.to_vec();
             for img in flipped.chunks_mut(IMAGE_BYTES) {
@@ -938,6 +986,7 @@ mod tests {
                     ..small()
                 },
                 &px,
+                32,
             )
             .unwrap();
             let (a, b) = (inv.encode(some).unwrap(), inv.encode(&flipped).unwrap());
@@ -953,13 +1002,14 @@ mod tests {
     #[test]
     fn power_raises_each_pooled_feature_and_the_statistics_follow() {
         let px = images(50);
-        let plain = PatchExtractor::fit(&small(), &px).unwrap();
+        let plain = PatchExtractor::fit(&small(), &px, 32).unwrap();
         let root = PatchExtractor::fit(
             &PatchParams {
                 power: 0.5,
                 ..small()
             },
             &px,
+            32,
         )
         .unwrap();
         // Same fit (the power comes after the pooling): the same atoms.
@@ -988,8 +1038,8 @@ mod tests {
     #[test]
     fn fitting_is_deterministic_and_whitening_decorrelates() {
         let px = images(50);
-        let a = PatchExtractor::fit(&small(), &px).unwrap();
-        let b = PatchExtractor::fit(&small(), &px).unwrap();
+        let a = PatchExtractor::fit(&small(), &px, 32).unwrap();
+        let b = PatchExtractor::fit(&small(), &px, 32).unwrap();
         assert_eq!(a.atoms, b.atoms);
         assert_eq!(a.feature_mean, b.feature_mean);
         // W·C·W = U·diag(λ/(λ+eps))·Uᵀ: eigenvalues in [0, 1).
@@ -1015,6 +1065,7 @@ mod tests {
                 ..small()
             },
             &px,
+            32,
         )
         .unwrap();
         assert!(k
@@ -1064,10 +1115,12 @@ mod tests {
                 "eps",
             ),
         ] {
-            let e = PatchExtractor::fit(&p, &images(5)).unwrap_err().to_string();
+            let e = PatchExtractor::fit(&p, &images(5), 32)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(what), "{e}");
         }
-        let ex = PatchExtractor::fit(&small(), &images(5)).unwrap();
+        let ex = PatchExtractor::fit(&small(), &images(5), 32).unwrap();
         assert!(ex.encode(&[0u8; 100]).is_err());
     }
 }

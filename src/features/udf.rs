@@ -18,7 +18,6 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use super::Extractor;
-use crate::dataset::IMAGE_BYTES;
 
 /// The function's name in SQL.
 pub const NAME: &str = "extract_features";
@@ -61,6 +60,24 @@ impl ExtractUdf {
     }
 }
 
+/// The side of the images of an `image` argument: `FixedSizeList<UInt8, 3·s²>`.
+fn image_side(name: &str, t: &DataType) -> Result<usize> {
+    match t {
+        DataType::FixedSizeList(f, n) if f.data_type() == &DataType::UInt8 => {
+            match crate::pixels::side(*n as usize) {
+                Some(s) => Ok(s),
+                None => plan_err!(
+                    "{name}: an image of {n} values is not a square RGB image (3·side² values)"
+                ),
+            }
+        }
+        other => plan_err!(
+            "{name}: the image must be FixedSizeList<UInt8, 3·side²> (3,072 for CIFAR's \
+             32x32), got {other}"
+        ),
+    }
+}
+
 /// Registers `extract_features` bound to `extractor` in `ctx` (replacing an earlier one).
 pub fn register(ctx: &SessionContext, extractor: Arc<Extractor>) {
     ctx.register_udf(udf(extractor));
@@ -81,16 +98,11 @@ impl ScalarUDFImpl for ExtractUdf {
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
-        match &arg_types[0] {
-            DataType::FixedSizeList(f, n)
-                if f.data_type() == &DataType::UInt8 && *n as usize == IMAGE_BYTES =>
-            {
-                Ok(self.output_type())
-            }
-            other => plan_err!(
-                "{NAME}: the image must be FixedSizeList<UInt8, {IMAGE_BYTES}> (a CIFAR image), got {other}"
-            ),
+        let side = image_side(NAME, &arg_types[0])?;
+        if let Err(e) = self.extractor.check_side(side) {
+            return plan_err!("{NAME}: {e}");
         }
+        Ok(self.output_type())
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -114,11 +126,15 @@ fn features_of(
         return exec_err!("{name}: the image values are not UInt8");
     };
     let n = list.len();
-    let start = list.offset() * IMAGE_BYTES;
-    let Some(pixels) = values.values().get(start..start + n * IMAGE_BYTES) else {
+    let per = list.value_length() as usize;
+    let Some(side) = crate::pixels::side(per) else {
+        return exec_err!("{name}: an image of {per} values is not a square RGB image");
+    };
+    let start = list.offset() * per;
+    let Some(pixels) = values.values().get(start..start + n * per) else {
         return exec_err!("{name}: the image list holds fewer values than its length says");
     };
-    let features = extractor.encode(pixels)?;
+    let features = extractor.encode_sized(pixels, side)?;
     let (flat, _) = features.into_raw_vec_and_offset();
     let out = FixedSizeListArray::try_new(
         Arc::new(Field::new("item", DataType::Float32, false)),
@@ -228,15 +244,7 @@ impl ScalarUDFImpl for ExtractFromUdf {
         let Ok(width) = i32::try_from(width) else {
             return plan_err!("{FROM_NAME}: width {width} is too large");
         };
-        match args.arg_fields[3].data_type() {
-            DataType::FixedSizeList(f, n)
-                if f.data_type() == &DataType::UInt8 && *n as usize == IMAGE_BYTES => {}
-            other => {
-                return plan_err!(
-                    "{FROM_NAME}: the image must be FixedSizeList<UInt8, {IMAGE_BYTES}> (a CIFAR image), got {other}"
-                )
-            }
-        }
+        image_side(FROM_NAME, args.arg_fields[3].data_type())?;
         Ok(Arc::new(Field::new(
             FROM_NAME,
             DataType::FixedSizeList(

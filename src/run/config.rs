@@ -25,9 +25,10 @@ use crate::model::{
 };
 
 /// Top-level keys a config may have (besides one table per model).
-pub const KEYS: [&str; 10] = [
+pub const KEYS: [&str; 11] = [
     "model",
     "classes",
+    "image_size",
     "epochs",
     "batch_size",
     "seed",
@@ -59,6 +60,9 @@ pub struct RunConfig {
     pub shuffle: Option<bool>,
     /// The class names, label 0 first (set from the data by `train`, saved with the run).
     pub classes: Option<Vec<String>>,
+    /// The side of the run's images in pixels (as `--image-size`; 32 when absent), saved
+    /// with the run.
+    pub image_size: Option<usize>,
     /// One table of hyper-parameters per model name.
     pub params: toml::Table,
     /// The `[features]` table: a patch extractor fitted on the first images of the
@@ -136,6 +140,14 @@ impl RunConfig {
                     } else {
                         cfg.flip_test = b;
                     }
+                }
+                "image_size" => {
+                    let n = value
+                        .as_integer()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| wrong_type("a whole number of pixels"))?;
+                    crate::dataset::check_side(n).map_err(|e| bad("image_size", e.to_string()))?;
+                    cfg.image_size = Some(n);
                 }
                 "epochs" | "batch_size" | "seed" => {
                     let n = value
@@ -236,6 +248,9 @@ impl RunConfig {
                 toml::Value::Array(c.iter().map(|n| n.clone().into()).collect()),
             );
         }
+        if let Some(s) = self.image_size {
+            t.insert("image_size".into(), (s as i64).into());
+        }
         if let Some(f) = self.flip_test {
             t.insert("flip_test".into(), f.into());
         }
@@ -262,6 +277,11 @@ impl RunConfig {
                 .map(|s| s.to_string())
                 .collect()
         })
+    }
+
+    /// The side of the run's images: `image_size`, or CIFAR's 32.
+    pub fn image_side(&self) -> usize {
+        self.image_size.unwrap_or(crate::dataset::SIDE)
     }
 
     /// The patch extractor's parameters of the `[features]` table, if there is one.

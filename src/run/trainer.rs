@@ -252,7 +252,7 @@ pub struct Summary {
 const GRID_IMAGES: usize = 100;
 
 /// Adds the raw images of `batch` (its `image` column, if any) to the per-cluster lists,
-/// up to [`GRID_IMAGES`] each.
+/// up to [`GRID_IMAGES`] each, as 32×32 thumbnails (images of another side are resized).
 fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<Vec<Vec<u8>>>) {
     use datafusion::arrow::array::{FixedSizeListArray, UInt8Array};
     let Some(list) = batch
@@ -265,9 +265,12 @@ fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<
         return;
     };
     let width = list.value_length() as usize;
-    if width != crate::dataset::IMAGE_BYTES {
+    let Some(side) = crate::pixels::side(width) else {
         return;
-    }
+    };
+    let thumb = (side != crate::dataset::SIDE)
+        .then(|| crate::pixels::Resize::new(side, crate::dataset::SIDE, crate::dataset::SIDE).ok())
+        .flatten();
     let base = list.offset() * width;
     for (i, &c) in clusters.iter().enumerate() {
         let c = c as usize;
@@ -277,7 +280,15 @@ fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<
         if into[c].len() < GRID_IMAGES && !list.is_null(i) {
             let start = base + i * width;
             if let Some(px) = values.values().get(start..start + width) {
-                into[c].push(px.to_vec());
+                match &thumb {
+                    None => into[c].push(px.to_vec()),
+                    Some(plan) => {
+                        let mut small = vec![0u8; crate::dataset::IMAGE_BYTES];
+                        if plan.apply(px, &mut small).is_ok() {
+                            into[c].push(small);
+                        }
+                    }
+                }
             }
         }
     }
@@ -321,7 +332,8 @@ async fn open_stream(
     let (spec, per_epoch, server) = match source {
         TrainSource::Spec(spec) => (spec.clone(), None, None),
         TrainSource::Loopback { data, sleep } => {
-            let (files, rejected) = dataset::load_split_counted(data, opts.split)?;
+            let side = dataset::check_side(opts.image_side)?;
+            let (files, rejected) = dataset::load_split_sized(data, opts.split, side)?;
             rejected_files = rejected as u64;
             let images: usize = files.iter().map(Images::len).sum();
             let per_epoch = images.div_ceil(opts.batch_size.max(1)) as u64;
@@ -331,11 +343,17 @@ async fn open_stream(
                 batch_size: opts.batch_size,
                 endless: true,
                 sleep: *sleep,
-                format: Format::SparkJson,
+                // The original's format for its 32×32 images; Arrow carries any side.
+                format: if side == dataset::SIDE {
+                    Format::SparkJson
+                } else {
+                    Format::Arrow
+                },
                 limit: Some(opts.epochs.unwrap_or(1).saturating_mul(per_epoch)),
                 progress: false,
                 write_timeout: None,
                 shuffle: opts.shuffle.then_some(seed),
+                image_side: side,
             };
             let (addr, handle) = server::spawn_loopback(files, serve)?;
             let spec = SourceSpec::Tcp {

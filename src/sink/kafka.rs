@@ -195,7 +195,9 @@ pub fn publish_dataset(
     if opts.batch_size == 0 {
         return Err(Error::usage("--batch-size must be at least 1"));
     }
-    let files = crate::dataset::load_split(&opts.data, opts.split)?;
+    crate::server::check_format(opts.format, opts.image_side)?;
+    let side = crate::dataset::check_side(opts.image_side)?;
+    let files = crate::dataset::load_split_sized(&opts.data, opts.split, side)?.0;
     let mut publisher = Publisher::connect(url, opts.format, timeout)?;
     tracing::info!(
         "publishing to {} ({}), {}",
@@ -277,8 +279,9 @@ fn images_of(batch: &RecordBatch) -> Result<BatchImages<'_>> {
         .as_any()
         .downcast_ref::<UInt8Array>()
         .ok_or_else(|| Error::usage("the stream's images are not UInt8"))?;
-    let start = images.offset() * crate::dataset::IMAGE_BYTES;
-    let n = labels.len() * crate::dataset::IMAGE_BYTES;
+    let per = images.value_length() as usize;
+    let start = images.offset() * per;
+    let n = labels.len() * per;
     let pixels = pixels
         .values()
         .get(start..start + n)

@@ -38,7 +38,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::reader::{restamp, ArrowSource};
 use super::{BatchSource, Rejection, Report, SourceOptions};
-use crate::batch::{make_batch, stream_schema};
+use crate::batch::{make_batch_sized, stream_schema_sized};
+use crate::dataset::SIDE;
 use crate::error::{Error, Result};
 use crate::wire::kafka::{self, Context, KafkaUrl, Start};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
@@ -46,18 +47,27 @@ use crate::wire::{self, ndjson, spark_json, Detected, Format};
 /// How often a waiting reader asks the broker whether it is still there.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// The schema of a Kafka source's batches: the stream schema, then `partition` (Int32) and
-/// `offset` (Int64) of the record the batch came from.
+/// The schema of a Kafka source's batches of 32×32 images: the stream schema, then
+/// `partition` (Int32) and `offset` (Int64) of the record the batch came from.
 pub fn schema() -> SchemaRef {
     static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            let mut fields: Vec<Arc<Field>> = stream_schema().fields().iter().cloned().collect();
-            fields.push(Arc::new(Field::new("partition", DataType::Int32, false)));
-            fields.push(Arc::new(Field::new("offset", DataType::Int64, false)));
-            Arc::new(Schema::new(fields))
-        })
-        .clone()
+    SCHEMA.get_or_init(|| build_schema(SIDE)).clone()
+}
+
+/// [`schema`] for `side`×`side` images.
+pub fn schema_sized(side: usize) -> SchemaRef {
+    if side == SIDE {
+        schema()
+    } else {
+        build_schema(side)
+    }
+}
+
+fn build_schema(side: usize) -> SchemaRef {
+    let mut fields: Vec<Arc<Field>> = stream_schema_sized(side).fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new("partition", DataType::Int32, false)));
+    fields.push(Arc::new(Field::new("offset", DataType::Int64, false)));
+    Arc::new(Schema::new(fields))
 }
 
 /// A record read: its partition, its offset and its value (`None`: a record without one).
@@ -464,6 +474,15 @@ impl KafkaSource {
         };
         self.report.set_format(format);
         match format {
+            Format::SparkJson if self.opts.image_side != SIDE => Err((
+                None,
+                0,
+                format!(
+                    "a spark-json record (the original's format) carries 32x32 images, and \
+                     this run's images are {s}x{s} (--image-size {s})",
+                    s = self.opts.image_side
+                ),
+            )),
             Format::SparkJson => {
                 let text = value.trim_ascii_end();
                 spark_json::decode_classes(text, &mut self.spark, self.opts.classes)
@@ -472,14 +491,14 @@ impl KafkaSource {
                     return Ok(None);
                 }
                 let d = std::mem::take(&mut self.spark);
-                make_batch(seq, Some(d.rows), d.labels, d.pixels)
+                make_batch_sized(seq, Some(d.rows), d.labels, d.pixels, SIDE)
                     .map(Some)
                     .map_err(|e| (None, 0, e.to_string()))
             }
             Format::Ndjson => {
                 let mut decoder = match self.ndjson.take() {
                     Some(d) => d,
-                    None => ndjson::LineDecoder::with_classes(self.opts.classes)
+                    None => ndjson::LineDecoder::sized(self.opts.classes, self.opts.image_side)
                         .map_err(|e| (None, 0, e.to_string()))?,
                 };
                 let (mut labels, mut pixels) = (Vec::new(), Vec::new());
@@ -504,7 +523,7 @@ impl KafkaSource {
                 if labels.is_empty() {
                     return Ok(None);
                 }
-                make_batch(seq, None, labels, pixels)
+                make_batch_sized(seq, None, labels, pixels, self.opts.image_side)
                     .map(Some)
                     .map_err(|e| (None, 0, e.to_string()))
             }
@@ -515,6 +534,7 @@ impl KafkaSource {
                     Report::default(),
                     self.opts.max_line_bytes,
                     self.opts.classes,
+                    self.opts.image_side,
                 );
                 let mut batches = Vec::new();
                 loop {
@@ -530,9 +550,12 @@ impl KafkaSource {
                 if batches.is_empty() {
                     return Ok(None);
                 }
-                let all = arrow::compute::concat_batches(&stream_schema(), &batches)
-                    .map_err(|e| (None, 0, e.to_string()))?;
-                restamp(&all, seq, self.opts.classes)
+                let all = arrow::compute::concat_batches(
+                    &stream_schema_sized(self.opts.image_side),
+                    &batches,
+                )
+                .map_err(|e| (None, 0, e.to_string()))?;
+                restamp(&all, seq, self.opts.classes, self.opts.image_side)
                     .map(Some)
                     .map_err(|(row, reason)| (row, 0, reason))
             }
@@ -559,10 +582,19 @@ fn consume_error(url: &KafkaUrl, part: &Part, e: KafkaError) -> Error {
 /// Appends the `partition` and `offset` columns.
 fn with_position(batch: RecordBatch, partition: i32, offset: i64) -> Result<RecordBatch> {
     let n = batch.num_rows();
+    let side = batch
+        .schema()
+        .field_with_name("image")
+        .ok()
+        .and_then(|f| match f.data_type() {
+            DataType::FixedSizeList(_, len) => crate::pixels::side(*len as usize),
+            _ => None,
+        })
+        .unwrap_or(SIDE);
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(Int32Array::from(vec![partition; n])));
     columns.push(Arc::new(Int64Array::from(vec![offset; n])));
-    Ok(RecordBatch::try_new(schema(), columns)?)
+    Ok(RecordBatch::try_new(schema_sized(side), columns)?)
 }
 
 impl BatchSource for KafkaSource {
@@ -625,6 +657,10 @@ impl BatchSource for KafkaSource {
     }
 
     fn schema(&self) -> SchemaRef {
-        schema()
+        schema_sized(self.opts.image_side)
+    }
+
+    fn image_side(&self) -> usize {
+        self.opts.image_side
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 
-use crate::batch::make_batch;
+use crate::batch::make_batch_sized;
 use crate::dataset::{self, Batcher, DataSpec, Images, Split};
 use crate::error::{Error, Result};
 use crate::wire::Format;
@@ -159,6 +159,10 @@ pub struct SourceOptions {
     /// The run's number of classes K: a row whose label is not below K is rejected
     /// (CIFAR-10's 10 by default).
     pub classes: usize,
+    /// The side of the stream's images in pixels (`--image-size`; CIFAR's 32 by default).
+    /// A dataset source resizes its images to it; a wire source rejects an image of
+    /// another size.
+    pub image_side: usize,
 }
 
 impl Default for SourceOptions {
@@ -167,6 +171,7 @@ impl Default for SourceOptions {
             format: None,
             split: Split::Train,
             classes: crate::model::CLASSES,
+            image_side: crate::dataset::SIDE,
             batch_size: 100,
             epochs: Some(1),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
@@ -346,9 +351,14 @@ pub trait BatchSource: Send {
     fn batches_per_epoch(&self) -> Option<u64> {
         None
     }
-    /// The schema of its batches: [`crate::batch::stream_schema`] for image sources.
+    /// The schema of its batches: [`crate::batch::stream_schema_sized`] for image
+    /// sources.
     fn schema(&self) -> arrow::datatypes::SchemaRef {
-        crate::batch::stream_schema()
+        crate::batch::stream_schema_sized(self.image_side())
+    }
+    /// The side of its images (CIFAR's 32 unless the options said otherwise).
+    fn image_side(&self) -> usize {
+        crate::dataset::SIDE
     }
 }
 
@@ -416,6 +426,10 @@ impl BatchSource for Paced {
     fn schema(&self) -> arrow::datatypes::SchemaRef {
         self.inner.schema()
     }
+
+    fn image_side(&self) -> usize {
+        self.inner.image_side()
+    }
 }
 
 /// A source that connects (or opens its file) on first use.
@@ -451,6 +465,10 @@ impl BatchSource for Lazy {
     fn report(&self) -> Report {
         self.report.clone()
     }
+
+    fn image_side(&self) -> usize {
+        self.opts.image_side
+    }
 }
 
 /// Runs `f`, turning a panic into `Err(its message)`. A reader of hostile bytes must not
@@ -475,11 +493,13 @@ struct DataSource {
     next_batch: u64,
     skip: u64,
     report: Report,
+    side: usize,
 }
 
 impl DataSource {
     fn new(data: &DataSpec, opts: &SourceOptions) -> Result<Self> {
-        let (files, rejected) = dataset::load_split_counted(data, opts.split)?;
+        let side = dataset::check_side(opts.image_side)?;
+        let (files, rejected) = dataset::load_split_sized(data, opts.split, side)?;
         let report = Report::default();
         // An image folder's unreadable files, each named in the log when it was read.
         report.count_rejected(rejected as u64);
@@ -492,11 +512,16 @@ impl DataSource {
             next_batch: 0,
             skip: opts.skip,
             report,
+            side,
         })
     }
 }
 
 impl BatchSource for DataSource {
+    fn image_side(&self) -> usize {
+        self.side
+    }
+
     fn batches_per_epoch(&self) -> Option<u64> {
         let images: usize = self.files.iter().map(Images::len).sum();
         Some(images.div_ceil(self.batch_size) as u64)
@@ -515,7 +540,7 @@ impl BatchSource for DataSource {
                         continue;
                     }
                     let n = images.len();
-                    let out = make_batch(seq, None, images.labels, images.pixels)?;
+                    let out = make_batch_sized(seq, None, images.labels, images.pixels, self.side)?;
                     self.report.accept(n);
                     return Ok(Some(out));
                 }
@@ -564,6 +589,7 @@ mod tests {
             Report::default(),
             DEFAULT_MAX_LINE_BYTES,
             crate::model::CLASSES,
+            crate::dataset::SIDE,
         );
         let mut rows = 0;
         for _ in 0..1000 {
@@ -817,6 +843,7 @@ mod tests {
                 progress: false,
                 write_timeout: None,
                 shuffle: None,
+                image_side: crate::dataset::SIDE,
             };
             let mut bytes = Vec::new();
             crate::server::stream_to(&mut bytes, &files, &serve).unwrap();

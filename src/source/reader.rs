@@ -9,11 +9,12 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, FixedSizeListArray, UInt8Array};
+use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 
 use super::{catch_panic, BatchSource, Rejection, Report, SourceOptions};
-use crate::batch::{first_bad_label, make_batch};
-use crate::dataset::IMAGE_BYTES;
+use crate::batch::{first_bad_label, make_batch_sized};
+use crate::dataset::{image_bytes, SIDE};
 use crate::error::{Error, Result};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
@@ -90,6 +91,13 @@ pub fn from_reader(
         },
     };
     report.set_format(format);
+    if format == Format::SparkJson && opts.image_side != SIDE {
+        return Err(Error::usage(format!(
+            "{name}: the spark-json format (the original's) carries 32x32 images only, and \
+             this run's images are {s}x{s} (--image-size {s}): stream them as ndjson or arrow",
+            s = opts.image_side
+        )));
+    }
     let reader: Box<dyn Read + Send> = Box::new(Cursor::new(prefix).chain(reader));
     Ok(match format {
         Format::Arrow => Box::new(ArrowSource::new(
@@ -98,6 +106,7 @@ pub fn from_reader(
             report,
             opts.max_line_bytes,
             opts.classes,
+            opts.image_side,
         )),
         Format::SparkJson | Format::Ndjson => Box::new(JsonLines {
             lines: LineReader::new(reader, opts.max_line_bytes),
@@ -109,6 +118,7 @@ pub fn from_reader(
             spark: spark_json::DecodedBatch::default(),
             ndjson: None,
             classes: opts.classes,
+            side: opts.image_side,
         }),
     })
 }
@@ -280,6 +290,7 @@ struct JsonLines {
     spark: spark_json::DecodedBatch,
     ndjson: Option<ndjson::LineDecoder>,
     classes: usize,
+    side: usize,
 }
 
 /// The next line of `lines`, counting its bytes in `report`.
@@ -339,7 +350,13 @@ impl JsonLines {
                 Ok(()) => {
                     let spark = std::mem::take(&mut self.spark);
                     let n = spark.len();
-                    let out = make_batch(batch, Some(spark.rows), spark.labels, spark.pixels)?;
+                    let out = make_batch_sized(
+                        batch,
+                        Some(spark.rows),
+                        spark.labels,
+                        spark.pixels,
+                        SIDE,
+                    )?;
                     report.accept(n);
                     return Ok(Some(out));
                 }
@@ -369,7 +386,7 @@ impl JsonLines {
         let max = self.lines.max;
         let mut decoder = match self.ndjson.take() {
             Some(d) => d,
-            None => ndjson::LineDecoder::with_classes(self.classes)?,
+            None => ndjson::LineDecoder::sized(self.classes, self.side)?,
         };
         let report = self.report.clone();
         let batch = self.next_batch;
@@ -434,13 +451,17 @@ impl JsonLines {
             return if ended { Ok(None) } else { self.next_ndjson() };
         }
         let n = labels.len();
-        let out = make_batch(batch, Some(rows), labels, pixels)?;
+        let out = make_batch_sized(batch, Some(rows), labels, pixels, self.side)?;
         report.accept(n);
         Ok(Some(out))
     }
 }
 
 impl BatchSource for JsonLines {
+    fn image_side(&self) -> usize {
+        self.side
+    }
+
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         match self.format {
             Format::Ndjson => self.next_ndjson(),
@@ -483,6 +504,7 @@ pub(super) struct ArrowSource {
     max_message: usize,
     pub(super) report: Report,
     classes: usize,
+    side: usize,
 }
 
 impl ArrowSource {
@@ -492,6 +514,7 @@ impl ArrowSource {
         report: Report,
         max_message: usize,
         classes: usize,
+        side: usize,
     ) -> Self {
         ArrowSource {
             reader: Counted {
@@ -504,6 +527,7 @@ impl ArrowSource {
             max_message,
             report,
             classes,
+            side,
         }
     }
 
@@ -600,6 +624,10 @@ impl ArrowSource {
 }
 
 impl BatchSource for ArrowSource {
+    fn image_side(&self) -> usize {
+        self.side
+    }
+
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         loop {
             if self.decoder.is_none() {
@@ -646,7 +674,7 @@ impl BatchSource for ArrowSource {
             };
             let seq = self.next_batch;
             self.next_batch += 1;
-            match restamp(&batch, seq, self.classes) {
+            match restamp(&batch, seq, self.classes, self.side) {
                 Ok(out) => {
                     self.report.accept(out.num_rows());
                     return Ok(Some(out));
@@ -667,13 +695,16 @@ impl BatchSource for ArrowSource {
     }
 }
 
-/// Check an incoming Arrow batch (any schema with `label: UInt8` and
-/// `image: FixedSizeList<UInt8, 3072>`) and give it the stream schema and sequence number.
+/// Check an incoming Arrow batch (any schema with `label: UInt8` or `UInt16` and
+/// `image: FixedSizeList<UInt8, 3·side²>`) and give it the stream schema and sequence
+/// number.
 pub(super) fn restamp(
     batch: &RecordBatch,
     seq: u64,
     classes: usize,
+    side: usize,
 ) -> std::result::Result<RecordBatch, (Option<u32>, String)> {
+    let per = image_bytes(side);
     let label = batch
         .column_by_name("label")
         .ok_or((None, "no `label` column".to_string()))?;
@@ -684,14 +715,26 @@ pub(super) fn restamp(
     let image = image
         .as_any()
         .downcast_ref::<FixedSizeListArray>()
-        .filter(|a| a.value_length() as usize == IMAGE_BYTES)
-        .ok_or((
-            None,
-            format!(
-                "`image` is {}, not FixedSizeList<UInt8, 3072>",
-                image.data_type()
-            ),
-        ))?;
+        .filter(|a| a.value_length() as usize == per)
+        .ok_or_else(|| {
+            let theirs = match image.data_type() {
+                DataType::FixedSizeList(_, n) => crate::pixels::side(*n as usize),
+                _ => None,
+            };
+            let hint = match theirs {
+                Some(s) => {
+                    format!(": its images are {s}x{s} and this run's {side}x{side} (--image-size)")
+                }
+                None => format!(" ({side}x{side} RGB images)"),
+            };
+            (
+                None,
+                format!(
+                    "`image` is {}, not FixedSizeList<UInt8, {per}>{hint}",
+                    image.data_type()
+                ),
+            )
+        })?;
     if let Some(i) = (0..image.len()).find(|&i| image.is_null(i)) {
         return Err((Some(i as u32), "null image".into()));
     }
@@ -711,8 +754,9 @@ pub(super) fn restamp(
     }
     let pixels = values
         .values()
-        .get(..labels.len() * IMAGE_BYTES)
+        .get(..labels.len() * per)
         .ok_or((None, "`image` is shorter than `label`".to_string()))?
         .to_vec();
-    make_batch(seq, None, labels.into_owned(), pixels).map_err(|e| (None, e.to_string()))
+    make_batch_sized(seq, None, labels.into_owned(), pixels, side)
+        .map_err(|e| (None, e.to_string()))
 }

@@ -25,7 +25,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::batch::{make_batch, stream_schema};
+use crate::batch::{make_batch_sized, stream_schema_sized};
 use crate::error::{Error, Result};
 use crate::wire::{ndjson, spark_json, Format};
 
@@ -328,6 +328,21 @@ pub fn encode_record(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     out.clear();
+    // The images' side, from their share of the pixels (CIFAR's 32 for an empty batch).
+    let per = pixels
+        .len()
+        .checked_div(labels.len())
+        .unwrap_or(crate::dataset::IMAGE_BYTES);
+    let side = crate::pixels::side(per).ok_or_else(|| {
+        Error::usage(format!(
+            "batch {seq}: {} pixel bytes for {} labels are not whole RGB square images",
+            pixels.len(),
+            labels.len()
+        ))
+    })?;
+    if format == Format::SparkJson {
+        crate::server::check_format(format, side)?;
+    }
     match format {
         Format::SparkJson => {
             out.reserve(spark_json::encoded_len(labels, pixels));
@@ -338,9 +353,11 @@ pub fn encode_record(
         }
         Format::Ndjson => ndjson::encode(labels, pixels, out),
         Format::Arrow => {
-            let batch = make_batch(seq, None, labels.to_vec(), pixels.to_vec())?;
-            let mut w =
-                arrow::ipc::writer::StreamWriter::try_new(std::mem::take(out), &stream_schema())?;
+            let batch = make_batch_sized(seq, None, labels.to_vec(), pixels.to_vec(), side)?;
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(
+                std::mem::take(out),
+                &stream_schema_sized(side),
+            )?;
             w.write(&batch)?;
             w.finish()?;
             *out = w.into_inner()?;

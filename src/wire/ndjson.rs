@@ -17,15 +17,19 @@ use arrow::array::{Array, FixedSizeListArray, UInt16Array, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::json::reader::{Decoder, ReaderBuilder};
 
-use crate::batch::image_type;
-use crate::dataset::{CLASSES, IMAGE_BYTES};
+use crate::batch::image_type_sized;
+#[cfg(test)]
+use crate::dataset::IMAGE_BYTES;
+use crate::dataset::{image_bytes, CLASSES, SIDE};
 use crate::error::Result;
 
 /// Append one line per image (each ending in `\n`; no blank line after the batch).
 pub fn encode(labels: &[u16], pixels: &[u8], out: &mut Vec<u8>) {
     let table = digits();
-    out.reserve(labels.len() * (IMAGE_BYTES * 5 + 32));
-    for (label, image) in labels.iter().zip(pixels.chunks_exact(IMAGE_BYTES)) {
+    // Images of any side: each is its share of the pixels.
+    let per = pixels.len().checked_div(labels.len()).unwrap_or(1).max(1);
+    out.reserve(labels.len() * (per * 5 + 32));
+    for (label, image) in labels.iter().zip(pixels.chunks_exact(per)) {
         out.extend_from_slice(b"{\"label\": ");
         out.extend_from_slice(label.to_string().as_bytes());
         out.extend_from_slice(b", \"image\": [");
@@ -44,11 +48,16 @@ fn digits() -> &'static [String; 256] {
     TABLE.get_or_init(|| std::array::from_fn(|i| i.to_string()))
 }
 
-/// The schema one ndjson line decodes to.
+/// The schema one ndjson line of a 32×32 image decodes to.
 pub fn line_schema() -> SchemaRef {
+    line_schema_sized(SIDE)
+}
+
+/// The schema one ndjson line of a `side`×`side` image decodes to.
+pub fn line_schema_sized(side: usize) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("label", DataType::UInt16, false),
-        Field::new("image", image_type(), false),
+        Field::new("image", image_type_sized(side), false),
     ]))
 }
 
@@ -57,6 +66,7 @@ pub struct LineDecoder {
     schema: SchemaRef,
     decoder: Decoder,
     classes: usize,
+    side: usize,
 }
 
 impl LineDecoder {
@@ -68,14 +78,26 @@ impl LineDecoder {
             schema,
             decoder,
             classes: CLASSES,
+            side: SIDE,
         })
     }
 
     /// A decoder for a run of `classes` classes: a label not below it is an error.
     pub fn with_classes(classes: usize) -> Result<Self> {
-        let mut d = Self::new()?;
-        d.classes = classes;
-        Ok(d)
+        Self::sized(classes, SIDE)
+    }
+
+    /// A decoder for a run of `classes` classes and `side`×`side` images: a label not
+    /// below `classes`, or an image of another number of values, is an error.
+    pub fn sized(classes: usize, side: usize) -> Result<Self> {
+        let schema = line_schema_sized(side);
+        let decoder = Self::build(&schema)?;
+        Ok(LineDecoder {
+            schema,
+            decoder,
+            classes,
+            side,
+        })
     }
 
     fn build(schema: &SchemaRef) -> Result<Decoder> {
@@ -84,11 +106,21 @@ impl LineDecoder {
             .build_decoder()?)
     }
 
-    /// Decode one line into its label, appending its 3,072 pixels to `pixels`.
+    /// Decode one line into its label, appending its `3·side²` pixels to `pixels`.
     ///
     /// On error nothing is appended and the reason is returned.
     pub fn decode_line(&mut self, line: &[u8], pixels: &mut Vec<u8>) -> Result<u16, String> {
-        let result = self.decode_inner(line, pixels);
+        let result = self.decode_inner(line, pixels).map_err(|e| {
+            if e.contains("number of elements for FixedSizeList") {
+                // An image of another side than the run's.
+                format!(
+                    "{e} (this run's images are {s}x{s}: --image-size)",
+                    s = self.side
+                )
+            } else {
+                e
+            }
+        });
         if result.is_err() {
             // The decoder's state after an error is unspecified: start afresh.
             match Self::build(&self.schema) {
@@ -143,8 +175,13 @@ impl LineDecoder {
             .as_any()
             .downcast_ref::<UInt8Array>()
             .ok_or("`image` values did not decode as UInt8")?;
-        if values.len() != IMAGE_BYTES {
-            return Err(format!("image has {} values, not 3072", values.len()));
+        let want = image_bytes(self.side);
+        if values.len() != want {
+            return Err(format!(
+                "image has {} values, not {want} ({s}x{s} RGB)",
+                values.len(),
+                s = self.side
+            ));
         }
         if values.null_count() > 0 {
             return Err("image has null values".into());

@@ -186,7 +186,8 @@ def main():
     cfg = json.load(open(sys.argv[1]))
     net = cfg["net"]
     net["whiten"] = np.asarray(net["whiten"], dtype=np.float64).reshape(12, 24)
-    x = np.asarray(cfg["x"], dtype=np.float64).reshape(-1, 32, 32, 3)
+    side = cfg.get("side", 32)
+    x = np.asarray(cfg["x"], dtype=np.float64).reshape(-1, side, side, 3)
     y = np.asarray(cfg["y"], dtype=np.int64)
     params = shaped(net, cfg["params"])
     loss, logits, cache = forward(net, params, x, y, keep=True)

@@ -2,18 +2,20 @@
 """Test-only: builds image folders and CIFAR-100 files for tests/folders.rs, and checks
 cifar-df's decoded images against Pillow's.
 
-    datasets.py folder OUT CLASSES PER_CLASS TEST_PER_CLASS SEED
+    datasets.py folder OUT CLASSES PER_CLASS TEST_PER_CLASS SEED [SIZES]
         OUT/train/cNN/*.png|*.jpg (and OUT/test/...): images of mixed sizes (32x32, 17x23,
-        48x40) and modes (RGB, L, RGBA, P), each class a colour, so that they are learnable.
+        48x40, or SIZES such as 64x64,17x23: height x width) and modes (RGB, L, RGBA, P),
+        each class a colour, so that they are learnable.
     datasets.py bad OUT        OUT/train/cNN/ with good images, plus a text file named .jpg,
         a truncated PNG and a 0-byte .png, which must be rejected by name.
     datasets.py cifar100 OUT PER_CLASS_TRAIN PER_CLASS_TEST SEED
         OUT/cifar-100-binary/{train,test}.bin + fine_label_names.txt and
         OUT/cifar-100-python/{train,test,meta} (pickle protocol 2, as the official files).
-    datasets.py compare FOLDER PARQUET
-        Every 32x32 image file of FOLDER/train, decoded by Pillow, against the images of the
-        Parquet file `cifar-df export` wrote: PNGs must be found exactly (same label), JPEGs
-        within a mean absolute difference of 2 per value. Prints the worst JPEG difference.
+    datasets.py compare FOLDER PARQUET [SIDE]
+        Every SIDE x SIDE (default 32x32) image file of FOLDER/train, decoded by Pillow,
+        against the images of the Parquet file `cifar-df export` wrote: PNGs must be found
+        exactly (same label), JPEGs within a mean absolute difference of 2 per value.
+        Prints the worst JPEG difference.
 """
 import os, pickle, sys
 import numpy as np
@@ -33,8 +35,9 @@ def picture(k, classes, rng, h, w):
     img[(k * 3) % h, :, :] = 255 - base
     return img
 
-def write_folder(out, classes, per_class, test_per_class, seed):
+def write_folder(out, classes, per_class, test_per_class, seed, sizes=None):
     rng = np.random.default_rng(seed)
+    sizes = sizes or SIZES
     for split, n in (("train", per_class), ("test", test_per_class)):
         if n == 0:
             continue
@@ -42,8 +45,8 @@ def write_folder(out, classes, per_class, test_per_class, seed):
             d = os.path.join(out, split, f"c{k:02d}")
             os.makedirs(d, exist_ok=True)
             for i in range(n):
-                h, w = SIZES[i % len(SIZES)]
-                mode = MODES[(i // len(SIZES)) % len(MODES)]
+                h, w = sizes[i % len(sizes)]
+                mode = MODES[(i // len(sizes)) % len(MODES)]
                 im = Image.fromarray(picture(k, classes, rng, h, w)).convert(mode)
                 if i % 2 == 0 or mode in ("RGBA", "P"):
                     im.save(os.path.join(d, f"{i:04d}.png"))
@@ -87,11 +90,12 @@ def write_cifar100(out, per_train, per_test, seed):
     with open(os.path.join(p, "meta"), "wb") as f:
         pickle.dump({"fine_label_names": names, "coarse_label_names": coarse}, f, protocol=2)
 
-def compare(folder, parquet):
+def compare(folder, parquet, side=32):
     import pyarrow.parquet as pq
     t = pq.read_table(parquet)
     labels = t["label"].to_numpy()
-    images = np.array(t["image"].combine_chunks().values.to_numpy()).reshape(len(labels), 3072)
+    images = np.array(t["image"].combine_chunks().values.to_numpy()).reshape(
+        len(labels), 3 * side * side)
     classes = sorted(os.listdir(os.path.join(folder, "train")))
     exact = {}
     for i, (l, px) in enumerate(zip(labels, images)):
@@ -104,7 +108,7 @@ def compare(folder, parquet):
                 im = Image.open(os.path.join(d, name)); im.load()
             except Exception:
                 continue
-            if im.size != (32, 32):
+            if im.size != (side, side):
                 continue
             px = np.asarray(im.convert("RGB")).transpose(2, 0, 1).reshape(-1)
             if name.endswith(".png"):
@@ -121,10 +125,13 @@ def compare(folder, parquet):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "folder":
-        write_folder(sys.argv[2], *map(int, sys.argv[3:7]))
+        sizes = None
+        if len(sys.argv) > 7:
+            sizes = [tuple(map(int, s.split("x"))) for s in sys.argv[7].split(",")]
+        write_folder(sys.argv[2], *map(int, sys.argv[3:7]), sizes=sizes)
     elif cmd == "bad":
         write_bad(sys.argv[2])
     elif cmd == "cifar100":
         write_cifar100(sys.argv[2], *map(int, sys.argv[3:6]))
     elif cmd == "compare":
-        compare(sys.argv[2], sys.argv[3])
+        compare(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:5]))

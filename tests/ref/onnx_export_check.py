@@ -1,9 +1,9 @@
 """Runs a model `cifar-df export-model` wrote in onnxruntime, the independent reference.
 
-usage: onnx_export_check.py MODEL.onnx IMAGES.u8 N OUT.json
+usage: onnx_export_check.py MODEL.onnx IMAGES.u8 N OUT.json [SIDE]
 
-IMAGES.u8 holds N images in CIFAR order (3 planes of 32x32 bytes each, R, G, B), which is
-already [N, 3, 32, 32]; the model is fed them as float32 in [0, 1]. The model is first
+IMAGES.u8 holds N images in CIFAR order (3 planes of SIDE x SIDE bytes each, R, G, B;
+SIDE 32 by default), which is already [N, 3, SIDE, SIDE]; the model is fed them as float32 in [0, 1]. The model is first
 checked by onnx's own checker. OUT.json gets every output (flattened) and the metadata.
 """
 import json
@@ -14,9 +14,10 @@ import onnx
 import onnxruntime as ort
 
 model_path, images_path, n, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+side = int(sys.argv[5]) if len(sys.argv) > 5 else 32
 model = onnx.load(model_path)
 onnx.checker.check_model(model, full_check=True)
-x = np.fromfile(images_path, dtype=np.uint8).reshape(n, 3, 32, 32).astype(np.float32) / 255.0
+x = np.fromfile(images_path, dtype=np.uint8).reshape(n, 3, side, side).astype(np.float32) / 255.0
 sess = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
 names = [o.name for o in sess.get_outputs()]
 outs = sess.run(names, {sess.get_inputs()[0].name: x})

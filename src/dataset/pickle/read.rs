@@ -1243,6 +1243,7 @@ impl<'a> Vm<'a> {
         Ok(Images {
             labels: out,
             pixels,
+            side: crate::dataset::SIDE,
         })
     }
 }

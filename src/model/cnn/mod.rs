@@ -38,7 +38,7 @@ pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 /// See [`MEAN`].
 pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
 
-/// Floats of an input row.
+/// Floats of an input row of 32×32 images (`3·side²` at another side).
 pub const INPUT: usize = SIDE * SIDE * CHANNELS;
 
 /// Hyper-parameters of `--model cnn`.
@@ -92,12 +92,16 @@ pub struct CnnParams {
     /// Number of classes K: labels are 0..K and the probabilities have K columns. The
     /// trainer sets it from the data's classes; 2 to 1,000. Default 10 (CIFAR-10).
     pub classes: usize,
+    /// Side of the input images: the trainer sets it from the run's image size
+    /// (`--image-size`); 32 by default. The weights do not depend on it.
+    pub side: usize,
 }
 
 impl Default for CnnParams {
     fn default() -> Self {
         CnnParams {
             classes: CLASSES,
+            side: SIDE,
             widths: vec![32, 64, 128],
             batch_size: 256,
             lr: 11.5,
@@ -177,7 +181,13 @@ impl CnnParams {
             scale: self.scale,
             bn_eps: 1e-12,
             bn_momentum: self.bn_momentum,
+            side: self.side,
         }
+    }
+
+    /// Floats of an input row: `3·side²`.
+    pub fn input(&self) -> usize {
+        self.side * self.side * CHANNELS
     }
 }
 
@@ -249,18 +259,19 @@ impl Cnn {
         }
     }
 
-    /// Converts rows of CIFAR-ordered floats (`[n, 3072]`, planes R, G, B) into NHWC.
-    fn to_nhwc(x: ArrayView2<f32>, flip: bool) -> Vec<f32> {
+    /// Converts rows of CIFAR-ordered floats (`[n, 3·side²]`, planes R, G, B) into NHWC.
+    fn to_nhwc(x: ArrayView2<f32>, side: usize, flip: bool) -> Vec<f32> {
         let n = x.nrows();
-        let plane = SIDE * SIDE;
-        let mut out = vec![0.0f32; n * INPUT];
+        let plane = side * side;
+        let input = plane * CHANNELS;
+        let mut out = vec![0.0f32; n * input];
         for (i, row) in x.rows().into_iter().enumerate() {
-            let dst = &mut out[i * INPUT..(i + 1) * INPUT];
-            for y in 0..SIDE {
-                for xx in 0..SIDE {
-                    let sx = if flip { SIDE - 1 - xx } else { xx };
+            let dst = &mut out[i * input..(i + 1) * input];
+            for y in 0..side {
+                for xx in 0..side {
+                    let sx = if flip { side - 1 - xx } else { xx };
                     for c in 0..CHANNELS {
-                        dst[(y * SIDE + xx) * CHANNELS + c] = row[c * plane + y * SIDE + sx];
+                        dst[(y * side + xx) * CHANNELS + c] = row[c * plane + y * side + sx];
                     }
                 }
             }
@@ -272,8 +283,8 @@ impl Cnn {
     /// starts the network, without learning from them: what the first batch does before
     /// its first step.
     pub fn init_from(&mut self, x: ArrayView2<f32>) -> Result<()> {
-        check_features(x, Some(INPUT))?;
-        let xs = Self::to_nhwc(x, false);
+        check_features(x, Some(self.params.input()))?;
+        let xs = Self::to_nhwc(x, self.params.side, false);
         self.init(&xs, x.nrows());
         Ok(())
     }
@@ -284,7 +295,7 @@ impl Cnn {
     }
 
     fn init(&mut self, x: &[f32], n: usize) {
-        let whiten = net::whitening_weights(x, n, self.params.whiten_eps);
+        let whiten = net::whitening_weights(x, n, self.params.side, self.params.whiten_eps);
         let mut rng = SplitMix(self.params.seed);
         let net = Net::new(self.params.arch(), whiten, &mut rng);
         self.momentum = net.params.iter().map(|p| vec![0.0; p.len()]).collect();
@@ -379,12 +390,13 @@ impl Cnn {
         y: ArrayView1<u16>,
         scored: bool,
     ) -> Result<(f64, Option<Array2<f32>>)> {
-        check_batch(x, y, Some(INPUT), self.params.classes)?;
+        let input = self.params.input();
+        check_batch(x, y, Some(input), self.params.classes)?;
         let n = x.nrows();
         if n == 0 {
             return Ok((0.0, scored.then(|| Array2::zeros((0, self.params.classes)))));
         }
-        let xs = Self::to_nhwc(x, false);
+        let xs = Self::to_nhwc(x, self.params.side, false);
         if self.net.is_none() {
             let arch = self.params.arch();
             let bs = self.params.batch_size.min(n);
@@ -403,7 +415,7 @@ impl Cnn {
         let mut proba = scored.then(|| Array2::<f32>::zeros((n, self.params.classes)));
         for start in (0..n).step_by(bs) {
             let end = (start + bs).min(n);
-            let (loss, logits) = self.step(&xs[start * INPUT..end * INPUT], &ys[start..end])?;
+            let (loss, logits) = self.step(&xs[start * input..end * input], &ys[start..end])?;
             total += loss * (end - start) as f64;
             if let Some(p) = proba.as_mut() {
                 let l = ArrayView2::from_shape((end - start, self.params.classes), &logits)
@@ -426,12 +438,12 @@ impl Cnn {
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
             let rows = x.slice(ndarray::s![start..end, ..]);
-            let xs = Self::to_nhwc(rows, false);
+            let xs = Self::to_nhwc(rows, self.params.side, false);
             let m = end - start;
             let mut l = net.forward_score(&xs, m, None);
             if self.params.tta_translate {
                 for (dy, dx) in [(-1, -1), (1, 1)] {
-                    let moved = translate_nhwc(&xs, m, dy, dx);
+                    let moved = translate_nhwc(&xs, m, self.params.side, dy, dx);
                     let lt = net.forward_score(&moved, m, None);
                     for (a, b) in l.iter_mut().zip(lt) {
                         *a += 0.5 * b;
@@ -450,19 +462,21 @@ impl Cnn {
     }
 }
 
-/// NHWC images moved so that pixel (y, x) is the input's (y + dy, x + dx), the border
-/// reflected (`-1 → 1`, `32 → 30`), as `translate()` and PyTorch's reflect padding.
-fn translate_nhwc(x: &[f32], n: usize, dy: isize, dx: isize) -> Vec<f32> {
-    let reflect = |i: isize| crate::pixels::reflect(i as i64, SIDE as i64);
+/// NHWC images of `side`×`side` moved so that pixel (y, x) is the input's
+/// (y + dy, x + dx), the border reflected (`-1 → 1`, `32 → 30`), as `translate()` and
+/// PyTorch's reflect padding.
+fn translate_nhwc(x: &[f32], n: usize, side: usize, dy: isize, dx: isize) -> Vec<f32> {
+    let reflect = |i: isize| crate::pixels::reflect(i as i64, side as i64);
     let mut out = vec![0.0f32; x.len()];
+    let input = side * side * CHANNELS;
     for img in 0..n {
-        let base = img * INPUT;
-        for y in 0..SIDE {
+        let base = img * input;
+        for y in 0..side {
             let sy = reflect(y as isize + dy);
-            for xx in 0..SIDE {
+            for xx in 0..side {
                 let sx = reflect(xx as isize + dx);
-                let d = base + (y * SIDE + xx) * CHANNELS;
-                let src = base + (sy * SIDE + sx) * CHANNELS;
+                let d = base + (y * side + xx) * CHANNELS;
+                let src = base + (sy * side + sx) * CHANNELS;
                 out[d..d + CHANNELS].copy_from_slice(&x[src..src + CHANNELS]);
             }
         }
@@ -507,7 +521,7 @@ impl Learner for Cnn {
     }
 
     fn n_features(&self) -> Option<usize> {
-        Some(INPUT)
+        Some(self.params.input())
     }
 
     fn classes(&self) -> usize {
@@ -536,7 +550,7 @@ impl Learner for Cnn {
     }
 
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
-        check_features(x, Some(INPUT))?;
+        check_features(x, Some(self.params.input()))?;
         let mut l = self.logits(x)?;
         crate::model::softmax_rows(&mut l.view_mut(), 1.0);
         Ok(l)
@@ -744,9 +758,9 @@ mod tests {
     fn test_time_translations_move_as_the_translate_function() {
         let mut rng = SplitMix(7);
         let (x, _) = random_batch(&mut rng, 2, INPUT);
-        let nhwc = Cnn::to_nhwc(x.view(), false);
+        let nhwc = Cnn::to_nhwc(x.view(), SIDE, false);
         for (dy, dx) in [(-1isize, -1isize), (1, 1), (2, -1)] {
-            let got = translate_nhwc(&nhwc, 2, dy, dx);
+            let got = translate_nhwc(&nhwc, 2, SIDE, dy, dx);
             let mut want = Vec::new();
             for row in x.rows() {
                 let mut moved = vec![0.0f32; INPUT];
@@ -759,7 +773,7 @@ mod tests {
                 )
                 .unwrap();
                 let m = ndarray::Array2::from_shape_vec((1, INPUT), moved).unwrap();
-                want.extend(Cnn::to_nhwc(m.view(), false));
+                want.extend(Cnn::to_nhwc(m.view(), SIDE, false));
             }
             assert_eq!(got, want, "({dy}, {dx})");
         }

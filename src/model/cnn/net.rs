@@ -17,8 +17,8 @@
 use super::ops::{self, BnCache, ConvShape, PoolShape, Scratch};
 use crate::rng::SplitMix;
 
-/// Side of the input images.
-pub const SIDE: usize = 32;
+/// Side of the input images unless the run's image size says otherwise (CIFAR's 32).
+pub const SIDE: usize = crate::dataset::SIDE;
 /// Channels of the input images.
 pub const CHANNELS: usize = 3;
 /// Kernel size of the whitening layer.
@@ -39,12 +39,21 @@ pub struct Arch {
     pub bn_eps: f32,
     /// BatchNorm's running-statistics momentum, PyTorch's convention (airbench94: 0.4).
     pub bn_momentum: f32,
+    /// Side of the input images (the run's image size; 32 in checkpoints written before
+    /// it was recorded). The parameters do not depend on it: the final pool takes the
+    /// last block's whole output.
+    #[serde(default = "default_side")]
+    pub side: usize,
+}
+
+fn default_side() -> usize {
+    SIDE
 }
 
 impl Arch {
     /// Side of the output of each block, the whitening layer's first.
     pub fn sides(&self) -> Vec<usize> {
-        let mut s = vec![SIDE + 1 - WHITEN_K];
+        let mut s = vec![self.side + 1 - WHITEN_K];
         for _ in &self.widths {
             let last = *s.last().unwrap_or(&0);
             s.push(last / 2);
@@ -52,10 +61,17 @@ impl Arch {
         s
     }
 
-    /// Checks that the network fits 32×32 images: each block halves the side, and the
+    /// Checks that the network fits its images: each block halves the side, and the
     /// last block's output must still be at least 1×1 (the final pool takes its whole
-    /// extent, up to 3×3).
+    /// extent: 3×3 at 32×32).
     pub fn check(&self) -> Result<(), String> {
+        if !(WHITEN_K..=crate::dataset::MAX_IMAGE_SIDE).contains(&self.side) {
+            return Err(format!(
+                "images of side {} (2 to {})",
+                self.side,
+                crate::dataset::MAX_IMAGE_SIDE
+            ));
+        }
         if self.widths.is_empty() {
             return Err("the network needs at least one block (widths = [])".into());
         }
@@ -69,7 +85,7 @@ impl Arch {
         let last = *sides.last().unwrap_or(&0);
         if last == 0 {
             return Err(format!(
-                "{} blocks do not fit 32×32 images: each halves the side ({}), and the last \
+                "{} blocks do not fit {s}×{s} images: each halves the side ({}), and the last \
                  would have no pixel left; use at most {} blocks",
                 self.widths.len(),
                 sides
@@ -77,7 +93,8 @@ impl Arch {
                     .map(|s| s.to_string())
                     .collect::<Vec<_>>()
                     .join(" → "),
-                max_blocks()
+                max_blocks(self.side),
+                s = self.side
             ));
         }
         Ok(())
@@ -128,8 +145,8 @@ impl Arch {
     pub fn whiten_shape(&self, n: usize) -> ConvShape {
         ConvShape {
             n,
-            h: SIDE,
-            w: SIDE,
+            h: self.side,
+            w: self.side,
             ci: CHANNELS,
             co: WHITEN_WIDTH,
             k: WHITEN_K,
@@ -190,9 +207,9 @@ impl Arch {
     }
 }
 
-/// The most blocks that fit 32×32 images.
-pub fn max_blocks() -> usize {
-    let mut side = SIDE + 1 - WHITEN_K;
+/// The most blocks that fit images of `side`×`side`.
+pub fn max_blocks(side: usize) -> usize {
+    let mut side = (side + 1).saturating_sub(WHITEN_K);
     let mut b = 0;
     while side / 2 > 0 {
         side /= 2;
@@ -205,12 +222,12 @@ pub fn max_blocks() -> usize {
 /// channel) from the covariance of the 2×2 patches of `images` (NHWC, already
 /// normalised): eigenvectors `v` scaled by `1/sqrt(λ + eps)`, largest first, then their
 /// negatives, as airbench94.
-pub fn whitening_weights(images: &[f32], n: usize, eps: f64) -> Vec<f32> {
+pub fn whitening_weights(images: &[f32], n: usize, side: usize, eps: f64) -> Vec<f32> {
     let d = WHITEN_K * WHITEN_K * CHANNELS;
     let s = ConvShape {
         n,
-        h: SIDE,
-        w: SIDE,
+        h: side,
+        w: side,
         ci: CHANNELS,
         co: 1,
         k: WHITEN_K,
@@ -221,11 +238,11 @@ pub fn whitening_weights(images: &[f32], n: usize, eps: f64) -> Vec<f32> {
     let mut patch = vec![0.0f32; d];
     let mut count = 0usize;
     for img in 0..n {
-        let x = &images[img * SIDE * SIDE * CHANNELS..(img + 1) * SIDE * SIDE * CHANNELS];
+        let x = &images[img * side * side * CHANNELS..(img + 1) * side * side * CHANNELS];
         for p in 0..per {
             let (oy, ox) = (p / s.ow(), p % s.ow());
             for ky in 0..WHITEN_K {
-                let src = ((oy + ky) * SIDE + ox) * CHANNELS;
+                let src = ((oy + ky) * side + ox) * CHANNELS;
                 patch[ky * WHITEN_K * CHANNELS..(ky + 1) * WHITEN_K * CHANNELS]
                     .copy_from_slice(&x[src..src + WHITEN_K * CHANNELS]);
             }

@@ -22,7 +22,7 @@
 use prost::Message;
 use tract_onnx::pb;
 
-use super::net::{Net, CHANNELS, SIDE, WHITEN_K, WHITEN_WIDTH};
+use super::net::{Net, CHANNELS, WHITEN_K, WHITEN_WIDTH};
 use super::{MEAN, STD};
 
 /// The opset the graph is written for.
@@ -256,11 +256,11 @@ fn network(g: &mut Graph, net: &Net, x: &str) -> (String, String) {
     (logits, feats)
 }
 
-/// Index lists that move an image by `d` pixels along an axis, the border reflected:
-/// output `i` is input `i + d`.
-fn shifted(d: isize) -> Vec<i64> {
-    (0..SIDE as i64)
-        .map(|i| crate::pixels::reflect(i + d as i64, SIDE as i64) as i64)
+/// Index lists that move an image of `side` pixels by `d` pixels along an axis, the
+/// border reflected: output `i` is input `i + d`.
+fn shifted(side: usize, d: isize) -> Vec<i64> {
+    (0..side as i64)
+        .map(|i| crate::pixels::reflect(i + d as i64, side as i64) as i64)
         .collect()
 }
 
@@ -299,6 +299,7 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
     let mut g = Graph::default();
     let k = net.arch.classes;
     let fw = net.arch.feature_width();
+    let side = net.arch.side;
     let mean = g.f32s("input.mean", &[1, CHANNELS, 1, 1], &MEAN);
     let std = g.f32s("input.std", &[1, CHANNELS, 1, 1], &STD);
     let centred = g.op("Sub", &[INPUT, &mean], vec![], None);
@@ -312,8 +313,8 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
     // moved up-left, moved down-right.
     let mut mirrors = vec![x.clone()];
     if tta.flip {
-        let idx: Vec<i64> = (0..SIDE as i64).rev().collect();
-        let flip = g.i64s("tta.flip", &[SIDE], &idx);
+        let idx: Vec<i64> = (0..side as i64).rev().collect();
+        let flip = g.i64s("tta.flip", &[side], &idx);
         mirrors.push(g.op("Gather", &[&x, &flip], vec![attr_int("axis", 3)], None));
     }
     let mut views = Vec::new();
@@ -325,7 +326,7 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
         for &d in shifts {
             let name = if d < 0 { "tta.back" } else { "tta.forward" };
             if !g.has(name) {
-                g.i64s(name, &[SIDE], &shifted(d));
+                g.i64s(name, &[side], &shifted(side, d));
             }
             let rows = g.op("Gather", &[m, name], vec![attr_int("axis", 2)], None);
             views.push(g.op("Gather", &[&rows, name], vec![attr_int("axis", 3)], None));
@@ -372,7 +373,7 @@ pub fn export(net: &Net, tta: Tta, doc: &str) -> Vec<u8> {
         initializer: g.inits,
         input: vec![tensor_info(
             INPUT,
-            &[None, Some(CHANNELS), Some(SIDE), Some(SIDE)],
+            &[None, Some(CHANNELS), Some(side), Some(side)],
         )],
         output: vec![
             output("logits", k),
