@@ -483,7 +483,20 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
     // A resumed cache job keeps its extractor's side; another side is refused.
     run_ok(&mut features(&[]));
     let e = fails(&mut features(&["--image-size", "32"]));
-    assert!(e.contains("encodes images of 64x64"), "{e}");
+    assert!(e.contains("holds features of images of 64x64"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(f.join("image-size"))
+            .unwrap()
+            .trim(),
+        "64"
+    );
+    // A side is the run's, not an extractor's or a network's parameter.
+    let e = fails(
+        bin()
+            .args(["features", "--data", data, "--set", "side=64", "--out"])
+            .arg(tmp.path().join("F2")),
+    );
+    assert!(e.contains("`side` is the run's image size"), "{e}");
 
     // Over TCP: ndjson and arrow carry 64×64; spark-json (the original's) is 32×32 only.
     let e = fails(bin().args(["stream", "--data", data, "--image-size", "64"]));
@@ -570,6 +583,86 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
             .arg(&runs),
     );
     assert!(out.contains("[N, 3, 64, 64]"), "{out}");
+
+    // Features of the 64×64 CNN for another model: the run takes the extractor's side.
+    let (stdout, _) = train(
+        &dir,
+        &runs,
+        "on-cnn",
+        "logreg",
+        &["--extractor", "run:cnn", "--epochs", "3"],
+    );
+    assert!(stdout.contains("18 images"), "{stdout}");
+    let config = std::fs::read_to_string(runs.join("on-cnn/config.toml")).unwrap();
+    assert!(config.contains("image_size = 64"), "{config}");
+    let e = fails(
+        bin()
+            .args([
+                "train", "--data", data, "--model", "cnn", "--set", "side=64",
+            ])
+            .arg("--runs")
+            .arg(&runs),
+    );
+    assert!(e.contains("--image-size"), "{e}");
+    // A network that fits its side though not 32×32 (five blocks at 128×128).
+    run_ok(
+        bin()
+            .args([
+                "-q",
+                "train",
+                "--data",
+                "synthetic:16:0:1",
+                "--image-size",
+                "128",
+            ])
+            .args(["--model", "cnn", "--set", "widths=[4,4,4,4,4]", "--no-test"])
+            .args(["--no-plots", "--run", "deep", "--runs"])
+            .arg(&runs),
+    );
+    // Batches larger than the default line cap (64 MiB: 100 images of 512×512 are 79 MB
+    // as one Arrow message over loopback).
+    let (stdout, _) = run_ok(
+        bin()
+            .args([
+                "train",
+                "--data",
+                "synthetic:100:0:1",
+                "--image-size",
+                "512",
+            ])
+            .args([
+                "--batch-size",
+                "100",
+                "--model",
+                "logreg",
+                "--no-test",
+                "--no-plots",
+            ])
+            .args(["--run", "big", "--runs"])
+            .arg(&runs),
+    );
+    assert!(stdout.contains("100 images"), "{stdout}");
+    // Resized images are checked against the memory limit before they are made.
+    let e = fails(
+        bin()
+            .args([
+                "--memory-limit",
+                "200M",
+                "export",
+                "--source",
+                "synthetic:1000:0",
+            ])
+            .args(["--image-size", "512", "--out"])
+            .arg(tmp.path().join("huge")),
+    );
+    assert!(e.contains("1000 images of 512x512"), "{e}");
+    // Publishing 64×64 images in spark-json is refused before any broker is reached.
+    let e = fails(
+        bin()
+            .args(["export", "--source", data, "--image-size", "64"])
+            .args(["--to", "kafka://127.0.0.1:9/t", "--connect-timeout", "1"]),
+    );
+    assert!(e.contains("--to-format ndjson or arrow"), "{e}");
 
     // CIFAR-sized images at --image-size 48: the SQL `resize` kernel's bytes.
     let up = tmp.path().join("up.parquet");

@@ -93,7 +93,8 @@ pub struct TrainSourceArgs {
     pub sql: Option<PathBuf>,
     /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
     /// (bilinear; an image folder's are decoded straight to it), a stream's must have it
-    /// [default: the config's `image_size`, a resumed run's, or 32, CIFAR's].
+    /// [train: the config's `image_size`, a resumed run's, --extractor's side, or 32,
+    /// CIFAR's; predict: the run's].
     #[arg(long, value_name = "SIDE")]
     pub image_size: Option<usize>,
 }
@@ -556,7 +557,7 @@ impl SourceArgs {
         if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
             bail!("--connect-timeout must be a number of seconds ≥ 0");
         }
-        let opts = SourceOptions {
+        let mut opts = SourceOptions {
             format: self.format,
             split: self.split,
             batch_size: self.batch_size,
@@ -569,10 +570,11 @@ impl SourceArgs {
             pace: Duration::ZERO,
             shuffle: false,
             classes: crate::model::CLASSES,
-            image_side: crate::dataset::check_side(
-                self.image_size.unwrap_or(crate::dataset::SIDE),
-            )?,
+            image_side: crate::dataset::SIDE,
         };
+        opts.set_image_side(crate::dataset::check_side(
+            self.image_size.unwrap_or(crate::dataset::SIDE),
+        )?);
         Ok((spec, opts))
     }
 }
@@ -645,8 +647,9 @@ pub struct FeaturesArgs {
     #[command(flatten)]
     pub on: WorkersArgs,
     /// Side of the images in pixels: a dataset's images are resized to SIDE×SIDE
-    /// (bilinear; an image folder's are decoded straight to it)
-    /// [default: 32, CIFAR's].
+    /// (bilinear; an image folder's are decoded straight to it) [default: a resumed job's,
+    /// else the extractor's side (a fitted patch extractor, a run's CNN), else 32,
+    /// CIFAR's].
     #[arg(long, value_name = "SIDE")]
     pub image_size: Option<usize>,
 }

@@ -306,6 +306,13 @@ async fn publish_source(
     progress: bool,
 ) -> anyhow::Result<ExitCode> {
     let url = crate::wire::kafka::KafkaUrl::parse(to)?;
+    if format == Format::SparkJson && opts.image_side != crate::dataset::SIDE {
+        bail!(
+            "--to-format spark-json (the original's format) carries 32x32 images only; images \
+             of {0}x{0} (--image-size {0}) go out with --to-format ndjson or arrow",
+            opts.image_side
+        );
+    }
     let timeout = opts.connect_timeout;
     let url2 = url.clone();
     let mut publisher = tokio::task::spawn_blocking(move || {
@@ -639,8 +646,14 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
         e.save(&ex_dir)?;
         e
     };
-    // The side asked for, else the extractor's own (a resumed job's), else CIFAR's.
-    let side = match (asked, extractor.image_side()) {
+    // The side asked for, else a resumed job's or the extractor's own, else CIFAR's.
+    let recorded = cache::recorded_side(&a.out)?.or(extractor.image_side());
+    let side = match (asked, recorded) {
+        (Some(s), Some(r)) if s != r => bail!(
+            "{} holds features of images of {r}x{r}; --image-size {s} differs (write to a new \
+             --out)",
+            a.out.display()
+        ),
         (Some(s), _) => {
             extractor.check_side(s)?;
             s
@@ -648,6 +661,7 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
         (None, Some(s)) => s,
         (None, None) => crate::dataset::SIDE,
     };
+    cache::record_side(&a.out, side)?;
     let bar = crate::progress::spinner(progress, "{spinner} features {msg} [{elapsed}]");
     let bar2 = bar.clone();
     let t = Instant::now();

@@ -243,6 +243,30 @@ pub(super) async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<Ex
         let (m, c) = a.config()?;
         (m, c, None)
     };
+    if let Some(s) = a.source.image_size {
+        if a.resume && s != cfg.image_side() {
+            bail!(
+                "--resume continues the run with its images of {0}x{0}; drop --image-size {s}",
+                cfg.image_side()
+            );
+        }
+        cfg.image_size = Some(s);
+    }
+    crate::dataset::check_side(cfg.image_side())?;
+    if !a.resume && model == crate::model::cnn::NAME {
+        if cfg.model_table(&model).contains_key("side") {
+            bail!(
+                "the cnn's `side` is the run's image size: give --image-size (or `image_size` \
+                 in the config) instead"
+            );
+        }
+        // The network's input side is the run's image size.
+        cfg.set_param(
+            &model,
+            "side",
+            toml::Value::Integer(cfg.image_side() as i64),
+        );
+    }
     let params = cfg.model_table(&model);
     // Check the model and its hyper-parameters before touching the source.
     trainer::new_model(&model, &params)?;
@@ -256,21 +280,8 @@ pub(super) async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<Ex
         a.sleep,
     )?;
     opts.shuffle = cfg.shuffle.unwrap_or(false);
-    if let Some(s) = a.source.image_size {
-        if a.resume && s != cfg.image_side() {
-            bail!(
-                "--resume continues the run with its images of {0}x{0}; drop --image-size {s}",
-                cfg.image_side()
-            );
-        }
-        cfg.image_size = Some(s);
-    }
-    opts.image_side = crate::dataset::check_side(cfg.image_side())?;
+    opts.set_image_side(cfg.image_side());
     if !a.resume {
-        if model == crate::model::cnn::NAME {
-            // The network's input side is the run's image size.
-            cfg.set_param(&model, "side", toml::Value::Integer(opts.image_side as i64));
-        }
         let names = run_classes(&a, &cfg, &source)?;
         cfg.set_param(&model, "classes", toml::Value::Integer(names.len() as i64));
         cfg.classes = Some(names);
@@ -282,6 +293,21 @@ pub(super) async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<Ex
     } else {
         train_extractor(&a, &cfg, &source)?
     };
+    // An extractor with a side of its own (a fitted patch extractor, a run's CNN) sets
+    // the run's when none was asked for, and refuses another.
+    if let Some(s) = extractor.as_ref().and_then(|e| e.image_side()) {
+        if cfg.image_size.is_some_and(|asked| asked != s) {
+            bail!(
+                "the extractor encodes images of {s}x{s}, and this run's are {0}x{0} \
+                 (--image-size or `image_size`): give --image-size {s}",
+                cfg.image_side()
+            );
+        }
+        if s != crate::dataset::SIDE {
+            cfg.image_size = Some(s);
+        }
+        opts.set_image_side(s);
+    }
     let cached = matches!(source, TrainSource::Spec(SourceSpec::Features(_)));
     let flip_test = a.flip_test || cfg.flip_test.unwrap_or(false);
     if flip_test && !a.no_test {
@@ -484,7 +510,7 @@ pub(super) async fn predict_cmd(a: PredictArgs, progress: bool) -> anyhow::Resul
             a.run
         );
     }
-    opts.image_side = side;
+    opts.set_image_side(side);
     let split = match a.split {
         Split::Test => "test".to_string(),
         Split::Train => "train-eval".to_string(),

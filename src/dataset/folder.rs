@@ -163,6 +163,7 @@ pub fn load(root: &Path, split: Split, classes: &[String], side: usize) -> Resul
     if split == Split::Train {
         SplitMix(SHUFFLE_SEED).shuffle(&mut work);
     }
+    super::check_resized(work.len(), side)?;
     let decoded = decode_all(&work, side);
     let mut out = Loaded {
         images: Images::with_side(work.len(), side),

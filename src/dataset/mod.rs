@@ -755,11 +755,23 @@ pub fn load_split_sized(
     side: usize,
 ) -> Result<(Vec<Images>, usize)> {
     let (files, rejected) = load_split_native(spec, split, side)?;
+    if files.iter().any(|f| f.side != side) {
+        let n: usize = files.iter().map(Images::len).sum();
+        check_resized(n, side)?;
+    }
     let files = files
         .into_iter()
         .map(|f| f.resized(side))
         .collect::<Result<_>>()?;
     Ok((files, rejected))
+}
+
+/// Checks `n` images of `side`×`side` against the memory limit before they are made.
+pub fn check_resized(n: usize, side: usize) -> Result<()> {
+    crate::limits::check(
+        &format!("{n} images of {side}x{side} (--image-size {side})"),
+        crate::limits::product(&[n, image_bytes(side)]),
+    )
 }
 
 /// [`load_split_sized`] of the first `n` images only (the rest are dropped before any
@@ -771,6 +783,7 @@ pub fn load_split_first(
     n: usize,
 ) -> Result<(Vec<Images>, usize)> {
     let (files, rejected) = load_split_native(spec, split, side)?;
+    check_resized(n.min(files.iter().map(Images::len).sum()), side)?;
     let mut left = n;
     let mut out = Vec::new();
     for f in files {

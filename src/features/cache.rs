@@ -31,6 +31,30 @@ use crate::dataset::{self, DataSpec, Images, Split};
 use crate::error::{Error, Result};
 use crate::store::write_parquet_file;
 
+/// The file of a cache folder that records the side its images were encoded at (written
+/// when a job starts, so that a resumed job encodes the rest at the same side).
+pub const SIDE_FILE: &str = "image-size";
+
+/// The side a cache folder's job encodes images at, if one has started there.
+pub fn recorded_side(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join(SIDE_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            text.trim().parse::<usize>().map(Some).map_err(|_| {
+                Error::format(&path, 0, format!("not an image side: {:?}", text.trim()))
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Records the side a cache folder's job encodes images at.
+pub fn record_side(dir: &Path, side: usize) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::store::write_atomic(&dir.join(SIDE_FILE), format!("{side}\n").as_bytes())
+}
+
 /// The extractor's folder inside a cache.
 pub const EXTRACTOR_DIR: &str = "extractor";
 /// The cache's record of what is complete.
@@ -212,7 +236,10 @@ pub fn write_cache(extractor: &Extractor, opts: &mut CacheOptions) -> Result<Cac
 /// All the images of `split` at `side`×`side`, in order, as one set.
 pub(crate) fn split_images(data: &DataSpec, split: Split, side: usize) -> Result<Images> {
     let files = dataset::load_split_sized(data, split, side)?.0;
-    let mut all = Images::with_side(files.iter().map(Images::len).sum(), side);
+    let n: usize = files.iter().map(Images::len).sum();
+    // The split's files and their joined copy.
+    dataset::check_resized(n.saturating_mul(2), side)?;
+    let mut all = Images::with_side(n, side);
     for f in &files {
         all.extend_range(f, 0..f.len());
     }

@@ -110,8 +110,8 @@ impl Extractor {
     pub fn check_side(&self, side: usize) -> Result<()> {
         match self.image_side() {
             Some(s) if s != side => Err(Error::usage(format!(
-                "the {} extractor encodes images of {s}x{s}, and these are {side}x{side} \
-                 (give --image-size {s}, or fit an extractor on images of {side}x{side})",
+                "the {} extractor encodes images of {s}x{s}, not {side}x{side}: give it images \
+                 of that side (--image-size {s}, or `resize(image, {s}, {s})` in SQL)",
                 self.kind()
             ))),
             _ => Ok(()),

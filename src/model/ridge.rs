@@ -661,6 +661,22 @@ impl Ridge {
         Ok(())
     }
 
+    /// The probabilities of images whose kernel rows against the images of the last
+    /// solve are `k` (an RBF model with dual coefficients).
+    fn proba_of_kernel_rows(&self, k: &Array2<f32>) -> Array2<f32> {
+        let mut z = Array2::<f32>::zeros((k.nrows(), self.params.classes));
+        if let Some(alpha) = &self.alpha {
+            linalg::gemm(1.0, &k.view(), &alpha.view(), 0.0, &mut z.view_mut());
+        }
+        if let Some(b) = &self.bias {
+            for mut row in z.rows_mut() {
+                row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
+            }
+        }
+        super::softmax_rows(&mut z.view_mut(), self.params.temperature);
+        z
+    }
+
     /// The raw scores (n × 10), `None` before the first solve.
     pub fn decision_function(&self, x: ArrayView2<f32>) -> Result<Option<Array2<f32>>> {
         check_features(x, self.n_features)?;
@@ -689,6 +705,110 @@ impl Ridge {
             *cache = Some((x.iter().copied().collect(), self.y.len(), cross));
         }
         Ok(Some(z))
+    }
+
+    /// Scores the batch with the latest solve (the probabilities and the loss), then
+    /// learns it: [`Learner::partial_fit_scored`].
+    fn learn(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<(f64, Array2<f32>)> {
+        check_batch(x, y, self.n_features, self.params.classes)?;
+        let n = x.nrows();
+        if n == 0 {
+            return Ok((0.0, Array2::zeros((0, self.params.classes))));
+        }
+        // A frozen Nyström model scores and learns the batch from the same kernel rows
+        // (its landmarks are the images of its solves), computed once.
+        let frozen_k = (self.ny.is_some() && self.n_fit == self.y.len() && self.alpha.is_some())
+            .then(|| self.kernel_rows(self.cross_products(x).view(), &row_sq_norms(x)));
+        let proba = match &frozen_k {
+            Some(k) => self.proba_of_kernel_rows(k),
+            None => self.predict_proba(x)?,
+        };
+        let loss = proba
+            .rows()
+            .into_iter()
+            .zip(y.iter())
+            .map(|(p, &l)| -f64::from(p[usize::from(l)].max(1e-15)).ln())
+            .sum::<f64>()
+            / n as f64;
+        if self.n_features.is_none() {
+            let (b, d) = (self.params.buffer, x.ncols());
+            let bytes = if self.params.nystrom {
+                // The landmarks (m × d) and their Gram matrix in f32; then the f64 sums
+                // and, at a solve, the f64 system (the kernel rows of the landmarks, f32,
+                // only while they are fixed, before the system exists).
+                4 * crate::limits::product(&[b, d])
+                    + 20 * crate::limits::product(&[b.saturating_add(1), b.saturating_add(1)])
+            } else {
+                // The buffer grows to `buffer` + `refit` images before a solve trims it;
+                // the Gram matrix, the f64 system and its kernel.
+                let m = b.saturating_add(self.params.refit).saturating_add(n);
+                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, d]))
+            };
+            crate::limits::check(
+                &format!(
+                    "ridge (buffer = {}, refit = {}, nystrom = {}, {d} features): the image \
+                     buffer, its Gram matrix and the solve",
+                    self.params.buffer, self.params.refit, self.params.nystrom
+                ),
+                bytes,
+            )?;
+        }
+        self.n_features = Some(x.ncols());
+        // A model whose landmarks were just fixed solves at once: its γ is theirs now.
+        let mut froze = false;
+        if self.params.nystrom {
+            // Fill the landmarks, then learn the rest through them.
+            let take = if self.ny.is_some() {
+                0
+            } else {
+                self.params.buffer.saturating_sub(self.y.len()).min(n)
+            };
+            if take > 0 {
+                self.append(
+                    x.slice(ndarray::s![..take, ..]),
+                    y.slice(ndarray::s![..take]),
+                );
+            }
+            if self.ny.is_none() && self.y.len() >= self.params.buffer {
+                self.freeze();
+                froze = true;
+            }
+            match frozen_k {
+                // Learnt from the kernel rows it was scored with.
+                Some(k) => {
+                    let y: Vec<u16> = y.to_vec();
+                    self.accumulate(&k, &y);
+                }
+                None if take < n => self.learn_through_landmarks(
+                    x.slice(ndarray::s![take.., ..]),
+                    y.slice(ndarray::s![take..]),
+                ),
+                None => {}
+            }
+        } else {
+            self.append(x, y);
+        }
+        self.seen += n as u64;
+        self.since_fit += n as u64;
+        let refit = if self.ny.is_some() {
+            self.params.nystrom_refit
+        } else if self.params.nystrom {
+            // While the landmarks fill, each solve waits for as many new images as the
+            // last one had: solves at refit, 2·refit, 4·refit, … images, whose cubic
+            // costs add up to less than twice the last one's; none past half the
+            // landmarks (the solve when they are fixed comes soon after).
+            if self.y.len().saturating_mul(2) > self.params.buffer {
+                usize::MAX
+            } else {
+                self.params.refit.max(self.n_fit)
+            }
+        } else {
+            self.params.refit
+        };
+        if froze || self.since_fit >= refit as u64 {
+            self.fit()?;
+        }
+        Ok((loss, proba))
     }
 
     /// Loads a model saved by [`Learner::save`].
@@ -838,94 +958,23 @@ impl Learner for Ridge {
     /// Buffers the batch (its loss is scored with the weights of the latest solve) and
     /// solves again once `refit` images have arrived since the last solve.
     fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features, self.params.classes)?;
-        let n = x.nrows();
-        if n == 0 {
-            return Ok(0.0);
-        }
-        let proba = self.predict_proba(x)?;
-        let loss = proba
-            .rows()
-            .into_iter()
-            .zip(y.iter())
-            .map(|(p, &l)| -f64::from(p[usize::from(l)].max(1e-15)).ln())
-            .sum::<f64>()
-            / n as f64;
-        if self.n_features.is_none() {
-            let (b, d) = (self.params.buffer, x.ncols());
-            let bytes = if self.params.nystrom {
-                // The landmarks (m × d) and their Gram matrix in f32; then the f64 sums
-                // and, at a solve, the f64 system (the kernel rows of the landmarks, f32,
-                // only while they are fixed, before the system exists).
-                4 * crate::limits::product(&[b, d])
-                    + 20 * crate::limits::product(&[b.saturating_add(1), b.saturating_add(1)])
-            } else {
-                // The buffer grows to `buffer` + `refit` images before a solve trims it;
-                // the Gram matrix, the f64 system and its kernel.
-                let m = b.saturating_add(self.params.refit).saturating_add(n);
-                4 * (3 * crate::limits::product(&[m, m]) + crate::limits::product(&[m, d]))
-            };
-            crate::limits::check(
-                &format!(
-                    "ridge (buffer = {}, refit = {}, nystrom = {}, {d} features): the image \
-                     buffer, its Gram matrix and the solve",
-                    self.params.buffer, self.params.refit, self.params.nystrom
-                ),
-                bytes,
-            )?;
-        }
-        self.n_features = Some(x.ncols());
-        // A model whose landmarks were just fixed solves at once: its γ is theirs now.
-        let mut froze = false;
-        if self.params.nystrom {
-            // Fill the landmarks, then learn the rest through them.
-            let take = if self.ny.is_some() {
-                0
-            } else {
-                self.params.buffer.saturating_sub(self.y.len()).min(n)
-            };
-            if take > 0 {
-                self.append(
-                    x.slice(ndarray::s![..take, ..]),
-                    y.slice(ndarray::s![..take]),
-                );
-            }
-            if self.ny.is_none() && self.y.len() >= self.params.buffer {
-                self.freeze();
-                froze = true;
-            }
-            if take < n {
-                self.learn_through_landmarks(
-                    x.slice(ndarray::s![take.., ..]),
-                    y.slice(ndarray::s![take..]),
-                );
-            }
-        } else {
-            self.append(x, y);
-        }
-        self.seen += n as u64;
-        self.since_fit += n as u64;
-        let refit = if self.ny.is_some() {
-            self.params.nystrom_refit
-        } else if self.params.nystrom {
-            // While the landmarks fill, each solve waits for as many new images as the
-            // last one had: solves at refit, 2·refit, 4·refit, … images, whose cubic
-            // costs add up to less than twice the last one's; none past half the
-            // landmarks (the solve when they are fixed comes soon after).
-            if self.y.len().saturating_mul(2) > self.params.buffer {
-                usize::MAX
-            } else {
-                self.params.refit.max(self.n_fit)
-            }
-        } else {
-            self.params.refit
-        };
-        if froze || self.since_fit >= refit as u64 {
-            self.fit()?;
-        }
-        Ok(loss)
+        Ok(self.learn(x, y)?.0)
     }
 
+    /// The batch is scored on its way to being learnt (its loss needs the scores), so the
+    /// trainer's test-then-train scores come from there.
+    fn scores_while_learning(&self) -> bool {
+        true
+    }
+
+    fn partial_fit_scored(
+        &mut self,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u16>,
+    ) -> Result<(f64, Option<Array2<f32>>)> {
+        let (loss, proba) = self.learn(x, y)?;
+        Ok((loss, Some(proba)))
+    }
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         let Some(mut z) = self.decision_function(x)? else {
             return Ok(Array2::from_elem(
@@ -1111,6 +1160,44 @@ mod tests {
                 "bias {g} vs {w}"
             );
         }
+    }
+
+    #[test]
+    fn the_scores_given_while_learning_are_the_scores_before_learning() {
+        // Before and after the landmarks are fixed (and solved), the probabilities that
+        // partial_fit_scored gives are predict_proba's just before the batch is learnt,
+        // and learning from them leaves the model partial_fit would.
+        let mut rng = SplitMix(5);
+        let (x, y) = data(&mut rng, 160, 10);
+        let params = RidgeParams {
+            lambda: 0.1,
+            buffer: 40,
+            refit: 20,
+            nystrom: true,
+            nystrom_refit: 30,
+            ..RidgeParams::default()
+        };
+        let (mut a, mut b) = (
+            Ridge::new(params.clone()).unwrap(),
+            Ridge::new(params).unwrap(),
+        );
+        let mut frozen_batches = 0;
+        for start in (0..160).step_by(20) {
+            let (xs, ys) = (
+                x.slice(s![start..start + 20, ..]),
+                y.slice(s![start..start + 20]),
+            );
+            let before = a.predict_proba(xs).unwrap();
+            let (loss, during) = a.partial_fit_scored(xs, ys).unwrap();
+            assert_eq!(during.unwrap(), before, "batch at {start}");
+            assert_eq!(loss, b.partial_fit(xs, ys).unwrap(), "batch at {start}");
+            frozen_batches += usize::from(a.ny.is_some() && a.alpha.is_some());
+        }
+        assert!(frozen_batches >= 5, "{frozen_batches}");
+        assert_eq!(
+            a.predict_proba(x.view()).unwrap(),
+            b.predict_proba(x.view()).unwrap()
+        );
     }
 
     #[test]

@@ -164,6 +164,9 @@ impl RunConfig {
                     let t = value
                         .as_table()
                         .ok_or_else(|| wrong_type("a table of extractor parameters"))?;
+                    if t.contains_key("side") {
+                        return Err(bad("side", SIDE_IS_THE_RUNS.to_string()));
+                    }
                     let p: crate::features::PatchParams = toml::Value::Table(t.clone())
                         .try_into()
                         .map_err(|e: toml::de::Error| {
@@ -288,6 +291,7 @@ impl RunConfig {
     pub fn patch_params(&self) -> Result<Option<crate::features::PatchParams>> {
         match &self.features {
             None => Ok(None),
+            Some(t) if t.contains_key("side") => Err(Error::usage(SIDE_IS_THE_RUNS)),
             Some(t) => {
                 toml::Value::Table(t.clone())
                     .try_into()
@@ -299,6 +303,10 @@ impl RunConfig {
         }
     }
 }
+
+/// Why `side` is not a key of `[features]`.
+const SIDE_IS_THE_RUNS: &str = "[features]: `side` is the run's image size: give --image-size \
+     (or `image_size` at the top of the config) instead";
 
 /// Checks that `name` is a model cifar-df has.
 pub fn check_model_name(name: &str) -> Result<()> {

@@ -165,6 +165,26 @@ pub struct SourceOptions {
     pub image_side: usize,
 }
 
+impl SourceOptions {
+    /// Sets the side of the stream's images. A side other than CIFAR's also raises the line
+    /// cap to what a batch of `batch_size` such images needs (as ndjson text or one Arrow
+    /// message), so that a legitimate batch is not refused as too long.
+    pub fn set_image_side(&mut self, side: usize) {
+        self.image_side = side;
+        if side != dataset::SIDE {
+            let line = dataset::image_bytes(side)
+                .saturating_mul(5)
+                .saturating_add(64);
+            let need = self
+                .batch_size
+                .max(1)
+                .saturating_mul(line)
+                .saturating_add(1 << 20);
+            self.max_line_bytes = self.max_line_bytes.max(need);
+        }
+    }
+}
+
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {

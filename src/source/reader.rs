@@ -612,7 +612,7 @@ impl ArrowSource {
             .ok_or_else(|| {
                 self.ipc_error(format!(
                     "message body length {body} at byte offset {offset} is negative or over the \
-                     limit ({} bytes)",
+                     limit ({} bytes; --max-line-bytes raises it)",
                     self.max_message
                 ))
             })?;
