@@ -87,6 +87,62 @@ fn a_dataset_goes_through_a_topic_unchanged_in_each_format() {
     }
 }
 
+/// Images of another side than 32×32 (`--image-size 40`) go through a topic unchanged in
+/// the formats that carry them, and a reader expecting 32×32 rejects every record, naming
+/// both sides; spark-json (the original's format) is refused before anything is sent.
+#[test]
+fn images_of_another_side_go_through_a_topic_in_ndjson_and_arrow() {
+    let Some(b) = broker::shared("kafka image size") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = "synthetic:120:10:6";
+    let size = ["--image-size", "40"];
+    let direct = dir.path().join("direct.parquet");
+    export(
+        data,
+        &direct,
+        &[&["--batch-size", "40"][..], &size[..]].concat(),
+    );
+    let want = images(&direct);
+    assert_eq!(want.len(), 120);
+    assert!(want.iter().all(|(_, px)| px.len() == 3 * 40 * 40));
+    for format in ["arrow", "ndjson"] {
+        let topic = broker::topic(&format!("side-{format}"));
+        publish(
+            &b,
+            &topic,
+            data,
+            &[&["--batch-size", "40", "--format", format][..], &size[..]].concat(),
+        );
+        let back = dir.path().join(format!("{format}.parquet"));
+        export(&b.url(&topic), &back, &size);
+        assert_eq!(
+            images(&back),
+            want,
+            "{format}: images differ after the topic"
+        );
+        let stderr = export(
+            &b.url(&topic),
+            &dir.path().join(format!("{format}-32")),
+            &[],
+        );
+        assert!(
+            stderr.contains("3 rejected") && stderr.contains("--image-size"),
+            "{format}: {stderr}"
+        );
+    }
+    let e = run_err(
+        bin()
+            .args(["stream", "--data", data, "--image-size", "40", "--to"])
+            .arg(b.url(&broker::topic("side-spark"))),
+    );
+    assert!(
+        e.contains("spark-json") && e.contains("ndjson or arrow"),
+        "{e}"
+    );
+}
+
 /// (batch, partition, offset) of every row of a Kafka export.
 fn read_batch_positions(path: &std::path::Path) -> Vec<(u64, i32, i64)> {
     use arrow::array::{Array, Int32Array, Int64Array, UInt64Array};
