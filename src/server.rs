@@ -140,13 +140,10 @@ struct Chunk {
 /// An error when `format` cannot carry images of `side` (spark-json, the original's format,
 /// names 3,072 features: 32×32 only).
 pub fn check_format(format: Format, side: usize) -> Result<()> {
-    if format == Format::SparkJson && side != dataset::SIDE {
-        return Err(Error::usage(format!(
-            "the spark-json format (the original's) carries 32x32 images only; images of \
-             {side}x{side} (--image-size {side}) go out as --format ndjson or arrow"
-        )));
+    match format.refuses_side(side, "send them with --format ndjson or arrow") {
+        Some(why) => Err(Error::usage(why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Stream `files` (one `Images` per dataset file) to `out` as the options say.

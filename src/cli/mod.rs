@@ -306,12 +306,11 @@ async fn publish_source(
     progress: bool,
 ) -> anyhow::Result<ExitCode> {
     let url = crate::wire::kafka::KafkaUrl::parse(to)?;
-    if format == Format::SparkJson && opts.image_side != crate::dataset::SIDE {
-        bail!(
-            "--to-format spark-json (the original's format) carries 32x32 images only; images \
-             of {0}x{0} (--image-size {0}) go out with --to-format ndjson or arrow",
-            opts.image_side
-        );
+    if let Some(why) = format.refuses_side(
+        opts.image_side,
+        "publish them with --to-format ndjson or arrow",
+    ) {
+        bail!(why);
     }
     let timeout = opts.connect_timeout;
     let url2 = url.clone();

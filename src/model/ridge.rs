@@ -663,35 +663,30 @@ impl Ridge {
 
     /// The probabilities of images whose kernel rows against the images of the last
     /// solve are `k` (an RBF model with dual coefficients).
-    fn proba_of_kernel_rows(&self, k: &Array2<f32>) -> Array2<f32> {
-        let mut z = Array2::<f32>::zeros((k.nrows(), self.params.classes));
-        if let Some(alpha) = &self.alpha {
-            linalg::gemm(1.0, &k.view(), &alpha.view(), 0.0, &mut z.view_mut());
-        }
+    fn proba_of_kernel_rows(&self, k: &Array2<f32>, alpha: &Array2<f32>) -> Array2<f32> {
+        let mut z = self.scores(k.view(), alpha);
+        super::softmax_rows(&mut z.view_mut(), self.params.temperature);
+        z
+    }
+
+    /// The raw scores `inputs · weights` plus the bias: the primal weights over features,
+    /// or the dual coefficients over kernel rows.
+    fn scores(&self, inputs: ArrayView2<f32>, weights: &Array2<f32>) -> Array2<f32> {
+        let mut z = Array2::<f32>::zeros((inputs.nrows(), self.params.classes));
+        linalg::gemm(1.0, &inputs, &weights.view(), 0.0, &mut z.view_mut());
         if let Some(b) = &self.bias {
             for mut row in z.rows_mut() {
                 row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
             }
         }
-        super::softmax_rows(&mut z.view_mut(), self.params.temperature);
         z
     }
 
     /// The raw scores (n × 10), `None` before the first solve.
     pub fn decision_function(&self, x: ArrayView2<f32>) -> Result<Option<Array2<f32>>> {
         check_features(x, self.n_features)?;
-        let mut z = Array2::<f32>::zeros((x.nrows(), self.params.classes));
-        let add_bias = |z: &mut Array2<f32>| {
-            if let Some(b) = &self.bias {
-                for mut row in z.rows_mut() {
-                    row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
-                }
-            }
-        };
         if let Some(w) = &self.w {
-            linalg::gemm(1.0, &x, &w.view(), 0.0, &mut z.view_mut());
-            add_bias(&mut z);
-            return Ok(Some(z));
+            return Ok(Some(self.scores(x, w)));
         }
         let Some(alpha) = &self.alpha else {
             return Ok(None);
@@ -699,8 +694,7 @@ impl Ridge {
         let cross = self.cross_products(x);
         // The images of the last solve are the buffer's first `n_fit`.
         let k = self.kernel_rows(cross.slice(ndarray::s![.., ..self.n_fit]), &row_sq_norms(x));
-        linalg::gemm(1.0, &k.view(), &alpha.view(), 0.0, &mut z.view_mut());
-        add_bias(&mut z);
+        let z = self.scores(k.view(), alpha);
         if let Ok(mut cache) = self.cross.lock() {
             *cache = Some((x.iter().copied().collect(), self.y.len(), cross));
         }
@@ -719,9 +713,9 @@ impl Ridge {
         // (its landmarks are the images of its solves), computed once.
         let frozen_k = (self.ny.is_some() && self.n_fit == self.y.len() && self.alpha.is_some())
             .then(|| self.kernel_rows(self.cross_products(x).view(), &row_sq_norms(x)));
-        let proba = match &frozen_k {
-            Some(k) => self.proba_of_kernel_rows(k),
-            None => self.predict_proba(x)?,
+        let proba = match (&frozen_k, &self.alpha) {
+            (Some(k), Some(alpha)) => self.proba_of_kernel_rows(k, alpha),
+            _ => self.predict_proba(x)?,
         };
         let loss = proba
             .rows()

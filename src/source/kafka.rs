@@ -473,16 +473,12 @@ impl KafkaSource {
             },
         };
         self.report.set_format(format);
+        if let Some(why) =
+            format.refuses_side(self.opts.image_side, "publish them as ndjson or arrow")
+        {
+            return Err((None, 0, why));
+        }
         match format {
-            Format::SparkJson if self.opts.image_side != SIDE => Err((
-                None,
-                0,
-                format!(
-                    "a spark-json record (the original's format) carries 32x32 images, and \
-                     this run's images are {s}x{s} (--image-size {s})",
-                    s = self.opts.image_side
-                ),
-            )),
             Format::SparkJson => {
                 let text = value.trim_ascii_end();
                 spark_json::decode_classes(text, &mut self.spark, self.opts.classes)

@@ -91,12 +91,8 @@ pub fn from_reader(
         },
     };
     report.set_format(format);
-    if format == Format::SparkJson && opts.image_side != SIDE {
-        return Err(Error::usage(format!(
-            "{name}: the spark-json format (the original's) carries 32x32 images only, and \
-             this run's images are {s}x{s} (--image-size {s}): stream them as ndjson or arrow",
-            s = opts.image_side
-        )));
+    if let Some(why) = format.refuses_side(opts.image_side, "stream them as ndjson or arrow") {
+        return Err(Error::usage(format!("{name}: {why}")));
     }
     let reader: Box<dyn Read + Send> = Box::new(Cursor::new(prefix).chain(reader));
     Ok(match format {

@@ -30,6 +30,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// Why the format cannot carry images of `side`, if it cannot: spark-json, the
+    /// original's format, names 3,072 features (32×32 only). `remedy` ends the message.
+    pub fn refuses_side(self, side: usize, remedy: &str) -> Option<String> {
+        (self == Format::SparkJson && side != crate::dataset::SIDE).then(|| {
+            format!(
+                "the spark-json format (the original's) carries 32x32 images only, and these \
+                 are {side}x{side} (--image-size {side}): {remedy}"
+            )
+        })
+    }
+
     /// All formats, for messages.
     pub const ALL: [Format; 3] = [Format::SparkJson, Format::Ndjson, Format::Arrow];
 
