@@ -47,7 +47,7 @@ fn bench(c: &mut Criterion) {
         workers.push(url::Url::parse(&format!("http://{addr}")).unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);
-        rt.spawn(distributed::serve(listener, None, async {
+        rt.spawn(distributed::serve(listener, None, None, async {
             let _ = rx.await;
         }));
     }
@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
         let _ = std::fs::remove_dir_all(out);
         ex.save(&out.join(cache::EXTRACTOR_DIR)).unwrap();
     };
-    let timeout = Duration::from_secs(10);
+    let connect = distributed::Connect::new(Duration::from_secs(10), None);
 
     // A folder of Parquet parts to query: a cache's train split.
     let parts = dir.path().join("parts");
@@ -102,7 +102,7 @@ fn bench(c: &mut Criterion) {
     let none = |_: &datafusion::prelude::SessionContext| Ok(());
     g.bench_function("query/2-workers", |b| {
         b.iter(|| {
-            rt.block_on(distributed::collect(&workers, None, timeout, &none, &sql))
+            rt.block_on(distributed::collect(&workers, None, &connect, &none, &sql))
                 .unwrap()
         })
     });
@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
                 &ex,
                 &mut options(&out),
                 &workers,
-                timeout,
+                &connect,
             ))
             .unwrap()
         })

@@ -19,7 +19,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::execution::config::SessionConfig;
-use datafusion::execution::context::SessionState;
+use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
@@ -31,6 +31,71 @@ pub fn session() -> SessionContext {
     let ctx = with_url_tables(SessionContext::new_with_config(config));
     crate::transforms::register(&ctx, 0);
     ctx
+}
+
+/// What a query served to others (the dashboard) may use: at most `memory` bytes of
+/// DataFusion's memory pool (sorts, joins and aggregates past it fail with an error
+/// rather than grow), no spilling to disk (nothing is written), and `partitions` cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of the session's memory pool.
+    pub memory: usize,
+    /// Target partitions (cores a query runs on).
+    pub partitions: usize,
+}
+
+/// [`session`] under `limits`.
+pub fn limited_session(limits: Limits) -> Result<SessionContext> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(limits.memory.max(1), 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()?;
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(limits.partitions.max(1));
+    let ctx = with_url_tables(SessionContext::new_with_config_rt(config, runtime));
+    crate::transforms::register(&ctx, 0);
+    Ok(ctx)
+}
+
+/// The SQL that only reads: no DDL (`CREATE [EXTERNAL] TABLE`, `CREATE VIEW`, `DROP`, …),
+/// no DML (`COPY … TO`, `INSERT`, `DELETE`, `UPDATE`) and no statements (`SET`, `RESET`,
+/// `PREPARE`, `EXECUTE`), checked over the whole plan (an `EXPLAIN ANALYZE COPY` too).
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Runs `sql` only if it reads ([`read_only`]), and collects the result; a statement that
+/// would write or change the session is an error saying so, before anything runs.
+pub async fn run_read_only(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    let df = plan_read_only(ctx, sql).await?;
+    Ok(df.collect().await?)
+}
+
+/// Plans `sql` if it only reads ([`read_only`]).
+pub async fn plan_read_only(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
+    ctx.sql_with_options(sql, read_only()).await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("not supported: ") {
+            Error::usage(format!(
+                "this SQL is read-only: {} (only queries that read are run here; write with \
+                 `cifar-df query` from a shell)",
+                text.trim_start_matches("Error during planning: ")
+            ))
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// DataFusion's `enable_url_table` (files and folders named in a query are tables), but a
@@ -289,5 +354,152 @@ pub fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> Result<S
             buf.push(b'\n');
             Ok(String::from_utf8_lossy(&buf).into_owned())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int32Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    /// Every statement DataFusion 55 plans that writes a file, changes a table, a catalog
+    /// or the session: `{dir}` is a folder no statement may write into.
+    const WRITING: [&str; 26] = [
+        "COPY (select 1 as x) TO '{dir}/copy.csv' STORED AS CSV",
+        "COPY t TO '{dir}/copy.parquet' STORED AS PARQUET",
+        "COPY (select 1 as x) TO '{dir}/copy_dir/' STORED AS JSON",
+        "INSERT INTO t VALUES (2)",
+        "INSERT INTO t SELECT a FROM t",
+        "DELETE FROM t WHERE a = 1",
+        "UPDATE t SET a = 3",
+        "CREATE TABLE t2 AS SELECT 1 AS x",
+        "CREATE TABLE t3 (a INT)",
+        "CREATE OR REPLACE TABLE t AS SELECT 5 AS a",
+        "CREATE EXTERNAL TABLE e (a INT) STORED AS CSV LOCATION '{dir}/e.csv'",
+        "CREATE VIEW v AS SELECT 1 AS x",
+        "CREATE OR REPLACE VIEW v AS SELECT 2 AS x",
+        "CREATE SCHEMA s",
+        "CREATE DATABASE d",
+        "DROP TABLE t",
+        "DROP TABLE IF EXISTS t",
+        "DROP VIEW IF EXISTS v",
+        "DROP SCHEMA IF EXISTS s",
+        "DROP FUNCTION IF EXISTS f",
+        "SET datafusion.execution.batch_size = 7",
+        "RESET datafusion.execution.batch_size",
+        "PREPARE p(INT) AS SELECT $1",
+        "EXPLAIN ANALYZE COPY (select 1 as x) TO '{dir}/explained.csv' STORED AS CSV",
+        "EXPLAIN ANALYZE INSERT INTO t VALUES (9)",
+        "EXPLAIN COPY (select 1 as x) TO '{dir}/explain.csv' STORED AS CSV",
+    ];
+
+    fn with_table(ctx: SessionContext) -> SessionContext {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int32, false)]));
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1]))]).unwrap();
+        let table =
+            datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx
+    }
+
+    #[tokio::test]
+    async fn read_only_sql_refuses_every_writing_statement_and_runs_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().display().to_string();
+        let ctx = with_table(
+            limited_session(Limits {
+                memory: 64 << 20,
+                partitions: 1,
+            })
+            .unwrap(),
+        );
+        let before = ctx.copied_config().batch_size();
+        for stmt in WRITING {
+            let sql = stmt.replace("{dir}", &dir);
+            // DataFusion accepts it: it plans in a session that may write.
+            let open = with_table(session());
+            open.state()
+                .create_logical_plan(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: DataFusion does not plan it: {e}"));
+            // The read-only session refuses it, saying why, before anything runs.
+            let e = run_read_only(&ctx, &sql).await.unwrap_err().to_string();
+            assert!(
+                e.contains("read-only") && e.contains("cifar-df query"),
+                "{sql}: {e}"
+            );
+        }
+        // Nothing was written, nothing changed.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        assert_eq!(ctx.copied_config().batch_size(), before);
+        let b = run_read_only(&ctx, "select count(*) as n, max(a) as m from t")
+            .await
+            .unwrap();
+        let text = format_batches(&b, OutputFormat::Csv).unwrap();
+        assert_eq!(text, "n,m\n1,1\n");
+        for gone in ["t2", "t3", "e", "v"] {
+            assert!(!ctx.table_exist(gone).unwrap(), "{gone}");
+        }
+        // Reading still works: a query, SHOW, DESCRIBE, EXPLAIN of a query, a file by path.
+        std::fs::write(tmp.path().join("r.csv"), "x\n4\n").unwrap();
+        for sql in [
+            "select a * 2 from t".to_string(),
+            "show tables".to_string(),
+            "describe t".to_string(),
+            "explain select * from t".to_string(),
+            format!("select * from '{dir}/r.csv'"),
+        ] {
+            run_read_only(&ctx, &sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        // The shell's session still writes (`cifar-df query "COPY …"` is a feature).
+        let open = session();
+        run(
+            &open,
+            &format!("COPY (select 1 as x) TO '{dir}/ok.csv' STORED AS CSV"),
+        )
+        .await
+        .unwrap();
+        assert!(tmp.path().join("ok.csv").exists());
+    }
+
+    #[tokio::test]
+    async fn a_limited_session_stops_a_query_past_its_memory() {
+        let ctx = limited_session(Limits {
+            memory: 4 << 20,
+            partitions: 1,
+        })
+        .unwrap();
+        // A grouping of two million distinct keys needs far more than 4 MiB, and may not
+        // spill to disk.
+        let e = run_read_only(
+            &ctx,
+            "select value % 2000000 as k, count(*) from generate_series(1, 4000000) group by k",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("Resources exhausted") || e.contains("memory"),
+            "{e}"
+        );
+        // The same query in a session without the limit runs.
+        let b = run_read_only(
+            &session(),
+            "select count(*) from (select value % 2000000 as k, count(*) from \
+             generate_series(1, 4000000) group by k)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            format_batches(&b, OutputFormat::Csv)
+                .unwrap()
+                .lines()
+                .nth(1),
+            Some("2000000")
+        );
     }
 }

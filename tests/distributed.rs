@@ -2,6 +2,9 @@
 //! feature job and SQL over them equal to the local ones, and the faults: a worker down at
 //! the start, a worker killed mid-job (the others finish it; with none left, a clear error
 //! and no partial file; the rerun finishes it), a worker with other functions refused.
+//! Workers with the shared secret (from `CIFAR_DF_SECRET` or `--secret-file`) run the
+//! query and the feature job for a coordinator with the same one and refuse one with
+//! another or none; a worker beyond loopback needs a secret or `--insecure`.
 
 mod common;
 
@@ -14,6 +17,25 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use common::{bin, have_python, run_ok};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// The variable the workers' secret is read from.
+const SECRET_ENV: &str = "CIFAR_DF_SECRET";
+/// The secret of these tests' workers.
+const SECRET: &str = "a shared secret for the tests";
+
+/// A secret file holding `secret`, with permissions `mode`.
+fn secret_file(dir: &Path, name: &str, secret: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    path
+}
 
 /// A `cifar-df worker` child process; killed (by pid) when dropped.
 struct Worker {
@@ -28,9 +50,16 @@ impl Worker {
     }
 
     fn start_on(listen: &str, extra: &[&str]) -> Worker {
+        Self::start_env(listen, extra, &[])
+    }
+
+    /// A worker with `env` set (and no `CIFAR_DF_SECRET` but one given there).
+    fn start_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let mut child = bin()
             .args(["worker", "--listen", listen])
             .args(extra)
+            .env_remove(SECRET_ENV)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -99,8 +128,26 @@ fn dead_address() -> String {
     a.to_string()
 }
 
+/// Runs a command that must fail (exit 1) within 60 s; its stderr.
 fn run_fail(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still runs after 60 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail: {stderr}");
     stderr
@@ -126,7 +173,8 @@ fn query(runs: &Path, sql: &str, workers: Option<&str>, extra: &[&str]) -> (Stri
     let mut cmd = bin();
     cmd.args(["query", "--format", "csv", "--runs", runs.to_str().unwrap()])
         .args(extra)
-        .arg(sql);
+        .arg(sql)
+        .env_remove(SECRET_ENV);
     if let Some(w) = workers {
         cmd.args(["--workers", w]);
     }
@@ -153,9 +201,27 @@ fn queries_on_two_workers_equal_the_local_ones_and_both_workers_run_tasks() {
                 .args(["--data", "synthetic:300:0:4", "--batch-size", "50"]),
         );
     }
-    let a = Worker::start(&[]);
-    let b = Worker::start(&[]);
+    // Both workers hold the secret: one from the environment, one from a file (which
+    // others may read: said once).
+    let open_file = secret_file(dir.path(), "worker-secret", SECRET, 0o644);
+    let a = Worker::start_env("127.0.0.1:0", &[], &[(SECRET_ENV, SECRET)]);
+    let b = Worker::start(&["--secret-file", open_file.to_str().unwrap()]);
+    assert!(
+        a.log().contains("shared secret (from CIFAR_DF_SECRET)"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        b.log().contains("shared secret (from --secret-file")
+            && b.log().contains("readable by other users")
+            && b.log().contains("chmod 600"),
+        "{}",
+        b.log()
+    );
     let workers = list(&[&a, &b]);
+    // The coordinator's copy, private.
+    let key = secret_file(dir.path(), "secret", SECRET, 0o600);
+    let with_secret = ["--secret-file", key.to_str().unwrap()];
     let img = img.display();
     let queries = [
         format!("select label, count(*) as n from '{img}/' group by label order by label"),
@@ -170,12 +236,79 @@ fn queries_on_two_workers_equal_the_local_ones_and_both_workers_run_tasks() {
     ];
     for sql in &queries {
         let (local, _) = query(&runs, sql, None, &[]);
-        let (remote, _) = query(&runs, sql, Some(&workers), &[]);
+        let (remote, stderr) = query(&runs, sql, Some(&workers), &with_secret);
         assert!(local.lines().count() > 1, "{sql}: {local}");
         assert_eq!(remote, local, "{sql}");
+        assert!(!stderr.contains("readable by other users"), "{stderr}");
     }
-    // The group-by over six files ran on both workers.
+    // The group-by over six files ran on both workers (and they shuffled to each other,
+    // with the secret too).
     assert!(a.tasks() > 0 && b.tasks() > 0, "{}\n{}", a.log(), b.log());
+    assert!(!a.log().contains("refused a call"), "{}", a.log());
+    assert!(!b.log().contains("refused a call"), "{}", b.log());
+
+    // A coordinator with another secret, or none, is refused by either worker: a clear
+    // error naming the worker and the secret, not "does not answer".
+    for w in [&a, &b] {
+        let sql = &queries[0];
+        let e = run_fail(
+            bin()
+                .args(["query", sql, "--workers", &w.addr])
+                .env_remove(SECRET_ENV),
+        );
+        assert!(
+            e.contains(&format!("worker {}", w.addr))
+                && e.contains("the secret is wrong or missing")
+                && e.contains("this command has no secret")
+                && !e.contains("does not answer"),
+            "{e}"
+        );
+        let e = run_fail(
+            bin()
+                .args(["query", sql, "--workers", &w.addr])
+                .env(SECRET_ENV, "a guess"),
+        );
+        assert!(
+            e.contains(&format!("worker {}", w.addr))
+                && e.contains("the secret is wrong or missing")
+                && e.contains("(from CIFAR_DF_SECRET) is not the worker's"),
+            "{e}"
+        );
+        assert!(w.log().contains("refused a call"), "{}", w.log());
+    }
+    // The right one from the environment works as well as from the file.
+    let (remote, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "--format",
+                "csv",
+                &queries[0],
+                "--workers",
+                &workers,
+            ])
+            .env(SECRET_ENV, SECRET),
+    );
+    assert_eq!(remote, query(&runs, &queries[0], None, &[]).0);
+    // An empty secret, an unreadable file, a file without --workers: usage errors naming them.
+    let e = run_fail(
+        bin()
+            .args(["query", "select 1", "--workers", &workers])
+            .env(SECRET_ENV, " "),
+    );
+    assert!(e.contains("CIFAR_DF_SECRET") && e.contains("empty"), "{e}");
+    let gone = dir.path().join("no-such-secret");
+    let e = run_fail(bin().args([
+        "query",
+        "select 1",
+        "--workers",
+        &workers,
+        "--secret-file",
+        gone.to_str().unwrap(),
+    ]));
+    assert!(e.contains(gone.to_str().unwrap()), "{e}");
+    let e = run_fail(bin().args(["query", "select 1", "--secret-file", key.to_str().unwrap()]));
+    assert!(e.contains("--secret-file goes with --workers"), "{e}");
 }
 
 #[test]
@@ -277,13 +410,51 @@ fn a_worker_with_other_functions_is_refused_and_listening_beyond_loopback_is_sai
     assert_eq!(remote, local);
     let help = run_ok(bin().args(["worker", "--help"])).0;
     assert!(help.contains("[default: 127.0.0.1:50051]"), "{help}");
-    let open = Worker::start_on("0.0.0.0:0", &[]);
+    assert!(
+        help.contains("--secret-file") && help.contains("--insecure"),
+        "{help}"
+    );
+    // Beyond loopback without a secret: refuses to start, saying how to set one.
+    let e = run_fail(
+        bin()
+            .args(["worker", "--listen", "0.0.0.0:0"])
+            .env_remove(SECRET_ENV),
+    );
+    assert!(
+        e.contains("reachable from other machines")
+            && e.contains("CIFAR_DF_SECRET")
+            && e.contains("--secret-file")
+            && e.contains("--insecure"),
+        "{e}"
+    );
+    // With --insecure it starts, and says so aloud.
+    let open = Worker::start_on("0.0.0.0:0", &["--insecure"]);
     assert!(open.addr.starts_with("0.0.0.0:"), "{}", open.addr);
     assert!(
         open.log().contains("reachable from other machines")
             && open.log().contains("no authentication"),
         "{}",
         open.log()
+    );
+    // With a secret it starts, and serves a coordinator with the same one.
+    let guarded = Worker::start_env("0.0.0.0:0", &[], &[(SECRET_ENV, SECRET)]);
+    let (out, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "--format",
+                "csv",
+                "select 1 as one",
+                "--workers",
+                &guarded.addr,
+            ])
+            .env(SECRET_ENV, SECRET),
+    );
+    assert_eq!(out, "one\n1\n");
+    assert!(
+        !guarded.log().contains("no authentication"),
+        "{}",
+        guarded.log()
     );
 }
 
@@ -296,7 +467,8 @@ fn features_cmd(out: &Path, data: &str, extra: &[&str]) -> Command {
     cmd.args(["features", "--data", data, "--out"])
         .arg(out)
         .args(["--rows-per-part", "100"])
-        .args(extra);
+        .args(extra)
+        .env_remove(SECRET_ENV);
     if !extra.contains(&"--extractor") {
         cmd.args(common::SMALL_EXTRACTOR);
     }
@@ -379,21 +551,30 @@ fn the_feature_job_on_two_workers_writes_the_local_cache_bit_for_bit() {
     let data = "synthetic:700:250:8";
     let local = dir.path().join("local");
     features(&local, data, &["--flip"]);
-    let a = Worker::start(&[]);
-    let b = Worker::start(&[]);
+    // Workers with the secret, one from the environment and one from a file.
+    let key = secret_file(dir.path(), "secret", SECRET, 0o600);
+    let a = Worker::start_env("127.0.0.1:0", &[], &[(SECRET_ENV, SECRET)]);
+    let b = Worker::start(&["--secret-file", key.to_str().unwrap()]);
     let remote = dir.path().join("remote");
     let ex = local.join("extractor");
-    let (out, _) = features(
-        &remote,
-        data,
-        &[
-            "--flip",
-            "--extractor",
-            ex.to_str().unwrap(),
-            "--workers",
-            &list(&[&a, &b]),
-        ],
+    let w = list(&[&a, &b]);
+    let args = [
+        "--flip",
+        "--extractor",
+        ex.to_str().unwrap(),
+        "--workers",
+        &w,
+    ];
+    // Without the secret the job is refused, naming a worker and the secret.
+    let refused = dir.path().join("refused");
+    let e = run_fail(features_cmd(&refused, data, &args).env_remove(SECRET_ENV));
+    assert!(
+        e.contains(&format!("worker {}", a.addr)) && e.contains("the secret is wrong or missing"),
+        "{e}"
     );
+    assert!(!refused.join("cache.json").exists());
+    // With it (the coordinator's from the environment), the job runs on both.
+    let (out, _) = run_ok(features_cmd(&remote, data, &args).env(SECRET_ENV, SECRET));
     assert!(out.contains("10 parts written"), "{out}");
     assert!(a.tasks() > 0 && b.tasks() > 0, "{}\n{}", a.log(), b.log());
     assert!(!remote.join(".staging").exists());
@@ -527,7 +708,7 @@ fn a_staged_part_outlives_its_rows_until_the_query_ends() {
         &extractor,
         &mut opts,
         &urls,
-        Duration::from_secs(10),
+        &cifar_df::distributed::Connect::new(Duration::from_secs(10), None),
     ))
     .unwrap();
     assert_eq!(named.lock().unwrap().len(), 4, "the staged parts");

@@ -711,3 +711,145 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
     );
     assert!(e.contains("image size 2"), "{e}");
 }
+
+/// A PNG of `w`×`h` in one colour, written row by row (12000x12000 is a few hundred KB).
+fn one_colour_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+    use std::io::Write;
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut e = png::Encoder::new(file, w, h);
+    e.set_color(png::ColorType::Rgb);
+    e.set_compression(png::Compression::Fast);
+    let mut writer = e.write_header().unwrap();
+    let mut stream = writer.stream_writer().unwrap();
+    let row: Vec<u8> = (0..w).flat_map(|_| rgb).collect();
+    for _ in 0..h {
+        stream.write_all(&row).unwrap();
+    }
+    stream.finish().unwrap();
+    writer.finish().unwrap();
+}
+
+/// Runs `cmd` and returns (success, stdout, stderr, its peak resident memory in MiB when
+/// python3 can measure it: `ru_maxrss` of the child).
+fn run_measured(cmd: &Command) -> (bool, String, String, Option<f64>) {
+    let measure = "import resource, subprocess, sys\n\
+                   r = subprocess.run(sys.argv[1:])\n\
+                   print('peak-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, \
+                   file=sys.stderr)\n\
+                   sys.exit(r.returncode)";
+    let out = Command::new("python3")
+        .args(["-c", measure])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(_) => {
+            let out = Command::new(cmd.get_program())
+                .args(cmd.get_args())
+                .output()
+                .unwrap();
+            return (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+                None,
+            );
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let peak = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-kib "))
+        .and_then(|k| k.trim().parse::<f64>().ok())
+        .map(|k| k / 1024.0);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+        peak,
+    )
+}
+
+#[test]
+fn oversized_images_are_refused_before_decoding_and_the_rest_are_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("big");
+    for (class, base) in [("a", 20u8), ("b", 150)] {
+        let dir = data.join("train").join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..4u8 {
+            one_colour_png(
+                &dir.join(format!("small-{i}.png")),
+                16,
+                16,
+                [base + i, 9, 99],
+            );
+        }
+    }
+    let (a, b) = (data.join("train/a"), data.join("train/b"));
+    // Three 12000x12000 PNGs (the review's case), a JPEG header of 16384x16384, and a
+    // 5000x5000 PNG that fits the pixel cap but not half of 300 MiB.
+    one_colour_png(&a.join("big-1.png"), 12000, 12000, [200, 30, 30]);
+    std::fs::copy(a.join("big-1.png"), a.join("big-2.png")).unwrap();
+    std::fs::copy(a.join("big-1.png"), b.join("big-3.png")).unwrap();
+    let mut jpeg = include_bytes!("ref/images/baseline.jpg").to_vec();
+    let sof = jpeg.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0x40, 0, 0x40, 0]);
+    std::fs::write(a.join("huge.jpg"), jpeg).unwrap();
+    one_colour_png(&b.join("mid.png"), 5000, 5000, [1, 2, 3]);
+
+    let export = |limit: Option<&str>, out: &Path| {
+        let mut cmd = bin();
+        if let Some(limit) = limit {
+            cmd.args(["--memory-limit", limit]);
+        }
+        cmd.args(["export", "--source"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out);
+        let (ok, stdout, stderr, peak) = run_measured(&cmd);
+        assert!(ok, "{cmd:?} failed:\n{stdout}\n{stderr}");
+        (stdout, stderr, peak)
+    };
+    let out = tmp.path().join("limited.parquet");
+    let (stdout, stderr, peak) = export(Some("300M"), &out);
+    assert_eq!(common::parquet_rows(&out), 8, "{stdout}\n{stderr}");
+    assert!(stderr.contains("; 5 rejected"), "{stderr}");
+    for name in ["big-1.png", "big-2.png", "big-3.png"] {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name} is not named: {stderr}"));
+        assert!(
+            line.contains("PNG header declares 12000x12000 pixels")
+                && line.contains("8192x8192")
+                && line.contains("refused before decoding"),
+            "{line}"
+        );
+    }
+    let line = stderr.lines().find(|l| l.contains("huge.jpg")).unwrap();
+    assert!(
+        line.contains("JPEG header declares 16384x16384 pixels"),
+        "{line}"
+    );
+    let line = stderr.lines().find(|l| l.contains("mid.png")).unwrap();
+    assert!(
+        line.contains("PNG header declares 5000x5000 pixels: decoding it needs about")
+            && line.contains("150.0 MiB")
+            && line.contains("300.0 MiB (--memory-limit)"),
+        "{line}"
+    );
+    // Nothing big was decoded: the whole command stayed well within the limit (decoding
+    // one 12000x12000 image alone takes over 1 GiB).
+    if let Some(peak) = peak {
+        println!("export under --memory-limit 300M: peak {peak:.0} MiB");
+        assert!(peak < 300.0, "peak {peak:.0} MiB");
+    }
+    // Without the limit the 5000x5000 image fits and is used; the others stay refused.
+    let out = tmp.path().join("all.parquet");
+    let (stdout, stderr, _) = export(None, &out);
+    assert_eq!(common::parquet_rows(&out), 9, "{stdout}\n{stderr}");
+    assert!(stderr.contains("; 4 rejected"), "{stderr}");
+    assert!(!stderr.contains("mid.png"), "{stderr}");
+}

@@ -189,3 +189,46 @@ fn the_checker_finds_a_cycle_and_ignores_a_child_using_its_parent() {
     assert_eq!(cycle.first(), cycle.last());
     assert!(cycle.contains(&"b::c".to_string()), "{cycle:?}");
 }
+
+/// `.ci/run`'s preflight fails, naming what is missing, where a tool the tests need is not
+/// there (so a CI whose install step failed quietly cannot pass with suites skipped).
+#[test]
+fn the_ci_preflight_names_a_missing_tool() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    // A PATH with python3 alone: no chromium, no chromedriver.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    let python = String::from_utf8(python.stdout).unwrap();
+    std::os::unix::fs::symlink(python.trim(), bin.join("python3")).unwrap();
+    let out = std::process::Command::new("/bin/bash")
+        .arg(".ci/preflight")
+        .current_dir(root)
+        .env("PATH", &bin)
+        .env("CIFAR10_MINI", tmp.path().join("nowhere"))
+        .env_remove("CIFAR_DF_TANSU")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("chromium (apt-get install chromium)"), "{err}");
+    assert!(err.contains("chromedriver"), "{err}");
+    assert!(err.contains("nowhere"), "{err}");
+    // With the machine's own PATH, a missing sample is still named.
+    let out = std::process::Command::new("/bin/bash")
+        .arg(".ci/preflight")
+        .current_dir(root)
+        .env("CIFAR10_MINI", tmp.path().join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("nowhere") && err.contains("CIFAR10_MINI"),
+        "{err}"
+    );
+}

@@ -26,6 +26,7 @@ impl Ui {
             .args(["ui", "--listen", "127.0.0.1:0", "--runs"])
             .arg(runs)
             .args(extra)
+            .env_remove("CIFAR_DF_UI_TOKEN")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -43,12 +44,41 @@ impl Ui {
         Ui { child, port }
     }
 
-    /// One HTTP/1.1 request; the status and the body.
+    /// One HTTP/1.1 request from this machine (`Host: 127.0.0.1:PORT`); the status and
+    /// the body.
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let (status, _, body) = self.raw(method, path, &[], body);
+        (status, body)
+    }
+
+    /// The SQL box's request: a POST of `{"q": sql}` as JSON.
+    fn sql(&self, path: &str, sql: &str) -> (u16, String) {
+        let body = serde_json::json!({ "q": sql }).to_string();
+        let (status, _, body) =
+            self.raw("POST", path, &[("Content-Type", "application/json")], &body);
+        (status, body)
+    }
+
+    /// One request with `headers` (a `Host` among them replaces this machine's); the
+    /// status, the head and the body.
+    fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "{head}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
@@ -65,7 +95,7 @@ impl Ui {
         } else {
             rest.to_string()
         };
-        (status, body)
+        (status, head.to_string(), body)
     }
 
     fn json(&self, path: &str) -> Value {
@@ -224,8 +254,7 @@ fn every_endpoint_answers_over_a_runs_folder() {
     assert_eq!(total, 200);
 
     // SQL: rows as JSON, errors as 400 with the engine's message, the whole result as CSV.
-    let (status, body) = ui.request(
-        "POST",
+    let (status, body) = ui.sql(
         "/api/sql",
         "select run, count(*) as n from metrics group by run order by run",
     );
@@ -233,16 +262,266 @@ fn every_endpoint_answers_over_a_runs_folder() {
     let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["columns"], serde_json::json!(["run", "n"]));
     assert_eq!(r["rows"], serde_json::json!([["alpha", 60], ["beta", 30]]));
-    let (status, body) = ui.request("POST", "/api/sql", "select nope from metrics");
+    let (status, body) = ui.sql("/api/sql", "select nope from metrics");
     assert_eq!(status, 400);
     assert!(body.contains("nope"), "{body}");
-    let (status, csv) = ui.request(
-        "GET",
-        "/api/sql.csv?q=select%20batch%20from%20metrics%20where%20run%20%3D%20%27beta%27",
-        "",
+    let (status, csv) = ui.sql(
+        "/api/sql.csv",
+        "select batch from metrics where run = 'beta'",
     );
     assert_eq!(status, 200);
     assert_eq!(csv.lines().count(), 31, "{csv}");
+    // No rows: the header alone.
+    let (status, csv) = ui.sql(
+        "/api/sql.csv",
+        "select batch from metrics where run = 'none'",
+    );
+    assert_eq!((status, csv.as_str()), (200, "batch\n"));
+}
+
+/// Whether `dir` holds any file (a written `COPY` target) anywhere below it.
+fn written(dir: &Path, name: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(name))
+            || (p.is_dir() && written(&p, name))
+    })
+}
+
+#[test]
+fn the_dashboard_only_reads_and_only_answers_its_own_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    train(&runs, "alpha", &[]);
+    let ui = Ui::start(&runs, &[]);
+    let target = tmp.path().join("pwned.csv");
+    let copy = format!(
+        "COPY (select 42 as pwned) TO '{}' STORED AS CSV",
+        target.display()
+    );
+    let encoded: String = url::form_urlencoded::byte_serialize(copy.as_bytes()).collect();
+
+    // The issue's first curl: SQL in a URL, by GET. Not run.
+    let (status, body) = ui.request("GET", &format!("/api/sql.csv?q={encoded}"), "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("POST"), "{body}");
+    assert_eq!(
+        ui.request("GET", &format!("/api/sql?q={encoded}"), "").0,
+        400
+    );
+    // The second: a POST from another site's page. Refused before anything is read.
+    let (status, _, body) = ui.raw(
+        "POST",
+        "/api/sql",
+        &[("Origin", "http://evil.example")],
+        &copy,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("evil.example"), "{body}");
+    // From the page itself, but as text (what another site can send without asking): 415.
+    let (status, _, body) = ui.raw("POST", "/api/sql", &[("Content-Type", "text/plain")], &copy);
+    assert_eq!(status, 415, "{body}");
+    // As JSON, from here: the SQL is read-only, and says so.
+    for sql in [
+        copy.clone(),
+        format!("EXPLAIN ANALYZE {copy}"),
+        "CREATE TABLE x AS SELECT 1".to_string(),
+        format!(
+            "CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '{}'",
+            tmp.path().join("e.csv").display()
+        ),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+        "DROP TABLE metrics".to_string(),
+    ] {
+        for path in ["/api/sql", "/api/sql.csv"] {
+            let (status, body) = ui.sql(path, &sql);
+            assert_eq!(status, 400, "{path} {sql}: {body}");
+            assert!(body.contains("read-only"), "{path} {sql}: {body}");
+        }
+    }
+    assert!(!written(tmp.path(), "pwned"), "a file was written");
+    assert!(!tmp.path().join("e.csv").exists());
+    // The tables are all still there.
+    let (status, body) = ui.sql("/api/sql", "select count(*) as n from metrics");
+    assert_eq!(status, 200, "{body}");
+
+    // Another Host (DNS rebinding: a page whose name now points here), another port, or a
+    // cross-site fetch: 403 on every path, the page included.
+    for host in [
+        format!("evil.example:{}", ui.port),
+        "127.0.0.1:1".to_string(),
+        "evil.example".to_string(),
+    ] {
+        for path in ["/", "/api/runs", "/app.js"] {
+            let (status, _, body) = ui.raw("GET", path, &[("Host", &host)], "");
+            assert_eq!(status, 403, "{host}{path}: {body}");
+        }
+    }
+    let (status, _, _) = ui.raw(
+        "GET",
+        "/api/runs",
+        &[("Host", &format!("localhost:{}", ui.port))],
+        "",
+    );
+    assert_eq!(status, 200);
+    for origin in ["http://localhost:3000", "null", "https://evil.example"] {
+        let (status, _, _) = ui.raw("GET", "/api/runs", &[("Origin", origin)], "");
+        assert_eq!(status, 403, "{origin}");
+    }
+    let own = format!("http://127.0.0.1:{}", ui.port);
+    let (status, _, _) = ui.raw("GET", "/api/runs", &[("Origin", &own)], "");
+    assert_eq!(status, 200);
+    let (status, _, _) = ui.raw("GET", "/api/runs", &[("Sec-Fetch-Site", "cross-site")], "");
+    assert_eq!(status, 403);
+
+    // Every answer says what the browser may do with it.
+    for path in ["/", "/app.js", "/api/runs", "/nothing"] {
+        let (_, head, _) = ui.raw("GET", path, &[], "");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("x-content-type-options: nosniff"),
+            "{path}: {head}"
+        );
+        assert!(
+            head.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{path}: {head}"
+        );
+        assert!(head.contains("x-frame-options: deny"), "{path}: {head}");
+    }
+
+    // Run names are names, never paths; the confusion matrix is bounded by the run's
+    // classes, and what lies beyond is said.
+    for bad in ["../alpha", "alpha/../../x", ".hidden"] {
+        let q: String = url::form_urlencoded::byte_serialize(bad.as_bytes()).collect();
+        for path in ["/api/confusion", "/api/gallery", "/api/curves"] {
+            let (status, body) = ui.request("GET", &format!("{path}?run={q}"), "");
+            assert_eq!(status, 400, "{path} {bad}: {body}");
+            assert!(body.contains("run name"), "{path} {bad}: {body}");
+        }
+    }
+    let part = std::fs::read_dir(runs.join("alpha/confusion"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .unwrap();
+    let schema = cifar_df::run::tables::confusion_schema();
+    let far = arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(arrow::array::StringArray::from(vec!["alpha"])),
+            std::sync::Arc::new(arrow::array::StringArray::from(vec!["test"])),
+            std::sync::Arc::new(arrow::array::UInt32Array::from(vec![0])),
+            std::sync::Arc::new(arrow::array::UInt64Array::from(vec![0])),
+            std::sync::Arc::new(arrow::array::UInt16Array::from(vec![65535])),
+            std::sync::Arc::new(arrow::array::UInt16Array::from(vec![65535])),
+            std::sync::Arc::new(arrow::array::UInt64Array::from(vec![7])),
+        ],
+    )
+    .unwrap();
+    let extra = part.with_file_name("part-zz-extra.parquet");
+    cifar_df::store::write_parquet_file(&extra, &[far]).unwrap();
+    let c = ui.json("/api/confusion?run=alpha");
+    assert_eq!(c["counts"].as_array().unwrap().len(), 10, "{c}");
+    assert_eq!(c["dropped"], 7, "{c}");
+    assert!(
+        c["note"].as_str().unwrap().contains("outside the run's 10"),
+        "{c}"
+    );
+}
+
+#[test]
+fn the_dashboards_sql_has_a_time_and_memory_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let ui = Ui::start(&runs, &["--sql-timeout", "1", "--sql-memory", "4M"]);
+    let t = Instant::now();
+    let (status, body) = ui.sql(
+        "/api/sql",
+        "select count(*) from generate_series(1, 100000000000)",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("time limit of 1 s"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let (status, body) = ui.sql(
+        "/api/sql",
+        "select value % 2000000 as k, count(*) from generate_series(1, 4000000) group by k",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Resources exhausted"), "{body}");
+    // The server is still there for the next query.
+    let (status, body) = ui.sql("/api/sql", "select 1 as one");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_token_protected_dashboard_refuses_calls_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    train(&runs, "alpha", &[]);
+    let token = "0123456789abcdef-token";
+    let ui = Ui::start(&runs, &["--token", token]);
+    for path in ["/", "/api/runs", "/api/curves?run=alpha", "/api/events"] {
+        let (status, body) = ui.request("GET", path, "");
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    let (status, body) = ui.sql("/api/sql", "select 1 as one");
+    assert_eq!(status, 401, "{body}");
+    let wrong = format!("Bearer {token}x");
+    assert_eq!(
+        ui.raw("GET", "/api/runs", &[("Authorization", &wrong)], "")
+            .0,
+        401
+    );
+    let bearer = format!("Bearer {token}");
+    let (status, _, body) = ui.raw("GET", "/api/runs", &[("Authorization", &bearer)], "");
+    assert_eq!(status, 200, "{body}");
+    // The printed link: the token goes to a cookie, and the address loses it.
+    let (status, head, _) = ui.raw("GET", &format!("/?token={token}"), &[], "");
+    assert_eq!(status, 303, "{head}");
+    assert!(
+        head.lines().any(|l| l.eq_ignore_ascii_case("location: /")),
+        "{head}"
+    );
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let (status, _, page) = ui.raw("GET", "/", &[("Cookie", pair)], "");
+    assert_eq!(status, 200);
+    assert!(page.contains("/app.js"));
+    let (status, _, body) = ui.raw(
+        "POST",
+        "/api/sql",
+        &[("Cookie", pair), ("Content-Type", "application/json")],
+        r#"{"q": "select count(*) as n from metrics"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    // A short token is refused at the start.
+    let out = bin()
+        .args([
+            "ui",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "short",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
 }
 
 #[test]
@@ -258,7 +537,12 @@ fn the_event_stream_announces_a_new_run() {
 
     let mut s = TcpStream::connect(("127.0.0.1", ui.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+        ui.port
+    )
+    .unwrap();
     let mut reader = BufReader::new(s);
     let mut events = Vec::new();
     let mut line = String::new();
@@ -305,11 +589,12 @@ fn a_missing_folder_is_no_runs_and_a_taken_port_is_named() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains(&taken) && e.contains("cannot listen"), "{e}");
 
-    // Beyond loopback: a warning, said once.
+    // Beyond loopback: a note, said once, and a token in the address to open.
     let wide = bin()
         .args(["ui", "--listen", "0.0.0.0:0", "--runs"])
         .arg(tmp.path())
-        .stdout(Stdio::null())
+        .env_remove("CIFAR_DF_UI_TOKEN")
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -322,9 +607,49 @@ fn a_missing_folder_is_no_runs_and_a_taken_port_is_named() {
         .read_line(&mut line)
         .unwrap();
     assert!(
-        line.contains("warning") && line.contains("SSH tunnel"),
+        line.contains("token") && line.contains("SSH tunnel"),
         "{line}"
     );
+    let mut url = String::new();
+    BufReader::new(wide.child.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    let token = url
+        .split("?token=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token in {url:?}"))
+        .to_string();
+    assert_eq!(token.len(), 48, "{url}");
+    wide.port = url
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {url:?}"));
+    // Without the token: 401, the page too; with it: the runs.
+    assert_eq!(wide.request("GET", "/api/runs", "").0, 401);
+    assert_eq!(wide.request("GET", "/", "").0, 401);
+    assert_eq!(
+        wide.request("GET", &format!("/api/runs?token={token}"), "")
+            .0,
+        200
+    );
+    // Any name of the machine on the port (the token guards it), not another port.
+    let (status, _, _) = wide.raw(
+        "GET",
+        &format!("/api/runs?token={token}"),
+        &[("Host", &format!("node7.lan:{}", wide.port))],
+        "",
+    );
+    assert_eq!(status, 200);
+    let (status, _, _) = wide.raw(
+        "GET",
+        &format!("/api/runs?token={token}"),
+        &[("Host", "node7.lan:1")],
+        "",
+    );
+    assert_eq!(status, 403);
 }
 
 #[test]
@@ -352,9 +677,11 @@ fn the_page_works_in_a_headless_browser() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let pwned = tmp.path().join("pwned.csv");
     let out = Command::new("python3")
         .arg(&script)
         .arg(format!("http://127.0.0.1:{}/", ui.port))
+        .env("UI_PWNED", &pwned)
         .output()
         .unwrap();
     let _ = live.kill();
@@ -363,6 +690,8 @@ fn the_page_works_in_a_headless_browser() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("ok"), "{stdout}");
+    assert!(stdout.contains("ran nothing"), "{stdout}");
+    assert!(!pwned.exists());
 }
 
 #[test]
@@ -520,8 +849,9 @@ fn the_gallery_shows_the_test_images_a_run_gets_wrong() {
         let mut s = TcpStream::connect(("127.0.0.1", ui.port)).unwrap();
         write!(
             s,
-            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            i["src"].as_str().unwrap()
+            "GET {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            i["src"].as_str().unwrap(),
+            ui.port
         )
         .unwrap();
         let mut raw = Vec::new();

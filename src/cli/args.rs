@@ -654,7 +654,8 @@ pub struct FeaturesArgs {
     pub image_size: Option<usize>,
 }
 
-/// `--workers` and `--connect-timeout`, for the commands that can run on workers.
+/// `--workers`, `--connect-timeout` and `--secret-file`, for the commands that can run on
+/// workers.
 #[derive(Debug, Args)]
 pub struct WorkersArgs {
     /// Run on these workers (`cifar-df worker`), comma-separated `HOST:PORT`; the files
@@ -665,21 +666,54 @@ pub struct WorkersArgs {
     /// Seconds to wait for each worker's answer before leaving it out.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// The workers' shared secret.
+    #[command(flatten)]
+    pub secret: SecretArgs,
 }
 
 impl WorkersArgs {
-    /// The workers and the time to wait for each, when `--workers` is given.
-    pub(super) fn resolve(&self) -> anyhow::Result<Option<(Vec<url::Url>, Duration)>> {
+    /// The workers and how to reach them (the time to wait for each, the secret), when
+    /// `--workers` is given.
+    pub(super) fn resolve(
+        &self,
+    ) -> anyhow::Result<Option<(Vec<url::Url>, crate::distributed::Connect)>> {
         let Some(list) = &self.workers else {
+            if self.secret.secret_file.is_some() {
+                bail!("--secret-file goes with --workers");
+            }
             return Ok(None);
         };
         if !(self.connect_timeout > 0.0 && self.connect_timeout.is_finite()) {
             bail!("--connect-timeout must be a number of seconds > 0");
         }
+        let workers = crate::distributed::parse_workers(list)?;
         Ok(Some((
-            crate::distributed::parse_workers(list)?,
-            Duration::from_secs_f64(self.connect_timeout),
+            workers,
+            crate::distributed::Connect::new(
+                Duration::from_secs_f64(self.connect_timeout),
+                self.secret.resolve()?,
+            ),
         )))
+    }
+}
+
+/// `--secret-file`, for the worker and the commands that use workers: both read the
+/// workers' shared secret the same way.
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// A file holding the workers' shared secret (keep it private: chmod 600), the same
+    /// for the workers and the commands that use them [default: the CIFAR_DF_SECRET
+    /// variable; a secret is never given on the command line].
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    /// The secret of `--secret-file`, else of `CIFAR_DF_SECRET`, else none.
+    pub(super) fn resolve(&self) -> anyhow::Result<Option<crate::distributed::Secret>> {
+        Ok(crate::distributed::Secret::resolve(
+            self.secret_file.as_deref(),
+        )?)
     }
 }
 
@@ -687,10 +721,18 @@ impl WorkersArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Address to listen on, IP:PORT. Anything but loopback (127.0.0.1) lets other
-    /// machines send it queries, with no authentication: ask for it only on a trusted
-    /// network.
+    /// machines send it queries: it needs the shared secret (--secret-file or
+    /// CIFAR_DF_SECRET), or --insecure.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// The shared secret every call must present (the commands that use this worker read
+    /// the same one).
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    /// Listen beyond loopback without a secret: anyone who reaches the port can run
+    /// queries that read any file this user can. Only on a network you trust.
+    #[arg(long)]
+    pub insecure: bool,
     /// An extractor bound to `extract_features(image)` in the queries this worker runs (as
     /// `query --extractor`; coordinators must name the same one).
     #[arg(long, value_name = "DIR|onnx:FILE")]
@@ -706,10 +748,26 @@ pub struct UiArgs {
     /// Directory of runs to show.
     #[arg(long, default_value = "runs")]
     pub runs: PathBuf,
-    /// Address to listen on, IP:PORT (port 0: any free port). Anything but loopback lets
-    /// other machines read the runs and run SQL that can read files: prefer an SSH tunnel.
+    /// Address to listen on, IP:PORT (port 0: any free port). Beyond loopback every
+    /// request needs a token (a random one is made and printed, in the URL to open);
+    /// prefer loopback and an SSH tunnel.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// The token requests must carry (at least 16 characters), instead of a random one;
+    /// with it a loopback server needs it too. A flag shows in `ps`: on a shared machine
+    /// set CIFAR_DF_UI_TOKEN instead.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Another name this machine is reached by (a DNS name), accepted as the Host of
+    /// requests besides the address served; repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// Seconds one SQL box query may run.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub sql_timeout: f64,
+    /// Memory one SQL box query may use (sorts, joins, aggregates), e.g. 512M.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub sql_memory: String,
 }
 
 /// `cifar-df query`.

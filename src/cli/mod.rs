@@ -442,13 +442,13 @@ fn bound_extractor(
 
 async fn query_cmd(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref(), &a.runs)?;
-    if let Some((workers, timeout)) = a.on.resolve()? {
+    if let Some((workers, connect)) = a.on.resolve()? {
         let runs_dir = a.runs.clone();
         let prepare = move |ctx: &datafusion::prelude::SessionContext| {
             tables::register_tables(ctx, &runs_dir)
         };
         let batches =
-            crate::distributed::collect(&workers, extractor, timeout, &prepare, &a.sql).await?;
+            crate::distributed::collect(&workers, extractor, &connect, &prepare, &a.sql).await?;
         let mut out = std::io::stdout().lock();
         out.write_all(query::format_batches(&batches, a.format)?.as_bytes())?;
         out.flush()?;
@@ -537,39 +537,79 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn ui_cmd(a: UiArgs) -> anyhow::Result<ExitCode> {
-    warn_if_exposed(&a.listen);
+    if !(a.sql_timeout > 0.0 && a.sql_timeout.is_finite()) {
+        bail!("--sql-timeout must be a number of seconds > 0");
+    }
+    let limits = crate::ui::api::SqlLimits {
+        timeout: Duration::from_secs_f64(a.sql_timeout),
+        memory: usize::try_from(crate::limits::parse_size(&a.sql_memory).map_err(|_| {
+            anyhow::anyhow!(
+                "--sql-memory {:?}: expected a size, e.g. 512M",
+                a.sql_memory
+            )
+        })?)
+        .unwrap_or(usize::MAX),
+    };
+    let token = a.token.clone().or_else(ui_token_from_env);
     let listener = crate::ui::bind(a.listen).await?;
+    let settings = ui_settings(&listener, token, &a.allow_host, limits)?;
     // The first line says where; tests and scripts read it.
     println!(
-        "dashboard on http://{}/ (runs: {})",
-        listener.local_addr()?,
+        "dashboard on {} (runs: {})",
+        settings.access.url(),
         a.runs.display()
     );
     std::io::stdout().flush()?;
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    crate::ui::serve(listener, a.runs, shutdown).await?;
+    crate::ui::serve(listener, a.runs, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A warning, once, when the dashboard listens beyond this machine.
-fn warn_if_exposed(addr: &std::net::SocketAddr) {
-    if !crate::ui::is_loopback(addr) {
+/// `CIFAR_DF_UI_TOKEN`, when set and not empty.
+fn ui_token_from_env() -> Option<String> {
+    std::env::var(crate::ui::guard::TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// The dashboard's settings on `listener`'s address: beyond loopback a token is needed (a
+/// random one where none was given), said once on stderr with how to reach it safely.
+fn ui_settings(
+    listener: &tokio::net::TcpListener,
+    token: Option<String>,
+    allow_hosts: &[String],
+    limits: crate::ui::api::SqlLimits,
+) -> anyhow::Result<crate::ui::Settings> {
+    let addr = listener.local_addr()?;
+    let access = crate::ui::guard::Access::new(addr, token, allow_hosts)?;
+    if !crate::ui::is_loopback(&addr) {
         eprintln!(
-            "warning: the dashboard listens on {addr}, beyond this machine, with no \
-             authentication; its SQL box can read any file this user can. Prefer \
-             127.0.0.1 and an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)."
+            "note: the dashboard listens on {addr}, beyond this machine: every request needs \
+             its token (in the address printed; from another machine put this machine's name \
+             in place of 127.0.0.1). The traffic is not encrypted: prefer 127.0.0.1 and an \
+             SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)."
         );
     }
+    Ok(crate::ui::Settings { access, limits })
 }
 
 async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     let extractor = bound_extractor(a.extractor.as_deref(), a.node.as_deref(), Path::new("runs"))?;
-    let listener = crate::distributed::bind(&a.listen).await?;
+    let secret = a.secret.resolve()?;
+    let listener = crate::distributed::bind(&a.listen, secret.as_ref(), a.insecure).await?;
     let addr = listener
         .local_addr()
         .with_context(|| format!("worker: listening on {}", a.listen))?;
+    match &secret {
+        Some(s) => eprintln!(
+            "worker: every call must present the shared secret (from {})",
+            s.from()
+        ),
+        None => eprintln!("worker: no secret: every call is taken"),
+    }
     eprintln!(
         "worker listening on http://{addr} ({})",
         crate::distributed::version(extractor.as_deref())
@@ -577,7 +617,7 @@ async fn worker_cmd(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    crate::distributed::serve(listener, extractor, shutdown).await?;
+    crate::distributed::serve(listener, extractor, secret, shutdown).await?;
     eprintln!("worker on {addr} stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -676,9 +716,9 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
         })),
     };
     let summary = match &workers {
-        Some((urls, timeout)) => {
+        Some((urls, connect)) => {
             crate::distributed::features::write_cache_on_workers(
-                &extractor, &mut opts, urls, *timeout,
+                &extractor, &mut opts, urls, connect,
             )
             .await?
         }

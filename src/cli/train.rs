@@ -683,15 +683,20 @@ struct TrainUi {
 
 impl TrainUi {
     async fn start(listen: std::net::SocketAddr, runs: PathBuf) -> anyhow::Result<TrainUi> {
-        warn_if_exposed(&listen);
         let listener = crate::ui::bind(listen).await?;
-        eprintln!("dashboard on http://{}/", listener.local_addr()?);
+        let settings = super::ui_settings(
+            &listener,
+            super::ui_token_from_env(),
+            &[],
+            crate::ui::api::SqlLimits::default(),
+        )?;
+        eprintln!("dashboard on {}", settings.access.url());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            crate::ui::serve(listener, runs, shutdown).await
+            crate::ui::serve(listener, runs, settings, shutdown).await
         });
         Ok(TrainUi { stop, task })
     }

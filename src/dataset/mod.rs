@@ -936,7 +936,7 @@ mod tests {
         if p.exists() {
             Some(p)
         } else {
-            eprintln!("skipping: {} is missing", p.display());
+            crate::testing::skip("a test on the real images", &p.display().to_string());
             None
         }
     }

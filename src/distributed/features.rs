@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -66,12 +66,12 @@ struct Gathered {
 }
 
 /// Writes the cache of `opts.data` under `opts.out` with `extractor` (saved in
-/// `opts.out/extractor/` by the caller) on `workers`.
+/// `opts.out/extractor/` by the caller) on `workers`, reached as `connect` says.
 pub async fn write_cache_on_workers(
     extractor: &Extractor,
     opts: &mut CacheOptions,
     workers: &[Url],
-    timeout: Duration,
+    connect: &distributed::Connect,
 ) -> Result<CacheSummary> {
     let out = fs::canonicalize(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let ex_dir = out.join(cache::EXTRACTOR_DIR);
@@ -160,7 +160,7 @@ pub async fn write_cache_on_workers(
             let images_before = left(&pending);
             let (labels, batch_size) = (&all.labels, opts.batch_size);
             let job = RefCell::new((pending, &mut opts.on_part, 0usize));
-            distributed::with_retries(workers, &accept, timeout, |up| {
+            distributed::with_retries(workers, &accept, connect, |up| {
                 let (job, sql, perm) = (&job, &sql, &perm);
                 async move {
                     // A staged file is read by several scan partitions (the planner cuts
@@ -170,7 +170,7 @@ pub async fn write_cache_on_workers(
                     // the parts written are removed only once the query has ended.
                     let mut done: Vec<PathBuf> = Vec::new();
                     let result: Result<()> = async {
-                        let ctx = distributed::session(&up, None)?;
+                        let ctx = distributed::session(&up, None, connect.secret.as_ref())?;
                         let mut stream = ctx.sql(sql).await?.execute_stream().await?;
                         // Rows of a failed attempt come again: start each attempt afresh.
                         let mut gathered: HashMap<usize, Gathered> = HashMap::new();

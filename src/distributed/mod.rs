@@ -15,7 +15,13 @@
 //! other functions (another cifar-df version, another extractor) is refused. The engine
 //! does not retry a task whose worker is lost, so [`collect`] does: it asks again which
 //! workers answer and runs the query again on those.
+//!
+//! **Who may send work** ([`auth`]): workers and coordinators share a secret
+//! (`--secret-file` or `CIFAR_DF_SECRET`); every call carries an HMAC of its time under it,
+//! and a worker with a secret refuses calls without a valid one. A worker beyond loopback
+//! needs a secret, or `--insecure`. Workers refuse plans that write files.
 
+pub mod auth;
 pub mod features;
 
 use std::future::Future;
@@ -35,6 +41,8 @@ use url::Url;
 
 use crate::error::{Error, Result};
 use crate::features::Extractor;
+
+pub use auth::{Secret, SECRET_ENV};
 
 /// The port `cifar-df worker` listens on unless told.
 pub const DEFAULT_PORT: u16 = 50051;
@@ -145,24 +153,37 @@ fn with_functions(
     Ok(state)
 }
 
-/// Serves as a worker on `listener` until `shutdown` completes.
+/// Serves as a worker on `listener` until `shutdown` completes. With a `secret`, every
+/// call must carry its header ([`auth::Gate`]), and the worker's own calls to other
+/// workers (shuffles) carry it; plans that write are refused either way.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     extractor: Option<Arc<Extractor>>,
+    secret: Option<Secret>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = listener.local_addr().ok();
     let version = version(extractor.as_deref());
     let udfs = Arc::new(functions(extractor));
+    let channels = auth::Channels::new(secret.clone());
     let worker = Worker::from_session_builder(move |ctx: WorkerQueryContext| {
         let udfs = Arc::clone(&udfs);
+        let channels = channels.clone();
         async move {
             tracing::info!("running a task of a query");
-            with_functions(ctx.builder.build(), &udfs)
+            let state = ctx
+                .builder
+                .with_distributed_channel_resolver(channels)
+                .with_distributed_worker_plan_rewrite_handler(auth::refuse_writing_plans)
+                .build();
+            with_functions(state, &udfs)
         }
     })
     .with_version(version);
     tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(auth::Gate::new(
+            secret,
+        )))
         .add_service(worker.into_worker_server())
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
@@ -178,20 +199,40 @@ pub async fn serve(
         })
 }
 
-/// Binds a worker's listener on `listen` (`IP:PORT`). Anything but loopback is said
-/// aloud: a worker runs any query it is sent, reads any file its user can, and has no
-/// authentication.
-pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener> {
+/// Binds a worker's listener on `listen` (`IP:PORT`). Beyond loopback, a worker needs a
+/// `secret`: without one it refuses to start, unless `insecure`, and then says aloud that it
+/// runs any query it is sent and reads any file its user can.
+pub async fn bind(
+    listen: &str,
+    secret: Option<&Secret>,
+    insecure: bool,
+) -> Result<tokio::net::TcpListener> {
     let addr: SocketAddr = listen.parse().map_err(|e| {
         Error::usage(format!(
             "--listen {listen:?}: expected IP:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} ({e})"
         ))
     })?;
     if !addr.ip().is_loopback() {
-        tracing::warn!(
-            "the worker on {addr} is reachable from other machines: it runs any query sent to it \
-             and reads any file this user can, with no authentication; keep it on a trusted network"
-        );
+        match (secret, insecure) {
+            (Some(s), _) => tracing::info!(
+                "the worker on {addr} is reachable from other machines; it takes only calls \
+                 made with the shared secret ({}); the traffic itself is not encrypted",
+                s.from()
+            ),
+            (None, false) => {
+                return Err(Error::usage(format!(
+                    "worker: --listen {addr} is reachable from other machines, and this worker \
+                     has no secret: anyone who reaches it could run queries that read any file \
+                     this user can. Set {SECRET_ENV} or --secret-file FILE (the same on the \
+                     commands that use it), or pass --insecure on a network you trust"
+                )))
+            }
+            (None, true) => tracing::warn!(
+                "the worker on {addr} is reachable from other machines: it runs any query sent to it \
+                 and reads any file this user can, with no authentication (--insecure); keep it on a \
+                 trusted network, or set {SECRET_ENV} / --secret-file"
+            ),
+        }
     }
     tokio::net::TcpListener::bind(addr)
         .await
@@ -222,16 +263,38 @@ impl WorkerResolver for Workers {
     }
 }
 
+/// How a coordinator reaches its workers: how long to wait for each one's answer, and the
+/// secret its calls present (none: they carry no header).
+#[derive(Clone, Debug)]
+pub struct Connect {
+    /// The wait for each worker's answer to the version check.
+    pub timeout: Duration,
+    /// The workers' shared secret.
+    pub secret: Option<Secret>,
+}
+
+impl Connect {
+    /// Waits `timeout` for each worker; presents `secret`.
+    pub fn new(timeout: Duration, secret: Option<Secret>) -> Self {
+        Connect { timeout, secret }
+    }
+}
+
 /// A coordinating session: queries are planned here and run on `workers`, with
-/// cifar-df's functions (and `extract_features` bound to `extractor`) on both sides.
-/// Files named in queries are tables, as in [`crate::query::session`]; each Parquet file
-/// or row group can be a task of its own.
-pub fn session(workers: &[Url], extractor: Option<Arc<Extractor>>) -> Result<SessionContext> {
+/// cifar-df's functions (and `extract_features` bound to `extractor`) on both sides, every
+/// call presenting `secret`. Files named in queries are tables, as in
+/// [`crate::query::session`]; each Parquet file or row group can be a task of its own.
+pub fn session(
+    workers: &[Url],
+    extractor: Option<Arc<Extractor>>,
+    secret: Option<&Secret>,
+) -> Result<SessionContext> {
     let config = SessionConfig::new().with_information_schema(true);
     let state = SessionStateBuilder::new()
         .with_default_features()
         .with_config(config)
         .with_distributed_worker_resolver(Workers(workers.to_vec()))
+        .with_distributed_channel_resolver(auth::Channels::new(secret.cloned()))
         .with_distributed_planner()
         .with_distributed_file_scan_config_bytes_per_partition(1)?
         .build();
@@ -239,24 +302,68 @@ pub fn session(workers: &[Url], extractor: Option<Arc<Extractor>>) -> Result<Ses
     Ok(SessionContext::from(state).enable_url_table())
 }
 
-/// Asks the worker at `url` for its version, within `timeout`.
-async fn ask(url: &Url, timeout: Duration) -> std::result::Result<String, String> {
-    let resolver = grpc::DefaultChannelResolver::default();
+/// A worker's answer to the version check.
+enum Answer {
+    /// Its version.
+    Version(String),
+    /// No answer: why.
+    Down(String),
+    /// It refused the call for its secret: what it said.
+    Refused(String),
+}
+
+/// Asks the worker at `url` for its version, within `connect.timeout`, presenting
+/// `connect.secret`.
+async fn ask(url: &Url, connect: &Connect) -> Answer {
+    let channels = auth::Channels::new(connect.secret.clone());
     let call = async {
-        let channel = resolver
-            .get_channel(url)
+        let channel = channels
+            .channel(url)
             .await
-            .map_err(|e| first_line(&e.to_string()))?;
+            .map_err(|e| Answer::Down(first_line(&e.to_string())))?;
         let mut client = grpc::create_worker_client(channel);
         client
             .get_worker_info(GetWorkerInfoRequest {})
             .await
             .map(|r| r.version)
-            .map_err(|e| first_line(&e.to_string()))
+            .map_err(|e| match auth::refusal(&e) {
+                Some(said) => Answer::Refused(said),
+                None => Answer::Down(first_line(&e.to_string())),
+            })
     };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer in {:.0} s", timeout.as_secs_f64())),
+    match tokio::time::timeout(connect.timeout, call).await {
+        Ok(Ok(v)) => Answer::Version(v),
+        Ok(Err(a)) => a,
+        Err(_) => Answer::Down(format!(
+            "no answer in {:.0} s",
+            connect.timeout.as_secs_f64()
+        )),
+    }
+}
+
+/// The error for a worker that refused this command's secret (or its lack of one).
+fn refused(url: &Url, said: &str, connect: &Connect) -> Error {
+    let fix = match &connect.secret {
+        None => format!(
+            "this command has no secret: set {SECRET_ENV} or --secret-file FILE to the \
+             worker's secret"
+        ),
+        Some(s) => format!(
+            "this command's secret (from {}) is not the worker's, or the clocks differ by \
+             more than {} s: set the same {SECRET_ENV} or --secret-file as the worker",
+            s.from(),
+            auth::MAX_SKEW_SECS
+        ),
+    };
+    // The worker says `cifar-df worker: wrong or missing secret: WHY (set …)`: keep WHY.
+    let why = said
+        .split_once(&format!("{}: ", auth::REFUSED))
+        .map_or(said, |(_, rest)| {
+            rest.split(" (set the same").next().unwrap_or(rest)
+        });
+    Error::Worker {
+        what: format!("worker {}", name(url)),
+        reason: format!("refuses this command: the secret is wrong or missing ({why}); {fix}"),
     }
 }
 
@@ -266,15 +373,17 @@ fn first_line(s: &str) -> String {
 
 /// The workers of `urls` that answer with the `expected` version. One that does not
 /// answer is left out with a warning naming it; one with another version is an error
-/// (it would run other functions under the same names); none answering is an error.
-pub async fn check_workers(urls: &[Url], expected: &Expect, timeout: Duration) -> Result<Vec<Url>> {
-    let answers = futures::future::join_all(urls.iter().map(|u| ask(u, timeout))).await;
+/// (it would run other functions under the same names), and so is one that refuses the
+/// secret; none answering is an error.
+pub async fn check_workers(urls: &[Url], expected: &Expect, connect: &Connect) -> Result<Vec<Url>> {
+    let answers = futures::future::join_all(urls.iter().map(|u| ask(u, connect))).await;
     let mut up = Vec::new();
     let mut down = Vec::new();
     for (url, answer) in urls.iter().zip(answers) {
         match answer {
-            Ok(v) if expected.accepts(&v) => up.push(url.clone()),
-            Ok(v) => {
+            Answer::Version(v) if expected.accepts(&v) => up.push(url.clone()),
+            Answer::Refused(said) => return Err(refused(url, &said, connect)),
+            Answer::Version(v) => {
                 return Err(Error::Worker {
                     what: format!("worker {}", name(url)),
                     reason: format!(
@@ -284,7 +393,7 @@ pub async fn check_workers(urls: &[Url], expected: &Expect, timeout: Duration) -
                     ),
                 })
             }
-            Err(e) => {
+            Answer::Down(e) => {
                 tracing::warn!("worker {} does not answer ({e}); left out", name(url));
                 down.push(format!("{} ({e})", name(url)));
             }
@@ -306,26 +415,29 @@ pub async fn check_workers(urls: &[Url], expected: &Expect, timeout: Duration) -
 pub async fn with_retries<T, F, Fut>(
     urls: &[Url],
     expected: &Expect,
-    timeout: Duration,
+    connect: &Connect,
     mut attempt: F,
 ) -> Result<T>
 where
     F: FnMut(Vec<Url>) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut workers = check_workers(urls, expected, timeout).await?;
+    let mut workers = check_workers(urls, expected, connect).await?;
     loop {
         let err = match attempt(workers.clone()).await {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let answer = futures::future::join_all(workers.iter().map(|u| ask(u, timeout))).await;
-        let still: Vec<Url> = workers
-            .iter()
-            .zip(answer)
-            .filter(|(_, a)| a.as_deref().is_ok_and(|v| expected.accepts(v)))
-            .map(|(u, _)| u.clone())
-            .collect();
+        let answer = futures::future::join_all(workers.iter().map(|u| ask(u, connect))).await;
+        let mut still: Vec<Url> = Vec::new();
+        for (url, a) in workers.iter().zip(answer) {
+            match a {
+                Answer::Version(v) if expected.accepts(&v) => still.push(url.clone()),
+                // Restarted with another secret: not lost, misconfigured.
+                Answer::Refused(said) => return Err(refused(url, &said, connect)),
+                _ => {}
+            }
+        }
         if still.len() == workers.len() {
             // Every worker is there: the query itself failed.
             return Err(err);
@@ -359,15 +471,15 @@ where
 pub async fn collect(
     urls: &[Url],
     extractor: Option<Arc<Extractor>>,
-    timeout: Duration,
+    connect: &Connect,
     prepare: &(dyn Fn(&SessionContext) -> Result<()> + Sync),
     sql: &str,
 ) -> Result<Vec<RecordBatch>> {
     let expected = Expect::exactly(version(extractor.as_deref()));
-    with_retries(urls, &expected, timeout, |workers| {
+    with_retries(urls, &expected, connect, |workers| {
         let extractor = extractor.clone();
         async move {
-            let ctx = session(&workers, extractor)?;
+            let ctx = session(&workers, extractor, connect.secret.as_ref())?;
             prepare(&ctx)?;
             crate::query::run(&ctx, sql).await
         }
@@ -402,5 +514,150 @@ mod tests {
     fn the_version_names_the_bound_extractor() {
         assert!(version(None).ends_with("extract_features: none"));
         assert!(version(None).starts_with(&format!("cifar-df {}", env!("CARGO_PKG_VERSION"))));
+    }
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(s.as_bytes(), "test").unwrap()
+    }
+
+    /// A worker served in this process on 127.0.0.1 (stopped when the sender drops).
+    async fn start(secret: Option<Secret>) -> (Url, tokio::sync::oneshot::Sender<()>) {
+        let listener = bind("127.0.0.1:0", secret.as_ref(), false).await.unwrap();
+        let url = Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, None, secret, async {
+            let _ = rx.await;
+        }));
+        (url, tx)
+    }
+
+    fn connect(secret: Option<Secret>) -> Connect {
+        Connect::new(Duration::from_secs(10), secret)
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_a_secret_answers_only_calls_made_with_it() {
+        let (url, _stop) = start(Some(secret("s3cret"))).await;
+        let right = connect(Some(secret("s3cret\n")));
+        assert!(matches!(ask(&url, &right).await, Answer::Version(v) if v == version(None)));
+        let expect = Expect::same_cifar_df();
+        assert_eq!(
+            check_workers(std::slice::from_ref(&url), &expect, &right)
+                .await
+                .unwrap(),
+            std::slice::from_ref(&url)
+        );
+        for (who, c) in [
+            ("none", connect(None)),
+            ("wrong", connect(Some(secret("guess")))),
+        ] {
+            let Answer::Refused(said) = ask(&url, &c).await else {
+                panic!("{who}: not refused");
+            };
+            assert!(said.contains(auth::REFUSED), "{who}: {said}");
+            // Not "does not answer; left out": an error naming the worker and the secret.
+            let e = check_workers(std::slice::from_ref(&url), &expect, &c)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("worker {}", name(&url)))
+                    && e.contains("secret is wrong or missing")
+                    && e.contains(SECRET_ENV),
+                "{who}: {e}"
+            );
+        }
+        // A worker without a secret takes calls with or without one.
+        let (open, _stop2) = start(None).await;
+        for c in [connect(None), right] {
+            assert!(matches!(ask(&open, &c).await, Answer::Version(_)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_beyond_loopback_needs_a_secret_or_insecure() {
+        let e = bind("0.0.0.0:0", None, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0.0.0.0")
+                && e.contains(SECRET_ENV)
+                && e.contains("--secret-file")
+                && e.contains("--insecure"),
+            "{e}"
+        );
+        bind("0.0.0.0:0", None, true).await.unwrap();
+        bind("0.0.0.0:0", Some(&secret("s")), false).await.unwrap();
+        bind("127.0.0.1:0", None, false).await.unwrap();
+    }
+
+    /// A plan that writes, sent over gRPC as a coordinator would (with the right secret),
+    /// is refused before it runs; a plan that reads is taken.
+    #[tokio::test]
+    async fn a_worker_refuses_a_plan_that_writes_and_writes_nothing() {
+        use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+        use datafusion::physical_plan::ExecutionPlan;
+        use datafusion_distributed::{MaybeEncoded, SetPlanRequest, TaskKey};
+        use futures::StreamExt;
+
+        let s = secret("s3cret");
+        let (url, _stop) = start(Some(s.clone())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pwned.csv");
+        let ctx = SessionContext::new();
+        let plan = |sql: String| {
+            let ctx = ctx.clone();
+            async move {
+                ctx.sql(&sql)
+                    .await
+                    .unwrap()
+                    .create_physical_plan()
+                    .await
+                    .unwrap()
+            }
+        };
+        let copy = plan(format!(
+            "COPY (select 1 as x) TO '{}' STORED AS CSV",
+            out.display()
+        ))
+        .await;
+        let select = plan("select 1 as x".into()).await;
+        let channels = auth::Channels::new(Some(s));
+        let send = |plan: Arc<dyn ExecutionPlan>, n: u128| {
+            let (channels, url, task_ctx) = (channels.clone(), url.clone(), ctx.task_ctx());
+            async move {
+                let mut client = grpc::create_worker_client(channels.channel(&url).await.unwrap());
+                let request = SetPlanRequest {
+                    task_key: TaskKey {
+                        query_id: uuid::Uuid::from_u128(n),
+                        stage_id: 1,
+                        task_number: 0,
+                    },
+                    task_count: 1,
+                    plan: MaybeEncoded::Decoded(plan),
+                    work_unit_feed_declarations: Vec::new(),
+                    target_worker_url: url.clone(),
+                    query_start_time_ns: 0,
+                };
+                client
+                    .coordinator_channel(
+                        Default::default(),
+                        request,
+                        futures::stream::pending().boxed(),
+                        ExecutionPlanMetricsSet::new(),
+                        &task_ctx,
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let e = send(copy, 1).await.unwrap_err().to_string();
+        assert!(
+            e.contains("workers only read") && e.contains("DataSinkExec"),
+            "{e}"
+        );
+        send(select, 2).await.unwrap();
+        assert!(!out.exists(), "the worker wrote {}", out.display());
     }
 }

@@ -758,8 +758,7 @@ for _ in range(cases):
             .args(["-c", "import numpy"])
             .output();
         if !probe.is_ok_and(|o| o.status.success()) {
-            assert!(std::env::var_os("CI").is_none(), "CI installs numpy");
-            eprintln!("skipping: python3 with numpy is not available");
+            crate::testing::skip("the metrics' numpy reference", "python3 with numpy");
             return;
         }
         let mut rng = Rng(2024);

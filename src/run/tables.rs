@@ -143,7 +143,11 @@ pub struct MetricsRow {
 /// The class names of run `run` under `root`, label 0 first: its `config.toml`'s
 /// `classes`, or CIFAR-10's (a run from before classes were saved, or without a config).
 pub fn run_classes(root: &Path, run: &str) -> Vec<String> {
-    let path = root.join(run).join("config.toml");
+    // A name from a request or a table: checked as a run name, never joined as a path.
+    let Ok(r) = Run::new(root, run) else {
+        return Vec::new();
+    };
+    let path = r.dir.join("config.toml");
     std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| crate::run::config::RunConfig::parse(&t, &path).ok())

@@ -85,7 +85,7 @@ pub struct ConfusionQuery {
     pub split: Option<String>,
 }
 
-/// `?q=SQL`.
+/// The SQL box's request, `{"q": "SQL"}` (a JSON body).
 #[derive(Debug, Default, Deserialize)]
 pub struct SqlQuery {
     /// The query.
@@ -97,37 +97,117 @@ pub(crate) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Runs `sql` over the run tables of `root`. A folder that changes under the query (a
-/// part renamed by a compaction) can fail one read: it is retried twice on a fresh listing.
-pub(crate) async fn sql(root: &Path, sql: &str) -> Result<Vec<RecordBatch>> {
-    sql_over(root, sql, None).await
+/// What the dashboard's queries may spend (see [`query::Limits`]), and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SqlLimits {
+    /// Time for one query, from planning to its last row.
+    pub timeout: std::time::Duration,
+    /// DataFusion's memory pool for one query, in bytes.
+    pub memory: usize,
 }
 
-/// [`sql`] with the run tables over the runs in `only` alone (all when `None`).
+impl Default for SqlLimits {
+    fn default() -> Self {
+        SqlLimits {
+            timeout: std::time::Duration::from_secs(30),
+            memory: 512 << 20,
+        }
+    }
+}
+
+impl SqlLimits {
+    /// The session limits: this memory, on one core (a query beside a training run leaves
+    /// it the other).
+    fn session(&self) -> Result<datafusion::prelude::SessionContext> {
+        query::limited_session(query::Limits {
+            memory: self.memory,
+            partitions: 1,
+        })
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::usage(format!(
+            "the query ran past the dashboard's time limit of {} s (cifar-df ui \
+             --sql-timeout; or run it with `cifar-df query` from a shell)",
+            self.timeout.as_secs_f64()
+        ))
+    }
+}
+
+/// Runs `sql` over the run tables of `root`, over the runs in `only` alone (all when
+/// `None`), read-only and under the default [`SqlLimits`]. A folder that changes under the
+/// query (a part renamed by a compaction) can fail one read: it is retried twice on a fresh
+/// listing.
 pub(crate) async fn sql_over(
     root: &Path,
     sql: &str,
     only: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>> {
+    let limits = SqlLimits::default();
     let mut last = None;
     for attempt in 0..3 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let ctx = query::session();
+        let ctx = limits.session()?;
         if let Err(e) = tables::register_tables_of(&ctx, root, only) {
             last = Some(e);
             continue;
         }
-        match query::run(&ctx, sql).await {
-            Ok(b) => return Ok(b),
+        let run = tokio::time::timeout(limits.timeout, query::run_read_only(&ctx, sql)).await;
+        match run {
+            Ok(Ok(b)) => return Ok(b),
+            Ok(Err(e)) => {
+                let transient = is_transient(&e);
+                last = Some(e);
+                if !transient {
+                    break;
+                }
+            }
+            Err(_) => return Err(limits.timed_out()),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::usage("query failed")))
+}
+
+/// Whether a failed read may pass when tried again (a part file replaced under it).
+fn is_transient(e: &Error) -> bool {
+    let text = e.to_string();
+    // A mistake in the query itself will not go away: say it at once.
+    text.contains("No such file")
+        || text.contains("not found")
+        || text.contains("Parquet error")
+        || text.contains("Object at location")
+}
+
+/// A query of the SQL box, planned read-only over the run tables, as a stream of batches
+/// (the first attempt whose tables register).
+async fn sql_box_stream(
+    root: &Path,
+    sql_text: &str,
+    limits: &SqlLimits,
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    if sql_text.trim().is_empty() {
+        return Err(Error::usage("empty query"));
+    }
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let ctx = limits.session()?;
+        if let Err(e) = tables::register_tables_of(&ctx, root, None) {
+            last = Some(e);
+            continue;
+        }
+        let planned = async {
+            let df = query::plan_read_only(&ctx, sql_text).await?;
+            Ok::<_, Error>(df.execute_stream().await?)
+        };
+        match planned.await {
+            Ok(s) => return Ok(s),
             Err(e) => {
-                let text = e.to_string();
-                // A mistake in the query itself will not go away: say it at once.
-                let transient = text.contains("No such file")
-                    || text.contains("not found")
-                    || text.contains("Parquet error")
-                    || text.contains("Object at location");
+                let transient = is_transient(&e);
                 last = Some(e);
                 if !transient {
                     break;
@@ -267,6 +347,7 @@ pub async fn curves(root: &Path, q: &CurvesQuery) -> Result<Value> {
     let points = q.points.unwrap_or(DEFAULT_POINTS).clamp(2, MAX_POINTS);
     let mut runs: Vec<&str> = Vec::new();
     for r in q.run.split(',').filter(|r| !r.is_empty()) {
+        tables::Run::new(root, r)?;
         if !runs.contains(&r) {
             runs.push(r);
         }
@@ -504,6 +585,7 @@ pub async fn results(root: &Path, q: &RunsQuery, results: &TestResults) -> Resul
 
 /// A run's confusion matrix over a split (`counts[actual][predicted]`), with its class names.
 pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
+    tables::Run::new(root, &q.run)?;
     let split = q.split.as_deref().unwrap_or("test");
     let epoch = if split == "train" {
         format!(
@@ -526,25 +608,52 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
     )
     .await?;
     let names = tables::run_classes(root, &q.run);
+    // The matrix is the run's classes square; a run whose classes are not known (no
+    // config) gets as many as the table names, up to MAX_CLASSES. Cells beyond are
+    // counted and said, not drawn.
+    let bound = if names.is_empty() {
+        crate::dataset::MAX_CLASSES
+    } else {
+        names.len()
+    };
     let mut k = names.len();
     let mut cells = Vec::new();
+    let (mut dropped_cells, mut dropped_images) = (0u64, 0u64);
     for b in &batches {
         let a = int_column(b, "actual")?;
         let p = int_column(b, "predicted")?;
         let n = int_column(b, "n")?;
         for i in 0..b.num_rows() {
-            k = k.max(a[i] as usize + 1).max(p[i] as usize + 1);
-            cells.push((a[i] as usize, p[i] as usize, n[i]));
+            let (a, p) = (a[i] as usize, p[i] as usize);
+            if a >= bound || p >= bound {
+                dropped_cells += 1;
+                dropped_images += n[i];
+                continue;
+            }
+            k = k.max(a + 1).max(p + 1);
+            cells.push((a, p, n[i]));
         }
     }
+    let note = (dropped_cells > 0).then(|| {
+        format!(
+            "{dropped_cells} cells ({dropped_images} images) name a class outside the run's \
+             {bound} and are left out"
+        )
+    });
     if cells.is_empty() {
-        return Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": [] }));
+        return Ok(
+            json!({ "run": q.run, "split": split, "classes": names, "counts": [],
+            "dropped": dropped_images, "note": note }),
+        );
     }
     let mut counts = vec![vec![0u64; k]; k];
     for (a, p, n) in cells {
         counts[a][p] += n;
     }
-    Ok(json!({ "run": q.run, "split": split, "classes": names, "counts": counts }))
+    Ok(
+        json!({ "run": q.run, "split": split, "classes": names, "counts": counts,
+        "dropped": dropped_images, "note": note }),
+    )
 }
 
 /// Rows of `batches` as JSON objects.
@@ -557,32 +666,33 @@ fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>> {
     }
 }
 
-/// The SQL box: the columns and up to [`SQL_ROWS`] rows of `sql`, and whether there were more.
-pub async fn sql_json(root: &Path, sql_text: &str) -> Result<Value> {
-    if sql_text.trim().is_empty() {
-        return Err(Error::usage("empty query"));
-    }
-    let batches = sql(root, sql_text).await?;
-    let columns: Vec<String> = match batches.first() {
-        Some(b) => b
+/// The SQL box: the columns and up to [`SQL_ROWS`] rows of `sql`, how many rows it has in
+/// all, and whether there were more. Only reading SQL runs ([`query::read_only`]), within
+/// `limits`; rows past the first [`SQL_ROWS`] are counted, not kept.
+pub async fn sql_json(root: &Path, sql_text: &str, limits: &SqlLimits) -> Result<Value> {
+    use futures::StreamExt;
+    let work = async {
+        let mut stream = sql_box_stream(root, sql_text, limits).await?;
+        let columns: Vec<String> = stream
             .schema()
             .fields()
             .iter()
             .map(|f| f.name().clone())
-            .collect(),
-        None => Vec::new(),
-    };
-    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let mut kept = Vec::new();
-    let mut left = SQL_ROWS;
-    for b in &batches {
-        if left == 0 {
-            break;
+            .collect();
+        let (mut kept, mut total) = (Vec::new(), 0usize);
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            let take = b.num_rows().min(SQL_ROWS.saturating_sub(total));
+            if take > 0 {
+                kept.push(b.slice(0, take));
+            }
+            total += b.num_rows();
         }
-        let take = b.num_rows().min(left);
-        kept.push(b.slice(0, take));
-        left -= take;
-    }
+        Ok::<_, Error>((columns, kept, total))
+    };
+    let (columns, kept, total) = tokio::time::timeout(limits.timeout, work)
+        .await
+        .map_err(|_| limits.timed_out())??;
     let rows = json_rows(&kept)?;
     let rows: Vec<Value> = rows
         .into_iter()
@@ -591,10 +701,44 @@ pub async fn sql_json(root: &Path, sql_text: &str) -> Result<Value> {
     Ok(json!({ "columns": columns, "rows": rows, "total": total, "truncated": total > SQL_ROWS }))
 }
 
-/// The whole result of `sql` as CSV.
-pub async fn sql_csv(root: &Path, sql_text: &str) -> Result<String> {
-    let batches = sql(root, sql_text).await?;
-    query::format_batches(&batches, OutputFormat::Csv)
+/// The most bytes of CSV the SQL box's download gives (more: `cifar-df query --format csv`).
+pub const SQL_CSV_BYTES: usize = 64 << 20;
+
+/// The whole result of `sql` as CSV (at most [`SQL_CSV_BYTES`]), read-only and within
+/// `limits`.
+pub async fn sql_csv(root: &Path, sql_text: &str, limits: &SqlLimits) -> Result<Vec<u8>> {
+    use futures::StreamExt;
+    let work = async {
+        let mut stream = sql_box_stream(root, sql_text, limits).await?;
+        let mut buf = Vec::new();
+        let mut first = true;
+        while let Some(b) = stream.next().await {
+            // A writer per batch (the header with the first) so the size is seen as it grows.
+            datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(first)
+                .build(&mut buf)
+                .write(&b?)?;
+            first = false;
+            if buf.len() > SQL_CSV_BYTES {
+                return Err(Error::usage(format!(
+                    "the result is over {} of CSV, more than the dashboard gives; \
+                     write it with `cifar-df query --format csv` from a shell",
+                    crate::limits::human(SQL_CSV_BYTES as u128)
+                )));
+            }
+        }
+        if buf.is_empty() {
+            // No batch at all: still the header.
+            let schema = stream.schema();
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            buf.extend_from_slice(names.join(",").as_bytes());
+            buf.push(b'\n');
+        }
+        Ok::<_, Error>(buf)
+    };
+    tokio::time::timeout(limits.timeout, work)
+        .await
+        .map_err(|_| limits.timed_out())?
 }
 
 /// What changes when a run writes: per run folder, its `run.json` and each table folder's

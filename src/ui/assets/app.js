@@ -116,13 +116,13 @@ function smooth(ys, a) {
 }
 
 let curvesSeq = 0;
+let curvesSql = "";
 async function loadCurves(range) {
   const runs = state.runs.filter((r) => knownRuns.some((k) => k.run === r));
   const seq = ++curvesSeq;
   const width = Math.max(400, Math.min(1400, window.innerWidth - 60));
-  $("curves-csv").href = "/api/sql.csv?q=" + encodeURIComponent(
-    "select * from metrics where run in (" + runs.map((r) => "'" + r.replace(/'/g, "''") + "'").join(",") +
-    ") order by run, batch");
+  curvesSql = "select * from metrics where run in (" +
+    runs.map((r) => "'" + r.replace(/'/g, "''") + "'").join(",") + ") order by run, batch";
   if (!runs.length) {
     $("curves-note").textContent = "Choose runs above to draw their curves.";
     if (chart) { chart.destroy(); chart = null; }
@@ -251,7 +251,8 @@ async function loadConfusion() {
     }
   }
   canvas.dataset.classes = String(k);
-  $("cell").textContent = "rows: actual, columns: predicted (" + k + " classes). Click a cell.";
+  $("cell").textContent = "rows: actual, columns: predicted (" + k + " classes). Click a cell." +
+    (body.note ? " " + body.note + "." : "");
 }
 
 // Hovering a cell names it (the heatmap has no room for the class names of many classes).
@@ -328,13 +329,37 @@ async function loadGallery() {
   $("gallery").replaceChildren(...figs);
 }
 
+// SQL goes by POST as JSON (a page of another site cannot send that without asking), and
+// only when a person presses Run: SQL in the page's address fills the box, never runs.
+function sqlRequest(sql) {
+  return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ q: sql }) };
+}
+
+async function downloadCsv(sql, errorBox) {
+  const r = await fetch("/api/sql.csv", sqlRequest(sql));
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({ error: "HTTP " + r.status }));
+    $(errorBox).textContent = body.error || ("HTTP " + r.status);
+    return;
+  }
+  $(errorBox).textContent = "";
+  const url = URL.createObjectURL(await r.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "query.csv";
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 async function runSql() {
   state.sql = $("sql").value;
   writeHash();
-  $("sql-csv").href = "/api/sql.csv?q=" + encodeURIComponent(state.sql);
+  $("sql-note").textContent = "";
   let body;
   try {
-    body = await getJson("/api/sql", { method: "POST", body: state.sql });
+    body = await getJson("/api/sql", sqlRequest(state.sql));
     $("sql-error").textContent = "";
   } catch (e) {
     $("sql-error").textContent = e.message;
@@ -400,9 +425,11 @@ function init() {
     ev.preventDefault(); state.cell = ""; writeHash(); loadGallery();
   });
   $("sql-run").addEventListener("click", runSql);
+  $("sql-csv").addEventListener("click", () => { state.sql = $("sql").value; writeHash(); downloadCsv(state.sql, "sql-error"); });
+  $("curves-csv").addEventListener("click", () => { if (curvesSql) downloadCsv(curvesSql, "curves-note"); });
+  $("sql-note").textContent = "press Run to run the query";
   writeHash();
   refresh();
-  runSql();
   const events = new EventSource("/api/events");
   events.addEventListener("change", (e) => {
     $("live").textContent = "live (update " + e.data + ")";
