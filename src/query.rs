@@ -130,17 +130,35 @@ struct UrlTables {
     inner: DynamicListTableFactory,
 }
 
+/// The most entries [`folder_files`] looks at under a folder named in a query: a table
+/// is a folder of parts, not a file system (`select * from '/'` is an error, not a walk
+/// over every disk).
+pub const MAX_FOLDER_ENTRIES: usize = 200_000;
+
 /// The folders under `dir` (itself included) that hold Parquet files, and the other
-/// files (hidden and temporary ones, `.name` and `_name`, left out), each sorted.
-fn folder_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<String>) {
+/// files (hidden and temporary ones, `.name` and `_name`, left out), each sorted; an
+/// error past `cap` entries.
+fn folder_files(
+    dir: &Path,
+    cap: usize,
+) -> datafusion::error::Result<(Vec<std::path::PathBuf>, Vec<String>)> {
     let (mut parquet, mut other) = (Vec::new(), Vec::new());
     let mut stack = vec![dir.to_path_buf()];
+    let mut seen = 0usize;
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
         let mut here = false;
         for e in entries.flatten() {
+            seen += 1;
+            if seen > cap {
+                return Err(datafusion::error::DataFusionError::Plan(format!(
+                    "{}: more than {cap} files and folders under it: name a Parquet file or \
+                     a folder of them",
+                    dir.display()
+                )));
+            }
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || name.starts_with('_') {
                 continue;
@@ -165,7 +183,7 @@ fn folder_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<String>) {
     }
     parquet.sort();
     other.sort();
-    (parquet, other)
+    Ok((parquet, other))
 }
 
 #[async_trait::async_trait]
@@ -178,7 +196,12 @@ impl UrlTableFactory for UrlTables {
         if !dir.is_dir() {
             return self.inner.try_new(url).await;
         }
-        let (parquet, other) = folder_files(dir);
+        // A walk of the disk: off the async threads, so a query's time limit can end it.
+        let owned = dir.to_path_buf();
+        let (parquet, other) =
+            tokio::task::spawn_blocking(move || folder_files(&owned, MAX_FOLDER_ENTRIES))
+                .await
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
         if other.is_empty() {
             return self.inner.try_new(url).await;
         }
@@ -464,6 +487,21 @@ mod tests {
         .await
         .unwrap();
         assert!(tmp.path().join("ok.csv").exists());
+    }
+
+    #[test]
+    fn a_folder_named_in_a_query_is_looked_through_up_to_a_cap() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        for f in ["a.parquet", "b.txt", "sub/c.parquet", "sub/d.json"] {
+            std::fs::write(tmp.path().join(f), b"x").unwrap();
+        }
+        let (parquet, other) = folder_files(tmp.path(), 10).unwrap();
+        assert_eq!(parquet, [tmp.path().to_path_buf(), tmp.path().join("sub")]);
+        assert_eq!(other, ["b.txt", "sub/d.json"]);
+        let e = folder_files(tmp.path(), 3).unwrap_err().to_string();
+        assert!(e.contains("more than 3 files and folders"), "{e}");
+        assert!(e.contains(&tmp.path().display().to_string()), "{e}");
     }
 
     #[tokio::test]

@@ -290,6 +290,30 @@ fn queries_on_two_workers_equal_the_local_ones_and_both_workers_run_tasks() {
             .env(SECRET_ENV, SECRET),
     );
     assert_eq!(remote, query(&runs, &queries[0], None, &[]).0);
+    // Writing stays with the coordinator: a COPY of a query the workers compute writes
+    // here (the workers refuse plans that write; this one's sink is the coordinator's).
+    let copied = dir.path().join("copied.csv");
+    run_ok(
+        bin()
+            .args([
+                "query",
+                &format!(
+                    "COPY ({}) TO '{}' STORED AS CSV",
+                    queries[0],
+                    copied.display()
+                ),
+                "--workers",
+                &workers,
+            ])
+            .env(SECRET_ENV, SECRET),
+    );
+    let text = std::fs::read_to_string(&copied).unwrap();
+    let local = query(&runs, &queries[0], None, &[]).0;
+    let (mut got, mut want): (Vec<&str>, Vec<&str>) =
+        (text.lines().collect(), local.lines().collect());
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
     // An empty secret, an unreadable file, a file without --workers: usage errors naming them.
     let e = run_fail(
         bin()

@@ -346,11 +346,11 @@ fn the_dashboard_only_reads_and_only_answers_its_own_pages() {
     let (status, body) = ui.sql("/api/sql", "select count(*) as n from metrics");
     assert_eq!(status, 200, "{body}");
 
-    // Another Host (DNS rebinding: a page whose name now points here), another port, or a
-    // cross-site fetch: 403 on every path, the page included.
+    // Another Host (DNS rebinding: a page whose name now points here), another address, or
+    // a cross-site fetch: 403 on every path, the page included.
     for host in [
         format!("evil.example:{}", ui.port),
-        "127.0.0.1:1".to_string(),
+        format!("10.9.8.7:{}", ui.port),
         "evil.example".to_string(),
     ] {
         for path in ["/", "/api/runs", "/app.js"] {
@@ -374,6 +374,19 @@ fn the_dashboard_only_reads_and_only_answers_its_own_pages() {
     assert_eq!(status, 200);
     let (status, _, _) = ui.raw("GET", "/api/runs", &[("Sec-Fetch-Site", "cross-site")], "");
     assert_eq!(status, 403);
+    // A link from another site opens the page (its data comes by its own requests); an
+    // SSH tunnel from another local port reaches it by a loopback name.
+    let link = [
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Mode", "navigate"),
+    ];
+    assert_eq!(ui.raw("GET", "/", &link, "").0, 200);
+    assert_eq!(ui.raw("GET", "/api/runs", &link, "").0, 403);
+    let tunnel = [
+        ("Host", "localhost:9000"),
+        ("Origin", "http://localhost:9000"),
+    ];
+    assert_eq!(ui.raw("GET", "/api/runs", &tunnel, "").0, 200);
 
     // Every answer says what the browser may do with it.
     for path in ["/", "/app.js", "/api/runs", "/nothing"] {

@@ -753,14 +753,16 @@ pub struct UiArgs {
     /// prefer loopback and an SSH tunnel.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
-    /// The token requests must carry (at least 16 characters), instead of a random one;
+    /// The token requests must carry (at least 16 of A-Z a-z 0-9 - _ . ~), instead of a
+    /// random one;
     /// with it a loopback server needs it too. A flag shows in `ps`: on a shared machine
     /// set CIFAR_DF_UI_TOKEN instead.
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
-    /// Another name this machine is reached by (a DNS name), accepted as the Host of
-    /// requests besides the address served; repeatable.
-    #[arg(long, value_name = "NAME")]
+    /// Another name this machine is reached by (a DNS name, or a proxy's NAME:PORT),
+    /// accepted as the Host of requests besides the address served and loopback names;
+    /// repeatable.
+    #[arg(long, value_name = "NAME[:PORT]")]
     pub allow_host: Vec<String>,
     /// Seconds one SQL box query may run.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]

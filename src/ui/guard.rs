@@ -5,12 +5,13 @@
 //! 127.0.0.1 (DNS rebinding) can even read the answers. So every request passes three
 //! checks before a handler sees it:
 //!
-//! - **Host**: the name the browser asked for must be the address served (for a loopback
-//!   server also `localhost`, `127.0.0.1` or `[::1]`, with the port; names given with
-//!   `--allow-host`). A rebinding page asks for its own name: 403.
+//! - **Host**: the name the browser asked for must be the address served, a loopback name
+//!   (`localhost`, `127.0.0.1`, `[::1]`, on any port: an SSH tunnel may forward another),
+//!   a name given with `--allow-host`, or, for a server on every interface, any name on
+//!   its port. A rebinding page asks for its own name: 403.
 //! - **Origin** and **Sec-Fetch-Site**: a request sent by a page of another site (any
-//!   other origin, another port of localhost included) is refused: 403. Requests without
-//!   them (curl, a typed URL) pass.
+//!   other origin, another port of localhost included) is refused: 403, except a link that
+//!   opens the page itself. Requests without them (curl, a typed URL) pass.
 //! - **Token**: beyond loopback (or when one is given) every request must carry the token,
 //!   as `Authorization: Bearer T`, the `token` query parameter, or the cookie that opening
 //!   `/?token=T` sets (HttpOnly, SameSite=Strict; the page is then reloaded without the
@@ -43,8 +44,8 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 pub struct Access {
     /// The address served (the port the listener got, for port 0).
     addr: SocketAddr,
-    /// The `Host` values accepted (lower case, with the port); empty: any (a server on
-    /// every interface, which always has a token).
+    /// The `Host` values accepted besides loopback names: the address served and the
+    /// `--allow-host` names (lower case; `name:port`, or a bare name for any port).
     hosts: Vec<String>,
     /// The token every request must carry, if any.
     token: Option<String>,
@@ -63,28 +64,9 @@ impl Access {
             None if addr.ip().is_loopback() => None,
             None => Some(random_token()?),
         };
-        let port = addr.port();
-        let mut hosts = Vec::new();
-        if !addr.ip().is_unspecified() {
-            hosts.push(host_of(&addr));
-            if addr.ip().is_loopback() {
-                for h in ["localhost", "127.0.0.1", "[::1]"] {
-                    hosts.push(format!("{h}:{port}"));
-                }
-            }
-            for h in allow_hosts {
-                let h = h.trim().to_ascii_lowercase();
-                if h.is_empty() || h.contains(['/', '@', ' ']) {
-                    return Err(Error::usage(format!(
-                        "--allow-host {h:?}: expected a host name, e.g. myserver.lan"
-                    )));
-                }
-                hosts.push(if h.contains(':') && !h.starts_with('[') {
-                    h
-                } else {
-                    format!("{h}:{port}")
-                });
-            }
+        let mut hosts = vec![host_of(&addr)];
+        for h in allow_hosts {
+            hosts.push(parse_host(h)?);
         }
         hosts.sort();
         hosts.dedup();
@@ -115,27 +97,25 @@ impl Access {
         format!("cifar_df_token_{}", self.addr.port())
     }
 
-    /// Why `headers` may not reach this server (403), if they may not.
-    fn refuse_site(&self, headers: &HeaderMap) -> Option<String> {
+    /// Why a request with `headers` may not reach this server (403), if it may not; `page`:
+    /// a GET of the page itself (`/`), which a link from another site may open.
+    fn refuse_site(&self, headers: &HeaderMap, page: bool) -> Option<String> {
         let host = match headers.get(header::HOST).map(HeaderValue::to_str) {
             Some(Ok(h)) => h.trim().to_ascii_lowercase(),
             _ => return Some("no Host header".into()),
         };
-        let host_with_port = if host.ends_with(']') || !host.contains(':') {
-            format!("{host}:80")
-        } else {
-            host.clone()
-        };
-        if self.hosts.is_empty() {
-            // Every interface: any name of this machine, on the served port.
-            if !host_with_port.ends_with(&format!(":{}", self.addr.port())) {
-                return Some(format!("Host {host:?} is not this dashboard's port"));
-            }
-        } else if !self.hosts.contains(&host_with_port) {
+        let (name, port) = split_host(&host);
+        let ok = LOOPBACK_NAMES.contains(&name)
+            || (self.addr.ip().is_unspecified() && port == self.addr.port())
+            || self
+                .hosts
+                .iter()
+                .any(|h| *h == format!("{name}:{port}") || h == name);
+        if !ok {
             return Some(format!(
-                "Host {host:?} is not an address of this dashboard ({}); a page that \
-                 re-binds its name to this machine is refused (cifar-df ui --allow-host NAME \
-                 adds a name)",
+                "Host {host:?} is not an address of this dashboard ({}, or localhost); a page \
+                 that re-binds its name to this machine is refused (cifar-df ui --allow-host \
+                 NAME adds a name)",
                 self.hosts.join(", ")
             ));
         }
@@ -148,10 +128,16 @@ impl Access {
                 ));
             }
         }
-        if let Some(site) = headers.get("sec-fetch-site") {
-            if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
-                return Some("a request from another site".into());
-            }
+        let cross_site = headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+        // A link from another site to the page (a wiki, a chat) opens it; its data and SQL
+        // come from the page's own requests afterwards, never from another site's.
+        let navigation = headers
+            .get("sec-fetch-mode")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"navigate"));
+        if cross_site && !(navigation && page) {
+            return Some("a request from another site".into());
         }
         None
     }
@@ -183,6 +169,57 @@ impl Access {
     }
 }
 
+/// The names of this machine's loopback, accepted as `Host` on any port: a page that
+/// re-binds its own name to 127.0.0.1 still sends its own name, and an SSH tunnel may
+/// forward another local port (`ssh -L 9000:127.0.0.1:8080`).
+const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// A `Host` value's name and port (80 where none is written), lower case.
+fn split_host(host: &str) -> (&str, u16) {
+    let (name, port) = match host.rfind(':') {
+        // `[::1]` has colons, but its port comes after the `]`.
+        Some(i) if !host[i..].contains(']') => (&host[..i], host[i + 1..].parse().ok()),
+        _ => (host, Some(80)),
+    };
+    // A port that is not a number matches nothing.
+    (name, port.unwrap_or(0))
+}
+
+/// An `--allow-host` value: `NAME`, `NAME:PORT`, `[V6]` or `[V6]:PORT`, lower case.
+fn parse_host(h: &str) -> Result<String> {
+    let h = h.trim().to_ascii_lowercase();
+    let bad = || {
+        Error::usage(format!(
+            "--allow-host {h:?}: expected a host name (myserver.lan), optionally with a port \
+             (myserver.lan:9000; IPv6 in brackets: [fe80::1]:9000)"
+        ))
+    };
+    let (name, port) = if let Some(rest) = h.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']').ok_or_else(bad)?;
+        v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+        (format!("[{v6}]"), after.strip_prefix(':'))
+    } else {
+        match h.split_once(':') {
+            Some((n, p)) => (n.to_string(), Some(p)),
+            None => (h.clone(), None),
+        }
+    };
+    let name_ok = !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
+        });
+    if !name_ok {
+        return Err(bad());
+    }
+    match port {
+        None => Ok(name),
+        Some(p) => {
+            let p: u16 = p.parse().map_err(|_| bad())?;
+            Ok(format!("{name}:{p}"))
+        }
+    }
+}
+
 /// `host:port` of `addr` as a browser writes it (`[::1]:8080` for IPv6).
 fn host_of(addr: &SocketAddr) -> String {
     match addr {
@@ -206,14 +243,12 @@ fn same(a: &str, b: &str) -> bool {
 
 /// A token a user chose: long enough to guess at no better than chance, and plain.
 fn check_token(t: &str) -> Result<()> {
-    if t.len() < 16
-        || !t
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
-    {
+    // Characters a URL, a cookie and a header carry as they are.
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
+    if t.len() < 16 || !t.bytes().all(plain) {
         return Err(Error::usage(
-            "the dashboard token must be at least 16 printable characters, without spaces, \
-             ';' or ',' (leave it out for a random one)",
+            "the dashboard token must be at least 16 characters of A-Z, a-z, 0-9, '-', '_', \
+             '.' and '~' (e.g. `openssl rand -hex 24`; leave it out for a random one)",
         ));
     }
     Ok(())
@@ -232,7 +267,8 @@ pub fn random_token() -> Result<String> {
 /// The middleware: refuses other sites (403) and requests without the token (401), takes
 /// `/?token=T` to a cookie, and adds the security headers to every answer.
 pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
-    let mut res = if let Some(why) = access.refuse_site(req.headers()) {
+    let page = req.method() == axum::http::Method::GET && req.uri().path() == "/";
+    let mut res = if let Some(why) = access.refuse_site(req.headers(), page) {
         refusal(StatusCode::FORBIDDEN, &why)
     } else if !access.has_token(req.headers(), req.uri().query()) {
         refusal(
@@ -300,36 +336,55 @@ mod tests {
     fn a_loopback_server_takes_its_own_names_only() {
         let a = Access::new("127.0.0.1:8080".parse().unwrap(), None, &[]).unwrap();
         assert!(a.token().is_none());
+        let refuse = |h: &HeaderMap| a.refuse_site(h, false);
+        // Its loopback names on any port (an SSH tunnel may forward another one).
         for ok in [
             "127.0.0.1:8080",
             "localhost:8080",
             "LOCALHOST:8080",
             "[::1]:8080",
+            "127.0.0.1:9090",
+            "localhost",
         ] {
-            assert_eq!(a.refuse_site(&headers(&[("host", ok)])), None, "{ok}");
+            assert_eq!(refuse(&headers(&[("host", ok)])), None, "{ok}");
         }
+        // Another name (a page re-binding its own name to 127.0.0.1), another address.
         for bad in [
             "evil.example:8080",
-            "127.0.0.1:9090",
-            "127.0.0.1",
             "evil.example",
+            "10.0.0.1:8080",
+            "localhost.evil.example:8080",
+            "127.0.0.1.evil.example:8080",
+            "[::2]:8080",
         ] {
-            let why = a.refuse_site(&headers(&[("host", bad)])).unwrap();
+            let why = refuse(&headers(&[("host", bad)])).unwrap();
             assert!(why.contains("Host"), "{bad}: {why}");
         }
-        assert!(a.refuse_site(&HeaderMap::new()).is_some(), "no Host");
+        assert!(refuse(&HeaderMap::new()).is_some(), "no Host");
         // Its own page may send an Origin; another site's may not.
         let own = headers(&[
             ("host", "127.0.0.1:8080"),
             ("origin", "http://127.0.0.1:8080"),
         ]);
-        assert_eq!(a.refuse_site(&own), None);
+        assert_eq!(refuse(&own), None);
         for origin in ["http://evil.example", "http://localhost:3000", "null"] {
             let h = headers(&[("host", "127.0.0.1:8080"), ("origin", origin)]);
-            assert!(a.refuse_site(&h).is_some(), "{origin}");
+            assert!(refuse(&h).is_some(), "{origin}");
         }
-        let h = headers(&[("host", "localhost:8080"), ("sec-fetch-site", "cross-site")]);
-        assert!(a.refuse_site(&h).is_some());
+        // A request of another site's page is refused; a link to the page opens it.
+        let fetch = headers(&[("host", "localhost:8080"), ("sec-fetch-site", "cross-site")]);
+        assert!(refuse(&fetch).is_some());
+        assert!(
+            a.refuse_site(&fetch, true).is_some(),
+            "a fetch, not a navigation"
+        );
+        let link = headers(&[
+            ("host", "localhost:8080"),
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ]);
+        assert_eq!(a.refuse_site(&link, true), None);
+        assert!(refuse(&link).is_some(), "a navigation to the API");
     }
 
     #[test]
@@ -341,8 +396,9 @@ mod tests {
         assert_ne!(b.token().unwrap(), t, "a fresh token each time");
         assert!(a.url().ends_with(&format!("/?token={t}")), "{}", a.url());
         // Any name of the machine, on the port.
-        assert_eq!(a.refuse_site(&headers(&[("host", "node7:8080")])), None);
-        assert!(a.refuse_site(&headers(&[("host", "node7:9999")])).is_some());
+        let refuse = |h: &HeaderMap| a.refuse_site(h, false);
+        assert_eq!(refuse(&headers(&[("host", "node7:8080")])), None);
+        assert!(refuse(&headers(&[("host", "node7:9999")])).is_some());
         assert!(!a.has_token(&HeaderMap::new(), None));
         assert!(!a.has_token(&HeaderMap::new(), Some("token=wrong")));
         assert!(a.has_token(&HeaderMap::new(), Some(&format!("x=1&token={t}"))));
@@ -357,31 +413,76 @@ mod tests {
     #[test]
     fn a_chosen_token_is_checked_and_used_on_loopback_too() {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        assert!(Access::new(addr, Some("short".into()), &[]).is_err());
-        assert!(Access::new(addr, Some("has a space in it!!".into()), &[]).is_err());
+        for bad in [
+            "short",
+            "has a space in it!!",
+            "0123456789abcdef+/=",
+            "0123456789abcdef%2F",
+        ] {
+            let e = Access::new(addr, Some(bad.into()), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("at least 16"), "{bad}: {e}");
+        }
         let a = Access::new(addr, Some("0123456789abcdef".into()), &[]).unwrap();
         assert!(!a.has_token(&HeaderMap::new(), None));
         assert!(a.has_token(&HeaderMap::new(), Some("token=0123456789abcdef")));
         assert!(!a.has_token(&HeaderMap::new(), Some("token=0123456789abcdeF")));
+        // The printed link carries it as it is.
+        let t = "Ab-_.~0123456789xyz";
+        let a = Access::new(addr, Some(t.into()), &[]).unwrap();
+        let query = a.url().split_once('?').unwrap().1.to_string();
+        assert!(a.has_token(&HeaderMap::new(), Some(&query)), "{query}");
     }
 
     #[test]
-    fn allowed_names_join_a_specific_address() {
+    fn allowed_names_join_the_address_served() {
         let a = Access::new(
             "10.1.2.3:8080".parse().unwrap(),
             None,
-            &["MyServer.lan".into()],
+            &[
+                "MyServer.lan".into(),
+                "proxy.lan:443".into(),
+                "[FE80::1]:9000".into(),
+            ],
         )
         .unwrap();
-        assert_eq!(a.refuse_site(&headers(&[("host", "10.1.2.3:8080")])), None);
+        let refuse = |h: &str| a.refuse_site(&headers(&[("host", h)]), false);
+        for ok in [
+            "10.1.2.3:8080",
+            "myserver.lan:8080",
+            "myserver.lan:9000",
+            "proxy.lan:443",
+            "[fe80::1]:9000",
+        ] {
+            assert_eq!(refuse(ok), None, "{ok}");
+        }
+        for bad in [
+            "other.lan:8080",
+            "proxy.lan:8080",
+            "[fe80::1]:8080",
+            "10.1.2.3:9090",
+        ] {
+            assert!(refuse(bad).is_some(), "{bad}");
+        }
+        // On every interface too: a name through a proxy on another port.
+        let w = Access::new(
+            "0.0.0.0:8080".parse().unwrap(),
+            None,
+            &["proxy.lan:443".into()],
+        )
+        .unwrap();
         assert_eq!(
-            a.refuse_site(&headers(&[("host", "myserver.lan:8080")])),
+            w.refuse_site(&headers(&[("host", "proxy.lan:443")]), false),
             None
         );
-        assert!(a
-            .refuse_site(&headers(&[("host", "other.lan:8080")]))
-            .is_some());
-        assert!(Access::new("10.1.2.3:8080".parse().unwrap(), None, &["a/b".into()]).is_err());
+        for bad in ["a/b", "x@y", "", "[zz]:1", "name:notaport", "[fe80::1"] {
+            let addr = "10.1.2.3:8080".parse().unwrap();
+            let e = Access::new(addr, None, &[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--allow-host"), "{bad}: {e}");
+        }
     }
 
     #[test]

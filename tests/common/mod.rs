@@ -36,10 +36,6 @@ pub fn mini() -> Option<PathBuf> {
 /// elsewhere a note on stderr and a line in the file `CIFAR_DF_SKIP_LOG` names, where
 /// set (`.ci/run` counts them).
 pub fn skip(what: &str, needs: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("CI needs {needs} for {what}");
-    }
-    eprintln!("skipping {what}: no {needs}");
     if let Some(log) = std::env::var_os("CIFAR_DF_SKIP_LOG") {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -50,6 +46,10 @@ pub fn skip(what: &str, needs: &str) {
             let _ = writeln!(f, "{what}: no {needs}");
         }
     }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI needs {needs} for {what}");
+    }
+    eprintln!("skipping {what}: no {needs}");
 }
 
 /// Whether `python3 -c "import MODULES"` works, for a test comparing with a Python
