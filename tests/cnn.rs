@@ -66,16 +66,97 @@ fn forward_backward_and_sgd_match_numpy() {
     // the f64 reference pick different maxima: a property of the input, not of the code.
     for side in [32, 24, 20] {
         eprintln!("side {side}:");
-        against_numpy(side);
+        against_numpy(side, &[4, 6, 8]);
+    }
+    // A final pool of 17×17 (two blocks at 68, as three blocks at 136): window positions
+    // past 255, which a one-byte index wrapped, sending the gradient to the wrong pixel.
+    eprintln!("side 68, two blocks:");
+    against_numpy(68, &[4, 6]);
+}
+
+/// The final pool over windows of 17×17 and 20×20 (the final pool at `--image-size` 136
+/// and 160 with three blocks): its maxima and where their gradients go, against the numpy
+/// reference's `maxpool` and `maxpool_grad`, on random values in many channels so that
+/// maxima fall at window positions past 255 (which a one-byte index wrapped, sending the
+/// gradient to the wrong pixel).
+#[test]
+fn a_final_pool_of_17_or_more_matches_numpy() {
+    use cifar_df::model::cnn::ops::{maxpool_backward, maxpool_forward, PoolShape};
+    if !have_python("numpy", "the pooling reference") {
+        return;
+    }
+    let refs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ref");
+    let script = format!(
+        "import json, sys\n\
+         sys.path.insert(0, {:?})\n\
+         import numpy as np, cnn_reference as r\n\
+         d = json.load(open(sys.argv[1]))\n\
+         n, p, c = d['n'], d['p'], d['c']\n\
+         x = np.asarray(d['x'], dtype=np.float64).reshape(n, p, p, c)\n\
+         dy = np.asarray(d['dy'], dtype=np.float64).reshape(n, 1, 1, c)\n\
+         out = {{'y': r.maxpool(x, p).reshape(-1).tolist(),\n\
+                'dx': r.maxpool_grad(x, p, dy).reshape(-1).tolist()}}\n\
+         json.dump(out, open(sys.argv[2], 'w'))\n",
+        refs.display().to_string()
+    );
+    let mut rng = SplitMix(17);
+    for p in [17usize, 20] {
+        let (n, c) = (2, 64);
+        let x: Vec<f32> = (0..n * p * p * c).map(|_| rng.normal() as f32).collect();
+        let dy: Vec<f32> = (0..n * c).map(|_| rng.normal() as f32).collect();
+        let shape = PoolShape {
+            n,
+            h: p,
+            w: p,
+            c,
+            p,
+        };
+        let (mut y, mut arg) = (vec![0.0f32; n * c], vec![0u32; n * c]);
+        maxpool_forward(&x, shape, &mut y, &mut arg);
+        let mut dx = vec![7.0f32; x.len()];
+        maxpool_backward(&dy, &arg, shape, &mut dx);
+        let dir = tempfile::tempdir().unwrap();
+        let (inp, out) = (dir.path().join("in.json"), dir.path().join("out.json"));
+        // As f64, so that the reference reads the very values (f32 text would round).
+        let wide = |v: &[f32]| v.iter().map(|&f| f64::from(f)).collect::<Vec<f64>>();
+        let input = serde_json::json!({ "n": n, "p": p, "c": c, "x": wide(&x), "dy": wide(&dy) });
+        std::fs::write(&inp, serde_json::to_vec(&input).unwrap()).unwrap();
+        run_ok(
+            Command::new("python3")
+                .args(["-c", &script])
+                .arg(&inp)
+                .arg(&out),
+        );
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        // Maxima and gradients move values, never compute them: equal up to serde_json's
+        // float parsing (within an f64 ulp), a billion times finer than f32's.
+        let exact = |what: &str, got: &[f32], want: &[f64]| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                let g = f64::from(*g);
+                assert!(
+                    (g - w).abs() <= 1e-14 * w.abs().max(1.0),
+                    "p {p}: {what}[{i}]: {g} vs {w}"
+                );
+            }
+        };
+        exact("y", &y, &floats(&r["y"]));
+        exact("dx", &dx, &floats(&r["dx"]));
+        let past = arg.iter().filter(|&&a| a >= 256).count();
+        assert!(past > 0, "p {p}: no maximum past position 255");
+        eprintln!(
+            "p {p}: {} maxima, {past} past position 255, equal to numpy's",
+            n * c
+        );
     }
 }
 
-fn against_numpy(side: usize) {
+fn against_numpy(side: usize, widths: &[usize]) {
     let n = 4;
     let (x, y) = images(n, 3, side);
     let params = CnnParams {
         side,
-        widths: vec![4, 6, 8],
+        widths: widths.to_vec(),
         batch_size: n,
         // Large enough for two steps on four images to move the weights well past the
         // comparison's tolerance.

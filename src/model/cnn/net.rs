@@ -314,8 +314,9 @@ pub struct Tape {
     a2: Vec<Vec<f32>>,
     bn1: Vec<BnCache>,
     bn2: Vec<BnCache>,
-    /// The final pool's index and the pooled features.
-    final_arg: Vec<u8>,
+    /// The final pool's index (a window as wide as the last block's output: any number of
+    /// positions) and the pooled features.
+    final_arg: Vec<u32>,
     features: Vec<f32>,
     /// Buffers reused across steps.
     conv: Vec<f32>,
@@ -548,7 +549,7 @@ impl Net {
         }
         let (fp, fw) = (self.arch.final_pool(), self.arch.feature_width());
         let mut feats = vec![0.0f32; n * fw];
-        let mut arg = vec![0u8; feats.len()];
+        let mut arg = vec![0u32; feats.len()];
         ops::maxpool_forward(
             &a,
             PoolShape {

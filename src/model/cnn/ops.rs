@@ -331,23 +331,65 @@ pub struct PoolShape {
     pub p: usize,
 }
 
+/// Where in its window a maximum is (`dy·p + dx`): a `u8` for the blocks' 2×2 windows (a
+/// quarter of the bytes), a `u32` for a window of any side (the final pool covers the last
+/// block's whole output: 17×17 = 289 positions at `--image-size 136`, which a `u8` would
+/// wrap, sending the gradient to the wrong pixel).
+pub trait Tap: bytemuck::Pod + Default + Send + Sync {
+    /// Whether every position of a `p`×`p` window fits.
+    fn holds(p: usize) -> bool;
+    /// Position `t` (which [`Tap::holds`]).
+    fn at(t: usize) -> Self;
+    /// The position.
+    fn pos(self) -> usize;
+}
+
+impl Tap for u8 {
+    fn holds(p: usize) -> bool {
+        p.checked_mul(p).is_some_and(|n| n <= 1 << 8)
+    }
+    fn at(t: usize) -> Self {
+        t as u8
+    }
+    fn pos(self) -> usize {
+        usize::from(self)
+    }
+}
+
+impl Tap for u32 {
+    fn holds(p: usize) -> bool {
+        p.checked_mul(p).is_some_and(|n| n as u64 <= 1 << 32)
+    }
+    fn at(t: usize) -> Self {
+        t as u32
+    }
+    fn pos(self) -> usize {
+        self as usize
+    }
+}
+
 /// Max pooling over `p`×`p` windows, stride `p`, the last rows and columns dropped when
 /// `p` does not divide the size (PyTorch's floor mode). `x` is `[n, h, w, c]`; `y` is
 /// `[n, h/p, w/p, c]` and `arg` the window position (`dy·p + dx`) of each maximum, the
-/// first on ties.
-pub fn maxpool_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) {
+/// first on ties. Panics where `T` cannot hold a `p`×`p` window's positions (a caller's
+/// choice of type, not input).
+pub fn maxpool_forward<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [T]) {
     let PoolShape { n, h, w, c, p } = shape;
     let (oh, ow) = (h / p, w / p);
     debug_assert_eq!(y.len(), n * oh * ow * c);
-    if p == 2 {
-        pool2_forward(x, shape, y, arg)
+    assert!(
+        T::holds(p),
+        "a {p}x{p} pooling window's positions do not fit its index type"
+    );
+    if p == 2 && std::mem::size_of::<T>() == 1 {
+        pool2_forward(x, shape, y, bytemuck::cast_slice_mut(arg))
     } else {
         maxpool_forward_any(x, shape, y, arg)
     }
 }
 
 /// [`maxpool_forward`] for any window (the 2×2 one has its own vectorised loop).
-fn maxpool_forward_any(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) {
+fn maxpool_forward_any<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [T]) {
     let PoolShape { n, h, w, c, p } = shape;
     let (oh, ow) = (h / p, w / p);
     for img in 0..n {
@@ -357,14 +399,14 @@ fn maxpool_forward_any(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8
                 let (yo, ao) = (&mut y[o..o + c], &mut arg[o..o + c]);
                 let i0 = ((img * h + oy * p) * w + ox * p) * c;
                 yo.copy_from_slice(&x[i0..i0 + c]);
-                ao.fill(0);
+                ao.fill(T::at(0));
                 for dy in 0..p {
                     for dx in 0..p {
                         if dy == 0 && dx == 0 {
                             continue;
                         }
                         let i = ((img * h + oy * p + dy) * w + ox * p + dx) * c;
-                        let tap = (dy * p + dx) as u8;
+                        let tap = T::at(dy * p + dx);
                         for ((m, a), &v) in yo.iter_mut().zip(ao.iter_mut()).zip(&x[i..i + c]) {
                             // `!(v <= m)` also takes a NaN, as PyTorch does.
                             if v > *m || (v.is_nan() && !m.is_nan()) {
@@ -381,16 +423,16 @@ fn maxpool_forward_any(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8
 
 /// The gradient of [`maxpool_forward`]: `dx` (overwritten) is zero but at each window's
 /// maximum, which gets the window's `dy`.
-pub fn maxpool_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
-    if shape.p == 2 {
-        pool2_backward(dy, arg, shape, dx)
+pub fn maxpool_backward<T: Tap>(dy: &[f32], arg: &[T], shape: PoolShape, dx: &mut [f32]) {
+    if shape.p == 2 && std::mem::size_of::<T>() == 1 {
+        pool2_backward(dy, bytemuck::cast_slice(arg), shape, dx)
     } else {
         maxpool_backward_any(dy, arg, shape, dx)
     }
 }
 
 /// [`maxpool_backward`] for any window.
-fn maxpool_backward_any(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
+fn maxpool_backward_any<T: Tap>(dy: &[f32], arg: &[T], shape: PoolShape, dx: &mut [f32]) {
     let PoolShape { n, h, w, c, p } = shape;
     let (oh, ow) = (h / p, w / p);
     dx.fill(0.0);
@@ -399,7 +441,7 @@ fn maxpool_backward_any(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]
             for ox in 0..ow {
                 let o = ((img * oh + oy) * ow + ox) * c;
                 for ch in 0..c {
-                    let tap = arg[o + ch] as usize;
+                    let tap = arg[o + ch].pos();
                     let (dyy, dxx) = (tap / p, tap % p);
                     let i = ((img * h + oy * p + dyy) * w + ox * p + dxx) * c + ch;
                     dx[i] = dy[o + ch];
@@ -993,6 +1035,61 @@ mod tests {
                 assert!((f64::from(dx[i]) - want).abs() < 1e-4, "{s:?} dx[{i}]");
             }
         }
+    }
+
+    /// A window of 17×17 or more has positions past 255: the final pool at
+    /// `--image-size 136` and up. Each maximum is found and gets its gradient, at every
+    /// position of the window (a `u8` index wrapped past 255 and sent it elsewhere).
+    #[test]
+    fn a_wide_window_routes_the_gradient_to_its_maximum_past_position_255() {
+        assert!(u8::holds(16) && !u8::holds(17));
+        assert!(u32::holds(512));
+        for p in [3usize, 16, 17, 20] {
+            let (n, c) = (1, p * p);
+            let (h, w) = (p, p);
+            // Channel k's maximum at window position k: every position, 0 to p²-1, once.
+            let mut x = vec![0.0f32; n * h * w * c];
+            for pos in 0..p * p {
+                for k in 0..c {
+                    x[pos * c + k] = if pos == k {
+                        100.0 + k as f32
+                    } else {
+                        (pos % 7) as f32
+                    };
+                }
+            }
+            let shape = PoolShape { n, h, w, c, p };
+            let mut y = vec![0.0f32; c];
+            let mut arg = vec![0u32; c];
+            maxpool_forward(&x, shape, &mut y, &mut arg);
+            for k in 0..c {
+                assert_eq!(y[k], 100.0 + k as f32, "p {p} channel {k}");
+                assert_eq!(arg[k] as usize, k, "p {p} channel {k}");
+            }
+            let dy: Vec<f32> = (0..c).map(|k| 1.0 + k as f32).collect();
+            let mut dx = vec![7.0f32; x.len()];
+            maxpool_backward(&dy, &arg, shape, &mut dx);
+            for pos in 0..p * p {
+                for k in 0..c {
+                    let want = if pos == k { dy[k] } else { 0.0 };
+                    assert_eq!(dx[pos * c + k], want, "p {p} position {pos} channel {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "do not fit")]
+    fn a_u8_index_refuses_a_window_past_16() {
+        let shape = PoolShape {
+            n: 1,
+            h: 17,
+            w: 17,
+            c: 1,
+            p: 17,
+        };
+        let (mut y, mut arg) = (vec![0.0f32; 1], vec![0u8; 1]);
+        maxpool_forward(&vec![0.0f32; 289], shape, &mut y, &mut arg);
     }
 
     #[test]
