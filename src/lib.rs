@@ -32,8 +32,8 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod store;
-#[cfg(test)]
-mod testing;
+#[doc(hidden)]
+pub mod testing;
 pub mod transforms;
 pub mod ui;
 pub mod wire;

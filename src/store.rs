@@ -126,6 +126,15 @@ impl PendingFile {
     }
 }
 
+/// All of `r` if it holds at most `cap` bytes, `None` if more: never reads past `cap + 1`
+/// (a file named by a user, which may be huge or still growing).
+pub fn read_at_most(r: impl std::io::Read, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    r.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= cap).then_some(bytes))
+}
+
 /// Write `batches` (at least one; all with the first one's schema) to the Parquet file
 /// `path`, under a temporary name first and renamed when complete.
 pub fn write_parquet_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {

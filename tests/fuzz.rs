@@ -24,6 +24,7 @@ use cifar_df::rng::SplitMix;
 use cifar_df::run::checkpoint::{self, TrainState};
 use cifar_df::run::config::RunConfig;
 use cifar_df::source::{self, SourceOptions, SourceSpec};
+use cifar_df::testing::{header_only_png, jpeg_declaring};
 use cifar_df::wire::{ndjson, spark_json};
 
 /// Cases per reader.
@@ -382,32 +383,6 @@ fn png_image(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth) -> Vec
         writer.write_image_data(&data).unwrap();
     }
     out
-}
-
-/// A PNG whose header declares `w`×`h` RGB, with a scrap of image data.
-fn header_only_png(w: u32, h: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let mut e = png::Encoder::new(&mut out, w, h);
-        e.set_color(png::ColorType::Rgb);
-        let mut writer = e.write_header().unwrap();
-        writer
-            .write_chunk(png::chunk::IDAT, &[0x78, 0x01, 0x01, 0x00])
-            .unwrap();
-    }
-    out
-}
-
-/// `jpeg` with its frame header saying `w`×`h`.
-fn jpeg_declaring(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
-    let mut b = jpeg.to_vec();
-    let sof = b
-        .windows(2)
-        .position(|m| m[0] == 0xff && (m[1] == 0xc0 || m[1] == 0xc2))
-        .unwrap();
-    b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
-    b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
-    b
 }
 
 const JPEGS: [(&str, &[u8]); 3] = [

@@ -23,7 +23,6 @@
 //! stay within it.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, PoisonError};
 
@@ -516,18 +515,15 @@ fn load_file(
 /// it was sized) without reading more than that.
 fn read_capped(path: &Path) -> std::result::Result<Vec<u8>, String> {
     let file = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!(
-            "the file has more than {MAX_FILE_BYTES} bytes ({}), the limit read from one \
-             image file",
-            human(u128::from(MAX_FILE_BYTES))
-        ));
-    }
-    Ok(bytes)
+    crate::store::read_at_most(file, MAX_FILE_BYTES)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "the file has more than {MAX_FILE_BYTES} bytes ({}), the limit read from one \
+                 image file",
+                human(u128::from(MAX_FILE_BYTES))
+            )
+        })
 }
 
 /// Decodes one image file's bytes (JPEG or PNG, by content) into a 32×32 CIFAR row.
@@ -756,36 +752,11 @@ mod tests {
         assert!(decode(&[0xff, 0xd8, 0xff, 0xe0, 0, 16], &mut scratch).is_err());
     }
 
+    use crate::testing::{header_only_png, jpeg_declaring};
+
     const BASELINE_JPEG: &[u8] = include_bytes!("../../tests/ref/images/baseline.jpg");
     const PROGRESSIVE_JPEG: &[u8] = include_bytes!("../../tests/ref/images/progressive.jpg");
     const GREY_JPEG: &[u8] = include_bytes!("../../tests/ref/images/grey.jpg");
-
-    /// A PNG whose header declares `w`×`h` RGB, with a scrap of image data: all a
-    /// decoder reads before the image data.
-    fn header_only_png(w: u32, h: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        {
-            let mut e = png::Encoder::new(&mut out, w, h);
-            e.set_color(png::ColorType::Rgb);
-            let mut writer = e.write_header().unwrap();
-            writer
-                .write_chunk(png::chunk::IDAT, &[0x78, 0x01, 0x01, 0x00])
-                .unwrap();
-        }
-        out
-    }
-
-    /// `jpeg` with its frame header saying `w`×`h`.
-    fn jpeg_declaring(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
-        let mut b = jpeg.to_vec();
-        let sof = b
-            .windows(2)
-            .position(|m| m[0] == 0xff && (m[1] == 0xc0 || m[1] == 0xc2))
-            .unwrap();
-        b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
-        b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
-        b
-    }
 
     #[test]
     fn jpegs_decode_baseline_progressive_and_grey() {

@@ -22,7 +22,6 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -193,17 +192,14 @@ fn read_secret_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
             });
         }
     }
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read it: {e}"))?;
-    if bytes.len() as u64 > MAX_SECRET_FILE {
-        return Err(format!(
-            "larger than {} KiB: not a secret file",
-            MAX_SECRET_FILE / 1024
-        ));
-    }
-    Ok(bytes)
+    crate::store::read_at_most(file, MAX_SECRET_FILE)
+        .map_err(|e| format!("cannot read it: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "larger than {} KiB: not a secret file",
+                MAX_SECRET_FILE / 1024
+            )
+        })
 }
 
 /// Unix seconds now (0 before 1970).

@@ -144,9 +144,30 @@ pub(crate) async fn sql_over(
     only: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>> {
     let limits = SqlLimits::default();
+    let work = with_fresh_tables(root, only, &limits, |ctx| async move {
+        query::run_read_only(&ctx, sql).await
+    });
+    tokio::time::timeout(limits.timeout, work)
+        .await
+        .map_err(|_| limits.timed_out())?
+}
+
+/// `attempt` on a session under `limits` with the run tables of `root` (of the runs in
+/// `only`) registered, tried up to three times on a fresh listing while it fails in a way
+/// a listing can mend ([`is_transient`]: a part renamed by a compaction).
+async fn with_fresh_tables<T, F, Fut>(
+    root: &Path,
+    only: Option<&[&str]>,
+    limits: &SqlLimits,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut(datafusion::prelude::SessionContext) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let mut last = None;
-    for attempt in 0..3 {
-        if attempt > 0 {
+    for round in 0..3 {
+        if round > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let ctx = limits.session()?;
@@ -154,17 +175,15 @@ pub(crate) async fn sql_over(
             last = Some(e);
             continue;
         }
-        let run = tokio::time::timeout(limits.timeout, query::run_read_only(&ctx, sql)).await;
-        match run {
-            Ok(Ok(b)) => return Ok(b),
-            Ok(Err(e)) => {
+        match attempt(ctx).await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
                 let transient = is_transient(&e);
                 last = Some(e);
                 if !transient {
                     break;
                 }
             }
-            Err(_) => return Err(limits.timed_out()),
         }
     }
     Err(last.unwrap_or_else(|| Error::usage("query failed")))
@@ -181,7 +200,7 @@ fn is_transient(e: &Error) -> bool {
 }
 
 /// A query of the SQL box, planned read-only over the run tables, as a stream of batches
-/// (the first attempt whose tables register).
+/// (tried again as [`with_fresh_tables`] says).
 async fn sql_box_stream(
     root: &Path,
     sql_text: &str,
@@ -190,32 +209,11 @@ async fn sql_box_stream(
     if sql_text.trim().is_empty() {
         return Err(Error::usage("empty query"));
     }
-    let mut last = None;
-    for attempt in 0..3 {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let ctx = limits.session()?;
-        if let Err(e) = tables::register_tables_of(&ctx, root, None) {
-            last = Some(e);
-            continue;
-        }
-        let planned = async {
-            let df = query::plan_read_only(&ctx, sql_text).await?;
-            Ok::<_, Error>(df.execute_stream().await?)
-        };
-        match planned.await {
-            Ok(s) => return Ok(s),
-            Err(e) => {
-                let transient = is_transient(&e);
-                last = Some(e);
-                if !transient {
-                    break;
-                }
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| Error::usage("query failed")))
+    with_fresh_tables(root, None, limits, |ctx| async move {
+        let df = query::plan_read_only(&ctx, sql_text).await?;
+        Ok(df.execute_stream().await?)
+    })
+    .await
 }
 
 /// Column `name` of `b`, cast to `T`.

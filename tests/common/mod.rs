@@ -32,24 +32,10 @@ pub fn mini() -> Option<PathBuf> {
     None
 }
 
-/// Says a test does not check anything for want of `needs`: a panic under CI (`CI` set),
-/// elsewhere a note on stderr and a line in the file `CIFAR_DF_SKIP_LOG` names, where
-/// set (`.ci/run` counts them).
+/// Says a test does not check anything for want of `needs`: a panic under CI (`CI`
+/// set), elsewhere a note; logged to `CIFAR_DF_SKIP_LOG` (`.ci/run` counts them).
 pub fn skip(what: &str, needs: &str) {
-    if let Some(log) = std::env::var_os("CIFAR_DF_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{what}: no {needs}");
-        }
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("CI needs {needs} for {what}");
-    }
-    eprintln!("skipping {what}: no {needs}");
+    cifar_df::testing::skip(what, needs)
 }
 
 /// Whether `python3 -c "import MODULES"` works, for a test comparing with a Python
