@@ -4,7 +4,12 @@
 images/s of one SGD step (forward, backward, update). Benchmark only: `pip install torch`
 (never in CI).
 
-    python3 benches/cnn_torch.py [--threads 2] [--batch 256] [--steps 20]
+    python3 benches/cnn_torch.py [--threads 2] [--batch 256] [--steps 20] [--config all]
+
+By default it runs PyTorch's fastest CPU configuration, the reference cifar-df is measured
+against: bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)`) with channels_last
+tensors; `--config all` adds fp32 NCHW (PyTorch's default), fp32 channels_last and bf16
+NCHW.
 """
 import argparse
 import time
@@ -58,15 +63,43 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--config", choices=sorted(CONFIGS) + ["all"], default="fastest",
+                    help="fastest: bf16 autocast + channels_last (the reference); all: the "
+                         "four of fp32/bf16 x NCHW/channels_last")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    names = sorted(CONFIGS) if a.config == "all" else [a.config]
+    for name in names:
+        bf16, channels_last = CONFIGS[name]
+        run(a, name, bf16, channels_last)
+
+
+# name: (bf16 autocast, channels_last)
+CONFIGS = {
+    "fastest": (True, True),
+    "fp32-nchw": (False, False),
+    "fp32-channels-last": (False, True),
+    "bf16-nchw": (True, False),
+}
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def run(a, config, bf16, channels_last):
     torch.manual_seed(0)
     for widths in ([32, 64, 128], [64, 256, 256]):
         net = make_net(widths)
         x = torch.randn(a.batch, 3, 32, 32)
         y = torch.randint(0, 10, (a.batch,))
-        if a.channels_last:
+        if channels_last:
             net = net.to(memory_format=torch.channels_last)
             x = x.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3,
@@ -74,8 +107,9 @@ def main():
         loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")
 
         def step():
-            out = net(x) / 9
-            loss = loss_fn(out, y).sum()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = net(x) / 9
+            loss = loss_fn(out.float(), y).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -89,8 +123,9 @@ def main():
             times.append(time.perf_counter() - t)
         times.sort()
         med = times[len(times) // 2]
-        print(f"torch {torch.__version__} widths {'/'.join(map(str, widths))} batch {a.batch} "
-              f"threads {a.threads}: median step {med * 1e3:.1f} ms, {a.batch / med:.0f} images/s")
+        print(f"torch {torch.__version__} {config} widths {'/'.join(map(str, widths))} "
+              f"batch {a.batch} threads {a.threads} ({cpu_name()}): median step "
+              f"{med * 1e3:.1f} ms, {a.batch / med:.0f} images/s")
 
 
 if __name__ == "__main__":

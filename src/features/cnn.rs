@@ -28,6 +28,8 @@ pub struct CnnExtractor {
     pub net: Net,
     /// Where it came from (a run's checkpoint), for the record.
     pub source: String,
+    /// The kernel its products use: the run's, or f32 on a CPU without it.
+    pub kernel: crate::model::cnn::Kernel,
 }
 
 impl CnnExtractor {
@@ -66,6 +68,7 @@ impl CnnExtractor {
         };
         Ok(CnnExtractor {
             params: cnn.params().clone(),
+            kernel: cnn.scoring_kernel(),
             net,
             source: format!("{}@{}", run.display(), ck.name()),
         })
@@ -98,7 +101,8 @@ impl CnnExtractor {
             let end = (start + CHUNK).min(n);
             let x = nhwc(&pixels[start * per..end * per], side);
             let mut feats = Vec::new();
-            self.net.forward_score(&x, end - start, Some(&mut feats));
+            self.net
+                .forward_score(&x, end - start, Some(&mut feats), self.kernel);
             let v = ndarray::ArrayView2::from_shape((end - start, w), &feats)
                 .map_err(|e| Error::usage(format!("cnn extractor: internal: {e}")))?;
             out.slice_mut(ndarray::s![start..end, ..]).assign(&v);
@@ -178,7 +182,16 @@ impl CnnExtractor {
         names.extend(Net::tensor_names(&arch, ""));
         ck.expect_names(&names)?;
         let whiten = Net::read_whiten(ck, &arch)?;
+        // bf16 where the network learnt in bf16 and this CPU has it; f32 otherwise (and
+        // for folders written before the precision was recorded).
+        let kernel = match meta.params.precision {
+            crate::model::cnn::Precision::Bf16 => {
+                crate::model::cnn::Kernel::best_bf16().unwrap_or(crate::model::cnn::Kernel::F32)
+            }
+            _ => crate::model::cnn::Kernel::F32,
+        };
         Ok(CnnExtractor {
+            kernel,
             params: meta.params,
             net: Net::read_tensors(ck, &arch, &whiten, "")?,
             source: meta.source,

@@ -132,6 +132,18 @@ pub trait Learner: Send {
         Ok((self.partial_fit(x, y)?, None))
     }
 
+    /// Learns on in another precision of its products from here on (`--precision` on a
+    /// resumed run). Models that compute in f32 only refuse anything else.
+    fn switch_precision(&mut self, precision: cnn::Precision) -> Result<()> {
+        match precision {
+            cnn::Precision::F32 | cnn::Precision::Auto => Ok(()),
+            cnn::Precision::Bf16 => Err(Error::usage(format!(
+                "--precision bf16: model {} computes in f32 only (the cnn has bf16)",
+                self.name()
+            ))),
+        }
+    }
+
     /// For clustering models: the cluster each row of `x` falls in; `None` (the
     /// default) for classifiers.
     fn clusters(&self, _x: ArrayView2<f32>) -> Option<Result<Vec<u32>>> {

@@ -15,9 +15,12 @@
 //! then blue), normalised by the SQL (`normalize(image)`); the network works on NHWC
 //! tensors ([`ops`]).
 
+pub mod bf16;
 pub mod net;
 pub mod onnx;
 pub mod ops;
+
+pub use self::ops::Kernel;
 
 use std::path::Path;
 
@@ -40,6 +43,64 @@ pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
 
 /// Floats of an input row of 32×32 images (`3·side²` at another side).
 pub const INPUT: usize = SIDE * SIDE * CHANNELS;
+
+/// The precision of the network's products (`precision` in `[cnn]`, `--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 where the CPU has a bf16 kernel, f32 elsewhere.
+    #[default]
+    Auto,
+    /// bf16 inputs, f32 sums, f32 master weights (PyTorch's CPU autocast): an error on a
+    /// CPU without AVX512-BF16.
+    Bf16,
+    /// f32 throughout.
+    F32,
+}
+
+impl Precision {
+    /// The precision named `s` (`auto`, `bf16`, `f32`).
+    pub fn parse(s: &str) -> std::result::Result<Precision, String> {
+        match s {
+            "auto" => Ok(Precision::Auto),
+            "bf16" => Ok(Precision::Bf16),
+            "f32" => Ok(Precision::F32),
+            other => Err(format!(
+                "precision {other:?}: expected \"bf16\", \"f32\" or \"auto\""
+            )),
+        }
+    }
+
+    /// The kernel this precision uses on this CPU; `Bf16` on a CPU without a bf16 kernel
+    /// is an error naming the CPU feature it lacks.
+    pub fn kernel(self) -> std::result::Result<Kernel, String> {
+        match self {
+            Precision::F32 => Ok(Kernel::F32),
+            Precision::Auto => Ok(Kernel::best_bf16().unwrap_or(Kernel::F32)),
+            Precision::Bf16 => Kernel::best_bf16().ok_or_else(|| {
+                format!(
+                    "precision bf16 needs a CPU with AVX512-BF16 (avx512_bf16 in lscpu's \
+                     flags), which this one ({}) lacks: use precision = \"f32\" (or \
+                     --precision f32)",
+                    cpu_name()
+                )
+            }),
+        }
+    }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or "this CPU".
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "this CPU".into())
+}
 
 /// Hyper-parameters of `--model cnn`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -95,6 +156,9 @@ pub struct CnnParams {
     /// Side of the input images: the trainer sets it from the run's image size
     /// (`--image-size`); 32 by default. The weights do not depend on it.
     pub side: usize,
+    /// The products' precision: `bf16` (bf16 inputs, f32 sums) where the CPU has a bf16
+    /// kernel, `f32` elsewhere; a run records the one it used.
+    pub precision: Precision,
 }
 
 impl Default for CnnParams {
@@ -120,6 +184,7 @@ impl Default for CnnParams {
             lookahead_every: 5,
             tta_translate: true,
             seed: 0,
+            precision: Precision::Auto,
         }
     }
 }
@@ -205,15 +270,27 @@ pub struct Cnn {
     seen: u64,
     tape: Tape,
     grads: Grads,
+    /// How the products multiply (from [`CnnParams::precision`], or the checkpoint's).
+    kernel: Kernel,
 }
 
 impl Cnn {
     /// A new, untrained model.
-    pub fn new(params: CnnParams) -> Result<Self> {
+    pub fn new(mut params: CnnParams) -> Result<Self> {
         params
             .check()
             .map_err(|e| Error::usage(format!("cnn: {e}")))?;
+        let kernel = params
+            .precision
+            .kernel()
+            .map_err(|e| Error::usage(format!("cnn: {e}")))?;
+        params.precision = if kernel.is_bf16() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
         Ok(Cnn {
+            kernel,
             params,
             net: None,
             momentum: Vec::new(),
@@ -234,6 +311,44 @@ impl Cnn {
     /// The hyper-parameters.
     pub fn params(&self) -> &CnnParams {
         &self.params
+    }
+
+    /// The kernel the products multiply on (what the run records).
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// The kernel scoring uses: the model's, or f32 where this CPU lacks it (a bf16 run
+    /// scored on another CPU).
+    pub fn scoring_kernel(&self) -> Kernel {
+        if self.kernel.available() {
+            self.kernel
+        } else {
+            Kernel::F32
+        }
+    }
+
+    /// Learns on in another precision from here on (`--precision` on a resumed run):
+    /// the run is then no longer bit-identical to one never interrupted.
+    pub fn switch_precision(&mut self, precision: Precision) -> Result<()> {
+        let kernel = precision
+            .kernel()
+            .map_err(|e| Error::usage(format!("cnn: {e}")))?;
+        if kernel != self.kernel {
+            tracing::warn!(
+                "cnn: the run learnt with the {} kernel and goes on with the {} one: it is no \
+                 longer bit-identical to a run never interrupted",
+                self.kernel.name(),
+                kernel.name()
+            );
+        }
+        self.kernel = kernel;
+        self.params.precision = if kernel.is_bf16() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        Ok(())
     }
 
     /// The learning rate's factor for the step that starts at image `seen`.
@@ -313,6 +428,17 @@ impl Cnn {
         let Some(net) = self.net.as_mut() else {
             return Err(Error::usage("cnn: internal: step before init"));
         };
+        if !self.kernel.available() {
+            return Err(Error::usage(format!(
+                "cnn: this run learnt with the {} kernel (precision {}), which this CPU ({}) \
+                 lacks; continue it in f32 with --precision f32 (it is then no longer \
+                 bit-identical to a run never interrupted)",
+                self.kernel.name(),
+                if self.kernel.is_bf16() { "bf16" } else { "f32" },
+                cpu_name()
+            )));
+        }
+        self.tape.set_kernel(self.kernel);
         let logits = net.forward_train(x, n, &mut self.tape);
         let (dlogits, _, plain) =
             net::smoothed_ce(&logits, y, self.params.classes, p.label_smoothing);
@@ -440,11 +566,12 @@ impl Cnn {
             let rows = x.slice(ndarray::s![start..end, ..]);
             let xs = Self::to_nhwc(rows, self.params.side, false);
             let m = end - start;
-            let mut l = net.forward_score(&xs, m, None);
+            let kernel = self.scoring_kernel();
+            let mut l = net.forward_score(&xs, m, None, kernel);
             if self.params.tta_translate {
                 for (dy, dx) in [(-1, -1), (1, 1)] {
                     let moved = translate_nhwc(&xs, m, self.params.side, dy, dx);
-                    let lt = net.forward_score(&moved, m, None);
+                    let lt = net.forward_score(&moved, m, None, kernel);
                     for (a, b) in l.iter_mut().zip(lt) {
                         *a += 0.5 * b;
                     }
@@ -513,6 +640,10 @@ struct Meta {
     seen: u64,
     trained: bool,
     slow: bool,
+    /// The kernel the run learnt with (none in checkpoints older than the bf16 kernels:
+    /// f32).
+    #[serde(default)]
+    kernel: Option<Kernel>,
 }
 
 impl Learner for Cnn {
@@ -549,6 +680,10 @@ impl Learner for Cnn {
         Ok((loss, p))
     }
 
+    fn switch_precision(&mut self, precision: Precision) -> Result<()> {
+        Cnn::switch_precision(self, precision)
+    }
+
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, Some(self.params.input()))?;
         let mut l = self.logits(x)?;
@@ -575,6 +710,7 @@ impl Learner for Cnn {
             seen: self.seen,
             trained: self.net.is_some(),
             slow: self.slow.is_some(),
+            kernel: Some(self.kernel),
         };
         save_checkpoint(
             dir,
@@ -594,7 +730,19 @@ impl Cnn {
         meta.params
             .check()
             .map_err(|e| ck.bad_meta(format!("bad params: {e}")))?;
-        let mut model = Cnn::new(meta.params)?;
+        // The checkpoint's kernel, whatever this CPU has: a run goes on as it learnt (a
+        // step on a CPU without it is an error that says how to go on in f32), and
+        // scoring falls back to f32.
+        let kernel = meta.kernel.unwrap_or(Kernel::F32);
+        let mut params = meta.params;
+        params.precision = Precision::F32;
+        let mut model = Cnn::new(params)?;
+        model.kernel = kernel;
+        model.params.precision = if kernel.is_bf16() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
         model.planned = meta.planned;
         model.steps = meta.steps;
         model.seen = meta.seen;

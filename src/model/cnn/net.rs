@@ -14,7 +14,7 @@
 //! keeps what the backward pass needs in a [`Tape`], [`Net::backward`] fills a
 //! [`Grads`] of the same layout as [`Net::params`].
 
-use super::ops::{self, BnCache, ConvShape, PoolShape, Scratch};
+use super::ops::{self, BnCache, ConvShape, Kernel, PoolShape, Scratch};
 use crate::rng::SplitMix;
 
 /// Side of the input images unless the run's image size says otherwise (CIFAR's 32).
@@ -325,6 +325,16 @@ pub struct Tape {
     scratch: Scratch,
 }
 
+impl Tape {
+    /// Makes the convolutions of the next passes multiply on `kernel` (which must be
+    /// [`Kernel::available`]).
+    pub fn set_kernel(&mut self, kernel: Kernel) {
+        if self.scratch.kernel() != kernel {
+            self.scratch = Scratch::new(kernel);
+        }
+    }
+}
+
 fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
 }
@@ -481,9 +491,16 @@ impl Net {
     }
 
     /// The logits (`[n, classes]`) of `x` (`n` NHWC images, normalised) with the
-    /// running statistics, and the pooled features (`[n, w3]`) when `features` is given.
-    pub fn forward_score(&self, x: &[f32], n: usize, features: Option<&mut Vec<f32>>) -> Vec<f32> {
-        let mut scratch = Scratch::default();
+    /// running statistics, and the pooled features (`[n, w3]`) when `features` is given;
+    /// the convolutions multiply on `kernel` (which must be [`Kernel::available`]).
+    pub fn forward_score(
+        &self,
+        x: &[f32],
+        n: usize,
+        features: Option<&mut Vec<f32>>,
+        kernel: Kernel,
+    ) -> Vec<f32> {
+        let mut scratch = Scratch::new(kernel);
         let sides = self.arch.sides();
         let ws = self.arch.whiten_shape(n);
         let mut z = vec![0.0f32; n * sides[0] * sides[0] * WHITEN_WIDTH];

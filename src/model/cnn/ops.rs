@@ -19,6 +19,7 @@
 //! chosen once per call. Every reduction runs in a fixed order: the same inputs give the
 //! same bits, whatever the thread count.
 
+use super::bf16;
 use crate::linalg;
 
 /// Output pixels per im2col band (about 0.5–1 MB of patches for the default widths).
@@ -113,6 +114,40 @@ fn im2col(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [f32]) 
     }
 }
 
+/// [`im2col`] into bf16 rows of stride `ld` (`u16`s, at least `k·k·ci`; the padding
+/// past `k·k·ci` zero), for the bf16 products.
+fn im2col_bf16(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [u16], ld: usize) {
+    let (oh, ow, ci, k) = (s.oh(), s.ow(), s.ci, s.k);
+    let kdim = s.kdim();
+    let per_image = oh * ow;
+    for r in 0..rows {
+        let p = first + r;
+        let (img, rest) = (p / per_image, p % per_image);
+        let (oy, ox) = (rest / ow, rest % ow);
+        let dst = &mut col[r * ld..(r + 1) * ld];
+        dst[kdim..].fill(0);
+        let base = img * s.h * s.w * ci;
+        for ky in 0..k {
+            let iy = (oy + ky) as isize - s.pad as isize;
+            let row = &mut dst[ky * k * ci..(ky + 1) * k * ci];
+            if iy < 0 || iy >= s.h as isize {
+                row.fill(0);
+                continue;
+            }
+            let iy = iy as usize;
+            let x0 = ox as isize - s.pad as isize;
+            let lo = (-x0).max(0) as usize;
+            let hi = ((s.w as isize - x0).min(k as isize)).max(lo as isize) as usize;
+            row[..lo * ci].fill(0);
+            row[hi * ci..].fill(0);
+            if hi > lo {
+                let src = base + (iy * s.w + (x0 + lo as isize) as usize) * ci;
+                bf16::convert(&x[src..src + (hi - lo) * ci], &mut row[lo * ci..hi * ci]);
+            }
+        }
+    }
+}
+
 /// `c (m×n) = a (m×k) · b (k×n) + beta·c`, all row-major slices.
 fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
     let a = ndarray::ArrayView2::from_shape((m, k), &a[..m * k]).expect("matmul: a");
@@ -129,19 +164,87 @@ fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &
     linalg::gemm(1.0, &a.t(), &b, beta, &mut c);
 }
 
-/// A reusable buffer for the patch matrix of one band.
+/// How the convolutions multiply: in f32 on the `gemm` crate, or with bf16 inputs and
+/// f32 sums on AVX512-BF16 ([`bf16`](super::bf16)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kernel {
+    /// f32 products on the `gemm` crate (any x86-64 or other CPU).
+    #[default]
+    F32,
+    /// bf16 × bf16 → f32 products with `vdpbf16ps` (AVX512-BF16).
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// The kernel's name as the run records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::F32 => "f32",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+        }
+    }
+
+    /// Whether it rounds the products' inputs to bf16.
+    pub fn is_bf16(self) -> bool {
+        self != Kernel::F32
+    }
+
+    /// Whether this CPU runs it.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::F32 => true,
+            Kernel::Avx512Bf16 => super::bf16::available(),
+        }
+    }
+
+    /// The fastest bf16 kernel this CPU runs, if any.
+    pub fn best_bf16() -> Option<Kernel> {
+        Kernel::Avx512Bf16.available().then_some(Kernel::Avx512Bf16)
+    }
+}
+
+/// Reusable buffers for the products (the patch matrix of one band, packed operands)
+/// and the kernel they use.
 #[derive(Default)]
 pub struct Scratch {
+    kernel: Kernel,
     col: Vec<f32>,
+    packed_a: Vec<u32>,
+    packed_b: Vec<u32>,
+    acc: Vec<f32>,
+    tmp: Vec<u32>,
+    dyt: Vec<u32>,
 }
 
 impl Scratch {
+    /// Buffers for products on `kernel`, which must be [`Kernel::available`].
+    pub fn new(kernel: Kernel) -> Scratch {
+        Scratch {
+            kernel,
+            ..Scratch::default()
+        }
+    }
+
+    /// The kernel.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
     fn col(&mut self, len: usize) -> &mut [f32] {
         if self.col.len() < len {
             self.col.resize(len, 0.0);
         }
         &mut self.col[..len]
     }
+}
+
+/// `v[..len]`, grown (never shrunk) to hold it.
+fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 /// `y = conv(x, wt)` (no bias): `x` is `[n, h, w, ci]`, `wt` `[k·k·ci, co]`, `y`
@@ -152,37 +255,114 @@ pub fn conv_forward(x: &[f32], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch
     debug_assert_eq!(x.len(), s.n * s.h * s.w * s.ci);
     debug_assert_eq!(wt.len(), s.kdim() * s.co);
     debug_assert_eq!(y.len(), total * s.co);
-    let bands = total.div_ceil(BAND_ROWS);
-    let threads = linalg::threads().min(bands).max(1);
-    if threads == 1 {
-        forward_bands(x, wt, s, 0, total, y, scratch);
+    if scratch.kernel.is_bf16() {
+        // The weights packed once, shared by the threads.
+        let mut wb = std::mem::take(&mut scratch.packed_b);
+        let len = bf16::b_len(s.kdim(), s.co);
+        bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
+        let band = bf16_band_rows(s.kdim());
+        over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
+            forward_bands_bf16(x, &wb[..len], s, first, rows, band, out, sc)
+        });
+        scratch.packed_b = wb;
         return;
     }
-    // Contiguous runs of whole bands, one per thread.
-    let per = bands.div_ceil(threads) * BAND_ROWS;
+    over_bands(
+        total,
+        BAND_ROWS,
+        s.co,
+        y,
+        scratch,
+        |first, rows, out, sc| forward_bands(x, wt, s, first, rows, out, sc),
+    );
+}
+
+/// Output rows `0..total` (of `width` values each) in bands of `band` rows, shared out
+/// over up to [`linalg::threads`] threads as contiguous runs of whole bands: `f(first,
+/// rows, out, scratch)` computes rows `first..first + rows` into `out`. Each band is
+/// computed the same way whatever the thread count.
+fn over_bands(
+    total: usize,
+    band: usize,
+    width: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+    f: impl Fn(usize, usize, &mut [f32], &mut Scratch) + Sync,
+) {
+    let bands = total.div_ceil(band);
+    let threads = linalg::threads().min(bands).max(1);
+    if threads == 1 {
+        f(0, total, y, scratch);
+        return;
+    }
+    let per = bands.div_ceil(threads) * band;
+    let kernel = scratch.kernel;
     std::thread::scope(|sc| {
         let mut rest = y;
         let mut first = 0;
         let mut jobs = Vec::new();
         while first < total {
             let rows = per.min(total - first);
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.co);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * width);
             rest = tail;
             jobs.push((first, rows, mine));
             first += rows;
         }
         let mut jobs = jobs.into_iter();
         let own = jobs.next();
+        let f = &f;
         for (first, rows, out) in jobs {
             sc.spawn(move || {
-                let mut local = Scratch::default();
-                forward_bands(x, wt, s, first, rows, out, &mut local);
+                let mut local = Scratch::new(kernel);
+                f(first, rows, out, &mut local);
             });
         }
         if let Some((first, rows, out)) = own {
-            forward_bands(x, wt, s, first, rows, out, scratch);
+            f(first, rows, out, scratch);
         }
     });
+}
+
+/// Output pixels per band of the bf16 product: the bf16 patches of a band about
+/// 512 KB (in the L2 cache while the weights' blocks pass), a whole number of kernel
+/// tiles, at most [`BAND_ROWS`].
+fn bf16_band_rows(kdim: usize) -> usize {
+    let rows = (512 * 1024 / (2 * kdim.max(1))) / bf16::MR * bf16::MR;
+    rows.clamp(bf16::MR, BAND_ROWS)
+}
+
+/// [`forward_bands`] with bf16 products: `wb` is the weights packed by [`bf16::pack_b`].
+#[allow(clippy::too_many_arguments)]
+fn forward_bands_bf16(
+    x: &[f32],
+    wb: &[u32],
+    s: &ConvShape,
+    first: usize,
+    rows: usize,
+    band: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let kdim = s.kdim();
+    let lda = bf16::pairs(kdim);
+    let mut done = 0;
+    while done < rows {
+        let r = band.min(rows - done);
+        let a = grown(&mut scratch.packed_a, r * lda);
+        im2col_bf16(x, s, first + done, r, bytemuck::cast_slice_mut(a), 2 * lda);
+        bf16::gemm(
+            r,
+            s.co,
+            kdim,
+            a,
+            lda,
+            wb,
+            &mut y[done * s.co..(done + r) * s.co],
+            s.co,
+            false,
+        );
+        done += r;
+    }
 }
 
 /// Output pixels `first..first + rows` of [`conv_forward`] into `y` (their rows only).
@@ -259,6 +439,15 @@ pub fn conv_backward(
         .map(|g| (g * per, ((g + 1) * per).min(total)))
         .filter(|(a, b)| a < b)
         .collect();
+    if scratch.kernel.is_bf16() {
+        weight_grad_bf16(x, dy, s, &ranges, dwt, scratch);
+        if let Some(dx) = dx {
+            let t = s.transposed();
+            debug_assert_eq!(t.oh(), s.h);
+            conv_forward(dy, turned, &t, dx, scratch);
+        }
+        return;
+    }
     let mut partial = vec![0.0f32; if ranges.len() > 1 { dwt.len() } else { 0 }];
     if linalg::threads() < 2 || ranges.len() < 2 {
         weight_grad_bands(x, dy, s, ranges[0], dwt, scratch);
@@ -285,6 +474,107 @@ pub fn conv_backward(
         debug_assert_eq!(t.oh(), s.h);
         conv_forward(dy, turned, &t, dx, scratch);
     }
+}
+
+/// Output pixels per band of the bf16 weight gradient: an even number (pairs of pixels
+/// do not straddle two bands), the f32 patches of a band about 1 MB.
+fn bf16_grad_rows(kdim: usize) -> usize {
+    ((1 << 20) / (4 * kdim.max(1)) / 2 * 2).clamp(2, BAND_ROWS)
+}
+
+/// [`conv_backward`]'s weight gradient with bf16 products: per group of bands (the
+/// ranges), `dwtᵀ (co × kdim) = Σ dyᵀ · patches(x)` (the sum over pixels is the
+/// product's `k`, in pairs), then the groups added in order and turned into `dwt`.
+fn weight_grad_bf16(
+    x: &[f32],
+    dy: &[f32],
+    s: &ConvShape,
+    ranges: &[(usize, usize)],
+    dwt: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let (kdim, co) = (s.kdim(), s.co);
+    let mut acc = std::mem::take(&mut scratch.acc);
+    grown(&mut acc, ranges.len() * co * kdim);
+    let parts = &mut acc[..ranges.len() * co * kdim];
+    if linalg::threads() < 2 || ranges.len() < 2 {
+        for (r, part) in ranges.iter().zip(parts.chunks_exact_mut(co * kdim)) {
+            weight_grad_bands_bf16(x, dy, s, *r, part, scratch);
+        }
+    } else {
+        let kernel = scratch.kernel;
+        std::thread::scope(|sc| {
+            let mut chunks = parts.chunks_exact_mut(co * kdim);
+            let own = chunks.next();
+            for (r, part) in ranges[1..].iter().zip(chunks) {
+                sc.spawn(move || {
+                    let mut local = Scratch::new(kernel);
+                    weight_grad_bands_bf16(x, dy, s, *r, part, &mut local);
+                });
+            }
+            if let Some(part) = own {
+                weight_grad_bands_bf16(x, dy, s, ranges[0], part, scratch);
+            }
+        });
+    }
+    for t in 0..kdim {
+        for o in 0..co {
+            let mut v = parts[o * kdim + t];
+            for g in 1..ranges.len() {
+                v += parts[g * co * kdim + o * kdim + t];
+            }
+            dwt[t * co + o] = v;
+        }
+    }
+    scratch.acc = acc;
+}
+
+/// `dwtᵀ = Σ dyᵀ · patches(x)` over output pixels `range` (overwritten), `[co, kdim]`.
+fn weight_grad_bands_bf16(
+    x: &[f32],
+    dy: &[f32],
+    s: &ConvShape,
+    (start, end): (usize, usize),
+    dwt_t: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let (kdim, co) = (s.kdim(), s.co);
+    let band = bf16_grad_rows(kdim);
+    let ld = 2 * bf16::pairs(kdim);
+    let mut first = start;
+    let mut patches = std::mem::take(&mut scratch.packed_a);
+    let mut packed_b = std::mem::take(&mut scratch.packed_b);
+    let mut tmp = std::mem::take(&mut scratch.tmp);
+    let mut dyt = std::mem::take(&mut scratch.dyt);
+    while first < end {
+        let rows = band.min(end - first);
+        let col: &mut [u16] = bytemuck::cast_slice_mut(grown(&mut patches, rows * ld / 2));
+        im2col_bf16(x, s, first, rows, col, ld);
+        let bl = bf16::b_len(rows, kdim);
+        bf16::pack_b_bf16(col, rows, kdim, ld, grown(&mut packed_b, bl));
+        let lda = bf16::pairs(rows);
+        let g = &dy[first * co..(first + rows) * co];
+        bf16::transpose_pairs(g, rows, co, grown(&mut dyt, co * lda), lda, &mut tmp);
+        bf16::gemm(
+            co,
+            kdim,
+            rows,
+            &dyt[..co * lda],
+            lda,
+            &packed_b[..bl],
+            dwt_t,
+            kdim,
+            first != start,
+        );
+        first += rows;
+    }
+    if start >= end {
+        dwt_t.fill(0.0);
+    }
+    scratch.packed_a = patches;
+    scratch.packed_b = packed_b;
+    scratch.tmp = tmp;
+    scratch.dyt = dyt;
 }
 
 /// `dwt = Σ patches(x)ᵀ · dy` over output pixels `range` (overwritten).
@@ -1035,6 +1325,136 @@ mod tests {
                 assert!((f64::from(dx[i]) - want).abs() < 1e-4, "{s:?} dx[{i}]");
             }
         }
+    }
+
+    /// `(value, Σ|terms|)` of the convolution's three products in f64: the output, the
+    /// weight gradient and the input gradient, from `x`, `wt` and the output gradient `g`.
+    #[allow(clippy::type_complexity)]
+    fn conv_reference(
+        x: &[f32],
+        wt: &[f32],
+        g: &[f32],
+        s: &ConvShape,
+    ) -> (Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>) {
+        let (oh, ow) = (s.oh(), s.ow());
+        let mut y = vec![(0.0, 0.0); s.n * oh * ow * s.co];
+        let mut dw = vec![(0.0, 0.0); wt.len()];
+        let mut dx = vec![(0.0, 0.0); x.len()];
+        let add = |acc: &mut (f64, f64), a: f32, b: f32| {
+            let p = f64::from(a) * f64::from(b);
+            acc.0 += p;
+            acc.1 += p.abs();
+        };
+        for img in 0..s.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ky in 0..s.k {
+                        for kx in 0..s.k {
+                            let iy = (oy + ky) as isize - s.pad as isize;
+                            let ix = (ox + kx) as isize - s.pad as isize;
+                            if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                continue;
+                            }
+                            let xi = ((img * s.h + iy as usize) * s.w + ix as usize) * s.ci;
+                            let yi = ((img * oh + oy) * ow + ox) * s.co;
+                            for c in 0..s.ci {
+                                for o in 0..s.co {
+                                    let wi = ((ky * s.k + kx) * s.ci + c) * s.co + o;
+                                    add(&mut y[yi + o], x[xi + c], wt[wi]);
+                                    add(&mut dw[wi], x[xi + c], g[yi + o]);
+                                    add(&mut dx[xi + c], g[yi + o], wt[wi]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dw, dx)
+    }
+
+    /// Each bf16 product against the f64 products of the same bf16-rounded inputs: equal
+    /// up to the f32 sums (a relative 1e-5 of the terms' magnitude at these sizes), on
+    /// shapes with more than one band of each product and tails of every kind.
+    #[test]
+    fn bf16_convolutions_match_the_f64_sums_of_their_rounded_inputs() {
+        if !bf16::tests::has_kernel("bf16_convolutions_match_the_f64_sums_of_their_rounded_inputs")
+        {
+            return;
+        }
+        let round = |v: &[f32]| v.iter().map(|&x| bf16::round_bf16(x)).collect::<Vec<_>>();
+        for (s, threads) in [
+            (
+                ConvShape {
+                    n: 2,
+                    h: 7,
+                    w: 5,
+                    ci: 3,
+                    co: 4,
+                    k: 3,
+                    pad: 1,
+                },
+                1,
+            ),
+            (
+                ConvShape {
+                    n: 3,
+                    h: 31,
+                    w: 31,
+                    ci: 3,
+                    co: 24,
+                    k: 2,
+                    pad: 0,
+                },
+                2,
+            ),
+            (
+                ConvShape {
+                    n: 3,
+                    h: 16,
+                    w: 16,
+                    ci: 97,
+                    co: 40,
+                    k: 3,
+                    pad: 1,
+                },
+                2,
+            ),
+        ] {
+            linalg::set_threads(threads);
+            let x = values(s.n * s.h * s.w * s.ci, 11);
+            let wt = values(s.kdim() * s.co, 12);
+            let g = values(s.n * s.oh() * s.ow() * s.co, 13);
+            let mut scratch = Scratch::new(Kernel::Avx512Bf16);
+            let mut y = vec![f32::NAN; g.len()];
+            conv_forward(&x, &wt, &s, &mut y, &mut scratch);
+            let mut dwt = vec![f32::NAN; wt.len()];
+            let mut dx = vec![f32::NAN; x.len()];
+            let turned = turned_weights(&wt, &s);
+            conv_backward(&x, &g, &turned, &s, &mut dwt, Some(&mut dx), &mut scratch);
+            let (want_y, want_dw, want_dx) =
+                conv_reference(&round(&x), &round(&wt), &round(&g), &s);
+            for (what, got, want) in [
+                ("y", &y, &want_y),
+                ("dw", &dwt, &want_dw),
+                ("dx", &dx, &want_dx),
+            ] {
+                for (i, (&v, &(w, mag))) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (f64::from(v) - w).abs() <= 1e-5 * mag + 1e-30,
+                        "{s:?} {what}[{i}]: {v} vs {w} (terms {mag})"
+                    );
+                }
+            }
+            // Not the f32 product: the inputs were rounded.
+            let mut y32 = vec![0.0; y.len()];
+            conv_forward(&x, &wt, &s, &mut y32, &mut Scratch::default());
+            assert!(
+                y.iter().zip(&y32).any(|(a, b)| a != b),
+                "{s:?}: bf16 = f32?"
+            );
+        }
+        linalg::set_threads(0);
     }
 
     /// A window of 17×17 or more has positions past 255: the final pool at

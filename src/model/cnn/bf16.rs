@@ -1,0 +1,480 @@
+//! bfloat16 matrix products for the CNN: inputs rounded to bf16, products and sums in
+//! f32, as PyTorch's CPU autocast does.
+//!
+//! A bf16 keeps the top 16 bits of an f32 (sign, the 8-bit exponent, 7 bits of
+//! mantissa), rounded to nearest even. The product of two is exact in f32, so a
+//! bf16 × bf16 → f32 product differs from the f64 product of the same rounded inputs by
+//! the f32 accumulation only.
+//!
+//! The left operand `A` (`m × k`) is row-major bf16, each row `k` values padded to an
+//! even count, so that a row is a run of *pairs* (one `u32`, the even `k` in the low
+//! half): the convolutions write their patches straight into it ([`convert`]). The
+//! right operand `B` (`k × n`) is *packed* in blocks of [`NR`] columns, each `[k/2][NR]`
+//! pairs, the order the kernel reads it. The kernel keeps an `MR × NR` tile of `C` in 24
+//! AVX-512 registers and adds, per pair of `k`, `MR × NR` two-term dot products with
+//! `vdpbf16ps` (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake and later), each
+//! `A` pair broadcast from its row. The blocks of `k` ([`KC`] pairs) keep a slice of
+//! `B` in the L1 cache while the rows of `A` stream past it. The conversions use the
+//! CPU's own rounding (`vcvtneps2bf16`: to nearest even, as [`to_bf16`]).
+//!
+//! Every sum runs in a fixed order that depends only on the shapes: the same inputs
+//! give the same bits, whatever the thread count.
+
+/// Rows of the kernel's tile.
+pub const MR: usize = 12;
+/// Columns of a `B` block: two AVX-512 registers of f32.
+pub const NR: usize = 32;
+/// Pairs of `k` per block of the product.
+const KC: usize = 192;
+
+/// `x` rounded to the nearest bfloat16 (ties to even); NaNs stay NaN.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bfloat16 bits `h`.
+#[inline(always)]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// `x` rounded to bfloat16 and back: what the kernels multiply.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    from_bf16(to_bf16(x))
+}
+
+/// Pairs of `k` (`k` rounded up: an odd `k` gets a zero partner).
+pub fn pairs(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// `u32`s of `k × n` packed as `B`.
+pub fn b_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * NR * pairs(k)
+}
+
+/// Whether this CPU runs the bf16 kernel (AVX512-BF16).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn check() {
+    assert!(available(), "a bf16 kernel on a CPU without AVX512-BF16");
+}
+
+/// `dst[i] = bf16(src[i])`, the lengths equal.
+///
+/// # Panics
+/// On a CPU without AVX512-BF16 ([`available`]): callers choose the kernel once.
+pub fn convert(src: &[f32], dst: &mut [u16]) {
+    check();
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX512-BF16 (checked); both slices hold `len` elements.
+    unsafe {
+        avx512::convert(src.as_ptr(), dst.as_mut_ptr(), src.len())
+    }
+}
+
+/// Packs a row-major f32 `B` (`k × n`, row stride `ld`) into `out` (`b_len`). Columns
+/// past `n` and the odd `k`'s partner are zero.
+pub fn pack_b(b: &[f32], k: usize, n: usize, ld: usize, out: &mut [u32]) {
+    check();
+    let k2 = pairs(k);
+    assert!(out.len() >= b_len(k, n) && (k == 0 || b.len() >= (k - 1) * ld + n));
+    for (blk, dst) in out[..b_len(k, n)].chunks_exact_mut(k2 * NR).enumerate() {
+        let j0 = blk * NR;
+        let cols = NR.min(n - j0);
+        for (kp, d) in dst.chunks_exact_mut(NR).enumerate() {
+            let lo = &b[2 * kp * ld + j0..][..cols];
+            let hi = (2 * kp + 1 < k).then(|| &b[(2 * kp + 1) * ld + j0..][..cols]);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16 (checked); `lo`, `hi` hold `cols` ≤ NR values, `d` NR.
+            unsafe {
+                avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
+            };
+        }
+    }
+}
+
+/// Packs a row-major bf16 `B` (`k × n`, row stride `ld` in `u16`s) into `out`
+/// (`b_len`): the pairs of two rows interleaved.
+pub fn pack_b_bf16(b: &[u16], k: usize, n: usize, ld: usize, out: &mut [u32]) {
+    let k2 = pairs(k);
+    assert!(out.len() >= b_len(k, n) && (k == 0 || b.len() >= (k - 1) * ld + n));
+    for (blk, dst) in out[..b_len(k, n)].chunks_exact_mut(k2 * NR).enumerate() {
+        let j0 = blk * NR;
+        let cols = NR.min(n - j0);
+        for (kp, d) in dst.chunks_exact_mut(NR).enumerate() {
+            let lo = &b[2 * kp * ld + j0..][..cols];
+            if 2 * kp + 1 < k {
+                let hi = &b[(2 * kp + 1) * ld + j0..][..cols];
+                for ((d, &l), &h) in d.iter_mut().zip(lo).zip(hi) {
+                    *d = u32::from(l) | (u32::from(h) << 16);
+                }
+            } else {
+                for (d, &l) in d.iter_mut().zip(lo) {
+                    *d = u32::from(l);
+                }
+            }
+            d[cols..].fill(0);
+        }
+    }
+}
+
+/// `A = gᵀ` in the row layout: `g` is `rows × n` f32 (row stride `n`); row `j` of `out`
+/// (stride `lda ≥ pairs(rows)`) holds the pairs `(g[2p][j], g[2p+1][j])`, the odd
+/// row's partner zero. `tmp` is scratch.
+pub fn transpose_pairs(
+    g: &[f32],
+    rows: usize,
+    n: usize,
+    out: &mut [u32],
+    lda: usize,
+    tmp: &mut Vec<u32>,
+) {
+    let k2 = pairs(rows);
+    assert!(lda >= k2 && out.len() >= n * lda && g.len() >= rows * n);
+    // The pairs row by row first (vectorised, as `B`), then turned in 8 × 8 tiles.
+    let w = n.div_ceil(NR) * NR;
+    if tmp.len() < k2 * w {
+        tmp.resize(k2 * w, 0);
+    }
+    for p in 0..k2 {
+        let row = &mut tmp[p * w..(p + 1) * w];
+        for (blk, d) in row.chunks_exact_mut(NR).enumerate() {
+            let j0 = blk * NR;
+            let cols = NR.min(n - j0);
+            let lo = &g[2 * p * n + j0..][..cols];
+            let hi = (2 * p + 1 < rows).then(|| &g[(2 * p + 1) * n + j0..][..cols]);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `pack_b`.
+            unsafe {
+                avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
+            };
+        }
+    }
+    const T: usize = 8;
+    for p0 in (0..k2).step_by(T) {
+        for j0 in (0..n).step_by(T) {
+            for p in p0..(p0 + T).min(k2) {
+                for j in j0..(j0 + T).min(n) {
+                    out[j * lda + p] = tmp[p * w + j];
+                }
+            }
+        }
+    }
+}
+
+/// `c (m × n, row stride ldc) = A·B`, or `+= A·B` when `accumulate`: `A` row-major
+/// pairs (`m` rows of stride `lda` `u32`s, `pairs(k)` used), `B` packed ([`pack_b`]).
+///
+/// # Panics
+/// If the CPU lacks AVX512-BF16 ([`available`]) or the buffers are too short: callers
+/// choose the kernel path once and size the buffers from the shapes, never from input.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    check();
+    let k2 = pairs(k);
+    assert!(lda >= k2 && b.len() >= b_len(k, n), "bf16 gemm: operands");
+    assert!(m == 0 || a.len() >= (m - 1) * lda + k2, "bf16 gemm: a");
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "bf16 gemm: c");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k2 == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for jb in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - jb * NR);
+        let mut kc = 0;
+        while kc < k2 {
+            let kl = KC.min(k2 - kc);
+            let bp = &b[jb * k2 * NR + kc * NR..][..kl * NR];
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                let ap = &a[i0 * lda + kc..(i0 + rows - 1) * lda + kc + kl];
+                let cp = &mut c[i0 * ldc + jb * NR..(i0 + rows - 1) * ldc + jb * NR + cols];
+                // SAFETY: the CPU has AVX512-BF16 (checked); `ap` holds `rows` rows of
+                // `kl` pairs at stride `lda`, `bp` `kl` pairs of a block, `cp` `rows` rows
+                // of `cols` at stride `ldc` (the slices above).
+                unsafe {
+                    avx512::kernel(
+                        kl,
+                        ap.as_ptr(),
+                        lda,
+                        bp.as_ptr(),
+                        cp.as_mut_ptr(),
+                        ldc,
+                        rows,
+                        cols,
+                        accumulate || kc > 0,
+                    )
+                };
+            }
+            kc += kl;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// `dst[..len] = bf16(src[..len])`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `src` and `dst` valid for `len` elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn convert(src: *const f32, dst: *mut u16, len: usize) {
+        let mut i = 0;
+        while i < len {
+            let m = mask(len - i);
+            let v = _mm512_maskz_loadu_ps(m, src.add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, m, h);
+            i += 16;
+        }
+    }
+
+    /// `d[j] = (bf16(lo[j]), bf16(hi[j]))` for `j < cols` (`hi` zero when `None`), and
+    /// zero up to `NR`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `lo`, `hi` valid for `cols ≤ NR` reads, `d` for `NR` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn pair_rows(
+        lo: *const f32,
+        hi: Option<*const f32>,
+        cols: usize,
+        d: *mut u32,
+    ) {
+        for h in 0..NR / 16 {
+            let n = cols.saturating_sub(16 * h);
+            let m = mask(n);
+            let l: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, lo.add(16 * h))));
+            let mut v = _mm512_cvtepu16_epi32(l);
+            if let Some(hi) = hi {
+                let u: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                    m,
+                    hi.add(16 * h),
+                )));
+                v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(u)));
+            }
+            _mm512_storeu_si512(d.add(16 * h) as *mut __m512i, v);
+        }
+    }
+
+    /// One `MR × NR` tile: `c[..rows][..cols] (+)= Σ_p a[.., p] ⊗ b[p]` over `k2` pairs.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `a` valid for `rows` rows of `k2` reads at stride `lda`, `b`
+    /// for `k2·NR`, `c` for `rows` rows of stride `ldc`, `cols` each.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel(
+        k2: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // Rows past `rows` read the last row again; their sums are not stored.
+        let mut ar = [a; MR];
+        for (r, p) in ar.iter_mut().enumerate() {
+            *p = a.add(r.min(rows - 1) * lda);
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..k2 {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b.add(p * NR) as *const f32));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_ps(b.add(p * NR + 16) as *const f32));
+            for (acc, row) in acc.iter_mut().zip(&ar) {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*row.add(p) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+        let (m0, m1) = (
+            super::avx512::mask(cols),
+            super::avx512::mask(cols.saturating_sub(16)),
+        );
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            let row = c.add(r * ldc);
+            let (mut v0, mut v1) = (acc[0], acc[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Whether the CPU has the kernel; says so once where it has not (a missing CPU
+    /// feature is not a missing tool: the test passes without running).
+    pub(crate) fn has_kernel(test: &str) -> bool {
+        let ok = available();
+        if !ok {
+            eprintln!("{test}: not run: this CPU has no AVX512-BF16");
+        }
+        ok
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::SplitMix(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    #[test]
+    fn the_kernel_matches_an_f64_product_of_the_rounded_inputs() {
+        if !has_kernel("the_kernel_matches_an_f64_product_of_the_rounded_inputs") {
+            return;
+        }
+        // Tails of every kind: rows past a panel, columns past a block, an odd k, a k
+        // past one block of pairs (KC), one row, one column.
+        for (m, k, n) in [
+            (12, 2, 32),
+            (1, 1, 1),
+            (13, 7, 33),
+            (25, 431, 70),
+            (40, 2 * KC + 5, 16),
+            (7, 64, 5),
+        ] {
+            let a = values(m * k, 1 + m as u64);
+            let b = values(k * n, 2 + n as u64);
+            // A as rows of pairs, two pairs of padding per row.
+            let lda = pairs(k) + 2;
+            let mut pa = vec![0u32; m * lda];
+            for i in 0..m {
+                let row: &mut [u16] = bytemuck::cast_slice_mut(&mut pa[i * lda..(i + 1) * lda]);
+                convert(&a[i * k..(i + 1) * k], &mut row[..k]);
+            }
+            let mut pb = vec![7u32; b_len(k, n)];
+            pack_b(&b, k, n, n, &mut pb);
+            // The same from bf16 rows.
+            let mut b16 = vec![0u16; k * n];
+            convert(&b, &mut b16);
+            let mut pb2 = vec![9u32; b_len(k, n)];
+            pack_b_bf16(&b16, k, n, n, &mut pb2);
+            assert_eq!(pb, pb2, "the two B packings agree");
+            // Bᵀ turned back into rows of pairs gives B's blocks' values.
+            let mut bt = vec![0u32; n * pairs(k)];
+            transpose_pairs(&b, k, n, &mut bt, pairs(k), &mut Vec::new());
+            for j in 0..n {
+                for p in 0..pairs(k) {
+                    assert_eq!(
+                        bt[j * pairs(k) + p],
+                        pb[(j / NR) * pairs(k) * NR + p * NR + j % NR]
+                    );
+                }
+            }
+            let ldc = n + 3;
+            let mut c = vec![f32::NAN; m * ldc];
+            gemm(m, n, k, &pa, lda, &pb, &mut c, ldc, false);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut mag) = (0.0f64, 0.0f64);
+                    for t in 0..k {
+                        let p = f64::from(round_bf16(a[i * k + t]))
+                            * f64::from(round_bf16(b[t * n + j]));
+                        want += p;
+                        mag += p.abs();
+                    }
+                    let got = f64::from(c[i * ldc + j]);
+                    // f32 sums of exact products: k roundings of at most 2^-24 each.
+                    let tol = mag * k as f64 * 6e-8 + 1e-30;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{m}x{k}x{n} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+                // The padding between rows is not touched.
+                for j in n..ldc.min((m - i) * ldc) {
+                    if i + 1 < m {
+                        assert!(c[i * ldc + j].is_nan(), "{m}x{k}x{n}: wrote past column n");
+                    }
+                }
+            }
+            // Accumulating adds the same product again.
+            let before = c.clone();
+            gemm(m, n, k, &pa, lda, &pb, &mut c, ldc, true);
+            for i in 0..m {
+                for j in 0..n {
+                    let (x, y) = (c[i * ldc + j], 2.0 * before[i * ldc + j]);
+                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-3), "{m}x{k}x{n} acc");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: even is the upper.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+        for i in 0..10_000 {
+            let x = (i as f32 - 5000.0) * 0.01731;
+            let r = round_bf16(x);
+            assert!((r - x).abs() <= x.abs() / 256.0, "{x} → {r}");
+        }
+    }
+}
