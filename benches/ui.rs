@@ -81,6 +81,7 @@ fn write_run(root: &Path, name: &str, batches: u64, per_part: u64, start_ms: i64
         checkpoint: None,
         resumes: 0,
         pid: None,
+        compute: None,
     })
     .expect("run.json");
 }

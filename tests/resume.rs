@@ -327,3 +327,75 @@ fn two_trainers_at_once_do_not_interfere() {
         "run,n,d\na,32,32\nb,32,32\n"
     );
 }
+
+/// A bf16 run records its kernel; on a CPU without it (hidden with `CIFAR_DF_NO_BF16`)
+/// a resume says which path the run used and how to go on in f32, `--precision bf16`
+/// names the CPU feature missing, and `--resume --precision f32` goes on (recorded).
+#[test]
+fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
+    use cifar_df::model::cnn::Kernel;
+    let Some(kernel) = Kernel::best_bf16() else {
+        eprintln!("a bf16 run resumed without bf16: not run: this CPU has no bf16 kernel");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path();
+    let compute = || -> String {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(runs.join("p/run.json")).unwrap()).unwrap();
+        info["compute"].as_str().unwrap_or_default().to_string()
+    };
+    let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
+    assert_eq!(compute(), format!("bf16 ({})", kernel.name()), "{out}");
+    let without = |args: &[&str]| {
+        let mut cmd = bin();
+        cmd.env("CIFAR_DF_NO_BF16", "1").args(args);
+        cmd.output().unwrap()
+    };
+    let runs_s = runs.to_str().unwrap();
+    let base = [
+        "-q",
+        "train",
+        "--run",
+        "p",
+        "--resume",
+        "--no-test",
+        "--no-plots",
+        "--runs",
+        runs_s,
+    ];
+    let o = without(&base);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "resumed a bf16 run without bf16");
+    assert!(
+        err.contains(kernel.name()) && err.contains("--precision f32"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("--precision f32").count(),
+        1,
+        "said once: {err}"
+    );
+    let o = without(&[
+        "-q",
+        "train",
+        "--model",
+        "cnn",
+        "--data",
+        DATA,
+        "--precision",
+        "bf16",
+        "--run",
+        "q",
+        "--runs",
+        runs_s,
+        "--no-plots",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("AVX512-BF16"), "{err}");
+    let mut go_on = base.to_vec();
+    go_on.extend(["--precision", "f32"]);
+    let o = without(&go_on);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(compute(), "f32");
+}

@@ -236,6 +236,12 @@ pub struct TrainArgs {
     /// Kernel of svm-kernel: rbf or linear.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Precision of the cnn's products: bf16 (bf16 inputs, f32 sums and master weights,
+    /// as PyTorch's autocast; the default where the CPU has AVX512-BF16), f32 (the default
+    /// elsewhere) or auto. With --resume: go on in another precision (a bf16 run on a CPU
+    /// without bf16: --precision f32).
+    #[arg(long, value_parser = ["bf16", "f32", "auto"])]
+    pub precision: Option<String>,
     /// Any hyper-parameter of the model, KEY=VALUE (repeatable), e.g. --set average=1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -371,6 +377,15 @@ impl TrainArgs {
         }
         if let Some(k) = &self.kernel {
             cfg.set_param(&model, "kernel", toml::Value::String(k.clone()));
+        }
+        if let Some(p) = &self.precision {
+            if model != crate::model::cnn::NAME {
+                return Err(crate::error::Error::usage(format!(
+                    "--precision {p}: only the cnn has a precision to choose (the model is {model})"
+                ))
+                .into());
+            }
+            cfg.set_param(&model, "precision", toml::Value::String(p.clone()));
         }
         if self.source.batch_size.is_some() {
             cfg.set_param(

@@ -102,7 +102,8 @@ impl TrainArgs {
                         let p = config::effective_params(model, &inner)?;
                         for (ik, iv) in p.as_object().into_iter().flatten() {
                             // Set from the data and --image-size, not from flags.
-                            if ik == "classes" || ik == "side" {
+                            // --precision may change on a resume (checked apart).
+                            if ik == "classes" || ik == "side" || ik == "precision" {
                                 continue;
                             }
                             // An f32 parameter reads as its shortest f32 form (0.01).
@@ -349,14 +350,25 @@ pub(super) async fn train_cmd(a: TrainArgs, progress: bool) -> anyhow::Result<Ex
         stop: Some(stop_signal(signalled.clone())),
         on_batch: Some(progress_callback(&bar)),
         extractor: extractor.clone(),
+        precision: match (&a.precision, a.resume) {
+            (Some(p), true) => {
+                Some(crate::model::cnn::Precision::parse(p).map_err(crate::error::Error::usage)?)
+            }
+            _ => None,
+        },
         ..TrainOptions::new(run.clone(), &model, source.clone(), opts.clone())
     })
     .await?;
     bar.finish_and_clear();
     let runs_dir = a.runs.display().to_string();
     println!(
-        "run {name}: {} on {source} · {} batches{} · {:.1} s · {:.0} images/s · {} rejected",
+        "run {name}: {}{} on {source} · {} batches{} · {:.1} s · {:.0} images/s · {} rejected",
         model,
+        summary
+            .compute
+            .as_ref()
+            .map(|c| format!(" in {c}"))
+            .unwrap_or_default(),
         summary.batches,
         match &summary.resumed_from {
             Some(c) => format!(" (resumed from {c}, {} in all)", summary.total_batches),

@@ -144,6 +144,12 @@ pub trait Learner: Send {
         }
     }
 
+    /// How the products compute, where the model has a choice (the cnn: `bf16
+    /// (avx512-bf16)` or `f32`): what the run records.
+    fn compute(&self) -> Option<String> {
+        None
+    }
+
     /// For clustering models: the cluster each row of `x` falls in; `None` (the
     /// default) for classifiers.
     fn clusters(&self, _x: ArrayView2<f32>) -> Option<Result<Vec<u32>>> {

@@ -693,6 +693,10 @@ pub struct RunInfo {
     /// The process training it (while `running`).
     #[serde(default)]
     pub pid: Option<u32>,
+    /// How the model's products computed, where it has a choice (the cnn: `bf16
+    /// (avx512-bf16)` or `f32`), as of the latest pass.
+    #[serde(default)]
+    pub compute: Option<String>,
 }
 
 impl RunInfo {
@@ -776,6 +780,7 @@ pub fn runs_schema() -> SchemaRef {
         Field::new("checkpoint", DataType::Utf8, true),
         Field::new("resumes", DataType::UInt32, false),
         Field::new("config", DataType::Utf8, false),
+        Field::new("compute", DataType::Utf8, true),
     ]))
 }
 
@@ -837,6 +842,9 @@ fn runs_batch(infos: &[RunInfo]) -> Result<RecordBatch> {
             infos.iter().map(|i| i.resumes).collect::<Vec<_>>(),
         )),
         strings(&|i| i.config.clone()),
+        Arc::new(StringArray::from(
+            infos.iter().map(|i| i.compute.clone()).collect::<Vec<_>>(),
+        )),
     ];
     Ok(RecordBatch::try_new(runs_schema(), columns)?)
 }

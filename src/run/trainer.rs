@@ -185,6 +185,8 @@ pub struct TrainOptions {
     /// The feature extractor bound to `extract_features` in the SQL (saved with the run
     /// in `runs/NAME/extractor/`; a resumed run loads its own).
     pub extractor: Option<Arc<Extractor>>,
+    /// A resumed run goes on in this precision (`--precision`), not its own.
+    pub precision: Option<crate::model::cnn::Precision>,
 }
 
 impl TrainOptions {
@@ -210,6 +212,7 @@ impl TrainOptions {
             max_batches: None,
             stop: None,
             on_batch: None,
+            precision: None,
         }
     }
 }
@@ -246,6 +249,8 @@ pub struct Summary {
     /// PNG grids of the images in each cluster (`predict` of a clustering model whose
     /// SQL keeps the `image` column).
     pub cluster_grids: Vec<std::path::PathBuf>,
+    /// How the model's products computed, where it has a choice ([`RunInfo::compute`]).
+    pub compute: Option<String>,
 }
 
 /// Images kept per cluster for its PNG grid.
@@ -529,6 +534,7 @@ pub async fn train(opts: TrainOptions) -> Result<Summary> {
             checkpoint: None,
             resumes: 0,
             pid: None,
+            compute: None,
         },
     };
     info.pid = Some(std::process::id());
@@ -668,6 +674,14 @@ async fn train_inner(
     };
     // The stream's labels are checked against the model's classes.
     opts.source_opts.classes = model.classes();
+    if let (Some(p), Some(_)) = (opts.precision, &resume) {
+        model.switch_precision(p)?;
+    }
+    info.compute = model.compute();
+    summary.compute = info.compute.clone();
+    if let Some(c) = &info.compute {
+        tracing::info!("{}: products in {c}", opts.model);
+    }
     if let Some(ck) = &resume {
         // The run goes on as it started: same preprocessing, same seed.
         if !ck.state.sql.is_empty() {

@@ -59,8 +59,21 @@ pub fn b_len(k: usize, n: usize) -> usize {
     n.div_ceil(NR) * NR * pairs(k)
 }
 
-/// Whether this CPU runs the bf16 kernel (AVX512-BF16).
+/// The environment variable that hides the bf16 kernels (`CIFAR_DF_NO_BF16=1`): the
+/// program then behaves as on a CPU without them (to compare the paths, and in tests).
+pub const HIDE_ENV: &str = "CIFAR_DF_NO_BF16";
+
+/// Whether this CPU runs the bf16 kernel (AVX512-BF16), and [`HIDE_ENV`] does not hide
+/// it. Asked once.
 pub fn available() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let hidden = std::env::var_os(HIDE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        !hidden && cpu_has_avx512_bf16()
+    })
+}
+
+fn cpu_has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

@@ -684,6 +684,14 @@ impl Learner for Cnn {
         Cnn::switch_precision(self, precision)
     }
 
+    fn compute(&self) -> Option<String> {
+        Some(if self.kernel.is_bf16() {
+            format!("bf16 ({})", self.kernel.name())
+        } else {
+            "f32".into()
+        })
+    }
+
     fn predict_proba(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         check_features(x, Some(self.params.input()))?;
         let mut l = self.logits(x)?;

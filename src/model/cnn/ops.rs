@@ -83,20 +83,35 @@ impl ConvShape {
 /// Copies the patches of output pixels `first..first + rows` (numbered over the whole
 /// batch, row-major in each image) into `col` (`rows × k·k·ci`).
 fn im2col(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [f32]) {
+    im2col_any(x, s, first, rows, col, s.kdim())
+}
+
+/// [`im2col`] of any element (f32, or bf16 bits) into rows of stride `ld` (at least
+/// `k·k·ci`; the padding past `k·k·ci` zero).
+fn im2col_any<T: Copy + Default>(
+    x: &[T],
+    s: &ConvShape,
+    first: usize,
+    rows: usize,
+    col: &mut [T],
+    ld: usize,
+) {
     let (oh, ow, ci, k) = (s.oh(), s.ow(), s.ci, s.k);
     let kdim = s.kdim();
     let per_image = oh * ow;
+    let zero = T::default();
     for r in 0..rows {
         let p = first + r;
         let (img, rest) = (p / per_image, p % per_image);
         let (oy, ox) = (rest / ow, rest % ow);
-        let dst = &mut col[r * kdim..(r + 1) * kdim];
+        let dst = &mut col[r * ld..(r + 1) * ld];
+        dst[kdim..].fill(zero);
         let base = img * s.h * s.w * ci;
         for ky in 0..k {
             let iy = (oy + ky) as isize - s.pad as isize;
             let row = &mut dst[ky * k * ci..(ky + 1) * k * ci];
             if iy < 0 || iy >= s.h as isize {
-                row.fill(0.0);
+                row.fill(zero);
                 continue;
             }
             let iy = iy as usize;
@@ -104,8 +119,8 @@ fn im2col(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [f32]) 
             let x0 = ox as isize - s.pad as isize;
             let lo = (-x0).max(0) as usize;
             let hi = ((s.w as isize - x0).min(k as isize)).max(lo as isize) as usize;
-            row[..lo * ci].fill(0.0);
-            row[hi * ci..].fill(0.0);
+            row[..lo * ci].fill(zero);
+            row[hi * ci..].fill(zero);
             if hi > lo {
                 let src = base + (iy * s.w + (x0 + lo as isize) as usize) * ci;
                 row[lo * ci..hi * ci].copy_from_slice(&x[src..src + (hi - lo) * ci]);
@@ -114,38 +129,23 @@ fn im2col(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [f32]) 
     }
 }
 
-/// [`im2col`] into bf16 rows of stride `ld` (`u16`s, at least `k·k·ci`; the padding
-/// past `k·k·ci` zero), for the bf16 products.
-fn im2col_bf16(x: &[f32], s: &ConvShape, first: usize, rows: usize, col: &mut [u16], ld: usize) {
-    let (oh, ow, ci, k) = (s.oh(), s.ow(), s.ci, s.k);
-    let kdim = s.kdim();
-    let per_image = oh * ow;
-    for r in 0..rows {
-        let p = first + r;
-        let (img, rest) = (p / per_image, p % per_image);
-        let (oy, ox) = (rest / ow, rest % ow);
-        let dst = &mut col[r * ld..(r + 1) * ld];
-        dst[kdim..].fill(0);
-        let base = img * s.h * s.w * ci;
-        for ky in 0..k {
-            let iy = (oy + ky) as isize - s.pad as isize;
-            let row = &mut dst[ky * k * ci..(ky + 1) * k * ci];
-            if iy < 0 || iy >= s.h as isize {
-                row.fill(0);
-                continue;
-            }
-            let iy = iy as usize;
-            let x0 = ox as isize - s.pad as isize;
-            let lo = (-x0).max(0) as usize;
-            let hi = ((s.w as isize - x0).min(k as isize)).max(lo as isize) as usize;
-            row[..lo * ci].fill(0);
-            row[hi * ci..].fill(0);
-            if hi > lo {
-                let src = base + (iy * s.w + (x0 + lo as isize) as usize) * ci;
-                bf16::convert(&x[src..src + (hi - lo) * ci], &mut row[lo * ci..hi * ci]);
-            }
-        }
+/// `x` as bf16 bits in `out` (grown to fit): the input of the bf16 products, converted
+/// once (each value is in up to `k·k` patches).
+fn to_bf16_buf<'a>(x: &[f32], out: &'a mut Vec<u16>) -> &'a [u16] {
+    let o = grown(out, x.len());
+    // Two halves on two threads for large tensors (the halves do not depend on the count).
+    const HALF: usize = 1 << 16;
+    if x.len() >= 2 * HALF && linalg::threads() > 1 {
+        let mid = x.len() / 2;
+        let (o1, o2) = o.split_at_mut(mid);
+        std::thread::scope(|sc| {
+            sc.spawn(|| bf16::convert(&x[mid..], o2));
+            bf16::convert(&x[..mid], o1);
+        });
+    } else {
+        bf16::convert(x, o);
     }
+    o
 }
 
 /// `c (m×n) = a (m×k) · b (k×n) + beta·c`, all row-major slices.
@@ -215,6 +215,7 @@ pub struct Scratch {
     acc: Vec<f32>,
     tmp: Vec<u32>,
     dyt: Vec<u32>,
+    input: Vec<u16>,
 }
 
 impl Scratch {
@@ -260,11 +261,14 @@ pub fn conv_forward(x: &[f32], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch
         let mut wb = std::mem::take(&mut scratch.packed_b);
         let len = bf16::b_len(s.kdim(), s.co);
         bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
+        let mut xb = std::mem::take(&mut scratch.input);
+        let xh = to_bf16_buf(x, &mut xb);
         let band = bf16_band_rows(s.kdim());
         over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
-            forward_bands_bf16(x, &wb[..len], s, first, rows, band, out, sc)
+            forward_bands_bf16(xh, &wb[..len], s, first, rows, band, out, sc)
         });
         scratch.packed_b = wb;
+        scratch.input = xb;
         return;
     }
     over_bands(
@@ -334,7 +338,7 @@ fn bf16_band_rows(kdim: usize) -> usize {
 /// [`forward_bands`] with bf16 products: `wb` is the weights packed by [`bf16::pack_b`].
 #[allow(clippy::too_many_arguments)]
 fn forward_bands_bf16(
-    x: &[f32],
+    x: &[u16],
     wb: &[u32],
     s: &ConvShape,
     first: usize,
@@ -349,7 +353,7 @@ fn forward_bands_bf16(
     while done < rows {
         let r = band.min(rows - done);
         let a = grown(&mut scratch.packed_a, r * lda);
-        im2col_bf16(x, s, first + done, r, bytemuck::cast_slice_mut(a), 2 * lda);
+        im2col_any(x, s, first + done, r, bytemuck::cast_slice_mut(a), 2 * lda);
         bf16::gemm(
             r,
             s.co,
@@ -494,6 +498,8 @@ fn weight_grad_bf16(
     scratch: &mut Scratch,
 ) {
     let (kdim, co) = (s.kdim(), s.co);
+    let mut xb = std::mem::take(&mut scratch.input);
+    let x = to_bf16_buf(x, &mut xb);
     let mut acc = std::mem::take(&mut scratch.acc);
     grown(&mut acc, ranges.len() * co * kdim);
     let parts = &mut acc[..ranges.len() * co * kdim];
@@ -527,11 +533,12 @@ fn weight_grad_bf16(
         }
     }
     scratch.acc = acc;
+    scratch.input = xb;
 }
 
 /// `dwtᵀ = Σ dyᵀ · patches(x)` over output pixels `range` (overwritten), `[co, kdim]`.
 fn weight_grad_bands_bf16(
-    x: &[f32],
+    x: &[u16],
     dy: &[f32],
     s: &ConvShape,
     (start, end): (usize, usize),
@@ -549,7 +556,7 @@ fn weight_grad_bands_bf16(
     while first < end {
         let rows = band.min(end - first);
         let col: &mut [u16] = bytemuck::cast_slice_mut(grown(&mut patches, rows * ld / 2));
-        im2col_bf16(x, s, first, rows, col, ld);
+        im2col_any(x, s, first, rows, col, ld);
         let bl = bf16::b_len(rows, kdim);
         bf16::pack_b_bf16(col, rows, kdim, ld, grown(&mut packed_b, bl));
         let lda = bf16::pairs(rows);
@@ -672,7 +679,21 @@ pub fn maxpool_forward<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: 
         "a {p}x{p} pooling window's positions do not fit its index type"
     );
     if p == 2 && std::mem::size_of::<T>() == 1 {
-        pool2_forward(x, shape, y, bytemuck::cast_slice_mut(arg))
+        let arg: &mut [u8] = bytemuck::cast_slice_mut(arg);
+        let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
+        let (x1, x2) = x.split_at(n1 * per_in);
+        let (y1, y2) = y.split_at_mut(n1 * per_out);
+        let (a1, a2) = arg.split_at_mut(n1 * per_out);
+        let (s1, s2) = (
+            PoolShape { n: n1, ..shape },
+            PoolShape { n: n - n1, ..shape },
+        );
+        both(
+            x.len() >= PAR_ELEMS,
+            (x1, y1, a1, s1),
+            (x2, y2, a2, s2),
+            |(x, y, a, s)| pool2_forward(x, s, y, a),
+        )
     } else {
         maxpool_forward_any(x, shape, y, arg)
     }
@@ -715,7 +736,20 @@ fn maxpool_forward_any<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: 
 /// maximum, which gets the window's `dy`.
 pub fn maxpool_backward<T: Tap>(dy: &[f32], arg: &[T], shape: PoolShape, dx: &mut [f32]) {
     if shape.p == 2 && std::mem::size_of::<T>() == 1 {
-        pool2_backward(dy, bytemuck::cast_slice(arg), shape, dx)
+        let arg: &[u8] = bytemuck::cast_slice(arg);
+        let PoolShape { n, h, w, c, .. } = shape;
+        let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
+        let big = dx.len() >= PAR_ELEMS;
+        let (d1, d2) = dx.split_at_mut(n1 * per_in);
+        let (g1, g2) = dy.split_at(n1 * per_out);
+        let (a1, a2) = arg.split_at(n1 * per_out);
+        let (s1, s2) = (
+            PoolShape { n: n1, ..shape },
+            PoolShape { n: n - n1, ..shape },
+        );
+        both(big, (g1, a1, s1, d1), (g2, a2, s2, d2), |(g, a, s, d)| {
+            pool2_backward(g, a, s, d)
+        })
     } else {
         maxpool_backward_any(dy, arg, shape, dx)
     }
@@ -817,6 +851,29 @@ macro_rules! dispatch {
             $body($($arg),*)
         }
     };
+}
+
+/// Runs `f` on `a` and on `b` (the two halves of one job), on two threads where there
+/// are and the job is `big`, else one after the other: the same results either way.
+fn both<T: Send>(big: bool, a: T, b: T, f: impl Fn(T) + Sync) {
+    if big && linalg::threads() > 1 {
+        std::thread::scope(|sc| {
+            let f = &f;
+            sc.spawn(move || f(b));
+            f(a);
+        });
+    } else {
+        f(a);
+        f(b);
+    }
+}
+
+/// Elements from which an element-wise pass is worth a second thread.
+const PAR_ELEMS: usize = 1 << 15;
+
+/// Where a `[rows, c]` matrix of `len` values splits into two halves of whole rows.
+fn half(len: usize, c: usize) -> usize {
+    (len / c.max(1)) / 2 * c
 }
 
 /// Whether `v` replaces the maximum `m` so far: larger, or a NaN over a number (as
@@ -934,7 +991,12 @@ dispatch!(fn bias_gelu_inner(z: &mut [f32], y: &mut [f32], bias: &[f32]) => bias
 
 /// `z += bias` (per channel, in place) and `y = gelu(z)`: the whitening layer's output.
 pub fn bias_gelu(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
-    bias_gelu_inner(z, y, bias)
+    let m = half(z.len(), bias.len());
+    let (z1, z2) = z.split_at_mut(m);
+    let (y1, y2) = y.split_at_mut(m);
+    both(z1.len() >= PAR_ELEMS, (z1, y1), (z2, y2), |(z, y)| {
+        bias_gelu_inner(z, y, bias)
+    })
 }
 
 #[inline(always)]
@@ -948,7 +1010,12 @@ dispatch!(fn gelu_backward_inner(z: &[f32], dy: &mut [f32]) => gelu_backward_bod
 
 /// `dy *= gelu'(z)`, in place: the gradient through a GELU from its input `z`.
 pub fn gelu_backward(z: &[f32], dy: &mut [f32]) {
-    gelu_backward_inner(z, dy)
+    let m = z.len() / 2;
+    let (z1, z2) = z.split_at(m);
+    let (d1, d2) = dy.split_at_mut(m);
+    both(m >= PAR_ELEMS, (z1, d1), (z2, d2), |(z, d)| {
+        gelu_backward_inner(z, d)
+    })
 }
 
 /// Per-channel sums of a `[rows, c]` matrix, in a fixed order (blocks of rows, then the
@@ -999,7 +1066,17 @@ fn bn_apply_body(
     }
 }
 
-dispatch!(fn bn_apply(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) => bn_apply_body);
+dispatch!(fn bn_apply_inner(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) => bn_apply_body);
+
+fn bn_apply(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) {
+    let m = half(x.len(), mean.len());
+    let (x1, x2) = x.split_at(m);
+    let (z1, z2) = z.split_at_mut(m);
+    let (y1, y2) = y.split_at_mut(m);
+    both(m >= PAR_ELEMS, (x1, z1, y1), (x2, z2, y2), |(x, z, y)| {
+        bn_apply_inner(x, z, y, mean, rstd, bias)
+    })
+}
 
 /// Batch normalisation without a scale, then GELU, over a `[rows, c]` matrix, in
 /// training: `z = (x − mean)/sqrt(var + eps) + bias`, `y = gelu(z)`, with the mean and
@@ -1085,7 +1162,16 @@ fn scale_shift_body(
     }
 }
 
-dispatch!(fn bn_input_grad(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) => scale_shift_body);
+dispatch!(fn bn_input_grad_inner(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) => scale_shift_body);
+
+fn bn_input_grad(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) {
+    let m = half(z.len(), rstd.len());
+    let (d1, d2) = d.split_at_mut(m);
+    let (z1, z2) = z.split_at(m);
+    both(m >= PAR_ELEMS, (d1, z1), (d2, z2), |(d, z)| {
+        bn_input_grad_inner(d, z, dz_mean, k, bias, rstd)
+    })
+}
 
 /// The backward pass of [`bn_gelu_forward`] in training: `d` holds `dL/dy` and becomes
 /// `dL/dx`; `dbias` (overwritten) is `dL/dbias`. `z` is the forward pass's `z`.
