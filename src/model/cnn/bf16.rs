@@ -262,6 +262,89 @@ pub fn gemm(
     }
 }
 
+/// A convolution as a product without the patch matrix ("implicit GEMM"): `c` (`rows ×
+/// n`, row stride `ldc`) `= Σ_t Σ_q x[offs[r·taps + t] + q] · B[t·ci2 + q]`, where each
+/// output row `r` reads, for each of the `taps` kernel taps, the `ci2` channel pairs of
+/// one input pixel starting at `offs[r·taps + t]` in `x` (bf16 pairs), or zeros where
+/// that offset is `x.len()` (the padding). `B` is the weights packed by [`pack_b`] with
+/// `k = 2·taps·ci2` (taps-major, as the patch matrix's columns).
+///
+/// # Panics
+/// If the CPU lacks AVX512-BF16, the buffers are too short or an offset points past
+/// `x`: callers build the offsets from the shapes, never from input.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_taps(
+    rows: usize,
+    n: usize,
+    ci2: usize,
+    taps: usize,
+    x: &[u32],
+    offs: &[usize],
+    b: &[u32],
+    c: &mut [f32],
+    ldc: usize,
+) {
+    check();
+    let k2 = taps * ci2;
+    assert!(b.len() >= b_len(2 * k2, n), "bf16 gemm_taps: b");
+    assert!(offs.len() >= rows * taps, "bf16 gemm_taps: offsets");
+    assert!(
+        rows == 0 || c.len() >= (rows - 1) * ldc + n,
+        "bf16 gemm_taps: c"
+    );
+    assert!(
+        offs[..rows * taps]
+            .iter()
+            .all(|&o| o == x.len() || o + ci2 <= x.len()),
+        "bf16 gemm_taps: an offset past the input"
+    );
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let zeros = vec![0u32; ci2.max(1)];
+    // Each tile's pointers, tap by tap (rows past a tile repeat its last row), built
+    // once and used for every block of columns; the blocks outside, so that one block of
+    // `B` stays in the cache while the tiles pass.
+    let tiles = rows.div_ceil(MR);
+    let mut ptrs = vec![zeros.as_ptr(); tiles * taps * MR];
+    for (i, tile) in ptrs.chunks_exact_mut(taps * MR).enumerate() {
+        let last = (rows - i * MR).min(MR) - 1;
+        for t in 0..taps {
+            for r in 0..MR {
+                let o = offs[(i * MR + r.min(last)) * taps + t];
+                if o < x.len() {
+                    tile[t * MR + r] = x[o..].as_ptr();
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    for jb in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - jb * NR);
+        let bp = &b[jb * k2 * NR..][..k2 * NR];
+        for (i, tp) in ptrs.chunks_exact(taps * MR).enumerate() {
+            let i0 = i * MR;
+            let tile = MR.min(rows - i0);
+            let cp = &mut c[i0 * ldc + jb * NR..(i0 + tile - 1) * ldc + jb * NR + cols];
+            // SAFETY: AVX512-BF16 (checked); every pointer reads `ci2` pairs (of `x` or
+            // of `zeros`, checked above), `bp` holds `k2` pairs of a block, `cp` `tile`
+            // rows of `cols` at stride `ldc`.
+            unsafe {
+                avx512::kernel_taps(
+                    ci2,
+                    taps,
+                    tp.as_ptr(),
+                    bp.as_ptr(),
+                    cp.as_mut_ptr(),
+                    ldc,
+                    tile,
+                    cols,
+                )
+            };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{MR, NR};
@@ -318,6 +401,60 @@ mod avx512 {
             }
             _mm512_storeu_si512(d.add(16 * h) as *mut __m512i, v);
         }
+    }
+
+    /// One `MR × NR` tile of [`super::gemm_taps`]: `c[..rows][..cols] = Σ_t Σ_q
+    /// ptrs[t][r][q] ⊗ b[t·ci2 + q]`, the sums kept in registers across the taps.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `ptrs` holds `taps·MR` pointers, each valid for `ci2` reads;
+    /// `b` valid for `taps·ci2·NR`, `c` for `rows` rows of stride `ldc`, `cols` each.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel_taps(
+        ci2: usize,
+        taps: usize,
+        ptrs: *const *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut bp = b;
+        for t in 0..taps {
+            let ar = *(ptrs.add(t * MR) as *const [*const u32; MR]);
+            for q in 0..ci2 {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(bp as *const f32));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_ps(bp.add(16) as *const f32));
+                bp = bp.add(NR);
+                // Unrolled by hand: a loop over the rows here is not unrolled by the
+                // compiler, and its sums go through memory.
+                macro_rules! rows {
+                    ($($r:literal)*) => {$(
+                        let av: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(*ar[$r].add(q) as i32));
+                        acc[$r][0] = _mm512_dpbf16_ps(acc[$r][0], av, b0);
+                        acc[$r][1] = _mm512_dpbf16_ps(acc[$r][1], av, b1);
+                    )*};
+                }
+                const _: () = assert!(MR == 12);
+                rows!(0 1 2 3 4 5 6 7 8 9 10 11);
+            }
+        }
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        // Constant indices only (as above), so that the sums stay in registers.
+        macro_rules! store {
+            ($($r:literal)*) => {$(
+                if $r < rows {
+                    let row = c.add($r * ldc);
+                    _mm512_mask_storeu_ps(row, m0, acc[$r][0]);
+                    _mm512_mask_storeu_ps(row.add(16), m1, acc[$r][1]);
+                }
+            )*};
+        }
+        store!(0 1 2 3 4 5 6 7 8 9 10 11);
     }
 
     /// One `MR × NR` tile: `c[..rows][..cols] (+)= Σ_p a[.., p] ⊗ b[p]` over `k2` pairs.

@@ -500,7 +500,7 @@ impl Net {
         features: Option<&mut Vec<f32>>,
         kernel: Kernel,
     ) -> Vec<f32> {
-        let mut scratch = Scratch::new(kernel);
+        let mut scratch = Scratch::pooled(kernel);
         let sides = self.arch.sides();
         let ws = self.arch.whiten_shape(n);
         let mut z = vec![0.0f32; n * sides[0] * sides[0] * WHITEN_WIDTH];
@@ -579,6 +579,7 @@ impl Net {
             &mut feats,
             &mut arg,
         );
+        scratch.recycle();
         let logits = self.head(&feats, n);
         if let Some(f) = features {
             *f = feats;

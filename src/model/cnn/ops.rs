@@ -131,8 +131,10 @@ fn im2col_any<T: Copy + Default>(
 
 /// `x` as bf16 bits in `out` (grown to fit): the input of the bf16 products, converted
 /// once (each value is in up to `k·k` patches).
-fn to_bf16_buf<'a>(x: &[f32], out: &'a mut Vec<u16>) -> &'a [u16] {
-    let o = grown(out, x.len());
+/// The buffer holds `u32`s, so that an even count of values can be read as pairs.
+fn to_bf16_buf<'a>(x: &[f32], out: &'a mut Vec<u32>) -> &'a [u16] {
+    let words = grown(out, x.len().div_ceil(2));
+    let o = &mut bytemuck::cast_slice_mut::<u32, u16>(words)[..x.len()];
     // Two halves on two threads for large tensors (the halves do not depend on the count).
     const HALF: usize = 1 << 16;
     if x.len() >= 2 * HALF && linalg::threads() > 1 {
@@ -215,7 +217,8 @@ pub struct Scratch {
     acc: Vec<f32>,
     tmp: Vec<u32>,
     dyt: Vec<u32>,
-    input: Vec<u16>,
+    input: Vec<u32>,
+    offs: Vec<usize>,
 }
 
 impl Scratch {
@@ -224,6 +227,28 @@ impl Scratch {
         Scratch {
             kernel,
             ..Scratch::default()
+        }
+    }
+
+    /// A scratch from the process's pool (its buffers already grown by earlier products,
+    /// so no new pages are mapped and zeroed), set to `kernel`; give it back with
+    /// [`Scratch::recycle`]. The helper threads of a product, each started anew, and the
+    /// scoring passes use these.
+    pub(crate) fn pooled(kernel: Kernel) -> Scratch {
+        let mut s = SPARE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        s.kernel = kernel;
+        s
+    }
+
+    /// Returns a scratch to the pool (which keeps at most [`SPARES`]).
+    pub(crate) fn recycle(self) {
+        let mut pool = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < SPARES {
+            pool.push(self);
         }
     }
 
@@ -239,6 +264,13 @@ impl Scratch {
         &mut self.col[..len]
     }
 }
+
+/// Scratches kept for reuse by [`Scratch::pooled`].
+static SPARE: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
+
+/// The most scratches [`SPARE`] keeps: one per helper thread and a scoring pass, with
+/// room for a second model in the same process.
+const SPARES: usize = 4;
 
 /// `v[..len]`, grown (never shrunk) to hold it.
 fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
@@ -317,8 +349,9 @@ fn over_bands(
         let f = &f;
         for (first, rows, out) in jobs {
             sc.spawn(move || {
-                let mut local = Scratch::new(kernel);
+                let mut local = Scratch::pooled(kernel);
                 f(first, rows, out, &mut local);
+                local.recycle();
             });
         }
         if let Some((first, rows, out)) = own {
@@ -335,6 +368,10 @@ fn bf16_band_rows(kdim: usize) -> usize {
     rows.clamp(bf16::MR, BAND_ROWS)
 }
 
+/// Output pixels per band of the bf16 product without a patch matrix: 24 tiles of the
+/// kernel, whose pointers are built once and used for every block of output channels.
+const TAP_BAND: usize = 24 * bf16::MR;
+
 /// [`forward_bands`] with bf16 products: `wb` is the weights packed by [`bf16::pack_b`].
 #[allow(clippy::too_many_arguments)]
 fn forward_bands_bf16(
@@ -348,6 +385,46 @@ fn forward_bands_bf16(
     scratch: &mut Scratch,
 ) {
     let kdim = s.kdim();
+    if s.ci.is_multiple_of(2) {
+        // Pairs of channels: no patch matrix, the kernel reads the pixels in place.
+        let (ci2, taps) = (s.ci / 2, s.k * s.k);
+        let xp: &[u32] = bytemuck::cast_slice(x);
+        let (oh, ow) = (s.oh(), s.ow());
+        let mut done = 0;
+        while done < rows {
+            let r = TAP_BAND.min(rows - done);
+            let offs = grown(&mut scratch.offs, r * taps);
+            for (i, o) in offs.chunks_exact_mut(taps).enumerate() {
+                let p = first + done + i;
+                let (img, rest) = (p / (oh * ow), p % (oh * ow));
+                let (oy, ox) = (rest / ow, rest % ow);
+                for ky in 0..s.k {
+                    for kx in 0..s.k {
+                        let iy = (oy + ky).wrapping_sub(s.pad);
+                        let ix = (ox + kx).wrapping_sub(s.pad);
+                        o[ky * s.k + kx] = if iy < s.h && ix < s.w {
+                            ((img * s.h + iy) * s.w + ix) * ci2
+                        } else {
+                            xp.len()
+                        };
+                    }
+                }
+            }
+            bf16::gemm_taps(
+                r,
+                s.co,
+                ci2,
+                taps,
+                xp,
+                offs,
+                wb,
+                &mut y[done * s.co..(done + r) * s.co],
+                s.co,
+            );
+            done += r;
+        }
+        return;
+    }
     let lda = bf16::pairs(kdim);
     let mut done = 0;
     while done < rows {
@@ -462,8 +539,9 @@ pub fn conv_backward(
         std::thread::scope(|sc| {
             let (r1, p) = (ranges[1], &mut partial);
             sc.spawn(move || {
-                let mut local = Scratch::default();
+                let mut local = Scratch::pooled(Kernel::F32);
                 weight_grad_bands(x, dy, s, r1, p, &mut local);
+                local.recycle();
             });
             weight_grad_bands(x, dy, s, ranges[0], dwt, scratch);
         });
@@ -514,8 +592,9 @@ fn weight_grad_bf16(
             let own = chunks.next();
             for (r, part) in ranges[1..].iter().zip(chunks) {
                 sc.spawn(move || {
-                    let mut local = Scratch::new(kernel);
+                    let mut local = Scratch::pooled(kernel);
                     weight_grad_bands_bf16(x, dy, s, *r, part, &mut local);
+                    local.recycle();
                 });
             }
             if let Some(part) = own {
@@ -781,13 +860,20 @@ fn maxpool_backward_any<T: Tap>(dy: &[f32], arg: &[T], shape: PoolShape, dx: &mu
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `exp(x)` for the GELU, branch-free so that it vectorises: `2^n · p(r)` with
-/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, a degree-6 polynomial (relative error about 2e-7)
-/// and `n` clamped so that very negative `x` give 0.
+/// 1.5·2²³: added to an `f32` of magnitude below 2²², it rounds it to the nearest
+/// integer (ties to even) and leaves that integer in the low bits of its mantissa.
+const ROUNDER: f32 = 12_582_912.0;
+
+/// `exp(x)` for the GELU, branch-free and without float-to-int casts so that it
+/// vectorises (16 lanes on AVX-512): `2^n · p(r)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`,
+/// a degree-6 polynomial (relative error about 2e-7) and `n` clamped so that very
+/// negative `x` give 0.
 #[inline(always)]
 fn exp_poly(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // n = round(x·log2 e), as a float and (in `shifted`'s low bits) as an integer.
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let mut p = 1.0 / 720.0;
     p = p * r + 1.0 / 120.0;
@@ -796,7 +882,12 @@ fn exp_poly(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n: n + 127 in the exponent's bits (n is in −126..=127).
+    let bits = shifted
+        .to_bits()
+        .wrapping_sub(ROUNDER.to_bits())
+        .wrapping_add(127)
+        << 23;
     p * f32::from_bits(bits)
 }
 
@@ -810,8 +901,8 @@ fn phi(z: f32) -> (f32, f32) {
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let erf = 1.0 - poly * e;
-    let erf = if z < 0.0 { -erf } else { erf };
+    // erf(z) = ±erf(|z|), by z's sign bit.
+    let erf = f32::from_bits((1.0 - poly * e).to_bits() ^ (z.to_bits() & 0x8000_0000));
     (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * e)
 }
 
@@ -977,25 +1068,36 @@ fn pool2_backward_body(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32])
 dispatch!(fn pool2_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) => pool2_backward_body);
 
 #[inline(always)]
-fn bias_gelu_body(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
-    let c = bias.len();
-    for (zr, yr) in z.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
-        for ((zv, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
-            *zv += b;
-            *yv = gelu(*zv);
+fn bias_gelu_body(z: &mut [f32], y: &mut [f32], bias: &[f32], wide: &[f32]) {
+    // Rows in groups of `wide` (the bias repeated to a whole number of vectors: 24
+    // channels vectorise as 48), the rows left over one by one.
+    let whole = z.len() / wide.len() * wide.len();
+    let (z1, z2) = z.split_at_mut(whole);
+    let (y1, y2) = y.split_at_mut(whole);
+    for (b, z, y) in [(wide, z1, y1), (bias, z2, y2)] {
+        for (zr, yr) in z.chunks_exact_mut(b.len()).zip(y.chunks_exact_mut(b.len())) {
+            for ((zv, yv), &bv) in zr.iter_mut().zip(yr.iter_mut()).zip(b) {
+                *zv += bv;
+                *yv = gelu(*zv);
+            }
         }
     }
 }
 
-dispatch!(fn bias_gelu_inner(z: &mut [f32], y: &mut [f32], bias: &[f32]) => bias_gelu_body);
+dispatch!(fn bias_gelu_inner(z: &mut [f32], y: &mut [f32], bias: &[f32], wide: &[f32]) => bias_gelu_body);
 
 /// `z += bias` (per channel, in place) and `y = gelu(z)`: the whitening layer's output.
 pub fn bias_gelu(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
-    let m = half(z.len(), bias.len());
+    let c = bias.len();
+    let mut wide = bias.to_vec();
+    while !wide.len().is_multiple_of(16) && wide.len() < 16 * c {
+        wide.extend_from_slice(bias);
+    }
+    let m = half(z.len(), c);
     let (z1, z2) = z.split_at_mut(m);
     let (y1, y2) = y.split_at_mut(m);
     both(z1.len() >= PAR_ELEMS, (z1, y1), (z2, y2), |(z, y)| {
-        bias_gelu_inner(z, y, bias)
+        bias_gelu_inner(z, y, bias, &wide)
     })
 }
 
@@ -1058,10 +1160,18 @@ fn bn_apply_body(
         .zip(z.chunks_exact_mut(c))
         .zip(y.chunks_exact_mut(c))
     {
-        for j in 0..c {
-            let zv = (xr[j] - mean[j]) * rstd[j] + bias[j];
-            zr[j] = zv;
-            yr[j] = gelu(zv);
+        // Zipped (no indices), so that the loop vectorises.
+        for (((((&xv, zv), yv), &m), &r), &b) in xr
+            .iter()
+            .zip(zr.iter_mut())
+            .zip(yr.iter_mut())
+            .zip(mean)
+            .zip(rstd)
+            .zip(bias)
+        {
+            let v = (xv - m) * r + b;
+            *zv = v;
+            *yv = gelu(v);
         }
     }
 }
@@ -1155,9 +1265,16 @@ fn scale_shift_body(
 ) {
     let c = rstd.len();
     for (dr, zr) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
-        for j in 0..c {
-            let xhat = zr[j] - bias[j];
-            dr[j] = rstd[j] * (dr[j] - dz_mean[j] - xhat * k[j]);
+        for (((((dv, &zv), &b), &r), &dm), &kv) in dr
+            .iter_mut()
+            .zip(zr)
+            .zip(bias)
+            .zip(rstd)
+            .zip(dz_mean)
+            .zip(k)
+        {
+            let xhat = zv - b;
+            *dv = r * (*dv - dm - xhat * kv);
         }
     }
 }
@@ -1303,6 +1420,35 @@ mod tests {
             let rel = ((exp_poly(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
             assert!(rel < 5e-7, "exp({x}): {rel}");
         }
+    }
+
+    #[test]
+    fn the_vectorised_gelu_passes_equal_the_scalar_gelu_bit_for_bit() {
+        // Lanes of every kind: both signs, ties of the exponent's rounding, the clamps,
+        // zeros, infinities, a NaN; more than PAR_ELEMS, so that two threads share it.
+        // 24 channels (the whitening layer's: a bias repeated to 48 lanes, and an odd
+        // row count, so that a row is left over after the groups of two).
+        let c = 24;
+        let mut z: Vec<f32> = (0..(c * (PAR_ELEMS / 12 + 3)))
+            .map(|i| ((i as f32) * 0.001_37 - 40.0) * if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        z[..8].copy_from_slice(&[0.0, -0.0, 200.0, -200.0, f32::INFINITY, -13.0, 1.0, 0.5]);
+        let bias: Vec<f32> = (0..c).map(|j| j as f32 * 0.01 - 0.1).collect();
+        let mut zz = z.clone();
+        let mut y = vec![0.0f32; z.len()];
+        bias_gelu(&mut zz, &mut y, &bias);
+        let mut d = vec![1.5f32; z.len()];
+        gelu_backward(&z, &mut d);
+        for (i, &v) in z.iter().enumerate() {
+            let zb = v + bias[i % c];
+            assert_eq!(zz[i].to_bits(), zb.to_bits(), "z + bias at {i}");
+            assert_eq!(y[i].to_bits(), gelu(zb).to_bits(), "gelu({zb})");
+            assert_eq!(d[i].to_bits(), (1.5 * gelu_grad(v)).to_bits(), "gelu'({v})");
+        }
+        let mut nan = vec![f32::NAN; 2 * c];
+        let mut out = vec![0.0f32; 2 * c];
+        bias_gelu(&mut nan, &mut out, &bias);
+        assert!(out.iter().all(|v| v.is_nan()));
     }
 
     fn naive_conv(x: &[f32], wt: &[f32], s: &ConvShape) -> Vec<f64> {
@@ -1505,6 +1651,32 @@ mod tests {
                     pad: 1,
                 },
                 2,
+            ),
+            // Even channel counts: the products read the pixels in place (no patches),
+            // a block of columns cut short (70), tiles straddling rows and images.
+            (
+                ConvShape {
+                    n: 3,
+                    h: 9,
+                    w: 11,
+                    ci: 24,
+                    co: 40,
+                    k: 3,
+                    pad: 1,
+                },
+                2,
+            ),
+            (
+                ConvShape {
+                    n: 2,
+                    h: 6,
+                    w: 5,
+                    ci: 32,
+                    co: 70,
+                    k: 3,
+                    pad: 1,
+                },
+                1,
             ),
         ] {
             linalg::set_threads(threads);
