@@ -314,6 +314,9 @@ pub struct Tape {
     a2: Vec<Vec<f32>>,
     bn1: Vec<BnCache>,
     bn2: Vec<BnCache>,
+    /// Per convolution: the bf16 copy of its input a bf16 product made, for its weight
+    /// gradient.
+    kept: Vec<Vec<u32>>,
     /// The final pool's index (a window as wide as the last block's output: any number of
     /// positions) and the pooled features.
     final_arg: Vec<u32>,
@@ -610,6 +613,7 @@ impl Net {
         }
         tape.bn1.resize_with(nb, BnCache::default);
         tape.bn2.resize_with(nb, BnCache::default);
+        tape.kept.resize_with(2 * nb, Vec::new);
         let ws = self.arch.whiten_shape(n);
         resize(&mut tape.z0, n * sides[0] * sides[0] * WHITEN_WIDTH);
         resize(&mut tape.a0, tape.z0.len());
@@ -622,7 +626,14 @@ impl Net {
             {
                 let input = if b == 0 { &tape.a0 } else { &tape.a2[b - 1] };
                 let w = &self.params[1 + 2 * b];
-                ops::conv_forward(input, w, &s1, &mut tape.conv, &mut tape.scratch);
+                ops::conv_forward_kept(
+                    input,
+                    w,
+                    &s1,
+                    &mut tape.conv,
+                    &mut tape.scratch,
+                    Some(&mut tape.kept[2 * b]),
+                );
             }
             let h2 = s1.oh() / 2;
             let len = n * h2 * h2 * s1.co;
@@ -658,12 +669,13 @@ impl Net {
             tape.grad_a = pooled;
             let len2 = n * s2.oh() * s2.ow() * s2.co;
             resize(&mut tape.conv, len2);
-            ops::conv_forward(
+            ops::conv_forward_kept(
                 &tape.a1[b],
                 &self.params[1 + i2],
                 &s2,
                 &mut tape.conv,
                 &mut tape.scratch,
+                Some(&mut tape.kept[i2]),
             );
             resize(&mut tape.z2[b], len2);
             resize(&mut tape.a2[b], len2);
@@ -758,8 +770,9 @@ impl Net {
                 );
                 let turned = ops::turned_weights(&self.params[ci2], &s2);
                 resize(&mut dtmp, tape.a1[b].len());
-                ops::conv_backward(
+                ops::conv_backward_kept(
                     &tape.a1[b],
+                    Some(&tape.kept[i2]),
                     &da,
                     &turned,
                     &s2,
@@ -797,8 +810,9 @@ impl Net {
                 let need_dx = b > 0 || whiten_bias;
                 resize(&mut da, input.len());
                 let turned = ops::turned_weights(&self.params[ci1], &s1);
-                ops::conv_backward(
+                ops::conv_backward_kept(
                     input,
+                    Some(&tape.kept[i1]),
                     &tape.conv,
                     &turned,
                     &s1,

@@ -105,7 +105,10 @@ fn im2col_any<T: Copy + Default>(
         let (img, rest) = (p / per_image, p % per_image);
         let (oy, ox) = (rest / ow, rest % ow);
         let dst = &mut col[r * ld..(r + 1) * ld];
-        dst[kdim..].fill(zero);
+        // (Empty fills skipped: most rows have none, and each is a call to memset.)
+        if ld > kdim {
+            dst[kdim..].fill(zero);
+        }
         let base = img * s.h * s.w * ci;
         for ky in 0..k {
             let iy = (oy + ky) as isize - s.pad as isize;
@@ -119,8 +122,12 @@ fn im2col_any<T: Copy + Default>(
             let x0 = ox as isize - s.pad as isize;
             let lo = (-x0).max(0) as usize;
             let hi = ((s.w as isize - x0).min(k as isize)).max(lo as isize) as usize;
-            row[..lo * ci].fill(zero);
-            row[hi * ci..].fill(zero);
+            if lo > 0 {
+                row[..lo * ci].fill(zero);
+            }
+            if hi < k {
+                row[hi * ci..].fill(zero);
+            }
             if hi > lo {
                 let src = base + (iy * s.w + (x0 + lo as isize) as usize) * ci;
                 row[lo * ci..hi * ci].copy_from_slice(&x[src..src + (hi - lo) * ci]);
@@ -284,6 +291,19 @@ fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
 /// `[n, oh, ow, co]`. The bands of output pixels are shared out over up to
 /// [`linalg::threads`] threads; each band is computed the same way whatever the count.
 pub fn conv_forward(x: &[f32], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch: &mut Scratch) {
+    conv_forward_kept(x, wt, s, y, scratch, None)
+}
+
+/// [`conv_forward`], keeping the bf16 copy of `x` that a bf16 product makes in `keep`
+/// (when given) for [`conv_backward_kept`], which then need not make it again.
+pub fn conv_forward_kept(
+    x: &[f32],
+    wt: &[f32],
+    s: &ConvShape,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+    keep: Option<&mut Vec<u32>>,
+) {
     let total = s.n * s.oh() * s.ow();
     debug_assert_eq!(x.len(), s.n * s.h * s.w * s.ci);
     debug_assert_eq!(wt.len(), s.kdim() * s.co);
@@ -293,14 +313,15 @@ pub fn conv_forward(x: &[f32], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch
         let mut wb = std::mem::take(&mut scratch.packed_b);
         let len = bf16::b_len(s.kdim(), s.co);
         bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
-        let mut xb = std::mem::take(&mut scratch.input);
-        let xh = to_bf16_buf(x, &mut xb);
+        let mut own = std::mem::take(&mut scratch.input);
+        let xb = keep.unwrap_or(&mut own);
+        let xh = to_bf16_buf(x, xb);
         let band = bf16_band_rows(s.kdim());
         over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
             forward_bands_bf16(xh, &wb[..len], s, first, rows, band, out, sc)
         });
         scratch.packed_b = wb;
-        scratch.input = xb;
+        scratch.input = own;
         return;
     }
     over_bands(
@@ -394,10 +415,11 @@ fn forward_bands_bf16(
         while done < rows {
             let r = TAP_BAND.min(rows - done);
             let offs = grown(&mut scratch.offs, r * taps);
-            for (i, o) in offs.chunks_exact_mut(taps).enumerate() {
-                let p = first + done + i;
-                let (img, rest) = (p / (oh * ow), p % (oh * ow));
-                let (oy, ox) = (rest / ow, rest % ow);
+            // The first pixel's place, then a step at a time.
+            let p = first + done;
+            let (mut img, rest) = (p / (oh * ow), p % (oh * ow));
+            let (mut oy, mut ox) = (rest / ow, rest % ow);
+            for o in offs.chunks_exact_mut(taps) {
                 for ky in 0..s.k {
                     for kx in 0..s.k {
                         let iy = (oy + ky).wrapping_sub(s.pad);
@@ -407,6 +429,13 @@ fn forward_bands_bf16(
                         } else {
                             xp.len()
                         };
+                    }
+                }
+                ox += 1;
+                if ox == ow {
+                    (ox, oy) = (0, oy + 1);
+                    if oy == oh {
+                        (oy, img) = (0, img + 1);
                     }
                 }
             }
@@ -510,6 +539,22 @@ pub fn conv_backward(
     dx: Option<&mut [f32]>,
     scratch: &mut Scratch,
 ) {
+    conv_backward_kept(x, None, dy, turned, s, dwt, dx, scratch)
+}
+
+/// [`conv_backward`] given the bf16 copy of `x` kept by [`conv_forward_kept`] (used
+/// when the product is in bf16 and the copy holds `x.len()` values, else made anew).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_backward_kept(
+    x: &[f32],
+    kept: Option<&[u32]>,
+    dy: &[f32],
+    turned: &[f32],
+    s: &ConvShape,
+    dwt: &mut [f32],
+    dx: Option<&mut [f32]>,
+    scratch: &mut Scratch,
+) {
     let total = s.n * s.oh() * s.ow();
     debug_assert_eq!(dy.len(), total * s.co);
     debug_assert_eq!(dwt.len(), s.kdim() * s.co);
@@ -521,7 +566,7 @@ pub fn conv_backward(
         .filter(|(a, b)| a < b)
         .collect();
     if scratch.kernel.is_bf16() {
-        weight_grad_bf16(x, dy, s, &ranges, dwt, scratch);
+        weight_grad_bf16(x, kept, dy, s, &ranges, dwt, scratch);
         if let Some(dx) = dx {
             let t = s.transposed();
             debug_assert_eq!(t.oh(), s.h);
@@ -569,6 +614,7 @@ fn bf16_grad_rows(kdim: usize) -> usize {
 /// product's `k`, in pairs), then the groups added in order and turned into `dwt`.
 fn weight_grad_bf16(
     x: &[f32],
+    kept: Option<&[u32]>,
     dy: &[f32],
     s: &ConvShape,
     ranges: &[(usize, usize)],
@@ -577,7 +623,10 @@ fn weight_grad_bf16(
 ) {
     let (kdim, co) = (s.kdim(), s.co);
     let mut xb = std::mem::take(&mut scratch.input);
-    let x = to_bf16_buf(x, &mut xb);
+    let x: &[u16] = match kept {
+        Some(k) if 2 * k.len() >= x.len() => &bytemuck::cast_slice(k)[..x.len()],
+        _ => to_bf16_buf(x, &mut xb),
+    };
     let mut acc = std::mem::take(&mut scratch.acc);
     grown(&mut acc, ranges.len() * co * kdim);
     let parts = &mut acc[..ranges.len() * co * kdim];
@@ -1690,6 +1739,32 @@ mod tests {
             let mut dx = vec![f32::NAN; x.len()];
             let turned = turned_weights(&wt, &s);
             conv_backward(&x, &g, &turned, &s, &mut dwt, Some(&mut dx), &mut scratch);
+            // The same with the input's bf16 copy kept from the forward pass.
+            let (mut keep, mut y2, mut dwt2, mut dx2) = (
+                Vec::new(),
+                vec![0.0; y.len()],
+                vec![0.0; dwt.len()],
+                vec![0.0; dx.len()],
+            );
+            conv_forward_kept(&x, &wt, &s, &mut y2, &mut scratch, Some(&mut keep));
+            assert!(2 * keep.len() >= x.len());
+            let g2 = &g;
+            conv_backward_kept(
+                &x,
+                Some(&keep),
+                g2,
+                &turned,
+                &s,
+                &mut dwt2,
+                Some(&mut dx2),
+                &mut scratch,
+            );
+            for (a, b) in [(&y, &y2), (&dwt, &dwt2), (&dx, &dx2)] {
+                assert!(a
+                    .iter()
+                    .zip(b.iter())
+                    .all(|(u, v)| u.to_bits() == v.to_bits()));
+            }
             let (want_y, want_dw, want_dx) =
                 conv_reference(&round(&x), &round(&wt), &round(&g), &s);
             for (what, got, want) in [
