@@ -17,6 +17,11 @@
 //! `B` in the L1 cache while the rows of `A` stream past it. The conversions use the
 //! CPU's own rounding (`vcvtneps2bf16`: to nearest even, as [`to_bf16`]).
 //!
+//! Two variants serve the convolutions without a patch matrix: [`gemm_taps`] reads each
+//! row's `A` pairs from a pointer per kernel tap (the input pixels in place, "implicit
+//! GEMM", its sums in registers across the taps), and [`gemm_pair_rows`] takes `B` as
+//! rows of pairs (two rows interleaved by [`interleave`]) instead of packed blocks.
+//!
 //! Every sum runs in a fixed order that depends only on the shapes: the same inputs
 //! give the same bits, whatever the thread count.
 
@@ -126,31 +131,6 @@ pub fn pack_b(b: &[f32], k: usize, n: usize, ld: usize, out: &mut [u32]) {
     }
 }
 
-/// Packs a row-major bf16 `B` (`k × n`, row stride `ld` in `u16`s) into `out`
-/// (`b_len`): the pairs of two rows interleaved.
-pub fn pack_b_bf16(b: &[u16], k: usize, n: usize, ld: usize, out: &mut [u32]) {
-    let k2 = pairs(k);
-    assert!(out.len() >= b_len(k, n) && (k == 0 || b.len() >= (k - 1) * ld + n));
-    for (blk, dst) in out[..b_len(k, n)].chunks_exact_mut(k2 * NR).enumerate() {
-        let j0 = blk * NR;
-        let cols = NR.min(n - j0);
-        for (kp, d) in dst.chunks_exact_mut(NR).enumerate() {
-            let lo = &b[2 * kp * ld + j0..][..cols];
-            if 2 * kp + 1 < k {
-                let hi = &b[(2 * kp + 1) * ld + j0..][..cols];
-                for ((d, &l), &h) in d.iter_mut().zip(lo).zip(hi) {
-                    *d = u32::from(l) | (u32::from(h) << 16);
-                }
-            } else {
-                for (d, &l) in d.iter_mut().zip(lo) {
-                    *d = u32::from(l);
-                }
-            }
-            d[cols..].fill(0);
-        }
-    }
-}
-
 /// `A = gᵀ` in the row layout: `g` is `rows × n` f32 (row stride `n`); row `j` of `out`
 /// (stride `lda ≥ pairs(rows)`) holds the pairs `(g[2p][j], g[2p+1][j])`, the odd
 /// row's partner zero. `tmp` is scratch.
@@ -213,9 +193,56 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    assert!(b.len() >= b_len(k, n), "bf16 gemm: b");
+    product(m, n, k, a, lda, b, BLayout::Packed, c, ldc, accumulate)
+}
+
+/// [`gemm`] with `B` as rows of pairs: pair row `p` (rows `2p` and `2p + 1` of `B`
+/// interleaved) at `b[p·ldb..]`, `ldb` at least `n` rounded up to [`NR`] (the kernel
+/// reads whole blocks of columns; those past `n` are not stored).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_pair_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(ldb >= n.div_ceil(NR) * NR, "bf16 gemm: ldb");
+    assert!(b.len() >= pairs(k) * ldb, "bf16 gemm: b");
+    product(m, n, k, a, lda, b, BLayout::Rows(ldb), c, ldc, accumulate)
+}
+
+/// Where `B`'s pairs are.
+#[derive(Clone, Copy)]
+enum BLayout {
+    /// [`pack_b`]'s blocks.
+    Packed,
+    /// Rows of pairs at this stride.
+    Rows(usize),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    layout: BLayout,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     check();
     let k2 = pairs(k);
-    assert!(lda >= k2 && b.len() >= b_len(k, n), "bf16 gemm: operands");
+    assert!(lda >= k2, "bf16 gemm: operands");
     assert!(m == 0 || a.len() >= (m - 1) * lda + k2, "bf16 gemm: a");
     assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "bf16 gemm: c");
     if m == 0 || n == 0 {
@@ -235,20 +262,27 @@ pub fn gemm(
         let mut kc = 0;
         while kc < k2 {
             let kl = KC.min(k2 - kc);
-            let bp = &b[jb * k2 * NR + kc * NR..][..kl * NR];
+            // The block's first pair and the stride between pairs (both checked
+            // against `b` by the callers' length checks).
+            let (start, ldb) = match layout {
+                BLayout::Packed => (jb * k2 * NR + kc * NR, NR),
+                BLayout::Rows(ldb) => (kc * ldb + jb * NR, ldb),
+            };
+            let bp = &b[start..start + (kl - 1) * ldb + NR];
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let ap = &a[i0 * lda + kc..(i0 + rows - 1) * lda + kc + kl];
                 let cp = &mut c[i0 * ldc + jb * NR..(i0 + rows - 1) * ldc + jb * NR + cols];
                 // SAFETY: the CPU has AVX512-BF16 (checked); `ap` holds `rows` rows of
-                // `kl` pairs at stride `lda`, `bp` `kl` pairs of a block, `cp` `rows` rows
-                // of `cols` at stride `ldc` (the slices above).
+                // `kl` pairs at stride `lda`, `bp` `kl` runs of `NR` pairs at stride
+                // `ldb`, `cp` `rows` rows of `cols` at stride `ldc` (the slices above).
                 unsafe {
                     avx512::kernel(
                         kl,
                         ap.as_ptr(),
                         lda,
                         bp.as_ptr(),
+                        ldb,
                         cp.as_mut_ptr(),
                         ldc,
                         rows,
@@ -259,6 +293,19 @@ pub fn gemm(
             }
             kc += kl;
         }
+    }
+}
+
+/// `out[j] = (lo[j], hi[j])` as a pair (`lo` in the low half) for `j < lo.len()`, `hi`
+/// zero when `None`: two bf16 rows interleaved.
+pub fn interleave(lo: &[u16], hi: Option<&[u16]>, out: &mut [u32]) {
+    check();
+    let len = lo.len();
+    assert!(out.len() >= len && hi.is_none_or(|h| h.len() >= len));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16 (checked); `lo`, `hi` hold `len` values, `out` `len` pairs.
+    unsafe {
+        avx512::interleave(lo.as_ptr(), hi.map(<[u16]>::as_ptr), len, out.as_mut_ptr())
     }
 }
 
@@ -397,6 +444,31 @@ mod avx512 {
         }
     }
 
+    /// `d[j] = lo[j] | hi[j] << 16` for `j < len` (`hi` zero when `None`).
+    ///
+    /// # Safety
+    /// AVX-512 BW present; `lo`, `hi` valid for `len` reads, `d` for `len` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn interleave(
+        lo: *const u16,
+        hi: Option<*const u16>,
+        len: usize,
+        d: *mut u32,
+    ) {
+        let mut i = 0;
+        while i < len {
+            let m = mask(len - i);
+            let l = _mm256_maskz_loadu_epi16(m, lo.add(i) as *const i16);
+            let mut v = _mm512_cvtepu16_epi32(l);
+            if let Some(hi) = hi {
+                let h = _mm256_maskz_loadu_epi16(m, hi.add(i) as *const i16);
+                v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+            }
+            _mm512_mask_storeu_epi32(d.add(i) as *mut i32, m, v);
+            i += 16;
+        }
+    }
+
     /// One `MR × NR` tile of [`super::gemm_taps`]: `c[..rows][..cols] = Σ_t Σ_q
     /// ptrs[t][r][q] ⊗ b[t·ci2 + q]`, the sums kept in registers across the taps.
     ///
@@ -455,7 +527,8 @@ mod avx512 {
     ///
     /// # Safety
     /// AVX512-BF16 present; `a` valid for `rows` rows of `k2` reads at stride `lda`, `b`
-    /// for `k2·NR`, `c` for `rows` rows of stride `ldc`, `cols` each.
+    /// for `k2` runs of `NR` at stride `ldb`, `c` for `rows` rows of stride `ldc`, `cols`
+    /// each.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel(
@@ -463,6 +536,7 @@ mod avx512 {
         a: *const u32,
         lda: usize,
         b: *const u32,
+        ldb: usize,
         c: *mut f32,
         ldc: usize,
         rows: usize,
@@ -476,9 +550,9 @@ mod avx512 {
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..k2 {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b.add(p * NR) as *const f32));
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b.add(p * ldb) as *const f32));
             let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_ps(b.add(p * NR + 16) as *const f32));
+                std::mem::transmute(_mm512_loadu_ps(b.add(p * ldb + 16) as *const f32));
             for (acc, row) in acc.iter_mut().zip(&ar) {
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*row.add(p) as i32));
                 acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
@@ -550,9 +624,20 @@ pub(crate) mod tests {
             // The same from bf16 rows.
             let mut b16 = vec![0u16; k * n];
             convert(&b, &mut b16);
-            let mut pb2 = vec![9u32; b_len(k, n)];
-            pack_b_bf16(&b16, k, n, n, &mut pb2);
-            assert_eq!(pb, pb2, "the two B packings agree");
+            // And as rows of pairs (interleaved bf16 rows), the padding past n not zero.
+            let ldb = n.div_ceil(NR) * NR + NR;
+            let mut rb = vec![0x7fc0_7fc0u32; pairs(k) * ldb];
+            for p in 0..pairs(k) {
+                let lo = &b16[2 * p * n..(2 * p + 1) * n];
+                let hi = (2 * p + 1 < k).then(|| &b16[(2 * p + 1) * n..(2 * p + 2) * n]);
+                interleave(lo, hi, &mut rb[p * ldb..p * ldb + n]);
+                for j in 0..n {
+                    assert_eq!(
+                        rb[p * ldb + j],
+                        pb[(j / NR) * pairs(k) * NR + p * NR + j % NR]
+                    );
+                }
+            }
             // Bᵀ turned back into rows of pairs gives B's blocks' values.
             let mut bt = vec![0u32; n * pairs(k)];
             transpose_pairs(&b, k, n, &mut bt, pairs(k), &mut Vec::new());
@@ -589,6 +674,14 @@ pub(crate) mod tests {
                     if i + 1 < m {
                         assert!(c[i * ldc + j].is_nan(), "{m}x{k}x{n}: wrote past column n");
                     }
+                }
+            }
+            // B as rows of pairs: the same sums in the same order, the same bits.
+            let mut c2 = vec![f32::NAN; m * ldc];
+            gemm_pair_rows(m, n, k, &pa, lda, &rb, ldb, &mut c2, ldc, false);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(c2[i * ldc + j].to_bits(), c[i * ldc + j].to_bits());
                 }
             }
             // Accumulating adds the same product again.

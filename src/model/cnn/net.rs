@@ -342,6 +342,16 @@ fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
 }
 
+/// `v[..len]`, `v` grown (never shrunk) to hold it: for the buffers that layers of
+/// different sizes share, so that a step neither frees nor zeroes them anew (every
+/// user overwrites its part).
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
 impl Net {
     /// A new network: convolutions as PyTorch initialises them (uniform in
     /// ±1/sqrt(fan-in), then identity on the first `ci` output channels), BatchNorm
@@ -622,7 +632,7 @@ impl Net {
         let shapes = self.arch.conv_shapes(n);
         for b in 0..nb {
             let (s1, s2) = (shapes[2 * b], shapes[2 * b + 1]);
-            resize(&mut tape.conv, n * s1.oh() * s1.ow() * s1.co);
+            let l1 = n * s1.oh() * s1.ow() * s1.co;
             {
                 let input = if b == 0 { &tape.a0 } else { &tape.a2[b - 1] };
                 let w = &self.params[1 + 2 * b];
@@ -630,7 +640,7 @@ impl Net {
                     input,
                     w,
                     &s1,
-                    &mut tape.conv,
+                    sized(&mut tape.conv, l1),
                     &mut tape.scratch,
                     Some(&mut tape.kept[2 * b]),
                 );
@@ -638,10 +648,9 @@ impl Net {
             let h2 = s1.oh() / 2;
             let len = n * h2 * h2 * s1.co;
             let mut pooled = std::mem::take(&mut tape.grad_a);
-            resize(&mut pooled, len);
             tape.arg[b].resize(len, 0);
             ops::maxpool_forward(
-                &tape.conv,
+                &tape.conv[..l1],
                 PoolShape {
                     n,
                     h: s1.oh(),
@@ -649,7 +658,7 @@ impl Net {
                     c: s1.co,
                     p: 2,
                 },
-                &mut pooled,
+                sized(&mut pooled, len),
                 &mut tape.arg[b],
             );
             resize(&mut tape.z1[b], len);
@@ -657,7 +666,7 @@ impl Net {
             let (i1, i2) = (2 * b, 2 * b + 1);
             let ni1 = self.norm_index(i1);
             tape.bn1[b] = ops::bn_gelu_forward(
-                &pooled,
+                &pooled[..len],
                 &self.params[ni1],
                 self.arch.bn_eps,
                 &mut self.running_mean[i1],
@@ -668,12 +677,11 @@ impl Net {
             );
             tape.grad_a = pooled;
             let len2 = n * s2.oh() * s2.ow() * s2.co;
-            resize(&mut tape.conv, len2);
             ops::conv_forward_kept(
                 &tape.a1[b],
                 &self.params[1 + i2],
                 &s2,
-                &mut tape.conv,
+                sized(&mut tape.conv, len2),
                 &mut tape.scratch,
                 Some(&mut tape.kept[i2]),
             );
@@ -681,7 +689,7 @@ impl Net {
             resize(&mut tape.a2[b], len2);
             let ni2 = self.norm_index(i2);
             tape.bn2[b] = ops::bn_gelu_forward(
-                &tape.conv,
+                &tape.conv[..len2],
                 &self.params[ni2],
                 self.arch.bn_eps,
                 &mut self.running_mean[i2],
@@ -739,7 +747,7 @@ impl Net {
         let fp = self.arch.final_pool();
         // `da` holds the gradient with respect to the current block's output.
         let mut da = std::mem::take(&mut tape.grad_a);
-        resize(&mut da, n * fp * fp * fw);
+        let mut da_len = n * fp * fp * fw;
         ops::maxpool_backward(
             &dfeat,
             &tape.final_arg,
@@ -750,7 +758,7 @@ impl Net {
                 c: fw,
                 p: fp,
             },
-            &mut da,
+            sized(&mut da, da_len),
         );
         let shapes = self.arch.conv_shapes(n);
         let mut dtmp = std::mem::take(&mut tape.grad_b);
@@ -765,19 +773,18 @@ impl Net {
                     &tape.z2[b],
                     &self.params[ni2],
                     &tape.bn2[b],
-                    &mut da,
+                    &mut da[..da_len],
                     &mut rest[0],
                 );
                 let turned = ops::turned_weights(&self.params[ci2], &s2);
-                resize(&mut dtmp, tape.a1[b].len());
                 ops::conv_backward_kept(
                     &tape.a1[b],
                     Some(&tape.kept[i2]),
-                    &da,
+                    &da[..da_len],
                     &turned,
                     &s2,
                     &mut before[ci2],
-                    Some(&mut dtmp),
+                    Some(sized(&mut dtmp, tape.a1[b].len())),
                     &mut tape.scratch,
                 );
             }
@@ -789,13 +796,13 @@ impl Net {
                     &tape.z1[b],
                     &self.params[ni1],
                     &tape.bn1[b],
-                    &mut dtmp,
+                    &mut dtmp[..tape.z1[b].len()],
                     &mut rest[0],
                 );
                 let h = sides[b];
-                resize(&mut tape.conv, n * h * h * s1.co);
+                let lc = n * h * h * s1.co;
                 ops::maxpool_backward(
-                    &dtmp,
+                    &dtmp[..tape.z1[b].len()],
                     &tape.arg[b],
                     PoolShape {
                         n,
@@ -804,27 +811,31 @@ impl Net {
                         c: s1.co,
                         p: 2,
                     },
-                    &mut tape.conv,
+                    sized(&mut tape.conv, lc),
                 );
                 let input = if b == 0 { &tape.a0 } else { &tape.a2[b - 1] };
                 let need_dx = b > 0 || whiten_bias;
-                resize(&mut da, input.len());
+                da_len = input.len();
                 let turned = ops::turned_weights(&self.params[ci1], &s1);
                 ops::conv_backward_kept(
                     input,
                     Some(&tape.kept[i1]),
-                    &tape.conv,
+                    &tape.conv[..lc],
                     &turned,
                     &s1,
                     &mut before[ci1],
-                    if need_dx { Some(&mut da) } else { None },
+                    if need_dx {
+                        Some(sized(&mut da, da_len))
+                    } else {
+                        None
+                    },
                     &mut tape.scratch,
                 );
             }
         }
         if whiten_bias {
-            ops::gelu_backward(&tape.z0, &mut da);
-            ops::bias_grad(&da, &mut grads[0]);
+            ops::gelu_backward(&tape.z0, &mut da[..da_len]);
+            ops::bias_grad(&da[..da_len], &mut grads[0]);
         } else {
             grads[0].fill(0.0);
         }

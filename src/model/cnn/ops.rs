@@ -389,6 +389,40 @@ fn bf16_band_rows(kdim: usize) -> usize {
     rows.clamp(bf16::MR, BAND_ROWS)
 }
 
+/// [`tap_pixels`]' mark of a tap that falls in the zero padding.
+const OUTSIDE: usize = usize::MAX;
+
+/// For each output pixel `first..first + count` (numbered over the batch) and each of
+/// the `k·k` taps in the patch matrix's order, the input pixel it reads (numbered over
+/// the batch), or [`OUTSIDE`]: `out[r·k·k + tap]`.
+fn tap_pixels(s: &ConvShape, first: usize, count: usize, out: &mut [usize]) {
+    let (oh, ow, k) = (s.oh(), s.ow(), s.k);
+    // The first pixel's place, then a step at a time.
+    let (mut img, rest) = (first / (oh * ow), first % (oh * ow));
+    let (mut oy, mut ox) = (rest / ow, rest % ow);
+    for o in out[..count * k * k].chunks_exact_mut(k * k) {
+        for (ky, row) in o.chunks_exact_mut(k).enumerate() {
+            let iy = (oy + ky).wrapping_sub(s.pad);
+            if iy >= s.h {
+                row.fill(OUTSIDE);
+                continue;
+            }
+            let base = (img * s.h + iy) * s.w;
+            for (kx, v) in row.iter_mut().enumerate() {
+                let ix = (ox + kx).wrapping_sub(s.pad);
+                *v = if ix < s.w { base + ix } else { OUTSIDE };
+            }
+        }
+        ox += 1;
+        if ox == ow {
+            (ox, oy) = (0, oy + 1);
+            if oy == oh {
+                (oy, img) = (0, img + 1);
+            }
+        }
+    }
+}
+
 /// Output pixels per band of the bf16 product without a patch matrix: 24 tiles of the
 /// kernel, whose pointers are built once and used for every block of output channels.
 const TAP_BAND: usize = 24 * bf16::MR;
@@ -410,34 +444,13 @@ fn forward_bands_bf16(
         // Pairs of channels: no patch matrix, the kernel reads the pixels in place.
         let (ci2, taps) = (s.ci / 2, s.k * s.k);
         let xp: &[u32] = bytemuck::cast_slice(x);
-        let (oh, ow) = (s.oh(), s.ow());
         let mut done = 0;
         while done < rows {
             let r = TAP_BAND.min(rows - done);
             let offs = grown(&mut scratch.offs, r * taps);
-            // The first pixel's place, then a step at a time.
-            let p = first + done;
-            let (mut img, rest) = (p / (oh * ow), p % (oh * ow));
-            let (mut oy, mut ox) = (rest / ow, rest % ow);
-            for o in offs.chunks_exact_mut(taps) {
-                for ky in 0..s.k {
-                    for kx in 0..s.k {
-                        let iy = (oy + ky).wrapping_sub(s.pad);
-                        let ix = (ox + kx).wrapping_sub(s.pad);
-                        o[ky * s.k + kx] = if iy < s.h && ix < s.w {
-                            ((img * s.h + iy) * s.w + ix) * ci2
-                        } else {
-                            xp.len()
-                        };
-                    }
-                }
-                ox += 1;
-                if ox == ow {
-                    (ox, oy) = (0, oy + 1);
-                    if oy == oh {
-                        (oy, img) = (0, img + 1);
-                    }
-                }
+            tap_pixels(s, first + done, r, offs);
+            for o in offs.iter_mut() {
+                *o = if *o == OUTSIDE { xp.len() } else { *o * ci2 };
             }
             bf16::gemm_taps(
                 r,
@@ -603,12 +616,6 @@ pub fn conv_backward_kept(
     }
 }
 
-/// Output pixels per band of the bf16 weight gradient: an even number (pairs of pixels
-/// do not straddle two bands), the f32 patches of a band about 1 MB.
-fn bf16_grad_rows(kdim: usize) -> usize {
-    ((1 << 20) / (4 * kdim.max(1)) / 2 * 2).clamp(2, BAND_ROWS)
-}
-
 /// [`conv_backward`]'s weight gradient with bf16 products: per group of bands (the
 /// ranges), `dwtᵀ (co × kdim) = Σ dyᵀ · patches(x)` (the sum over pixels is the
 /// product's `k`, in pairs), then the groups added in order and turned into `dwt`.
@@ -664,7 +671,10 @@ fn weight_grad_bf16(
     scratch.input = xb;
 }
 
-/// `dwtᵀ = Σ dyᵀ · patches(x)` over output pixels `range` (overwritten), `[co, kdim]`.
+/// `dwtᵀ = Σ dyᵀ · patches(x)` over output pixels `range` (overwritten), `[co, kdim]`:
+/// per band of pixels, `B` is the patches of each pair of pixels interleaved, written
+/// straight from the bf16 input (no patch matrix), and `A` the output gradient turned
+/// into pairs of pixels.
 fn weight_grad_bands_bf16(
     x: &[u16],
     dy: &[f32],
@@ -673,30 +683,50 @@ fn weight_grad_bands_bf16(
     dwt_t: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let (kdim, co) = (s.kdim(), s.co);
-    let band = bf16_grad_rows(kdim);
-    let ld = 2 * bf16::pairs(kdim);
+    let (kdim, co, ci, taps) = (s.kdim(), s.co, s.ci, s.k * s.k);
+    let ldb = kdim.div_ceil(bf16::NR) * bf16::NR;
     let mut first = start;
-    let mut patches = std::mem::take(&mut scratch.packed_a);
-    let mut packed_b = std::mem::take(&mut scratch.packed_b);
+    let mut rows_b = std::mem::take(&mut scratch.packed_b);
     let mut tmp = std::mem::take(&mut scratch.tmp);
     let mut dyt = std::mem::take(&mut scratch.dyt);
+    let mut pix = std::mem::take(&mut scratch.offs);
     while first < end {
-        let rows = band.min(end - first);
-        let col: &mut [u16] = bytemuck::cast_slice_mut(grown(&mut patches, rows * ld / 2));
-        im2col_any(x, s, first, rows, col, ld);
-        let bl = bf16::b_len(rows, kdim);
-        bf16::pack_b_bf16(col, rows, kdim, ld, grown(&mut packed_b, bl));
-        let lda = bf16::pairs(rows);
+        let rows = GRAD_BAND.min(end - first);
+        let k2 = bf16::pairs(rows);
+        let b = grown(&mut rows_b, k2 * ldb);
+        let px = grown(&mut pix, rows * taps);
+        tap_pixels(s, first, rows, px);
+        for (q, brow) in b.chunks_exact_mut(ldb).enumerate() {
+            let (p0, p1) = (2 * q, 2 * q + 1);
+            for t in 0..taps {
+                let at = |p: usize| {
+                    let i = px[p * taps + t];
+                    (i != OUTSIDE).then(|| &x[i * ci..(i + 1) * ci])
+                };
+                let hi = if p1 < rows { at(p1) } else { None };
+                let d = &mut brow[t * ci..(t + 1) * ci];
+                match (at(p0), hi) {
+                    (Some(lo), hi) => bf16::interleave(lo, hi, d),
+                    (None, Some(hi)) => {
+                        bf16::interleave(hi, None, d);
+                        for v in d.iter_mut() {
+                            *v <<= 16;
+                        }
+                    }
+                    (None, None) => d.fill(0),
+                }
+            }
+        }
         let g = &dy[first * co..(first + rows) * co];
-        bf16::transpose_pairs(g, rows, co, grown(&mut dyt, co * lda), lda, &mut tmp);
-        bf16::gemm(
+        bf16::transpose_pairs(g, rows, co, grown(&mut dyt, co * k2), k2, &mut tmp);
+        bf16::gemm_pair_rows(
             co,
             kdim,
             rows,
-            &dyt[..co * lda],
-            lda,
-            &packed_b[..bl],
+            &dyt[..co * k2],
+            k2,
+            &rows_b[..k2 * ldb],
+            ldb,
             dwt_t,
             kdim,
             first != start,
@@ -706,11 +736,16 @@ fn weight_grad_bands_bf16(
     if start >= end {
         dwt_t.fill(0.0);
     }
-    scratch.packed_a = patches;
-    scratch.packed_b = packed_b;
+    scratch.packed_b = rows_b;
     scratch.tmp = tmp;
     scratch.dyt = dyt;
+    scratch.offs = pix;
 }
+
+/// Output pixels per band of the bf16 weight gradient: one block of the product's `k`
+/// (its sums go through memory once per band), an even number (pairs of pixels do not
+/// straddle two bands).
+const GRAD_BAND: usize = 384;
 
 /// `dwt = Σ patches(x)ᵀ · dy` over output pixels `range` (overwritten).
 fn weight_grad_bands(
