@@ -142,15 +142,8 @@ pub fn transpose_pairs(
     lda: usize,
     tmp: &mut Vec<u32>,
 ) {
-    let k2 = pairs(rows);
-    assert!(lda >= k2 && out.len() >= n * lda && g.len() >= rows * n);
-    // The pairs row by row first (vectorised, as `B`), then turned in 8 × 8 tiles.
-    let w = n.div_ceil(NR) * NR;
-    if tmp.len() < k2 * w {
-        tmp.resize(k2 * w, 0);
-    }
-    for p in 0..k2 {
-        let row = &mut tmp[p * w..(p + 1) * w];
+    assert!(g.len() >= rows * n);
+    turn_pairs(rows, n, out, lda, tmp, |p, row| {
         for (blk, d) in row.chunks_exact_mut(NR).enumerate() {
             let j0 = blk * NR;
             let cols = NR.min(n - j0);
@@ -162,6 +155,46 @@ pub fn transpose_pairs(
                 avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
             };
         }
+    })
+}
+
+/// [`transpose_pairs`] of a `g` already in bf16.
+pub fn transpose_pairs_bf16(
+    g: &[u16],
+    rows: usize,
+    n: usize,
+    out: &mut [u32],
+    lda: usize,
+    tmp: &mut Vec<u32>,
+) {
+    assert!(g.len() >= rows * n);
+    turn_pairs(rows, n, out, lda, tmp, |p, row| {
+        let lo = &g[2 * p * n..(2 * p + 1) * n];
+        let hi = (2 * p + 1 < rows).then(|| &g[(2 * p + 1) * n..(2 * p + 2) * n]);
+        interleave(lo, hi, &mut row[..n]);
+    })
+}
+
+/// The pairs row by row (`pair(p, row)` writes pair row `p`, `n` values and more), then
+/// turned in 8 × 8 tiles into `out`.
+fn turn_pairs(
+    rows: usize,
+    n: usize,
+    out: &mut [u32],
+    lda: usize,
+    tmp: &mut Vec<u32>,
+    pair: impl Fn(usize, &mut [u32]),
+) {
+    check();
+    let k2 = pairs(rows);
+    assert!(lda >= k2 && out.len() >= n * lda);
+    // The pairs row by row first (vectorised, as `B`), then turned in 8 × 8 tiles.
+    let w = n.div_ceil(NR) * NR;
+    if tmp.len() < k2 * w {
+        tmp.resize(k2 * w, 0);
+    }
+    for p in 0..k2 {
+        pair(p, &mut tmp[p * w..(p + 1) * w]);
     }
     const T: usize = 8;
     for p0 in (0..k2).step_by(T) {
@@ -306,6 +339,40 @@ pub fn interleave(lo: &[u16], hi: Option<&[u16]>, out: &mut [u32]) {
     // SAFETY: AVX512-BF16 (checked); `lo`, `hi` hold `len` values, `out` `len` pairs.
     unsafe {
         avx512::interleave(lo.as_ptr(), hi.map(<[u16]>::as_ptr), len, out.as_mut_ptr())
+    }
+}
+
+/// The mark of a tap in the zero padding, for [`interleave_taps`].
+pub const OUTSIDE: usize = usize::MAX;
+
+/// For each of the taps `t`, `out[t·ci..(t + 1)·ci]` = the channels of input pixel
+/// `lo[t]` interleaved with those of `hi[t]` (pairs as [`interleave`]): `x` holds pixels
+/// of `ci` bf16 values; a pixel [`OUTSIDE`] (or `hi` `None`) gives zeros.
+///
+/// # Panics
+/// If a pixel is past `x` or `out` is short: callers build the pixels from the shapes.
+pub fn interleave_taps(x: &[u16], ci: usize, lo: &[usize], hi: Option<&[usize]>, out: &mut [u32]) {
+    check();
+    let taps = lo.len();
+    let pixels = x.len() / ci.max(1);
+    assert!(out.len() >= taps * ci && hi.is_none_or(|h| h.len() >= taps));
+    let ok = |p: usize| p == OUTSIDE || p < pixels;
+    assert!(
+        lo.iter().all(|&p| ok(p)) && hi.is_none_or(|h| h[..taps].iter().all(|&p| ok(p))),
+        "bf16 interleave_taps: a pixel past the input"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16 (checked); every pixel read is inside `x` (checked) or not read
+    // (a zero mask), `out` holds `taps·ci` pairs.
+    unsafe {
+        avx512::interleave_taps(
+            x.as_ptr(),
+            ci,
+            lo.as_ptr(),
+            hi.map(<[usize]>::as_ptr),
+            taps,
+            out.as_mut_ptr(),
+        )
     }
 }
 
@@ -466,6 +533,46 @@ mod avx512 {
             }
             _mm512_mask_storeu_epi32(d.add(i) as *mut i32, m, v);
             i += 16;
+        }
+    }
+
+    /// [`super::interleave_taps`].
+    ///
+    /// # Safety
+    /// AVX-512 BW present; `lo` (and `hi`) hold `taps` pixels, each [`super::OUTSIDE`] or
+    /// valid for `ci` reads at `x + pixel·ci`; `d` valid for `taps·ci` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn interleave_taps(
+        x: *const u16,
+        ci: usize,
+        lo: *const usize,
+        hi: Option<*const usize>,
+        taps: usize,
+        d: *mut u32,
+    ) {
+        for t in 0..taps {
+            let (l, h) = (*lo.add(t), hi.map_or(super::OUTSIDE, |h| *h.add(t)));
+            // A pixel outside reads nothing (a zero mask) from a pointer never used.
+            let pl = x.wrapping_add(l.wrapping_mul(ci));
+            let ph = x.wrapping_add(h.wrapping_mul(ci));
+            let dt = d.add(t * ci);
+            let mut i = 0;
+            while i < ci {
+                let m = mask(ci - i);
+                let ml = if l == super::OUTSIDE { 0 } else { m };
+                let mh = if h == super::OUTSIDE { 0 } else { m };
+                let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                    ml,
+                    pl.wrapping_add(i) as *const i16,
+                ));
+                let b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                    mh,
+                    ph.wrapping_add(i) as *const i16,
+                ));
+                let v = _mm512_or_si512(a, _mm512_slli_epi32::<16>(b));
+                _mm512_mask_storeu_epi32(dt.add(i) as *mut i32, m, v);
+                i += 16;
+            }
         }
     }
 
@@ -641,6 +748,9 @@ pub(crate) mod tests {
             // Bᵀ turned back into rows of pairs gives B's blocks' values.
             let mut bt = vec![0u32; n * pairs(k)];
             transpose_pairs(&b, k, n, &mut bt, pairs(k), &mut Vec::new());
+            let mut bt16 = vec![1u32; n * pairs(k)];
+            transpose_pairs_bf16(&b16, k, n, &mut bt16, pairs(k), &mut Vec::new());
+            assert_eq!(bt, bt16, "Bᵀ's pairs from f32 and from bf16");
             for j in 0..n {
                 for p in 0..pairs(k) {
                     assert_eq!(

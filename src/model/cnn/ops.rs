@@ -225,6 +225,7 @@ pub struct Scratch {
     tmp: Vec<u32>,
     dyt: Vec<u32>,
     input: Vec<u32>,
+    grad_in: Vec<u32>,
     offs: Vec<usize>,
 }
 
@@ -309,18 +310,9 @@ pub fn conv_forward_kept(
     debug_assert_eq!(wt.len(), s.kdim() * s.co);
     debug_assert_eq!(y.len(), total * s.co);
     if scratch.kernel.is_bf16() {
-        // The weights packed once, shared by the threads.
-        let mut wb = std::mem::take(&mut scratch.packed_b);
-        let len = bf16::b_len(s.kdim(), s.co);
-        bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
         let mut own = std::mem::take(&mut scratch.input);
         let xb = keep.unwrap_or(&mut own);
-        let xh = to_bf16_buf(x, xb);
-        let band = bf16_band_rows(s.kdim());
-        over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
-            forward_bands_bf16(xh, &wb[..len], s, first, rows, band, out, sc)
-        });
-        scratch.packed_b = wb;
+        forward_bf16(to_bf16_buf(x, xb), wt, s, y, scratch);
         scratch.input = own;
         return;
     }
@@ -332,6 +324,20 @@ pub fn conv_forward_kept(
         scratch,
         |first, rows, out, sc| forward_bands(x, wt, s, first, rows, out, sc),
     );
+}
+
+/// [`conv_forward`] in bf16 of an input already in bf16 (`xh`).
+fn forward_bf16(xh: &[u16], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch: &mut Scratch) {
+    let total = s.n * s.oh() * s.ow();
+    // The weights packed once, shared by the threads.
+    let mut wb = std::mem::take(&mut scratch.packed_b);
+    let len = bf16::b_len(s.kdim(), s.co);
+    bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
+    let band = bf16_band_rows(s.kdim());
+    over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
+        forward_bands_bf16(xh, &wb[..len], s, first, rows, band, out, sc)
+    });
+    scratch.packed_b = wb;
 }
 
 /// Output rows `0..total` (of `width` values each) in bands of `band` rows, shared out
@@ -390,7 +396,7 @@ fn bf16_band_rows(kdim: usize) -> usize {
 }
 
 /// [`tap_pixels`]' mark of a tap that falls in the zero padding.
-const OUTSIDE: usize = usize::MAX;
+const OUTSIDE: usize = bf16::OUTSIDE;
 
 /// For each output pixel `first..first + count` (numbered over the batch) and each of
 /// the `k·k` taps in the patch matrix's order, the input pixel it reads (numbered over
@@ -579,12 +585,19 @@ pub fn conv_backward_kept(
         .filter(|(a, b)| a < b)
         .collect();
     if scratch.kernel.is_bf16() {
-        weight_grad_bf16(x, kept, dy, s, &ranges, dwt, scratch);
-        if let Some(dx) = dx {
-            let t = s.transposed();
-            debug_assert_eq!(t.oh(), s.h);
-            conv_forward(dy, turned, &t, dx, scratch);
-        }
+        let Some(dx) = dx else {
+            // Only the weight gradient: its pairs straight from the f32 gradient.
+            weight_grad_bf16(x, kept, Grad::F32(dy), s, &ranges, dwt, scratch);
+            return;
+        };
+        // The output gradient in bf16 once, for both products.
+        let mut dyb = std::mem::take(&mut scratch.grad_in);
+        let dyh = to_bf16_buf(dy, &mut dyb);
+        weight_grad_bf16(x, kept, Grad::Bf16(dyh), s, &ranges, dwt, scratch);
+        let t = s.transposed();
+        debug_assert_eq!(t.oh(), s.h);
+        forward_bf16(dyh, turned, &t, dx, scratch);
+        scratch.grad_in = dyb;
         return;
     }
     let mut partial = vec![0.0f32; if ranges.len() > 1 { dwt.len() } else { 0 }];
@@ -622,7 +635,7 @@ pub fn conv_backward_kept(
 fn weight_grad_bf16(
     x: &[f32],
     kept: Option<&[u32]>,
-    dy: &[f32],
+    dy: Grad,
     s: &ConvShape,
     ranges: &[(usize, usize)],
     dwt: &mut [f32],
@@ -677,7 +690,7 @@ fn weight_grad_bf16(
 /// into pairs of pixels.
 fn weight_grad_bands_bf16(
     x: &[u16],
-    dy: &[f32],
+    dy: Grad,
     s: &ConvShape,
     (start, end): (usize, usize),
     dwt_t: &mut [f32],
@@ -698,27 +711,14 @@ fn weight_grad_bands_bf16(
         tap_pixels(s, first, rows, px);
         for (q, brow) in b.chunks_exact_mut(ldb).enumerate() {
             let (p0, p1) = (2 * q, 2 * q + 1);
-            for t in 0..taps {
-                let at = |p: usize| {
-                    let i = px[p * taps + t];
-                    (i != OUTSIDE).then(|| &x[i * ci..(i + 1) * ci])
-                };
-                let hi = if p1 < rows { at(p1) } else { None };
-                let d = &mut brow[t * ci..(t + 1) * ci];
-                match (at(p0), hi) {
-                    (Some(lo), hi) => bf16::interleave(lo, hi, d),
-                    (None, Some(hi)) => {
-                        bf16::interleave(hi, None, d);
-                        for v in d.iter_mut() {
-                            *v <<= 16;
-                        }
-                    }
-                    (None, None) => d.fill(0),
-                }
-            }
+            let hi = (p1 < rows).then(|| &px[p1 * taps..(p1 + 1) * taps]);
+            bf16::interleave_taps(x, ci, &px[p0 * taps..(p0 + 1) * taps], hi, brow);
         }
-        let g = &dy[first * co..(first + rows) * co];
-        bf16::transpose_pairs(g, rows, co, grown(&mut dyt, co * k2), k2, &mut tmp);
+        let (a, r) = (grown(&mut dyt, co * k2), first * co..(first + rows) * co);
+        match dy {
+            Grad::F32(g) => bf16::transpose_pairs(&g[r], rows, co, a, k2, &mut tmp),
+            Grad::Bf16(g) => bf16::transpose_pairs_bf16(&g[r], rows, co, a, k2, &mut tmp),
+        }
         bf16::gemm_pair_rows(
             co,
             kdim,
@@ -740,6 +740,13 @@ fn weight_grad_bands_bf16(
     scratch.tmp = tmp;
     scratch.dyt = dyt;
     scratch.offs = pix;
+}
+
+/// An output gradient, in f32 or already in bf16.
+#[derive(Clone, Copy)]
+enum Grad<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
 }
 
 /// Output pixels per band of the bf16 weight gradient: one block of the product's `k`
@@ -1794,7 +1801,20 @@ mod tests {
                 Some(&mut dx2),
                 &mut scratch,
             );
-            for (a, b) in [(&y, &y2), (&dwt, &dwt2), (&dx, &dx2)] {
+            // Without the input gradient (the output gradient paired from f32, not
+            // converted first): the same weight gradient.
+            let mut dwt3 = vec![0.0; dwt.len()];
+            conv_backward_kept(
+                &x,
+                Some(&keep),
+                g2,
+                &turned,
+                &s,
+                &mut dwt3,
+                None,
+                &mut scratch,
+            );
+            for (a, b) in [(&y, &y2), (&dwt, &dwt2), (&dx, &dx2), (&dwt, &dwt3)] {
                 assert!(a
                     .iter()
                     .zip(b.iter())
