@@ -120,15 +120,24 @@ pub fn pack_b(b: &[f32], k: usize, n: usize, ld: usize, out: &mut [u32]) {
         let j0 = blk * NR;
         let cols = NR.min(n - j0);
         for (kp, d) in dst.chunks_exact_mut(NR).enumerate() {
-            let lo = &b[2 * kp * ld + j0..][..cols];
-            let hi = (2 * kp + 1 < k).then(|| &b[(2 * kp + 1) * ld + j0..][..cols]);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX512-BF16 (checked); `lo`, `hi` hold `cols` ≤ NR values, `d` NR.
-            unsafe {
-                avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
-            };
+            pair_block(b, ld, k, kp, j0, cols, d);
         }
     }
+}
+
+/// `d` (`NR` pairs) = rows `2p` and `2p + 1` of the f32 matrix `b` (`k` rows of stride
+/// `ld`), columns `j0..j0 + cols`, in bf16 and interleaved (the odd `k`'s partner and
+/// the columns past `cols` zero). Callers have called [`check`].
+fn pair_block(b: &[f32], ld: usize, k: usize, p: usize, j0: usize, cols: usize, d: &mut [u32]) {
+    assert!(cols <= NR && d.len() >= NR);
+    let lo = &b[2 * p * ld + j0..][..cols];
+    let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * ld + j0..][..cols]);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16 (checked by the callers); `lo`, `hi` hold `cols` ≤ NR values,
+    // `d` NR.
+    unsafe {
+        avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
+    };
 }
 
 /// `A = gᵀ` in the row layout: `g` is `rows × n` f32 (row stride `n`); row `j` of `out`
@@ -146,14 +155,7 @@ pub fn transpose_pairs(
     turn_pairs(rows, n, out, lda, tmp, |p, row| {
         for (blk, d) in row.chunks_exact_mut(NR).enumerate() {
             let j0 = blk * NR;
-            let cols = NR.min(n - j0);
-            let lo = &g[2 * p * n + j0..][..cols];
-            let hi = (2 * p + 1 < rows).then(|| &g[(2 * p + 1) * n + j0..][..cols]);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `pack_b`.
-            unsafe {
-                avx512::pair_rows(lo.as_ptr(), hi.map(<[f32]>::as_ptr), cols, d.as_mut_ptr())
-            };
+            pair_block(g, n, rows, p, j0, NR.min(n - j0), d);
         }
     })
 }

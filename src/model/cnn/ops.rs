@@ -1430,6 +1430,27 @@ pub fn bias_grad(d: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// `n` images of `h`×`w`×`ci`, `co` outputs, a `k`×`k` kernel, `pad` zeros.
+    fn shape(
+        n: usize,
+        h: usize,
+        w: usize,
+        ci: usize,
+        co: usize,
+        k: usize,
+        pad: usize,
+    ) -> ConvShape {
+        ConvShape {
+            n,
+            h,
+            w,
+            ci,
+            co,
+            k,
+            pad,
+        }
+    }
+
     #[test]
     fn the_two_by_two_pool_matches_the_general_one_with_ties_nans_and_odd_sides() {
         let mut rng = crate::rng::SplitMix(5);
@@ -1588,34 +1609,10 @@ mod tests {
     #[test]
     fn convolutions_forward_and_backward_match_a_direct_sum() {
         for s in [
-            ConvShape {
-                n: 2,
-                h: 7,
-                w: 5,
-                ci: 3,
-                co: 4,
-                k: 3,
-                pad: 1,
-            },
-            ConvShape {
-                n: 3,
-                h: 6,
-                w: 6,
-                ci: 3,
-                co: 5,
-                k: 2,
-                pad: 0,
-            },
+            shape(2, 7, 5, 3, 4, 3, 1),
+            shape(3, 6, 6, 3, 5, 2, 0),
             // More output pixels than a band.
-            ConvShape {
-                n: 3,
-                h: 19,
-                w: 21,
-                ci: 2,
-                co: 3,
-                k: 3,
-                pad: 1,
-            },
+            shape(3, 19, 21, 2, 3, 3, 1),
         ] {
             let x = values(s.n * s.h * s.w * s.ci, 1);
             let wt = values(s.kdim() * s.co, 2);
@@ -1707,68 +1704,13 @@ mod tests {
         }
         let round = |v: &[f32]| v.iter().map(|&x| bf16::round_bf16(x)).collect::<Vec<_>>();
         for (s, threads) in [
-            (
-                ConvShape {
-                    n: 2,
-                    h: 7,
-                    w: 5,
-                    ci: 3,
-                    co: 4,
-                    k: 3,
-                    pad: 1,
-                },
-                1,
-            ),
-            (
-                ConvShape {
-                    n: 3,
-                    h: 31,
-                    w: 31,
-                    ci: 3,
-                    co: 24,
-                    k: 2,
-                    pad: 0,
-                },
-                2,
-            ),
-            (
-                ConvShape {
-                    n: 3,
-                    h: 16,
-                    w: 16,
-                    ci: 97,
-                    co: 40,
-                    k: 3,
-                    pad: 1,
-                },
-                2,
-            ),
+            (shape(2, 7, 5, 3, 4, 3, 1), 1),
+            (shape(3, 31, 31, 3, 24, 2, 0), 2),
+            (shape(3, 16, 16, 97, 40, 3, 1), 2),
             // Even channel counts: the products read the pixels in place (no patches),
             // a block of columns cut short (70), tiles straddling rows and images.
-            (
-                ConvShape {
-                    n: 3,
-                    h: 9,
-                    w: 11,
-                    ci: 24,
-                    co: 40,
-                    k: 3,
-                    pad: 1,
-                },
-                2,
-            ),
-            (
-                ConvShape {
-                    n: 2,
-                    h: 6,
-                    w: 5,
-                    ci: 32,
-                    co: 70,
-                    k: 3,
-                    pad: 1,
-                },
-                1,
-            ),
+            (shape(3, 9, 11, 24, 40, 3, 1), 2),
+            (shape(2, 6, 5, 32, 70, 3, 1), 1),
         ] {
             linalg::set_threads(threads);
             let x = values(s.n * s.h * s.w * s.ci, 11);
