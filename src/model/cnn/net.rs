@@ -14,7 +14,9 @@
 //! keeps what the backward pass needs in a [`Tape`], [`Net::backward`] fills a
 //! [`Grads`] of the same layout as [`Net::params`].
 
-use super::ops::{self, BnCache, ConvShape, Kernel, PoolShape, Scratch};
+// The buffers that layers of different sizes share are `sized`: grown, never shrunk, so
+// that a step neither frees nor zeroes them anew (every user overwrites its part).
+use super::ops::{self, grown as sized, BnCache, ConvShape, Kernel, PoolShape, Scratch};
 use crate::rng::SplitMix;
 
 /// Side of the input images unless the run's image size says otherwise (CIFAR's 32).
@@ -340,16 +342,6 @@ impl Tape {
 
 fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
-}
-
-/// `v[..len]`, `v` grown (never shrunk) to hold it: for the buffers that layers of
-/// different sizes share, so that a step neither frees nor zeroes them anew (every
-/// user overwrites its part).
-fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    &mut v[..len]
 }
 
 impl Net {

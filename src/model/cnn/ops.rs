@@ -281,7 +281,7 @@ static SPARE: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new())
 const SPARES: usize = 4;
 
 /// `v[..len]`, grown (never shrunk) to hold it.
-fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+pub(super) fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
         v.resize(len, T::default());
     }
