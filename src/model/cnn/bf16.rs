@@ -198,14 +198,26 @@ fn turn_pairs(
     for p in 0..k2 {
         pair(p, &mut tmp[p * w..(p + 1) * w]);
     }
-    const T: usize = 8;
-    for p0 in (0..k2).step_by(T) {
-        for j0 in (0..n).step_by(T) {
-            for p in p0..(p0 + T).min(k2) {
-                for j in j0..(j0 + T).min(n) {
-                    out[j * lda + p] = tmp[p * w + j];
-                }
-            }
+    // Whole 16 × 16 tiles in registers, the edges one by one.
+    const T: usize = 16;
+    let (whole_p, whole_j) = (k2 / T * T, n / T * T);
+    for p0 in (0..whole_p).step_by(T) {
+        for j0 in (0..whole_j).step_by(T) {
+            let src = &tmp[p0 * w + j0..(p0 + T - 1) * w + j0 + T];
+            let dst = &mut out[j0 * lda + p0..(j0 + T - 1) * lda + p0 + T];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 (checked); `src` holds 16 rows of 16 at stride `w`, `dst` 16
+            // rows of 16 at stride `lda` (the slices above).
+            unsafe {
+                avx512::transpose16(src.as_ptr(), w, dst.as_mut_ptr(), lda)
+            };
+        }
+    }
+    let one = |p: usize, j: usize, out: &mut [u32]| out[j * lda + p] = tmp[p * w + j];
+    for p in 0..k2 {
+        let js = if p < whole_p { whole_j } else { 0 };
+        for j in js..n {
+            one(p, j, out);
         }
     }
 }
@@ -513,6 +525,58 @@ mod avx512 {
         }
     }
 
+    /// Mask of the first `n` (up to 32) of 32 lanes.
+    fn mask32(n: usize) -> __mmask32 {
+        if n >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << n) - 1
+        }
+    }
+
+    /// `(lo[j], hi[j])` pairs for `j < n` (at most 32) into `d`: two 512-bit loads (a
+    /// zero mask where `lo_on` / `hi_on` is false: nothing read) and two permutes.
+    ///
+    /// # Safety
+    /// AVX-512 BW present; `lo` (when `lo_on`) and `hi` (when `hi_on`) valid for `n`
+    /// reads, `d` for `n` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn pairs32(
+        lo: *const u16,
+        hi: *const u16,
+        lo_on: bool,
+        hi_on: bool,
+        n: usize,
+        d: *mut u32,
+    ) {
+        // Word indices into (a, b): a's j-th word, then b's (b's words are 32 + j).
+        const IDX: [[u16; 32]; 2] = {
+            let mut idx = [[0u16; 32]; 2];
+            let mut h = 0;
+            while h < 2 {
+                let mut j = 0;
+                while j < 16 {
+                    idx[h][2 * j] = (16 * h + j) as u16;
+                    idx[h][2 * j + 1] = (32 + 16 * h + j) as u16;
+                    j += 1;
+                }
+                h += 1;
+            }
+            idx
+        };
+        let m = mask32(n);
+        let a = _mm512_maskz_loadu_epi16(if lo_on { m } else { 0 }, lo as *const i16);
+        let b = _mm512_maskz_loadu_epi16(if hi_on { m } else { 0 }, hi as *const i16);
+        for (h, idx) in IDX.iter().enumerate() {
+            if n > 16 * h {
+                let i = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+                let v = _mm512_permutex2var_epi16(a, i, b);
+                _mm512_mask_storeu_epi32(d.add(16 * h) as *mut i32, mask(n - 16 * h), v);
+            }
+        }
+    }
+
     /// `d[j] = lo[j] | hi[j] << 16` for `j < len` (`hi` zero when `None`).
     ///
     /// # Safety
@@ -524,17 +588,18 @@ mod avx512 {
         len: usize,
         d: *mut u32,
     ) {
+        let h = hi.unwrap_or(lo);
         let mut i = 0;
         while i < len {
-            let m = mask(len - i);
-            let l = _mm256_maskz_loadu_epi16(m, lo.add(i) as *const i16);
-            let mut v = _mm512_cvtepu16_epi32(l);
-            if let Some(hi) = hi {
-                let h = _mm256_maskz_loadu_epi16(m, hi.add(i) as *const i16);
-                v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-            }
-            _mm512_mask_storeu_epi32(d.add(i) as *mut i32, m, v);
-            i += 16;
+            pairs32(
+                lo.add(i),
+                h.wrapping_add(i),
+                true,
+                hi.is_some(),
+                len - i,
+                d.add(i),
+            );
+            i += 32;
         }
     }
 
@@ -557,23 +622,62 @@ mod avx512 {
             // A pixel outside reads nothing (a zero mask) from a pointer never used.
             let pl = x.wrapping_add(l.wrapping_mul(ci));
             let ph = x.wrapping_add(h.wrapping_mul(ci));
+            let (lo_on, hi_on) = (l != super::OUTSIDE, h != super::OUTSIDE);
             let dt = d.add(t * ci);
             let mut i = 0;
             while i < ci {
-                let m = mask(ci - i);
-                let ml = if l == super::OUTSIDE { 0 } else { m };
-                let mh = if h == super::OUTSIDE { 0 } else { m };
-                let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                    ml,
-                    pl.wrapping_add(i) as *const i16,
-                ));
-                let b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                    mh,
-                    ph.wrapping_add(i) as *const i16,
-                ));
-                let v = _mm512_or_si512(a, _mm512_slli_epi32::<16>(b));
-                _mm512_mask_storeu_epi32(dt.add(i) as *mut i32, m, v);
-                i += 16;
+                pairs32(
+                    pl.wrapping_add(i),
+                    ph.wrapping_add(i),
+                    lo_on,
+                    hi_on,
+                    ci - i,
+                    dt.add(i),
+                );
+                i += 32;
+            }
+        }
+    }
+
+    /// `dst[j·ldd + i] = src[i·lds + j]` for `i, j < 16`: a 16 × 16 tile of `u32`s
+    /// transposed in registers.
+    ///
+    /// # Safety
+    /// AVX-512F present; `src` valid for 16 rows of 16 reads at stride `lds`, `dst` for 16
+    /// rows of 16 writes at stride `ldd`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: *const u32, lds: usize, dst: *mut u32, ldd: usize) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(src.add(i * lds) as *const __m512i);
+        }
+        // Rows 2i and 2i + 1 interleaved by 32 bits, then by 64: `r[4i + m]` holds, in
+        // its 128-bit lane `l`, column `4l + m` of rows `4i..4i + 4`.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Then the lanes: column `4l + m` gathers lane `l` of `r[m]`, `r[4 + m]`,
+        // `r[8 + m]`, `r[12 + m]`.
+        for m in 0..4 {
+            let t1 = _mm512_shuffle_i32x4::<0x88>(r[m], r[4 + m]);
+            let t2 = _mm512_shuffle_i32x4::<0xdd>(r[m], r[4 + m]);
+            let t3 = _mm512_shuffle_i32x4::<0x88>(r[8 + m], r[12 + m]);
+            let t4 = _mm512_shuffle_i32x4::<0xdd>(r[8 + m], r[12 + m]);
+            for (col, v) in [
+                (m, _mm512_shuffle_i32x4::<0x88>(t1, t3)),
+                (4 + m, _mm512_shuffle_i32x4::<0x88>(t2, t4)),
+                (8 + m, _mm512_shuffle_i32x4::<0xdd>(t1, t3)),
+                (12 + m, _mm512_shuffle_i32x4::<0xdd>(t2, t4)),
+            ] {
+                _mm512_storeu_si512(dst.add(col * ldd) as *mut __m512i, v);
             }
         }
     }
@@ -753,6 +857,19 @@ pub(crate) mod tests {
             let mut bt16 = vec![1u32; n * pairs(k)];
             transpose_pairs_bf16(&b16, k, n, &mut bt16, pairs(k), &mut Vec::new());
             assert_eq!(bt, bt16, "Bᵀ's pairs from f32 and from bf16");
+            // At a wider stride (the 16 × 16 tiles and the edges), the padding untouched.
+            let wide = pairs(k) + 3;
+            let mut btw = vec![9u32; n * wide];
+            transpose_pairs(&b, k, n, &mut btw, wide, &mut Vec::new());
+            for j in 0..n {
+                assert_eq!(
+                    btw[j * wide..j * wide + pairs(k)],
+                    bt[j * pairs(k)..(j + 1) * pairs(k)]
+                );
+                assert!(btw[j * wide + pairs(k)..(j + 1) * wide]
+                    .iter()
+                    .all(|&v| v == 9));
+            }
             for j in 0..n {
                 for p in 0..pairs(k) {
                     assert_eq!(

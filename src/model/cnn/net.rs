@@ -16,7 +16,7 @@
 
 // The buffers that layers of different sizes share are `sized`: grown, never shrunk, so
 // that a step neither frees nor zeroes them anew (every user overwrites its part).
-use super::ops::{self, grown as sized, BnCache, ConvShape, Kernel, PoolShape, Scratch};
+use super::ops::{self, grown as sized, BnCache, ConvShape, Grad, Kernel, Out, PoolShape, Scratch};
 use crate::rng::SplitMix;
 
 /// Side of the input images unless the run's image size says otherwise (CIFAR's 32).
@@ -316,8 +316,9 @@ pub struct Tape {
     a2: Vec<Vec<f32>>,
     bn1: Vec<BnCache>,
     bn2: Vec<BnCache>,
-    /// Per convolution: the bf16 copy of its input a bf16 product made, for its weight
-    /// gradient.
+    /// Per convolution, on a bf16 kernel: its input in bf16, written so by the layer
+    /// before (the f32 activations `a0`, `a1` and all but the last `a2` are then not
+    /// kept), for its product and its weight gradient.
     kept: Vec<Vec<u32>>,
     /// The final pool's index (a window as wide as the last block's output: any number of
     /// positions) and the pooled features.
@@ -327,6 +328,9 @@ pub struct Tape {
     conv: Vec<f32>,
     grad_a: Vec<f32>,
     grad_b: Vec<f32>,
+    /// On a bf16 kernel: a convolution's output gradient in bf16, and scratch for it.
+    grad_h: Vec<u32>,
+    grad_tmp: Vec<u32>,
     scratch: Scratch,
 }
 
@@ -342,6 +346,16 @@ impl Tape {
 
 fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
+}
+
+/// `len` bf16 values in `v` (grown to fit, never shrunk).
+fn halves(v: &mut Vec<u32>, len: usize) -> &mut [u16] {
+    &mut bytemuck::cast_slice_mut(sized(v, len.div_ceil(2)))[..len]
+}
+
+/// The first `len` bf16 values of `v`.
+fn halves_of(v: &[u32], len: usize) -> &[u16] {
+    &bytemuck::cast_slice(v)[..len]
 }
 
 impl Net {
@@ -616,26 +630,33 @@ impl Net {
         tape.bn1.resize_with(nb, BnCache::default);
         tape.bn2.resize_with(nb, BnCache::default);
         tape.kept.resize_with(2 * nb, Vec::new);
+        // On a bf16 kernel each layer before a convolution writes its output in bf16,
+        // where the convolution reads it (`kept`).
+        let bf = tape.scratch.kernel().is_bf16();
         let ws = self.arch.whiten_shape(n);
         resize(&mut tape.z0, n * sides[0] * sides[0] * WHITEN_WIDTH);
-        resize(&mut tape.a0, tape.z0.len());
         ops::conv_forward(x, &self.whiten, &ws, &mut tape.z0, &mut tape.scratch);
-        ops::bias_gelu(&mut tape.z0, &mut tape.a0, &self.params[0]);
+        if bf {
+            let a0 = halves(&mut tape.kept[0], tape.z0.len());
+            ops::bias_gelu_out(&mut tape.z0, Out::Bf16(a0), &self.params[0]);
+        } else {
+            resize(&mut tape.a0, tape.z0.len());
+            ops::bias_gelu(&mut tape.z0, &mut tape.a0, &self.params[0]);
+        }
         let shapes = self.arch.conv_shapes(n);
         for b in 0..nb {
             let (s1, s2) = (shapes[2 * b], shapes[2 * b + 1]);
+            let (i1, i2) = (2 * b, 2 * b + 1);
             let l1 = n * s1.oh() * s1.ow() * s1.co;
-            {
+            let w = &self.params[1 + i1];
+            if bf {
+                let input = halves_of(&tape.kept[i1], n * s1.h * s1.w * s1.ci);
+                let out = sized(&mut tape.conv, l1);
+                ops::conv_forward_bf16(input, w, &s1, out, &mut tape.scratch);
+            } else {
                 let input = if b == 0 { &tape.a0 } else { &tape.a2[b - 1] };
-                let w = &self.params[1 + 2 * b];
-                ops::conv_forward_kept(
-                    input,
-                    w,
-                    &s1,
-                    sized(&mut tape.conv, l1),
-                    &mut tape.scratch,
-                    Some(&mut tape.kept[2 * b]),
-                );
+                let out = sized(&mut tape.conv, l1);
+                ops::conv_forward(input, w, &s1, out, &mut tape.scratch);
             }
             let h2 = s1.oh() / 2;
             let len = n * h2 * h2 * s1.co;
@@ -654,8 +675,12 @@ impl Net {
                 &mut tape.arg[b],
             );
             resize(&mut tape.z1[b], len);
-            resize(&mut tape.a1[b], len);
-            let (i1, i2) = (2 * b, 2 * b + 1);
+            let a1 = if bf {
+                Out::Bf16(halves(&mut tape.kept[i2], len))
+            } else {
+                resize(&mut tape.a1[b], len);
+                Out::F32(&mut tape.a1[b])
+            };
             let ni1 = self.norm_index(i1);
             tape.bn1[b] = ops::bn_gelu_forward(
                 &pooled[..len],
@@ -665,20 +690,26 @@ impl Net {
                 &mut self.running_var[i1],
                 self.arch.bn_momentum,
                 &mut tape.z1[b],
-                &mut tape.a1[b],
+                a1,
             );
             tape.grad_a = pooled;
             let len2 = n * s2.oh() * s2.ow() * s2.co;
-            ops::conv_forward_kept(
-                &tape.a1[b],
-                &self.params[1 + i2],
-                &s2,
-                sized(&mut tape.conv, len2),
-                &mut tape.scratch,
-                Some(&mut tape.kept[i2]),
-            );
+            let w = &self.params[1 + i2];
+            let out = sized(&mut tape.conv, len2);
+            if bf {
+                let input = halves_of(&tape.kept[i2], len);
+                ops::conv_forward_bf16(input, w, &s2, out, &mut tape.scratch);
+            } else {
+                ops::conv_forward(&tape.a1[b], w, &s2, out, &mut tape.scratch);
+            }
             resize(&mut tape.z2[b], len2);
-            resize(&mut tape.a2[b], len2);
+            // The last block's output goes to the final pool, in f32.
+            let a2 = if bf && b + 1 < nb {
+                Out::Bf16(halves(&mut tape.kept[i2 + 1], len2))
+            } else {
+                resize(&mut tape.a2[b], len2);
+                Out::F32(&mut tape.a2[b])
+            };
             let ni2 = self.norm_index(i2);
             tape.bn2[b] = ops::bn_gelu_forward(
                 &tape.conv[..len2],
@@ -688,7 +719,7 @@ impl Net {
                 &mut self.running_var[i2],
                 self.arch.bn_momentum,
                 &mut tape.z2[b],
-                &mut tape.a2[b],
+                a2,
             );
         }
         let (fp, fw) = (self.arch.final_pool(), self.arch.feature_width());
@@ -754,9 +785,13 @@ impl Net {
         );
         let shapes = self.arch.conv_shapes(n);
         let mut dtmp = std::mem::take(&mut tape.grad_b);
+        // On a bf16 kernel the layers after a convolution write its output gradient in
+        // bf16 (`grad_h`), and its input is in `kept` (the f32 one is not).
+        let bf = tape.scratch.kernel().is_bf16();
         for b in (0..nb).rev() {
             let (s1, s2) = (shapes[2 * b], shapes[2 * b + 1]);
             let (i1, i2) = (2 * b, 2 * b + 1);
+            let a1_len = tape.z1[b].len();
             // conv2 → BN → GELU.
             let (ni2, ci2) = (self.norm_index(i2), self.conv_index(i2));
             {
@@ -767,16 +802,22 @@ impl Net {
                     &tape.bn2[b],
                     &mut da[..da_len],
                     &mut rest[0],
+                    bf.then(|| halves(&mut tape.grad_h, da_len)),
                 );
                 let turned = ops::turned_weights(&self.params[ci2], &s2);
+                let (input, dy) = if bf {
+                    (&[][..], Grad::Bf16(halves_of(&tape.grad_h, da_len)))
+                } else {
+                    (&tape.a1[b][..], Grad::F32(&da[..da_len]))
+                };
                 ops::conv_backward_kept(
-                    &tape.a1[b],
+                    input,
                     Some(&tape.kept[i2]),
-                    &da[..da_len],
+                    dy,
                     &turned,
                     &s2,
                     &mut before[ci2],
-                    Some(sized(&mut dtmp, tape.a1[b].len())),
+                    Some(sized(&mut dtmp, a1_len)),
                     &mut tape.scratch,
                 );
             }
@@ -788,31 +829,46 @@ impl Net {
                     &tape.z1[b],
                     &self.params[ni1],
                     &tape.bn1[b],
-                    &mut dtmp[..tape.z1[b].len()],
+                    &mut dtmp[..a1_len],
                     &mut rest[0],
+                    None,
                 );
                 let h = sides[b];
                 let lc = n * h * h * s1.co;
-                ops::maxpool_backward(
-                    &dtmp[..tape.z1[b].len()],
-                    &tape.arg[b],
-                    PoolShape {
-                        n,
-                        h,
-                        w: h,
-                        c: s1.co,
-                        p: 2,
-                    },
-                    sized(&mut tape.conv, lc),
-                );
-                let input = if b == 0 { &tape.a0 } else { &tape.a2[b - 1] };
+                let pool = PoolShape {
+                    n,
+                    h,
+                    w: h,
+                    c: s1.co,
+                    p: 2,
+                };
+                let dy = if bf {
+                    let out = halves(&mut tape.grad_h, lc);
+                    ops::maxpool2_backward_bf16(
+                        &dtmp[..a1_len],
+                        &tape.arg[b],
+                        pool,
+                        out,
+                        &mut tape.grad_tmp,
+                    );
+                    Grad::Bf16(halves_of(&tape.grad_h, lc))
+                } else {
+                    let out = sized(&mut tape.conv, lc);
+                    ops::maxpool_backward(&dtmp[..a1_len], &tape.arg[b], pool, out);
+                    Grad::F32(&tape.conv[..lc])
+                };
+                let input: &[f32] = match (bf, b) {
+                    (true, _) => &[],
+                    (false, 0) => &tape.a0,
+                    (false, _) => &tape.a2[b - 1],
+                };
                 let need_dx = b > 0 || whiten_bias;
-                da_len = input.len();
+                da_len = n * s1.h * s1.w * s1.ci;
                 let turned = ops::turned_weights(&self.params[ci1], &s1);
                 ops::conv_backward_kept(
                     input,
                     Some(&tape.kept[i1]),
-                    &tape.conv[..lc],
+                    dy,
                     &turned,
                     &s1,
                     &mut before[ci1],

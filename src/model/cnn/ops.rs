@@ -326,6 +326,35 @@ pub fn conv_forward_kept(
     );
 }
 
+/// [`conv_forward`] of an input already in bf16 (`xh`, written so by the layer before:
+/// [`Out::Bf16`]), on the bf16 kernel `scratch` holds.
+///
+/// # Panics
+/// If `scratch`'s kernel is not a bf16 one, or `xh` is not the shape's input.
+pub fn conv_forward_bf16(
+    xh: &[u16],
+    wt: &[f32],
+    s: &ConvShape,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    assert!(
+        scratch.kernel.is_bf16(),
+        "conv_forward_bf16 on the f32 kernel"
+    );
+    assert_eq!(
+        xh.len(),
+        s.n * s.h * s.w * s.ci,
+        "conv_forward_bf16: the input"
+    );
+    assert_eq!(
+        y.len(),
+        s.n * s.oh() * s.ow() * s.co,
+        "conv_forward_bf16: the output"
+    );
+    forward_bf16(xh, wt, s, y, scratch)
+}
+
 /// [`conv_forward`] in bf16 of an input already in bf16 (`xh`).
 fn forward_bf16(xh: &[u16], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch: &mut Scratch) {
     let total = s.n * s.oh() * s.ow();
@@ -558,16 +587,19 @@ pub fn conv_backward(
     dx: Option<&mut [f32]>,
     scratch: &mut Scratch,
 ) {
-    conv_backward_kept(x, None, dy, turned, s, dwt, dx, scratch)
+    conv_backward_kept(x, None, Grad::F32(dy), turned, s, dwt, dx, scratch)
 }
 
-/// [`conv_backward`] given the bf16 copy of `x` kept by [`conv_forward_kept`] (used
-/// when the product is in bf16 and the copy holds `x.len()` values, else made anew).
+/// [`conv_backward`] given the bf16 copy of the input kept by [`conv_forward_kept`] or
+/// written by the layer before (used when the product is in bf16 and the copy holds the
+/// whole input; `x` is then not read and may be empty), and the output gradient in f32 or
+/// already in bf16 (written so by the layer after: [`maxpool2_backward_bf16`],
+/// [`bn_gelu_backward`]'s `out`).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_backward_kept(
     x: &[f32],
     kept: Option<&[u32]>,
-    dy: &[f32],
+    dy: Grad,
     turned: &[f32],
     s: &ConvShape,
     dwt: &mut [f32],
@@ -586,13 +618,16 @@ pub fn conv_backward_kept(
         .collect();
     if scratch.kernel.is_bf16() {
         let Some(dx) = dx else {
-            // Only the weight gradient: its pairs straight from the f32 gradient.
-            weight_grad_bf16(x, kept, Grad::F32(dy), s, &ranges, dwt, scratch);
+            // Only the weight gradient: its pairs straight from the gradient as it is.
+            weight_grad_bf16(x, kept, dy, s, &ranges, dwt, scratch);
             return;
         };
-        // The output gradient in bf16 once, for both products.
+        // The output gradient in bf16 (once, for both products, if it is not yet).
         let mut dyb = std::mem::take(&mut scratch.grad_in);
-        let dyh = to_bf16_buf(dy, &mut dyb);
+        let dyh = match dy {
+            Grad::F32(g) => to_bf16_buf(g, &mut dyb),
+            Grad::Bf16(g) => g,
+        };
         weight_grad_bf16(x, kept, Grad::Bf16(dyh), s, &ranges, dwt, scratch);
         let t = s.transposed();
         debug_assert_eq!(t.oh(), s.h);
@@ -600,6 +635,14 @@ pub fn conv_backward_kept(
         scratch.grad_in = dyb;
         return;
     }
+    let widened: Vec<f32>;
+    let dy = match dy {
+        Grad::F32(g) => g,
+        Grad::Bf16(g) => {
+            widened = g.iter().map(|&h| bf16::from_bf16(h)).collect();
+            &widened
+        }
+    };
     let mut partial = vec![0.0f32; if ranges.len() > 1 { dwt.len() } else { 0 }];
     if linalg::threads() < 2 || ranges.len() < 2 {
         weight_grad_bands(x, dy, s, ranges[0], dwt, scratch);
@@ -643,9 +686,13 @@ fn weight_grad_bf16(
 ) {
     let (kdim, co) = (s.kdim(), s.co);
     let mut xb = std::mem::take(&mut scratch.input);
+    let len = s.n * s.h * s.w * s.ci;
     let x: &[u16] = match kept {
-        Some(k) if 2 * k.len() >= x.len() => &bytemuck::cast_slice(k)[..x.len()],
-        _ => to_bf16_buf(x, &mut xb),
+        Some(k) if 2 * k.len() >= len => &bytemuck::cast_slice(k)[..len],
+        _ => {
+            assert_eq!(x.len(), len, "conv_backward: the input");
+            to_bf16_buf(x, &mut xb)
+        }
     };
     let mut acc = std::mem::take(&mut scratch.acc);
     grown(&mut acc, ranges.len() * co * kdim);
@@ -744,9 +791,20 @@ fn weight_grad_bands_bf16(
 
 /// An output gradient, in f32 or already in bf16.
 #[derive(Clone, Copy)]
-enum Grad<'a> {
+pub enum Grad<'a> {
+    /// f32 values.
     F32(&'a [f32]),
+    /// bf16 bits, as [`bf16::convert`] writes them.
     Bf16(&'a [u16]),
+}
+
+impl Grad<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Grad::F32(g) => g.len(),
+            Grad::Bf16(g) => g.len(),
+        }
+    }
 }
 
 /// Output pixels per band of the bf16 weight gradient: one block of the product's `k`
@@ -906,23 +964,50 @@ fn maxpool_forward_any<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: 
 /// maximum, which gets the window's `dy`.
 pub fn maxpool_backward<T: Tap>(dy: &[f32], arg: &[T], shape: PoolShape, dx: &mut [f32]) {
     if shape.p == 2 && std::mem::size_of::<T>() == 1 {
-        let arg: &[u8] = bytemuck::cast_slice(arg);
-        let PoolShape { n, h, w, c, .. } = shape;
-        let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
-        let big = dx.len() >= PAR_ELEMS;
-        let (d1, d2) = dx.split_at_mut(n1 * per_in);
-        let (g1, g2) = dy.split_at(n1 * per_out);
-        let (a1, a2) = arg.split_at(n1 * per_out);
-        let (s1, s2) = (
-            PoolShape { n: n1, ..shape },
-            PoolShape { n: n - n1, ..shape },
-        );
-        both(big, (g1, a1, s1, d1), (g2, a2, s2, d2), |(g, a, s, d)| {
-            pool2_backward(g, a, s, d)
-        })
+        pool2_backward_halves(dy, bytemuck::cast_slice(arg), shape, dx, pool2_backward)
     } else {
         maxpool_backward_any(dy, arg, shape, dx)
     }
+}
+
+/// [`maxpool_backward`] of 2×2 windows writing `dx` in bf16, for the bf16 product that
+/// reads it next: `dy` (a quarter of `dx`'s values) converted first (into `tmp`), then
+/// spread. The same bits as converting the f32 `dx`.
+pub fn maxpool2_backward_bf16(
+    dy: &[f32],
+    arg: &[u8],
+    shape: PoolShape,
+    dx: &mut [u16],
+    tmp: &mut Vec<u32>,
+) {
+    assert_eq!(shape.p, 2, "maxpool2_backward_bf16: a 2×2 window");
+    let g = to_bf16_buf(dy, tmp);
+    pool2_backward_halves(g, arg, shape, dx, pool2_backward_h)
+}
+
+/// Runs the 2×2 pooling's backward pass `f` on two halves of the images (on two threads
+/// where large).
+fn pool2_backward_halves<V: Copy + Send + Sync>(
+    dy: &[V],
+    arg: &[u8],
+    shape: PoolShape,
+    dx: &mut [V],
+    f: fn(&[V], &[u8], PoolShape, &mut [V]),
+) {
+    let PoolShape { n, h, w, c, .. } = shape;
+    let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
+    assert!(dx.len() >= n * per_in && dy.len() >= n * per_out && arg.len() >= n * per_out);
+    let big = dx.len() >= PAR_ELEMS;
+    let (d1, d2) = dx.split_at_mut(n1 * per_in);
+    let (g1, g2) = dy.split_at(n1 * per_out);
+    let (a1, a2) = arg.split_at(n1 * per_out);
+    let (s1, s2) = (
+        PoolShape { n: n1, ..shape },
+        PoolShape { n: n - n1, ..shape },
+    );
+    both(big, (g1, a1, s1, d1), (g2, a2, s2, d2), |(g, a, s, d)| {
+        f(g, a, s, d)
+    })
 }
 
 /// [`maxpool_backward`] for any window.
@@ -1116,7 +1201,8 @@ fn pool2_forward_body(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]
 dispatch!(fn pool2_forward(x: &[f32], shape: PoolShape, y: &mut [f32], arg: &mut [u8]) => pool2_forward_body);
 
 #[inline(always)]
-fn pool2_backward_body(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) {
+fn pool2_backward_body<V: Copy + Default>(dy: &[V], arg: &[u8], shape: PoolShape, dx: &mut [V]) {
+    let zero = V::default();
     let PoolShape { n, h, w, c, .. } = shape;
     let (oh, ow) = (h / 2, w / 2);
     for img in 0..n {
@@ -1137,26 +1223,88 @@ fn pool2_backward_body(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32])
                     .zip(cc.iter_mut())
                     .zip(d.iter_mut())
                 {
-                    *a = if t == 0 { g } else { 0.0 };
-                    *b = if t == 1 { g } else { 0.0 };
-                    *cc = if t == 2 { g } else { 0.0 };
-                    *d = if t == 3 { g } else { 0.0 };
+                    *a = if t == 0 { g } else { zero };
+                    *b = if t == 1 { g } else { zero };
+                    *cc = if t == 2 { g } else { zero };
+                    *d = if t == 3 { g } else { zero };
                 }
             }
             // An odd width's last column is in no window.
             if w % 2 == 1 {
-                top[(w - 1) * c..].fill(0.0);
-                bottom[(w - 1) * c..].fill(0.0);
+                top[(w - 1) * c..].fill(zero);
+                bottom[(w - 1) * c..].fill(zero);
             }
         }
         // An odd height's last row is in no window.
         if h % 2 == 1 {
-            dx[base + (h - 1) * w * c..base + h * w * c].fill(0.0);
+            dx[base + (h - 1) * w * c..base + h * w * c].fill(zero);
         }
     }
 }
 
 dispatch!(fn pool2_backward(dy: &[f32], arg: &[u8], shape: PoolShape, dx: &mut [f32]) => pool2_backward_body);
+dispatch!(fn pool2_backward_h(dy: &[u16], arg: &[u8], shape: PoolShape, dx: &mut [u16]) => pool2_backward_body);
+
+/// Where an element-wise pass writes its output: f32, or bf16 bits for the bf16 product
+/// that reads it next (which then need not convert it). The bf16 values are those the
+/// product would have converted the f32 ones to: the pass computes each chunk in f32 into
+/// a buffer in the L1 cache and converts it there ([`bf16::convert`]).
+pub enum Out<'a> {
+    /// f32 values.
+    F32(&'a mut [f32]),
+    /// bf16 bits, as [`bf16::convert`] writes them.
+    Bf16(&'a mut [u16]),
+}
+
+impl Out<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Out::F32(y) => y.len(),
+            Out::Bf16(y) => y.len(),
+        }
+    }
+
+    fn split_at_mut(&mut self, m: usize) -> (Out<'_>, Out<'_>) {
+        match self {
+            Out::F32(y) => {
+                let (a, b) = y.split_at_mut(m);
+                (Out::F32(a), Out::F32(b))
+            }
+            Out::Bf16(y) => {
+                let (a, b) = y.split_at_mut(m);
+                (Out::Bf16(a), Out::Bf16(b))
+            }
+        }
+    }
+}
+
+/// Values per chunk of an element-wise pass that writes bf16 (16 KB of f32).
+const CHUNK: usize = 4096;
+
+/// Runs `f(range, out)` over `0..len` into `y`: in one call for f32, in chunks of whole
+/// `unit`s for bf16 (`out` then an f32 buffer, converted into `y[range]`).
+fn write_out(
+    len: usize,
+    unit: usize,
+    y: Out,
+    mut f: impl FnMut(std::ops::Range<usize>, &mut [f32]),
+) {
+    match y {
+        Out::F32(y) => f(0..len, &mut y[..len]),
+        Out::Bf16(y) => {
+            let chunk = (CHUNK / unit.max(1)).max(1) * unit.max(1);
+            let mut tmp = vec![0.0f32; chunk.min(len)];
+            let mut start = 0;
+            while start < len {
+                let end = (start + chunk).min(len);
+                let t = &mut tmp[..end - start];
+                f(start..end, t);
+                bf16::convert(t, &mut y[start..end]);
+                start = end;
+            }
+        }
+    }
+}
 
 #[inline(always)]
 fn bias_gelu_body(z: &mut [f32], y: &mut [f32], bias: &[f32], wide: &[f32]) {
@@ -1179,16 +1327,24 @@ dispatch!(fn bias_gelu_inner(z: &mut [f32], y: &mut [f32], bias: &[f32], wide: &
 
 /// `z += bias` (per channel, in place) and `y = gelu(z)`: the whitening layer's output.
 pub fn bias_gelu(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
+    bias_gelu_out(z, Out::F32(y), bias)
+}
+
+/// [`bias_gelu`] writing `y` as [`Out`] says.
+pub fn bias_gelu_out(z: &mut [f32], mut y: Out, bias: &[f32]) {
     let c = bias.len();
     let mut wide = bias.to_vec();
     while !wide.len().is_multiple_of(16) && wide.len() < 16 * c {
         wide.extend_from_slice(bias);
     }
+    assert_eq!(z.len(), y.len(), "bias_gelu: lengths");
     let m = half(z.len(), c);
     let (z1, z2) = z.split_at_mut(m);
     let (y1, y2) = y.split_at_mut(m);
     both(z1.len() >= PAR_ELEMS, (z1, y1), (z2, y2), |(z, y)| {
-        bias_gelu_inner(z, y, bias, &wide)
+        write_out(z.len(), wide.len(), y, |r, out| {
+            bias_gelu_inner(&mut z[r], out, bias, &wide)
+        })
     })
 }
 
@@ -1211,21 +1367,60 @@ pub fn gelu_backward(z: &[f32], dy: &mut [f32]) {
     })
 }
 
-/// Per-channel sums of a `[rows, c]` matrix, in a fixed order (blocks of rows, then the
-/// blocks' sums), in `f64`.
-fn channel_sums(x: &[f32], c: usize, out: &mut [f64]) {
+/// Rows per block of the per-channel sums: a block is summed in f32, the blocks' sums in
+/// f64.
+const SUM_ROWS: usize = 64;
+
+#[inline(always)]
+fn sums_body(x: &[f32], centre: &[f32], squares: bool, out: &mut [f64], part: &mut [f32]) {
+    let c = out.len();
     out.fill(0.0);
-    let mut part = vec![0.0f32; c];
-    for block in x.chunks(c * 64) {
+    for block in x.chunks(c * SUM_ROWS) {
         part.fill(0.0);
         for row in block.chunks_exact(c) {
-            for (p, &v) in part.iter_mut().zip(row) {
-                *p += v;
+            // Zipped (no indices), so that the loops vectorise.
+            if squares {
+                for ((p, &v), &m) in part.iter_mut().zip(row).zip(centre) {
+                    let d = v - m;
+                    *p += d * d;
+                }
+            } else {
+                for (p, &v) in part.iter_mut().zip(row) {
+                    *p += v;
+                }
             }
         }
-        for (o, &p) in out.iter_mut().zip(&part) {
+        for (o, &p) in out.iter_mut().zip(part.iter()) {
             *o += f64::from(p);
         }
+    }
+}
+
+dispatch!(fn sums_inner(x: &[f32], centre: &[f32], squares: bool, out: &mut [f64], part: &mut [f32]) => sums_body);
+
+/// Where a `[rows, c]` matrix of `len` values splits into two runs of whole blocks of
+/// [`SUM_ROWS`] rows (the second may be empty).
+fn sum_half(len: usize, c: usize) -> usize {
+    let rows = len / c.max(1);
+    ((rows / 2).div_ceil(SUM_ROWS) * SUM_ROWS).min(rows) * c
+}
+
+/// Per-channel sums of a `[rows, c]` matrix `x` (`c = out.len()`), or of `(x − centre)²`
+/// when `squares`, into `out`, in a fixed order: blocks of [`SUM_ROWS`] rows in f32, their
+/// sums in f64 over each half of the rows, the two halves (on two threads where `x` is
+/// large) added last. The same bits whatever the thread count.
+fn channel_sums(x: &[f32], centre: &[f32], squares: bool, out: &mut [f64]) {
+    let c = out.len();
+    let (x1, x2) = x.split_at(sum_half(x.len(), c));
+    let mut second = vec![0.0f64; c];
+    both(
+        x1.len() >= PAR_ELEMS,
+        (x1, &mut *out),
+        (x2, &mut second[..]),
+        |(x, o)| sums_inner(x, centre, squares, o, &mut vec![0.0f32; c]),
+    );
+    for (o, s) in out.iter_mut().zip(second) {
+        *o += s;
     }
 }
 
@@ -1269,13 +1464,19 @@ fn bn_apply_body(
 
 dispatch!(fn bn_apply_inner(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) => bn_apply_body);
 
-fn bn_apply(x: &[f32], z: &mut [f32], y: &mut [f32], mean: &[f32], rstd: &[f32], bias: &[f32]) {
+fn bn_apply(x: &[f32], z: &mut [f32], mut y: Out, mean: &[f32], rstd: &[f32], bias: &[f32]) {
+    assert!(
+        z.len() == x.len() && y.len() == x.len(),
+        "batch norm: lengths"
+    );
     let m = half(x.len(), mean.len());
     let (x1, x2) = x.split_at(m);
     let (z1, z2) = z.split_at_mut(m);
     let (y1, y2) = y.split_at_mut(m);
     both(m >= PAR_ELEMS, (x1, z1, y1), (x2, z2, y2), |(x, z, y)| {
-        bn_apply_inner(x, z, y, mean, rstd, bias)
+        write_out(x.len(), mean.len(), y, |r, out| {
+            bn_apply_inner(&x[r.clone()], &mut z[r], out, mean, rstd, bias)
+        })
     })
 }
 
@@ -1293,28 +1494,16 @@ pub fn bn_gelu_forward(
     rvar: &mut [f32],
     m: f32,
     z: &mut [f32],
-    y: &mut [f32],
+    y: Out,
 ) -> BnCache {
     let c = bias.len();
     let rows = x.len() / c;
     let mut s = vec![0.0f64; c];
-    channel_sums(x, c, &mut s);
+    channel_sums(x, &[], false, &mut s);
     let mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
     // Two passes: the squared deviations from the mean.
     let mut dev = vec![0.0f64; c];
-    let mut part = vec![0.0f32; c];
-    for block in x.chunks(c * 64) {
-        part.fill(0.0);
-        for row in block.chunks_exact(c) {
-            for j in 0..c {
-                let d = row[j] - mean[j];
-                part[j] += d * d;
-            }
-        }
-        for (o, &p) in dev.iter_mut().zip(&part) {
-            *o += f64::from(p);
-        }
-    }
+    channel_sums(x, &mean, true, &mut dev);
     let var: Vec<f32> = dev.iter().map(|v| (v / rows as f64) as f32).collect();
     let unbias = if rows > 1 {
         rows as f32 / (rows - 1) as f32
@@ -1342,7 +1531,7 @@ pub fn bn_gelu_score(
     y: &mut [f32],
 ) {
     let rstd: Vec<f32> = rvar.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    bn_apply(x, z, y, rmean, &rstd, bias);
+    bn_apply(x, z, Out::F32(y), rmean, &rstd, bias);
 }
 
 #[inline(always)]
@@ -1372,55 +1561,164 @@ fn scale_shift_body(
 
 dispatch!(fn bn_input_grad_inner(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) => scale_shift_body);
 
-fn bn_input_grad(d: &mut [f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32]) {
+/// [`scale_shift_body`] into `out`, `d` left as it is.
+#[inline(always)]
+fn scale_shift_to_body(
+    d: &[f32],
+    z: &[f32],
+    dz_mean: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    rstd: &[f32],
+    out: &mut [f32],
+) {
+    let c = rstd.len();
+    for ((dr, zr), or) in d
+        .chunks_exact(c)
+        .zip(z.chunks_exact(c))
+        .zip(out.chunks_exact_mut(c))
+    {
+        for ((((((&dv, &zv), &b), &r), &dm), &kv), ov) in dr
+            .iter()
+            .zip(zr)
+            .zip(bias)
+            .zip(rstd)
+            .zip(dz_mean)
+            .zip(k)
+            .zip(or.iter_mut())
+        {
+            let xhat = zv - b;
+            *ov = r * (dv - dm - xhat * kv);
+        }
+    }
+}
+
+dispatch!(fn bn_input_grad_to_inner(d: &[f32], z: &[f32], dz_mean: &[f32], k: &[f32], bias: &[f32], rstd: &[f32], out: &mut [f32]) => scale_shift_to_body);
+
+/// The input gradient of the batch norm: in place in `d`, or (`out` given) into `out` in
+/// bf16, `d` left as it is.
+#[allow(clippy::too_many_arguments)]
+fn bn_input_grad(
+    d: &mut [f32],
+    z: &[f32],
+    dz_mean: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    rstd: &[f32],
+    out: Option<&mut [u16]>,
+) {
     let m = half(z.len(), rstd.len());
     let (d1, d2) = d.split_at_mut(m);
     let (z1, z2) = z.split_at(m);
-    both(m >= PAR_ELEMS, (d1, z1), (d2, z2), |(d, z)| {
-        bn_input_grad_inner(d, z, dz_mean, k, bias, rstd)
-    })
+    let Some(out) = out else {
+        both(m >= PAR_ELEMS, (d1, z1), (d2, z2), |(d, z)| {
+            bn_input_grad_inner(d, z, dz_mean, k, bias, rstd)
+        });
+        return;
+    };
+    assert_eq!(out.len(), z.len(), "batch norm: the gradient's length");
+    let (o1, o2) = out.split_at_mut(m);
+    both(
+        m >= PAR_ELEMS,
+        (&*d1, z1, o1),
+        (&*d2, z2, o2),
+        |(d, z, o)| {
+            write_out(z.len(), rstd.len(), Out::Bf16(o), |r, t| {
+                bn_input_grad_to_inner(&d[r.clone()], &z[r], dz_mean, k, bias, rstd, t)
+            })
+        },
+    )
+}
+
+#[inline(always)]
+fn gelu_sums_body(z: &[f32], bias: &[f32], d: &mut [f32], s: &mut [f64], sx: &mut [f64]) {
+    let c = bias.len();
+    s.fill(0.0);
+    sx.fill(0.0);
+    let (mut ps, mut px) = (vec![0.0f32; c], vec![0.0f32; c]);
+    for (db, zb) in d.chunks_mut(c * SUM_ROWS).zip(z.chunks(c * SUM_ROWS)) {
+        ps.fill(0.0);
+        px.fill(0.0);
+        for (dr, zr) in db.chunks_exact_mut(c).zip(zb.chunks_exact(c)) {
+            for ((((dv, &zv), &b), a), q) in dr
+                .iter_mut()
+                .zip(zr)
+                .zip(bias)
+                .zip(ps.iter_mut())
+                .zip(px.iter_mut())
+            {
+                let g = *dv * gelu_grad(zv);
+                *dv = g;
+                *a += g;
+                *q += g * (zv - b);
+            }
+        }
+        for ((o, p), (ox, pxv)) in s.iter_mut().zip(&ps).zip(sx.iter_mut().zip(&px)) {
+            *o += f64::from(*p);
+            *ox += f64::from(*pxv);
+        }
+    }
+}
+
+dispatch!(fn gelu_sums_inner(z: &[f32], bias: &[f32], d: &mut [f32], s: &mut [f64], sx: &mut [f64]) => gelu_sums_body);
+
+/// `d *= gelu'(z)` in place, and per channel `(Σ d, Σ d·(z − bias))` of the result, in
+/// [`channel_sums`]' order (two halves, on two threads where large).
+fn gelu_channel_sums(z: &[f32], bias: &[f32], d: &mut [f32]) -> (Vec<f64>, Vec<f64>) {
+    let c = bias.len();
+    let m = sum_half(z.len(), c);
+    let (z1, z2) = z.split_at(m);
+    let (d1, d2) = d.split_at_mut(m);
+    let mut out = [
+        vec![0.0f64; c],
+        vec![0.0f64; c],
+        vec![0.0f64; c],
+        vec![0.0f64; c],
+    ];
+    {
+        let [s1, x1, s2, x2] = &mut out;
+        both(
+            z1.len() >= PAR_ELEMS,
+            (z1, d1, s1, x1),
+            (z2, d2, s2, x2),
+            |(z, d, s, sx)| gelu_sums_inner(z, bias, d, s, sx),
+        );
+    }
+    let [mut s1, mut x1, s2, x2] = out;
+    for (a, b) in s1.iter_mut().zip(s2).chain(x1.iter_mut().zip(x2)) {
+        *a += b;
+    }
+    (s1, x1)
 }
 
 /// The backward pass of [`bn_gelu_forward`] in training: `d` holds `dL/dy` and becomes
-/// `dL/dx`; `dbias` (overwritten) is `dL/dbias`. `z` is the forward pass's `z`.
+/// `dL/dx`; `dbias` (overwritten) is `dL/dbias`. `z` is the forward pass's `z`. With
+/// `out`, `dL/dx` goes there in bf16 instead (for a bf16 product), and `d` is left
+/// holding `dL/dz`.
 pub fn bn_gelu_backward(
     z: &[f32],
     bias: &[f32],
     cache: &BnCache,
     d: &mut [f32],
     dbias: &mut [f32],
+    out: Option<&mut [u16]>,
 ) {
     let c = bias.len();
     let rows = z.len() / c;
-    gelu_backward(z, d);
-    let mut s = vec![0.0f64; c];
-    channel_sums(d, c, &mut s);
-    // Σ dz·x̂ per channel, x̂ = z − bias.
-    let mut sx = vec![0.0f64; c];
-    let mut part = vec![0.0f32; c];
-    for (db, zb) in d.chunks(c * 64).zip(z.chunks(c * 64)) {
-        part.fill(0.0);
-        for (dr, zr) in db.chunks_exact(c).zip(zb.chunks_exact(c)) {
-            for j in 0..c {
-                part[j] += dr[j] * (zr[j] - bias[j]);
-            }
-        }
-        for (o, &p) in sx.iter_mut().zip(&part) {
-            *o += f64::from(p);
-        }
-    }
+    // One pass: `d` through the GELU, with Σ dz and Σ dz·x̂ per channel (x̂ = z − bias).
+    let (s, sx) = gelu_channel_sums(z, bias, d);
     for j in 0..c {
         dbias[j] = s[j] as f32;
     }
     let dz_mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
     let k: Vec<f32> = sx.iter().map(|v| (v / rows as f64) as f32).collect();
-    bn_input_grad(d, z, &dz_mean, &k, bias, &cache.rstd);
+    bn_input_grad(d, z, &dz_mean, &k, bias, &cache.rstd, out);
 }
 
 /// Per-channel sums of `d` (`[rows, c]`) into `out` (overwritten): a bias's gradient.
 pub fn bias_grad(d: &[f32], out: &mut [f32]) {
     let mut s = vec![0.0f64; out.len()];
-    channel_sums(d, out.len(), &mut s);
+    channel_sums(d, &[], false, &mut s);
     for (o, v) in out.iter_mut().zip(s) {
         *o = v as f32;
     }
@@ -1480,6 +1778,16 @@ mod tests {
             assert_eq!(d1, d2, "{h}x{w}x{c}");
             // Every window's gradient lands once; the rest is zero.
             assert_eq!(d1.iter().filter(|&&v| v != 0.0).count(), len);
+            // In bf16 (for a bf16 product): the f32 gradient's bits converted.
+            if bf16::available() {
+                let dy: Vec<f32> = dy.iter().map(|v| v * 1.001).collect();
+                maxpool_backward(&dy, &a1, shape, &mut d1);
+                let mut want = vec![0u16; d1.len()];
+                bf16::convert(&d1, &mut want);
+                let mut got = vec![7u16; d1.len()];
+                maxpool2_backward_bf16(&dy, &a1, shape, &mut got, &mut Vec::new());
+                assert_eq!(got, want, "{h}x{w}x{c} in bf16");
+            }
         }
     }
 
@@ -1535,6 +1843,68 @@ mod tests {
     }
 
     #[test]
+    fn the_passes_that_write_bf16_write_the_f32_values_converted() {
+        if !bf16::tests::has_kernel("the_passes_that_write_bf16_write_the_f32_values_converted") {
+            return;
+        }
+        // Large enough for two threads, a row count that is not a whole number of chunks.
+        let (rows, c) = (PAR_ELEMS / 16 + 37, 48);
+        let x = values(rows * c, 21);
+        let bias = values(c, 22);
+        let convert = |v: &[f32]| {
+            let mut h = vec![0u16; v.len()];
+            bf16::convert(v, &mut h);
+            h
+        };
+        // The whitening layer's bias and GELU.
+        let (mut z1, mut z2) = (x.clone(), x.clone());
+        let mut y = vec![0.0f32; x.len()];
+        let mut yh = vec![0u16; x.len()];
+        bias_gelu(&mut z1, &mut y, &bias);
+        bias_gelu_out(&mut z2, Out::Bf16(&mut yh), &bias);
+        assert_eq!(z1, z2);
+        assert_eq!(yh, convert(&y));
+        // Batch norm and GELU, forward.
+        let (mut rm, mut rv) = (vec![0.0f32; c], vec![1.0f32; c]);
+        let (mut rm2, mut rv2) = (rm.clone(), rv.clone());
+        let (mut z1, mut z2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+        let c1 = bn_gelu_forward(
+            &x,
+            &bias,
+            1e-5,
+            &mut rm,
+            &mut rv,
+            0.4,
+            &mut z1,
+            Out::F32(&mut y),
+        );
+        let c2 = bn_gelu_forward(
+            &x,
+            &bias,
+            1e-5,
+            &mut rm2,
+            &mut rv2,
+            0.4,
+            &mut z2,
+            Out::Bf16(&mut yh),
+        );
+        assert_eq!((&z1, &rm, &rv, &c1.rstd), (&z2, &rm2, &rv2, &c2.rstd));
+        assert_eq!(yh, convert(&y));
+        // And backward: the input gradient in bf16, `d` left holding the gradient through
+        // the GELU.
+        let g = values(x.len(), 23);
+        let (mut d1, mut d2, mut d3) = (g.clone(), g.clone(), g.clone());
+        let (mut b1, mut b2) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let mut dh = vec![0u16; x.len()];
+        bn_gelu_backward(&z1, &bias, &c1, &mut d1, &mut b1, None);
+        bn_gelu_backward(&z1, &bias, &c1, &mut d2, &mut b2, Some(&mut dh));
+        assert_eq!(b1, b2);
+        assert_eq!(dh, convert(&d1));
+        gelu_backward(&z1, &mut d3);
+        assert_eq!(d2, d3);
+    }
+
+    #[test]
     fn the_vectorised_gelu_passes_equal_the_scalar_gelu_bit_for_bit() {
         // Lanes of every kind: both signs, ties of the exponent's rounding, the clamps,
         // zeros, infinities, a NaN; more than PAR_ELEMS, so that two threads share it.
@@ -1556,6 +1926,32 @@ mod tests {
             assert_eq!(zz[i].to_bits(), zb.to_bits(), "z + bias at {i}");
             assert_eq!(y[i].to_bits(), gelu(zb).to_bits(), "gelu({zb})");
             assert_eq!(d[i].to_bits(), (1.5 * gelu_grad(v)).to_bits(), "gelu'({v})");
+        }
+        // The backward pass's fused sums: the same gradient, and its per-channel sums
+        // (of d and of d·(z − bias)) as f64 sums of the same values give them.
+        let mut fused = vec![1.5f32; z.len()];
+        let (s, sx) = gelu_channel_sums(&z, &bias, &mut fused);
+        assert!(fused
+            .iter()
+            .zip(&d)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        for j in 0..c {
+            let col = (j..z.len()).step_by(c);
+            let ds: Vec<f64> = col.clone().map(|i| f64::from(d[i])).collect();
+            let dx: Vec<f64> = col
+                .map(|i| f64::from(d[i]) * f64::from(z[i] - bias[j]))
+                .collect();
+            for (got, terms, what) in [(s[j], &ds, "Σ d"), (sx[j], &dx, "Σ d·x̂")] {
+                // f32 sums of blocks of 64 rows: within 1e-5 of the terms' magnitudes.
+                let want: f64 = terms.iter().sum();
+                let size: f64 = terms.iter().map(|v| v.abs()).sum();
+                let close = if want.is_finite() {
+                    (got - want).abs() <= 1e-5 * (1.0 + size)
+                } else {
+                    got == want
+                };
+                assert!(close, "{what} of channel {j}: {got} against {want}");
+            }
         }
         let mut nan = vec![f32::NAN; 2 * c];
         let mut out = vec![0.0f32; 2 * c];
@@ -1736,7 +2132,7 @@ mod tests {
             conv_backward_kept(
                 &x,
                 Some(&keep),
-                g2,
+                Grad::F32(g2),
                 &turned,
                 &s,
                 &mut dwt2,
@@ -1749,14 +2145,47 @@ mod tests {
             conv_backward_kept(
                 &x,
                 Some(&keep),
-                g2,
+                Grad::F32(g2),
                 &turned,
                 &s,
                 &mut dwt3,
                 None,
                 &mut scratch,
             );
-            for (a, b) in [(&y, &y2), (&dwt, &dwt2), (&dx, &dx2), (&dwt, &dwt3)] {
+            // The input and the output gradient given in bf16 (as the layers around a
+            // convolution write them), `x` not passed: the same again, both ways.
+            let mut gh = vec![0u16; g.len()];
+            bf16::convert(&g, &mut gh);
+            let kept_h: Vec<u16> = bytemuck::cast_slice::<u32, u16>(&keep)[..x.len()].to_vec();
+            let mut y4 = vec![0.0; y.len()];
+            conv_forward_bf16(&kept_h, &wt, &s, &mut y4, &mut scratch);
+            let (mut dwt4, mut dx4, mut dwt5) = (
+                vec![0.0; dwt.len()],
+                vec![0.0; dx.len()],
+                vec![0.0; dwt.len()],
+            );
+            for (dw, dxo) in [(&mut dwt4, Some(&mut dx4[..])), (&mut dwt5, None)] {
+                conv_backward_kept(
+                    &[],
+                    Some(&keep),
+                    Grad::Bf16(&gh),
+                    &turned,
+                    &s,
+                    dw,
+                    dxo,
+                    &mut scratch,
+                );
+            }
+            for (a, b) in [
+                (&y, &y2),
+                (&dwt, &dwt2),
+                (&dx, &dx2),
+                (&dwt, &dwt3),
+                (&y, &y4),
+                (&dwt, &dwt4),
+                (&dx, &dx4),
+                (&dwt, &dwt5),
+            ] {
                 assert!(a
                     .iter()
                     .zip(b.iter())
