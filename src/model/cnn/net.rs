@@ -864,7 +864,12 @@ impl Net {
                 };
                 let need_dx = b > 0 || whiten_bias;
                 da_len = n * s1.h * s1.w * s1.ci;
-                let turned = ops::turned_weights(&self.params[ci1], &s1);
+                // The turned weights serve the input gradient only.
+                let turned = if need_dx {
+                    ops::turned_weights(&self.params[ci1], &s1)
+                } else {
+                    Vec::new()
+                };
                 ops::conv_backward_kept(
                     input,
                     Some(&tape.kept[i1]),

@@ -18,6 +18,12 @@
 //! that the loops vectorise; the hot loops are compiled for AVX-512 and AVX2 too and
 //! chosen once per call. Every reduction runs in a fixed order: the same inputs give the
 //! same bits, whatever the thread count.
+//!
+//! With bf16 products, the layers on either side of a convolution hand it bf16 directly
+//! ([`Out::Bf16`], [`Grad::Bf16`]): the GELU and batch norm write its input, the pooling
+//! and batch norm backward write its output gradient, each converting in the L1 cache the
+//! f32 values it computed (the same bits as converting them afterwards, without the f32
+//! tensor's round trip through memory).
 
 use super::bf16;
 use crate::linalg;
@@ -561,14 +567,31 @@ pub fn turned_weights(wt: &[f32], s: &ConvShape) -> Vec<f32> {
         for kx in 0..k {
             let src_tap = (k - 1 - ky) * k + (k - 1 - kx);
             let dst_tap = ky * k + kx;
-            for c in 0..ci {
-                for o in 0..co {
-                    out[(dst_tap * co + o) * ci + c] = wt[(src_tap * ci + c) * co + o];
+            transpose_into(
+                &wt[src_tap * ci * co..(src_tap + 1) * ci * co],
+                ci,
+                co,
+                &mut out[dst_tap * co * ci..(dst_tap + 1) * co * ci],
+            );
+        }
+    }
+    out
+}
+
+/// `dst[j·rows + i] = src[i·cols + j]`: a `rows × cols` matrix transposed, in tiles
+/// that stay in the L1 cache.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const T: usize = 16;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    for i0 in (0..rows).step_by(T) {
+        for j0 in (0..cols).step_by(T) {
+            for i in i0..(i0 + T).min(rows) {
+                for j in j0..(j0 + T).min(cols) {
+                    dst[j * rows + i] = src[i * cols + j];
                 }
             }
         }
     }
-    out
 }
 
 /// Groups of bands whose weight gradients are summed separately, then added: a fixed
@@ -718,15 +741,14 @@ fn weight_grad_bf16(
             }
         });
     }
-    for t in 0..kdim {
-        for o in 0..co {
-            let mut v = parts[o * kdim + t];
-            for g in 1..ranges.len() {
-                v += parts[g * co * kdim + o * kdim + t];
-            }
-            dwt[t * co + o] = v;
+    // The groups added in order (into the first), then turned.
+    let (first, rest) = parts.split_at_mut(co * kdim);
+    for part in rest.chunks_exact(co * kdim) {
+        for (a, &b) in first.iter_mut().zip(part) {
+            *a += b;
         }
     }
+    transpose_into(first, co, kdim, dwt);
     scratch.acc = acc;
     scratch.input = xb;
 }
