@@ -391,10 +391,12 @@ pub fn interleave_taps(x: &[u16], ci: usize, lo: &[usize], hi: Option<&[usize]>,
 }
 
 /// A convolution as a product without the patch matrix ("implicit GEMM"): `c` (`rows ×
-/// n`, row stride `ldc`) `= Σ_t Σ_q x[offs[r·taps + t] + q] · B[t·ci2 + q]`, where each
-/// output row `r` reads, for each of the `taps` kernel taps, the `ci2` channel pairs of
-/// one input pixel starting at `offs[r·taps + t]` in `x` (bf16 pairs), or zeros where
-/// that offset is `x.len()` (the padding). `B` is the weights packed by [`pack_b`] with
+/// n`, row stride `ldc`) `= Σ_t Σ_q x[off(r, t) + q] · B[t·ci2 + q]`, where each output
+/// row `r` reads, for each of the `taps` kernel taps, the `ci2` channel pairs of one input
+/// pixel starting at `off(r, t)` in `x` (bf16 pairs), or zeros where that offset is
+/// `x.len()` (the padding). The offsets are in tiles of [`MR`] rows, tap by tap:
+/// `off(r, t) = offs[((r / MR)·taps + t)·MR + r % MR]` (rows past `rows` in the last tile
+/// are read, not stored: any offset will do). `B` is the weights packed by [`pack_b`] with
 /// `k = 2·taps·ci2` (taps-major, as the patch matrix's columns).
 ///
 /// # Panics
@@ -414,8 +416,9 @@ pub fn gemm_taps(
 ) {
     check();
     let k2 = taps * ci2;
+    let tiles = rows.div_ceil(MR);
     assert!(b.len() >= b_len(2 * k2, n), "bf16 gemm_taps: b");
-    assert!(offs.len() >= rows * taps, "bf16 gemm_taps: offsets");
+    assert!(offs.len() >= tiles * taps * MR, "bf16 gemm_taps: offsets");
     assert!(
         rows == 0 || c.len() >= (rows - 1) * ldc + n,
         "bf16 gemm_taps: c"
@@ -424,38 +427,40 @@ pub fn gemm_taps(
         return;
     }
     let zeros = vec![0u32; ci2.max(1)];
-    // Each tile's pointers, tap by tap (rows past a tile repeat its last row), built
-    // once and used for every block of columns; the blocks outside, so that one block of
-    // `B` stays in the cache while the tiles pass.
-    let tiles = rows.div_ceil(MR);
-    let mut ptrs = vec![zeros.as_ptr(); tiles * taps * MR];
-    for (i, tile) in ptrs.chunks_exact_mut(taps * MR).enumerate() {
-        let last = (rows - i * MR).min(MR) - 1;
-        for t in 0..taps {
-            for r in 0..MR {
-                let o = offs[(i * MR + r.min(last)) * taps + t];
-                if o != x.len() {
-                    tile[t * MR + r] = x[o..o + ci2].as_ptr();
-                }
-            }
-        }
-    }
+    // Every offset checked at once, the padding's counted as 0 (a loop without an early
+    // exit, which vectorises); the kernel then reads without a check each.
+    let offs = &offs[..tiles * taps * MR];
+    let padding = x.len();
+    let last = offs
+        .iter()
+        .map(|&o| if o == padding { 0 } else { o })
+        .fold(0, usize::max);
+    assert!(
+        ci2 <= x.len() && last <= x.len() - ci2,
+        "bf16 gemm_taps: an offset past x"
+    );
+    // The blocks of columns outside, so that one block of `B` stays in the cache while
+    // the tiles pass.
     #[cfg(target_arch = "x86_64")]
     for jb in 0..n.div_ceil(NR) {
         let cols = NR.min(n - jb * NR);
         let bp = &b[jb * k2 * NR..][..k2 * NR];
-        for (i, tp) in ptrs.chunks_exact(taps * MR).enumerate() {
+        for (i, to) in offs.chunks_exact(taps * MR).enumerate() {
             let i0 = i * MR;
             let tile = MR.min(rows - i0);
             let cp = &mut c[i0 * ldc + jb * NR..(i0 + tile - 1) * ldc + jb * NR + cols];
-            // SAFETY: AVX512-BF16 (checked); every pointer reads `ci2` pairs (of `x`,
-            // bounds-checked when taken, or of `zeros`), `bp` holds `k2` pairs of a block, `cp` `tile`
-            // rows of `cols` at stride `ldc`.
+            // SAFETY: AVX512-BF16 (checked); every offset but the padding's is at most
+            // `x.len() − ci2` (checked above), the padding reads `ci2` pairs of `zeros`;
+            // `to` holds `taps·MR` offsets, `bp` `k2` pairs of a block, `cp` `tile` rows
+            // of `cols` at stride `ldc`.
             unsafe {
                 avx512::kernel_taps(
                     ci2,
                     taps,
-                    tp.as_ptr(),
+                    x.as_ptr(),
+                    padding,
+                    zeros.as_ptr(),
+                    to.as_ptr(),
                     bp.as_ptr(),
                     cp.as_mut_ptr(),
                     ldc,
@@ -683,17 +688,22 @@ mod avx512 {
     }
 
     /// One `MR × NR` tile of [`super::gemm_taps`]: `c[..rows][..cols] = Σ_t Σ_q
-    /// ptrs[t][r][q] ⊗ b[t·ci2 + q]`, the sums kept in registers across the taps.
+    /// x[offs[t][r] + q] ⊗ b[t·ci2 + q]` (`zeros` for the offset `padding`), the sums kept
+    /// in registers across the taps.
     ///
     /// # Safety
-    /// AVX512-BF16 present; `ptrs` holds `taps·MR` pointers, each valid for `ci2` reads;
-    /// `b` valid for `taps·ci2·NR`, `c` for `rows` rows of stride `ldc`, `cols` each.
+    /// AVX512-BF16 present; `offs` holds `taps·MR` offsets, each `padding` or valid for
+    /// `ci2` reads at `x + offset`; `zeros` valid for `ci2` reads; `b` valid for
+    /// `taps·ci2·NR`, `c` for `rows` rows of stride `ldc`, `cols` each.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel_taps(
         ci2: usize,
         taps: usize,
-        ptrs: *const *const u32,
+        x: *const u32,
+        padding: usize,
+        zeros: *const u32,
+        offs: *const usize,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -703,7 +713,15 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut bp = b;
         for t in 0..taps {
-            let ar = *(ptrs.add(t * MR) as *const [*const u32; MR]);
+            let to = offs.add(t * MR);
+            let ar: [*const u32; MR] = std::array::from_fn(|r| {
+                let o = *to.add(r);
+                if o == padding {
+                    zeros
+                } else {
+                    x.wrapping_add(o)
+                }
+            });
             for q in 0..ci2 {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(bp as *const f32));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_ps(bp.add(16) as *const f32));

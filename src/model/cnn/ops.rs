@@ -433,27 +433,56 @@ fn bf16_band_rows(kdim: usize) -> usize {
 /// [`tap_pixels`]' mark of a tap that falls in the zero padding.
 const OUTSIDE: usize = bf16::OUTSIDE;
 
-/// For each output pixel `first..first + count` (numbered over the batch) and each of
-/// the `k·k` taps in the patch matrix's order, the input pixel it reads (numbered over
-/// the batch), or [`OUTSIDE`]: `out[r·k·k + tap]`.
-fn tap_pixels(s: &ConvShape, first: usize, count: usize, out: &mut [usize]) {
+/// For each output pixel `first..first + count` (numbered over the batch), the input
+/// pixel each of the `k·k` taps reads (numbered over the batch, in the patch matrix's
+/// order) times `scale`, or `outside` where the tap falls in the zero padding:
+/// `put(r, taps)` for the pixel `first + r`.
+fn tap_pixels(
+    s: &ConvShape,
+    first: usize,
+    count: usize,
+    scale: usize,
+    outside: usize,
+    mut put: impl FnMut(usize, &[usize]),
+) {
     let (oh, ow, k) = (s.oh(), s.ow(), s.k);
+    let taps = k * k;
+    // The taps' steps from the window's first pixel, for windows wholly inside.
+    let steps: Vec<usize> = (0..taps).map(|t| ((t / k) * s.w + t % k) * scale).collect();
+    let mut o = vec![0usize; taps];
     // The first pixel's place, then a step at a time.
     let (mut img, rest) = (first / (oh * ow), first % (oh * ow));
     let (mut oy, mut ox) = (rest / ow, rest % ow);
-    for o in out[..count * k * k].chunks_exact_mut(k * k) {
-        for (ky, row) in o.chunks_exact_mut(k).enumerate() {
-            let iy = (oy + ky).wrapping_sub(s.pad);
-            if iy >= s.h {
-                row.fill(OUTSIDE);
-                continue;
+    for r in 0..count {
+        let (y0, x0) = (
+            (oy as isize) - s.pad as isize,
+            (ox as isize) - s.pad as isize,
+        );
+        let inside = y0 >= 0 && x0 >= 0 && (y0 as usize) + k <= s.h && (x0 as usize) + k <= s.w;
+        if inside {
+            let base = ((img * s.h + y0 as usize) * s.w + x0 as usize) * scale;
+            for (v, &st) in o.iter_mut().zip(&steps) {
+                *v = base + st;
             }
-            let base = (img * s.h + iy) * s.w;
-            for (kx, v) in row.iter_mut().enumerate() {
-                let ix = (ox + kx).wrapping_sub(s.pad);
-                *v = if ix < s.w { base + ix } else { OUTSIDE };
+        } else {
+            for (ky, row) in o.chunks_exact_mut(k).enumerate() {
+                let iy = (oy + ky).wrapping_sub(s.pad);
+                if iy >= s.h {
+                    row.fill(outside);
+                    continue;
+                }
+                let base = (img * s.h + iy) * s.w;
+                for (kx, v) in row.iter_mut().enumerate() {
+                    let ix = (ox + kx).wrapping_sub(s.pad);
+                    *v = if ix < s.w {
+                        (base + ix) * scale
+                    } else {
+                        outside
+                    };
+                }
             }
         }
+        put(r, &o);
         ox += 1;
         if ox == ow {
             (ox, oy) = (0, oy + 1);
@@ -488,11 +517,16 @@ fn forward_bands_bf16(
         let mut done = 0;
         while done < rows {
             let r = TAP_BAND.min(rows - done);
-            let offs = grown(&mut scratch.offs, r * taps);
-            tap_pixels(s, first + done, r, offs);
-            for o in offs.iter_mut() {
-                *o = if *o == OUTSIDE { xp.len() } else { *o * ci2 };
-            }
+            // The offsets in tiles of the kernel's rows, tap by tap (rows past the band
+            // read the padding).
+            let offs = grown(&mut scratch.offs, r.div_ceil(bf16::MR) * bf16::MR * taps);
+            offs.fill(xp.len());
+            tap_pixels(s, first + done, r, ci2, xp.len(), |p, v| {
+                let (tile, row) = (p / bf16::MR, p % bf16::MR);
+                for (t, &o) in v.iter().enumerate() {
+                    offs[(tile * taps + t) * bf16::MR + row] = o;
+                }
+            });
             bf16::gemm_taps(
                 r,
                 s.co,
@@ -777,7 +811,9 @@ fn weight_grad_bands_bf16(
         let k2 = bf16::pairs(rows);
         let b = grown(&mut rows_b, k2 * ldb);
         let px = grown(&mut pix, rows * taps);
-        tap_pixels(s, first, rows, px);
+        tap_pixels(s, first, rows, 1, OUTSIDE, |p, v| {
+            px[p * taps..(p + 1) * taps].copy_from_slice(v)
+        });
         for (q, brow) in b.chunks_exact_mut(ldb).enumerate() {
             let (p0, p1) = (2 * q, 2 * q + 1);
             let hi = (p1 < rows).then(|| &px[p1 * taps..(p1 + 1) * taps]);
