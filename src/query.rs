@@ -62,6 +62,12 @@ pub fn limited_session(limits: Limits) -> Result<SessionContext> {
     Ok(ctx)
 }
 
+/// `s` as a SQL string literal: in single quotes, its own quotes doubled. The one place
+/// the crate quotes text into SQL (run names, splits, paths).
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// The SQL that only reads: no DDL (`CREATE [EXTERNAL] TABLE`, `CREATE VIEW`, `DROP`, …),
 /// no DML (`COPY … TO`, `INSERT`, `DELETE`, `UPDATE`) and no statements (`SET`, `RESET`,
 /// `PREPARE`, `EXECUTE`), checked over the whole plan (an `EXPLAIN ANALYZE COPY` too).
@@ -385,6 +391,21 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::Int32Array;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[tokio::test]
+    async fn a_literal_reads_back_as_its_text() {
+        assert_eq!(literal("a'b"), "'a''b'");
+        // What DataFusion reads back is the text itself, quotes and all.
+        let ctx = session();
+        for text in ["a'b", "''", "it's'; DROP TABLE t; --", "", "ü/ß\\"] {
+            let batches = run(&ctx, &format!("SELECT {} AS v", literal(text)))
+                .await
+                .unwrap();
+            let v =
+                datafusion::arrow::util::display::array_value_to_string(batches[0].column(0), 0);
+            assert_eq!(v.unwrap(), text);
+        }
+    }
 
     /// Every statement DataFusion 55 plans that writes a file, changes a table, a catalog
     /// or the session: `{dir}` is a folder no statement may write into.

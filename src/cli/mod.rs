@@ -529,8 +529,8 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         sent.bytes as f64 / 1e6
     );
     let ctx = query::session();
-    let path = a.out.display().to_string().replace('\'', "''");
-    let sql = include_str!("../../sql/stream_summary.sql").replace("{table}", &format!("'{path}'"));
+    let path = query::literal(&a.out.display().to_string());
+    let sql = include_str!("../../sql/stream_summary.sql").replace("{table}", &path);
     let batches = query::run(&ctx, &sql).await?;
     print!("{}", query::format_batches(&batches, OutputFormat::Table)?);
     Ok(code)

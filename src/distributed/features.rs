@@ -141,20 +141,20 @@ pub async fn write_cache_on_workers(
             remove_leftovers(&staging)?;
             let call = |image: &str| -> Result<String> {
                 Ok(format!(
-                    "{}('{}', '{stamp}', {width}, {image})",
+                    "{}({}, '{stamp}', {width}, {image})",
                     crate::features::udf::FROM_NAME,
                     sql_text(&ex_dir)?
                 ))
             };
             let sql = format!(
-                "SELECT idx, {} AS f{} FROM '{}/'",
+                "SELECT idx, {} AS f{} FROM {}",
                 call("image")?,
                 if remote_mirror {
                     format!(", {} AS m", call("hflip(image, 1.0)")?)
                 } else {
                     String::new()
                 },
-                sql_text(&staging)?,
+                sql_text(&staging.join(""))?,
             );
             let t = Instant::now();
             let images_before = left(&pending);
@@ -355,7 +355,7 @@ fn to_array(values: Vec<f32>, rows: usize, width: usize) -> Result<Array2<f32>> 
         .map_err(|e| Error::usage(format!("internal: features of {rows} images: {e}")))
 }
 
-/// A path as the text of a SQL string literal (quotes doubled).
+/// A path as a SQL string literal ([`crate::query::literal`]).
 fn sql_text(path: &Path) -> Result<String> {
     let s = path.to_str().ok_or_else(|| {
         Error::usage(format!(
@@ -363,7 +363,7 @@ fn sql_text(path: &Path) -> Result<String> {
             path.display()
         ))
     })?;
-    Ok(s.replace('\'', "''"))
+    Ok(crate::query::literal(s))
 }
 
 /// Removes temporary files a stopped job left in `dir` (they are not parts).

@@ -169,7 +169,7 @@ fn session(runs_root: &Path) -> Result<SessionContext> {
 /// `run` checked as a run name (so it is safe in a SQL string literal), quoted.
 fn quoted_run(runs_root: &Path, run: &str) -> Result<String> {
     Run::new(runs_root, run)?;
-    Ok(format!("'{}'", run.replace('\'', "''")))
+    Ok(crate::query::literal(run))
 }
 
 /// `runs_root/run/table`, for messages.
@@ -762,8 +762,7 @@ fn draw_bars(
 
 /// The last epoch of `run`'s confusion rows on `split`, if it has any.
 async fn confusion_epoch(ctx: &SessionContext, run: &str, split: &str) -> Result<Option<u32>> {
-    let q = format!("'{}'", run.replace('\'', "''"));
-    let s = format!("'{}'", split.replace('\'', "''"));
+    let (q, s) = (crate::query::literal(run), crate::query::literal(split));
     let batches = crate::query::run(
         ctx,
         &format!("SELECT max(epoch) AS epoch FROM confusion WHERE run = {q} AND split = {s}"),
