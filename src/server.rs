@@ -84,7 +84,7 @@ pub fn serve(listener: &TcpListener, opts: &ServeOptions) -> Result<ServeSummary
     if opts.batch_size == 0 {
         return Err(Error::usage("--batch-size must be at least 1"));
     }
-    check_format(opts.format, opts.image_side)?;
+    opts.format.check_side(opts.image_side)?;
     let side = dataset::check_side(opts.image_side)?;
     let files = dataset::load_split_sized(&opts.data, opts.split, side)?.0;
     let (conn, peer) = listener.accept().map_err(|e| Error::Net {
@@ -137,15 +137,6 @@ struct Chunk {
     epoch: u64,
 }
 
-/// An error when `format` cannot carry images of `side` (spark-json, the original's format,
-/// names 3,072 features: 32×32 only).
-pub fn check_format(format: Format, side: usize) -> Result<()> {
-    match format.refuses_side(side, "send them with --format ndjson or arrow") {
-        Some(why) => Err(Error::usage(why)),
-        None => Ok(()),
-    }
-}
-
 /// Stream `files` (one `Images` per dataset file) to `out` as the options say.
 pub fn stream_to<W: Write>(
     mut out: W,
@@ -153,7 +144,7 @@ pub fn stream_to<W: Write>(
     opts: &ServeOptions,
 ) -> Result<ServeSummary> {
     if let Some(f) = files.iter().find(|f| f.side != dataset::SIDE) {
-        check_format(opts.format, f.side)?;
+        opts.format.check_side(f.side)?;
     }
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();

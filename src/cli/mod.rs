@@ -222,7 +222,7 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         image_side: crate::dataset::check_side(a.image_size.unwrap_or(crate::dataset::SIDE))?,
     };
     if a.to.is_none() {
-        server::check_format(opts.format, opts.image_side)?;
+        opts.format.check_side(opts.image_side)?;
     }
     if let Some(to) = &a.to {
         if !(a.connect_timeout >= 0.0 && a.connect_timeout.is_finite()) {

@@ -195,7 +195,7 @@ pub fn publish_dataset(
     if opts.batch_size == 0 {
         return Err(Error::usage("--batch-size must be at least 1"));
     }
-    crate::server::check_format(opts.format, opts.image_side)?;
+    opts.format.check_side(opts.image_side)?;
     let side = crate::dataset::check_side(opts.image_side)?;
     let files = crate::dataset::load_split_sized(&opts.data, opts.split, side)?.0;
     let mut publisher = Publisher::connect(url, opts.format, timeout)?;

@@ -341,7 +341,7 @@ pub fn encode_record(
         ))
     })?;
     if format == Format::SparkJson {
-        crate::server::check_format(format, side)?;
+        format.check_side(side)?;
     }
     match format {
         Format::SparkJson => {

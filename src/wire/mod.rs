@@ -41,6 +41,15 @@ impl Format {
         })
     }
 
+    /// An error when the format cannot carry images of `side` (spark-json, the
+    /// original's format, names 3,072 features: 32×32 only), naming the formats that can.
+    pub fn check_side(self, side: usize) -> crate::error::Result<()> {
+        match self.refuses_side(side, "send them with --format ndjson or arrow") {
+            Some(why) => Err(Error::usage(why)),
+            None => Ok(()),
+        }
+    }
+
     /// All formats, for messages.
     pub const ALL: [Format; 3] = [Format::SparkJson, Format::Ndjson, Format::Arrow];
 
