@@ -966,14 +966,10 @@ pub fn maxpool_forward<T: Tap>(x: &[f32], shape: PoolShape, y: &mut [f32], arg: 
     );
     if p == 2 && std::mem::size_of::<T>() == 1 {
         let arg: &mut [u8] = bytemuck::cast_slice_mut(arg);
-        let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
-        let (x1, x2) = x.split_at(n1 * per_in);
-        let (y1, y2) = y.split_at_mut(n1 * per_out);
-        let (a1, a2) = arg.split_at_mut(n1 * per_out);
-        let (s1, s2) = (
-            PoolShape { n: n1, ..shape },
-            PoolShape { n: n - n1, ..shape },
-        );
+        let (s1, s2, at_in, at_out) = image_halves(shape);
+        let (x1, x2) = x.split_at(at_in);
+        let (y1, y2) = y.split_at_mut(at_out);
+        let (a1, a2) = arg.split_at_mut(at_out);
         both(
             x.len() >= PAR_ELEMS,
             (x1, y1, a1, s1),
@@ -1043,6 +1039,19 @@ pub fn maxpool2_backward_bf16(
     pool2_backward_halves(g, arg, shape, dx, pool2_backward_h)
 }
 
+/// A 2×2 pooling's images in two halves: the two shapes, and where the input and the
+/// output split.
+fn image_halves(shape: PoolShape) -> (PoolShape, PoolShape, usize, usize) {
+    let PoolShape { n, h, w, c, .. } = shape;
+    let n1 = n / 2;
+    (
+        PoolShape { n: n1, ..shape },
+        PoolShape { n: n - n1, ..shape },
+        n1 * h * w * c,
+        n1 * (h / 2) * (w / 2) * c,
+    )
+}
+
 /// Runs the 2×2 pooling's backward pass `f` on two halves of the images (on two threads
 /// where large).
 fn pool2_backward_halves<V: Copy + Send + Sync>(
@@ -1053,16 +1062,13 @@ fn pool2_backward_halves<V: Copy + Send + Sync>(
     f: fn(&[V], &[u8], PoolShape, &mut [V]),
 ) {
     let PoolShape { n, h, w, c, .. } = shape;
-    let (n1, per_in, per_out) = (n / 2, h * w * c, (h / 2) * (w / 2) * c);
+    let (per_in, per_out) = (h * w * c, (h / 2) * (w / 2) * c);
     assert!(dx.len() >= n * per_in && dy.len() >= n * per_out && arg.len() >= n * per_out);
     let big = dx.len() >= PAR_ELEMS;
-    let (d1, d2) = dx.split_at_mut(n1 * per_in);
-    let (g1, g2) = dy.split_at(n1 * per_out);
-    let (a1, a2) = arg.split_at(n1 * per_out);
-    let (s1, s2) = (
-        PoolShape { n: n1, ..shape },
-        PoolShape { n: n - n1, ..shape },
-    );
+    let (s1, s2, at_in, at_out) = image_halves(shape);
+    let (d1, d2) = dx.split_at_mut(at_in);
+    let (g1, g2) = dy.split_at(at_out);
+    let (a1, a2) = arg.split_at(at_out);
     both(big, (g1, a1, s1, d1), (g2, a2, s2, d2), |(g, a, s, d)| {
         f(g, a, s, d)
     })
