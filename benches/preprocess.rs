@@ -16,10 +16,10 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use cifar_df::batch::{make_batch, stream_schema};
 use cifar_df::dataset::synth;
 use cifar_df::dataset::Split;
-use cifar_df::pixels::{self, Normalize, Resize};
+use cifar_df::transforms::pixels::{self, Normalize, Resize};
+use cifar_df::wire::batch::{make_batch, stream_schema};
 use cifar_df::{query, transforms};
 
 const BATCH: usize = 128;

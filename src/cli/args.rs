@@ -100,83 +100,20 @@ pub struct TrainSourceArgs {
 }
 
 impl TrainSourceArgs {
-    /// The source: `--source` as given; `--data` (or the config's `data`) served over a
-    /// loopback TCP connection in this process; without either, `fallback` (a resumed
-    /// run's own source) or the built-in synthetic set over loopback.
-    pub(super) fn resolve(
-        &self,
-        split: Split,
-        epochs: Option<u64>,
-        batch_size: usize,
-        config_data: Option<&str>,
-        fallback: Option<TrainSource>,
-        sleep: f64,
-    ) -> anyhow::Result<(TrainSource, SourceOptions)> {
-        if !(sleep >= 0.0 && sleep.is_finite()) {
-            bail!("--sleep must be a number of seconds ≥ 0");
-        }
-        let sleep = Duration::from_secs_f64(sleep);
-        let source = match (&self.source, self.data.as_deref().or(config_data), fallback) {
-            (Some(s), _, _) => TrainSource::Spec(SourceSpec::parse(s)?),
-            (None, Some(d), _) => TrainSource::Loopback {
-                data: DataSpec::parse(d)?,
-                sleep,
-            },
-            (None, None, Some(TrainSource::Loopback { data, .. })) => {
-                TrainSource::Loopback { data, sleep }
-            }
-            (None, None, Some(f)) => f,
-            (None, None, None) => {
-                eprintln!(
-                    "no --source or --data given: streaming the built-in synthetic set over \
-                     loopback TCP"
-                );
-                TrainSource::Loopback {
-                    data: DataSpec::parse("synthetic")?,
-                    sleep,
-                }
-            }
-        };
-        if !(self.connect_timeout >= 0.0 && self.connect_timeout.is_finite()) {
-            bail!("--connect-timeout must be a number of seconds ≥ 0");
-        }
-        // A dataset over loopback is paced by its server; any other source by the reader.
-        let pace = match &source {
-            TrainSource::Spec(_) => sleep,
-            TrainSource::Loopback { .. } => Duration::ZERO,
-        };
-        Ok((
-            source,
-            SourceOptions {
-                format: self.format,
-                split,
-                batch_size,
-                epochs,
-                max_line_bytes: self.max_line_bytes,
-                connect_timeout: Duration::from_secs_f64(self.connect_timeout),
-                skip: 0,
-                follow: self.follow,
-                kafka_offsets: None,
-                pace,
-                shuffle: false,
-                // Set from the model by `train` and `predict`.
-                classes: crate::model::CLASSES,
-                // Set from the flag, the config or the run by `train` and `predict`.
-                image_side: crate::dataset::SIDE,
-            },
-        ))
-    }
-
-    pub(super) fn sql(
-        &self,
-        default: &str,
-        config_sql: Option<&PathBuf>,
-    ) -> anyhow::Result<String> {
-        match self.sql.as_ref().or(config_sql) {
-            Some(p) => {
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-            }
-            None => Ok(default.to_string()),
+    /// The flags as the plan's [`plan::SourceRequest`], with `sleep` seconds between
+    /// batches.
+    pub(super) fn request(&self, sleep: f64) -> plan::SourceRequest {
+        plan::SourceRequest {
+            source: self.source.clone(),
+            data: self.data.clone(),
+            format: self.format,
+            batch_size: self.batch_size,
+            max_line_bytes: self.max_line_bytes,
+            connect_timeout: self.connect_timeout,
+            follow: self.follow,
+            sql: self.sql.clone(),
+            image_size: self.image_size,
+            sleep,
         }
     }
 }
@@ -188,8 +125,8 @@ pub struct TrainArgs {
     /// hyper-parameters. Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Model: logreg, svm, mlp, kmeans or svm-kernel [default: logreg].
-    #[arg(long)]
+    /// The model (the list comes from the registry, `model::MODELS`).
+    #[arg(long, help = crate::model::registry::help())]
     pub model: Option<String>,
     /// The source.
     #[command(flatten)]
@@ -305,25 +242,34 @@ pub struct TrainArgs {
     pub classes: Option<String>,
 }
 
-/// The class names `--classes` gives: `N` (named "0" … "N-1") or comma-separated names.
-pub(super) fn parse_classes(s: &str) -> anyhow::Result<Vec<String>> {
-    let names: Vec<String> = match s.trim().parse::<usize>() {
-        Ok(n) => (0..n).map(|i| i.to_string()).collect(),
-        Err(_) => s.split(',').map(|n| n.trim().to_string()).collect(),
-    };
-    if !(2..=crate::dataset::MAX_CLASSES).contains(&names.len())
-        || names.iter().any(String::is_empty)
-    {
-        anyhow::bail!(
-            "--classes {s:?}: give a count from 2 to {} or that many non-empty names, \
-             comma-separated",
-            crate::dataset::MAX_CLASSES
-        );
-    }
-    Ok(names)
-}
-
 impl TrainArgs {
+    /// The hyper-parameters the flags set: each key with its value, `None` where the flag
+    /// is not given. `--lr` sets `lr_key` (the model's, from the registry).
+    pub(super) fn param_flags(
+        &self,
+        lr_key: &'static str,
+    ) -> [(&'static str, Option<toml::Value>); 10] {
+        let int = |n: usize| toml::Value::Integer(n as i64);
+        let text = |s: &String| toml::Value::String(s.clone());
+        [
+            (lr_key, self.lr.map(toml::Value::Float)),
+            ("alpha", self.alpha.map(toml::Value::Float)),
+            (
+                "hidden",
+                self.hidden
+                    .as_ref()
+                    .map(|h| toml::Value::Array(h.iter().map(|&n| int(n)).collect())),
+            ),
+            ("passes", self.passes.map(int)),
+            ("optimizer", self.optimizer.as_ref().map(text)),
+            ("loss", self.loss.as_ref().map(text)),
+            ("learning_rate", self.learning_rate.as_ref().map(text)),
+            ("k", self.k.map(int)),
+            ("buffer", self.buffer.map(int)),
+            ("kernel", self.kernel.as_ref().map(text)),
+        ]
+    }
+
     /// The run's settings: the config file (if any) with the flags applied on top.
     pub fn config(&self) -> anyhow::Result<(String, RunConfig)> {
         let mut cfg = match &self.config {
@@ -344,39 +290,11 @@ impl TrainArgs {
         if self.flip_test {
             cfg.flip_test = Some(true);
         }
-        let lr_key = if model == "svm" { "eta0" } else { "lr" };
-        let flags: [(&str, Option<toml::Value>); 9] = [
-            (lr_key, self.lr.map(toml::Value::Float)),
-            ("alpha", self.alpha.map(toml::Value::Float)),
-            (
-                "hidden",
-                self.hidden.as_ref().map(|h| {
-                    toml::Value::Array(h.iter().map(|&n| toml::Value::Integer(n as i64)).collect())
-                }),
-            ),
-            (
-                "passes",
-                self.passes.map(|n| toml::Value::Integer(n as i64)),
-            ),
-            ("optimizer", self.optimizer.clone().map(toml::Value::String)),
-            ("loss", self.loss.clone().map(toml::Value::String)),
-            (
-                "learning_rate",
-                self.learning_rate.clone().map(toml::Value::String),
-            ),
-            ("k", self.k.map(|n| toml::Value::Integer(n as i64))),
-            (
-                "buffer",
-                self.buffer.map(|n| toml::Value::Integer(n as i64)),
-            ),
-        ];
-        for (key, value) in flags {
+        let lr_key = crate::model::registry::find(&model)?.lr_key;
+        for (key, value) in self.param_flags(lr_key) {
             if let Some(v) = value {
                 cfg.set_param(&model, key, v);
             }
-        }
-        if let Some(k) = &self.kernel {
-            cfg.set_param(&model, "kernel", toml::Value::String(k.clone()));
         }
         if let Some(p) = &self.precision {
             if model != crate::model::cnn::NAME {

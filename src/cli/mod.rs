@@ -16,12 +16,11 @@ use crate::dataset::{DataSpec, Layout, Split};
 use crate::features::Extractor;
 use crate::plot;
 use crate::query::{self, OutputFormat};
-use crate::run::checkpoint;
 use crate::run::config::{self, RunConfig};
 use crate::run::metrics::Metrics;
-use crate::run::tables::{self, Run};
-use crate::run::trainer::{self, PredictOptions, Progress, TrainOptions, TrainSource};
-use crate::server::{self, ServeOptions};
+use crate::run::tables;
+use crate::run::trainer::{self, PredictOptions, Progress, TrainOptions};
+use crate::serve::{self, ServeOptions};
 use crate::sink::{self, parquet::ExportOptions};
 use crate::source::table;
 use crate::source::{self, SourceOptions, SourceSpec, DEFAULT_MAX_LINE_BYTES};
@@ -30,8 +29,9 @@ use crate::wire::Format;
 mod args;
 mod train;
 
+use crate::run::plan::{self, run_flip_test};
 pub use args::*;
-use train::{fit_patches, open_extractor, predict_cmd, train_cmd};
+use train::{open_extractor, predict_cmd, train_cmd};
 
 /// The message for a failed command: the error and each of its causes, every cause said
 /// once. (An error that already quotes its cause, as `Error::Io`'s "PATH: what the OS
@@ -135,28 +135,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Whether a run scores with test-time flip averaging: its saved config's `flip_test`.
-fn run_flip_test(run_dir: &Path) -> anyhow::Result<bool> {
-    let path = run_dir.join(crate::run::checkpoint::CONFIG_FILE);
-    if !path.is_file() {
-        return Ok(false);
-    }
-    Ok(RunConfig::load(&path)?.flip_test.unwrap_or(false))
-}
-
-/// The side of a run's images: its saved config's `image_size`, or CIFAR's 32.
-fn run_image_side(run_dir: &Path) -> anyhow::Result<usize> {
-    let path = run_dir.join(crate::run::checkpoint::CONFIG_FILE);
-    if !path.is_file() {
-        return Ok(crate::dataset::SIDE);
-    }
-    Ok(RunConfig::load(&path)?.image_side())
-}
-
 fn export_model_cmd(a: ExportModelArgs) -> anyhow::Result<ExitCode> {
     use crate::model::cnn::onnx;
-    let dir = crate::features::cnn::run_folder(&a.run, &a.runs);
-    let e = crate::features::cnn::CnnExtractor::from_run(&dir, a.checkpoint.as_deref())?;
+    let dir = crate::run::extractor::run_folder(&a.run, &a.runs);
+    let e = crate::run::extractor::cnn_of_run(&dir, a.checkpoint.as_deref())?;
     let tta = onnx::Tta {
         flip: run_flip_test(&dir)?,
         translate: e.params.tta_translate,
@@ -248,14 +230,14 @@ async fn stream_cmd(a: StreamArgs, progress: bool) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let listener = server::bind(&a.host, a.port)?;
-    let addr = server::local_addr(&listener)?;
+    let listener = serve::bind(&a.host, a.port)?;
+    let addr = serve::local_addr(&listener)?;
     if !addr.ip().is_loopback() {
         tracing::warn!("serving on {addr}, reachable from other machines");
     }
     eprintln!("listening on {addr}");
     let t = Instant::now();
-    let summary = tokio::task::spawn_blocking(move || server::serve(&listener, &opts)).await??;
+    let summary = tokio::task::spawn_blocking(move || serve::serve(&listener, &opts)).await??;
     let secs = t.elapsed().as_secs_f64().max(1e-9);
     if progress {
         eprintln!(
@@ -493,8 +475,8 @@ async fn plot_cmd(a: PlotArgs) -> anyhow::Result<ExitCode> {
 async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let data = DataSpec::parse(&a.data)?;
     eprintln!("demo: streaming {data} over loopback TCP, reading it back, exporting to Parquet");
-    let listener = server::bind("127.0.0.1", 0)?;
-    let addr = server::local_addr(&listener)?;
+    let listener = serve::bind("127.0.0.1", 0)?;
+    let addr = serve::local_addr(&listener)?;
     let serve_opts = ServeOptions {
         data,
         split: Split::Train,
@@ -508,7 +490,7 @@ async fn demo(a: DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         shuffle: None,
         image_side: crate::dataset::SIDE,
     };
-    let server = tokio::task::spawn_blocking(move || server::serve(&listener, &serve_opts));
+    let server = tokio::task::spawn_blocking(move || serve::serve(&listener, &serve_opts));
     let spec = SourceSpec::Tcp {
         host: addr.ip().to_string(),
         port: addr.port(),
@@ -673,11 +655,15 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
     } else {
         let e = match given {
             Some(spec) => open_given(spec)?,
-            None => fit_patches(
-                &cfg.patch_params()?.unwrap_or_default(),
-                &data,
-                asked.unwrap_or(crate::dataset::SIDE),
-            )?,
+            None => {
+                let (e, note) = crate::features::fit_patches(
+                    &cfg.patch_params()?.unwrap_or_default(),
+                    &data,
+                    asked.unwrap_or(crate::dataset::SIDE),
+                )?;
+                eprintln!("{note}");
+                e
+            }
         };
         if let Some(s) = asked {
             e.check_side(s)?;
@@ -745,26 +731,4 @@ async fn features_cmd(a: FeaturesArgs, progress: bool) -> anyhow::Result<ExitCod
         a.out.display()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// `YYYYMMDD-HHMMSS` in UTC, for default run names.
-fn chrono_like_stamp() -> String {
-    let secs = tables::now_ms() / 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

@@ -5,7 +5,7 @@
 //! The classes are the folder names of `train/` in sorted (byte) order, label 0 first. Each
 //! image is decoded (JPEG with zune-jpeg, PNG with png; grey, grey + alpha, palette and
 //! RGBA all become RGB, alpha dropped, 16-bit samples cut to 8), resized to 32×32 with the
-//! pipeline's own bilinear kernel ([`crate::pixels::Resize`], half-pixel
+//! pipeline's own bilinear kernel ([`crate::transforms::pixels::Resize`], half-pixel
 //! centres) unless it already is, and laid out as a CIFAR row (red plane, green, blue).
 //! Files are decoded on every core. A file that is not an image, is truncated or has zero
 //! size is rejected: named with its path and reason, counted, and the rest go on. The
@@ -29,8 +29,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use super::{image_bytes, Images, Split, MAX_CLASSES, SIDE};
 use crate::error::{Error, Result};
 use crate::limits::human;
-use crate::pixels::Resize;
 use crate::rng::SplitMix;
+use crate::transforms::pixels::Resize;
 
 /// Bytes read from one image file at most: a larger file is refused without being read.
 pub const MAX_FILE_BYTES: u64 = 64 << 20;

@@ -275,7 +275,7 @@ impl Images {
         if side == self.side {
             return Ok(self);
         }
-        let plan = crate::pixels::Resize::new(self.side, side, side)?;
+        let plan = crate::transforms::pixels::Resize::new(self.side, side, side)?;
         let b = image_bytes(side);
         let mut pixels = vec![0u8; self.len() * b];
         for (src, dst) in self

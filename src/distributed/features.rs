@@ -259,13 +259,17 @@ fn stage_part(all: &Images, first: usize, last: usize, path: &Path) -> Result<()
     let pixels = all.pixels[first * per..last * per].to_vec();
     let schema = Arc::new(Schema::new(vec![
         Field::new("idx", DataType::UInt32, false),
-        Field::new("image", crate::batch::image_type_sized(all.side), false),
+        Field::new(
+            "image",
+            crate::wire::batch::image_type_sized(all.side),
+            false,
+        ),
     ]));
     let batch = RecordBatch::try_new(
         schema,
         vec![
             Arc::new(UInt32Array::from(idx)) as ArrayRef,
-            Arc::new(crate::batch::image_array_sized(pixels, all.side)?),
+            Arc::new(crate::wire::batch::image_array_sized(pixels, all.side)?),
         ],
     )?;
     write_parquet_file(path, &[batch])
@@ -352,7 +356,7 @@ fn take_rows(
 
 fn to_array(values: Vec<f32>, rows: usize, width: usize) -> Result<Array2<f32>> {
     Array2::from_shape_vec((rows, width), values)
-        .map_err(|e| Error::usage(format!("internal: features of {rows} images: {e}")))
+        .map_err(|e| Error::internal(format!("features of {rows} images: {e}")))
 }
 
 /// A path as a SQL string literal ([`crate::query::literal`]).

@@ -8,7 +8,7 @@
 //! frozen: saved into a feature cache's `extractor/` folder like the other kinds, its
 //! stamp a hash of its tensors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::Array2;
 
@@ -33,22 +33,11 @@ pub struct CnnExtractor {
 }
 
 impl CnnExtractor {
-    /// The network of the run folder `run` at checkpoint `checkpoint` (the latest when
-    /// `None`). A run without checkpoints or whose model is not a CNN is an error naming
-    /// it.
-    pub fn from_run(run: &Path, checkpoint: Option<&str>) -> Result<Self> {
-        let root = run.join("checkpoints");
-        let ck = match checkpoint {
-            Some(c) => crate::run::checkpoint::find(&root, c)?,
-            None => crate::run::checkpoint::latest(&root)?.ok_or_else(|| {
-                Error::usage(format!(
-                    "--extractor {RUN_PREFIX}{}: the run has no checkpoint to take a CNN \
-                     from (is it a run folder?)",
-                    run.display()
-                ))
-            })?,
-        };
-        let model = ck.model()?;
+    /// The network saved in checkpoint folder `dir`, named `name`, of the run folder
+    /// `run` (the run's side finds the folder: [`crate::run::extractor`]). A model that
+    /// is not a CNN, or one that has not learnt yet, is an error naming the run.
+    pub fn from_run_checkpoint(run: &Path, dir: &Path, name: &str) -> Result<Self> {
+        let model = crate::model::load(dir)?;
         if model.name() != crate::model::cnn::NAME {
             return Err(Error::usage(format!(
                 "--extractor {RUN_PREFIX}{}: the run's model is {:?}, not a CNN (train one \
@@ -57,20 +46,19 @@ impl CnnExtractor {
                 model.name()
             )));
         }
-        let cnn = Cnn::load(&ck.dir)?;
+        let cnn = Cnn::load(dir)?;
         let Some(net) = cnn.net().cloned() else {
             return Err(Error::usage(format!(
-                "--extractor {RUN_PREFIX}{}: checkpoint {} holds a CNN that has not learnt \
+                "--extractor {RUN_PREFIX}{}: checkpoint {name} holds a CNN that has not learnt \
                  anything yet",
                 run.display(),
-                ck.name()
             )));
         };
         Ok(CnnExtractor {
             params: cnn.params().clone(),
             kernel: cnn.scoring_kernel(),
             net,
-            source: format!("{}@{}", run.display(), ck.name()),
+            source: format!("{}@{name}", run.display()),
         })
     }
 
@@ -104,7 +92,7 @@ impl CnnExtractor {
             self.net
                 .forward_score(&x, end - start, Some(&mut feats), self.kernel);
             let v = ndarray::ArrayView2::from_shape((end - start, w), &feats)
-                .map_err(|e| Error::usage(format!("cnn extractor: internal: {e}")))?;
+                .map_err(|e| Error::internal(format!("cnn extractor: {e}")))?;
             out.slice_mut(ndarray::s![start..end, ..]).assign(&v);
         }
         Ok(out)
@@ -129,17 +117,6 @@ fn nhwc(pixels: &[u8], side: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// The run folder `run:NAME` names: NAME itself when it is a folder holding a run,
-/// else NAME under `runs`.
-pub fn run_folder(name: &str, runs: &Path) -> PathBuf {
-    let direct = PathBuf::from(name);
-    if direct.join("run.json").is_file() {
-        direct
-    } else {
-        runs.join(name)
-    }
 }
 
 /// What `extractor.json` of a CNN extractor holds besides the kind and stamp.

@@ -173,7 +173,7 @@ impl Extractor {
         let per = crate::dataset::image_bytes(side);
         let mut flipped = vec![0u8; pixels.len()];
         for (d, s) in flipped.chunks_exact_mut(per).zip(pixels.chunks_exact(per)) {
-            crate::pixels::hflip(s, side, d)?;
+            crate::transforms::pixels::hflip(s, side, d)?;
         }
         self.encode_sized(&flipped, side)
     }
@@ -204,24 +204,16 @@ impl Extractor {
         }
     }
 
-    /// The extractor `--extractor SPEC` names: `onnx:FILE` (an ONNX model, with
-    /// `params`), `run:NAME` (the CNN of run NAME under `runs`, or of the run folder
-    /// NAME, at its latest checkpoint or `run:NAME@CHECKPOINT`) or a fitted extractor
-    /// folder (`params` must then be the defaults).
-    pub fn open(spec: &str, params: OnnxParams, runs: &Path) -> Result<Extractor> {
-        if let Some(run) = spec.strip_prefix(cnn::RUN_PREFIX) {
-            if params != OnnxParams::default() {
-                return Err(Error::usage(format!(
-                    "--node and ONNX parameters apply to --extractor {ONNX_PREFIX}FILE, not \
-                     to {spec}"
-                )));
-            }
-            let (name, checkpoint) = match run.rsplit_once('@') {
-                Some((n, c)) => (n, Some(c)),
-                None => (run, None),
-            };
-            let folder = cnn::run_folder(name, runs);
-            return Ok(Extractor::Cnn(CnnExtractor::from_run(&folder, checkpoint)?));
+    /// The extractor `--extractor SPEC` names, where SPEC is not a run's CNN: `onnx:FILE`
+    /// (an ONNX model, with `params`) or a fitted extractor folder (`params` must then be
+    /// the defaults). `run:NAME` needs the run store: [`crate::run::extractor::open`]
+    /// opens every kind.
+    pub fn open(spec: &str, params: OnnxParams) -> Result<Extractor> {
+        if spec.starts_with(cnn::RUN_PREFIX) {
+            return Err(Error::usage(format!(
+                "--extractor {spec}: a run's CNN is opened through the run store \
+                 (cifar_df::run::extractor::open)"
+            )));
         }
         if let Some(file) = spec.strip_prefix(ONNX_PREFIX) {
             return Ok(Extractor::Onnx(OnnxExtractor::open(
@@ -477,4 +469,36 @@ fn fingerprint(p: &PatchExtractor) -> u64 {
             .chain(p.feature_std.iter())
             .flat_map(|v| v.to_le_bytes()),
     )
+}
+
+/// Fits a patch extractor on the first `fit_images` training images of `data`, at
+/// `side`×`side`; with a line saying what it fitted on, and how long it took.
+pub fn fit_patches(
+    params: &PatchParams,
+    data: &crate::dataset::DataSpec,
+    side: usize,
+) -> Result<(Extractor, String)> {
+    let t = std::time::Instant::now();
+    let per = crate::dataset::image_bytes(side);
+    // Only the fitting images are resized: a file past them is not touched.
+    let (files, _) = crate::dataset::load_split_first(
+        data,
+        crate::dataset::Split::Train,
+        side,
+        params.fit_images,
+    )?;
+    let mut pixels = Vec::new();
+    for f in &files {
+        let want = params.fit_images * per;
+        let room = want.saturating_sub(pixels.len());
+        pixels.extend_from_slice(&f.pixels[..room.min(f.pixels.len())]);
+    }
+    let e = Extractor::Patches(PatchExtractor::fit(params, &pixels, side)?);
+    let note = format!(
+        "extractor fitted on {} images of {side}x{side} in {:.1} s: {}",
+        pixels.len() / per,
+        t.elapsed().as_secs_f64(),
+        e.describe()
+    );
+    Ok((e, note))
 }

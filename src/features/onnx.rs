@@ -35,7 +35,7 @@ use tract_onnx::prelude::{
 };
 
 use crate::error::{Error, Result};
-use crate::pixels::Resize;
+use crate::transforms::pixels::Resize;
 
 /// Side of the stream's images.
 const SIDE: usize = crate::dataset::SIDE;

@@ -64,7 +64,7 @@ impl ExtractUdf {
 fn image_side(name: &str, t: &DataType) -> Result<usize> {
     match t {
         DataType::FixedSizeList(f, n) if f.data_type() == &DataType::UInt8 => {
-            match crate::pixels::side(*n as usize) {
+            match crate::transforms::pixels::side(*n as usize) {
                 Some(s) => Ok(s),
                 None => plan_err!(
                     "{name}: an image of {n} values is not a square RGB image (3·side² values)"
@@ -127,7 +127,7 @@ fn features_of(
     };
     let n = list.len();
     let per = list.value_length() as usize;
-    let Some(side) = crate::pixels::side(per) else {
+    let Some(side) = crate::transforms::pixels::side(per) else {
         return exec_err!("{name}: an image of {per} values is not a square RGB image");
     };
     let start = list.offset() * per;

@@ -77,9 +77,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, TENSORS_FILE,
-};
+use super::{check_features, save_checkpoint, Checkpoint, Learner, TensorsOut, TENSORS_FILE};
 use crate::error::{Error, Result};
 
 /// The model's name: [`Learner::name`] and the `"model"` field of its checkpoint.
@@ -662,7 +660,7 @@ fn fit_window(
     };
     let k = kernel_matrix(x, kernel, gamma);
     let Some(k) = k.as_slice().filter(|k| k.iter().all(|v| v.is_finite())) else {
-        return Err(Error::usage(format!(
+        return Err(Error::model(format!(
             "{NAME}: the kernel matrix overflows f32 (features too large); not fitted"
         )));
     };
@@ -712,7 +710,7 @@ fn fit_window(
             failed
         });
         if failed {
-            return Err(Error::usage(format!(
+            return Err(Error::internal(format!(
                 "{NAME}: a solver thread failed; not fitted"
             )));
         }
@@ -739,7 +737,7 @@ fn fit_window(
         }
     }
     if coef_full.iter().chain(&rho).any(|v| !v.is_finite()) {
-        return Err(Error::usage(format!(
+        return Err(Error::model(format!(
             "{NAME}: the solver produced non-finite coefficients (features too large); not fitted"
         )));
     }
@@ -945,6 +943,21 @@ fn ln_sigmoid(d: f64) -> f64 {
     }
 }
 
+impl crate::model::Model for KernelSvm {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str =
+        "kernel SVM (RBF or linear), one-vs-rest, refitted on a window of the stream";
+    type Params = KernelSvmParams;
+
+    fn build(params: KernelSvmParams) -> Result<Self> {
+        KernelSvm::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        KernelSvm::load(dir)
+    }
+}
+
 impl Learner for KernelSvm {
     fn name(&self) -> &'static str {
         NAME
@@ -964,12 +977,8 @@ impl Learner for KernelSvm {
     /// whose squared norm is not below `f32::MAX / 4` are refused with the rest of the
     /// batch (their kernel values could overflow). If the fit itself fails, the batch
     /// stays buffered, the previous fit stays in place, and the call returns `Err`.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features, self.params.classes)?;
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         let n = x.nrows();
-        if n == 0 {
-            return Ok(0.0);
-        }
         if self.n_features.is_none() {
             let m = self.params.buffer.saturating_add(n);
             crate::limits::check(
@@ -988,7 +997,7 @@ impl Learner for KernelSvm {
             .into_iter()
             .position(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() >= limit)
         {
-            return Err(Error::usage(format!(
+            return Err(Error::data(format!(
                 "{NAME}: batch row {r}: features too large (squared norm not below f32::MAX / 4)"
             )));
         }

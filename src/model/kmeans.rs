@@ -21,8 +21,7 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
-    TENSORS_FILE,
+    check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
 
@@ -376,7 +375,7 @@ fn push_row_sq_norms(x: ArrayView2<f32>, out: &mut Vec<f32>) -> Result<()> {
     for (i, row) in x.rows().into_iter().enumerate() {
         let sq = row.dot(&row);
         if too_large(sq) {
-            return Err(Error::usage(format!(
+            return Err(Error::data(format!(
                 "kmeans: batch row {i} is too large (squared norm {sq:e} > {MAX_SQ_NORM:e}); \
                  scale the features"
             )));
@@ -498,6 +497,20 @@ fn seed_centres(
     s
 }
 
+impl crate::model::Model for KMeans {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str = "mini-batch k-means; each cluster predicts its majority class";
+    type Params = KMeansParams;
+
+    fn build(params: KMeansParams) -> Result<Self> {
+        KMeans::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        KMeans::load(dir)
+    }
+}
+
 impl Learner for KMeans {
     fn name(&self) -> &'static str {
         NAME
@@ -521,12 +534,8 @@ impl Learner for KMeans {
     /// The batch is checked first (as [`Learner::partial_fit`] says, plus no row of
     /// squared norm above 1e36); a bad batch is an `Err` and changes nothing. An empty
     /// batch is `Ok(0.0)` and changes nothing.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features(), self.params.classes)?;
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         let n = x.nrows();
-        if n == 0 {
-            return Ok(0.0);
-        }
         let d = x.ncols();
         if self.centres.is_none() {
             crate::limits::check(

@@ -428,6 +428,20 @@ fn grad_into(
     ce
 }
 
+impl crate::model::Model for LogReg {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str = "softmax regression, mini-batch SGD with an L2 penalty";
+    type Params = LogRegParams;
+
+    fn build(params: LogRegParams) -> Result<Self> {
+        LogReg::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        LogReg::load(dir)
+    }
+}
+
 impl Learner for LogReg {
     fn name(&self) -> &'static str {
         NAME
@@ -445,12 +459,8 @@ impl Learner for LogReg {
     /// starts the weights at zero. If a step would make a parameter non-finite (too
     /// large a learning rate or too large features), it is not taken and the call
     /// returns `Err`; the steps of the batch's earlier mini-batches stay taken.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features(), self.params.classes)?;
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         let n = x.nrows();
-        if n == 0 {
-            return Ok(0.0);
-        }
         let d = x.ncols();
         let LogReg {
             params,

@@ -607,6 +607,20 @@ impl Mlp {
     }
 }
 
+impl crate::model::Model for Mlp {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str = "fully connected network, ReLU, Adam or SGD with momentum";
+    type Params = MlpParams;
+
+    fn build(params: MlpParams) -> Result<Self> {
+        Mlp::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        Mlp::load(dir)
+    }
+}
+
 impl Learner for Mlp {
     fn name(&self) -> &'static str {
         NAME
@@ -622,12 +636,8 @@ impl Learner for Mlp {
 
     /// See [`Learner::partial_fit`]; the loss is that of the first pass. If a step
     /// makes a parameter non-finite the call returns `Err` (lower `lr`).
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features(), self.params.classes)?;
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         let (n, d) = x.dim();
-        if n == 0 {
-            return Ok(0.0);
-        }
         let bs = self.params.batch_size.min(n);
         if self.layers.is_empty() {
             crate::limits::check(
@@ -675,7 +685,7 @@ impl Learner for Mlp {
             .iter()
             .all(|l| l.w.iter().chain(l.b.iter()).all(|v| v.is_finite()));
         if !finite {
-            return Err(Error::usage(format!(
+            return Err(Error::model(format!(
                 "mlp: the weights became non-finite at step {} (lower lr, now {})",
                 self.steps, self.params.lr
             )));
@@ -709,7 +719,7 @@ impl Learner for Mlp {
             oc.assign(&acts[acts.len() - 1].slice(s![..m, ..]));
         }
         if let Some(r) = super::first_non_finite_row(out.view()) {
-            return Err(Error::usage(format!(
+            return Err(Error::data(format!(
                 "mlp: batch row {r}: the outputs overflow (features too large)"
             )));
         }

@@ -30,8 +30,11 @@ pub use kernels::set_threads;
 pub mod kmeans;
 pub mod logreg;
 pub mod mlp;
+pub mod registry;
 pub mod ridge;
 pub mod svm;
+
+pub use registry::{Model, ModelKind};
 
 pub use cnn::{Cnn, CnnParams};
 pub use kernel_svm::{KernelSvm, KernelSvmParams};
@@ -86,8 +89,20 @@ pub trait Learner: Send {
     /// The whole batch is checked before any update: a width different from
     /// [`n_features`](Learner::n_features), a label ≥ K, a non-finite feature
     /// or `x` and `y` of different lengths is an `Err` and leaves the model unchanged.
-    /// An empty batch (n = 0) is `Ok(0.0)` and changes nothing.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64>;
+    /// An empty batch (n = 0) is `Ok(0.0)` and changes nothing. Models do not override
+    /// this: they learn in [`fit_batch`](Learner::fit_batch), which sees checked,
+    /// non-empty batches only.
+    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
+        check_batch(x, y, self.n_features(), self.classes())?;
+        if x.nrows() == 0 {
+            return Ok(0.0);
+        }
+        self.fit_batch(x, y)
+    }
+
+    /// The model's own step of [`partial_fit`](Learner::partial_fit), on a batch
+    /// already checked and not empty; returns the same loss.
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64>;
 
     /// Class probabilities: an n × K matrix whose rows sum to 1.
     ///
@@ -123,13 +138,30 @@ pub trait Learner: Send {
 
     /// [`partial_fit`](Learner::partial_fit), and, where
     /// [`scores_while_learning`](Learner::scores_while_learning), the n × K
-    /// probabilities of each image before the step that learnt it.
+    /// probabilities of each image before the step that learnt it (an empty batch: none
+    /// to give, a 0 × K matrix).
     fn partial_fit_scored(
         &mut self,
         x: ArrayView2<f32>,
         y: ArrayView1<u16>,
     ) -> Result<(f64, Option<Array2<f32>>)> {
-        Ok((self.partial_fit(x, y)?, None))
+        check_batch(x, y, self.n_features(), self.classes())?;
+        if x.nrows() == 0 {
+            let none = Array2::zeros((0, self.classes()));
+            return Ok((0.0, self.scores_while_learning().then_some(none)));
+        }
+        self.fit_batch_scored(x, y)
+    }
+
+    /// [`fit_batch`](Learner::fit_batch) with the scores of
+    /// [`partial_fit_scored`](Learner::partial_fit_scored), on a checked, non-empty
+    /// batch. Models that score while learning override it.
+    fn fit_batch_scored(
+        &mut self,
+        x: ArrayView2<f32>,
+        y: ArrayView1<u16>,
+    ) -> Result<(f64, Option<Array2<f32>>)> {
+        Ok((self.fit_batch(x, y)?, None))
     }
 
     /// Learns on in another precision of its products from here on (`--precision` on a
@@ -172,34 +204,29 @@ pub fn load(dir: &Path) -> Result<Box<dyn Learner>> {
         model: String,
     }
     let kind: Kind = parse_json(&path, &bytes)?;
-    match kind.model.as_str() {
-        logreg::NAME => Ok(Box::new(LogReg::load(dir)?)),
-        svm::NAME => Ok(Box::new(Svm::load(dir)?)),
-        mlp::NAME => Ok(Box::new(Mlp::load(dir)?)),
-        kmeans::NAME => Ok(Box::new(KMeans::load(dir)?)),
-        kernel_svm::NAME => Ok(Box::new(KernelSvm::load(dir)?)),
-        ridge::NAME => Ok(Box::new(Ridge::load(dir)?)),
-        cnn::NAME => Ok(Box::new(cnn::Cnn::load(dir)?)),
-        other => Err(Error::format(
+    match MODELS.iter().find(|k| k.name == kind.model) {
+        Some(k) => k.load(dir),
+        None => Err(Error::format(
             &path,
             0,
             format!(
-                "unknown model kind {other:?} (known: {})",
-                MODELS.join(", ")
+                "unknown model kind {:?} (known: {})",
+                kind.model,
+                registry::names().join(", ")
             ),
         )),
     }
 }
 
-/// Every model `train --model` knows, by name.
-pub const MODELS: [&str; 7] = [
-    logreg::NAME,
-    svm::NAME,
-    mlp::NAME,
-    kmeans::NAME,
-    kernel_svm::NAME,
-    ridge::NAME,
-    cnn::NAME,
+/// Every model cifar-df has, one line each (see [`registry`]); the first is the default.
+pub static MODELS: &[ModelKind] = &[
+    ModelKind::of::<LogReg>(),
+    ModelKind::of::<Svm>(),
+    ModelKind::of::<Mlp>(),
+    ModelKind::of::<KMeans>(),
+    ModelKind::of::<KernelSvm>(),
+    ModelKind::of::<Ridge>(),
+    ModelKind::of::<Cnn>(),
 ];
 
 /// Each row of scores `z` into probabilities in place: `softmax(z / temperature)`, from
@@ -234,12 +261,12 @@ pub(crate) fn check_features(x: ArrayView2<f32>, expected: Option<usize>) -> Res
     let d = x.ncols();
     match expected {
         Some(e) if e != d => {
-            return Err(Error::usage(format!(
+            return Err(Error::data(format!(
                 "batch has {d} features per row but the model expects {e}"
             )))
         }
         None if d == 0 && x.nrows() > 0 => {
-            return Err(Error::usage("batch has rows but no feature columns"))
+            return Err(Error::data("batch has rows but no feature columns"))
         }
         _ => {}
     }
@@ -249,7 +276,7 @@ pub(crate) fn check_features(x: ArrayView2<f32>, expected: Option<usize>) -> Res
     };
     if !all_finite {
         if let Some(((r, c), v)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::usage(format!(
+            return Err(Error::data(format!(
                 "batch row {r}, feature {c} is {v}: features must be finite"
             )));
         }
@@ -266,7 +293,7 @@ pub(crate) fn check_batch(
     classes: usize,
 ) -> Result<()> {
     if x.nrows() != y.len() {
-        return Err(Error::usage(format!(
+        return Err(Error::data(format!(
             "batch has {} rows but {} labels",
             x.nrows(),
             y.len()
@@ -277,7 +304,7 @@ pub(crate) fn check_batch(
         .enumerate()
         .find(|(_, &l)| usize::from(l) >= classes)
     {
-        return Err(Error::usage(format!(
+        return Err(Error::data(format!(
             "batch row {i} has label {l}; labels must be below {classes} (the model's classes)"
         )));
     }
@@ -307,10 +334,8 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u
     })
 }
 
-/// Creates the checkpoint folder `dir` if needed.
-pub(crate) fn create_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
-}
+/// Creates the checkpoint folder `dir` if needed (the store's).
+pub(crate) use crate::store::create_dir;
 
 /// The tensors of a checkpoint being written: name, shape and little-endian data, copied
 /// or (the large ones, [`TensorsOut::f32_slice`], [`TensorsOut::f64_slice`]) borrowed.
@@ -915,12 +940,13 @@ mod tests {
     fn every_model_saves_the_same_bytes_every_time() {
         let mut rng = SplitMix(5);
         let (x, y) = test_util::random_batch(&mut rng, 40, 3072);
-        for name in MODELS {
+        for kind in MODELS {
+            let name = kind.name;
             let mut table = toml::Table::new();
             if name == "svm-kernel" {
                 table.insert("buffer".into(), toml::Value::Integer(20));
             }
-            let mut m = crate::run::config::build_model(name, &table).unwrap();
+            let mut m = kind.build(&table).unwrap();
             m.partial_fit(x.view(), y.view()).unwrap();
             let first = tempfile::tempdir().unwrap();
             m.save(first.path()).unwrap();

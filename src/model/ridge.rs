@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use ndarray::{Array2, ArrayView1, ArrayView2, ShapeBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{check_batch, check_features, save_checkpoint, Checkpoint, Learner, TensorsOut};
+use super::{check_features, save_checkpoint, Checkpoint, Learner, TensorsOut};
 use crate::error::{Error, Result};
 use crate::linalg;
 
@@ -585,7 +585,7 @@ impl Ridge {
                 Err(e) => last = e,
             }
         }
-        Err(Error::usage(format!(
+        Err(Error::model(format!(
             "{NAME}: the Nyström solve failed: {last}"
         )))
     }
@@ -594,7 +594,7 @@ impl Ridge {
     /// coefficients (RBF) or primal weights `Xᵀ·A` (linear).
     fn set_solution(&mut self, alpha: Array2<f32>, n: usize) -> Result<()> {
         if alpha.iter().any(|v| !v.is_finite()) {
-            return Err(Error::usage(format!(
+            return Err(Error::model(format!(
                 "{NAME}: the solve produced non-finite weights (features too large); not fitted"
             )));
         }
@@ -651,7 +651,7 @@ impl Ridge {
             }
         });
         let alpha = linalg::cholesky_solve(a, &targets)
-            .map_err(|e| Error::usage(format!("{NAME}: the solve failed: {e}")))?
+            .map_err(|e| Error::model(format!("{NAME}: the solve failed: {e}")))?
             .mapv(|v| v as f32);
         self.set_solution(alpha, n)?;
         self.bias = None;
@@ -703,12 +703,9 @@ impl Ridge {
 
     /// Scores the batch with the latest solve (the probabilities and the loss), then
     /// learns it: [`Learner::partial_fit_scored`].
+    /// [`Learner::fit_batch_scored`]'s step, on a checked, non-empty batch.
     fn learn(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<(f64, Array2<f32>)> {
-        check_batch(x, y, self.n_features, self.params.classes)?;
         let n = x.nrows();
-        if n == 0 {
-            return Ok((0.0, Array2::zeros((0, self.params.classes))));
-        }
         // A frozen Nyström model scores and learns the batch from the same kernel rows
         // (its landmarks are the images of its solves), computed once.
         let frozen_k = (self.ny.is_some() && self.n_fit == self.y.len() && self.alpha.is_some())
@@ -936,6 +933,20 @@ impl Ridge {
     }
 }
 
+impl crate::model::Model for Ridge {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str = "one-vs-rest kernel ridge regression, for learnt patch features";
+    type Params = RidgeParams;
+
+    fn build(params: RidgeParams) -> Result<Self> {
+        Ridge::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        Ridge::load(dir)
+    }
+}
+
 impl Learner for Ridge {
     fn name(&self) -> &'static str {
         NAME
@@ -951,7 +962,7 @@ impl Learner for Ridge {
 
     /// Buffers the batch (its loss is scored with the weights of the latest solve) and
     /// solves again once `refit` images have arrived since the last solve.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         Ok(self.learn(x, y)?.0)
     }
 
@@ -961,7 +972,7 @@ impl Learner for Ridge {
         true
     }
 
-    fn partial_fit_scored(
+    fn fit_batch_scored(
         &mut self,
         x: ArrayView2<f32>,
         y: ArrayView1<u16>,

@@ -377,6 +377,22 @@ impl Svm {
     }
 }
 
+impl crate::model::Model for Svm {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str =
+        "linear SVM, one-vs-rest, per-sample SGD (scikit-learn's SGDClassifier)";
+    const LR_KEY: &'static str = "eta0";
+    type Params = SvmParams;
+
+    fn build(params: SvmParams) -> Result<Self> {
+        Svm::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        Svm::load(dir)
+    }
+}
+
 impl Learner for Svm {
     fn name(&self) -> &'static str {
         NAME
@@ -392,12 +408,8 @@ impl Learner for Svm {
 
     /// See [`Learner::partial_fit`]. The loss returned is the mean cross-entropy of the
     /// one-vs-rest probabilities of each image taken just before its own step.
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
-        check_batch(x, y, self.n_features(), self.params.classes)?;
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         let (n, d) = x.dim();
-        if n == 0 {
-            return Ok(0.0);
-        }
         let mut order: Vec<usize> = (0..n).collect();
         if self.params.shuffle {
             self.rng.shuffle(&mut order);
@@ -428,7 +440,7 @@ impl Learner for Svm {
             };
             let vs = v
                 .as_slice_mut()
-                .ok_or_else(|| Error::usage("svm: weights not contiguous"))?;
+                .ok_or_else(|| Error::internal("svm: weights not contiguous"))?;
             dots(vs, xi, &mut dot);
             let label = usize::from(y[i]);
             for k in 0..k_classes {
@@ -476,7 +488,7 @@ impl Learner for Svm {
             && self.b.iter().all(|b| b.is_finite())
             && v.iter().all(|w| w.is_finite()))
         {
-            return Err(Error::usage(
+            return Err(Error::model(
                 "svm: the weights became non-finite (features too large for the step size)",
             ));
         }
@@ -509,7 +521,7 @@ impl Learner for Svm {
                 s[k] = scale * f64::from(row[k]) + b[k];
             }
             if s.iter().any(|v| !v.is_finite()) {
-                return Err(Error::usage(format!(
+                return Err(Error::data(format!(
                     "svm: batch row {r}: the scores overflow (features too large)"
                 )));
             }

@@ -10,18 +10,12 @@
 //! `run.json`). Test scores are weighted by images: `sum(v * images) / sum(images)`.
 //! Text is drawn with DejaVu Sans compiled into the binary (the `dejavu` crate), so the
 //! plots look the same on machines without any fonts installed. Images are rendered in
-//! memory and written with [`crate::plot::grid::write_png`] (atomically).
-
-pub mod grid;
+//! memory and written with [`crate::store::png::write_png`] (atomically).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
@@ -29,6 +23,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
+use crate::run::read::{self, f64_values as f64_column, string_values as string_column};
 use crate::run::tables::Run;
 
 mod canvas;
@@ -151,7 +146,11 @@ pub async fn plot_all_for_run(runs_root: &Path, run: &str, out_dir: &Path) -> Re
     let ctx = session(runs_root)?;
     let mut paths = curves(&ctx, runs_root, run, out_dir).await?;
     for split in ["test", "train"] {
-        if confusion_epoch(&ctx, run, split).await?.is_some() {
+        if read::confusion(&ctx, runs_root, run, split)
+            .await?
+            .last_epoch
+            .is_some()
+        {
             paths.push(confusion(&ctx, runs_root, run, split, out_dir).await?);
             break;
         }
@@ -175,40 +174,6 @@ fn quoted_run(runs_root: &Path, run: &str) -> Result<String> {
 /// `runs_root/run/table`, for messages.
 fn table_dir(runs_root: &Path, run: &str, table: &str) -> String {
     runs_root.join(run).join(table).display().to_string()
-}
-
-/// Column `name` of a query result as `f64` (nulls as NaN).
-fn f64_column(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    for b in batches {
-        let col = b
-            .column_by_name(name)
-            .ok_or_else(|| Error::usage(format!("query result has no column {name:?}")))?;
-        let col = cast(col, &DataType::Float64)?;
-        let a = col.as_primitive::<Float64Type>();
-        out.extend((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }));
-    }
-    Ok(out)
-}
-
-/// Column `name` of a query result as strings (nulls as empty).
-fn string_column(batches: &[RecordBatch], name: &str) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for b in batches {
-        let col = b
-            .column_by_name(name)
-            .ok_or_else(|| Error::usage(format!("query result has no column {name:?}")))?;
-        let col = cast(col, &DataType::Utf8)?;
-        let a = col.as_string::<i32>();
-        out.extend((0..a.len()).map(|i| {
-            if a.is_null(i) {
-                String::new()
-            } else {
-                a.value(i).to_string()
-            }
-        }));
-    }
-    Ok(out)
 }
 
 /// The training rows of a run, by batch.
@@ -269,7 +234,7 @@ async fn curves(
         values,
         drifts,
     };
-    let test = test_scores(ctx, &q).await?;
+    let test = test_scores(ctx, run).await?;
 
     create_out_dir(out_dir)?;
     let mut paths = Vec::new();
@@ -296,38 +261,14 @@ struct TestScores {
     values: [f64; 5],
 }
 
-/// The image-weighted test scores of the run `quoted` (a quoted name), if it has test rows.
-async fn test_scores(ctx: &SessionContext, quoted: &str) -> Result<Option<TestScores>> {
-    let weighted: Vec<String> = CURVES
-        .iter()
-        .map(|c| {
-            format!(
-                "sum(\"{0}\" * CAST(images AS DOUBLE)) / sum(CAST(images AS DOUBLE)) AS \"{0}\"",
-                c.column
-            )
-        })
-        .collect();
-    let sql = format!(
-        "SELECT min(model) AS model, sum(CAST(images AS DOUBLE)) AS images, {} \
-         FROM eval_metrics WHERE run = {quoted} AND split = 'test'",
-        weighted.join(", ")
-    );
-    let batches = crate::query::run(ctx, &sql).await?;
-    let images = f64_column(&batches, "images")?;
-    match images.first() {
-        Some(&n) if n > 0.0 => {
-            let mut values = [0.0; 5];
-            for (v, c) in values.iter_mut().zip(&CURVES) {
-                *v = f64_column(&batches, c.column)?[0];
-            }
-            Ok(Some(TestScores {
-                model: string_column(&batches, "model")?.swap_remove(0),
-                images: n,
-                values,
-            }))
-        }
-        _ => Ok(None),
-    }
+/// The image-weighted test scores of `run` ([`read::test_scores`]), if it has test rows.
+async fn test_scores(ctx: &SessionContext, run: &str) -> Result<Option<TestScores>> {
+    let found = read::test_scores(ctx, &[run]).await?;
+    Ok(found.into_iter().next().map(|t| TestScores {
+        values: CURVES.map(|c| t.get(c.column).unwrap_or(f64::NAN)),
+        images: t.images as f64,
+        model: t.model,
+    }))
 }
 
 fn create_out_dir(out_dir: &Path) -> Result<()> {
@@ -369,7 +310,7 @@ where
             .and_then(|()| root.present().map_err(Into::into));
         drawn.map_err(|e| Error::io(path, std::io::Error::other(format!("drawing: {e}"))))?;
     }
-    crate::plot::grid::write_png(path, w, h, &rgb)
+    crate::store::png::write_png(path, w, h, &rgb)
 }
 
 /// A text style of the plots' font.
@@ -632,7 +573,7 @@ async fn compare(
                 table_dir(runs_root, run, "metrics")
             )));
         }
-        let Some(t) = test_scores(ctx, &q).await? else {
+        let Some(t) = test_scores(ctx, run).await? else {
             let runs_flag = if runs_root == Path::new("runs") {
                 String::new()
             } else {
@@ -760,65 +701,28 @@ fn draw_bars(
     Ok(())
 }
 
-/// The last epoch of `run`'s confusion rows on `split`, if it has any.
-async fn confusion_epoch(ctx: &SessionContext, run: &str, split: &str) -> Result<Option<u32>> {
-    let (q, s) = (crate::query::literal(run), crate::query::literal(split));
-    let batches = crate::query::run(
-        ctx,
-        &format!("SELECT max(epoch) AS epoch FROM confusion WHERE run = {q} AND split = {s}"),
-    )
-    .await?;
-    Ok(f64_column(&batches, "epoch")?
-        .first()
-        .filter(|e| e.is_finite())
-        .map(|&e| e as u32))
-}
-
-/// The confusion matrix of `run` on `split` (`[actual][predicted]`), summed over the
-/// split's rows (for `train`, the last epoch's), and that last epoch.
+/// The confusion matrix of `run` on `split` (`[actual][predicted]`, [`read::confusion`]),
+/// summed over the split's rows (for `train`, the last epoch's), and that last epoch.
 async fn confusion_matrix(
     ctx: &SessionContext,
     runs_root: &Path,
     run: &str,
     split: &str,
 ) -> Result<(Vec<Vec<u64>>, u32)> {
-    let q = quoted_run(runs_root, run)?;
-    let k = crate::run::tables::run_classes(runs_root, run).len();
+    Run::new(runs_root, run)?;
     if !matches!(split, "test" | "train") {
         return Err(Error::usage(format!(
             "split {split:?}: expected test or train"
         )));
     }
-    let Some(last_epoch) = confusion_epoch(ctx, run, split).await? else {
-        return Err(Error::usage(format!(
+    let c = read::confusion(ctx, runs_root, run, split).await?;
+    match c.last_epoch {
+        Some(epoch) if !c.counts.is_empty() => Ok((c.counts, epoch)),
+        _ => Err(Error::usage(format!(
             "run {run} has no {split} confusion rows under {}",
             table_dir(runs_root, run, "confusion")
-        )));
-    };
-    let epoch_filter = if split == "train" {
-        format!(" AND epoch = {last_epoch}")
-    } else {
-        String::new()
-    };
-    let batches = crate::query::run(
-        ctx,
-        &format!(
-            "SELECT actual, predicted, sum(\"count\") AS n FROM confusion \
-             WHERE run = {q} AND split = '{split}'{epoch_filter} GROUP BY actual, predicted"
-        ),
-    )
-    .await?;
-    let mut matrix = vec![vec![0u64; k]; k];
-    let kf = k as f64;
-    let actual = f64_column(&batches, "actual")?;
-    let predicted = f64_column(&batches, "predicted")?;
-    let n = f64_column(&batches, "n")?;
-    for ((&a, &p), &c) in actual.iter().zip(&predicted).zip(&n) {
-        if (0.0..kf).contains(&a) && (0.0..kf).contains(&p) && c.is_finite() {
-            matrix[a as usize][p as usize] += c as u64;
-        }
+        ))),
     }
-    Ok((matrix, last_epoch))
 }
 
 async fn confusion(
@@ -1234,12 +1138,12 @@ pub(crate) mod tests {
         let root = tmp.path().join("runs");
         write_fixture_run(&root, "a", "logreg", 1, true);
         let ctx = session(&root).unwrap();
-        let t = test_scores(&ctx, "'a'").await.unwrap().unwrap();
+        let t = test_scores(&ctx, "a").await.unwrap().unwrap();
         assert_eq!(t.images, 250.0);
         assert!((t.values[1] - 0.396).abs() < 1e-12, "{}", t.values[1]);
         assert!((t.values[0] - (160.0 + 150.0 + 95.0) / 250.0).abs() < 1e-12);
         assert_eq!(t.model, "logreg");
-        assert!(test_scores(&ctx, "'nope'").await.unwrap().is_none());
+        assert!(test_scores(&ctx, "nope").await.unwrap().is_none());
     }
 
     #[tokio::test]

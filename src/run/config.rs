@@ -19,10 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::{
-    self, Cnn, CnnParams, KMeans, KMeansParams, KernelSvm, KernelSvmParams, Learner, LogReg,
-    LogRegParams, Mlp, MlpParams, Ridge, RidgeParams, Svm, SvmParams, MODELS,
-};
+use crate::model::{self, Learner};
 
 /// Top-level keys a config may have (besides one table per model).
 pub const KEYS: [&str; 11] = [
@@ -42,7 +39,7 @@ pub const KEYS: [&str; 11] = [
 /// A run's settings: what a config file says, with flags applied on top.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunConfig {
-    /// Model name (one of [`MODELS`]).
+    /// Model name (one of [`model::MODELS`]).
     pub model: Option<String>,
     /// Passes over a dataset source.
     pub epochs: Option<u64>,
@@ -175,7 +172,7 @@ impl RunConfig {
                     p.validate().map_err(|e| bad("features", e.to_string()))?;
                     cfg.features = Some(t.clone());
                 }
-                name if MODELS.contains(&name) => {
+                name if model::registry::find(name).is_ok() => {
                     let t = value
                         .as_table()
                         .ok_or_else(|| wrong_type("a table of hyper-parameters"))?;
@@ -188,7 +185,7 @@ impl RunConfig {
                         format!(
                             "unknown key `{other}` (known: {}, or a table named after a model: {})",
                             KEYS.join(", "),
-                            MODELS.join(", ")
+                            model::registry::names().join(", ")
                         ),
                     ))
                 }
@@ -308,66 +305,15 @@ impl RunConfig {
 const SIDE_IS_THE_RUNS: &str = "[features]: `side` is the run's image size: give --image-size \
      (or `image_size` at the top of the config) instead";
 
-/// Checks that `name` is a model cifar-df has.
+/// Checks that `name` is a model cifar-df has (see [`model::registry`]).
 pub fn check_model_name(name: &str) -> Result<()> {
-    if MODELS.contains(&name) {
-        Ok(())
-    } else {
-        Err(Error::usage(format!(
-            "unknown model {name:?} (known: {})",
-            MODELS.join(", ")
-        )))
-    }
-}
-
-fn params<T: serde::de::DeserializeOwned>(model: &str, table: &toml::Table) -> Result<T> {
-    toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| {
-            Error::usage(format!(
-                "[{model}] hyper-parameters: {}",
-                e.message().trim()
-            ))
-        })
+    model::registry::find(name).map(|_| ())
 }
 
 /// A new, untrained model `name` with the hyper-parameters in `table` (the rest take
 /// their defaults). Unknown names and keys, wrong types and bad values are errors.
 pub fn build_model(name: &str, table: &toml::Table) -> Result<Box<dyn Learner>> {
-    check_model_name(name)?;
-    Ok(match name {
-        "logreg" => Box::new(LogReg::new(params::<LogRegParams>(name, table)?)?),
-        "svm" => Box::new(Svm::new(params::<SvmParams>(name, table)?)?),
-        "mlp" => Box::new(Mlp::new(params::<MlpParams>(name, table)?)?),
-        "kmeans" => Box::new(KMeans::new(params::<KMeansParams>(name, table)?)?),
-        "svm-kernel" => Box::new(KernelSvm::new(params::<KernelSvmParams>(name, table)?)?),
-        "ridge" => Box::new(Ridge::new(params::<RidgeParams>(name, table)?)?),
-        "cnn" => Box::new(Cnn::new(params::<CnnParams>(name, table)?)?),
-        other => return Err(Error::usage(format!("unknown model {other:?}"))),
-    })
-}
-
-/// The hyper-parameters of model `name` that `table` gives, every default filled in, as
-/// JSON: two tables that mean the same model compare equal.
-pub fn effective_params(name: &str, table: &toml::Table) -> Result<serde_json::Value> {
-    fn json<T: serde::de::DeserializeOwned + serde::Serialize>(
-        name: &str,
-        table: &toml::Table,
-    ) -> Result<serde_json::Value> {
-        serde_json::to_value(params::<T>(name, table)?)
-            .map_err(|e| Error::usage(format!("[{name}] hyper-parameters: {e}")))
-    }
-    check_model_name(name)?;
-    match name {
-        "logreg" => json::<LogRegParams>(name, table),
-        "svm" => json::<SvmParams>(name, table),
-        "mlp" => json::<MlpParams>(name, table),
-        "kmeans" => json::<KMeansParams>(name, table),
-        "svm-kernel" => json::<KernelSvmParams>(name, table),
-        "ridge" => json::<RidgeParams>(name, table),
-        "cnn" => json::<CnnParams>(name, table),
-        other => Err(Error::usage(format!("unknown model {other:?}"))),
-    }
+    model::registry::find(name)?.build(table)
 }
 
 /// Parses a `KEY=VALUE` override: the value as TOML (`0.1`, `[128, 64]`, `true`,
@@ -393,7 +339,7 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
 pub fn model_or_default(cfg: &RunConfig) -> String {
     cfg.model
         .clone()
-        .unwrap_or_else(|| model::MODELS[0].to_string())
+        .unwrap_or_else(|| model::MODELS[0].name.to_string())
 }
 
 #[cfg(test)]
@@ -454,7 +400,7 @@ mod tests {
         c.set_param("kmeans", "lr", toml::Value::Float(0.1));
         assert!(build_model("kmeans", &c.model_table("kmeans")).is_err());
         assert!(build_model("forest", &toml::Table::new()).is_err());
-        for m in MODELS {
+        for m in model::registry::names() {
             build_model(m, &toml::Table::new()).unwrap();
         }
     }

@@ -23,7 +23,7 @@
 //! [`Adwin::update`] also says which way the mean moved ([`Change`]): the mean of the
 //! window after the shrink against the mean of the window before it. A learning model's
 //! loss falls, and ADWIN reports that too; the trainer flags only a rise (a change the model
-//! suffers from) as drift. `tests/drift.rs` checks the detection indices and directions
+//! suffers from) as drift. `tests/it/drift.rs` checks the detection indices and directions
 //! against River's `drift.ADWIN`.
 
 use std::collections::VecDeque;

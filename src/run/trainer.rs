@@ -3,7 +3,7 @@
 //!
 //! `train` runs the preprocessing SQL (`sql/train.sql` unless told otherwise) as **one**
 //! DataFusion query for the whole run; each output batch is viewed zero-copy as ndarray
-//! ([`crate::bridge`]), scored *before* the model learns from it (test-then-train, so the
+//! ([`crate::run::bridge`]), scored *before* the model learns from it (test-then-train, so the
 //! training metrics are honest; `eval_after_fit` gives the original's score-after-fit),
 //! then learned from. Every `checkpoint_every` batches and at every epoch's end the
 //! metrics, confusion and prediction rows so far are committed as Parquet parts and a
@@ -23,18 +23,18 @@ use datafusion::arrow::record_batch::RecordBatch;
 use futures::StreamExt;
 use ndarray::{Array2, ArrayView1};
 
-use crate::bridge::{features_view, labels_view};
 use crate::dataset::{self, DataSpec, Images};
 use crate::error::{Error, Result};
 use crate::features::{self, Extractor};
 use crate::model::Learner;
 use crate::query;
+use crate::run::bridge::{features_view, labels_view};
 use crate::run::checkpoint::{self, Checkpoint, TrainState};
 use crate::run::config;
 use crate::run::drift::Change;
 use crate::run::metrics::{batch_metrics, Accumulator, Metrics, Running};
 use crate::run::tables::{self, now_ms, MetricsRow, Pending, Run, RunInfo};
-use crate::server::{self, ServeOptions, ServeSummary};
+use crate::serve::{self, ServeOptions, ServeSummary};
 use crate::source::table::register_stream;
 use crate::source::{self, Report, SourceOptions, SourceSpec};
 use crate::transforms;
@@ -270,11 +270,14 @@ fn collect_cluster_images(batch: &RecordBatch, clusters: &[u32], into: &mut Vec<
         return;
     };
     let width = list.value_length() as usize;
-    let Some(side) = crate::pixels::side(width) else {
+    let Some(side) = crate::transforms::pixels::side(width) else {
         return;
     };
     let thumb = (side != crate::dataset::SIDE)
-        .then(|| crate::pixels::Resize::new(side, crate::dataset::SIDE, crate::dataset::SIDE).ok())
+        .then(|| {
+            crate::transforms::pixels::Resize::new(side, crate::dataset::SIDE, crate::dataset::SIDE)
+                .ok()
+        })
         .flatten();
     let base = list.offset() * width;
     for (i, &c) in clusters.iter().enumerate() {
@@ -360,7 +363,7 @@ async fn open_stream(
                 shuffle: opts.shuffle.then_some(seed),
                 image_side: side,
             };
-            let (addr, handle) = server::spawn_loopback(files, serve)?;
+            let (addr, handle) = serve::spawn_loopback(files, serve)?;
             let spec = SourceSpec::Tcp {
                 host: addr.ip().to_string(),
                 port: addr.port(),
@@ -817,7 +820,7 @@ async fn train_loop(
                 // A network or broker failure interrupts the run (it goes on when the peer
                 // is back); anything else (a source that panicked) fails it.
                 let e = Error::from(e);
-                let outside = matches!(e, Error::Kafka { .. } | Error::Net { .. });
+                let outside = e.kind() == crate::error::ErrorKind::Net;
                 if summary.batches > 0 {
                     match lp.checkpoint(opts, model, info) {
                         Err(ck) => tracing::error!("checkpoint after the stream failed: {ck}"),
@@ -848,7 +851,7 @@ async fn train_loop(
             continue;
         }
         let t = Instant::now();
-        let number = crate::batch::batch_number(&batch).unwrap_or(seq);
+        let number = crate::wire::batch::batch_number(&batch).unwrap_or(seq);
         seq = number + 1;
         if number < lp.st.next_batch {
             continue; // learnt before the checkpoint this run resumed from
@@ -1094,7 +1097,7 @@ async fn predict_loop(
             continue;
         }
         let t = Instant::now();
-        let number = crate::batch::batch_number(&batch).unwrap_or(seq);
+        let number = crate::wire::batch::batch_number(&batch).unwrap_or(seq);
         seq = number + 1;
         let x = features_view(&batch, FEATURES)?;
         let y_col = labels_view(&batch, "label")?;
@@ -1180,7 +1183,7 @@ async fn predict_loop(
             .enumerate()
             .map(|(c, n)| format!("cluster {c}: {n} images"))
             .collect();
-        summary.cluster_grids = crate::plot::grid::write_cluster_grids(
+        summary.cluster_grids = crate::store::png::write_cluster_grids(
             &opts.run.dir.join("clusters"),
             &cluster_images,
             &titles,

@@ -189,7 +189,7 @@ impl Publisher {
 /// per batch.
 pub fn publish_dataset(
     url: &KafkaUrl,
-    opts: &crate::server::ServeOptions,
+    opts: &crate::serve::ServeOptions,
     timeout: Duration,
 ) -> Result<PublishSummary> {
     if opts.batch_size == 0 {
@@ -264,11 +264,11 @@ type BatchImages<'a> = (u64, std::borrow::Cow<'a, [u16]>, &'a [u8]);
 
 fn images_of(batch: &RecordBatch) -> Result<BatchImages<'_>> {
     use datafusion::arrow::array::{Array, FixedSizeListArray, UInt8Array};
-    let seq = crate::batch::batch_number(batch).unwrap_or(0);
+    let seq = crate::wire::batch::batch_number(batch).unwrap_or(0);
     let labels = batch
         .column_by_name("label")
         .ok_or_else(|| Error::usage("the stream has no `label` column"))?;
-    let labels = crate::batch::label_values(labels.as_ref())
+    let labels = crate::wire::batch::label_values(labels.as_ref())
         .map_err(|e| Error::usage(format!("the stream's {e}")))?;
     let images = batch
         .column_by_name("image")

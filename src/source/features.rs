@@ -71,7 +71,7 @@ impl FeatureSource {
             if let Some((path, reader)) = self.reader.as_mut() {
                 match reader.next() {
                     Some(Ok(b)) => {
-                        let b = crate::batch::widen_labels(b)?;
+                        let b = crate::wire::batch::widen_labels(b)?;
                         if b.schema().fields() != self.schema.fields() {
                             return Err(Error::format(
                                 path.clone(),

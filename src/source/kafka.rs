@@ -38,9 +38,9 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::reader::{restamp, ArrowSource};
 use super::{BatchSource, Rejection, Report, SourceOptions};
-use crate::batch::{make_batch_sized, stream_schema_sized};
 use crate::dataset::SIDE;
 use crate::error::{Error, Result};
+use crate::wire::batch::{make_batch_sized, stream_schema_sized};
 use crate::wire::kafka::{self, Context, KafkaUrl, Start};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
@@ -583,7 +583,7 @@ fn with_position(batch: RecordBatch, partition: i32, offset: i64) -> Result<Reco
         .field_with_name("image")
         .ok()
         .and_then(|f| match f.data_type() {
-            DataType::FixedSizeList(_, len) => crate::pixels::side(*len as usize),
+            DataType::FixedSizeList(_, len) => crate::transforms::pixels::side(*len as usize),
             _ => None,
         })
         .unwrap_or(SIDE);

@@ -13,7 +13,7 @@
 //! line is rejected without being buffered whole. A malformed line is **rejected, counted and
 //! reported** (batch, row, byte offset, reason) in the source's [`Report`] and the source goes
 //! on with the next line; a connection dropped mid-line loses only that line. Every batch
-//! that is accepted has the schema of [`crate::batch::stream_schema`], with `batch` the
+//! that is accepted has the schema of [`crate::wire::batch::stream_schema`], with `batch` the
 //! sequence number of the line on the wire, so gaps show where batches were rejected.
 
 use std::fmt;
@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 
-use crate::batch::make_batch_sized;
 use crate::dataset::{self, Batcher, DataSpec, Images, Split};
 use crate::error::{Error, Result};
+use crate::wire::batch::make_batch_sized;
 use crate::wire::Format;
 
 pub mod features;
@@ -371,10 +371,10 @@ pub trait BatchSource: Send {
     fn batches_per_epoch(&self) -> Option<u64> {
         None
     }
-    /// The schema of its batches: [`crate::batch::stream_schema_sized`] for image
+    /// The schema of its batches: [`crate::wire::batch::stream_schema_sized`] for image
     /// sources.
     fn schema(&self) -> arrow::datatypes::SchemaRef {
-        crate::batch::stream_schema_sized(self.image_side())
+        crate::wire::batch::stream_schema_sized(self.image_side())
     }
     /// The side of its images (CIFAR's 32 unless the options said otherwise).
     fn image_side(&self) -> usize {
@@ -429,7 +429,7 @@ impl BatchSource for Paced {
         }
         loop {
             match self.inner.next_batch()? {
-                Some(b) if crate::batch::batch_number(&b).is_some_and(|n| n < self.skip) => {}
+                Some(b) if crate::wire::batch::batch_number(&b).is_some_and(|n| n < self.skip) => {}
                 other => return Ok(other),
             }
         }
@@ -588,13 +588,15 @@ mod tests {
 
     /// A valid Arrow IPC stream of `batches` batches of 3 images each.
     fn ipc_stream(batches: u64) -> Vec<u8> {
-        let mut w =
-            arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &crate::batch::stream_schema())
-                .unwrap();
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(
+            Vec::new(),
+            &crate::wire::batch::stream_schema(),
+        )
+        .unwrap();
         for b in 0..batches {
             let labels: Vec<u16> = (0..3).map(|i| ((b + i) % 10) as u16).collect();
             let pixels: Vec<u8> = (0..3 * IMAGE_BYTES).map(|i| (i % 251) as u8).collect();
-            w.write(&crate::batch::make_batch(b, None, labels, pixels).unwrap())
+            w.write(&crate::wire::batch::make_batch(b, None, labels, pixels).unwrap())
                 .unwrap();
         }
         w.finish().unwrap();
@@ -852,7 +854,7 @@ mod tests {
             .unwrap();
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("s");
-            let serve = crate::server::ServeOptions {
+            let serve = crate::serve::ServeOptions {
                 data: crate::dataset::DataSpec::parse("synthetic:120:0:9").unwrap(),
                 split: Split::Train,
                 batch_size: 30,
@@ -866,7 +868,7 @@ mod tests {
                 image_side: crate::dataset::SIDE,
             };
             let mut bytes = Vec::new();
-            crate::server::stream_to(&mut bytes, &files, &serve).unwrap();
+            crate::serve::stream_to(&mut bytes, &files, &serve).unwrap();
             std::fs::write(&path, bytes).unwrap();
             let file = SourceSpec::File(path);
             let from_file = all_batches(
@@ -878,7 +880,7 @@ mod tests {
             );
             let numbers: Vec<u64> = from_file
                 .iter()
-                .map(|b| crate::batch::batch_number(b).unwrap())
+                .map(|b| crate::wire::batch::batch_number(b).unwrap())
                 .collect();
             assert_eq!(numbers, [5, 6, 7], "{format:?}");
             for (a, b) in from_file.iter().zip(&all[5..]) {

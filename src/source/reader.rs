@@ -13,9 +13,9 @@ use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 
 use super::{catch_panic, BatchSource, Rejection, Report, SourceOptions};
-use crate::batch::{first_bad_label, make_batch_sized};
 use crate::dataset::{image_bytes, SIDE};
 use crate::error::{Error, Result};
+use crate::wire::batch::{first_bad_label, make_batch_sized};
 use crate::wire::{self, ndjson, spark_json, Detected, Format};
 
 /// Connect to `host:port`, retrying every 100 ms until `timeout` has passed.
@@ -704,7 +704,7 @@ pub(super) fn restamp(
     let label = batch
         .column_by_name("label")
         .ok_or((None, "no `label` column".to_string()))?;
-    let labels = crate::batch::label_values(label.as_ref()).map_err(|e| (None, e))?;
+    let labels = crate::wire::batch::label_values(label.as_ref()).map_err(|e| (None, e))?;
     let image = batch
         .column_by_name("image")
         .ok_or((None, "no `image` column".to_string()))?;
@@ -714,7 +714,7 @@ pub(super) fn restamp(
         .filter(|a| a.value_length() as usize == per)
         .ok_or_else(|| {
             let theirs = match image.data_type() {
-                DataType::FixedSizeList(_, n) => crate::pixels::side(*n as usize),
+                DataType::FixedSizeList(_, n) => crate::transforms::pixels::side(*n as usize),
                 _ => None,
             };
             let hint = match theirs {

@@ -6,17 +6,17 @@ use std::fs;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
-use datafusion::arrow::array::{Array, ArrowPrimitiveType, AsArray, PrimitiveArray};
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::arrow::datatypes::{Float64Type, Int64Type, UInt64Type};
+use datafusion::arrow::datatypes::Int64Type;
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::query::{self, OutputFormat};
-use crate::run::tables;
+use crate::run::{read, tables};
 
 /// The most rows the SQL box returns as JSON (the CSV download has them all).
 pub const SQL_ROWS: usize = 10_000;
@@ -92,7 +92,7 @@ pub struct SqlQuery {
     pub q: String,
 }
 
-pub(crate) use crate::query::literal as lit;
+pub(crate) use crate::run::read::literal as lit;
 
 /// What the dashboard's queries may spend (see [`query::Limits`]), and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,10 +140,21 @@ pub(crate) async fn sql_over(
     sql: &str,
     only: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>> {
-    let limits = SqlLimits::default();
-    let work = with_fresh_tables(root, only, &limits, |ctx| async move {
+    read_over(root, only, |ctx| async move {
         query::run_read_only(&ctx, sql).await
-    });
+    })
+    .await
+}
+
+/// `read` on a session with the run tables of `root` (of the runs in `only`), under the
+/// default [`SqlLimits`] and tried again as [`with_fresh_tables`] says.
+async fn read_over<T, F, Fut>(root: &Path, only: Option<&[&str]>, read: F) -> Result<T>
+where
+    F: FnMut(datafusion::prelude::SessionContext) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let limits = SqlLimits::default();
+    let work = with_fresh_tables(root, only, &limits, read);
     tokio::time::timeout(limits.timeout, work)
         .await
         .map_err(|_| limits.timed_out())?
@@ -186,14 +197,10 @@ where
     Err(last.unwrap_or_else(|| Error::usage("query failed")))
 }
 
-/// Whether a failed read may pass when tried again (a part file replaced under it).
+/// Whether a failed read may pass when tried again (a part file replaced under it); a
+/// mistake in the query itself will not go away, and is said at once.
 fn is_transient(e: &Error) -> bool {
-    let text = e.to_string();
-    // A mistake in the query itself will not go away: say it at once.
-    text.contains("No such file")
-        || text.contains("not found")
-        || text.contains("Parquet error")
-        || text.contains("Object at location")
+    e.is_transient()
 }
 
 /// A query of the SQL box, planned read-only over the run tables, as a stream of batches
@@ -213,28 +220,14 @@ async fn sql_box_stream(
     .await
 }
 
-/// Column `name` of `b`, cast to `T`.
-fn column_as<T: ArrowPrimitiveType>(b: &RecordBatch, name: &str) -> Result<PrimitiveArray<T>> {
-    let col = b
-        .column_by_name(name)
-        .ok_or_else(|| Error::usage(format!("no column {name}")))?;
-    cast(col, &T::DATA_TYPE)?
-        .as_primitive_opt::<T>()
-        .cloned()
-        .ok_or_else(|| Error::usage(format!("column {name} is not numeric")))
-}
-
-/// Column `name` of `b` as f64 values (nulls as NaN).
+/// Column `name` of `b` as f64 values (nulls as NaN): [`read::f64_values`].
 pub(crate) fn f64_column(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
-    let a = column_as::<Float64Type>(b, name)?;
-    Ok((0..a.len())
-        .map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) })
-        .collect())
+    read::f64_values(std::slice::from_ref(b), name)
 }
 
-/// Column `name` of `b` as unsigned integers.
+/// Column `name` of `b` as unsigned integers: [`read::u64_values`].
 pub(crate) fn int_column(b: &RecordBatch, name: &str) -> Result<Vec<u64>> {
-    Ok(column_as::<UInt64Type>(b, name)?.values().to_vec())
+    read::u64_values(std::slice::from_ref(b), name)
 }
 
 /// Every run of `root` whose name matches `q.filter`, newest first: its `run.json` and the
@@ -478,7 +471,12 @@ fn live_rows(root: &Path, run: &str, after: f64) -> Vec<RecordBatch> {
 
 /// The `ts` column (milliseconds) as f64.
 fn ts_column(b: &RecordBatch) -> Result<Vec<f64>> {
-    Ok(column_as::<Int64Type>(b, "ts")?
+    let col = b
+        .column_by_name("ts")
+        .ok_or_else(|| Error::usage("query result has no column \"ts\""))?;
+    let col = cast(col, &DataType::Int64)?;
+    Ok(col
+        .as_primitive::<Int64Type>()
         .values()
         .iter()
         .map(|&v| v as f64)
@@ -520,7 +518,10 @@ impl TestResults {
             .map(|n| folder_stamp(&root.join(n).join("eval_metrics")))
             .collect();
         let stale: Vec<&str> = {
-            let kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+            let kept = self
+                .kept
+                .lock()
+                .map_err(|_| Error::internal("results lock poisoned"))?;
             names
                 .iter()
                 .zip(&stamps)
@@ -529,30 +530,34 @@ impl TestResults {
                 .collect()
         };
         if !stale.is_empty() {
-            let batches = sql_over(
-                root,
-                "select run, cast(sum(images) as bigint) as images, \
-                 cast(sum(acc * images) / sum(images) as double) as acc, \
-                 cast(sum(loss * images) / sum(images) as double) as loss, \
-                 cast(sum(precision * images) / sum(images) as double) as precision, \
-                 cast(sum(recall * images) / sum(images) as double) as recall, \
-                 cast(sum(f1 * images) / sum(images) as double) as f1 \
-                 from eval_metrics where split = 'test' group by run",
-                Some(&stale),
-            )
+            let runs = &stale;
+            let found = read_over(root, Some(runs), |ctx| async move {
+                read::test_scores(&ctx, runs).await
+            })
             .await?;
-            let mut fresh: HashMap<String, Value> = json_rows(&batches)?
+            let mut fresh: HashMap<String, Value> = found
                 .into_iter()
-                .filter_map(|r| Some((r["run"].as_str()?.to_string(), r)))
+                .map(|t| {
+                    let row = json!({ "run": &t.run, "images": t.images, "acc": t.acc,
+                        "loss": t.loss, "precision": t.precision, "recall": t.recall,
+                        "f1": t.f1 });
+                    (t.run, row)
+                })
                 .collect();
-            let mut kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+            let mut kept = self
+                .kept
+                .lock()
+                .map_err(|_| Error::internal("results lock poisoned"))?;
             for (n, s) in names.iter().zip(&stamps) {
                 if stale.contains(&n.as_str()) {
                     kept.insert(n.clone(), (*s, fresh.remove(n)));
                 }
             }
         }
-        let kept = self.kept.lock().map_err(|_| Error::usage("results lock"))?;
+        let kept = self
+            .kept
+            .lock()
+            .map_err(|_| Error::internal("results lock poisoned"))?;
         Ok(names
             .iter()
             .filter_map(|n| Some((n.clone(), kept.get(n)?.1.clone()?)))
@@ -578,76 +583,29 @@ pub async fn results(root: &Path, q: &RunsQuery, results: &TestResults) -> Resul
     Ok(json!({ "results": rows }))
 }
 
-/// A run's confusion matrix over a split (`counts[actual][predicted]`), with its class names.
+/// A run's confusion matrix over a split (`counts[actual][predicted]`), with its class
+/// names ([`read::confusion`]).
 pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
     tables::Run::new(root, &q.run)?;
     let split = q.split.as_deref().unwrap_or("test");
-    let epoch = if split == "train" {
-        format!(
-            " and epoch = (select max(epoch) from confusion where run = {} and split = 'train')",
-            lit(&q.run)
-        )
-    } else {
-        String::new()
-    };
-    let batches = sql_over(
-        root,
-        &format!(
-            "select cast(actual as bigint) as actual, cast(predicted as bigint) as predicted, \
-             cast(sum(count) as bigint) as n from confusion \
-             where run = {} and split = {}{epoch} group by actual, predicted",
-            lit(&q.run),
-            lit(split)
-        ),
-        Some(&[q.run.as_str()]),
-    )
+    let c = read_over(root, Some(&[q.run.as_str()]), |ctx| async move {
+        read::confusion(&ctx, root, &q.run, split).await
+    })
     .await?;
-    let names = tables::run_classes(root, &q.run);
-    // The matrix is the run's classes square; a run whose classes are not known (no
-    // config) gets as many as the table names, up to MAX_CLASSES. Cells beyond are
-    // counted and said, not drawn.
-    let bound = if names.is_empty() {
+    let bound = if c.classes.is_empty() {
         crate::dataset::MAX_CLASSES
     } else {
-        names.len()
+        c.classes.len()
     };
-    let mut k = names.len();
-    let mut cells = Vec::new();
-    let (mut dropped_cells, mut dropped_images) = (0u64, 0u64);
-    for b in &batches {
-        let a = int_column(b, "actual")?;
-        let p = int_column(b, "predicted")?;
-        let n = int_column(b, "n")?;
-        for i in 0..b.num_rows() {
-            let (a, p) = (a[i] as usize, p[i] as usize);
-            if a >= bound || p >= bound {
-                dropped_cells += 1;
-                dropped_images += n[i];
-                continue;
-            }
-            k = k.max(a + 1).max(p + 1);
-            cells.push((a, p, n[i]));
-        }
-    }
-    let note = (dropped_cells > 0).then(|| {
+    let note = (c.dropped_cells > 0).then(|| {
         format!(
-            "{dropped_cells} cells ({dropped_images} images) name a class outside the run's \
-             {bound} and are left out"
+            "{} cells ({} images) name a class outside the run's {bound} and are left out",
+            c.dropped_cells, c.dropped_images
         )
     });
-    if cells.is_empty() {
-        return Ok(
-            json!({ "run": q.run, "split": split, "classes": names, "counts": [],
-            "dropped": dropped_images, "note": note }),
-        );
-    }
-    let mut counts = vec![vec![0u64; k]; k];
-    for (a, p, n) in cells {
-        counts[a][p] += n;
-    }
     Ok(
-        json!({ "run": q.run, "split": split, "classes": names, "counts": counts,
-        "dropped": dropped_images, "note": note }),
+        json!({ "run": q.run, "split": split, "classes": c.classes, "counts": c.counts,
+        "dropped": c.dropped_images, "note": note }),
     )
 }
 

@@ -290,6 +290,6 @@ pub async fn image_png(root: &Path, cache: &ImageCache, q: &ImageQuery) -> Resul
             images.len()
         )));
     }
-    let (w, h, rgb) = crate::plot::grid::image_grid(&[images.image(q.index)], 1, 1, 0);
-    crate::plot::grid::encode_png(w, h, &rgb, None).map_err(Error::usage)
+    let (w, h, rgb) = crate::store::png::image_grid(&[images.image(q.index)], 1, 1, 0);
+    crate::store::png::encode_png(w, h, &rgb, None).map_err(Error::usage)
 }

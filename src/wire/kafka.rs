@@ -25,8 +25,8 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::batch::{make_batch_sized, stream_schema_sized};
 use crate::error::{Error, Result};
+use crate::wire::batch::{make_batch_sized, stream_schema_sized};
 use crate::wire::{ndjson, spark_json, Format};
 
 /// Where a Kafka source reads from.
@@ -333,7 +333,7 @@ pub fn encode_record(
         .len()
         .checked_div(labels.len())
         .unwrap_or(crate::dataset::IMAGE_BYTES);
-    let side = crate::pixels::side(per).ok_or_else(|| {
+    let side = crate::transforms::pixels::side(per).ok_or_else(|| {
         Error::usage(format!(
             "batch {seq}: {} pixel bytes for {} labels are not whole RGB square images",
             pixels.len(),

@@ -9,6 +9,7 @@
 //!
 //! [`detect`] tells them apart from the first bytes of a stream.
 
+pub mod batch;
 pub mod kafka;
 pub mod ndjson;
 pub mod spark_json;

@@ -17,11 +17,11 @@ use arrow::array::{Array, FixedSizeListArray, UInt16Array, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::json::reader::{Decoder, ReaderBuilder};
 
-use crate::batch::image_type_sized;
 #[cfg(test)]
 use crate::dataset::IMAGE_BYTES;
 use crate::dataset::{image_bytes, CLASSES, SIDE};
 use crate::error::Result;
+use crate::wire::batch::image_type_sized;
 
 /// Append one line per image (each ending in `\n`; no blank line after the batch).
 pub fn encode(labels: &[u16], pixels: &[u8], out: &mut Vec<u8>) {

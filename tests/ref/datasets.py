@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Test-only: builds image folders and CIFAR-100 files for tests/folders.rs, and checks
+"""Test-only: builds image folders and CIFAR-100 files for tests/it/folders.rs, and checks
 cifar-df's decoded images against Pillow's.
 
     datasets.py folder OUT CLASSES PER_CLASS TEST_PER_CLASS SEED [SIZES]

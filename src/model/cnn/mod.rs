@@ -27,10 +27,7 @@ use std::path::Path;
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use self::net::{Arch, Grads, Net, Tape, CHANNELS, SIDE};
-use super::{
-    check_batch, check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut,
-    CLASSES,
-};
+use super::{check_features, save_checkpoint, Checkpoint, Learner, SplitMix, TensorsOut, CLASSES};
 use crate::error::{Error, Result};
 
 /// The model's name.
@@ -426,7 +423,7 @@ impl Cnn {
         let p = self.params.clone();
         let factor = self.lr_factor(self.seen);
         let Some(net) = self.net.as_mut() else {
-            return Err(Error::usage("cnn: internal: step before init"));
+            return Err(Error::internal("cnn: step before init"));
         };
         if !self.kernel.available() {
             return Err(Error::usage(format!(
@@ -443,7 +440,7 @@ impl Cnn {
         let (dlogits, _, plain) =
             net::smoothed_ce(&logits, y, self.params.classes, p.label_smoothing);
         if !plain.is_finite() {
-            return Err(Error::usage(format!(
+            return Err(Error::model(format!(
                 "cnn: the loss is {plain} at step {}: the learning rate ({}) is too high for \
                  this network",
                 self.steps + 1,
@@ -508,8 +505,8 @@ impl Cnn {
         Ok((plain, logits))
     }
 
-    /// Learns a batch, one step per mini-batch; the mean loss, and the probabilities
-    /// before each step when `scored`.
+    /// Learns a checked, non-empty batch, one step per mini-batch; the mean loss, and
+    /// the probabilities before each step when `scored`.
     fn learn(
         &mut self,
         x: ArrayView2<f32>,
@@ -517,11 +514,7 @@ impl Cnn {
         scored: bool,
     ) -> Result<(f64, Option<Array2<f32>>)> {
         let input = self.params.input();
-        check_batch(x, y, Some(input), self.params.classes)?;
         let n = x.nrows();
-        if n == 0 {
-            return Ok((0.0, scored.then(|| Array2::zeros((0, self.params.classes)))));
-        }
         let xs = Self::to_nhwc(x, self.params.side, false);
         if self.net.is_none() {
             let arch = self.params.arch();
@@ -545,7 +538,7 @@ impl Cnn {
             total += loss * (end - start) as f64;
             if let Some(p) = proba.as_mut() {
                 let l = ArrayView2::from_shape((end - start, self.params.classes), &logits)
-                    .map_err(|e| Error::usage(format!("cnn: internal: {e}")))?;
+                    .map_err(|e| Error::internal(format!("cnn: {e}")))?;
                 let mut rows = p.slice_mut(ndarray::s![start..end, ..]);
                 rows.assign(&l);
                 crate::model::softmax_rows(&mut rows, 1.0);
@@ -593,7 +586,7 @@ impl Cnn {
 /// (y + dy, x + dx), the border reflected (`-1 → 1`, `32 → 30`), as `translate()` and
 /// PyTorch's reflect padding.
 fn translate_nhwc(x: &[f32], n: usize, side: usize, dy: isize, dx: isize) -> Vec<f32> {
-    let reflect = |i: isize| crate::pixels::reflect(i as i64, side as i64);
+    let reflect = |i: isize| crate::transforms::pixels::reflect(i as i64, side as i64);
     let mut out = vec![0.0f32; x.len()];
     let input = side * side * CHANNELS;
     for img in 0..n {
@@ -646,6 +639,21 @@ struct Meta {
     kernel: Option<Kernel>,
 }
 
+impl crate::model::Model for Cnn {
+    const NAME: &'static str = NAME;
+    const ABOUT: &'static str = "convolutional network (airbench94's), one SGD step per mini-batch";
+    const NOT_COMPARED_ON_RESUME: &'static [&'static str] = &["classes", "side", "precision"];
+    type Params = CnnParams;
+
+    fn build(params: CnnParams) -> Result<Self> {
+        Cnn::new(params)
+    }
+
+    fn open(dir: &Path) -> Result<Self> {
+        Cnn::load(dir)
+    }
+}
+
 impl Learner for Cnn {
     fn name(&self) -> &'static str {
         NAME
@@ -659,7 +667,7 @@ impl Learner for Cnn {
         self.params.classes
     }
 
-    fn partial_fit(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
+    fn fit_batch(&mut self, x: ArrayView2<f32>, y: ArrayView1<u16>) -> Result<f64> {
         Ok(self.learn(x, y, false)?.0)
     }
 
@@ -671,7 +679,7 @@ impl Learner for Cnn {
         true
     }
 
-    fn partial_fit_scored(
+    fn fit_batch_scored(
         &mut self,
         x: ArrayView2<f32>,
         y: ArrayView1<u16>,
@@ -920,7 +928,7 @@ mod tests {
             let mut want = Vec::new();
             for row in x.rows() {
                 let mut moved = vec![0.0f32; INPUT];
-                crate::pixels::translate_reflect(
+                crate::transforms::pixels::translate_reflect(
                     row.as_slice().unwrap(),
                     SIDE,
                     dy as i64,

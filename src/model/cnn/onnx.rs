@@ -260,7 +260,7 @@ fn network(g: &mut Graph, net: &Net, x: &str) -> (String, String) {
 /// border reflected: output `i` is input `i + d`.
 fn shifted(side: usize, d: isize) -> Vec<i64> {
     (0..side as i64)
-        .map(|i| crate::pixels::reflect(i + d as i64, side as i64) as i64)
+        .map(|i| crate::transforms::pixels::reflect(i + d as i64, side as i64) as i64)
         .collect()
 }
 

@@ -1,0 +1,401 @@
+//! Checkpoints, resume and crash safety through the command line: a run interrupted after
+//! k batches (cleanly, or by `kill -9`) and resumed ends with the same checkpoint bytes and
+//! the same metrics as the run done in one go, with every batch in the tables once.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const DATA: &str = "synthetic:1200:200:4";
+
+/// `train` with the settings every run here shares, plus `extra`.
+fn train(runs: &Path, run: &str, model: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "-q",
+        "train",
+        "--model",
+        model,
+        "--data",
+        DATA,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--checkpoint-every",
+        "5",
+        "--no-test",
+        "--no-plots",
+        "--run",
+        run,
+        "--runs",
+        runs.to_str().unwrap(),
+    ];
+    if model == "svm-kernel" {
+        args.extend(["--buffer", "300"]);
+    }
+    if model == "kmeans" {
+        args.extend(["--k", "20"]);
+    }
+    if model == "cnn" {
+        // Each epoch in its own order: a resumed run must see the order it left.
+        args.extend(["--set", "widths=[8,16,16]", "--shuffle"]);
+    }
+    args.extend_from_slice(extra);
+    run_ok(bin().args(&args)).0
+}
+
+fn resume(runs: &Path, run: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "-q",
+        "train",
+        "--run",
+        run,
+        "--resume",
+        "--no-test",
+        "--no-plots",
+        "--runs",
+        runs.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_ok(bin().args(&args)).0
+}
+
+/// The model files of checkpoint `name` of two runs are byte for byte the same.
+fn assert_same_checkpoint(runs: &Path, a: &str, b: &str, name: &str) {
+    for file in ["model.safetensors", "model.json"] {
+        let pa = runs.join(a).join("checkpoints").join(name).join(file);
+        let pb = runs.join(b).join("checkpoints").join(name).join(file);
+        let (x, y) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+        assert!(x == y, "{} and {} differ", pa.display(), pb.display());
+    }
+}
+
+/// The training metrics of a run, batch by batch (everything but timings).
+fn train_metrics(runs: &Path, run: &str) -> String {
+    query_csv(
+        runs,
+        &format!(
+            "select epoch, batch, images, acc, loss, precision, recall, f1, acc_mean, loss_mean, \
+             f1_mean, acc_window, loss_window from metrics where run = '{run}' and split = 'train' \
+             order by batch"
+        ),
+    )
+}
+
+fn batches_once(runs: &Path, run: &str) -> String {
+    query_csv(
+        runs,
+        &format!(
+            "select count(*) as n, count(distinct batch) as b from metrics where run = '{run}' \
+             and split = 'train'"
+        ),
+    )
+}
+
+#[test]
+fn interrupted_and_resumed_runs_end_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    // 12 batches per epoch, 2 epochs, a checkpoint every 5 stream batches.
+    for model in ["logreg", "mlp", "svm", "kmeans", "svm-kernel", "cnn"] {
+        let full = format!("{model}-full");
+        train(&runs, &full, model, &[]);
+        assert_eq!(batches_once(&runs, &full), "n,b\n24,24\n", "{model}");
+        let reference = train_metrics(&runs, &full);
+        // Stops after 1 batch, mid-epoch, exactly at the epoch's end, and in epoch 2.
+        for k in [1u64, 7, 12, 17] {
+            let run = format!("{model}-k{k}");
+            let out = train(&runs, &run, model, &["--max-batches", &k.to_string()]);
+            assert!(out.contains("interrupted"), "{out}");
+            let status = query_csv(
+                &runs,
+                &format!("select status, batches from runs where run = '{run}'"),
+            );
+            assert_eq!(
+                status,
+                format!("status,batches\ninterrupted,{k}\n"),
+                "{model} k={k}"
+            );
+            let out = resume(&runs, &run, &[]);
+            assert!(out.contains("resumed from epoch-"), "{out}");
+            assert_same_checkpoint(&runs, &full, &run, "epoch-2");
+            assert_same_checkpoint(&runs, &full, &run, "epoch-1");
+            assert_eq!(batches_once(&runs, &run), "n,b\n24,24\n", "{model} k={k}");
+            assert_eq!(train_metrics(&runs, &run), reference, "{model} k={k}");
+        }
+    }
+    // Interrupted twice, the second time with another thread count.
+    train(&runs, "twice", "mlp", &["--max-batches", "3"]);
+    resume(&runs, "twice", &["--max-batches", "11", "--threads", "1"]);
+    resume(&runs, "twice", &[]);
+    assert_same_checkpoint(&runs, "mlp-full", "twice", "epoch-2");
+    assert_eq!(
+        train_metrics(&runs, "twice"),
+        train_metrics(&runs, "mlp-full")
+    );
+    let st = query_csv(
+        &runs,
+        "select status, resumes from runs where run = 'twice'",
+    );
+    assert_eq!(st, "status,resumes\nfinished,2\n");
+    // A resumed run may go on for more epochs than it started with.
+    resume(&runs, "twice", &["--epochs", "3"]);
+    assert_eq!(batches_once(&runs, "twice"), "n,b\n36,36\n");
+    assert!(runs.join("twice/checkpoints/epoch-3").is_dir());
+}
+
+/// Every Parquet file under `dir` reads to the end.
+fn assert_all_parquet_readable(dir: &Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            n += assert_all_parquet_readable(&p);
+        } else if p.extension().is_some_and(|e| e == "parquet") {
+            let rows = parquet_rows(&p);
+            assert!(rows > 0, "{}", p.display());
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run() {
+    kill_9_then_resume(&["--model", "mlp", "--hidden", "32"]);
+    kill_9_then_resume(&["--model", "cnn", "--set", "widths=[8,16,16]"]);
+}
+
+/// A run of `model` (its flags) killed by SIGKILL after its third checkpoint, then
+/// resumed, ends as the run done in one go.
+fn kill_9_then_resume(model: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let args = |run: &str, sleep: &str| -> Vec<String> {
+        ["-q", "train"]
+            .iter()
+            .chain(model)
+            .chain(&[
+                "--data",
+                "synthetic:3000:100:2",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "50",
+                "--checkpoint-every",
+                "7",
+                "--sleep",
+                sleep,
+                "--no-test",
+                "--no-plots",
+                "--run",
+                run,
+                "--runs",
+                runs.to_str().unwrap(),
+            ])
+            .map(|s| s.to_string())
+            .collect()
+    };
+    run_ok(bin().args(args("whole", "0")));
+    // 120 batches at ≥ 20 ms each: killed well before the end.
+    let mut child = bin()
+        .args(args("killed", "0.02"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpts = runs.join("killed/checkpoints");
+    let t = Instant::now();
+    loop {
+        let n = std::fs::read_dir(&ckpts)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(37));
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    // Everything in the run directory is readable; the run shows as interrupted.
+    assert!(assert_all_parquet_readable(&runs.join("killed")) > 0);
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("killed/run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "running");
+    assert_eq!(
+        query_csv(&runs, "select status from runs where run = 'killed'"),
+        "status\ninterrupted\n"
+    );
+    // No batch twice, none after a gap.
+    let got = query_csv(
+        &runs,
+        "select count(*) = count(distinct batch) as once, coalesce(max(batch) + 1, 0) = count(*) as dense, count(*) < 120 as partial from metrics where run = 'killed'",
+    );
+    assert_eq!(got, "once,dense,partial\ntrue,true,true\n");
+    let out = run_ok(bin().args([
+        "-q",
+        "train",
+        "--run",
+        "killed",
+        "--resume",
+        "--no-test",
+        "--no-plots",
+        "--runs",
+        runs.to_str().unwrap(),
+    ]))
+    .0;
+    assert!(out.contains("resumed from epoch-"), "{out}");
+    assert_same_checkpoint(&runs, "whole", "killed", "epoch-2");
+    assert_eq!(batches_once(&runs, "killed"), "n,b\n120,120\n");
+    assert_eq!(
+        train_metrics(&runs, "killed"),
+        train_metrics(&runs, "whole")
+    );
+    assert_eq!(
+        query_csv(&runs, "select status from runs where run = 'killed'"),
+        "status\nfinished\n"
+    );
+}
+
+#[test]
+fn two_trainers_at_once_do_not_interfere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let runs_s = runs.to_str().unwrap();
+    let cmd = |run: &str, model: &str, threads: &str| {
+        let mut c = bin();
+        c.args([
+            "-q",
+            "--threads",
+            threads,
+            "train",
+            "--model",
+            model,
+            "--data",
+            "synthetic:2000:100:1",
+            "--epochs",
+            "2",
+            "--no-plots",
+            "--run",
+            run,
+            "--runs",
+            runs_s,
+        ]);
+        c
+    };
+    let a = cmd("a", "mlp", "1").stdout(Stdio::piped()).spawn().unwrap();
+    let b = cmd("b", "logreg", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The same runs one at a time, with all cores.
+    run_ok(&mut cmd("a-solo", "mlp", "2"));
+    run_ok(&mut cmd("b-solo", "logreg", "2"));
+    assert_same_checkpoint(&runs, "a", "a-solo", "epoch-2");
+    assert_same_checkpoint(&runs, "b", "b-solo", "epoch-2");
+    assert_eq!(
+        query_csv(
+            &runs,
+            "select run, status, batches from runs where run in ('a', 'b') order by run"
+        ),
+        "run,status,batches\na,finished,32\nb,finished,32\n"
+    );
+    assert_eq!(
+        query_csv(
+            &runs,
+            "select run, count(*) as n, count(distinct batch) as d from metrics where split = 'train' and run in ('a', 'b') group by run order by run"
+        ),
+        "run,n,d\na,32,32\nb,32,32\n"
+    );
+}
+
+/// A bf16 run records its kernel; on a CPU without it (hidden with `CIFAR_DF_NO_BF16`)
+/// a resume says which path the run used and how to go on in f32, `--precision bf16`
+/// names the CPU feature missing, and `--resume --precision f32` goes on (recorded).
+#[test]
+fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
+    use cifar_df::model::cnn::Kernel;
+    let Some(kernel) = Kernel::best_bf16() else {
+        eprintln!("a bf16 run resumed without bf16: not run: this CPU has no bf16 kernel");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path();
+    let compute = || -> String {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(runs.join("p/run.json")).unwrap()).unwrap();
+        info["compute"].as_str().unwrap_or_default().to_string()
+    };
+    let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
+    assert_eq!(compute(), format!("bf16 ({})", kernel.name()), "{out}");
+    let without = |args: &[&str]| {
+        let mut cmd = bin();
+        cmd.env("CIFAR_DF_NO_BF16", "1").args(args);
+        cmd.output().unwrap()
+    };
+    let runs_s = runs.to_str().unwrap();
+    let base = [
+        "-q",
+        "train",
+        "--run",
+        "p",
+        "--resume",
+        "--no-test",
+        "--no-plots",
+        "--runs",
+        runs_s,
+    ];
+    let o = without(&base);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "resumed a bf16 run without bf16");
+    assert!(
+        err.contains(kernel.name()) && err.contains("--precision f32"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("--precision f32").count(),
+        1,
+        "said once: {err}"
+    );
+    let o = without(&[
+        "-q",
+        "train",
+        "--model",
+        "cnn",
+        "--data",
+        DATA,
+        "--precision",
+        "bf16",
+        "--run",
+        "q",
+        "--runs",
+        runs_s,
+        "--no-plots",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("AVX512-BF16"), "{err}");
+    let mut go_on = base.to_vec();
+    go_on.extend(["--precision", "f32"]);
+    let o = without(&go_on);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(compute(), "f32");
+}

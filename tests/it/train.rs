@@ -1,0 +1,204 @@
+//! End to end: synthetic data → `train` → `predict` → `query` over the run tables.
+
+use crate::common;
+
+use common::*;
+
+#[test]
+fn train_predict_query_on_the_synthetic_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let runs_s = runs.to_str().unwrap();
+    let (stdout, _) = run_ok(bin().args([
+        "-q",
+        "train",
+        "--model",
+        "logreg",
+        "--data",
+        "synthetic:1000:300:1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--run",
+        "r1",
+        "--runs",
+        runs_s,
+    ]));
+    assert!(stdout.contains("run r1"), "{stdout}");
+    // train scored the dataset's test split at the end, from its last checkpoint.
+    assert!(stdout.contains("test (epoch-2): 300 images"), "{stdout}");
+    assert!(runs
+        .join("r1/checkpoints/epoch-2/model.safetensors")
+        .exists());
+    assert!(runs
+        .join("r1/checkpoints/epoch-1/model.safetensors")
+        .exists());
+    let (stdout, _) = run_ok(bin().args([
+        "-q",
+        "predict",
+        "--run",
+        "r1",
+        "--runs",
+        runs_s,
+        "--data",
+        "synthetic:1000:300:1",
+    ]));
+    assert!(stdout.contains("confusion matrix"), "{stdout}");
+    // predict replaced the test rows train wrote (a second pass over the same split).
+    let q = |sql: &str| run_ok(bin().args(["query", sql, "--runs", runs_s, "--format", "csv"])).0;
+    // One metrics row per batch: 2 epochs × 10 batches of train, 3 batches of test.
+    assert_eq!(
+        q("select split, count(*) as n, count(distinct batch) as b, sum(images) as i from metrics group by split union all select split, count(*), count(distinct batch), sum(images) from eval_metrics group by split order by split"),
+        "split,n,b,i\ntest,3,3,300\ntrain,20,20,2000\n"
+    );
+    assert_eq!(
+        q("select min(epoch) as a, max(epoch) as e from metrics where split = 'train'"),
+        "a,e\n1,2\n"
+    );
+    // The confusion matrix and predictions agree with each other and with the metrics,
+    // for the test pass and for the batches scored while training.
+    assert_eq!(
+        q("select split, sum(count) as n from confusion group by split order by split"),
+        "split,n\ntest,300\ntrain,2000\n"
+    );
+    for split in ["test", "train"] {
+        assert_eq!(
+            q(&format!("select count(*) as n, sum(case when label = predicted then 1 else 0 end) as ok from predictions where split = '{split}'")),
+            q(&format!("select sum(images) as n, cast(round(sum(acc * images)) as bigint) as ok from {} where split = '{split}'", if split == "test" { "eval_metrics" } else { "metrics" })),
+            "{split}"
+        );
+        assert_eq!(
+            q(&format!("select sum(count) as ok from confusion where actual = predicted and split = '{split}'")),
+            q(&format!("select sum(case when label = predicted then 1 else 0 end) as ok from predictions where split = '{split}'")),
+            "{split}"
+        );
+    }
+    // Running means: the last train row's acc_mean is the mean of all its acc values,
+    // and acc_window the mean of the last 20 (here: all 20).
+    assert_eq!(
+        q("select round(avg(acc), 12) = round(max(case when batch = 19 then acc_mean end), 12) as m, round(avg(acc), 12) = round(max(case when batch = 19 then acc_window end), 12) as w from metrics where split = 'train'"),
+        "m,w\ntrue,true\n"
+    );
+    // It learned: test accuracy well above chance (0.1).
+    let acc: f64 =
+        q("select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'")
+            .lines()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(acc > 0.25, "test accuracy {acc}");
+    // The runs table: one row per run.json.
+    assert_eq!(
+        q("select run, model, status, seed, batches, images, error is null as ok, \"end\" >= start as ordered from runs"),
+        "run,model,status,seed,batches,images,ok,ordered\nr1,logreg,finished,0,20,2000,true,true\n"
+    );
+    // avg over the whole table just works.
+    let avg = q("select avg(acc) from metrics");
+    assert!(avg.lines().count() == 2, "{avg}");
+}
+
+#[test]
+fn train_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let out = bin()
+        .args([
+            "-q",
+            "train",
+            "--model",
+            "nope",
+            "--data",
+            "synthetic:100:10",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model \"nope\"") && err.contains("logreg"),
+        "{err}"
+    );
+    let out = bin()
+        .args([
+            "-q",
+            "predict",
+            "--run",
+            "missing",
+            "--data",
+            "synthetic:100:10",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no checkpoint"), "{err}");
+    // A query over runs that do not exist yet still answers.
+    let (stdout, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "select count(*) as n from metrics",
+                "--format",
+                "csv",
+                "--runs",
+            ])
+            .arg(&runs),
+    );
+    assert_eq!(stdout, "n\n0\n");
+}
+
+#[test]
+fn a_run_that_fails_is_marked_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    // Nothing listens on port 1: the source never connects.
+    let out = bin()
+        .args([
+            "-q",
+            "train",
+            "--model",
+            "svm",
+            "--source",
+            "tcp://127.0.0.1:1",
+            "--connect-timeout",
+            "0.2",
+            "--run",
+            "f",
+            "--runs",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:1") && !err.contains("panicked"),
+        "{err}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("f/run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(info["model"], "svm");
+    assert!(
+        info["error"].as_str().unwrap().contains("127.0.0.1:1"),
+        "{info}"
+    );
+    let (csv, _) = run_ok(
+        bin()
+            .args([
+                "query",
+                "select run, status from runs",
+                "--format",
+                "csv",
+                "--runs",
+            ])
+            .arg(&runs),
+    );
+    assert_eq!(csv, "run,status\nf,failed\n");
+}
