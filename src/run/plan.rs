@@ -351,8 +351,12 @@ pub fn train(req: &TrainRequest) -> Result<TrainPlan> {
         );
     }
     let kind = crate::model::registry::find(&model)?;
-    // Check the model and its hyper-parameters before touching the source.
-    kind.build(&cfg.model_table(&model))?;
+    // Check the model and its hyper-parameters before touching the source. (A resumed
+    // run's were checked when it began, and its checkpoint, not this CPU, says how it
+    // computes: a bf16 run on a CPU without bf16 is told so when it loads.)
+    if !req.resume {
+        kind.build(&cfg.model_table(&model))?;
+    }
     let epochs = cfg.epochs.unwrap_or(1);
     let (source, mut opts) = req.source.resolve(
         Split::Train,
@@ -369,7 +373,9 @@ pub fn train(req: &TrainRequest) -> Result<TrainPlan> {
         cfg.set_param(&model, "classes", toml::Value::Integer(names.len() as i64));
         cfg.classes = Some(names);
     }
-    kind.build(&cfg.model_table(&model))?;
+    if !req.resume {
+        kind.build(&cfg.model_table(&model))?;
+    }
     let extractor = if req.resume {
         None
     } else {

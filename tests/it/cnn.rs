@@ -365,6 +365,11 @@ fn export_check(side: usize) {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let runs_s = runs.to_str().unwrap();
+    let bf16_if_any = if Kernel::best_bf16().is_some() {
+        "bf16"
+    } else {
+        "f32"
+    };
     let cfg = format!("{}/configs/cnn.toml", env!("CARGO_MANIFEST_DIR"));
     run_ok(common::bin().args([
         "-q",
@@ -384,6 +389,8 @@ fn export_check(side: usize) {
         "--runs",
         runs_s,
         "--no-plots",
+        "--precision",
+        bf16_if_any,
     ]));
     let model = dir.path().join("small.onnx");
     let (out, _) = run_ok(common::bin().args([
@@ -428,7 +435,7 @@ fn export_check(side: usize) {
         .unwrap()
         .unwrap();
     let mut cnn = Cnn::load(&ck.dir).unwrap();
-    // The run learnt in bf16 where the CPU has it (the default), and recorded so.
+    // The run learnt in bf16 where the CPU has it (asked), and recorded so.
     assert_eq!(cnn.kernel(), Kernel::best_bf16().unwrap_or(Kernel::F32));
     let bf16_proba = cnn.predict_proba(rows.view()).unwrap();
     let was_bf16 = cnn.kernel().is_bf16();

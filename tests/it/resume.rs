@@ -43,6 +43,10 @@ fn train(runs: &Path, run: &str, model: &str, extra: &[&str]) -> String {
     if model == "cnn" {
         // Each epoch in its own order: a resumed run must see the order it left.
         args.extend(["--set", "widths=[8,16,16]", "--shuffle"]);
+        // In bf16 wherever the CPU has it (`auto` may choose f32 where bf16 is slower).
+        if cifar_df::model::cnn::Kernel::best_bf16().is_some() {
+            args.extend(["--precision", "bf16"]);
+        }
     }
     args.extend_from_slice(extra);
     run_ok(bin().args(&args)).0

@@ -45,7 +45,8 @@ pub const INPUT: usize = SIDE * SIDE * CHANNELS;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 where the CPU has a bf16 kernel, f32 elsewhere.
+    /// bf16 where the CPU has a bf16 kernel faster than f32 ([`Kernel::auto`]: AMD's
+    /// AVX512-BF16), f32 elsewhere.
     #[default]
     Auto,
     /// bf16 inputs, f32 sums, f32 master weights (PyTorch's CPU autocast): an error on a
@@ -73,7 +74,7 @@ impl Precision {
     pub fn kernel(self) -> std::result::Result<Kernel, String> {
         match self {
             Precision::F32 => Ok(Kernel::F32),
-            Precision::Auto => Ok(Kernel::best_bf16().unwrap_or(Kernel::F32)),
+            Precision::Auto => Ok(Kernel::auto()),
             Precision::Bf16 => Kernel::best_bf16().ok_or_else(|| {
                 format!(
                     "precision bf16 needs a CPU with AVX512-BF16 (avx512_bf16 in lscpu's \

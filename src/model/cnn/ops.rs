@@ -217,6 +217,15 @@ impl Kernel {
     pub fn best_bf16() -> Option<Kernel> {
         Kernel::Avx512Bf16.available().then_some(Kernel::Avx512Bf16)
     }
+
+    /// The kernel `precision = "auto"` takes: the bf16 one where it is faster than f32 on
+    /// this CPU ([`super::bf16::faster_than_f32`]), else f32.
+    pub fn auto() -> Kernel {
+        match Kernel::best_bf16() {
+            Some(k) if super::bf16::faster_than_f32() => k,
+            _ => Kernel::F32,
+        }
+    }
 }
 
 /// Reusable buffers for the products (the patch matrix of one band, packed operands)
