@@ -9,6 +9,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array1, Array2};
 
+use cifar_df::model::cnn::ops::{conv_backward, conv_forward, turned_weights, Scratch};
 use cifar_df::model::cnn::{Cnn, CnnParams, Kernel, Precision};
 use cifar_df::model::Learner;
 use cifar_df::rng::SplitMix;
@@ -20,7 +21,19 @@ fn batch(n: usize, seed: u64) -> (Array2<f32>, Array1<u16>) {
     (x, y)
 }
 
+/// `CIFAR_DF_BENCH_THREADS=1`: one thread, to see a kernel's own rate (default: all
+/// cores).
+fn bench_threads() {
+    if let Some(t) = std::env::var("CIFAR_DF_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cifar_df::model::set_threads(t);
+    }
+}
+
 fn train_step(c: &mut Criterion) {
+    bench_threads();
     let n = 256;
     let (x, y) = batch(n, 1);
     let mut group = c.benchmark_group("cnn_train");
@@ -80,5 +93,37 @@ fn train_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, train_step);
+/// Each convolution of the default network (widths 32/64/128) alone, batch 64: the
+/// forward product and the backward pair (weight and input gradients), in multiply-adds
+/// per second (`elem/s`), to see how near each product runs to the CPU's peak.
+fn conv_products(c: &mut Criterion) {
+    let n = 64;
+    bench_threads();
+    let arch = CnnParams::default().arch();
+    let mut group = c.benchmark_group("cnn_conv");
+    group.sample_size(10);
+    let mut rng = SplitMix(3);
+    for (i, s) in arch.conv_shapes(n).into_iter().enumerate() {
+        let x: Vec<f32> = (0..n * s.h * s.w * s.ci)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let wt: Vec<f32> = (0..s.kdim() * s.co).map(|_| rng.normal() as f32).collect();
+        let mut y = vec![0f32; n * s.oh() * s.ow() * s.co];
+        let mut scratch = Scratch::new(Kernel::F32);
+        let name = format!("{i}_{}x{}_{}to{}", s.h, s.w, s.ci, s.co);
+        group.throughput(Throughput::Elements(s.macs() as u64));
+        group.bench_function(format!("forward_{name}"), |b| {
+            b.iter(|| conv_forward(&x, &wt, &s, &mut y, &mut scratch))
+        });
+        let turned = turned_weights(&wt, &s);
+        let (mut dwt, mut dx) = (vec![0f32; wt.len()], vec![0f32; x.len()]);
+        group.throughput(Throughput::Elements(2 * s.macs() as u64));
+        group.bench_function(format!("backward_{name}"), |b| {
+            b.iter(|| conv_backward(&x, &y, &turned, &s, &mut dwt, Some(&mut dx), &mut scratch))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, train_step, conv_products);
 criterion_main!(benches);

@@ -74,6 +74,20 @@ fn forward_backward_and_sgd_match_numpy() {
     against_numpy(68, &[4, 6], Precision::F32, (1e-4, 1e-4));
 }
 
+/// The same on the patch-matrix convolutions (the `gemm` crate), which CPUs without
+/// AVX-512 use: here the implicit products are hidden (`CIFAR_DF_NO_FMA=1`).
+#[test]
+fn forward_backward_and_sgd_match_numpy_on_the_patch_matrix_path() {
+    if !have_python("numpy", "the CNN reference") {
+        return;
+    }
+    common::rerun_with_env(
+        "cnn::forward_backward_and_sgd_match_numpy",
+        cifar_df::model::cnn::fma::HIDE_ENV,
+        "1",
+    );
+}
+
 /// The network in bf16 (bf16 inputs to every convolution, f32 sums, f32 master weights)
 /// against the same float64 reference: the logits, the running statistics and the
 /// weights after two SGD steps within 6% of each tensor's largest value, the gradients

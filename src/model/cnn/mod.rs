@@ -16,6 +16,7 @@
 //! tensors ([`ops`]).
 
 pub mod bf16;
+pub mod fma;
 pub mod net;
 pub mod onnx;
 pub mod ops;

@@ -26,6 +26,7 @@
 //! tensor's round trip through memory).
 
 use super::bf16;
+use super::fma;
 use crate::linalg;
 
 /// Output pixels per im2col band (about 0.5–1 MB of patches for the default widths).
@@ -242,6 +243,9 @@ pub struct Scratch {
     input: Vec<u32>,
     grad_in: Vec<u32>,
     offs: Vec<usize>,
+    packed_f32: Vec<f32>,
+    pairs: Vec<(usize, usize)>,
+    tiles: fma::Tiles,
 }
 
 impl Scratch {
@@ -329,6 +333,22 @@ pub fn conv_forward_kept(
         let xb = keep.unwrap_or(&mut own);
         forward_bf16(to_bf16_buf(x, xb), wt, s, y, scratch);
         scratch.input = own;
+        return;
+    }
+    if fma::available() && s.k * s.k <= fma::Tiles::MAX_TAPS {
+        // The weights packed once, shared by the threads.
+        let mut wb = std::mem::take(&mut scratch.packed_f32);
+        let len = fma::b_len(s.kdim(), s.co);
+        fma::pack_b(wt, s.kdim(), s.co, grown(&mut wb, len));
+        over_bands(
+            total,
+            fma_band(total),
+            s.co,
+            y,
+            scratch,
+            |first, rows, out, sc| forward_bands_fma(x, &wb[..len], s, first, rows, out, sc),
+        );
+        scratch.packed_f32 = wb;
         return;
     }
     over_bands(
@@ -567,6 +587,78 @@ fn forward_bands_bf16(
             &mut y[done * s.co..(done + r) * s.co],
             s.co,
             false,
+        );
+        done += r;
+    }
+}
+
+/// Output pixels per band of the f32 product without a patch matrix: enough that most
+/// of a band's tiles are full once its pixels are grouped by the taps they skip
+/// ([`fma::Tiles`]), and its input pixels stay in the L2 cache.
+const FMA_BAND: usize = 96 * fma::MR;
+
+/// The band of [`forward_bands_fma`] for `total` output pixels: [`FMA_BAND`], or less so
+/// that each thread has a band. (A pixel's sum does not depend on its band.)
+fn fma_band(total: usize) -> usize {
+    let threads = linalg::threads().max(1);
+    (total.div_ceil(threads).div_ceil(fma::MR) * fma::MR).clamp(fma::MR, FMA_BAND)
+}
+
+/// [`forward_bands`] on the AVX-512 f32 kernel without a patch matrix ([`fma`]): `wb` is
+/// the weights packed by [`fma::pack_b`].
+fn forward_bands_fma(
+    x: &[f32],
+    wb: &[f32],
+    s: &ConvShape,
+    first: usize,
+    rows: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let (k, ci, pad) = (s.k, s.ci, s.pad);
+    let (oh, ow) = (s.oh(), s.ow());
+    let band = fma_band(s.n * oh * ow);
+    // Per output row and column, the taps whose kernel row / column falls inside.
+    let inside = |o: usize, size: usize, along: bool| -> u64 {
+        (0..k * k)
+            .filter(|&t| {
+                let d = if along { t / k } else { t % k };
+                (o + d).wrapping_sub(pad) < size
+            })
+            .fold(0, |m, t| m | 1 << t)
+    };
+    let row_mask: Vec<u64> = (0..oh).map(|oy| inside(oy, s.h, true)).collect();
+    let col_mask: Vec<u64> = (0..ow).map(|ox| inside(ox, s.w, false)).collect();
+    let steps = (0..k * k).map(|t| (((t / k) * s.w + t % k) * ci) as isize);
+    let mut done = 0;
+    while done < rows {
+        let r = band.min(rows - done);
+        let tiles = &mut scratch.tiles;
+        tiles.start(steps.clone());
+        let p0 = first + done;
+        let (mut img, rest) = (p0 / (oh * ow), p0 % (oh * ow));
+        let (mut oy, mut ox) = (rest / ow, rest % ow);
+        for _ in 0..r {
+            let y0 = (img * s.h + oy) as isize - pad as isize;
+            let base = (y0 * s.w as isize + ox as isize - pad as isize) * ci as isize;
+            tiles.push(base, row_mask[oy] & col_mask[ox]);
+            ox += 1;
+            if ox == ow {
+                (ox, oy) = (0, oy + 1);
+                if oy == oh {
+                    (oy, img) = (0, img + 1);
+                }
+            }
+        }
+        tiles.group();
+        fma::gemm_tiles(
+            tiles,
+            s.co,
+            ci,
+            x,
+            wb,
+            &mut y[done * s.co..(done + r) * s.co],
+            s.co,
         );
         done += r;
     }
@@ -879,6 +971,53 @@ impl Grad<'_> {
 /// straddle two bands).
 const GRAD_BAND: usize = 384;
 
+/// Output pixels per band of [`weight_grad_bands_fma`]: a band's rows of `dy` (one block
+/// of `NR` columns) and the input pixels its taps read stay in the L1 cache while the
+/// tiles of taps and channels pass.
+const FMA_GRAD_BAND: usize = 128;
+
+/// [`weight_grad_bands`] on the AVX-512 kernel without a patch matrix
+/// ([`fma::weight_grad`]).
+fn weight_grad_bands_fma(
+    x: &[f32],
+    dy: &[f32],
+    s: &ConvShape,
+    (start, end): (usize, usize),
+    dwt: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let taps = s.k * s.k;
+    let mut counts = vec![0usize; taps];
+    let mut first = start;
+    while first < end {
+        let rows = FMA_GRAD_BAND.min(end - first);
+        // Per tap, the (input offset, output pixel) pairs of the taps inside the image,
+        // `rows` apart.
+        let pairs = grown(&mut scratch.pairs, taps * rows);
+        counts.fill(0);
+        tap_pixels(s, first, rows, s.ci, usize::MAX, |p, v| {
+            for (t, &o) in v.iter().enumerate() {
+                if o != usize::MAX {
+                    pairs[t * rows + counts[t]] = (o, p);
+                    counts[t] += 1;
+                }
+            }
+        });
+        fma::weight_grad(
+            x,
+            s.ci,
+            pairs,
+            rows,
+            &counts,
+            &dy[first * s.co..(first + rows) * s.co],
+            s.co,
+            dwt,
+            first != start,
+        );
+        first += rows;
+    }
+}
+
 /// `dwt = Σ patches(x)ᵀ · dy` over output pixels `range` (overwritten).
 fn weight_grad_bands(
     x: &[f32],
@@ -888,6 +1027,9 @@ fn weight_grad_bands(
     dwt: &mut [f32],
     scratch: &mut Scratch,
 ) {
+    if fma::available() {
+        return weight_grad_bands_fma(x, dy, s, (start, end), dwt, scratch);
+    }
     let kdim = s.kdim();
     let mut first = start;
     while first < end {
@@ -2073,6 +2215,73 @@ mod tests {
                 ((v >> 8) % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    /// The `convolutions_…` tests again in a child process with the implicit products
+    /// hidden ([`fma::HIDE_ENV`]): the patch-matrix path on the `gemm` crate, which CPUs
+    /// without AVX-512 take.
+    #[test]
+    fn the_patch_matrix_path_matches_the_sums_too() {
+        let filter = "model::cnn::ops::tests::convolutions_";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([filter, "--test-threads", "1"])
+            .env(fma::HIDE_ENV, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("test result: ok. 2 passed"),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The f32 products at the network's widths (several blocks of output channels, the
+    /// last partial; input channels in blocks of taps; 3×3 and 7×7 images, where most
+    /// pixels skip some taps; a 5×5 kernel with two pixels of padding) against the f64
+    /// sums, within f32's rounding of their terms, on one thread and two, bit for bit.
+    #[test]
+    fn convolutions_at_network_widths_match_f64_sums() {
+        for s in [
+            shape(2, 7, 7, 64, 70, 3, 1),
+            shape(5, 3, 3, 40, 33, 3, 1),
+            shape(2, 9, 8, 3, 4, 5, 2),
+            shape(1, 31, 31, 24, 32, 3, 1),
+        ] {
+            let x = values(s.n * s.h * s.w * s.ci, 1);
+            let wt = values(s.kdim() * s.co, 2);
+            let g = values(s.n * s.oh() * s.ow() * s.co, 3);
+            let turned = turned_weights(&wt, &s);
+            let mut runs = Vec::new();
+            for threads in [1, 2] {
+                linalg::set_threads(threads);
+                let mut scratch = Scratch::default();
+                let mut y = vec![0.0; g.len()];
+                conv_forward(&x, &wt, &s, &mut y, &mut scratch);
+                let (mut dwt, mut dx) = (vec![0.0; wt.len()], vec![0.0; x.len()]);
+                conv_backward(&x, &g, &turned, &s, &mut dwt, Some(&mut dx), &mut scratch);
+                runs.push([y, dwt, dx]);
+            }
+            linalg::set_threads(0);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for (a, b) in runs[0].iter().zip(&runs[1]) {
+                assert_eq!(bits(a), bits(b), "{s:?}: one thread and two differ");
+            }
+            let (want_y, want_dw, want_dx) = conv_reference(&x, &wt, &g, &s);
+            let [y, dwt, dx] = &runs[0];
+            for (what, got, want) in [
+                ("y", y, &want_y),
+                ("dw", dwt, &want_dw),
+                ("dx", dx, &want_dx),
+            ] {
+                for (i, (&v, &(w, mag))) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (f64::from(v) - w).abs() <= 1e-5 * mag + 1e-30,
+                        "{s:?} {what}[{i}]: {v} vs {w} (terms {mag})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

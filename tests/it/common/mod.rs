@@ -286,3 +286,22 @@ pub fn run_ok(cmd: &mut Command) -> (String, String) {
     (stdout, stderr)
 }
 pub mod broker;
+
+/// Runs the test `name` (its full path, as `--list` prints it) of this test binary again
+/// in a child process with the environment variable `key` set to `value` (to try a path
+/// the process chooses once, such as the patch-matrix convolutions with
+/// `CIFAR_DF_NO_FMA=1`), and asserts that it ran and passed.
+pub fn rerun_with_env(name: &str, key: &str, value: &str) {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = Command::new(exe)
+        .args(["--exact", name, "--test-threads", "1"])
+        .env(key, value)
+        .output()
+        .expect("run the test binary again");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} with {key}={value}:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
