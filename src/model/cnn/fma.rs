@@ -230,25 +230,26 @@ pub fn gemm_tiles(
         return;
     }
     // Every pixel's reads inside `x`: its taps' first and last steps (every step between
-    // reads between them).
+    // reads between them), per group, then each pixel against its group's.
     assert!(ci <= x.len(), "fma gemm_tiles: x");
     let room = (x.len() - ci) as isize;
-    for &(mask, _) in &tiles.groups {
-        if mask == 0 {
-            continue;
-        }
-        let listed = |t: &usize| mask >> t & 1 == 1;
-        let lo = (0..taps).filter(listed).map(|t| tiles.steps[t]).min();
-        let hi = (0..taps).filter(listed).map(|t| tiles.steps[t]).max();
-        let (lo, hi) = (lo.unwrap_or(0), hi.unwrap_or(0));
-        let ok = tiles
-            .bases
-            .iter()
-            .zip(&tiles.masks)
-            .filter(|&(_, &m)| m == mask)
-            .all(|(&base, _)| base + lo >= 0 && base + hi <= room);
-        assert!(ok, "fma gemm_tiles: a tap reads outside x");
-    }
+    let reach: Vec<(isize, isize)> = tiles
+        .groups
+        .iter()
+        .map(|&(mask, _)| {
+            let listed = (0..taps).filter(|t| mask >> t & 1 == 1);
+            let steps = listed.map(|t| tiles.steps[t]);
+            steps.fold((isize::MAX, isize::MIN), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            })
+        })
+        .collect();
+    let ok = tiles.bases.iter().zip(&tiles.group_of).all(|(&base, &g)| {
+        let (lo, hi) = reach[g];
+        // (A pixel with no tap inside reads nothing.)
+        lo > hi || (base + lo >= 0 && base + hi <= room)
+    });
+    assert!(ok, "fma gemm_tiles: a tap reads outside x");
     // Taps per block of the product's `k`: the block's weights (`≤ KC` rows of `NR`)
     // stay in the L1 cache while the tiles pass; each block adds its sums to `c`.
     let per = (KC / ci.max(1)).clamp(1, taps.max(1));
@@ -343,17 +344,16 @@ pub fn weight_grad(
         })
         .collect();
     let rows_dy = dy.len() / co;
-    // Every pair checked at once (a loop without an early exit, which vectorises); the
+    // Every pair checked at once (loops without an early exit, which vectorise); the
     // kernel then reads without a check each.
-    let (last_o, last_p) = lists
-        .iter()
-        .flat_map(|l| l.iter())
-        .fold((0, 0), |(a, b), &(o, p)| (a.max(o), b.max(p)));
-    let any = lists.iter().any(|l| !l.is_empty());
-    assert!(
-        !any || (ci <= x.len() && last_o <= x.len() - ci && last_p < rows_dy),
-        "fma weight_grad: an offset past x or a pixel past dy"
-    );
+    let last_o = lists.iter().flat_map(|l| l.iter().map(|&(o, _)| o)).max();
+    let last_p = lists.iter().flat_map(|l| l.iter().map(|&(_, p)| p)).max();
+    if let (Some(o), Some(p)) = (last_o, last_p) {
+        assert!(
+            ci <= x.len() && o <= x.len() - ci && p < rows_dy,
+            "fma weight_grad: an offset past x or a pixel past dy"
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     for jb in 0..co.div_ceil(NR) {
         let cols = NR.min(co - jb * NR);

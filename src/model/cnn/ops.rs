@@ -615,33 +615,74 @@ fn forward_bands_fma(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let (k, ci, pad) = (s.k, s.ci, s.pad);
-    let (oh, ow) = (s.oh(), s.ow());
-    let band = fma_band(s.n * oh * ow);
-    // Per output row and column, the taps whose kernel row / column falls inside.
-    let inside = |o: usize, size: usize, along: bool| -> u64 {
-        (0..k * k)
-            .filter(|&t| {
-                let d = if along { t / k } else { t % k };
-                (o + d).wrapping_sub(pad) < size
-            })
-            .fold(0, |m, t| m | 1 << t)
-    };
-    let row_mask: Vec<u64> = (0..oh).map(|oy| inside(oy, s.h, true)).collect();
-    let col_mask: Vec<u64> = (0..ow).map(|ox| inside(ox, s.w, false)).collect();
-    let steps = (0..k * k).map(|t| (((t / k) * s.w + t % k) * ci) as isize);
+    let band = fma_band(s.n * s.oh() * s.ow());
+    let windows = Windows::new(s);
     let mut done = 0;
     while done < rows {
         let r = band.min(rows - done);
         let tiles = &mut scratch.tiles;
-        tiles.start(steps.clone());
-        let p0 = first + done;
-        let (mut img, rest) = (p0 / (oh * ow), p0 % (oh * ow));
+        tiles.start(windows.steps.iter().copied());
+        windows.each(first + done, r, |base, mask| tiles.push(base, mask));
+        tiles.group();
+        fma::gemm_tiles(
+            tiles,
+            s.co,
+            s.ci,
+            x,
+            wb,
+            &mut y[done * s.co..(done + r) * s.co],
+            s.co,
+        );
+        done += r;
+    }
+}
+
+/// Where each output pixel's window lies in the input of a convolution, for the
+/// kernels without a patch matrix ([`fma`]): tap `t` of a pixel reads the input pixel at
+/// `base + steps[t]` (in f32s), and its `mask` has bit `t` set where that tap falls
+/// inside the image (not in the zero padding).
+struct Windows {
+    s: ConvShape,
+    steps: Vec<isize>,
+    /// Per output row / column, the taps whose kernel row / column falls inside.
+    row_mask: Vec<u64>,
+    col_mask: Vec<u64>,
+}
+
+impl Windows {
+    /// The windows of `s`, whose `k·k` is at most [`fma::Tiles::MAX_TAPS`].
+    fn new(s: &ConvShape) -> Windows {
+        let (k, pad) = (s.k, s.pad);
+        assert!(k * k <= fma::Tiles::MAX_TAPS, "Windows: a {k}×{k} kernel");
+        let inside = |o: usize, size: usize, along: bool| -> u64 {
+            (0..k * k)
+                .filter(|&t| {
+                    let d = if along { t / k } else { t % k };
+                    (o + d).wrapping_sub(pad) < size
+                })
+                .fold(0, |m, t| m | 1 << t)
+        };
+        Windows {
+            s: *s,
+            steps: (0..k * k)
+                .map(|t| (((t / k) * s.w + t % k) * s.ci) as isize)
+                .collect(),
+            row_mask: (0..s.oh()).map(|oy| inside(oy, s.h, true)).collect(),
+            col_mask: (0..s.ow()).map(|ox| inside(ox, s.w, false)).collect(),
+        }
+    }
+
+    /// `f(base, mask)` for the output pixels `first..first + count` (numbered over the
+    /// batch), in order.
+    fn each(&self, first: usize, count: usize, mut f: impl FnMut(isize, u64)) {
+        let s = &self.s;
+        let (oh, ow) = (s.oh(), s.ow());
+        let (mut img, rest) = (first / (oh * ow), first % (oh * ow));
         let (mut oy, mut ox) = (rest / ow, rest % ow);
-        for _ in 0..r {
-            let y0 = (img * s.h + oy) as isize - pad as isize;
-            let base = (y0 * s.w as isize + ox as isize - pad as isize) * ci as isize;
-            tiles.push(base, row_mask[oy] & col_mask[ox]);
+        for _ in 0..count {
+            let y0 = (img * s.h + oy) as isize - s.pad as isize;
+            let base = (y0 * s.w as isize + ox as isize - s.pad as isize) * s.ci as isize;
+            f(base, self.row_mask[oy] & self.col_mask[ox]);
             ox += 1;
             if ox == ow {
                 (ox, oy) = (0, oy + 1);
@@ -650,17 +691,6 @@ fn forward_bands_fma(
                 }
             }
         }
-        tiles.group();
-        fma::gemm_tiles(
-            tiles,
-            s.co,
-            ci,
-            x,
-            wb,
-            &mut y[done * s.co..(done + r) * s.co],
-            s.co,
-        );
-        done += r;
     }
 }
 
@@ -987,22 +1017,27 @@ fn weight_grad_bands_fma(
     scratch: &mut Scratch,
 ) {
     let taps = s.k * s.k;
+    let windows = Windows::new(s);
     let mut counts = vec![0usize; taps];
+    let mut px = Vec::with_capacity(FMA_GRAD_BAND);
     let mut first = start;
     while first < end {
         let rows = FMA_GRAD_BAND.min(end - first);
-        // Per tap, the (input offset, output pixel) pairs of the taps inside the image,
-        // `rows` apart.
+        px.clear();
+        windows.each(first, rows, |base, mask| px.push((base, mask)));
+        // Per tap, the (input offset, output pixel) pairs of the pixels whose tap falls
+        // inside the image, `rows` apart (without a branch: each pair is written, and
+        // kept where the tap is inside).
         let pairs = grown(&mut scratch.pairs, taps * rows);
-        counts.fill(0);
-        tap_pixels(s, first, rows, s.ci, usize::MAX, |p, v| {
-            for (t, &o) in v.iter().enumerate() {
-                if o != usize::MAX {
-                    pairs[t * rows + counts[t]] = (o, p);
-                    counts[t] += 1;
-                }
+        for (t, (list, count)) in pairs.chunks_exact_mut(rows).zip(&mut counts).enumerate() {
+            let step = windows.steps[t];
+            let mut n = 0;
+            for (p, &(base, mask)) in px.iter().enumerate() {
+                list[n] = (base.wrapping_add(step) as usize, p);
+                n += (mask >> t & 1) as usize;
             }
-        });
+            *count = n;
+        }
         fma::weight_grad(
             x,
             s.ci,
@@ -1027,7 +1062,7 @@ fn weight_grad_bands(
     dwt: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    if fma::available() {
+    if fma::available() && s.k * s.k <= fma::Tiles::MAX_TAPS {
         return weight_grad_bands_fma(x, dy, s, (start, end), dwt, scratch);
     }
     let kdim = s.kdim();
