@@ -6,22 +6,20 @@
 //! differences. Everything is deterministic: weights start at zero, mini-batches are
 //! taken in order, and the same stream gives bit-identical weights.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use ndarray::linalg::general_mat_mul;
 
 use super::kernels::par_gemm;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_batch, check_features, create_dir, first_non_finite_row, parse_json, read_f32, read_file,
-    Learner, META_FILE, TENSORS_FILE,
+    check_batch, check_features, first_non_finite_row, parse_json, read_f32, read_file,
+    restore_exact_floats, save_checkpoint, Learner, TensorsOut, META_FILE, TENSORS_FILE,
 };
 use crate::error::{Error, Result};
-use crate::store::write_atomic;
 
 /// The model's name: [`Learner::name`] and the `"model"` field of its checkpoint.
 pub(crate) const NAME: &str = "logreg";
@@ -166,6 +164,12 @@ struct Meta {
     n_features: Option<usize>,
 }
 
+/// The stamp of a save with these counters ([`save_checkpoint`]'s): both files carry
+/// it, so that [`LogReg::load`] can tell a save torn between the two renames.
+fn stamp(seen: u64, steps: u64, averaged: u64) -> String {
+    format!("seen {seen}, steps {steps}, averaged {averaged}")
+}
+
 impl LogReg {
     /// A new, untrained model (after checking `params`).
     pub fn new(params: LogRegParams) -> Result<Self> {
@@ -275,8 +279,14 @@ impl LogReg {
     /// (finite), and that the two files come from the same save. Errors name the file.
     pub fn load(dir: &Path) -> Result<Self> {
         let (meta_path, bytes) = read_file(&dir.join(META_FILE))?;
-        let meta: Meta = parse_json(&meta_path, &bytes)?;
         let bad_meta = |reason: String| Error::format(&meta_path, 0, reason);
+        // Parsed as `Meta` first, so that an error points at its byte; then read with
+        // the floats JSON would not give back exactly put back in.
+        parse_json::<Meta>(&meta_path, &bytes)?;
+        let mut value: serde_json::Value = parse_json(&meta_path, &bytes)?;
+        restore_exact_floats(&mut value).map_err(&bad_meta)?;
+        let meta: Meta = serde_json::from_value(value)
+            .map_err(|e| bad_meta(format!("invalid model metadata: {e}")))?;
         if meta.model != NAME {
             return Err(bad_meta(format!(
                 "holds a {:?} model, not {NAME:?}",
@@ -306,14 +316,28 @@ impl LogReg {
         let bad = |offset: usize, reason: String| Error::format(&path, offset as u64, reason);
         let (header_len, md) = SafeTensors::read_metadata(&buf)
             .map_err(|e| bad(0, format!("not a valid safetensors file: {e}")))?;
-        // Both files carry the counters; a save torn between its two renames shows here.
+        // Both files carry the counters (the stamp; older checkpoints, each counter); a
+        // save torn between its two renames shows here.
         let extra = md.metadata().as_ref();
+        if let Some(got) = extra.and_then(|m| m.get("stamp")) {
+            let want = stamp(meta.seen, meta.steps, meta.averaged);
+            if *got != want {
+                return Err(bad(
+                    8,
+                    format!(
+                        "metadata stamp {got:?} does not match {META_FILE} ({want}): \
+                         the files come from different saves"
+                    ),
+                ));
+            }
+        }
+        let legacy = extra.is_none_or(|m| !m.contains_key("stamp"));
         let counters = [
             ("seen", meta.seen),
             ("steps", meta.steps),
             ("averaged", meta.averaged),
         ];
-        for (key, want) in counters {
+        for (key, want) in counters.into_iter().filter(|_| legacy) {
             // Checkpoints from before averaging have no "averaged" entry: 0.
             if key == "averaged" && want == 0 && extra.is_some_and(|m| !m.contains_key(key)) {
                 continue;
@@ -371,11 +395,6 @@ impl LogReg {
             scratch: Scratch::new(k),
         })
     }
-}
-
-/// Little-endian bytes of an f32 array in logical (row-major) order.
-fn le_bytes<'a>(values: impl IntoIterator<Item = &'a f32>) -> Vec<u8> {
-    values.into_iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Softmax of one row of logits plus `b`, in place. Returns (max, ln Σ exp(· − max)) of
@@ -556,46 +575,22 @@ impl Learner for LogReg {
         Ok(z)
     }
 
-    /// See [`Learner::save`]. The tensors file holds `"bias"` (K, F32) and,
-    /// once the width is fixed, `"weights"` (d × K, F32), plus the counters
-    /// in its metadata so that [`LogReg::load`] can tell a save torn between the two
-    /// renames; `model.json` has `model`, `params`, `seen`, `steps` and `n_features`
-    /// (`null` before the first batch).
+    /// See [`Learner::save`], through the shared [`save_checkpoint`]. The tensors file
+    /// holds `"bias"` (K, F32) and, once the width is fixed, `"weights"` (d × K, F32),
+    /// and the averages (`"avg_weights"`, `"avg_bias"`) once averaging has begun;
+    /// `model.json` has `params`, `seen`, `steps`, `averaged` and `n_features` (`null`
+    /// before the first batch). Both carry the counters' [`stamp`].
     fn save(&self, dir: &Path) -> Result<()> {
-        create_dir(dir)?;
-        let path = dir.join(TENSORS_FILE);
-        let cannot = |e: safetensors::SafeTensorError| {
-            Error::io(
-                &path,
-                std::io::Error::other(format!("cannot serialise: {e}")),
-            )
-        };
-        let bias = le_bytes(&self.bias);
-        let weights = self.weights.as_ref().map(le_bytes);
-        let mut tensors = vec![(
-            "bias",
-            TensorView::new(Dtype::F32, vec![self.params.classes], &bias).map_err(cannot)?,
-        )];
-        if let (Some(w), Some(bytes)) = (&self.weights, &weights) {
-            let view = TensorView::new(Dtype::F32, vec![w.nrows(), self.params.classes], bytes);
-            tensors.push(("weights", view.map_err(cannot)?));
+        let k = self.params.classes;
+        let mut tensors = TensorsOut::default();
+        tensors.f32("bias", &[k], self.bias.iter());
+        if let Some(w) = &self.weights {
+            tensors.f32("weights", &[w.nrows(), k], w.iter());
         }
-        let avg = self.avg.as_ref().map(|(w, b)| (le_bytes(w), le_bytes(b)));
-        if let (Some((w, _)), Some((wb, bb))) = (&self.avg, &avg) {
-            let view = TensorView::new(Dtype::F32, vec![w.nrows(), self.params.classes], wb);
-            tensors.push(("avg_weights", view.map_err(cannot)?));
-            let view = TensorView::new(Dtype::F32, vec![self.params.classes], bb);
-            tensors.push(("avg_bias", view.map_err(cannot)?));
+        if let Some((w, b)) = &self.avg {
+            tensors.f32("avg_weights", &[w.nrows(), k], w.iter());
+            tensors.f32("avg_bias", &[k], b.iter());
         }
-        let extra = HashMap::from([
-            ("model".to_string(), NAME.to_string()),
-            ("seen".to_string(), self.seen.to_string()),
-            ("steps".to_string(), self.steps.to_string()),
-            ("averaged".to_string(), self.averaged.to_string()),
-        ]);
-        let bytes = safetensors::serialize(tensors, &Some(extra)).map_err(cannot)?;
-        write_atomic(&path, &super::canonical_safetensors(bytes))?;
-
         let meta = Meta {
             model: NAME.to_string(),
             params: self.params.clone(),
@@ -604,17 +599,21 @@ impl Learner for LogReg {
             averaged: self.averaged,
             n_features: self.n_features(),
         };
-        let meta_path = dir.join(META_FILE);
-        let mut json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| Error::io(&meta_path, std::io::Error::other(e)))?;
-        json.push(b'\n');
-        write_atomic(&meta_path, &json)
+        let stamp = stamp(self.seen, self.steps, self.averaged);
+        save_checkpoint(dir, NAME, &stamp, &meta, tensors)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::{Dtype, TensorView};
+    use std::collections::HashMap;
+
+    /// Little-endian bytes of an f32 array in logical (row-major) order.
+    fn le_bytes<'a>(values: impl IntoIterator<Item = &'a f32>) -> Vec<u8> {
+        values.into_iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
     use crate::model;
     use crate::model::CLASSES;
     use ndarray::array;
@@ -906,6 +905,54 @@ mod tests {
         assert_eq!(m1.bias(), m2.bias());
         assert!(m1.averaged().is_some());
         assert_eq!(m1.averaged(), m2.averaged());
+    }
+
+    /// A checkpoint written before logreg saved through the shared checkpoint code: no
+    /// stamp, the counters as metadata keys of the tensors file. It still loads, to the
+    /// same model.
+    #[test]
+    fn a_checkpoint_from_before_the_shared_save_loads() {
+        let (m, xt, _) = trained_on_blobs();
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let js = dir.path().join(META_FILE);
+        let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&js).unwrap()).unwrap();
+        assert!(meta.as_object_mut().unwrap().remove("stamp").is_some());
+        fs::write(&js, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+        let (w, b) = (le_bytes(m.weights().unwrap()), le_bytes(m.bias()));
+        let (k, d) = (m.params().classes, m.n_features().unwrap());
+        let (aw, ab, averaged) = m.averaged().unwrap();
+        let (aw, ab) = (le_bytes(aw), le_bytes(ab));
+        let views = vec![
+            ("bias", TensorView::new(Dtype::F32, vec![k], &b).unwrap()),
+            (
+                "weights",
+                TensorView::new(Dtype::F32, vec![d, k], &w).unwrap(),
+            ),
+            (
+                "avg_bias",
+                TensorView::new(Dtype::F32, vec![k], &ab).unwrap(),
+            ),
+            (
+                "avg_weights",
+                TensorView::new(Dtype::F32, vec![d, k], &aw).unwrap(),
+            ),
+        ];
+        let md = HashMap::from([
+            ("model".to_string(), NAME.to_string()),
+            ("seen".to_string(), m.seen().to_string()),
+            ("steps".to_string(), m.steps().to_string()),
+            ("averaged".to_string(), averaged.to_string()),
+        ]);
+        let st = dir.path().join(TENSORS_FILE);
+        fs::write(&st, safetensors::serialize(views, &Some(md)).unwrap()).unwrap();
+        let loaded = LogReg::load(dir.path()).unwrap();
+        let (a, b) = (
+            m.predict_proba(xt.view()).unwrap(),
+            loaded.predict_proba(xt.view()).unwrap(),
+        );
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert_eq!((loaded.seen(), loaded.steps()), (m.seen(), m.steps()));
     }
 
     #[test]

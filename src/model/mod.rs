@@ -476,7 +476,11 @@ pub(crate) fn save_tensors_and_meta<M: serde::Serialize>(
     })?;
 
     let meta_path = dir.join(files[1]);
-    let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
+    // Through the JSON text (not `to_value`), so that an f32 keeps its short form
+    // (0.01, not 0.009999999776482582: `to_value` widens it to f64 first).
+    let text = serde_json::to_vec(meta).map_err(|e| cannot(e.to_string()))?;
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| cannot(e.to_string()))?;
     let Some(obj) = value.as_object_mut() else {
         return Err(cannot("model metadata is not a JSON object".into()));
     };
@@ -539,7 +543,7 @@ fn inexact_floats(
 }
 
 /// Puts back the exact floats [`inexact_floats`] recorded.
-fn restore_exact_floats(v: &mut serde_json::Value) -> std::result::Result<(), String> {
+pub(crate) fn restore_exact_floats(v: &mut serde_json::Value) -> std::result::Result<(), String> {
     let Some(exact) = v.as_object_mut().and_then(|o| o.remove(EXACT_FLOATS)) else {
         return Ok(());
     };
@@ -563,28 +567,10 @@ fn restore_exact_floats(v: &mut serde_json::Value) -> std::result::Result<(), St
     Ok(())
 }
 
-/// `bytes` (a safetensors file) with its JSON header's keys sorted. safetensors writes
-/// its metadata map in hash order, which differs from process to process; sorted, the
-/// same model saves to the same bytes in every process (so checkpoints compare with
-/// `cmp`). Left as it is if the header does not parse or would not fit.
-pub(crate) fn canonical_safetensors(mut bytes: Vec<u8>) -> Vec<u8> {
-    let Some(n) = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(|b| u64::from_le_bytes(b) as usize)
-    else {
-        return bytes;
-    };
-    let Some(header) = bytes.get(8..8usize.saturating_add(n)) else {
-        return bytes;
-    };
-    if let Some(text) = sorted_header(header) {
-        bytes[8..8 + n].copy_from_slice(&text);
-    }
-    bytes
-}
-
-/// [`canonical_safetensors`] on a file: its header rewritten in place.
+/// A safetensors file's JSON header with its keys sorted, rewritten in place.
+/// safetensors writes its metadata map in hash order, which differs from process to
+/// process; sorted, the same model saves to the same bytes in every process (so
+/// checkpoints compare with `cmp`).
 fn sort_header_in_place(path: &Path) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut f = fs::OpenOptions::new().read(true).write(true).open(path)?;
@@ -665,6 +651,17 @@ impl Checkpoint {
         let (path, buf) = read_file(&dir.join(files[0]))?;
         let (header_len, md) = SafeTensors::read_metadata(&buf)
             .map_err(|e| Error::format(&path, 0, format!("not a valid safetensors file: {e}")))?;
+        let theirs = md.metadata().as_ref().and_then(|m| m.get("model"));
+        if let Some(theirs) = theirs.filter(|t| t.as_str() != model) {
+            return Err(Error::format(
+                &meta_path,
+                0,
+                format!(
+                    "says {model:?}, but {} holds a {theirs:?} model's tensors",
+                    files[0]
+                ),
+            ));
+        }
         let got = md.metadata().as_ref().and_then(|m| m.get("stamp")).cloned();
         if got.as_deref() != Some(stamp.as_str()) {
             return Err(Error::format(
