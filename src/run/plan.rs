@@ -372,8 +372,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainPlan> {
         let names = classes(req, &cfg, &source)?;
         cfg.set_param(&model, "classes", toml::Value::Integer(names.len() as i64));
         cfg.classes = Some(names);
-    }
-    if !req.resume {
+        // Again, with the classes the data gave.
         kind.build(&cfg.model_table(&model))?;
     }
     let extractor = if req.resume {

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::cast;
+use arrow::compute::{cast, cast_with_options, CastOptions};
 use arrow::datatypes::{DataType, Float64Type, UInt64Type};
 use datafusion::prelude::SessionContext;
 
@@ -50,13 +50,20 @@ pub fn f64_values(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>> {
 /// Column `name` of a query result as unsigned integers (nulls as 0). A value that does
 /// not fit (a negative one) is an error naming the column.
 pub fn u64_values(batches: &[RecordBatch], name: &str) -> Result<Vec<u64>> {
+    // Cast without turning a value that does not fit into a null.
+    let strict = CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    };
     let mut out = Vec::new();
-    for col in column(batches, name, &DataType::UInt64) {
-        let col = col?;
-        let a = col
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| Error::usage(format!("column {name} is not numeric")))?;
-        out.extend_from_slice(a.values());
+    for b in batches {
+        let col = b
+            .column_by_name(name)
+            .ok_or_else(|| Error::usage(format!("query result has no column {name:?}")))?;
+        let col = cast_with_options(col, &DataType::UInt64, &strict)
+            .map_err(|e| Error::data(format!("column {name}: {e}")))?;
+        let a = col.as_primitive::<UInt64Type>();
+        out.extend((0..a.len()).map(|i| if a.is_null(i) { 0 } else { a.value(i) }));
     }
     Ok(out)
 }
@@ -172,6 +179,9 @@ pub struct Confusion {
     pub dropped_cells: u64,
     /// Images of the cells left out.
     pub dropped_images: u64,
+    /// The most classes a cell may name: the run's, or (a run that does not name them)
+    /// [`crate::dataset::MAX_CLASSES`].
+    pub bound: usize,
 }
 
 /// The confusion matrix of `run` (under `root`) on `split`, summed over the split's rows
@@ -194,12 +204,20 @@ pub async fn confusion(
         .filter(|e| e.is_finite())
         .map(|&e| e as u32);
     let classes = tables::run_classes(root, run);
+    // The run's classes square; a run that does not name them gets as many as its cells
+    // name, up to MAX_CLASSES. Cells beyond are counted and said, not drawn.
+    let bound = if classes.is_empty() {
+        crate::dataset::MAX_CLASSES
+    } else {
+        classes.len()
+    };
     let mut out = Confusion {
         classes,
         counts: Vec::new(),
         last_epoch,
         dropped_cells: 0,
         dropped_images: 0,
+        bound,
     };
     let Some(last_epoch) = last_epoch else {
         return Ok(out);
@@ -223,13 +241,6 @@ pub async fn confusion(
         u64_values(&b, "predicted")?,
         u64_values(&b, "n")?,
     );
-    // The run's classes square; a run that does not name them gets as many as its cells
-    // name, up to MAX_CLASSES. Cells beyond are counted and said, not drawn.
-    let bound = if out.classes.is_empty() {
-        crate::dataset::MAX_CLASSES
-    } else {
-        out.classes.len()
-    };
     let mut k = out.classes.len();
     let mut cells = Vec::new();
     for i in 0..actual.len() {
@@ -249,4 +260,29 @@ pub async fn confusion(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Int64Array};
+    use std::sync::Arc;
+
+    fn batch(values: Vec<Option<i64>>) -> RecordBatch {
+        let col: ArrayRef = Arc::new(Int64Array::from(values));
+        RecordBatch::try_from_iter([("n", col)]).unwrap()
+    }
+
+    /// Counts read as unsigned: nulls as 0; a negative one (which a cast would turn into
+    /// a null, so a 0) is a data error naming the column.
+    #[test]
+    fn u64_values_read_counts_and_refuse_a_negative_one() {
+        let ok = [batch(vec![Some(3), None]), batch(vec![Some(7)])];
+        assert_eq!(u64_values(&ok, "n").unwrap(), [3, 0, 7]);
+        let e = u64_values(&[batch(vec![Some(3), Some(-1)])], "n").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Data, "{e}");
+        assert!(e.to_string().contains("column n"), "{e}");
+        let e = u64_values(&ok, "m").unwrap_err();
+        assert!(e.to_string().contains("\"m\""), "{e}");
+    }
 }

@@ -592,15 +592,10 @@ pub async fn confusion(root: &Path, q: &ConfusionQuery) -> Result<Value> {
         read::confusion(&ctx, root, &q.run, split).await
     })
     .await?;
-    let bound = if c.classes.is_empty() {
-        crate::dataset::MAX_CLASSES
-    } else {
-        c.classes.len()
-    };
     let note = (c.dropped_cells > 0).then(|| {
         format!(
-            "{} cells ({} images) name a class outside the run's {bound} and are left out",
-            c.dropped_cells, c.dropped_images
+            "{} cells ({} images) name a class outside the run's {} and are left out",
+            c.dropped_cells, c.dropped_images, c.bound
         )
     });
     Ok(
