@@ -1,9 +1,12 @@
 //! The layers of the convolutional network, forward and backward, on the CPU.
 //!
 //! Activations are NHWC (`[batch, height, width, channels]`, channels fastest) in plain
-//! `f32` slices. A convolution is an im2col product on the `gemm` crate: the patches of a
-//! band of output pixels are copied into a small matrix (one row per pixel, `K·K·C_in`
-//! columns, zero where the kernel overhangs the border) and multiplied by the weights
+//! `f32` slices. On a CPU with AVX-512 the f32 convolutions run on the kernels of
+//! [`fma`](super::fma), which read the input pixels in place (no patch matrix).
+//! Elsewhere (or with `CIFAR_DF_NO_FMA=1`) a convolution is an im2col product on the
+//! `gemm` crate: the patches of a band of output pixels are copied into a small matrix
+//! (one row per pixel, `K·K·C_in` columns, zero where the kernel overhangs the border)
+//! and multiplied by the weights
 //! (`[K·K·C_in, C_out]`, rows ordered kernel row, kernel column, input channel). The band
 //! keeps the copied patches in the cache, and the weight gradient and the input gradient
 //! are the same kind of product ([`conv_backward`]): the input gradient is the "full"
@@ -180,12 +183,13 @@ fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &
     linalg::gemm(1.0, &a.t(), &b, beta, &mut c);
 }
 
-/// How the convolutions multiply: in f32 on the `gemm` crate, or with bf16 inputs and
-/// f32 sums on AVX512-BF16 ([`bf16`](super::bf16)).
+/// How the convolutions multiply: in f32 (the [`fma`] kernels, or the `gemm` crate), or
+/// with bf16 inputs and f32 sums on AVX512-BF16 ([`bf16`](super::bf16)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kernel {
-    /// f32 products on the `gemm` crate (any x86-64 or other CPU).
+    /// f32 products: the [`fma`] kernels on AVX-512, the `gemm` crate elsewhere (any
+    /// CPU).
     #[default]
     F32,
     /// bf16 × bf16 → f32 products with `vdpbf16ps` (AVX512-BF16).
