@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
-use common::{bin, have_python, run_ok};
+use common::{bin, have_python, run_ok, train_run};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The variable the workers' secret is read from.
@@ -128,13 +128,17 @@ fn dead_address() -> String {
     a.to_string()
 }
 
-/// Runs a command that must fail (exit 1) within 60 s; its stderr.
-fn run_fail(cmd: &mut Command) -> String {
-    let mut child = cmd
-        .stdout(Stdio::piped())
+/// `cmd` spawned with stdout and stderr piped.
+fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs a command that must fail (exit 1) within 60 s; its stderr.
+fn run_fail(cmd: &mut Command) -> String {
+    let mut child = spawn_piped(cmd);
     let t = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if t.elapsed() > Duration::from_secs(60) {
@@ -188,15 +192,7 @@ fn queries_on_two_workers_equal_the_local_ones_and_both_workers_run_tasks() {
     let runs = dir.path().join("runs");
     for run in ["a", "b"] {
         run_ok(
-            bin()
-                .args([
-                    "-q",
-                    "train",
-                    "--runs",
-                    runs.to_str().unwrap(),
-                    "--run",
-                    run,
-                ])
+            train_run(&runs, run)
                 .args(["--no-test", "--no-plots", "--model", "logreg"])
                 .args(["--data", "synthetic:300:0:4", "--batch-size", "50"]),
         );
@@ -378,20 +374,18 @@ fn a_worker_killed_mid_query_is_left_out_and_the_query_runs_again() {
     let (local, _) = query(&runs, &sql, None, &[]);
     let a = Worker::start(&[]);
     let mut b = Worker::start(&[]);
-    let child = bin()
-        .args([
-            "query",
-            "--format",
-            "csv",
-            "--runs",
-            runs.to_str().unwrap(),
-            &sql,
-        ])
-        .args(["--workers", &list(&[&a, &b])])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_piped(
+        bin()
+            .args([
+                "query",
+                "--format",
+                "csv",
+                "--runs",
+                runs.to_str().unwrap(),
+                &sql,
+            ])
+            .args(["--workers", &list(&[&a, &b])]),
+    );
     let t = Instant::now();
     while b.tasks() == 0 && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
@@ -605,24 +599,13 @@ fn the_feature_job_on_two_workers_writes_the_local_cache_bit_for_bit() {
     assert_same_cache(&local, &remote);
     // Trains from it like the local one.
     let runs = dir.path().join("runs");
-    run_ok(
-        bin()
-            .args([
-                "-q",
-                "train",
-                "--runs",
-                runs.to_str().unwrap(),
-                "--run",
-                "r",
-            ])
-            .args([
-                "--no-plots",
-                "--model",
-                "ridge",
-                "--source",
-                &format!("features:{}", remote.display()),
-            ]),
-    );
+    run_ok(train_run(&runs, "r").args([
+        "--no-plots",
+        "--model",
+        "ridge",
+        "--source",
+        &format!("features:{}", remote.display()),
+    ]));
 }
 
 #[test]
@@ -799,15 +782,11 @@ fn a_feature_job_survives_a_lost_worker_and_with_none_left_stops_cleanly_and_res
     let a = Worker::start(&[]);
     let mut b = Worker::start(&[]);
     let remote = dir.path().join("remote");
-    let job = features_cmd(
+    let job = spawn_piped(&mut features_cmd(
         &remote,
         data,
         &["--extractor", ex, "--workers", &list(&[&a, &b])],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     first_part(&remote);
     b.kill();
     let out = job.wait_with_output().unwrap();
@@ -822,11 +801,11 @@ fn a_feature_job_survives_a_lost_worker_and_with_none_left_stops_cleanly_and_res
     // One worker, killed: a clear error naming it, only complete parts, no cache record.
     let mut c = Worker::start(&[]);
     let again = dir.path().join("again");
-    let job = features_cmd(&again, data, &["--extractor", ex, "--workers", &c.addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = spawn_piped(&mut features_cmd(
+        &again,
+        data,
+        &["--extractor", ex, "--workers", &c.addr],
+    ));
     first_part(&again);
     c.kill();
     let out = job.wait_with_output().unwrap();

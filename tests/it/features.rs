@@ -13,7 +13,7 @@ use cifar_df::dataset::synth::{self, SynthSpec};
 use cifar_df::dataset::{Split, IMAGE_BYTES};
 use cifar_df::features::patches::{Encoding, PatchExtractor, PatchParams};
 use cifar_df::features::Extractor;
-use common::{bin, have_python, query_csv, run_ok};
+use common::{bin, fails, have_python, query_csv, query_value, resume_run, run_ok, train_run};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn synth_pixels(n: usize) -> Vec<u8> {
@@ -92,30 +92,20 @@ fn read_part(path: &Path) -> Vec<(u16, bool, Vec<f32>)> {
         .unwrap()
         .build()
         .unwrap();
+    fn column<T: Array + Clone + 'static>(b: &arrow::record_batch::RecordBatch, name: &str) -> T {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<T>()
+            .unwrap()
+            .clone()
+    }
     let mut out = Vec::new();
     for b in reader {
         let b = b.unwrap();
-        let label = b
-            .column_by_name("label")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<UInt16Array>()
-            .unwrap()
-            .clone();
-        let flipped = b
-            .column_by_name("flipped")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<BooleanArray>()
-            .unwrap()
-            .clone();
-        let feats = b
-            .column_by_name("features")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<FixedSizeListArray>()
-            .unwrap()
-            .clone();
+        let label = column::<UInt16Array>(&b, "label");
+        let flipped = column::<BooleanArray>(&b, "flipped");
+        let feats = column::<FixedSizeListArray>(&b, "features");
         for i in 0..b.num_rows() {
             let v = feats.value(i);
             let v = v
@@ -139,20 +129,20 @@ fn parts(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// `-q features --data DATA --out OUT` with the small extractor, not run yet.
+fn small_features(data: &str, out: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["-q", "features", "--data", data, "--out"])
+        .arg(out)
+        .args(common::SMALL_EXTRACTOR);
+    cmd
+}
+
+/// A small features cache of `data` in parts of 100 rows, plus `extra`, asserting success.
 fn features_cmd(data: &str, out: &Path, extra: &[&str]) -> (String, String) {
     run_ok(
-        bin()
-            .args([
-                "-q",
-                "features",
-                "--data",
-                data,
-                "--out",
-                out.to_str().unwrap(),
-                "--rows-per-part",
-                "100",
-            ])
-            .args(common::SMALL_EXTRACTOR)
+        small_features(data, out)
+            .args(["--rows-per-part", "100"])
             .args(extra),
     )
 }
@@ -245,16 +235,12 @@ fn the_cache_round_trips_with_flipped_copies_and_resumes_by_part() {
     );
     assert_eq!(q, "n\n560\n");
     // A folder with no Parquet file is an error naming what it holds.
-    let o = bin()
-        .args([
-            "query",
-            &format!("select * from '{}/'", f.join("extractor").display()),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = fails(bin().args([
+        "query",
+        &format!("select * from '{}/'", f.join("extractor").display()),
+    ]));
     assert!(
-        !o.status.success() && err.contains("no Parquet file") && err.contains(".json"),
+        err.contains("no Parquet file") && err.contains(".json"),
         "{err}"
     );
 }
@@ -266,17 +252,11 @@ fn every_model_trains_from_features_and_predicts() {
     features_cmd("synthetic:400:100:5", &f, &[]);
     let runs = dir.path().join("runs");
     for model in ["ridge", "logreg", "svm", "mlp", "kmeans"] {
-        let (out, _) = run_ok(bin().args([
-            "-q",
-            "train",
+        let (out, _) = run_ok(train_run(&runs, model).args([
             "--source",
             &format!("features:{}", f.display()),
             "--model",
             model,
-            "--run",
-            model,
-            "--runs",
-            runs.to_str().unwrap(),
             "--no-plots",
             "--batch-size",
             "50",
@@ -302,11 +282,10 @@ fn every_model_trains_from_features_and_predicts() {
         assert!(q.contains(&format!("{model},100")), "{q}");
     }
     // The ridge model learns the synthetic classes from the features well above chance.
-    let acc = query_csv(
+    let acc: f64 = query_value(
         &runs,
         "select sum(acc * images) / sum(images) as a from eval_metrics where run = 'ridge'",
     );
-    let acc: f64 = acc.lines().nth(1).unwrap().parse().unwrap();
     assert!(acc > 0.4, "ridge test accuracy {acc}");
 }
 
@@ -341,14 +320,10 @@ fn extract_features_is_a_sql_function_over_parquet_images() {
         "{f0} vs {}",
         cached[0].2[0]
     );
-    let bad = bin()
-        .args([
-            "query",
-            "select extract_features(label) from (select 1 as label)",
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
+    fails(bin().args([
+        "query",
+        "select extract_features(label) from (select 1 as label)",
+    ]));
 }
 
 /// A config with a small extractor, for the one-command tests.
@@ -367,17 +342,11 @@ fn one_command_fits_the_extractor_streams_features_and_predicts_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let cfg = small_config(dir.path());
-    let (out, err) = run_ok(bin().args([
-        "-q",
-        "train",
+    let (out, err) = run_ok(train_run(&runs, "p").args([
         "--config",
         cfg.to_str().unwrap(),
         "--data",
         "synthetic:600:150:2",
-        "--run",
-        "p",
-        "--runs",
-        runs.to_str().unwrap(),
         "--no-plots",
     ]));
     assert!(out.contains("test ("), "{out}\n{err}");
@@ -400,18 +369,7 @@ fn one_command_fits_the_extractor_streams_features_and_predicts_with_it() {
     );
     assert!(q.contains("80"), "{q}");
     // Resume of the finished run with more epochs reuses the saved extractor.
-    let (out, _) = run_ok(bin().args([
-        "-q",
-        "train",
-        "--run",
-        "p",
-        "--runs",
-        runs.to_str().unwrap(),
-        "--resume",
-        "--epochs",
-        "2",
-        "--no-plots",
-    ]));
+    let (out, _) = run_ok(resume_run(&runs, "p").args(["--epochs", "2"]));
     assert!(out.contains("resumed from"), "{out}");
 }
 
@@ -447,17 +405,11 @@ fn flip_test_averages_each_image_with_its_mirror() {
     let runs = dir.path().join("runs");
     let r = runs.to_str().unwrap();
     // Pixels: the mirrored images change the scores.
-    run_ok(bin().args([
-        "-q",
-        "train",
+    run_ok(train_run(&runs, "px").args([
         "--model",
         "logreg",
         "--data",
         "synthetic:400:100:6",
-        "--run",
-        "px",
-        "--runs",
-        r,
         "--no-plots",
         "--flip-test",
     ]));
@@ -484,17 +436,11 @@ fn flip_test_averages_each_image_with_its_mirror() {
     // The flip-invariant patch extractor: the mirror's features are the image's, so flip
     // averaging changes nothing (a wrong flip, e.g. vertical, would).
     let cfg = small_config(dir.path());
-    run_ok(bin().args([
-        "-q",
-        "train",
+    run_ok(train_run(&runs, "pa").args([
         "--config",
         cfg.to_str().unwrap(),
         "--data",
         "synthetic:400:100:6",
-        "--run",
-        "pa",
-        "--runs",
-        r,
         "--no-plots",
     ]));
     // (Up to rounding: the mirror's products are summed in another order.)
@@ -511,21 +457,17 @@ fn flip_test_averages_each_image_with_its_mirror() {
     // A features: cache has no mirrored test features: refused before training.
     let f = dir.path().join("F");
     features_cmd("synthetic:100:20:7", &f, &[]);
-    let o = bin()
-        .args([
-            "train",
-            "--source",
-            &format!("features:{}", f.display()),
-            "--flip-test",
-        ])
-        .args(["--runs", r, "--run", "c"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("--flip-test needs images"),
-        "{e}"
+    let e = fails(
+        bin()
+            .args([
+                "train",
+                "--source",
+                &format!("features:{}", f.display()),
+                "--flip-test",
+            ])
+            .args(["--runs", r, "--run", "c"]),
     );
+    assert!(e.contains("--flip-test needs images"), "{e}");
     assert!(!runs.join("c").exists());
 }
 
@@ -533,11 +475,7 @@ fn flip_test_averages_each_image_with_its_mirror() {
 fn bad_input_is_a_clear_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
-    let fail = |args: &[&str]| {
-        let o = bin().args(args).output().unwrap();
-        assert!(!o.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    };
+    let fail = |args: &[&str]| fails(bin().args(args));
     // A missing extractor folder.
     let e = fail(&[
         "train",
@@ -581,6 +519,12 @@ fn bad_input_is_a_clear_error_naming_the_file() {
         e.contains("extractor.json") || e.contains("extractor.safetensors"),
         "{e}"
     );
+    // `predict --run r` from the features cache `cache`, which must fail; its stderr.
+    let predict_r = |cache: &Path| {
+        let source = format!("features:{}", cache.display());
+        let runs = runs.to_str().unwrap();
+        fail(&["predict", "--run", "r", "--runs", runs, "--source", &source])
+    };
     // A features folder without a test split.
     let g = dir.path().join("G");
     std::fs::create_dir_all(g.join("train")).unwrap();
@@ -591,56 +535,22 @@ fn bad_input_is_a_clear_error_naming_the_file() {
             .replace("\"test\"", "\"nope\""),
     )
     .unwrap();
-    run_ok(bin().args([
-        "-q",
-        "train",
+    run_ok(train_run(&runs, "r").args([
         "--source",
         &format!("features:{}", f.display()),
         "--model",
         "ridge",
-        "--run",
-        "r",
-        "--runs",
-        runs.to_str().unwrap(),
         "--no-plots",
     ]));
-    let e = fail(&[
-        "predict",
-        "--run",
-        "r",
-        "--runs",
-        runs.to_str().unwrap(),
-        "--source",
-        &format!("features:{}", g.display()),
-    ]);
+    let e = predict_r(&g);
     assert!(
         e.contains("no complete test split") && e.contains(g.to_str().unwrap()),
         "{e}"
     );
     // Features whose width does not match the checkpoint.
     let h = dir.path().join("H");
-    run_ok(
-        bin()
-            .args([
-                "-q",
-                "features",
-                "--data",
-                "synthetic:200:40:7",
-                "--out",
-                h.to_str().unwrap(),
-            ])
-            .args(common::SMALL_EXTRACTOR)
-            .args(["--set", "atoms=16"]),
-    );
-    let e = fail(&[
-        "predict",
-        "--run",
-        "r",
-        "--runs",
-        runs.to_str().unwrap(),
-        "--source",
-        &format!("features:{}", h.display()),
-    ]);
+    run_ok(small_features("synthetic:200:40:7", &h).args(["--set", "atoms=16"]));
+    let e = predict_r(&h);
     assert!(e.contains("features per row but the model expects"), "{e}");
     // Not a cache at all.
     let e = fail(&[
@@ -660,23 +570,16 @@ fn patches_reach_seventy_percent_on_real_cifar10() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/patches.toml");
-    run_ok(bin().args([
-        "-q",
-        "train",
+    run_ok(train_run(&runs, "best").args([
         "--config",
         cfg.to_str().unwrap(),
         "--data",
         mini.to_str().unwrap(),
-        "--run",
-        "best",
-        "--runs",
-        runs.to_str().unwrap(),
         "--no-plots",
     ]));
-    let acc = query_csv(
+    let acc: f64 = query_value(
         &runs,
         "select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'",
     );
-    let acc: f64 = acc.lines().nth(1).unwrap().parse().unwrap();
     assert!(acc >= 0.70, "test accuracy {acc}");
 }

@@ -9,7 +9,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{bin, have_python, query_csv, run_ok};
+use common::{bin, fails, have_python, on_data, query_csv, query_value, run_ok};
 
 fn script(args: &[&str]) -> String {
     let out = Command::new("python3")
@@ -39,39 +39,41 @@ fn folder(tmp: &Path, name: &str, classes: usize, per_class: usize, test: usize)
     dir
 }
 
+/// A new temporary folder for a test that needs python3 with `modules` (for `what`), or
+/// `None` where it has not (the test is skipped; under CI, a panic).
+fn scratch(modules: &str, what: &str) -> Option<tempfile::TempDir> {
+    have_python(modules, what).then(|| tempfile::tempdir().unwrap())
+}
+
+/// The `config.toml` of `run`.
+fn run_config(runs: &Path, run: &str) -> String {
+    std::fs::read_to_string(runs.join(run).join("config.toml")).unwrap()
+}
+
+/// `train --data DATA --runs RUNS --run RUN --model MODEL --no-plots EXTRA`, asserting success.
 fn train(data: &Path, runs: &Path, run: &str, model: &str, extra: &[&str]) -> (String, String) {
     run_ok(
-        bin()
-            .args(["train", "--data", data.to_str().unwrap(), "--runs"])
-            .arg(runs)
+        on_data(&["train"], data, runs)
             .args(["--run", run, "--model", model, "--no-plots"])
             .args(extra),
     )
 }
 
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run cifar-df");
-    assert!(!out.status.success(), "{cmd:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn test_accuracy(runs: &Path, run: &str) -> f64 {
-    let csv = query_csv(
+    query_value(
         runs,
         &format!(
             "select sum(acc * images) / sum(images) from eval_metrics \
              where run = '{run}' and split = 'test'"
         ),
-    );
-    csv.lines().nth(1).unwrap().parse().unwrap()
+    )
 }
 
 #[test]
 fn an_image_folder_gives_pillows_pixels_its_classes_and_a_test_split() {
-    if !have_python("PIL, numpy, pyarrow", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy, pyarrow", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let data = folder(tmp.path(), "f3", 3, 24, 6);
     // Exported images against Pillow: PNGs exactly, JPEGs within rounding.
     let parquet = tmp.path().join("f3.parquet");
@@ -87,7 +89,7 @@ fn an_image_folder_gives_pillows_pixels_its_classes_and_a_test_split() {
     let runs = tmp.path().join("runs");
     let (stdout, _) = train(&data, &runs, "lr", "logreg", &["--epochs", "5"]);
     assert!(stdout.contains("test (epoch-5): 18 images"), "{stdout}");
-    let config = std::fs::read_to_string(runs.join("lr/config.toml")).unwrap();
+    let config = run_config(&runs, "lr");
     assert!(
         config.contains("\"c00\"") && config.contains("\"c02\""),
         "{config}"
@@ -101,30 +103,21 @@ fn an_image_folder_gives_pillows_pixels_its_classes_and_a_test_split() {
     );
     assert_eq!(labels.lines().nth(1).unwrap(), "2,2,18");
     // predict prints the confusion matrix with the run's class names.
-    let (out, _) = run_ok(
-        bin()
-            .args(["predict", "--run", "lr", "--data"])
-            .arg(&data)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let (out, _) = run_ok(&mut on_data(&["predict", "--run", "lr"], &data, &runs));
     assert!(out.contains("c01"), "{out}");
 }
 
 #[test]
 fn twelve_classes_of_odd_sizes_and_bad_files_are_read_and_named() {
-    if !have_python("PIL, numpy", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let data = folder(tmp.path(), "f12", 12, 9, 0);
     let runs = tmp.path().join("runs");
     let (stdout, _) = train(&data, &runs, "mlp", "mlp", &["--epochs", "2"]);
     assert!(stdout.contains("epoch 2: 108 images"), "{stdout}");
     assert!(stdout.contains("test: none"), "{stdout}");
-    assert!(std::fs::read_to_string(runs.join("mlp/config.toml"))
-        .unwrap()
-        .contains("classes = 12"));
+    assert!(run_config(&runs, "mlp").contains("classes = 12"));
 
     // Files that are not images, truncated or empty: rejected by name, the rest learnt.
     let bad = tmp.path().join("bad");
@@ -142,21 +135,14 @@ fn twelve_classes_of_odd_sizes_and_bad_files_are_read_and_named() {
 
 #[test]
 fn bad_folders_are_errors_naming_the_folder() {
-    if !have_python("PIL, numpy", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let runs = tmp.path().join("runs");
     // No class subfolders.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(empty.join("train")).unwrap();
-    let e = fails(
-        bin()
-            .args(["train", "--data"])
-            .arg(&empty)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(&mut on_data(&["train"], &empty, &runs));
     assert!(
         e.contains("no class subfolders") || e.contains("no dataset"),
         "{e}"
@@ -164,13 +150,7 @@ fn bad_folders_are_errors_naming_the_folder() {
     // An empty class.
     let data = folder(tmp.path(), "f3", 3, 3, 1);
     std::fs::create_dir_all(data.join("train/c03")).unwrap();
-    let e = fails(
-        bin()
-            .args(["train", "--data"])
-            .arg(&data)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(&mut on_data(&["train"], &data, &runs));
     assert!(e.contains("c03") && e.contains("no image file"), "{e}");
     std::fs::remove_dir(data.join("train/c03")).unwrap();
     // A test class the training split does not have.
@@ -180,25 +160,13 @@ fn bad_folders_are_errors_naming_the_folder() {
         data.join("test/zebra/0.png"),
     )
     .unwrap();
-    let e = fails(
-        bin()
-            .args(["train", "--model", "logreg", "--data"])
-            .arg(&data)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(&mut on_data(&["train", "--model", "logreg"], &data, &runs));
     assert!(e.contains("zebra") && e.contains("not a class"), "{e}");
     std::fs::remove_dir_all(data.join("test/zebra")).unwrap();
     // More classes than the checkpoint was trained with.
     train(&data, &runs, "three", "logreg", &[]);
     let twelve = folder(tmp.path(), "f12", 12, 2, 1);
-    let e = fails(
-        bin()
-            .args(["predict", "--run", "three", "--data"])
-            .arg(&twelve)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(&mut on_data(&["predict", "--run", "three"], &twelve, &runs));
     assert!(
         e.contains("12 classes") && e.contains("trained with 3"),
         "{e}"
@@ -207,10 +175,9 @@ fn bad_folders_are_errors_naming_the_folder() {
 
 #[test]
 fn cifar100_binary_and_pickle_files_give_a_hundred_named_classes() {
-    if !have_python("PIL, numpy", "CIFAR-100 files") {
+    let Some(tmp) = scratch("PIL, numpy", "CIFAR-100 files") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let data = tmp.path().join("c100");
     script(&["cifar100", data.to_str().unwrap(), "4", "1", "3"]);
     let runs = tmp.path().join("runs");
@@ -220,7 +187,7 @@ fn cifar100_binary_and_pickle_files_give_a_hundred_named_classes() {
     let (b, _) = train(&py_dir, &runs, "p", "logreg", &["--epochs", "3"]);
     for (out, run) in [(a, "b"), (b, "p")] {
         assert!(out.contains("test (epoch-3): 100 images"), "{out}");
-        let config = std::fs::read_to_string(runs.join(run).join("config.toml")).unwrap();
+        let config = run_config(&runs, run);
         assert!(config.contains("\"fine99\"") && config.contains("classes = 100"));
     }
     // The same images either way: the same predictions.
@@ -237,10 +204,9 @@ fn cifar100_binary_and_pickle_files_give_a_hundred_named_classes() {
 /// metrics accept them) and it does better than chance on learnable data.
 #[test]
 fn every_model_learns_three_and_a_hundred_classes() {
-    if !have_python("PIL, numpy", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let three = folder(tmp.path(), "f3", 3, 30, 10);
     let c100 = tmp.path().join("c100");
     script(&["cifar100", c100.to_str().unwrap(), "6", "2", "5"]);
@@ -280,17 +246,14 @@ fn every_model_learns_three_and_a_hundred_classes() {
 
 #[test]
 fn a_thousand_classes_are_learnt_and_one_more_is_refused() {
-    if !have_python("PIL, numpy", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let data = folder(tmp.path(), "f1000", 1000, 2, 1);
     let runs = tmp.path().join("runs");
     let (stdout, _) = train(&data, &runs, "k1000", "logreg", &["--epochs", "4"]);
     assert!(stdout.contains("2000 images"), "{stdout}");
-    assert!(std::fs::read_to_string(runs.join("k1000/config.toml"))
-        .unwrap()
-        .contains("classes = 1000"));
+    assert!(run_config(&runs, "k1000").contains("classes = 1000"));
     // Labels above a byte's range reach the model, the metrics and the tables.
     let csv = query_csv(
         &runs,
@@ -318,13 +281,7 @@ fn a_thousand_classes_are_learnt_and_one_more_is_refused() {
     // One class more than the limit: an error naming the folder and the count.
     std::fs::create_dir_all(data.join("train/zz")).unwrap();
     std::fs::copy(data.join("train/c00/0000.png"), data.join("train/zz/0.png")).unwrap();
-    let e = fails(
-        bin()
-            .args(["train", "--model", "logreg", "--data"])
-            .arg(&data)
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(&mut on_data(&["train", "--model", "logreg"], &data, &runs));
     assert!(
         e.contains("1001 class folders") && e.contains("at most 1000"),
         "{e}"
@@ -333,10 +290,9 @@ fn a_thousand_classes_are_learnt_and_one_more_is_refused() {
 
 #[test]
 fn a_features_cache_records_the_folders_classes() {
-    if !have_python("PIL, numpy", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let data = folder(tmp.path(), "f3", 3, 20, 5);
     let f = tmp.path().join("F");
     run_ok(
@@ -360,7 +316,7 @@ fn a_features_cache_records_the_folders_classes() {
             .args(["-q", "train", "--source", &source, "--model", "logreg"])
             .args(["--runs", runs.to_str().unwrap(), "--run", "r", "--no-plots"]),
     );
-    let config = std::fs::read_to_string(runs.join("r/config.toml")).unwrap();
+    let config = run_config(&runs, "r");
     assert!(config.contains("\"c00\""), "{config}");
     let e = fails(
         bin()
@@ -380,10 +336,9 @@ fn a_features_cache_records_the_folders_classes() {
 /// error.
 #[test]
 fn an_image_size_carries_images_of_that_side_through_every_stage() {
-    if !have_python("PIL, numpy, pyarrow", "image folders") {
+    let Some(tmp) = scratch("PIL, numpy, pyarrow", "image folders") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path().join("f64");
     script(&[
         "folder",
@@ -426,29 +381,12 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
         &["--epochs", "5", "--image-size", "64"],
     );
     assert!(stdout.contains("test (epoch-5): 18 images"), "{stdout}");
-    let config = std::fs::read_to_string(runs.join("lr/config.toml")).unwrap();
+    let config = run_config(&runs, "lr");
     assert!(config.contains("image_size = 64"), "{config}");
     assert!(test_accuracy(&runs, "lr") > 0.8);
-    let (out, _) = run_ok(
-        bin()
-            .args(["predict", "--run", "lr", "--data", data, "--runs"])
-            .arg(&runs),
-    );
+    let (out, _) = run_ok(&mut on_data(&["predict", "--run", "lr"], data, &runs));
     assert!(out.contains("c01"), "{out}");
-    let e = fails(
-        bin()
-            .args([
-                "predict",
-                "--run",
-                "lr",
-                "--data",
-                data,
-                "--image-size",
-                "32",
-            ])
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(on_data(&["predict", "--run", "lr"], data, &runs).args(["--image-size", "32"]));
     assert!(e.contains("64x64") && e.contains("--image-size 32"), "{e}");
 
     // Patch features fitted at 64 (the extractor records its side), through a cache too.
@@ -460,10 +398,13 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
     )
     .unwrap();
     let (stdout, _) = run_ok(
-        bin()
-            .args(["train", "--config", cfg.to_str().unwrap(), "--data", data])
-            .args(["--image-size", "64", "--run", "pf", "--no-plots", "--runs"])
-            .arg(&runs),
+        on_data(&["train", "--config", cfg.to_str().unwrap()], data, &runs).args([
+            "--image-size",
+            "64",
+            "--run",
+            "pf",
+            "--no-plots",
+        ]),
     );
     assert!(stdout.contains("test (epoch-1): 18 images"), "{stdout}");
     let ex = std::fs::read_to_string(runs.join("pf/extractor/extractor.json")).unwrap();
@@ -571,7 +512,7 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
         ],
     );
     assert!(stdout.contains("test (epoch-8): 18 images"), "{stdout}");
-    let config = std::fs::read_to_string(runs.join("cnn/config.toml")).unwrap();
+    let config = run_config(&runs, "cnn");
     assert!(config.contains("side = 64"), "{config}");
     assert!(test_accuracy(&runs, "cnn") > 0.6);
     let onnx = tmp.path().join("cnn.onnx");
@@ -593,53 +534,30 @@ fn an_image_size_carries_images_of_that_side_through_every_stage() {
         &["--extractor", "run:cnn", "--epochs", "3"],
     );
     assert!(stdout.contains("18 images"), "{stdout}");
-    let config = std::fs::read_to_string(runs.join("on-cnn/config.toml")).unwrap();
+    let config = run_config(&runs, "on-cnn");
     assert!(config.contains("image_size = 64"), "{config}");
-    let e = fails(
-        bin()
-            .args([
-                "train", "--data", data, "--model", "cnn", "--set", "side=64",
-            ])
-            .arg("--runs")
-            .arg(&runs),
-    );
+    let e = fails(on_data(&["train"], data, &runs).args(["--model", "cnn", "--set", "side=64"]));
     assert!(e.contains("--image-size"), "{e}");
     // A network that fits its side though not 32×32 (five blocks at 128×128).
     run_ok(
-        bin()
-            .args([
-                "-q",
-                "train",
-                "--data",
-                "synthetic:16:0:1",
-                "--image-size",
-                "128",
-            ])
+        on_data(&["-q", "train"], "synthetic:16:0:1", &runs)
+            .args(["--image-size", "128"])
             .args(["--model", "cnn", "--set", "widths=[4,4,4,4,4]", "--no-test"])
-            .args(["--no-plots", "--run", "deep", "--runs"])
-            .arg(&runs),
+            .args(["--no-plots", "--run", "deep"]),
     );
     // Batches larger than the default line cap (64 MiB: 100 images of 512×512 are 79 MB
     // as one Arrow message over loopback).
     let (stdout, _) = run_ok(
-        bin()
+        on_data(&["train"], "synthetic:100:0:1", &runs)
             .args([
-                "train",
-                "--data",
-                "synthetic:100:0:1",
                 "--image-size",
                 "512",
-            ])
-            .args([
                 "--batch-size",
                 "100",
                 "--model",
                 "logreg",
-                "--no-test",
-                "--no-plots",
             ])
-            .args(["--run", "big", "--runs"])
-            .arg(&runs),
+            .args(["--no-test", "--no-plots", "--run", "big"]),
     );
     assert!(stdout.contains("100 images"), "{stdout}");
     // Resized images are checked against the memory limit before they are made.

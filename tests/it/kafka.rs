@@ -9,15 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::broker::{self, Broker};
-use common::{bin, query_csv, read_parquet, run_ok};
-
-/// `cmd`'s stderr, asserting it failed.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run cifar-df");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{cmd:?} succeeded\n{stderr}");
-    stderr
-}
+use common::{
+    bin, fails, kill_after_checkpoints, query_csv, query_value, read_parquet, resume_run, run_ok,
+    wait_ok,
+};
 
 /// Publishes `data`'s training split to `topic` with `stream --to`.
 fn publish(b: &Broker, topic: &str, data: &str, extra: &[&str]) {
@@ -29,16 +24,32 @@ fn publish(b: &Broker, topic: &str, data: &str, extra: &[&str]) {
     );
 }
 
+/// `export --source SOURCE --out OUT`, not run yet.
+fn export_cmd(source: &str, out: &std::path::Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["export", "--source", source, "--out"]).arg(out);
+    cmd
+}
+
 /// Exports a source to `out` (a `.parquet` file).
 fn export(source: &str, out: &std::path::Path, extra: &[&str]) -> String {
     run_ok(
-        bin()
-            .args(["export", "--source", source, "--out"])
-            .arg(out)
+        export_cmd(source, out)
             .args(["--connect-timeout", "10"])
             .args(extra),
     )
     .1
+}
+
+/// `train_args` with `extra` after them, spawned with stdout discarded and stderr piped.
+fn spawn_train(args: &[String], extra: &[&str]) -> std::process::Child {
+    bin()
+        .args(args)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// (batch, row, label, image) of the images in a Parquet export, without the numbering.
@@ -132,7 +143,7 @@ fn images_of_another_side_go_through_a_topic_in_ndjson_and_arrow() {
             "{format}: {stderr}"
         );
     }
-    let e = run_err(
+    let e = fails(
         bin()
             .args(["stream", "--data", data, "--image-size", "40", "--to"])
             .arg(b.url(&broker::topic("side-spark"))),
@@ -277,36 +288,15 @@ fn a_run_killed_mid_topic_resumes_from_its_checkpointed_offsets_bit_identical() 
     let url = b.url(&topic);
     run_ok(bin().args(train_args(&runs, "whole", &url)));
     // 120 batches at ≥ 20 ms each: killed after a few checkpoints, well before the end.
-    let mut child = bin()
-        .args(train_args(&runs, "killed", &url))
-        .args(["--sleep", "0.02"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let ckpts = runs.join("killed/checkpoints");
-    let t = Instant::now();
-    while std::fs::read_dir(&ckpts)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
-        .unwrap_or(0)
-        < 3
-    {
-        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoints");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(37));
-    child.kill().unwrap(); // SIGKILL
-    assert!(!child.wait().unwrap().success());
-    let partial: usize = query_csv(&runs, "select count(*) from metrics where run = 'killed'")
-        .lines()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    kill_after_checkpoints(
+        bin()
+            .args(train_args(&runs, "killed", &url))
+            .args(["--sleep", "0.02"]),
+        &ckpts,
+        3,
+    );
+    let partial: usize = query_value(&runs, "select count(*) from metrics where run = 'killed'");
     assert!(partial < 120, "{partial} batches before the kill");
     // The checkpoint holds the topic's next offset, which the resume seeks to.
     let state: serde_json::Value = {
@@ -326,16 +316,7 @@ fn a_run_killed_mid_topic_resumes_from_its_checkpointed_offsets_bit_identical() 
         serde_json::json!([[0, next]]),
         "one partition: the next offset is the next batch"
     );
-    let (out, _) = run_ok(bin().args([
-        "-q",
-        "train",
-        "--run",
-        "killed",
-        "--resume",
-        "--no-plots",
-        "--runs",
-        runs.to_str().unwrap(),
-    ]));
+    let (out, _) = run_ok(&mut resume_run(&runs, "killed"));
     assert!(out.contains("resumed from"), "{out}");
     assert_eq!(
         query_csv(
@@ -385,26 +366,10 @@ fn readers_of_one_topic_each_read_all_of_it_at_their_own_pace() {
     publish(&b, &topic, "synthetic:3000:10:7", &["--batch-size", "50"]);
     let url = b.url(&topic);
     // Two trainers at once, one slowed down; a third after both.
-    let slow = bin()
-        .args(train_args(&runs, "slow", &url))
-        .args(["--sleep", "0.01"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let fast = bin()
-        .args(train_args(&runs, "fast", &url))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    for child in [fast, slow] {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let slow = spawn_train(&train_args(&runs, "slow", &url), &["--sleep", "0.01"]);
+    let fast = spawn_train(&train_args(&runs, "fast", &url), &[]);
+    for (child, what) in [(fast, "fast"), (slow, "slow")] {
+        wait_ok(child, what);
     }
     run_ok(bin().args(train_args(&runs, "later", &url)));
     let whole = train_metrics(&runs, "fast");
@@ -432,12 +397,7 @@ fn a_growing_topic_is_followed_until_ctrl_c() {
         .unwrap();
     let metrics_rows = || {
         std::panic::catch_unwind(|| {
-            query_csv(&runs, "select count(*) from metrics where run = 'f'")
-                .lines()
-                .nth(1)
-                .unwrap()
-                .parse::<usize>()
-                .unwrap()
+            query_value::<usize>(&runs, "select count(*) from metrics where run = 'f'")
         })
         .unwrap_or(0)
     };
@@ -477,12 +437,12 @@ fn a_broker_that_is_down_is_retried_until_the_connect_timeout() {
     let port = broker::free_port();
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    let err = run_err(
-        bin()
-            .args(["export", "--connect-timeout", "2", "--out"])
-            .arg(dir.path().join("x.parquet"))
-            .arg("--source")
-            .arg(format!("kafka://127.0.0.1:{port}/nothing")),
+    let err = fails(
+        export_cmd(
+            &format!("kafka://127.0.0.1:{port}/nothing"),
+            &dir.path().join("x.parquet"),
+        )
+        .args(["--connect-timeout", "2"]),
     );
     let secs = t.elapsed().as_secs_f64();
     assert!(
@@ -494,7 +454,7 @@ fn a_broker_that_is_down_is_retried_until_the_connect_timeout() {
     assert!((1.9..30.0).contains(&secs), "gave up after {secs} s");
     assert_eq!(err.matches("cannot reach").count(), 1, "said once: {err}");
     // The sink too.
-    let err = run_err(
+    let err = fails(
         bin()
             .args([
                 "stream",
@@ -516,37 +476,28 @@ fn an_unknown_topic_or_partition_is_named() {
     };
     let dir = tempfile::tempdir().unwrap();
 
-    let err = run_err(
-        bin()
-            .args(["export", "--out"])
-            .arg(dir.path().join("x1.parquet"))
-            .arg("--source")
-            .arg(b.url(&broker::topic("no-such-topic"))),
-    );
+    let err = fails(&mut export_cmd(
+        &b.url(&broker::topic("no-such-topic")),
+        &dir.path().join("x1.parquet"),
+    ));
     assert!(
         err.contains("the broker has no topic \"no-such-topic-"),
         "{err}"
     );
     let topic = broker::topic("two-parts");
     publish(&b, &topic, "synthetic:100:0", &["--batch-size", "50"]);
-    let err = run_err(
-        bin()
-            .args(["export", "--out"])
-            .arg(dir.path().join("x2.parquet"))
-            .arg("--source")
-            .arg(format!("{}?partitions=0,5", b.url(&topic))),
-    );
+    let err = fails(&mut export_cmd(
+        &format!("{}?partitions=0,5", b.url(&topic)),
+        &dir.path().join("x2.parquet"),
+    ));
     assert!(
         err.contains("partition 5 does not exist (the topic has partitions 0..0)"),
         "{err}"
     );
-    let err = run_err(
-        bin()
-            .args(["export", "--out"])
-            .arg(dir.path().join("x3.parquet"))
-            .arg("--source")
-            .arg(format!("{}?start=99", b.url(&topic))),
-    );
+    let err = fails(&mut export_cmd(
+        &format!("{}?start=99", b.url(&topic)),
+        &dir.path().join("x3.parquet"),
+    ));
     assert!(
         err.contains("start offset 99 is not on the broker, which keeps offsets 0..2"),
         "{err}"
@@ -640,13 +591,7 @@ fn a_broker_that_goes_away_is_waited_for_and_read_on_from_the_last_offset() {
     run_ok(bin().args(train_args(&runs, "whole", &url)));
     let mut args = train_args(&runs, "cut", &url);
     args.retain(|a| a != "-q"); // the warnings are the point
-    let child = bin()
-        .args(args)
-        .args(["--sleep", "0.05"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&args, &["--sleep", "0.05"]);
     std::thread::sleep(Duration::from_millis(1200));
     proxy.cut();
     std::thread::sleep(Duration::from_secs(4));
@@ -679,13 +624,7 @@ fn a_broker_that_loses_the_topic_interrupts_the_run_and_a_stale_checkpoint_is_re
     let at = args.iter().position(|a| a == "--connect-timeout").unwrap();
     args[at + 1] = "3".into();
     args.retain(|a| a != "-q");
-    let child = bin()
-        .args(args)
-        .args(["--sleep", "0.05"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&args, &["--sleep", "0.05"]);
     std::thread::sleep(Duration::from_millis(1500));
     // The broker restarts empty (memory storage): what the run needs next is gone.
     b.restart();
@@ -706,16 +645,7 @@ fn a_broker_that_loses_the_topic_interrupts_the_run_and_a_stale_checkpoint_is_re
     );
     // A smaller topic of the same name: the checkpoint's offsets are past its end.
     publish(&b, topic, "synthetic:100:10:11", &["--batch-size", "50"]);
-    let err = run_err(bin().args([
-        "-q",
-        "train",
-        "--run",
-        "r",
-        "--resume",
-        "--no-plots",
-        "--runs",
-        runs.to_str().unwrap(),
-    ]));
+    let err = fails(&mut resume_run(&runs, "r"));
     assert!(
         err.contains("the checkpoint's next offset") && err.contains("which keeps offsets 0..2"),
         "{err}"

@@ -6,7 +6,6 @@ use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -52,20 +51,9 @@ fn train(runs: &Path, run: &str, model: &str, extra: &[&str]) -> String {
     run_ok(bin().args(&args)).0
 }
 
+/// `train --resume` of `run` without a test pass, plus `extra`, asserting success; its stdout.
 fn resume(runs: &Path, run: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "-q",
-        "train",
-        "--run",
-        run,
-        "--resume",
-        "--no-test",
-        "--no-plots",
-        "--runs",
-        runs.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    run_ok(bin().args(&args)).0
+    run_ok(resume_run(runs, run).arg("--no-test").args(extra)).0
 }
 
 /// The model files of checkpoint `name` of two runs are byte for byte the same.
@@ -206,32 +194,11 @@ fn kill_9_then_resume(model: &[&str]) {
     };
     run_ok(bin().args(args("whole", "0")));
     // 120 batches at ≥ 20 ms each: killed well before the end.
-    let mut child = bin()
-        .args(args("killed", "0.02"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let ckpts = runs.join("killed/checkpoints");
-    let t = Instant::now();
-    loop {
-        let n = std::fs::read_dir(&ckpts)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                    .count()
-            })
-            .unwrap_or(0);
-        if n >= 3 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoints");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(37));
-    child.kill().unwrap(); // SIGKILL
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    kill_after_checkpoints(
+        bin().args(args("killed", "0.02")),
+        &runs.join("killed/checkpoints"),
+        3,
+    );
     // Everything in the run directory is readable; the run shows as interrupted.
     assert!(assert_all_parquet_readable(&runs.join("killed")) > 0);
     let info: serde_json::Value =
@@ -247,18 +214,7 @@ fn kill_9_then_resume(model: &[&str]) {
         "select count(*) = count(distinct batch) as once, coalesce(max(batch) + 1, 0) = count(*) as dense, count(*) < 120 as partial from metrics where run = 'killed'",
     );
     assert_eq!(got, "once,dense,partial\ntrue,true,true\n");
-    let out = run_ok(bin().args([
-        "-q",
-        "train",
-        "--run",
-        "killed",
-        "--resume",
-        "--no-test",
-        "--no-plots",
-        "--runs",
-        runs.to_str().unwrap(),
-    ]))
-    .0;
+    let out = resume(&runs, "killed", &[]);
     assert!(out.contains("resumed from epoch-"), "{out}");
     assert_same_checkpoint(&runs, "whole", "killed", "epoch-2");
     assert_eq!(batches_once(&runs, "killed"), "n,b\n120,120\n");
@@ -303,13 +259,8 @@ fn two_trainers_at_once_do_not_interfere() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    for child in [a, b] {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+    for (child, what) in [(a, "a"), (b, "b")] {
+        wait_ok(child, what);
     }
     // The same runs one at a time, with all cores.
     run_ok(&mut cmd("a-solo", "mlp", "2"));
@@ -351,26 +302,19 @@ fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
     };
     let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
     assert_eq!(compute(), format!("bf16 ({})", kernel.name()), "{out}");
-    let without = |args: &[&str]| {
-        let mut cmd = bin();
-        cmd.env("CIFAR_DF_NO_BF16", "1").args(args);
-        cmd.output().unwrap()
+    // `cmd` on a CPU without bf16, as far as the binary knows.
+    let without = |cmd: &mut std::process::Command| {
+        cmd.env("CIFAR_DF_NO_BF16", "1");
     };
     let runs_s = runs.to_str().unwrap();
-    let base = [
-        "-q",
-        "train",
-        "--run",
-        "p",
-        "--resume",
-        "--no-test",
-        "--no-plots",
-        "--runs",
-        runs_s,
-    ];
-    let o = without(&base);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "resumed a bf16 run without bf16");
+    // The resume of run "p" without a test pass, on a CPU without bf16.
+    let base = || {
+        let mut cmd = resume_run(runs, "p");
+        cmd.arg("--no-test");
+        without(&mut cmd);
+        cmd
+    };
+    let err = fails(&mut base());
     assert!(
         err.contains(kernel.name()) && err.contains("--precision f32"),
         "{err}"
@@ -380,7 +324,8 @@ fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
         1,
         "said once: {err}"
     );
-    let o = without(&[
+    let mut q = bin();
+    without(q.args([
         "-q",
         "train",
         "--model",
@@ -394,12 +339,9 @@ fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
         "--runs",
         runs_s,
         "--no-plots",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("AVX512-BF16"), "{err}");
-    let mut go_on = base.to_vec();
-    go_on.extend(["--precision", "f32"]);
-    let o = without(&go_on);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ]));
+    let err = fails(&mut q);
+    assert!(err.contains("AVX512-BF16"), "{err}");
+    run_ok(base().args(["--precision", "f32"]));
     assert_eq!(compute(), "f32");
 }

@@ -46,7 +46,7 @@ fn train_predict_query_on_the_synthetic_set() {
     ]));
     assert!(stdout.contains("confusion matrix"), "{stdout}");
     // predict replaced the test rows train wrote (a second pass over the same split).
-    let q = |sql: &str| run_ok(bin().args(["query", sql, "--runs", runs_s, "--format", "csv"])).0;
+    let q = |sql: &str| query_csv(&runs, sql);
     // One metrics row per batch: 2 epochs × 10 batches of train, 3 batches of test.
     assert_eq!(
         q("select split, count(*) as n, count(distinct batch) as b, sum(images) as i from metrics group by split union all select split, count(*), count(distinct batch), sum(images) from eval_metrics group by split order by split"),
@@ -81,13 +81,10 @@ fn train_predict_query_on_the_synthetic_set() {
         "m,w\ntrue,true\n"
     );
     // It learned: test accuracy well above chance (0.1).
-    let acc: f64 =
-        q("select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'")
-            .lines()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+    let acc: f64 = query_value(
+        &runs,
+        "select sum(acc * images) / sum(images) as a from eval_metrics where split = 'test'",
+    );
     assert!(acc > 0.25, "test accuracy {acc}");
     // The runs table: one row per run.json.
     assert_eq!(
@@ -103,53 +100,23 @@ fn train_predict_query_on_the_synthetic_set() {
 fn train_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
-    let out = bin()
-        .args([
-            "-q",
-            "train",
-            "--model",
-            "nope",
-            "--data",
-            "synthetic:100:10",
-            "--runs",
-        ])
-        .arg(&runs)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&mut on_data(
+        &["-q", "train", "--model", "nope"],
+        "synthetic:100:10",
+        &runs,
+    ));
     assert!(
         err.contains("unknown model \"nope\"") && err.contains("logreg"),
         "{err}"
     );
-    let out = bin()
-        .args([
-            "-q",
-            "predict",
-            "--run",
-            "missing",
-            "--data",
-            "synthetic:100:10",
-            "--runs",
-        ])
-        .arg(&runs)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&mut on_data(
+        &["-q", "predict", "--run", "missing"],
+        "synthetic:100:10",
+        &runs,
+    ));
     assert!(err.contains("has no checkpoint"), "{err}");
     // A query over runs that do not exist yet still answers.
-    let (stdout, _) = run_ok(
-        bin()
-            .args([
-                "query",
-                "select count(*) as n from metrics",
-                "--format",
-                "csv",
-                "--runs",
-            ])
-            .arg(&runs),
-    );
+    let stdout = query_csv(&runs, "select count(*) as n from metrics");
     assert_eq!(stdout, "n\n0\n");
 }
 
@@ -158,25 +125,19 @@ fn a_run_that_fails_is_marked_failed() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
     // Nothing listens on port 1: the source never connects.
-    let out = bin()
-        .args([
-            "-q",
-            "train",
-            "--model",
-            "svm",
-            "--source",
-            "tcp://127.0.0.1:1",
-            "--connect-timeout",
-            "0.2",
-            "--run",
-            "f",
-            "--runs",
-        ])
-        .arg(&runs)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(
+        bin()
+            .args([
+                "-q",
+                "train",
+                "--model",
+                "svm",
+                "--source",
+                "tcp://127.0.0.1:1",
+            ])
+            .args(["--connect-timeout", "0.2", "--run", "f", "--runs"])
+            .arg(&runs),
+    );
     assert!(
         err.contains("127.0.0.1:1") && !err.contains("panicked"),
         "{err}"
@@ -189,16 +150,6 @@ fn a_run_that_fails_is_marked_failed() {
         info["error"].as_str().unwrap().contains("127.0.0.1:1"),
         "{info}"
     );
-    let (csv, _) = run_ok(
-        bin()
-            .args([
-                "query",
-                "select run, status from runs",
-                "--format",
-                "csv",
-                "--runs",
-            ])
-            .arg(&runs),
-    );
+    let csv = query_csv(&runs, "select run, status from runs");
     assert_eq!(csv, "run,status\nf,failed\n");
 }

@@ -12,12 +12,7 @@ use common::*;
 fn one_command_trains_over_loopback_tcp_and_reports() {
     // The README's first command, in an empty folder: no flags at all.
     let tmp = tempfile::tempdir().unwrap();
-    let out = bin().arg("train").current_dir(tmp.path()).output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = run_ok(bin().arg("train").current_dir(tmp.path()));
     assert!(stderr.contains("loopback TCP"), "{stderr}");
     assert!(
         stdout.contains("logreg on loopback:synthetic:5000:1000:0 · 40 batches"),
@@ -70,15 +65,10 @@ fn one_command_trains_over_loopback_tcp_and_reports() {
         "status,batches,images\nfinished,40,5000\n"
     );
     // Test accuracy well above chance.
-    let acc: f64 = query_csv(
+    let acc: f64 = query_value(
         &runs,
         "select sum(acc * images) / sum(images) from eval_metrics where split = 'test'",
-    )
-    .lines()
-    .nth(1)
-    .unwrap()
-    .parse()
-    .unwrap();
+    );
     assert!(acc > 0.3, "{acc}");
 }
 
@@ -111,15 +101,10 @@ fn test_then_train_and_score_after_fit() {
     // Scored before learning, the first batch meets logreg's all-zero weights: uniform
     // probabilities, loss ln 10. Scored after, the model has seen it.
     let first = |run: &str| -> f64 {
-        query_csv(
+        query_value(
             &runs,
             &format!("select loss from metrics where run = '{run}' and batch = 0"),
         )
-        .lines()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
     };
     assert!(
         (first("before") - 10f64.ln()).abs() < 1e-6,
@@ -221,21 +206,16 @@ fn predict_loads_a_checkpoint_by_name() {
         ),
         "epoch,n\n1,2\n"
     );
-    let out = bin()
-        .args([
-            "-q",
-            "predict",
-            "--run",
-            "c",
-            "--runs",
-            runs_s,
-            "--checkpoint",
-            "epoch-9",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fails(bin().args([
+        "-q",
+        "predict",
+        "--run",
+        "c",
+        "--runs",
+        runs_s,
+        "--checkpoint",
+        "epoch-9",
+    ]));
     assert!(
         err.contains("no checkpoint \"epoch-9\"") && err.contains("epoch-2-batch-2"),
         "{err}"
@@ -269,10 +249,9 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
     let runs_s = runs.to_str().unwrap();
+    // `ARGS --runs RUNS` fails with `needle` in its stderr, and does not panic.
     let fails = |args: &[&str], needle: &str| {
-        let out = bin().args(args).args(["--runs", runs_s]).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}");
+        let err = common::fails(bin().args(args).args(["--runs", runs_s]));
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     };
@@ -287,18 +266,17 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
     let stream = tmp.path().join("s.jsonl");
     stream_file(&stream, 6, 2);
     let src = format!("file:{}", stream.display());
-    let (stdout, stderr) = run_ok(bin().args([
-        "train",
-        "--source",
-        &src,
-        "--batch-size",
-        "3",
-        "--no-plots",
-        "--run",
-        "s",
-        "--runs",
-        runs_s,
-    ]));
+    // `FLAGS train` of run "s" from the stream, then `extra`, asserting success.
+    let train_s = |flags: &[&str], extra: &[&str]| {
+        run_ok(
+            bin()
+                .args(flags)
+                .args(["train", "--source", &src, "--batch-size", "3", "--no-plots"])
+                .args(["--run", "s", "--runs", runs_s])
+                .args(extra),
+        )
+    };
+    let (stdout, stderr) = train_s(&[], &[]);
     assert!(
         stdout.contains("5 batches") && stdout.contains("1 rejected"),
         "{stdout}"
@@ -332,20 +310,7 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
     );
     assert_eq!(std::fs::read(runs.join("s/run.json")).unwrap(), before);
     // --overwrite starts it over.
-    run_ok(bin().args([
-        "-q",
-        "train",
-        "--source",
-        &src,
-        "--batch-size",
-        "3",
-        "--no-plots",
-        "--run",
-        "s",
-        "--overwrite",
-        "--runs",
-        runs_s,
-    ]));
+    train_s(&["-q"], &["--overwrite"]);
     assert_eq!(
         query_csv(&runs, "select count(*) as n from metrics where run = 's'"),
         "n\n5\n"
@@ -370,22 +335,7 @@ fn bad_input_to_the_trainer_is_a_clear_error_or_a_counted_rejection() {
         ],
         "batch_size: saved 3, given 4",
     );
-    let (out, _) = run_ok(bin().args([
-        "-q",
-        "train",
-        "--source",
-        &src,
-        "--batch-size",
-        "3",
-        "--no-plots",
-        "--run",
-        "s",
-        "--runs",
-        runs_s,
-        "--resume",
-        "--epochs",
-        "2",
-    ]));
+    let (out, _) = train_s(&["-q"], &["--resume", "--epochs", "2"]);
     assert!(out.contains("resumed from"), "{out}");
     // An unknown model, a config key that does not exist.
     fails(

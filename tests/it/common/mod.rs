@@ -2,6 +2,7 @@
 //! reading Parquet back.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -284,6 +285,113 @@ pub fn run_ok(cmd: &mut Command) -> (String, String) {
         "{cmd:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     (stdout, stderr)
+}
+
+/// Runs `cmd` and asserts that it failed (a non-zero exit; the panic shows the command
+/// and both outputs); returns its stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run cifar-df");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should fail but succeeded\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    stderr
+}
+
+/// Waits for a spawned `child` (`what` names it) and asserts that it succeeded, with
+/// its outputs in the panic message; returns (stdout, stderr).
+pub fn wait_ok(child: Child, what: &str) -> (String, String) {
+    let out = child.wait_with_output().expect("wait for cifar-df");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
+/// Spawns a training `cmd` (outputs discarded), waits (at most 60 s) for its checkpoint
+/// folder `ckpts` to hold `n` checkpoints, then SIGKILLs it 37 ms later, asserting it failed.
+pub fn kill_after_checkpoints(cmd: &mut Command, ckpts: &Path, n: usize) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let have = std::fs::read_dir(ckpts)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0);
+        if have >= n {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(37));
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+}
+
+/// `cifar-df ARGS --data DATA --runs RUNS`, not run yet (more flags may follow).
+pub fn on_data(args: &[&str], data: impl AsRef<OsStr>, runs: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(args)
+        .arg("--data")
+        .arg(data)
+        .arg("--runs")
+        .arg(runs);
+    cmd
+}
+
+/// `cifar-df -q train --runs RUNS --run RUN`, not run yet (the model, data and the rest
+/// follow).
+pub fn train_run(runs: &Path, run: &str) -> Command {
+    let mut cmd = bin();
+    cmd.args(["-q", "train", "--runs"])
+        .arg(runs)
+        .args(["--run", run]);
+    cmd
+}
+
+/// `cifar-df -q train --run RUN --resume --no-plots --runs RUNS`, not run yet.
+pub fn resume_run(runs: &Path, run: &str) -> Command {
+    let mut cmd = bin();
+    cmd.args([
+        "-q",
+        "train",
+        "--run",
+        run,
+        "--resume",
+        "--no-plots",
+        "--runs",
+    ])
+    .arg(runs);
+    cmd
+}
+
+/// The second line of [`query_csv`]'s answer (the one value of a one-row, one-column
+/// query), parsed; panics if there is none or it does not parse.
+pub fn query_value<T: std::str::FromStr>(runs: &Path, sql: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    let csv = query_csv(runs, sql);
+    let line = csv
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("{sql}: no row in {csv:?}"));
+    line.parse()
+        .unwrap_or_else(|e| panic!("{sql}: {line:?} does not parse: {e:?}"))
 }
 pub mod broker;
 
