@@ -476,11 +476,10 @@ pub(crate) fn save_tensors_and_meta<M: serde::Serialize>(
     })?;
 
     let meta_path = dir.join(files[1]);
-    // Through the JSON text (not `to_value`), so that an f32 keeps its short form
-    // (0.01, not 0.009999999776482582: `to_value` widens it to f64 first).
-    let text = serde_json::to_vec(meta).map_err(|e| cannot(e.to_string()))?;
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| cannot(e.to_string()))?;
+    // (`to_value` keeps each f64's exact bits, which a trip through the JSON text would
+    // not: serde_json's reader rounds some 17-digit numbers. An f32 shows as its f64
+    // widening, 0.009999999776482582 for 0.01, and reads back as the same f32.)
+    let mut value = serde_json::to_value(meta).map_err(|e| cannot(e.to_string()))?;
     let Some(obj) = value.as_object_mut() else {
         return Err(cannot("model metadata is not a JSON object".into()));
     };
