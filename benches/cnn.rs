@@ -1,7 +1,9 @@
 //! The CNN's training speed: one SGD step (forward, backward, update) on a mini-batch of
 //! random images, for the default network (widths 32/64/128) and airbench94's
 //! (64/256/256), in images/s, in f32 and (where the CPU has a bf16 kernel) bf16;
-//! `benches/cnn_torch.py` runs the same network in PyTorch.
+//! `benches/cnn_torch.py` runs the same network in PyTorch. The group `cnn_conv` times
+//! each convolution of the default network alone (its rate in multiply-adds per second);
+//! `CIFAR_DF_BENCH_THREADS=1` runs on one thread, `CIFAR_DF_NO_FMA=1` on the `gemm` crate.
 //!
 //!     cargo bench --bench cnn
 //!     python3 benches/cnn_torch.py
