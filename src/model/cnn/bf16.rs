@@ -503,13 +503,7 @@ mod avx512 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    fn mask(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    }
+    use super::super::fma::avx512::mask;
 
     /// `dst[..len] = bf16(src[..len])`.
     ///
@@ -816,10 +810,7 @@ mod avx512 {
                 acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
             }
         }
-        let (m0, m1) = (
-            super::avx512::mask(cols),
-            super::avx512::mask(cols.saturating_sub(16)),
-        );
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
         for (r, acc) in acc.iter().enumerate().take(rows) {
             let row = c.add(r * ldc);
             let (mut v0, mut v1) = (acc[0], acc[1]);

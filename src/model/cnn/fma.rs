@@ -389,16 +389,40 @@ pub fn weight_grad(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    fn mask(n: usize) -> __mmask16 {
+    /// The mask of the first `n` (at most 16) lanes: the columns of a partial block.
+    pub(in crate::model::cnn) fn mask(n: usize) -> __mmask16 {
         if n >= 16 {
             0xffff
         } else {
             ((1u32 << n) - 1) as u16
         }
+    }
+
+    /// Stores a row of a tile's sums (two registers, the lanes of `m0` and `m1`) at `row`,
+    /// or (`accumulate`) adds them to what is there.
+    ///
+    /// # Safety
+    /// AVX-512F present; `row` valid for the lanes of both masks (`row + 16` for `m1`'s).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_row(
+        row: *mut f32,
+        acc: [__m512; 2],
+        m0: __mmask16,
+        m1: __mmask16,
+        accumulate: bool,
+    ) {
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+        }
+        _mm512_mask_storeu_ps(row, m0, v0);
+        _mm512_mask_storeu_ps(row.add(16), m1, v1);
     }
 
     /// One `MR × NR` tile of [`super::gemm_tiles`] over the taps `list`, its sums stored
@@ -448,17 +472,11 @@ mod avx512 {
             }
         }
         let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        // Constant indices only, so that the sums stay in registers.
         macro_rules! store {
             ($($r:literal)*) => {$(
                 if $r < used {
-                    let row = c.add(*rows.add($r) * ldc);
-                    let (mut v0, mut v1) = (acc[$r][0], acc[$r][1]);
-                    if accumulate {
-                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-                    }
-                    _mm512_mask_storeu_ps(row, m0, v0);
-                    _mm512_mask_storeu_ps(row.add(16), m1, v1);
+                    store_row(c.add(*rows.add($r) * ldc), acc[$r], m0, m1, accumulate);
                 }
             )*};
         }
@@ -532,14 +550,11 @@ mod avx512 {
             }
             rows!(0 1 2 3 4 5 6 7 8 9 10 11);
         }
+        // Constant indices only, so that the sums stay in registers.
         macro_rules! store {
             ($($r:literal)*) => {$(
                 if $r < R {
-                    let row = c.add($r * ldc);
-                    let v0 = _mm512_add_ps(acc[$r][0], _mm512_maskz_loadu_ps(m0, row));
-                    let v1 = _mm512_add_ps(acc[$r][1], _mm512_maskz_loadu_ps(m1, row.add(16)));
-                    _mm512_mask_storeu_ps(row, m0, v0);
-                    _mm512_mask_storeu_ps(row.add(16), m1, v1);
+                    store_row(c.add($r * ldc), acc[$r], m0, m1, true);
                 }
             )*};
         }

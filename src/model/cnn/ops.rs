@@ -339,7 +339,7 @@ pub fn conv_forward_kept(
         scratch.input = own;
         return;
     }
-    if fma::available() && s.k * s.k <= fma::Tiles::MAX_TAPS {
+    if uses_fma(s) {
         // The weights packed once, shared by the threads.
         let mut wb = std::mem::take(&mut scratch.packed_f32);
         let len = fma::b_len(s.kdim(), s.co);
@@ -639,6 +639,12 @@ fn forward_bands_fma(
         );
         done += r;
     }
+}
+
+/// Whether the f32 products of `s` run on the [`fma`] kernels: the CPU has them, and
+/// the kernel has at most [`fma::Tiles::MAX_TAPS`] taps.
+fn uses_fma(s: &ConvShape) -> bool {
+    fma::available() && s.k * s.k <= fma::Tiles::MAX_TAPS
 }
 
 /// Where each output pixel's window lies in the input of a convolution, for the
@@ -1066,7 +1072,7 @@ fn weight_grad_bands(
     dwt: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    if fma::available() && s.k * s.k <= fma::Tiles::MAX_TAPS {
+    if uses_fma(s) {
         return weight_grad_bands_fma(x, dy, s, (start, end), dwt, scratch);
     }
     let kdim = s.kdim();
