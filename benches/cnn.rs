@@ -3,7 +3,8 @@
 //! (64/256/256), in images/s, in f32 and (where the CPU has a bf16 kernel) bf16;
 //! `benches/cnn_torch.py` runs the same network in PyTorch. The group `cnn_conv` times
 //! each convolution of the default network alone (its rate in multiply-adds per second);
-//! `CIFAR_DF_BENCH_THREADS=1` runs on one thread, `CIFAR_DF_NO_FMA=1` on the `gemm` crate.
+//! `CIFAR_DF_BENCH_THREADS=1` runs on one thread, `CIFAR_DF_NO_FMA=1` on the `gemm` crate;
+//! bf16 runs on AMX where the CPU lends it, `CIFAR_DF_NO_AMX=1` keeps it on AVX512-BF16.
 //!
 //!     cargo bench --bench cnn
 //!     python3 benches/cnn_torch.py

@@ -248,6 +248,17 @@ fn turn_pairs(
     }
 }
 
+/// Which unit multiplies a bf16 product: the vector registers (`vdpbf16ps`,
+/// AVX512-BF16) or Intel AMX's tiles (`tdpbf16ps`, [`amx`](super::amx)). Both read the
+/// same operands and sum in f32; their orders of summation differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// AVX512-BF16.
+    Avx512,
+    /// AMX-BF16 (with AVX512-BF16 for the conversions).
+    Amx,
+}
+
 /// `c (m × n, row stride ldc) = A·B`, or `+= A·B` when `accumulate`: `A` row-major
 /// pairs (`m` rows of stride `lda` `u32`s, `pairs(k)` used), `B` packed ([`pack_b`]).
 ///
@@ -256,6 +267,7 @@ fn turn_pairs(
 /// choose the kernel path once and size the buffers from the shapes, never from input.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
+    unit: Unit,
     m: usize,
     n: usize,
     k: usize,
@@ -267,7 +279,19 @@ pub fn gemm(
     accumulate: bool,
 ) {
     assert!(b.len() >= b_len(k, n), "bf16 gemm: b");
-    product(m, n, k, a, lda, b, BLayout::Packed, c, ldc, accumulate)
+    product(
+        unit,
+        m,
+        n,
+        k,
+        a,
+        lda,
+        b,
+        BLayout::Packed,
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// [`gemm`] with `B` as rows of pairs: pair row `p` (rows `2p` and `2p + 1` of `B`
@@ -275,6 +299,7 @@ pub fn gemm(
 /// reads whole blocks of columns; those past `n` are not stored).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_pair_rows(
+    unit: Unit,
     m: usize,
     n: usize,
     k: usize,
@@ -288,7 +313,19 @@ pub fn gemm_pair_rows(
 ) {
     assert!(ldb >= n.div_ceil(NR) * NR, "bf16 gemm: ldb");
     assert!(b.len() >= pairs(k) * ldb, "bf16 gemm: b");
-    product(m, n, k, a, lda, b, BLayout::Rows(ldb), c, ldc, accumulate)
+    product(
+        unit,
+        m,
+        n,
+        k,
+        a,
+        lda,
+        b,
+        BLayout::Rows(ldb),
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// Where `B`'s pairs are.
@@ -302,6 +339,7 @@ enum BLayout {
 
 #[allow(clippy::too_many_arguments)]
 fn product(
+    unit: Unit,
     m: usize,
     n: usize,
     k: usize,
@@ -328,6 +366,19 @@ fn product(
             }
         }
         return;
+    }
+    if unit == Unit::Amx {
+        let blocks = match layout {
+            BLayout::Packed => super::amx::BBlocks {
+                per_block: k2 * NR,
+                stride: NR,
+            },
+            BLayout::Rows(ldb) => super::amx::BBlocks {
+                per_block: NR,
+                stride: ldb,
+            },
+        };
+        return super::amx::product(m, n, k2, a, lda, b, blocks, c, ldc, accumulate);
     }
     #[cfg(target_arch = "x86_64")]
     for jb in 0..n.div_ceil(NR) {
@@ -430,6 +481,7 @@ pub fn interleave_taps(x: &[u16], ci: usize, lo: &[usize], hi: Option<&[usize]>,
 /// `x`: callers build the offsets from the shapes, never from input.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_taps(
+    unit: Unit,
     rows: usize,
     n: usize,
     ci2: usize,
@@ -465,6 +517,9 @@ pub fn gemm_taps(
         ci2 <= x.len() && last <= x.len() - ci2,
         "bf16 gemm_taps: an offset past x"
     );
+    if unit == Unit::Amx {
+        return super::amx::taps(rows, n, ci2, taps, MR, x, offs, b, c, ldc);
+    }
     // The blocks of columns outside, so that one block of `B` stays in the cache while
     // the tiles pass.
     #[cfg(target_arch = "x86_64")]
@@ -915,7 +970,7 @@ pub(crate) mod tests {
             }
             let ldc = n + 3;
             let mut c = vec![f32::NAN; m * ldc];
-            gemm(m, n, k, &pa, lda, &pb, &mut c, ldc, false);
+            gemm(Unit::Avx512, m, n, k, &pa, lda, &pb, &mut c, ldc, false);
             for i in 0..m {
                 for j in 0..n {
                     let (mut want, mut mag) = (0.0f64, 0.0f64);
@@ -942,7 +997,19 @@ pub(crate) mod tests {
             }
             // B as rows of pairs: the same sums in the same order, the same bits.
             let mut c2 = vec![f32::NAN; m * ldc];
-            gemm_pair_rows(m, n, k, &pa, lda, &rb, ldb, &mut c2, ldc, false);
+            gemm_pair_rows(
+                Unit::Avx512,
+                m,
+                n,
+                k,
+                &pa,
+                lda,
+                &rb,
+                ldb,
+                &mut c2,
+                ldc,
+                false,
+            );
             for i in 0..m {
                 for j in 0..n {
                     assert_eq!(c2[i * ldc + j].to_bits(), c[i * ldc + j].to_bits());
@@ -950,7 +1017,7 @@ pub(crate) mod tests {
             }
             // Accumulating adds the same product again.
             let before = c.clone();
-            gemm(m, n, k, &pa, lda, &pb, &mut c, ldc, true);
+            gemm(Unit::Avx512, m, n, k, &pa, lda, &pb, &mut c, ldc, true);
             for i in 0..m {
                 for j in 0..n {
                     let (x, y) = (c[i * ldc + j], 2.0 * before[i * ldc + j]);

@@ -15,6 +15,7 @@
 //! then blue), normalised by the SQL (`normalize(image)`); the network works on NHWC
 //! tensors ([`ops`]).
 
+pub mod amx;
 pub mod bf16;
 pub mod fma;
 pub mod net;
@@ -317,11 +318,13 @@ impl Cnn {
         self.kernel
     }
 
-    /// The kernel scoring uses: the model's, or f32 where this CPU lacks it (a bf16 run
-    /// scored on another CPU).
+    /// The kernel scoring uses: the model's, or where this CPU lacks it (a bf16 run
+    /// scored on another CPU) its best bf16 kernel for a bf16 run, else f32.
     pub fn scoring_kernel(&self) -> Kernel {
         if self.kernel.available() {
             self.kernel
+        } else if self.kernel.is_bf16() {
+            Kernel::best_bf16().unwrap_or(Kernel::F32)
         } else {
             Kernel::F32
         }
@@ -428,13 +431,26 @@ impl Cnn {
             return Err(Error::internal("cnn: step before init"));
         };
         if !self.kernel.available() {
+            // On another bf16 kernel the sums run in another order, as in f32.
+            let other = match Kernel::best_bf16() {
+                Some(k) if self.kernel.is_bf16() => format!(
+                    "in bf16 on the {} kernel with --precision bf16, or in f32 with \
+                     --precision f32",
+                    k.name()
+                ),
+                _ => "in f32 with --precision f32".to_string(),
+            };
             return Err(Error::usage(format!(
                 "cnn: this run learnt with the {} kernel (precision {}), which this CPU ({}) \
-                 lacks; continue it in f32 with --precision f32 (it is then no longer \
-                 bit-identical to a run never interrupted)",
+                 lacks{}; continue it {other} (it is then no longer bit-identical to a run \
+                 never interrupted)",
                 self.kernel.name(),
                 if self.kernel.is_bf16() { "bf16" } else { "f32" },
-                cpu_name()
+                cpu_name(),
+                match (self.kernel, amx::support()) {
+                    (Kernel::AmxBf16, Err(why)) => format!(" ({why})"),
+                    _ => String::new(),
+                }
             )));
         }
         self.tape.set_kernel(self.kernel);
