@@ -177,7 +177,7 @@ pub trait Learner: Send {
     }
 
     /// How the products compute, where the model has a choice (the cnn: `bf16
-    /// (avx512-bf16)` or `f32`): what the run records.
+    /// (amx-bf16)`, `bf16 (avx512-bf16)` or `f32`): what the run records.
     fn compute(&self) -> Option<String> {
         None
     }

@@ -716,7 +716,7 @@ pub struct RunInfo {
     #[serde(default)]
     pub pid: Option<u32>,
     /// How the model's products computed, where it has a choice (the cnn: `bf16
-    /// (avx512-bf16)` or `f32`), as of the latest pass.
+    /// (amx-bf16)`, `bf16 (avx512-bf16)` or `f32`), as of the latest pass.
     #[serde(default)]
     pub compute: Option<String>,
 }

@@ -345,3 +345,63 @@ fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
     run_ok(base().args(["--precision", "f32"]));
     assert_eq!(compute(), "f32");
 }
+
+/// A run learnt on AMX resumed where AMX is missing (here hidden with `CIFAR_DF_NO_AMX`;
+/// on a CPU without AMX the run's checkpoints are marked as an AMX CPU writes them): the
+/// error names the run's kernel and both ways on, once each, and `--resume --precision
+/// bf16` goes on in bf16 on AVX512-BF16 (recorded).
+#[test]
+fn an_amx_run_goes_on_in_bf16_on_avx512_when_asked() {
+    use cifar_df::model::cnn::Kernel;
+    if !Kernel::Avx512Bf16.available() {
+        eprintln!("an AMX run resumed on AVX512-BF16: not run: this CPU has no AVX512-BF16");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path();
+    let compute = || -> String {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(runs.join("p/run.json")).unwrap()).unwrap();
+        info["compute"].as_str().unwrap_or_default().to_string()
+    };
+    let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
+    if compute() != "bf16 (amx-bf16)" {
+        assert_eq!(compute(), "bf16 (avx512-bf16)", "{out}");
+        // What a run on an AMX CPU records: the kernel in each checkpoint's model.json.
+        let mut marked = 0;
+        let mut stack = vec![runs.join("p")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.file_name().is_some_and(|n| n == "model.json") {
+                    let mut v: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                    if v.get("kernel").is_some() {
+                        v["kernel"] = "amx-bf16".into();
+                        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+                        marked += 1;
+                    }
+                }
+            }
+        }
+        assert!(marked > 0, "no checkpoint records a kernel");
+    }
+    let base = || {
+        let mut cmd = resume_run(runs, "p");
+        cmd.arg("--no-test").env("CIFAR_DF_NO_AMX", "1");
+        cmd
+    };
+    let err = fails(&mut base());
+    for want in [
+        "amx-bf16",
+        "--precision bf16",
+        "avx512-bf16",
+        "--precision f32",
+    ] {
+        assert_eq!(err.matches(want).count(), 1, "{want} once: {err}");
+    }
+    run_ok(base().args(["--precision", "bf16"]));
+    assert_eq!(compute(), "bf16 (avx512-bf16)");
+}

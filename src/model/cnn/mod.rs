@@ -321,7 +321,7 @@ impl Cnn {
     /// The kernel scoring uses: the model's, or where this CPU lacks it (a bf16 run
     /// scored on another CPU) its best bf16 kernel for a bf16 run, else f32.
     pub fn scoring_kernel(&self) -> Kernel {
-        if self.kernel.available() {
+        if self.kernel.runs_here() {
             self.kernel
         } else if self.kernel.is_bf16() {
             Kernel::best_bf16().unwrap_or(Kernel::F32)
@@ -430,7 +430,7 @@ impl Cnn {
         let Some(net) = self.net.as_mut() else {
             return Err(Error::internal("cnn: step before init"));
         };
-        if !self.kernel.available() {
+        if !self.kernel.runs_here() {
             // On another bf16 kernel the sums run in another order, as in f32.
             let other = match Kernel::best_bf16() {
                 Some(k) if self.kernel.is_bf16() => format!(
@@ -838,6 +838,61 @@ mod tests {
         let m = Cnn::load(dir.path()).unwrap();
         let p = m.predict_proba(x.view()).unwrap();
         assert!(p.iter().all(|&v| (v - 0.1).abs() < 1e-6));
+    }
+
+    /// The network on AMX's tiles (on the CPU, or on the tests' stand-in for the tile
+    /// unit) against the same network on AVX512-BF16, which tests/it/cnn.rs checks
+    /// against the numpy reference: the same bf16 roundings of the inputs, their sums in
+    /// another order, so after four SGD steps every weight and logit within 2% of its
+    /// tensor's largest value (measured: the weights within 3e-6, the logits 3e-4; a wrong layout or tile is off by
+    /// the whole value). The AMX run gives the same bits again, on one thread or two.
+    #[test]
+    fn the_network_on_amx_tiles_matches_it_on_avx512_bf16() {
+        if !Kernel::Avx512Bf16.available()
+            || !amx::tests::ready("the_network_on_amx_tiles_matches_it_on_avx512_bf16")
+        {
+            return;
+        }
+        let mut rng = SplitMix(5);
+        let (x, y) = random_batch(&mut rng, 32, INPUT);
+        let run = |kernel: Kernel, threads: usize| {
+            crate::linalg::set_threads(threads);
+            let mut m = Cnn::new(CnnParams {
+                batch_size: 16,
+                precision: Precision::Bf16,
+                ..small()
+            })
+            .unwrap();
+            m.kernel = kernel;
+            m.partial_fit(x.view(), y.view()).unwrap();
+            m.partial_fit(x.view(), y.view()).unwrap();
+            let logits = m.logits(x.view()).unwrap();
+            crate::linalg::set_threads(0);
+            assert_eq!(m.kernel(), kernel);
+            (m.net().unwrap().params.clone(), logits)
+        };
+        let (vector, tiles) = (run(Kernel::Avx512Bf16, 2), run(Kernel::AmxBf16, 2));
+        let worst = |a: &[f32], b: &[f32]| {
+            let top = a.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+            a.iter()
+                .zip(b)
+                .map(|(u, v)| (u - v).abs() / top)
+                .fold(0.0f32, f32::max)
+        };
+        let mut most = 0.0f32;
+        for (i, (a, b)) in vector.0.iter().zip(&tiles.0).enumerate() {
+            let d = worst(a, b);
+            assert!(d <= 0.02, "parameter tensor {i}: {d} of its largest value");
+            most = most.max(d);
+        }
+        let d = worst(vector.1.as_slice().unwrap(), tiles.1.as_slice().unwrap());
+        assert!(d <= 0.02, "logits: {d} of the largest");
+        eprintln!("AMX against AVX512-BF16: weights within {most}, logits within {d}");
+        assert_eq!(
+            run(Kernel::AmxBf16, 1),
+            tiles,
+            "AMX on one thread and on two"
+        );
     }
 
     #[test]

@@ -231,6 +231,16 @@ impl Kernel {
         }
     }
 
+    /// Whether its products can run now: [`Kernel::available`], or, in the unit tests,
+    /// AMX on the tests' stand-in for the tile unit.
+    pub fn runs_here(self) -> bool {
+        #[cfg(test)]
+        if self == Kernel::AmxBf16 && super::amx::emulate::installed() {
+            return true;
+        }
+        self.available()
+    }
+
     /// The fastest bf16 kernel this CPU runs, if any: AMX, else AVX512-BF16.
     pub fn best_bf16() -> Option<Kernel> {
         [Kernel::AmxBf16, Kernel::Avx512Bf16]
