@@ -98,7 +98,8 @@ fn train_step(c: &mut Criterion) {
 
 /// Each convolution of the default network (widths 32/64/128) alone, batch 64: the
 /// forward product and the backward pair (weight and input gradients), in multiply-adds
-/// per second (`elem/s`), to see how near each product runs to the CPU's peak.
+/// per second (`elem/s`), to see how near each product runs to the CPU's peak; in f32
+/// and on the CPU's best bf16 kernel.
 fn conv_products(c: &mut Criterion) {
     let n = 64;
     bench_threads();
@@ -106,14 +107,20 @@ fn conv_products(c: &mut Criterion) {
     let mut group = c.benchmark_group("cnn_conv");
     group.sample_size(10);
     let mut rng = SplitMix(3);
-    for (i, s) in arch.conv_shapes(n).into_iter().enumerate() {
+    // f32, and the CPU's best bf16 kernel where it has one (AMX's tiles, else
+    // AVX512-BF16), each product named by its kernel.
+    let kernels: Vec<Kernel> = std::iter::once(Kernel::F32)
+        .chain(Kernel::best_bf16())
+        .collect();
+    let shapes = arch.conv_shapes(n).into_iter().enumerate();
+    for (kernel, (i, s)) in shapes.flat_map(|c| kernels.iter().map(move |&k| (k, c))) {
         let x: Vec<f32> = (0..n * s.h * s.w * s.ci)
             .map(|_| rng.normal() as f32)
             .collect();
         let wt: Vec<f32> = (0..s.kdim() * s.co).map(|_| rng.normal() as f32).collect();
         let mut y = vec![0f32; n * s.oh() * s.ow() * s.co];
-        let mut scratch = Scratch::new(Kernel::F32);
-        let name = format!("{i}_{}x{}_{}to{}", s.h, s.w, s.ci, s.co);
+        let mut scratch = Scratch::new(kernel);
+        let name = format!("{i}_{}x{}_{}to{}_{}", s.h, s.w, s.ci, s.co, kernel.name());
         group.throughput(Throughput::Elements(s.macs() as u64));
         group.bench_function(format!("forward_{name}"), |b| {
             b.iter(|| conv_forward(&x, &wt, &s, &mut y, &mut scratch))
