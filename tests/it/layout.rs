@@ -39,9 +39,17 @@ fn modules(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The code a module runs: its unit tests and comment lines left out.
+/// The code a module runs: its unit tests (`#[cfg(test)]` then `mod tests`, public to
+/// its crate or not) and comment lines left out.
 fn code(src: &str) -> String {
-    let end = src.find("#[cfg(test)]\nmod tests").unwrap_or(src.len());
+    let end = src
+        .match_indices("#[cfg(test)]\n")
+        .find(|(at, m)| {
+            let next = src[at + m.len()..].lines().next().unwrap_or("").trim();
+            next.strip_suffix("mod tests {")
+                .is_some_and(|vis| matches!(vis.trim(), "" | "pub" | "pub(crate)" | "pub(super)"))
+        })
+        .map_or(src.len(), |(at, _)| at);
     src[..end]
         .lines()
         .filter(|l| !l.trim_start().starts_with("//"))
@@ -229,7 +237,15 @@ fn the_checker_finds_a_cycle_and_ignores_a_child_using_its_parent() {
         "d::e".to_string(),
         "use super::*; use crate::d::f;".to_string(),
     );
+    // Unit tests are left out, whatever their visibility; other test-only code is not.
+    mods.insert(
+        "f".to_string(),
+        "#[cfg(test)]\nmod helpers;\nuse crate::g;\n#[cfg(test)]\npub(crate) mod tests {\n    use crate::a;\n}"
+            .to_string(),
+    );
+    mods.insert("g".to_string(), String::new());
     let deps = imports(&mods);
+    assert_eq!(deps["f"], BTreeSet::from(["g".into()]));
     assert_eq!(deps["a"], BTreeSet::from(["b".into(), "b::c".into()]));
     assert!(deps["d"].is_empty());
     assert!(

@@ -227,7 +227,7 @@ impl Kernel {
         match self {
             Kernel::F32 => true,
             Kernel::Avx512Bf16 => super::bf16::available(),
-            Kernel::AmxBf16 => super::amx::available(),
+            Kernel::AmxBf16 => super::amx::available() && super::bf16::available(),
         }
     }
 

@@ -56,8 +56,9 @@ const KT: usize = 16;
 const ROW: usize = 64;
 
 /// Whether the products can run on AMX here: the CPU has it, Linux lends the tile
-/// state, AVX512-BF16 is there for the conversions, and [`HIDE_ENV`] does not hide it.
-/// Asked once.
+/// state, and [`HIDE_ENV`] does not hide it. Asked once. (The bf16 path also needs
+/// AVX512-BF16 for its conversions, which every AMX CPU has: `Kernel::available` asks
+/// both.)
 pub fn available() -> bool {
     support().is_ok()
 }
@@ -72,12 +73,6 @@ pub fn support() -> &'static Result<(), String> {
         }
         if !cpu_has_amx() {
             return Err("this CPU has no AMX-BF16 (amx_bf16 in lscpu's flags)".into());
-        }
-        if !super::bf16::available() {
-            return Err(format!(
-                "AMX needs the AVX512-BF16 conversions too, hidden here ({})",
-                super::bf16::HIDE_ENV
-            ));
         }
         request_tiles().map_err(|errno| {
             let why = format!(
