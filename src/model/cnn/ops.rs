@@ -429,7 +429,7 @@ fn forward_bf16(xh: &[u16], wt: &[f32], s: &ConvShape, y: &mut [f32], scratch: &
     let mut wb = std::mem::take(&mut scratch.packed_b);
     let len = bf16::b_len(s.kdim(), s.co);
     bf16::pack_b(wt, s.kdim(), s.co, s.co, grown(&mut wb, len));
-    let band = bf16_band_rows(s.kdim());
+    let band = balanced_band(total, bf16_band_rows(s.kdim()), bf16::MR);
     over_bands(total, band, s.co, y, scratch, |first, rows, out, sc| {
         forward_bands_bf16(xh, &wb[..len], s, first, rows, band, out, sc)
     });
@@ -631,11 +631,20 @@ fn forward_bands_bf16(
 /// ([`fma::Tiles`]), and its input pixels stay in the L2 cache.
 const FMA_BAND: usize = 96 * fma::MR;
 
-/// The band of [`forward_bands_fma`] for `total` output pixels: [`FMA_BAND`], or less so
-/// that each thread has a band. (A pixel's sum does not depend on its band.)
+/// The band of [`forward_bands_fma`] for `total` output pixels: at most [`FMA_BAND`].
+/// (A pixel's sum does not depend on its band.)
 fn fma_band(total: usize) -> usize {
-    let threads = linalg::threads().max(1);
-    (total.div_ceil(threads).div_ceil(fma::MR) * fma::MR).clamp(fma::MR, FMA_BAND)
+    balanced_band(total, FMA_BAND, fma::MR)
+}
+
+/// A band of at most `most` rows (a multiple of `grain`) for [`over_bands`] of `total`
+/// rows, such that each thread gets the same number of bands of about the same size:
+/// the threads then finish together (cut at a fixed size, a 7×7 layer's 12,544 pixels of
+/// a batch of 256 went 6,912 to one thread and 5,632 to the other).
+fn balanced_band(total: usize, most: usize, grain: usize) -> usize {
+    let per_thread = total.div_ceil(linalg::threads().max(1));
+    let bands = per_thread.div_ceil(most.max(1)).max(1);
+    (per_thread.div_ceil(bands).div_ceil(grain) * grain).clamp(grain, most.max(grain))
 }
 
 /// [`forward_bands`] on the AVX-512 f32 kernel without a patch matrix ([`fma`]): `wb` is
@@ -803,6 +812,11 @@ fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 /// number, so that the sum's order does not depend on the thread count.
 const WEIGHT_GROUPS: usize = 2;
 
+/// The weight gradient's groups start at multiples of this many output pixels: whole
+/// bands of the f32 kernel ([`FMA_GRAD_BAND`]), and even (the bf16 product's pairs of
+/// pixels never straddle two groups).
+const GROUP_GRAIN: usize = 128;
+
 /// The gradients of [`conv_forward`]: `dwt = Σ patches(x)ᵀ · dy` (overwritten), and,
 /// when `dx` is given, `dx = conv(dy, turned weights)` (overwritten). `turned` is
 /// [`turned_weights`] of `wt`.
@@ -837,9 +851,14 @@ pub fn conv_backward_kept(
     let total = s.n * s.oh() * s.ow();
     debug_assert_eq!(dy.len(), total * s.co);
     debug_assert_eq!(dwt.len(), s.kdim() * s.co);
-    let bands = total.div_ceil(BAND_ROWS);
-    let groups = WEIGHT_GROUPS.min(bands).max(1);
-    let per = bands.div_ceil(groups) * BAND_ROWS;
+    // Groups of equal size (to a multiple of GROUP_GRAIN), so that the two threads
+    // finish together.
+    let groups = if total >= 2 * GROUP_GRAIN {
+        WEIGHT_GROUPS
+    } else {
+        1
+    };
+    let per = total.div_ceil(groups).div_ceil(GROUP_GRAIN) * GROUP_GRAIN;
     let ranges: Vec<(usize, usize)> = (0..groups)
         .map(|g| (g * per, ((g + 1) * per).min(total)))
         .filter(|(a, b)| a < b)
