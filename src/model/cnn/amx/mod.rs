@@ -162,7 +162,7 @@ fn usable() -> bool {
 }
 
 /// Where the blocks of 32 columns of `B` are: block `jb`'s pair row `p` starts at
-/// `first + jb·per_block + p·stride` (`u32`s) and holds 32 pairs.
+/// `jb·per_block + p·stride` (`u32`s) and holds 32 pairs.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct BBlocks {
     pub per_block: usize,
@@ -354,8 +354,8 @@ pub(super) fn taps(
     });
 }
 
-/// A block of `C` in `tmm0`–`tmm3` through a 32 × 32 buffer, with the tile
-/// configuration loaded for the product's length and released at its end.
+/// A block of `C` in `tmm0`–`tmm3` through a 32 × 32 buffer; the tile configuration
+/// ([`CONFIG`]) is loaded when made and released when dropped (once per product).
 struct Tiles {
     c: Box<[f32; MB * NB]>,
 }
