@@ -295,11 +295,7 @@ fn a_bf16_run_goes_on_in_f32_when_asked_on_a_cpu_without_bf16() {
     };
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path();
-    let compute = || -> String {
-        let info: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(runs.join("p/run.json")).unwrap()).unwrap();
-        info["compute"].as_str().unwrap_or_default().to_string()
-    };
+    let compute = || compute_of(runs, "p");
     let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
     assert_eq!(compute(), format!("bf16 ({})", kernel.name()), "{out}");
     // `cmd` on a CPU without bf16, as far as the binary knows.
@@ -359,11 +355,7 @@ fn an_amx_run_goes_on_in_bf16_on_avx512_when_asked() {
     }
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path();
-    let compute = || -> String {
-        let info: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(runs.join("p/run.json")).unwrap()).unwrap();
-        info["compute"].as_str().unwrap_or_default().to_string()
-    };
+    let compute = || compute_of(runs, "p");
     let out = train(runs, "p", "cnn", &["--max-batches", "3"]);
     if compute() != "bf16 (amx-bf16)" {
         assert_eq!(compute(), "bf16 (avx512-bf16)", "{out}");
@@ -404,4 +396,11 @@ fn an_amx_run_goes_on_in_bf16_on_avx512_when_asked() {
     }
     run_ok(base().args(["--precision", "bf16"]));
     assert_eq!(compute(), "bf16 (avx512-bf16)");
+}
+
+/// What run `run` records as its products' compute (`run.json`'s `compute`).
+fn compute_of(runs: &Path, run: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join(run).join("run.json")).unwrap()).unwrap();
+    info["compute"].as_str().unwrap_or_default().to_string()
 }

@@ -558,7 +558,7 @@ mod avx512 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    use super::super::fma::avx512::mask;
+    use super::super::fma::avx512::{mask, store_row};
 
     /// `dst[..len] = bf16(src[..len])`.
     ///
@@ -867,14 +867,7 @@ mod avx512 {
         }
         let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
         for (r, acc) in acc.iter().enumerate().take(rows) {
-            let row = c.add(r * ldc);
-            let (mut v0, mut v1) = (acc[0], acc[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            store_row(c.add(r * ldc), *acc, m0, m1, accumulate);
         }
     }
 }

@@ -409,7 +409,7 @@ pub(super) mod avx512 {
     /// AVX-512F present; `row` valid for the lanes of both masks (`row + 16` for `m1`'s).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn store_row(
+    pub(in crate::model::cnn) unsafe fn store_row(
         row: *mut f32,
         acc: [__m512; 2],
         m0: __mmask16,
