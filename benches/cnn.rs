@@ -149,12 +149,12 @@ fn conv_products(c: &mut Criterion) {
 /// no memory is read, so this is the ceiling of the `cnn_conv` rates.
 fn cpu_peak(c: &mut Criterion) {
     bench_threads();
-    let threads = cifar_df::linalg::threads();
     let mut group = c.benchmark_group("cpu_peak");
     group.sample_size(10);
     #[cfg(target_arch = "x86_64")]
     {
         const STEPS: usize = 1_000_000;
+        let threads = cifar_df::linalg::threads();
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let bf16 = cifar_df::model::cnn::Kernel::Avx512Bf16.available();
         let on_threads = |f: fn() -> f32| {
