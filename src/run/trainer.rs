@@ -374,6 +374,8 @@ async fn open_stream(
     let opened = async {
         let ctx = query::stream_session();
         transforms::register(&ctx, seed);
+        // `epoch(batch)` where the batches per epoch are known: a dataset over loopback.
+        transforms::register_epochs(&ctx, per_epoch);
         if let Some(e) = extractor {
             features::udf::register(&ctx, e.clone());
         }

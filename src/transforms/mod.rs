@@ -9,6 +9,8 @@
 //! |----------|--------|
 //! | `normalize(image, mean_r, mean_g, mean_b, std_r, std_g, std_b)` | `FixedSizeList<Float32, len>`: `(x − mean_c) / std_c` per channel, where `x` is `pixel / 255` for UInt8 images and the value itself for Float32 images (taken to be in `[0, 1]` already) |
 //! | `hflip(image, p [, batch, row])` | the image mirrored across its width (columns reversed) with probability `p` |
+//! | `hflip_alternating(image, epoch)` | airbench94's alternating flip: in epoch 0 the image is mirrored or not by a coin that is a hash of (seed, the image's values), in every later epoch exactly when it was not in the epoch before (`epoch` an integer ≥ 0; pass the raw image, before any random transform) |
+//! | `epoch(batch)` | the epoch a batch number falls in, `batch / batches per epoch`, for a source that knows its epochs (a dataset served over loopback by `train --data`); elsewhere an error saying so |
 //! | `vflip(image, p [, batch, row])` | the image mirrored across its height (rows reversed) with probability `p` |
 //! | `color_shift(image, r, g, b, p [, batch, row])` | with probability `p`: the red plane rolled by `r` rows, the green plane by `g` columns, the blue plane by `b` rows (`numpy.roll`: wrap-around, positive shifts towards higher indices) |
 //! | `random_crop(image, padding [, batch, row])` | each plane zero-padded by `padding` on all sides, then an `s`×`s` window cropped at offsets drawn uniformly from `0..=2·padding` on each axis (`padding = 0` is the identity) |
@@ -74,9 +76,11 @@ use crate::rng::mix;
 pub const MAX_PADDING: usize = 1 << 16;
 
 /// Names of the functions [`register`] adds.
-pub const FUNCTIONS: [&str; 7] = [
+pub const FUNCTIONS: [&str; 9] = [
     "normalize",
     "hflip",
+    "hflip_alternating",
+    "epoch",
     "vflip",
     "color_shift",
     "random_crop",
@@ -90,6 +94,14 @@ pub fn register(ctx: &SessionContext, seed: u64) {
     for udf in udfs(seed) {
         ctx.register_udf(udf);
     }
+    register_epochs(ctx, None);
+}
+
+/// Register `epoch(batch)`: `batch / per_epoch` for a source of `per_epoch` batches per
+/// epoch (a dataset served over loopback), or, with `None`, a function that says the
+/// source's epochs are not known.
+pub fn register_epochs(ctx: &SessionContext, per_epoch: Option<u64>) {
+    ctx.register_udf(ScalarUDF::from(EpochUdf::new(per_epoch)));
 }
 
 /// The image functions as DataFusion UDFs, with `seed` for the random ones.
@@ -127,10 +139,27 @@ fn fnv1a(name: &str) -> u64 {
     })
 }
 
+/// airbench94's alternating flip: whether `image` is mirrored in `epoch`. Its first
+/// epoch's coin is a hash of (seed, function, the image's values), so the same image gets
+/// the same coin wherever and whenever it arrives (shuffled into any batch and row, after
+/// a resume, as UInt8 or as the same values in Float32); each later epoch mirrors exactly
+/// the images the epoch before did not.
+fn alternating_flip<T: Pixel>(seed: u64, salt: u64, image: &[T], epoch: u64) -> bool {
+    // Two values per step of a multiply-xor hash (f32 bits: a u8 and its f32 agree),
+    // finished by `mix`.
+    let h = image.chunks(2).fold(0x9e37_79b9_7f4a_7c15u64, |h, c| {
+        let lo = u64::from(c[0].to_f32().to_bits());
+        let hi = c.get(1).map_or(0, |v| u64::from(v.to_f32().to_bits()));
+        (h ^ (hi << 32 | lo)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (mix(mix(seed, salt), h) >> 63) ^ (epoch & 1) == 1
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Normalize,
     HFlip,
+    HFlipAlternating,
     VFlip,
     ColorShift,
     RandomCrop,
@@ -139,9 +168,10 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Normalize,
         Kind::HFlip,
+        Kind::HFlipAlternating,
         Kind::VFlip,
         Kind::ColorShift,
         Kind::RandomCrop,
@@ -153,6 +183,7 @@ impl Kind {
         match self {
             Kind::Normalize => "normalize",
             Kind::HFlip => "hflip",
+            Kind::HFlipAlternating => "hflip_alternating",
             Kind::VFlip => "vflip",
             Kind::ColorShift => "color_shift",
             Kind::RandomCrop => "random_crop",
@@ -166,6 +197,7 @@ impl Kind {
         match self {
             Kind::Normalize => &["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b"],
             Kind::HFlip | Kind::VFlip => &["p"],
+            Kind::HFlipAlternating => &["epoch"],
             Kind::ColorShift => &["r", "g", "b", "p"],
             Kind::RandomCrop => &["padding"],
             Kind::Translate => &["pixels"],
@@ -583,6 +615,23 @@ impl Env {
         let s = self.s;
         match kind {
             Kind::Normalize => self.normalize(list, src),
+            Kind::HFlipAlternating => self.map_rows::<T, T>(list, src, |i, from, to| {
+                let Some(epoch) = self.params[0].get(i) else {
+                    return Ok(false);
+                };
+                let epoch = integer(name, "epoch", epoch, i)?;
+                if epoch < 0 {
+                    return Err(DataFusionError::Execution(format!(
+                        "{name}: argument epoch must be ≥ 0, got {epoch} (row {i})"
+                    )));
+                }
+                if alternating_flip(self.seed, self.salt, from, epoch as u64) {
+                    pixels::hflip(from, s, to)?;
+                } else {
+                    to.copy_from_slice(from);
+                }
+                Ok(true)
+            }),
             Kind::HFlip | Kind::VFlip => {
                 let flip = if kind == Kind::HFlip {
                     pixels::hflip::<T>
@@ -806,6 +855,65 @@ impl Hash for ImageUdf {
     }
 }
 
+/// `epoch(batch)`: `batch / per_epoch`, or an error where the source's epochs are not
+/// known (`per_epoch` is `None`, or 0).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EpochUdf {
+    per_epoch: Option<u64>,
+    signature: Signature,
+}
+
+impl EpochUdf {
+    fn new(per_epoch: Option<u64>) -> Self {
+        EpochUdf {
+            per_epoch: per_epoch.filter(|&n| n > 0),
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for EpochUdf {
+    fn name(&self) -> &str {
+        "epoch"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        match arg_types {
+            [t] if t.is_integer() || *t == DataType::Null => Ok(vec![DataType::UInt64]),
+            [t] => plan_err!("epoch: argument batch must be an integer, got {t}"),
+            _ => plan_err!("epoch: takes 1 argument (batch), got {}", arg_types.len()),
+        }
+    }
+
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let Some(per) = self.per_epoch else {
+            return Err(DataFusionError::Execution(
+                "epoch(batch): this source's epochs are not known; a dataset served by \
+                 `train --data DIR` knows them (a tcp, file or Kafka source does not)"
+                    .into(),
+            ));
+        };
+        let [batch] = args.args.as_slice() else {
+            return plan_err!("epoch: takes 1 argument (batch), got {}", args.args.len());
+        };
+        let batch = batch.to_array(args.number_rows)?;
+        let batch = batch
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .ok_or_else(|| exec_datafusion_err!("epoch: argument batch is not UInt64"))?;
+        let out: UInt64Array = batch.iter().map(|b| b.map(|b| b / per)).collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
 impl ScalarUDFImpl for ImageUdf {
     fn name(&self) -> &str {
         self.kind.name()
@@ -969,6 +1077,121 @@ mod tests {
         let mut out = vec![0; img.len()];
         pixels::hflip(img, pixels::side(img.len()).unwrap(), &mut out).unwrap();
         out
+    }
+
+    /// airbench94's alternating flip: each image's coin in epoch 0 comes from its values
+    /// (not its position): about half are mirrored; every later epoch mirrors exactly
+    /// the images the epoch before did not; the same values in Float32 get the same coins;
+    /// another seed other coins.
+    #[test]
+    fn hflip_alternating_mirrors_each_image_every_other_epoch() {
+        let n: usize = 400;
+        let mut rng = crate::rng::SplitMix(5);
+        let imgs: Vec<Vec<u8>> = (0..n)
+            .map(|_| (0..12).map(|_| rng.below(256) as u8).collect())
+            .collect();
+        assert!(imgs.iter().all(|i| flipped(i) != *i));
+        let decide = |seed: u64, images: &[Vec<u8>], epoch: ColumnarValue, float: bool| {
+            let flat = images.concat();
+            let array = if float {
+                list(
+                    flat.iter().map(|&v| f32::from(v)).collect::<Vec<f32>>(),
+                    12,
+                    None,
+                )
+            } else {
+                list(flat, 12, None)
+            };
+            let out = call(&udf("hflip_alternating", seed), vec![col(array), epoch]).unwrap();
+            let rows: Vec<Vec<u8>> = if float {
+                rows::<f32>(&out)
+                    .into_iter()
+                    .map(|r| r.unwrap().iter().map(|&v| v as u8).collect())
+                    .collect()
+            } else {
+                rows::<u8>(&out).into_iter().map(|r| r.unwrap()).collect()
+            };
+            rows.iter()
+                .zip(images)
+                .map(|(row, img)| {
+                    assert!(*row == *img || *row == flipped(img), "{row:?}");
+                    *row != *img
+                })
+                .collect::<Vec<bool>>()
+        };
+        let first = decide(3, &imgs, lit(0i64), false);
+        let mirrored = first.iter().filter(|&&f| f).count();
+        assert!(
+            (160..=240).contains(&mirrored),
+            "{mirrored} of {n} mirrored"
+        );
+        let not: Vec<bool> = first.iter().map(|f| !f).collect();
+        assert_eq!(decide(3, &imgs, lit(1i64), false), not);
+        assert_eq!(decide(3, &imgs, lit(2i64), false), first);
+        assert_eq!(decide(3, &imgs, lit(7u64), false), not);
+        // Not the position: the same images in the reverse order get the same coins.
+        let reversed: Vec<Vec<u8>> = imgs.iter().rev().cloned().collect();
+        let mut back = decide(3, &reversed, lit(0i64), false);
+        back.reverse();
+        assert_eq!(back, first);
+        // Float32 images of the same values, and an epoch per row.
+        assert_eq!(decide(3, &imgs, lit(0i64), true), first);
+        let epochs = Arc::new(Int32Array::from_iter_values((0..n as i32).map(|i| i % 2)));
+        let per_row = decide(3, &imgs, col(epochs), false);
+        for (i, (&got, &f)) in per_row.iter().zip(&first).enumerate() {
+            assert_eq!(got, f ^ (i % 2 == 1), "row {i}");
+        }
+        let other = decide(4, &imgs, lit(0i64), false);
+        assert!(other != first, "another seed, the same coins");
+        // Bad epochs name the function, the argument and the row; a null gives null.
+        let f = udf("hflip_alternating", 3);
+        let e = call(&f, vec![col(repeat(&IMG2, 2)), lit(-1i64)]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("hflip_alternating") && e.contains("epoch") && e.contains("row 0"),
+            "{e}"
+        );
+        let e = call(&f, vec![col(repeat(&IMG2, 2)), lit(1.5)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("epoch") && e.contains("integer"), "{e}");
+        let out = call(
+            &f,
+            vec![col(repeat(&IMG2, 2)), lit(ScalarValue::Int64(None))],
+        )
+        .unwrap();
+        assert_eq!(out.null_count(), 2);
+    }
+
+    /// `epoch(batch)` is the batch number over the batches per epoch where the source
+    /// knows them, and an error that says so where it does not.
+    #[tokio::test]
+    async fn epoch_is_the_batch_over_the_batches_per_epoch_where_known() {
+        let ctx = SessionContext::new();
+        register(&ctx, 0);
+        let q = "SELECT epoch(b) AS e FROM (VALUES (0), (19), (20), (45)) AS t(b)";
+        let e = ctx
+            .sql(q)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("epoch(batch)") && e.contains("train --data"),
+            "{e}"
+        );
+        register_epochs(&ctx, Some(20));
+        let out = ctx.sql(q).await.unwrap().collect().await.unwrap();
+        let e = out[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .unwrap();
+        assert_eq!(e.values().to_vec(), vec![0, 0, 1, 2]);
+        let e = ctx.sql("SELECT epoch(1.5)").await.unwrap_err().to_string();
+        assert!(e.contains("epoch") && e.contains("integer"), "{e}");
     }
 
     /// Which of `n` rows `hflip(IMG2, p, 7, row)` flipped, with `seed`.

@@ -153,3 +153,48 @@ fn a_run_that_fails_is_marked_failed() {
     let csv = query_csv(&runs, "select run, status from runs");
     assert_eq!(csv, "run,status\nf,failed\n");
 }
+
+/// airbench94's alternating flip in the training SQL, `hflip_alternating(image,
+/// epoch(batch))`: over loopback (`--data`) the batches per epoch are known and the run
+/// learns; from a source that does not know its epochs the error names `epoch(batch)` and
+/// how to give them, once.
+#[test]
+fn alternating_flip_needs_a_source_that_knows_its_epochs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sql = tmp.path().join("alternating.sql");
+    std::fs::write(
+        &sql,
+        "SELECT batch, \"row\", label, \
+         normalize(hflip_alternating(image, epoch(batch)), \
+                   0.4914, 0.4822, 0.4465, 0.2470, 0.2435, 0.2616) AS features \
+         FROM stream",
+    )
+    .unwrap();
+    let runs = tmp.path().join("runs");
+    let train = |source: &str, data: &str| {
+        let mut cmd = bin();
+        cmd.args([
+            "-q",
+            "train",
+            "--model",
+            "logreg",
+            "--run",
+            &source[2..],
+            source,
+            data,
+        ])
+        .args(["--epochs", "2", "--batch-size", "100", "--runs"])
+        .arg(&runs)
+        .arg("--sql")
+        .arg(&sql);
+        cmd
+    };
+    let (stdout, _) = run_ok(&mut train("--data", "synthetic:400:100:1"));
+    assert!(stdout.contains("test (epoch-2): 100 images"), "{stdout}");
+    let e = fails(&mut train("--source", "synthetic:400:100:1"));
+    assert!(
+        e.contains("epoch(batch)") && e.contains("train --data"),
+        "{e}"
+    );
+    assert_eq!(e.matches("epochs are not known").count(), 1, "{e}");
+}
