@@ -132,10 +132,13 @@ fn below(h: u64, n: u64) -> u64 {
     ((u128::from(h) * u128::from(n)) >> 64) as u64
 }
 
+/// The 64-bit FNV prime, of [`fnv1a`] and the image hash of [`alternating_flip`].
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
 /// FNV-1a of a name: each function's salt.
 fn fnv1a(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
     })
 }
 
@@ -150,7 +153,7 @@ fn alternating_flip<T: Pixel>(seed: u64, salt: u64, image: &[T], epoch: u64) -> 
     let h = image.chunks(2).fold(0x9e37_79b9_7f4a_7c15u64, |h, c| {
         let lo = u64::from(c[0].to_f32().to_bits());
         let hi = c.get(1).map_or(0, |v| u64::from(v.to_f32().to_bits()));
-        (h ^ (hi << 32 | lo)).wrapping_mul(0x0000_0100_0000_01b3)
+        (h ^ (hi << 32 | lo)).wrapping_mul(FNV_PRIME)
     });
     (mix(mix(seed, salt), h) >> 63) ^ (epoch & 1) == 1
 }
